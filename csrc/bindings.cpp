@@ -1,0 +1,67 @@
+// bindings.cpp: the _core module entry point. Registers the exception types and
+// build_info(), then hands the module to the binding units (bind_io.cpp, bind_kernels.cpp).
+// Binding code only converts and forwards; all logic lives in the flashcore library.
+#include <pybind11/pybind11.h>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace flashinfer {
+void bind_io(py::module_& m);       // bind_io.cpp: direct files, bundle format, reader, cache
+void bind_kernels(py::module_& m);  // bind_kernels.cpp: 16-bit matvec, sparse FFN
+}  // namespace flashinfer
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "flashinfer_py native core: direct I/O, bundle files, neuron cache, kernels";
+
+  // FlashFormatError(ValueError): a file is not what it claims to be.
+  // FlashIOError(OSError): the operating system failed a read.
+  static py::exception<flashinfer::FormatError> format_error(m, "FlashFormatError",
+                                                             PyExc_ValueError);
+  static py::exception<flashinfer::IoError> io_error(m, "FlashIOError", PyExc_OSError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const flashinfer::FormatError& e) {
+      py::set_error(format_error, e.what());
+    } catch (const flashinfer::IoError& e) {
+      py::set_error(io_error, e.what());
+    }
+  });
+
+  m.def("build_info", []() {
+    py::dict d;
+    d["version"] = "0.1.0";
+    d["compiler"] = FLASHINFER_COMPILER;
+    d["build_type"] = FLASHINFER_BUILD_TYPE;
+#if defined(__linux__)
+    d["direct_io"] = "O_DIRECT";
+#elif defined(__APPLE__)
+    d["direct_io"] = "F_NOCACHE";
+#else
+    d["direct_io"] = "none";
+#endif
+#ifdef FLASHINFER_HAVE_IO_URING
+    d["io_uring"] = true;
+#else
+    d["io_uring"] = false;
+#endif
+#ifdef FLASHINFER_HAVE_OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+#if defined(__AVX2__) || defined(__x86_64__)
+    d["arch"] = "x86_64";
+#elif defined(__aarch64__)
+    d["arch"] = "aarch64";
+#else
+    d["arch"] = "other";
+#endif
+    return d;
+  }, "What this build of the native core has: direct I/O flavour, io_uring, OpenMP, compiler.");
+
+  flashinfer::bind_io(m);
+  flashinfer::bind_kernels(m);
+}

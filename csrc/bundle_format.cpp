@@ -1,0 +1,2 @@
+// bundle_format.cpp: placeholder, being written
+#include "bundle_format.h"

@@ -1,0 +1,1 @@
+// bundle_writer.cpp: placeholder, being written

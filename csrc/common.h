@@ -1,0 +1,57 @@
+// common.h: error types, checks and alignment helpers shared by the whole core.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace flashinfer {
+
+// A file that is not what its header / manifest says (bad magic, wrong version,
+// truncated, out-of-bounds offset). Surfaces in Python as FlashFormatError(ValueError).
+class FormatError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// An operating-system I/O failure (open, pread, io_uring). Carries path, offset, errno text.
+// Surfaces in Python as FlashIOError(OSError).
+class IoError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Default direct-I/O alignment: 4096 covers every NVMe / APFS device (512 would do on
+// the development VM, but real SSDs want 4 KiB).
+constexpr std::size_t kIoAlignment = 4096;
+
+inline constexpr std::size_t align_up(std::size_t x, std::size_t a) { return (x + a - 1) / a * a; }
+inline constexpr bool is_aligned(std::size_t x, std::size_t a) { return x % a == 0; }
+inline bool is_aligned(const void* p, std::size_t a) {
+  return reinterpret_cast<std::uintptr_t>(p) % a == 0;
+}
+
+namespace detail {
+template <typename... Args>
+std::string concat(Args&&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return os.str();
+}
+}  // namespace detail
+
+}  // namespace flashinfer
+
+// FI_CHECK(cond, ...): throw std::invalid_argument (-> Python ValueError) with the message.
+#define FI_CHECK(cond, ...)                                                  \
+  do {                                                                       \
+    if (!(cond)) throw std::invalid_argument(::flashinfer::detail::concat(__VA_ARGS__)); \
+  } while (0)
+
+// FI_FORMAT_CHECK(cond, ...): throw FormatError.
+#define FI_FORMAT_CHECK(cond, ...)                                                \
+  do {                                                                            \
+    if (!(cond)) throw ::flashinfer::FormatError(::flashinfer::detail::concat(__VA_ARGS__)); \
+  } while (0)

@@ -1,0 +1,1 @@
+// direct_file.cpp: placeholder, being written

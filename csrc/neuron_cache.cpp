@@ -1,0 +1,1 @@
+// neuron_cache.cpp: placeholder, being written

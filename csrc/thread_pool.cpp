@@ -1,0 +1,1 @@
+// thread_pool.cpp: placeholder, being written
