@@ -1,2 +1,38 @@
-"""flashinfer_py: run LLMs larger than DRAM by streaming sparse FFN neurons from flash."""
+"""flashinfer_py: run LLMs larger than DRAM by streaming sparse FFN neurons from flash.
+
+Quick use::
+
+    import flashinfer_py as fi
+    fi.convert("path/to/hf-checkpoint", "model.flash")
+    model = fi.load("model.flash")
+    for piece in model.generate("The capital of France is", max_new_tokens=16):
+        print(piece, end="", flush=True)
+"""
 __version__ = "0.1.0"
+
+from ._core import build_info  # noqa: E402
+from .config import ModelArgs, RuntimeConfig  # noqa: E402
+from .errors import ConvertError, FlashFormatError, FlashIOError, UnsupportedModelError  # noqa: E402
+
+# Binding the functions after their modules are imported keeps `flashinfer_py.convert` the
+# function (the submodule stays reachable as `flashinfer_py.convert` in sys.modules).
+from .convert import convert  # noqa: E402
+
+
+def load(directory, runtime=None, verify=False, **overrides):
+    """Open a flash model directory (see `flashinfer_py.runtime.load`)."""
+    from .runtime import load as _load
+
+    return _load(directory, runtime, verify=verify, **overrides)
+
+
+def __getattr__(name):  # FlashModel is imported on first use: it pulls in the model code
+    if name == "FlashModel":
+        from .runtime import FlashModel
+
+        return FlashModel
+    raise AttributeError(f"module 'flashinfer_py' has no attribute {name!r}")
+
+__all__ = ["__version__", "build_info", "convert", "load", "FlashModel", "ModelArgs",
+           "RuntimeConfig", "ConvertError", "FlashFormatError", "FlashIOError",
+           "UnsupportedModelError"]

@@ -1,0 +1,192 @@
+"""The `flashinfer-py` command: convert, generate, info."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Optional
+
+EPILOG = """examples:
+  flashinfer-py generate --prompt "The capital of France is"      # embedded SmolLM2-135M
+  flashinfer-py convert ./Llama-2-7b-hf ./llama2.flash --dtype float16
+  flashinfer-py generate ./llama2.flash --prompt "Once upon a time" --max-tokens 64 --stats
+  flashinfer-py info ./llama2.flash --verify
+"""
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--threads", type=int, default=0, help="compute threads (default: all cores)")
+    g.add_argument("--no-direct-io", action="store_true",
+                   help="read through the page cache instead of O_DIRECT / F_NOCACHE")
+    g.add_argument("--io-engine", choices=["auto", "threads", "io_uring"], default="auto",
+                   help="read engine (default: io_uring when available, else a thread pool)")
+    g.add_argument("--queue-depth", type=int, default=32, help="reads in flight (default: 32)")
+    g.add_argument("--max-context", type=int, default=2048,
+                   help="prompt + generated tokens the KV cache is sized for (default: 2048)")
+
+
+def _runtime(ns):
+    from .config import RuntimeConfig
+
+    return RuntimeConfig(threads=ns.threads, use_direct_io=not ns.no_direct_io,
+                         io_engine=ns.io_engine, queue_depth=ns.queue_depth,
+                         max_context=ns.max_context)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="flashinfer-py",
+        description="Run LLMs larger than DRAM by streaming sparse FFN neurons from flash "
+                    "(an implementation of Apple's 'LLM in a flash').",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"flashinfer_py {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint or GGUF file to a flash directory",
+                       description="Convert a checkpoint into a flash model directory: resident "
+                       "tensors in dense.safetensors, FFN neurons as aligned bundle records in "
+                       "ffn_bundles.bin. Supported: OPT, Llama family (Llama 2/3, Mistral, SmolLM2, "
+                       "ReluLLaMA, ProSparse). The output is written to a temporary directory "
+                       "and renamed at the end.")
+    c.add_argument("src", help="Hugging Face checkpoint directory (config.json + *.safetensors or "
+                               "pytorch_model.bin) or a .gguf file")
+    c.add_argument("dst", help="flash directory to create (must not exist unless --force)")
+    c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="storage dtype (default: the checkpoint's; float16 for GGUF)")
+    c.add_argument("--force", action="store_true",
+                   help="replace DST if it exists (only once the new directory is complete)")
+    c.add_argument("--alignment", type=int, default=4096,
+                   help="bundle record alignment in bytes (default 4096, right for SSDs)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    g = sub.add_parser("generate", help="generate text from a flash directory",
+                       description="Stream generated text to the terminal. Without DIR, uses the "
+                       "embedded default model (SmolLM2-135M-Instruct, converted once and cached).")
+    g.add_argument("dir", nargs="?", default=None, help="flash directory (default: embedded SmolLM2)")
+    g.add_argument("--prompt", "-p", default=None, help="prompt text (default: a fixed demo prompt)")
+    g.add_argument("--max-tokens", "-n", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--stats", action="store_true", help="print per-token statistics to stderr")
+    g.add_argument("--json", action="store_true",
+                   help="with --stats: one JSON object per token on stderr, and a summary")
+    _add_runtime_args(g)
+
+    i = sub.add_parser("info", help="describe a flash directory and this build",
+                       description="Print the model's configuration, file layout and DRAM needs, "
+                       "and what the native core was built with.")
+    i.add_argument("dir", nargs="?", default=None, help="flash directory (omit for build info only)")
+    i.add_argument("--verify", action="store_true", help="check every file's sha256 against the manifest")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    return ap
+
+
+def cmd_convert(ns) -> int:
+    from .convert import convert
+
+    t0 = time.perf_counter()
+    out = convert(ns.src, ns.dst, dtype=ns.dtype, force=ns.force, progress=not ns.quiet,
+                  alignment=ns.alignment)
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _default_dir() -> str:
+    from .default_model import default_model_dir
+
+    print("using the embedded default model SmolLM2-135M-Instruct", file=sys.stderr)
+    return str(default_model_dir())
+
+
+def cmd_generate(ns) -> int:
+    from .runtime import load
+
+    directory = ns.dir or _default_dir()
+    prompt = ns.prompt
+    if prompt is None:
+        from .default_model import DEFAULT_PROMPT
+
+        prompt = DEFAULT_PROMPT
+    model = load(directory, _runtime(ns))
+    print(prompt, end="", flush=True)
+    n, t_first, t_total = 0, 0.0, 0.0
+    for step in model.generate_step(prompt, ns.max_tokens, ns.temperature, ns.top_k, ns.top_p, ns.seed):
+        if step.token not in model.args.eos_token_ids:
+            print(step.text, end="", flush=True)
+        if n == 0:
+            t_first = step.seconds
+        else:
+            t_total += step.seconds
+        n += 1
+        if ns.stats:
+            row = {"token": step.token, "ms": round(step.seconds * 1e3, 2), **step.stats}
+            print(json.dumps(row) if ns.json else
+                  f"[token {n}: id {step.token}, {step.seconds * 1e3:.1f} ms]", file=sys.stderr)
+    print()
+    tps = (n - 1) / t_total if n > 1 and t_total > 0 else float("nan")
+    summary = {"prompt_ms": round(t_first * 1e3, 1), "tokens": n, "tokens_per_s": round(tps, 2)}
+    if ns.stats:
+        print(json.dumps(summary) if ns.json else
+              f"prompt: {summary['prompt_ms']} ms, {n} tokens, {tps:.2f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def cmd_info(ns) -> int:
+    from . import build_info
+
+    out: dict = {"build": build_info()}
+    if ns.dir:
+        from .format import check_files, read_manifest
+
+        m = read_manifest(ns.dir)
+        if ns.verify:
+            from .convert import _progress
+
+            check_files(ns.dir, m, verify=True,
+                        progress_factory=lambda total, desc: _progress(total, desc, True))
+        a = m["model"]
+        out["model"] = {k: a[k] for k in ("arch", "hidden_size", "intermediate_size",
+                                          "num_hidden_layers", "num_attention_heads",
+                                          "num_key_value_heads", "hidden_act", "vocab_size")}
+        out["dtype"] = m["dtype"]
+        out["bundle"] = m["bundle"]
+        out["files"] = {n: v["bytes"] for n, v in m["checksums"].items()}
+        out["verified"] = bool(ns.verify)
+    if ns.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for section, body in out.items():
+        if isinstance(body, dict):
+            print(f"{section}:")
+            for k, v in body.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{section}: {body}")
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = build_parser()
+    ns = ap.parse_args(argv)
+    if ns.command is None:
+        ap.print_help()
+        return 2
+    handler = {"convert": cmd_convert, "generate": cmd_generate, "info": cmd_info}[ns.command]
+    try:
+        return handler(ns)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # our errors are ValueError/OSError subclasses with fix-its
+        print(f"flashinfer-py {ns.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Model and runtime configuration: the only two configuration objects, passed down explicitly.
+
+`ModelArgs` describes the network (read from a Hugging Face ``config.json`` and stored in the
+flash directory's manifest). `RuntimeConfig` holds every runtime knob with a documented default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import UnsupportedModelError
+
+SUPPORTED_ARCHS = {
+    "llama": "Llama 2/3, SmolLM2, ReluLLaMA (hidden_act relu), ProSparse (hidden_act fatrelu)",
+    "mistral": "Mistral (dense attention; contexts longer than sliding_window are refused)",
+    "opt": "OPT (ReLU; the paper's model)",
+}
+SUPPORTED_ACTS = ("relu", "fatrelu", "silu", "gelu", "gelu_tanh")
+SUPPORTED_ROPE = ("default", "llama3")
+# Hugging Face activation names -> ours.
+_ACT_ALIASES = {
+    "relu": "relu", "fatrelu": "fatrelu", "silu": "silu", "swish": "silu",
+    "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+}
+
+
+@dataclass
+class ModelArgs:
+    """Shape and semantics of a decoder-only transformer (Llama family or OPT)."""
+
+    arch: str                      # "llama" | "opt" (mistral maps to llama)
+    vocab_size: int
+    hidden_size: int               # d_model
+    intermediate_size: int         # d_ff: FFN neurons per layer
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int = 0   # 0 -> = num_attention_heads
+    head_dim: int = 0              # 0 -> hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    hidden_act: str = "silu"       # one of SUPPORTED_ACTS
+    act_param: float = 0.0         # FATReLU threshold
+    gated: bool = True             # SwiGLU-style gate (Llama) or plain up/act/down (OPT)
+    norm: str = "rmsnorm"          # "rmsnorm" | "layernorm"
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # llama3 frequency scaling parameters, or None
+    attention_bias: bool = False   # biases on q/k/v/o projections (OPT: True)
+    ffn_bias: bool = False         # per-neuron up bias and output down bias (OPT: True)
+    pre_norm: bool = True          # OPT do_layer_norm_before
+    learned_pos_offset: int = 0    # OPT learned positions are shifted by 2; 0 -> RoPE
+    tie_word_embeddings: bool = False
+    sliding_window: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_ids: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.num_key_value_heads <= 0:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim <= 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.hidden_act not in SUPPORTED_ACTS:
+            raise UnsupportedModelError(
+                f"activation {self.hidden_act!r} is not supported; supported: "
+                f"{', '.join(SUPPORTED_ACTS)}")
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.learned_pos_offset == 0
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def ffn_parts(self) -> list[str]:
+        """Order of the parts inside one bundle record."""
+        return ["up", "gate", "down"] if self.gated else ["up", "down"]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        """Build from a manifest dict, ignoring unknown keys (newer writers may add fields)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Translate a Hugging Face ``config.json`` dict; unsupported models raise a clear error."""
+        mt = cfg.get("model_type", "")
+        if mt in ("llama", "mistral"):
+            return _from_llama(cfg)
+        if mt == "opt":
+            return _from_opt(cfg)
+        supported = "; ".join(f"{k}: {v}" for k, v in SUPPORTED_ARCHS.items())
+        raise UnsupportedModelError(
+            f"model_type {mt!r} (architectures {cfg.get('architectures')}) is not supported. "
+            f"Supported model types: {supported}.")
+
+
+def _eos_list(cfg: dict) -> list:
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+def _act(name: str) -> str:
+    act = _ACT_ALIASES.get(str(name).lower())
+    if act is None:
+        raise UnsupportedModelError(
+            f"hidden_act {name!r} is not supported; supported: {', '.join(sorted(_ACT_ALIASES))}")
+    return act
+
+
+def _rope(cfg: dict) -> tuple[float, Optional[dict]]:
+    # transformers 5 keeps rope settings under rope_parameters, 4.x at the top level.
+    rp = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
+    if rtype not in SUPPORTED_ROPE:
+        raise UnsupportedModelError(
+            f"rope type {rtype!r} is not supported; supported: {', '.join(SUPPORTED_ROPE)}")
+    scaling = None
+    if rtype == "llama3":
+        scaling = {k: float(rp[k]) for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    return theta, scaling
+
+
+def _from_llama(cfg: dict) -> ModelArgs:
+    if cfg.get("mlp_bias"):
+        raise UnsupportedModelError("Llama models with mlp_bias=true are not supported yet.")
+    act = _act(cfg.get("hidden_act", "silu"))
+    theta, scaling = _rope(cfg)
+    param = float(cfg.get("hidden_act_param", cfg.get("fatrelu_threshold", 0.0)) or 0.0)
+    return ModelArgs(
+        arch="llama",
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_attention_heads=int(cfg["num_attention_heads"]),
+        num_key_value_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        head_dim=int(cfg.get("head_dim") or 0),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        hidden_act=act,
+        act_param=param,
+        gated=True,
+        norm="rmsnorm",
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        sliding_window=cfg.get("sliding_window"),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_list(cfg),
+    )
+
+
+def _from_opt(cfg: dict) -> ModelArgs:
+    d = int(cfg["hidden_size"])
+    proj = int(cfg.get("word_embed_proj_dim", d) or d)
+    if proj != d:
+        raise UnsupportedModelError(
+            f"OPT with word_embed_proj_dim={proj} != hidden_size={d} (project_in/out, as in "
+            "opt-350m) is not supported.")
+    if not cfg.get("enable_bias", True) or not cfg.get("layer_norm_elementwise_affine", True):
+        raise UnsupportedModelError("OPT without biases or without affine layer norms is not supported.")
+    return ModelArgs(
+        arch="opt",
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=d,
+        intermediate_size=int(cfg["ffn_dim"]),
+        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_attention_heads=int(cfg["num_attention_heads"]),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        hidden_act=_act(cfg.get("activation_function", "relu")),
+        gated=False,
+        norm="layernorm",
+        norm_eps=1e-5,
+        attention_bias=True,
+        ffn_bias=True,
+        pre_norm=bool(cfg.get("do_layer_norm_before", True)),
+        learned_pos_offset=2,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_list(cfg),
+    )
+
+
+@dataclass
+class RuntimeConfig:
+    """Every runtime knob, with its default. Mirrors the native ``ReaderParams``.
+
+    Attributes:
+        threads: compute threads for the native kernels (0 = all cores).
+        use_direct_io: bypass the page cache (O_DIRECT / F_NOCACHE); falls back with a warning.
+        io_engine: "auto" (io_uring when built and usable, else threads), "threads", "io_uring".
+        queue_depth: reads in flight (this disk needs 16-64; the paper used 32 threads).
+        max_context: tokens the KV cache is sized for (prompt + generated).
+    """
+
+    threads: int = 0
+    use_direct_io: bool = True
+    io_engine: str = "auto"
+    queue_depth: int = 32
+    max_context: int = 2048
+
+    def __post_init__(self):
+        if self.io_engine not in ("auto", "threads", "io_uring"):
+            raise ValueError(f"io_engine must be 'auto', 'threads' or 'io_uring', not {self.io_engine!r}")
+        if self.queue_depth < 1:
+            raise ValueError(f"queue_depth must be >= 1, got {self.queue_depth}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = all cores), got {self.threads}")
+        if self.max_context < 1:
+            raise ValueError(f"max_context must be >= 1, got {self.max_context}")
+
+    def resolved_threads(self) -> int:
+        return self.threads or (os.cpu_count() or 1)
+
+    def replace(self, **kw: Any) -> "RuntimeConfig":
+        return dataclasses.replace(self, **kw)

@@ -1,0 +1,211 @@
+"""The flash model directory: manifest, resident-tensor file, and validation on open.
+
+A flash directory holds:
+
+=====================  ==================================================================
+``manifest.json``      format version, ModelArgs, storage dtype, bundle layout, checksums
+``dense.safetensors``  DRAM-resident tensors: embeddings, attention, norms, biases, LM head
+``ffn_bundles.bin``    FFN neurons, one 4096-aligned record per neuron (csrc/bundle_format.h)
+``tokenizer.json``     the tokenizer (plus tokenizer_config.json etc. when the source had them)
+``predictors.npz``     optional: trained activation predictors
+=====================  ==================================================================
+
+bfloat16 tensors are stored with safetensors dtype U16 (numpy has no bfloat16); the manifest's
+``dtype`` says how to read them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .config import ModelArgs
+from .errors import FlashFormatError
+
+FORMAT_NAME = "flashinfer_py"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DENSE_FILE = "dense.safetensors"
+BUNDLE_FILE = "ffn_bundles.bin"
+TOKENIZER_FILE = "tokenizer.json"
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+_HINT = "re-run `flashinfer-py convert` to rebuild the directory"
+
+
+def numpy_storage_dtype(dtype: str) -> np.dtype:
+    """numpy dtype that holds a storage dtype (bfloat16 travels as raw uint16 bits)."""
+    try:
+        return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[dtype])
+    except KeyError:
+        raise ValueError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, not {dtype!r}") from None
+
+
+def to_storage(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast float32 to the storage dtype (round-to-nearest-even for bfloat16)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if dtype == "bfloat16":
+        bits = a.view(np.uint32)
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        out = (rounded >> np.uint32(16)).astype(np.uint16)
+        nan = np.isnan(a)
+        if nan.any():
+            out[nan] = 0x7FC0
+        return out
+    return a.astype(numpy_storage_dtype(dtype))
+
+
+def to_float32(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Exact upcast of stored values to float32."""
+    if dtype == "bfloat16":
+        return (np.asarray(a, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return np.asarray(a, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- dense tensors
+def dense_names(args: ModelArgs) -> list[tuple[str, str]]:
+    """(name, kind) of every resident tensor; kind 'matrix' is stored in the storage dtype,
+    'vector' (norms, biases) in float32."""
+    names = [("tok_embeddings", "matrix")]
+    if not args.uses_rope:
+        names.append(("pos_embeddings", "matrix"))
+    for i in range(args.num_hidden_layers):
+        p = f"layers.{i}."
+        names += [(p + n, "matrix") for n in ("wq", "wk", "wv", "wo")]
+        if args.attention_bias:
+            names += [(p + n, "vector") for n in ("bq", "bk", "bv", "bo")]
+        names += [(p + "attn_norm", "vector"), (p + "ffn_norm", "vector")]
+        if args.norm == "layernorm":
+            names += [(p + "attn_norm_bias", "vector"), (p + "ffn_norm_bias", "vector")]
+        if args.ffn_bias:
+            names += [(p + "ffn_up_bias", "vector"), (p + "ffn_down_bias", "vector")]
+    names.append(("norm", "vector"))
+    if args.norm == "layernorm":
+        names.append(("norm_bias", "vector"))
+    if not args.tie_word_embeddings:
+        names.append(("lm_head", "matrix"))
+    return names
+
+
+class SafetensorsStreamWriter:
+    """Write a safetensors file one tensor at a time, so conversion never holds all of it.
+
+    The header (names, dtypes, shapes, offsets) is fixed up front from the planned specs;
+    tensors must then be written in the same order.
+    """
+
+    _DT = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint16): "U16"}
+
+    def __init__(self, path: Path, specs: list[tuple[str, np.dtype, tuple]], metadata: dict):
+        self.path = Path(path)
+        self._specs = [(n, np.dtype(d), tuple(int(x) for x in s)) for n, d, s in specs]
+        header: dict = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
+        off = 0
+        for name, dt, shape in self._specs:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            header[name] = {"dtype": self._DT[dt], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+            off += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        exp_name, dt, shape = self._specs[self._next]
+        if name != exp_name or array.dtype != dt or tuple(array.shape) != shape:
+            raise ValueError(f"expected tensor {exp_name} {dt} {shape}, got {name} {array.dtype} {array.shape}")
+        self._f.write(np.ascontiguousarray(array).tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._specs):
+            missing = [n for n, _, _ in self._specs[self._next:]]
+            raise ValueError(f"{self.path}: tensors never written: {missing[:5]}")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+# --------------------------------------------------------------------------- manifest
+def file_digest(path: Path, progress=None) -> dict:
+    """sha256 and size of a file, streamed in 8 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
+    return {"sha256": h.hexdigest(), "bytes": os.path.getsize(path)}
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    path = Path(directory) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(directory: Path) -> dict:
+    """Read and validate ``manifest.json``; raises FlashFormatError naming the path."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise FlashFormatError(f"{directory}: not a directory. Pass a flash model directory made by "
+                               "`flashinfer-py convert SRC DST`.")
+    if not path.is_file():
+        raise FlashFormatError(f"{path}: missing. {directory} is not a flash model directory; "
+                               "convert a checkpoint first with `flashinfer-py convert SRC DST`.")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FlashFormatError(f"{path}: not valid JSON ({e}); {_HINT}.") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise FlashFormatError(f"{path}: not a {FORMAT_NAME} manifest; {_HINT}.")
+    ver = m.get("format_version")
+    if ver != FORMAT_VERSION:
+        raise FlashFormatError(f"{path}: format_version {ver!r}, this flashinfer_py reads version "
+                               f"{FORMAT_VERSION}; {_HINT} with this version.")
+    for key in ("model", "dtype", "files", "bundle", "checksums"):
+        if key not in m:
+            raise FlashFormatError(f"{path}: field {key!r} missing; {_HINT}.")
+    if m["dtype"] not in STORAGE_DTYPES:
+        raise FlashFormatError(f"{path}: unknown storage dtype {m['dtype']!r}; {_HINT}.")
+    return m
+
+
+def check_files(directory: Path, manifest: dict, verify: bool = False, progress_factory=None) -> None:
+    """Sizes of every listed file must match the manifest; with verify=True, also sha256."""
+    directory = Path(directory)
+    for name, meta in manifest["checksums"].items():
+        p = directory / name
+        if not p.is_file():
+            raise FlashFormatError(f"{p}: missing (listed in {directory / MANIFEST}); {_HINT}.")
+        size = p.stat().st_size
+        if size != meta["bytes"]:
+            raise FlashFormatError(f"{p}: {size} bytes, manifest says {meta['bytes']}: the file is "
+                                   f"truncated or was modified; {_HINT}.")
+        if verify:
+            bar = progress_factory(size, f"verify {name}") if progress_factory else None
+            digest = file_digest(p, bar)
+            if bar is not None:
+                bar.close()
+            if digest["sha256"] != meta["sha256"]:
+                raise FlashFormatError(f"{p}: sha256 mismatch (file corrupted); {_HINT}.")
+
+
+def load_dense(directory: Path, manifest: dict, names: Optional[Iterable[str]] = None) -> dict:
+    """Load resident tensors (storage dtype kept; vectors float32)."""
+    from safetensors import safe_open
+
+    path = Path(directory) / manifest["files"]["dense"]
+    try:
+        with safe_open(str(path), framework="np") as f:
+            keys = list(names) if names is not None else list(f.keys())
+            return {k: f.get_tensor(k) for k in keys}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise FlashFormatError(f"{path}: cannot read resident tensors ({e}); {_HINT}.") from None

@@ -1,0 +1,100 @@
+"""`load()` and `FlashModel`: open a flash directory and run it.
+
+This is the object developers embed: ``model = flashinfer_py.load(DIR)``, then
+``model.logits(ids)`` or ``for piece in model.generate("prompt"): ...``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .config import ModelArgs, RuntimeConfig
+from .format import check_files, load_dense, read_manifest
+from .generate import StepResult, generate_step
+from .model import KVCache, ResidentFFN, Transformer
+from .sampling import make_sampler
+
+
+class FlashModel:
+    """A model opened from a flash directory."""
+
+    def __init__(self, directory, runtime: Optional[RuntimeConfig] = None, verify: bool = False):
+        self.directory = Path(directory).expanduser()
+        self.manifest = read_manifest(self.directory)
+        check_files(self.directory, self.manifest, verify=verify)
+        self.args = ModelArgs.from_dict(self.manifest["model"])
+        self.dtype = self.manifest["dtype"]
+        self.runtime = runtime or RuntimeConfig()
+        self.max_context = min(self.runtime.max_context, self.args.max_position_embeddings)
+        dense = load_dense(self.directory, self.manifest)
+        bundle_path = str(self.directory / self.manifest["files"]["bundles"])
+        self.ffn = ResidentFFN(bundle_path, self.args, dense, self.runtime)
+        self.transformer = Transformer(self.args, dense, self.dtype, self.ffn, self.runtime)
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer(self.directory)
+        return self._tokenizer
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.args, self.max_context)
+
+    # ------------------------------------------------------------------ API
+    def logits(self, token_ids, cache: Optional[KVCache] = None) -> np.ndarray:
+        """Float32 next-token logits [len(token_ids), vocab]. Without `cache` the sequence starts
+        from an empty context; with one, it continues that cache's context."""
+        return self.transformer.forward(token_ids, cache if cache is not None else self.new_cache())
+
+    def generate_step(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
+                      stop_at_eos: bool = True) -> Iterator[StepResult]:
+        """Yield a StepResult per generated token; `prompt` is text or a list of token ids."""
+        from .tokenizer import StreamingDetokenizer
+
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if len(ids) + max_new_tokens > self.max_context:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"the context limit {self.max_context}; shorten one or raise max_context")
+        cache = self.new_cache()
+        detok = StreamingDetokenizer(self.tokenizer)
+        yield from generate_step(
+            lambda feed: self.transformer.forward(feed, cache, last_only=True), ids,
+            make_sampler(temperature, top_k, top_p, seed), max_new_tokens,
+            stop_ids=self.args.eos_token_ids if stop_at_eos else (), on_token=detok.add)
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None) -> Iterator[str]:
+        """Stream generated text pieces for `prompt` (greedy when temperature is 0)."""
+        for step in self.generate_step(prompt, max_new_tokens, temperature, top_k, top_p, seed):
+            if step.token not in self.args.eos_token_ids and step.text:
+                yield step.text
+
+    def info(self) -> dict:
+        """What this model is and what it keeps in DRAM."""
+        a = self.args
+        dense = sum(v.nbytes for v in self.transformer.w.values())
+        return {"directory": str(self.directory), "arch": a.arch, "layers": a.num_hidden_layers,
+                "hidden_size": a.hidden_size, "ffn_neurons": a.intermediate_size,
+                "activation": a.hidden_act, "dtype": self.dtype, "resident_bytes": dense,
+                "ffn_bytes": self.ffn.nbytes, "record_bytes": self.manifest["bundle"]["record_bytes"]}
+
+
+def load(directory, runtime: Optional[RuntimeConfig] = None, verify: bool = False,
+         **overrides) -> FlashModel:
+    """Open a flash model directory made by `flashinfer-py convert`.
+
+    Args:
+        directory: the flash directory.
+        runtime: a RuntimeConfig; keyword `overrides` replace its fields
+            (e.g. ``load(d, use_direct_io=False)``).
+        verify: also check every file's sha256 against the manifest.
+    """
+    runtime = (runtime or RuntimeConfig()).replace(**overrides) if overrides else runtime
+    return FlashModel(directory, runtime, verify=verify)
