@@ -1,3 +1,295 @@
+// bind_kernels.cpp: Python bindings for kernels.h (linear, ffn_rows, dtype conversion).
+// Only converts and validates: every numpy argument is checked for dtype, ndim,
+// C-contiguity and shape here, with a message naming the argument, so the kernels never
+// see a bad buffer. Compute runs with the GIL released. Weight dtypes: float32, float16,
+// or uint16 holding bfloat16 bits (numpy has no bfloat16).
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+
 namespace py = pybind11;
-namespace flashinfer { void bind_kernels(py::module_& m) { (void)m; } }
+
+namespace flashinfer {
+namespace {
+
+// ---- argument checks ------------------------------------------------------------------
+
+std::string shape_str(const py::array& a) {
+  std::ostringstream os;
+  os << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
+  if (a.ndim() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+std::string shape_str(std::initializer_list<int64_t> dims) {
+  std::ostringstream os;
+  os << "(";
+  size_t i = 0;
+  for (int64_t v : dims) os << (i++ ? ", " : "") << v;
+  if (dims.size() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+void check_contig(const py::array& a, const char* name) {
+  FI_CHECK(a.flags() & py::array::c_style, name,
+           " must be C-contiguous, use np.ascontiguousarray(", name, ")");
+}
+
+void check_ndim(const py::array& a, const char* name, int ndim) {
+  FI_CHECK(a.ndim() == ndim, name, " must be ", ndim, "-D, got ", a.ndim(), "-D with shape ",
+           shape_str(a));
+}
+
+void check_shape(const py::array& a, const char* name, std::initializer_list<int64_t> want) {
+  bool ok = a.ndim() == static_cast<py::ssize_t>(want.size());
+  size_t i = 0;
+  for (int64_t v : want) ok = ok && a.shape(i++) == v;
+  FI_CHECK(ok, name, " has shape ", shape_str(a), ", expected ", shape_str(want));
+}
+
+// Storage dtype of a weight array: float32, float16, or uint16 (bfloat16 bits).
+DType weight_dtype(const py::array& a, const char* name) {
+  if (a.dtype().is(py::dtype::of<float>())) return DType::F32;
+  if (a.dtype().is(py::dtype("float16"))) return DType::F16;
+  if (a.dtype().is(py::dtype::of<uint16_t>())) return DType::BF16;
+  FI_CHECK(false, name, " must be float32, float16 or uint16 (bfloat16 bits), got ",
+           dtype_str(a));
+  return DType::F32;
+}
+
+// A float32 C-contiguous array of exactly `shape`.
+const float* f32_in(const py::array& a, const char* name, std::initializer_list<int64_t> shape) {
+  FI_CHECK(a.dtype().is(py::dtype::of<float>()), name, " must be float32, got ", dtype_str(a));
+  check_shape(a, name, shape);
+  check_contig(a, name);
+  return static_cast<const float*>(a.data());
+}
+
+float* f32_out(py::array& a, const char* name, std::initializer_list<int64_t> shape) {
+  f32_in(a, name, shape);
+  FI_CHECK(a.writeable(), name, " must be writeable");
+  return static_cast<float*>(a.mutable_data());
+}
+
+// Output buffers must not alias inputs: the kernels write out while reading x.
+void check_no_overlap(const py::array& out, const char* oname, const py::array& in,
+                      const char* iname) {
+  const char* o0 = static_cast<const char*>(out.data());
+  const char* o1 = o0 + out.nbytes();
+  const char* i0 = static_cast<const char*>(in.data());
+  const char* i1 = i0 + in.nbytes();
+  FI_CHECK(o1 <= i0 || i1 <= o0, oname, " must not share memory with ", iname);
+}
+
+DType parse_dtype(const std::string& s) {
+  if (s == "float32") return DType::F32;
+  if (s == "float16") return DType::F16;
+  if (s == "bfloat16") return DType::BF16;
+  FI_CHECK(false, "dtype must be 'float32', 'float16' or 'bfloat16', got '", s, "'");
+  return DType::F32;
+}
+
+py::dtype numpy_dtype(DType dt) {
+  switch (dt) {
+    case DType::F32: return py::dtype::of<float>();
+    case DType::F16: return py::dtype("float16");
+    case DType::BF16: return py::dtype::of<uint16_t>();
+  }
+  return py::dtype::of<float>();
+}
+
+std::vector<py::ssize_t> shape_of(const py::array& a) {
+  return std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim());
+}
+
+// ---- bound functions ------------------------------------------------------------------
+
+py::array linear_py(const py::array& x, const py::array& w, const py::object& bias,
+                    py::object out, int threads) {
+  check_ndim(x, "x", 2);
+  check_ndim(w, "w", 2);
+  const DType wdt = weight_dtype(w, "w");
+  check_contig(w, "w");
+  const int64_t n = x.shape(0), k = x.shape(1), m = w.shape(0);
+  FI_CHECK(w.shape(1) == k, "w has shape ", shape_str(w), " but x has shape ", shape_str(x),
+           ": w must be (m, ", k, ")");
+  const float* xp = f32_in(x, "x", {n, k});
+  const float* bp = nullptr;
+  py::array b;
+  if (!bias.is_none()) {
+    b = bias.cast<py::array>();
+    bp = f32_in(b, "bias", {m});
+  }
+  py::array o = out.is_none() ? py::array(py::dtype::of<float>(), std::vector<py::ssize_t>{n, m})
+                              : out.cast<py::array>();
+  float* op = f32_out(o, "out", {n, m});
+  check_no_overlap(o, "out", x, "x");
+  const void* wp = w.data();
+  {
+    py::gil_scoped_release release;
+    linear(xp, n, k, wp, wdt, m, bp, op, threads);
+  }
+  return o;
+}
+
+py::array ffn_rows_py(const py::array& x, const py::array& rows, int64_t d_model,
+                      int64_t up_off, int64_t gate_off, int64_t down_off,
+                      const std::string& activation, float act_param, const py::object& up_bias,
+                      py::object out, py::object act_out, const py::object& row_select,
+                      int threads) {
+  FfnRowsArgs a;
+  a.act = parse_activation(activation);
+  a.act_param = act_param;
+  a.threads = threads;
+
+  check_ndim(rows, "rows", 2);
+  a.dtype = weight_dtype(rows, "rows");
+  check_contig(rows, "rows");
+  a.n_rows = rows.shape(0);
+  a.row_elems = rows.shape(1);
+  a.rows = rows.data();
+
+  FI_CHECK(d_model > 0, "d_model must be positive, got ", d_model);
+  a.d_model = d_model;
+  auto check_part = [&](const char* name, int64_t off) {
+    FI_CHECK(off >= 0 && off + d_model <= a.row_elems, name, "=", off, " with d_model=",
+             d_model, " does not fit in a row of ", a.row_elems, " elements (rows has shape ",
+             shape_str(rows), ")");
+  };
+  check_part("up_off", up_off);
+  check_part("down_off", down_off);
+  FI_CHECK(gate_off >= -1, "gate_off must be -1 (not gated) or an offset, got ", gate_off);
+  if (gate_off >= 0) check_part("gate_off", gate_off);
+  a.up_off = up_off;
+  a.gate_off = gate_off;
+  a.down_off = down_off;
+
+  check_ndim(x, "x", 2);
+  a.n = x.shape(0);
+  a.x = f32_in(x, "x", {a.n, d_model});
+
+  py::array sel;
+  if (!row_select.is_none()) {
+    sel = row_select.cast<py::array>();
+    FI_CHECK(sel.dtype().is(py::dtype::of<int32_t>()), "row_select must be int32, got ",
+             dtype_str(sel));
+    check_ndim(sel, "row_select", 1);
+    check_contig(sel, "row_select");
+    a.row_select = static_cast<const int32_t*>(sel.data());
+    a.n_select = sel.shape(0);
+    for (int64_t i = 0; i < a.n_select; ++i)
+      FI_CHECK(a.row_select[i] >= 0 && a.row_select[i] < a.n_rows, "row_select[", i,
+               "]=", a.row_select[i], " is out of range for rows with ", a.n_rows, " rows");
+  }
+  const int64_t n_used = a.row_select ? a.n_select : a.n_rows;
+
+  py::array bias_arr;
+  if (!up_bias.is_none()) {
+    bias_arr = up_bias.cast<py::array>();
+    a.up_bias = f32_in(bias_arr, "up_bias", {a.n_rows});
+  }
+
+  py::array o = out.is_none()
+                    ? py::array(py::dtype::of<float>(), std::vector<py::ssize_t>{a.n, d_model})
+                    : out.cast<py::array>();
+  a.out = f32_out(o, "out", {a.n, d_model});
+  check_no_overlap(o, "out", x, "x");
+  check_no_overlap(o, "out", rows, "rows");
+
+  py::array ao;
+  if (!act_out.is_none()) {
+    ao = act_out.cast<py::array>();
+    a.act_out = f32_out(ao, "act_out", {a.n, n_used});
+    check_no_overlap(ao, "act_out", o, "out");
+    check_no_overlap(ao, "act_out", x, "x");
+  }
+  {
+    py::gil_scoped_release release;
+    ffn_rows(a);
+  }
+  return o;
+}
+
+py::array to_float32_py(const py::array& a, py::object out, int threads) {
+  const DType dt = weight_dtype(a, "a");
+  check_contig(a, "a");
+  py::array o = out.is_none() ? py::array(py::dtype::of<float>(), shape_of(a))
+                              : out.cast<py::array>();
+  FI_CHECK(o.dtype().is(py::dtype::of<float>()), "out must be float32, got ", dtype_str(o));
+  FI_CHECK(shape_of(o) == shape_of(a), "out has shape ", shape_str(o), ", expected ",
+           shape_str(a));
+  check_contig(o, "out");
+  FI_CHECK(o.writeable(), "out must be writeable");
+  const void* src = a.data();
+  float* dst = static_cast<float*>(o.mutable_data());
+  const int64_t count = a.size();
+  {
+    py::gil_scoped_release release;
+    to_float32(src, dt, count, dst, threads);
+  }
+  return o;
+}
+
+py::array from_float32_py(const py::array& a, const std::string& dtype, py::object out,
+                          int threads) {
+  const DType dt = parse_dtype(dtype);
+  FI_CHECK(a.dtype().is(py::dtype::of<float>()), "a must be float32, got ", dtype_str(a));
+  check_contig(a, "a");
+  py::array o = out.is_none() ? py::array(numpy_dtype(dt), shape_of(a)) : out.cast<py::array>();
+  FI_CHECK(o.dtype().is(numpy_dtype(dt)), "out must be ",
+           py::str(numpy_dtype(dt)).cast<std::string>(), " for dtype '", dtype, "', got ",
+           dtype_str(o));
+  FI_CHECK(shape_of(o) == shape_of(a), "out has shape ", shape_str(o), ", expected ",
+           shape_str(a));
+  check_contig(o, "out");
+  FI_CHECK(o.writeable(), "out must be writeable");
+  const float* src = static_cast<const float*>(a.data());
+  void* dst = o.mutable_data();
+  const int64_t count = a.size();
+  {
+    py::gil_scoped_release release;
+    from_float32(src, count, dt, dst, threads);
+  }
+  return o;
+}
+
+}  // namespace
+
+void bind_kernels(py::module_& m) {
+  m.def("linear", &linear_py, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
+        py::arg("out") = py::none(), py::arg("threads") = 0,
+        "y = x @ w.T + bias. x (n, k) f32; w (m, k) float32/float16/uint16(bf16 bits); "
+        "bias (m,) f32 or None; out (n, m) f32 or None. threads<=0: all OpenMP threads.");
+  m.def("ffn_rows", &ffn_rows_py, py::arg("x"), py::arg("rows"), py::arg("d_model"),
+        py::arg("up_off"), py::arg("gate_off"), py::arg("down_off"),
+        py::arg("activation") = "relu", py::arg("act_param") = 0.0f,
+        py::arg("up_bias") = py::none(), py::arg("out") = py::none(),
+        py::arg("act_out") = py::none(), py::arg("row_select") = py::none(),
+        py::arg("threads") = 0,
+        "FFN from neuron-cache rows: out[t] = sum_j h[t, j] * down_j with h = act(up_j.x_t "
+        "(+up_bias[j])) or act(gate_j.x_t) * (up_j.x_t) when gate_off >= 0. rows "
+        "(r, record_elems); row_select int32 subset; act_out (n, n_used) receives h.");
+  m.def("to_float32", &to_float32_py, py::arg("a"), py::arg("out") = py::none(),
+        py::arg("threads") = 0, "float32 copy of a float32/float16/uint16(bf16 bits) array.");
+  m.def("from_float32", &from_float32_py, py::arg("a"), py::arg("dtype"),
+        py::arg("out") = py::none(), py::arg("threads") = 0,
+        "Convert float32 to 'float32', 'float16' (IEEE RNE) or 'bfloat16' (RNE, returned "
+        "as uint16 bits).");
+  m.def("kernel_isa", []() { return std::string(isa_name(kernel_isa())); },
+        "The instruction set the kernels use now: 'avx2' or 'scalar'.");
+  m.def("set_kernel_isa", &set_kernel_isa, py::arg("name"),
+        "Force the kernels' instruction set: 'auto', 'scalar' or 'avx2' (tests, ablations).");
+}
+
+}  // namespace flashinfer

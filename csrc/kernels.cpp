@@ -1,1 +1,791 @@
-// kernels.cpp: placeholder, being written
+// kernels.cpp: linear, ffn_rows and dtype conversion for f32 / f16 / bf16 weights.
+//
+// Layout of this file:
+//   1. scalar dtype conversion (bit exact, portable)
+//   2. Rows: a view of weight rows (strided, optionally indexed) and the per-ISA kernel table
+//   3. scalar kernels (portable fallback; the compiler may vectorize them, e.g. NEON)
+//   4. AVX2+FMA+F16C kernels (x86_64 only, compiled with a target attribute, picked at runtime)
+//   5. ISA selection
+//   6. drivers: threading and blocking, shared by every ISA
+//
+// Two inner kernels do all the work:
+//   dot_block:   out[t, j] (+)= sum_i x[t, i] * w_j[i]       ("NT" GEMM; matvec when n=1)
+//                register tile of T<=4 inputs x R<=3 rows: each weight vector is loaded and
+//                converted once and used T times; each x vector is used R times.
+//   accum_block: out[t, c] += sum_{j in list} h[t, j] * w_j[c]  (sparse "NN" GEMM)
+//                R rows per pass so each out vector is loaded/stored once per R rows.
+// Both read weights in their storage dtype and convert in registers: no f32 copy of the
+// weights is ever written, so n=1 streams each weight byte exactly once (bandwidth bound).
+#include "kernels.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FI_HAVE_X86 1
+#define FI_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace flashinfer {
+namespace {
+
+// =======================================================================================
+// 1. Scalar dtype conversion
+// =======================================================================================
+
+// Storage element types. Distinct types so templates can tell f16 from bf16 bits.
+struct F16 { uint16_t bits; };
+struct BF16 { uint16_t bits; };
+
+inline uint32_t f32_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float f32_from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// IEEE half -> float, exact incl. subnormals, inf and NaN (branch-free; after
+// Maratyszcza/FP16 fp16_ieee_to_fp32_value).
+inline float half_to_float(uint16_t h) {
+#if defined(__aarch64__)
+  __fp16 v; std::memcpy(&v, &h, 2); return static_cast<float>(v);
+#else
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t result = sign | (two_w < (1u << 27) ? f32_bits(denormalized)
+                                                      : f32_bits(normalized));
+  return f32_from_bits(result);
+#endif
+}
+
+// float -> IEEE half, round to nearest even, overflow -> inf, NaN -> quiet NaN.
+inline uint16_t float_to_half(float f) {
+#if defined(__aarch64__)
+  __fp16 v = static_cast<__fp16>(f); uint16_t h; std::memcpy(&h, &v, 2); return h;
+#else
+  // Scaling by 2^112 then 2^-110 lets the FPU do the rounding (incl. subnormals).
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = f32_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+#endif
+}
+
+inline float bf16_to_float(uint16_t b) { return f32_from_bits(static_cast<uint32_t>(b) << 16); }
+
+// float -> bfloat16, round to nearest even; NaN keeps its sign and becomes quiet (torch).
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = f32_bits(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float to_f(const float& v) { return v; }
+inline float to_f(const F16& v) { return half_to_float(v.bits); }
+inline float to_f(const BF16& v) { return bf16_to_float(v.bits); }
+
+// =======================================================================================
+// 2. Weight-row views and the per-ISA kernel table
+// =======================================================================================
+
+// Row j of a set of weight rows: data + (idx ? idx[j] : j) * stride + off, in elements.
+// Covers a dense (m, k) matrix (stride k, off 0, no idx) and one part of neuron-cache
+// records selected by row_select (stride record_elems, off part offset, idx row_select).
+struct Rows {
+  const void* data;
+  DType dt;
+  int64_t stride;
+  int64_t off;
+  const int32_t* idx;
+};
+
+template <typename E>
+inline const E* row_ptr(const Rows& w, int64_t j) {
+  return static_cast<const E*>(w.data) + (w.idx ? w.idx[j] : j) * w.stride + w.off;
+}
+
+struct KernelTable {
+  // out[t*ldo + j] (+)= sum_{i in [k0,k1)} x[t*ldx + i] * w_j[i], t < n, j in [j0, j1)
+  void (*dot_block)(const float* x, int64_t ldx, int64_t n, const Rows& w, int64_t j0,
+                    int64_t j1, int64_t k0, int64_t k1, float* out, int64_t ldo,
+                    bool accumulate);
+  // out[t*ldo + c] += sum_{q < nj} h[t*ldh + js[q]] * w_{js[q]}[c], t < nt (<= 4),
+  // c in [c0, c1)
+  void (*accum_block)(const float* h, int64_t ldh, int64_t nt, const int32_t* js,
+                      int64_t nj, const Rows& w, int64_t c0, int64_t c1, float* out,
+                      int64_t ldo);
+  void (*to_f32)(const void* src, DType dt, int64_t count, float* dst);
+  void (*from_f32)(const float* src, int64_t count, DType dt, void* dst);
+};
+
+constexpr int kTileT = 4;  // inputs per register tile (both kernels)
+constexpr int kDotR = 3;   // weight rows per dot tile: 4x3 = 12 accumulators + 3 w + 1 x
+
+// Tile-function lookup: tiles[T-1][R-1]; built once per (ISA, dtype) from a template.
+template <typename Fn, template <int, int> class Make, int NT, int NR>
+struct TileTable {
+  Fn fn[NT][NR];
+  TileTable() { fill<1, 1>(); }
+  template <int T, int R>
+  void fill() {
+    fn[T - 1][R - 1] = Make<T, R>::get();
+    if constexpr (R < NR) fill<T, R + 1>();
+    else if constexpr (T < NT) fill<T + 1, 1>();
+  }
+};
+
+// =======================================================================================
+// 3. Scalar kernels
+// =======================================================================================
+
+using DotTileFn = void (*)(const float*, int64_t, const void* const*, int64_t, float*,
+                           int64_t, bool);
+using AccumTileFn = void (*)(const float*, const void* const*, int64_t, int64_t, float*,
+                             int64_t);
+
+// T inputs x R rows over len elements. 8 independent lanes per accumulator so the
+// compiler can vectorize without reassociating (no -ffast-math).
+template <typename E, int T, int R>
+void scalar_dot_tile(const float* x, int64_t ldx, const void* const* wv, int64_t len,
+                     float* out, int64_t ldo, bool accumulate) {
+  constexpr int L = 8;
+  const E* w[R];
+  for (int r = 0; r < R; ++r) w[r] = static_cast<const E*>(wv[r]);
+  float acc[T][R][L] = {};
+  int64_t i = 0;
+  for (; i + L <= len; i += L) {
+    float wf[R][L];
+    for (int r = 0; r < R; ++r)
+      for (int l = 0; l < L; ++l) wf[r][l] = to_f(w[r][i + l]);
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < R; ++r)
+        for (int l = 0; l < L; ++l) acc[t][r][l] += x[t * ldx + i + l] * wf[r][l];
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) {
+      float s = 0.f;
+      for (int l = 0; l < L; ++l) s += acc[t][r][l];
+      for (int64_t q = i; q < len; ++q) s += x[t * ldx + q] * to_f(w[r][q]);
+      out[t * ldo + r] = accumulate ? out[t * ldo + r] + s : s;
+    }
+}
+
+// out[t, c] += sum_r coef[t*R + r] * w_r[c] for T inputs, R rows, c in [c0, c1).
+template <typename E, int T, int R>
+void scalar_accum_tile(const float* coef, const void* const* wv, int64_t c0, int64_t c1,
+                       float* out, int64_t ldo) {
+  const E* w[R];
+  for (int r = 0; r < R; ++r) w[r] = static_cast<const E*>(wv[r]);
+  for (int64_t c = c0; c < c1; ++c) {
+    float wf[R];
+    for (int r = 0; r < R; ++r) wf[r] = to_f(w[r][c]);
+    for (int t = 0; t < T; ++t) {
+      float o = out[t * ldo + c];
+      for (int r = 0; r < R; ++r) o += coef[t * R + r] * wf[r];
+      out[t * ldo + c] = o;
+    }
+  }
+}
+
+template <typename E>
+struct ScalarDot {
+  template <int T, int R>
+  struct Make { static DotTileFn get() { return &scalar_dot_tile<E, T, R>; } };
+};
+template <typename E>
+struct ScalarAccum {
+  template <int T, int R>
+  struct Make { static AccumTileFn get() { return &scalar_accum_tile<E, T, R>; } };
+};
+
+// ---- generic block loops over tiles (shared by the ISAs; only the tiles differ) ----
+
+// Loop over R-row tiles, then T-input tiles: the R weight rows (<= 3 x kc elements) stay
+// in L1 while every input tile streams past them; x (n x kc) stays in L2.
+template <typename E, typename Table>
+void dot_block_loop(const Table& tiles, const float* x, int64_t ldx, int64_t n,
+                    const Rows& w, int64_t j0, int64_t j1, int64_t k0, int64_t k1, float* out,
+                    int64_t ldo, bool accumulate) {
+  const int64_t len = k1 - k0;
+  for (int64_t j = j0; j < j1; j += kDotR) {
+    const int R = static_cast<int>(std::min<int64_t>(kDotR, j1 - j));
+    const void* wp[kDotR];
+    for (int r = 0; r < R; ++r) wp[r] = row_ptr<E>(w, j + r) + k0;
+    for (int64_t t = 0; t < n; t += kTileT) {
+      const int T = static_cast<int>(std::min<int64_t>(kTileT, n - t));
+      tiles.fn[T - 1][R - 1](x + t * ldx + k0, ldx, wp, len, out + t * ldo + j, ldo,
+                             accumulate);
+    }
+  }
+}
+
+// Walk the row list in groups of R (4 for <= 2 inputs, else 2 to stay within 16 vector
+// registers), tails one row at a time.
+template <typename E, typename Table>
+void accum_block_loop(const Table& tiles, const float* h, int64_t ldh, int64_t nt,
+                      const int32_t* js, int64_t nj, const Rows& w, int64_t c0, int64_t c1,
+                      float* out, int64_t ldo) {
+  const int T = static_cast<int>(nt);
+  const int R = T <= 2 ? 4 : 2;
+  float coef[kTileT * 4];
+  const void* wp[4];
+  int64_t q = 0;
+  for (; q < nj; q += R) {
+    const int r_here = static_cast<int>(std::min<int64_t>(R, nj - q));
+    const int rr = r_here == R ? R : 1;
+    for (int s = 0; s < r_here; s += rr) {
+      for (int r = 0; r < rr; ++r) {
+        const int32_t j = js[q + s + r];
+        wp[r] = row_ptr<E>(w, j);
+        for (int t = 0; t < T; ++t) coef[t * rr + r] = h[t * ldh + j];
+      }
+      // table index: R in {1, 2, 4} -> column 0, 1, 2
+      tiles.fn[T - 1][rr == 4 ? 2 : rr - 1](coef, wp, c0, c1, out, ldo);
+    }
+  }
+}
+
+// Accum tables are indexed by R in {1, 2, 4}; map the table's column to that R.
+template <template <int, int> class Make>
+struct AccumMake {
+  template <int T, int C>
+  struct M { static AccumTileFn get() { return Make<T, C == 3 ? 4 : C>::get(); } };
+};
+
+template <typename E>
+void scalar_dot_block(const float* x, int64_t ldx, int64_t n, const Rows& w, int64_t j0,
+                      int64_t j1, int64_t k0, int64_t k1, float* out, int64_t ldo,
+                      bool accumulate) {
+  static const TileTable<DotTileFn, ScalarDot<E>::template Make, kTileT, kDotR> tiles;
+  dot_block_loop<E>(tiles, x, ldx, n, w, j0, j1, k0, k1, out, ldo, accumulate);
+}
+
+template <typename E>
+void scalar_accum_block(const float* h, int64_t ldh, int64_t nt, const int32_t* js,
+                        int64_t nj, const Rows& w, int64_t c0, int64_t c1, float* out,
+                        int64_t ldo) {
+  static const TileTable<AccumTileFn,
+                         AccumMake<ScalarAccum<E>::template Make>::template M, kTileT, 3>
+      tiles;
+  accum_block_loop<E>(tiles, h, ldh, nt, js, nj, w, c0, c1, out, ldo);
+}
+
+// Dispatch a templated-on-E function by runtime dtype.
+#define FI_DISPATCH_DTYPE(dt, FN, ...)                      \
+  switch (dt) {                                             \
+    case DType::F32: return FN<float>(__VA_ARGS__);         \
+    case DType::F16: return FN<F16>(__VA_ARGS__);           \
+    case DType::BF16: return FN<BF16>(__VA_ARGS__);         \
+  }
+
+void scalar_dot(const float* x, int64_t ldx, int64_t n, const Rows& w, int64_t j0, int64_t j1,
+                int64_t k0, int64_t k1, float* out, int64_t ldo, bool accumulate) {
+  FI_DISPATCH_DTYPE(w.dt, scalar_dot_block, x, ldx, n, w, j0, j1, k0, k1, out, ldo,
+                    accumulate);
+}
+
+void scalar_accum(const float* h, int64_t ldh, int64_t nt, const int32_t* js, int64_t nj,
+                  const Rows& w, int64_t c0, int64_t c1, float* out, int64_t ldo) {
+  FI_DISPATCH_DTYPE(w.dt, scalar_accum_block, h, ldh, nt, js, nj, w, c0, c1, out, ldo);
+}
+
+void scalar_to_f32(const void* src, DType dt, int64_t count, float* dst) {
+  switch (dt) {
+    case DType::F32:
+      std::memcpy(dst, src, static_cast<size_t>(count) * 4);
+      return;
+    case DType::F16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < count; ++i) dst[i] = half_to_float(s[i]);
+      return;
+    }
+    case DType::BF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < count; ++i) dst[i] = bf16_to_float(s[i]);
+      return;
+    }
+  }
+}
+
+void scalar_from_f32(const float* src, int64_t count, DType dt, void* dst) {
+  switch (dt) {
+    case DType::F32:
+      std::memcpy(dst, src, static_cast<size_t>(count) * 4);
+      return;
+    case DType::F16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < count; ++i) d[i] = float_to_half(src[i]);
+      return;
+    }
+    case DType::BF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < count; ++i) d[i] = float_to_bf16(src[i]);
+      return;
+    }
+  }
+}
+
+const KernelTable kScalarTable = {&scalar_dot, &scalar_accum, &scalar_to_f32,
+                                  &scalar_from_f32};
+
+// =======================================================================================
+// 4. AVX2 + FMA + F16C kernels
+// =======================================================================================
+#ifdef FI_HAVE_X86
+
+// 8 storage elements -> 8 floats in a ymm register.
+FI_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+FI_AVX2 inline __m256 load8(const F16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+FI_AVX2 inline __m256 load8(const BF16* p) {
+  // bf16 is the top half of an f32: zero-extend to 32 bits and shift up.
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+FI_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The hot loop for decode (T=1) and prompt processing (T=4): per 8 elements, R weight
+// loads+converts, T x loads, T*R FMAs. Conversions run on other ports than the FMAs.
+template <typename E, int T, int R>
+FI_AVX2 void avx2_dot_tile(const float* x, int64_t ldx, const void* const* wv, int64_t len,
+                           float* out, int64_t ldo, bool accumulate) {
+  const E* w[R];
+  for (int r = 0; r < R; ++r) w[r] = static_cast<const E*>(wv[r]);
+  __m256 acc[T][R];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    __m256 wf[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) wf[r] = load8(w[r] + i);
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      const __m256 xv = _mm256_loadu_ps(x + t * ldx + i);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm256_fmadd_ps(xv, wf[r], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[t][r]);
+      for (int64_t q = i; q < len; ++q) s += x[t * ldx + q] * to_f(w[r][q]);
+      out[t * ldo + r] = accumulate ? out[t * ldo + r] + s : s;
+    }
+}
+
+// out[t, c0:c1] += sum_r coef[t, r] * w_r[c0:c1]: each out vector loaded and stored once
+// per R rows, the R converted weight vectors reused by all T inputs.
+template <typename E, int T, int R>
+FI_AVX2 void avx2_accum_tile(const float* coef, const void* const* wv, int64_t c0,
+                             int64_t c1, float* out, int64_t ldo) {
+  const E* w[R];
+  for (int r = 0; r < R; ++r) w[r] = static_cast<const E*>(wv[r]);
+  __m256 cb[T][R];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) cb[t][r] = _mm256_set1_ps(coef[t * R + r]);
+  int64_t c = c0;
+  for (; c + 8 <= c1; c += 8) {
+    __m256 wf[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) wf[r] = load8(w[r] + c);
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      __m256 o = _mm256_loadu_ps(out + t * ldo + c);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) o = _mm256_fmadd_ps(cb[t][r], wf[r], o);
+      _mm256_storeu_ps(out + t * ldo + c, o);
+    }
+  }
+  for (; c < c1; ++c)
+    for (int t = 0; t < T; ++t) {
+      float o = out[t * ldo + c];
+      for (int r = 0; r < R; ++r) o += coef[t * R + r] * to_f(w[r][c]);
+      out[t * ldo + c] = o;
+    }
+}
+
+template <typename E>
+struct Avx2Dot {
+  template <int T, int R>
+  struct Make { static DotTileFn get() { return &avx2_dot_tile<E, T, R>; } };
+};
+template <typename E>
+struct Avx2Accum {
+  template <int T, int R>
+  struct Make { static AccumTileFn get() { return &avx2_accum_tile<E, T, R>; } };
+};
+
+template <typename E>
+void avx2_dot_block(const float* x, int64_t ldx, int64_t n, const Rows& w, int64_t j0,
+                    int64_t j1, int64_t k0, int64_t k1, float* out, int64_t ldo,
+                    bool accumulate) {
+  static const TileTable<DotTileFn, Avx2Dot<E>::template Make, kTileT, kDotR> tiles;
+  dot_block_loop<E>(tiles, x, ldx, n, w, j0, j1, k0, k1, out, ldo, accumulate);
+}
+
+template <typename E>
+void avx2_accum_block(const float* h, int64_t ldh, int64_t nt, const int32_t* js,
+                      int64_t nj, const Rows& w, int64_t c0, int64_t c1, float* out,
+                      int64_t ldo) {
+  static const TileTable<AccumTileFn,
+                         AccumMake<Avx2Accum<E>::template Make>::template M, kTileT, 3>
+      tiles;
+  accum_block_loop<E>(tiles, h, ldh, nt, js, nj, w, c0, c1, out, ldo);
+}
+
+void avx2_dot(const float* x, int64_t ldx, int64_t n, const Rows& w, int64_t j0, int64_t j1,
+              int64_t k0, int64_t k1, float* out, int64_t ldo, bool accumulate) {
+  FI_DISPATCH_DTYPE(w.dt, avx2_dot_block, x, ldx, n, w, j0, j1, k0, k1, out, ldo,
+                    accumulate);
+}
+
+void avx2_accum(const float* h, int64_t ldh, int64_t nt, const int32_t* js, int64_t nj,
+                const Rows& w, int64_t c0, int64_t c1, float* out, int64_t ldo) {
+  FI_DISPATCH_DTYPE(w.dt, avx2_accum_block, h, ldh, nt, js, nj, w, c0, c1, out, ldo);
+}
+
+FI_AVX2 void avx2_to_f32(const void* src, DType dt, int64_t count, float* dst) {
+  int64_t i = 0;
+  if (dt == DType::F16) {
+    const F16* s = static_cast<const F16*>(src);
+    for (; i + 8 <= count; i += 8) _mm256_storeu_ps(dst + i, load8(s + i));
+  } else if (dt == DType::BF16) {
+    const BF16* s = static_cast<const BF16*>(src);
+    for (; i + 8 <= count; i += 8) _mm256_storeu_ps(dst + i, load8(s + i));
+  }
+  const size_t eb = dtype_bytes(dt);
+  scalar_to_f32(static_cast<const char*>(src) + i * eb, dt, count - i, dst + i);
+}
+
+// 8 floats -> 8 bf16, round to nearest even, NaN -> quiet NaN (matches float_to_bf16).
+FI_AVX2 inline __m128i f32_to_bf16x8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i r = _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
+  // pack 8 x u32 (each < 2^16) to u16; packus works per 128-bit lane, so fix the order.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  return _mm256_castsi256_si128(packed);
+}
+
+FI_AVX2 void avx2_from_f32(const float* src, int64_t count, DType dt, void* dst) {
+  int64_t i = 0;
+  uint16_t* d = static_cast<uint16_t*>(dst);
+  if (dt == DType::F16) {
+    for (; i + 8 <= count; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  } else if (dt == DType::BF16) {
+    for (; i + 8 <= count; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                       f32_to_bf16x8(_mm256_loadu_ps(src + i)));
+  }
+  const size_t eb = dtype_bytes(dt);
+  scalar_from_f32(src + i, count - i, dt, static_cast<char*>(dst) + i * eb);
+}
+
+const KernelTable kAvx2Table = {&avx2_dot, &avx2_accum, &avx2_to_f32, &avx2_from_f32};
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+#else
+bool cpu_has_avx2() { return false; }
+#endif  // FI_HAVE_X86
+
+// =======================================================================================
+// 5. ISA selection
+// =======================================================================================
+
+Isa best_isa() { return cpu_has_avx2() ? Isa::Avx2 : Isa::Scalar; }
+
+std::atomic<int>& isa_state() {
+  static std::atomic<int> state{static_cast<int>(best_isa())};
+  return state;
+}
+
+const KernelTable& table() {
+#ifdef FI_HAVE_X86
+  if (isa_state().load(std::memory_order_relaxed) == static_cast<int>(Isa::Avx2))
+    return kAvx2Table;
+#endif
+  return kScalarTable;
+}
+
+// =======================================================================================
+// 6. Drivers
+// =======================================================================================
+
+int resolve_threads(int threads, double work) {
+#ifdef _OPENMP
+  int t = threads > 0 ? threads : omp_get_max_threads();
+#else
+  int t = 1;
+  (void)threads;
+#endif
+  // Below ~64k multiply-adds a fork/join costs more than it saves.
+  if (work < 65536.0) t = 1;
+  return std::max(1, t);
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+inline int thread_count() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+// [begin, end) of part `i` of `parts` over [0, total), boundaries rounded to `align`.
+inline void split_range(int64_t total, int parts, int i, int64_t align, int64_t* b,
+                        int64_t* e) {
+  auto at = [&](int p) {
+    if (p >= parts) return total;
+    const int64_t v = total * p / parts / align * align;
+    return std::min(v, total);
+  };
+  *b = at(i);
+  *e = at(i + 1);
+}
+
+// k-chunk so that an (n x kc) f32 slab of x stays in L2 (~512 KiB) across row tiles.
+inline int64_t choose_kc(int64_t n, int64_t k) {
+  const int64_t budget = 512 * 1024 / 4;  // floats
+  if (n * k <= budget) return k;
+  return std::max<int64_t>(256, budget / n / 64 * 64);
+}
+
+constexpr int64_t kRowBlock = 64;  // rows per (k-chunk sweep) block
+
+// Phase-1 style sweep shared by linear and ffn_rows: rows [r0, r1) of `w` dotted with
+// every input, written into out[t*ldo + j].
+void dot_rows(const KernelTable& kt, const float* x, int64_t n, int64_t k, const Rows& w,
+              int64_t r0, int64_t r1, float* out, int64_t ldo) {
+  const int64_t kc = choose_kc(n, k);
+  for (int64_t jb = r0; jb < r1; jb += kRowBlock) {
+    const int64_t je = std::min(r1, jb + kRowBlock);
+    for (int64_t k0 = 0; k0 < k; k0 += kc)
+      kt.dot_block(x, k, n, w, jb, je, k0, std::min(k, k0 + kc), out, ldo, k0 > 0);
+  }
+}
+
+float activate(Activation act, float v, float param) {
+  switch (act) {
+    case Activation::Relu: return v > 0.f ? v : 0.f;
+    case Activation::FatRelu: return v > param ? v : 0.f;
+    case Activation::Silu: return v / (1.f + std::exp(-v));
+    case Activation::Gelu: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+    case Activation::GeluTanh: {
+      const float c = 0.7978845608028654f;  // sqrt(2/pi)
+      return 0.5f * v * (1.f + std::tanh(c * (v + 0.044715f * v * v * v)));
+    }
+  }
+  return v;
+}
+
+}  // namespace
+
+// ---- ISA API --------------------------------------------------------------------------
+
+Isa kernel_isa() { return static_cast<Isa>(isa_state().load()); }
+
+const char* isa_name(Isa isa) { return isa == Isa::Avx2 ? "avx2" : "scalar"; }
+
+void set_kernel_isa(const std::string& name) {
+  Isa isa;
+  if (name == "auto") {
+    isa = best_isa();
+  } else if (name == "scalar") {
+    isa = Isa::Scalar;
+  } else if (name == "avx2") {
+    FI_CHECK(cpu_has_avx2(), "isa 'avx2' is not supported by this CPU (needs AVX2+FMA+F16C)");
+    isa = Isa::Avx2;
+  } else {
+    FI_CHECK(false, "isa must be 'auto', 'scalar' or 'avx2', got '", name, "'");
+  }
+  isa_state().store(static_cast<int>(isa));
+}
+
+Activation parse_activation(const std::string& name) {
+  if (name == "relu") return Activation::Relu;
+  if (name == "fatrelu") return Activation::FatRelu;
+  if (name == "silu") return Activation::Silu;
+  if (name == "gelu") return Activation::Gelu;
+  if (name == "gelu_tanh") return Activation::GeluTanh;
+  FI_CHECK(false, "activation must be one of relu, fatrelu, silu, gelu, gelu_tanh; got '",
+           name, "'");
+  return Activation::Relu;
+}
+
+// ---- linear ---------------------------------------------------------------------------
+
+void linear(const float* x, int64_t n, int64_t k, const void* w, DType wdt, int64_t m,
+            const float* bias, float* out, int threads) {
+  if (n == 0 || m == 0) return;
+  if (k == 0) {
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < m; ++j) out[t * m + j] = bias ? bias[j] : 0.f;
+    return;
+  }
+  const KernelTable& kt = table();
+  const Rows rows{w, wdt, k, 0, nullptr};
+  const int nt = resolve_threads(threads, double(n) * double(m) * double(k));
+  // Rows split across threads: each weight byte is read by exactly one thread, once.
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t r0, r1;
+    split_range(m, thread_count(), thread_id(), kDotR, &r0, &r1);
+    if (r1 > r0) {
+      dot_rows(kt, x, n, k, rows, r0, r1, out, m);
+      if (bias)
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t j = r0; j < r1; ++j) out[t * m + j] += bias[j];
+    }
+  }
+}
+
+// ---- ffn_rows -------------------------------------------------------------------------
+
+void ffn_rows(const FfnRowsArgs& a) {
+  const int64_t n = a.n, d = a.d_model;
+  const int64_t n_used = a.row_select ? a.n_select : a.n_rows;
+  if (n == 0 || d == 0) return;
+  std::fill(a.out, a.out + n * d, 0.f);
+  if (n_used == 0) return;
+
+  const KernelTable& kt = table();
+  const bool gated = a.gate_off >= 0;
+  const Rows up{a.rows, a.dtype, a.row_elems, a.up_off, a.row_select};
+  const Rows gate{a.rows, a.dtype, a.row_elems, gated ? a.gate_off : 0, a.row_select};
+  const Rows down{a.rows, a.dtype, a.row_elems, a.down_off, a.row_select};
+
+  // H (n, n_used): u, then h in place. Caller's act_out when given, else scratch owned by
+  // the calling thread (reused across calls: no allocation in the decode loop).
+  thread_local std::vector<float> h_scratch, g_scratch;
+  float* H = a.act_out;
+  if (!H) {
+    h_scratch.resize(static_cast<size_t>(n * n_used));
+    H = h_scratch.data();
+  }
+  float* G = nullptr;
+  if (gated) {
+    g_scratch.resize(static_cast<size_t>(n * n_used));
+    G = g_scratch.data();
+  }
+
+  const double work = double(n) * double(n_used) * double(d) * (gated ? 3 : 2);
+  const int nt = resolve_threads(a.threads, work);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = thread_id(), nth = thread_count();
+
+    // Phase 1: up (and gate) dot products for this thread's rows, then bias + activation.
+    int64_t r0, r1;
+    split_range(n_used, nth, tid, kDotR, &r0, &r1);
+    if (r1 > r0) {
+      dot_rows(kt, a.x, n, d, up, r0, r1, H, n_used);
+      if (gated) dot_rows(kt, a.x, n, d, gate, r0, r1, G, n_used);
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t j = r0; j < r1; ++j) {
+          float u = H[t * n_used + j];
+          if (a.up_bias) u += a.up_bias[a.row_select ? a.row_select[j] : j];
+          H[t * n_used + j] = gated ? activate(a.act, G[t * n_used + j], a.act_param) * u
+                                    : activate(a.act, u, a.act_param);
+        }
+    }
+#pragma omp barrier
+
+    // Phase 2: out = H @ down over this thread's column slice [c0, c1). Splitting d (not
+    // rows) means no per-thread partial outputs and no reduction; each thread reads its
+    // slice of every active down part, so every byte is still read once in total.
+    int64_t c0, c1;
+    split_range(d, nth, tid, 16, &c0, &c1);
+    if (c1 > c0) {
+      // Column chunk: one input tile keeps its out slice in L1/L2 whole; with several
+      // input tiles a 256-column chunk of the active down rows is reused from L2.
+      const int64_t dc = n <= kTileT ? (c1 - c0) : 256;
+      std::vector<int32_t> active;  // rows with any h != 0 in the input tile
+      active.reserve(static_cast<size_t>(n_used));
+      for (int64_t cc = c0; cc < c1; cc += dc) {
+        const int64_t ce = std::min(c1, cc + dc);
+        for (int64_t t = 0; t < n; t += kTileT) {
+          const int64_t tn = std::min<int64_t>(kTileT, n - t);
+          active.clear();
+          for (int64_t j = 0; j < n_used; ++j) {
+            bool any = false;
+            for (int64_t q = 0; q < tn; ++q) any |= H[(t + q) * n_used + j] != 0.f;
+            if (any) active.push_back(static_cast<int32_t>(j));
+          }
+          kt.accum_block(H + t * n_used, n_used, tn, active.data(),
+                         static_cast<int64_t>(active.size()), down, cc, ce, a.out + t * d, d);
+        }
+      }
+    }
+  }
+}
+
+// ---- conversion -----------------------------------------------------------------------
+
+void to_float32(const void* src, DType dt, int64_t count, float* dst, int threads) {
+  const KernelTable& kt = table();
+  const int nt = resolve_threads(threads, double(count) / 4);
+  const size_t eb = dtype_bytes(dt);
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t b, e;
+    split_range(count, thread_count(), thread_id(), 64, &b, &e);
+    if (e > b) kt.to_f32(static_cast<const char*>(src) + b * eb, dt, e - b, dst + b);
+  }
+}
+
+void from_float32(const float* src, int64_t count, DType dt, void* dst, int threads) {
+  const KernelTable& kt = table();
+  const int nt = resolve_threads(threads, double(count) / 4);
+  const size_t eb = dtype_bytes(dt);
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t b, e;
+    split_range(count, thread_count(), thread_id(), 64, &b, &e);
+    if (e > b) kt.from_f32(src + b, e - b, dt, static_cast<char*>(dst) + b * eb);
+  }
+}
+
+}  // namespace flashinfer

@@ -1,0 +1,84 @@
+// kernels.h: CPU compute kernels for weights kept in their storage dtype (f32, f16, bf16).
+//
+// Why these exist: numpy has no fast float16 / bfloat16 matmul (f16 matvec runs ~45x
+// slower than f32), so the model keeps weights as stored and every product goes through
+// here. Activations, inputs and outputs are always float32; accumulation is float32.
+//
+// Every kernel has a portable scalar path and an AVX2+FMA+F16C path picked at runtime
+// (the library is built without -march so wheels run on any x86_64 / arm64). Threading is
+// OpenMP inside the call; no kernel throws once compute has started, so callers validate
+// arguments first (bind_kernels.cpp does) and may release the GIL around the call.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "bundle_format.h"  // DType
+
+namespace flashinfer {
+
+// ---- runtime ISA selection -----------------------------------------------------------
+
+enum class Isa { Scalar = 0, Avx2 = 1 };
+
+// The ISA the kernels use now: the best one the CPU supports unless overridden.
+Isa kernel_isa();
+const char* isa_name(Isa isa);  // "scalar", "avx2"
+// Override for tests and ablations: "auto", "scalar" or "avx2" (avx2 only if supported).
+// Throws std::invalid_argument on an unknown name or an unsupported ISA.
+void set_kernel_isa(const std::string& name);
+
+// ---- activations ----------------------------------------------------------------------
+
+enum class Activation { Relu, FatRelu, Silu, Gelu, GeluTanh };
+// "relu", "fatrelu", "silu", "gelu" (exact erf), "gelu_tanh"; throws std::invalid_argument.
+Activation parse_activation(const std::string& name);
+
+// ---- linear: y = x @ w.T + bias -------------------------------------------------------
+
+// x    (n, k) f32, C-contiguous
+// w    (m, k) dtype, C-contiguous
+// bias (m,)   f32 or nullptr
+// out  (n, m) f32, overwritten
+// threads <= 0 means omp_get_max_threads().
+void linear(const float* x, int64_t n, int64_t k, const void* w, DType wdt, int64_t m,
+            const float* bias, float* out, int threads);
+
+// ---- ffn_rows: FFN straight from neuron-cache rows ------------------------------------
+
+// For each input t and used row j (all rows, or row_select[i]):
+//   u = up_j . x_t (+ up_bias[j]);  gated: h = act(gate_j . x_t) * u, else h = act(u)
+//   out_t = sum_j h * down_j                  (out overwritten)
+// Rows whose h is exactly 0 cost no down traffic (ReLU models: 90-97% of them).
+struct FfnRowsArgs {
+  const float* x = nullptr;      // (n, d_model) f32
+  int64_t n = 0;
+  int64_t d_model = 0;
+  const void* rows = nullptr;    // (n_rows, row_elems) dtype, one record per row
+  DType dtype = DType::F32;
+  int64_t n_rows = 0;
+  int64_t row_elems = 0;         // row stride in elements (>= used parts, padding allowed)
+  int64_t up_off = 0;            // element offset of the up part inside a row
+  int64_t gate_off = -1;         // -1: not gated
+  int64_t down_off = 0;
+  Activation act = Activation::Relu;
+  float act_param = 0.f;         // fatrelu threshold: h = u if u > t else 0
+  const float* up_bias = nullptr;     // (n_rows,) f32, indexed by row, or nullptr
+  const int32_t* row_select = nullptr;  // (n_select,) indices into rows, or nullptr = all
+  int64_t n_select = 0;
+  float* out = nullptr;          // (n, d_model) f32, overwritten
+  float* act_out = nullptr;      // (n, n_used) f32 h values, or nullptr; n_used = n_select
+                                 // when row_select is given, else n_rows
+  int threads = 0;
+};
+void ffn_rows(const FfnRowsArgs& a);
+
+// ---- dtype conversion -----------------------------------------------------------------
+
+// dst[i] = float(src[i]) for count elements.
+void to_float32(const void* src, DType dt, int64_t count, float* dst, int threads);
+// dst[i] = dt(src[i]): IEEE round-to-nearest-even for f16 (overflow -> inf), round to
+// nearest even for bf16 (NaN stays a quiet NaN, like torch).
+void from_float32(const float* src, int64_t count, DType dt, void* dst, int threads);
+
+}  // namespace flashinfer

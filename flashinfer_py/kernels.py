@@ -1,0 +1,157 @@
+"""CPU kernels for weights kept in their storage dtype (float32, float16, bfloat16).
+
+numpy has no fast float16/bfloat16 matmul, so the model keeps weights as stored and every
+product goes through these native kernels (AVX2+FMA+F16C when the CPU has it, portable
+scalar code otherwise; OpenMP threads). Inputs, activations and outputs are float32;
+accumulation is float32.
+
+Weight dtypes: ``np.float32``, ``np.float16``, or ``np.uint16`` holding bfloat16 bits
+(numpy has no bfloat16). Every array must be C-contiguous; bad arguments raise
+``ValueError`` naming the argument. ``threads=0`` uses all OpenMP threads.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from ._core import ffn_rows as _ffn_rows
+from ._core import from_float32 as _from_float32
+from ._core import kernel_isa as _kernel_isa
+from ._core import linear as _linear
+from ._core import set_kernel_isa as _set_kernel_isa
+from ._core import to_float32 as _to_float32
+
+__all__ = [
+    "ACTIVATIONS",
+    "ffn_rows",
+    "from_float32",
+    "kernel_isa",
+    "linear",
+    "set_kernel_isa",
+    "to_float32",
+]
+
+Activation = Literal["relu", "fatrelu", "silu", "gelu", "gelu_tanh"]
+StorageDType = Literal["float32", "float16", "bfloat16"]
+ACTIVATIONS: tuple[str, ...] = ("relu", "fatrelu", "silu", "gelu", "gelu_tanh")
+
+
+def linear(
+    x: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray | None = None,
+    *,
+    out: np.ndarray | None = None,
+    threads: int = 0,
+) -> np.ndarray:
+    """Return ``x @ w.T + bias`` in float32.
+
+    Args:
+        x: ``(n, k)`` or ``(k,)`` float32 inputs.
+        w: ``(m, k)`` weights: float32, float16 or uint16 (bfloat16 bits).
+        bias: ``(m,)`` float32 or None.
+        out: optional ``(n, m)`` (or ``(m,)`` for 1-D ``x``) float32 buffer, overwritten
+            and returned; lets the decode loop run without allocation.
+        threads: OpenMP threads; 0 means all.
+
+    Returns:
+        ``(n, m)`` float32, or ``(m,)`` when ``x`` is 1-D.
+    """
+    if x.ndim == 1:
+        out2 = None if out is None else out.reshape(1, -1)
+        return _linear(x.reshape(1, -1), w, bias, out2, threads).reshape(-1)
+    return _linear(x, w, bias, out, threads)
+
+
+def ffn_rows(
+    x: np.ndarray,
+    rows: np.ndarray,
+    d_model: int,
+    up_off: int,
+    down_off: int,
+    gate_off: int = -1,
+    activation: Activation = "relu",
+    act_param: float = 0.0,
+    *,
+    up_bias: np.ndarray | None = None,
+    row_select: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+    act_out: np.ndarray | None = None,
+    threads: int = 0,
+) -> np.ndarray:
+    """Feed-forward block computed straight from neuron-cache rows.
+
+    Each row is one neuron's bundle record: ``d_model``-element parts (up, optional gate,
+    down) at element offsets ``up_off``, ``gate_off``, ``down_off``, then padding. For
+    every input ``t`` and used row ``j``::
+
+        u = rows[j, up:up+d] . x[t] (+ up_bias[j])
+        h = act(rows[j, gate:gate+d] . x[t]) * u   if gated else   act(u)
+        out[t] = sum_j h * rows[j, down:down+d]
+
+    Rows with ``h == 0`` cost no down-part traffic (ReLU sparsity). With every row of a
+    layer present this is the dense FFN.
+
+    Args:
+        x: ``(n, d_model)`` or ``(d_model,)`` float32.
+        rows: ``(r, record_elems)`` float32/float16/uint16 (bfloat16 bits) cache matrix.
+        d_model: elements per part.
+        up_off, down_off: element offsets of the up and down parts inside a row.
+        gate_off: element offset of the gate part, or -1 when the FFN is not gated.
+        activation: ``relu``, ``fatrelu`` (``h = v if v > act_param else 0``), ``silu``,
+            ``gelu`` (exact erf) or ``gelu_tanh``; applied to the gate when gated.
+        act_param: the fatrelu threshold; ignored by the other activations.
+        up_bias: ``(r,)`` float32 added to the up dot product (OPT fc1 bias), indexed by row.
+        row_select: ``(n_used,)`` int32 indices into ``rows``; None uses all ``r`` rows.
+        out: optional ``(n, d_model)`` float32 buffer, overwritten and returned.
+        act_out: optional ``(n, n_used)`` float32 buffer that receives ``h``; column ``i``
+            belongs to row ``row_select[i]`` (or row ``i``). Use it to find active neurons.
+        threads: OpenMP threads; 0 means all.
+
+    Returns:
+        ``(n, d_model)`` float32, or ``(d_model,)`` when ``x`` is 1-D.
+    """
+    squeeze = x.ndim == 1
+    if squeeze:
+        x = x.reshape(1, -1)
+        out = None if out is None else out.reshape(1, -1)
+        act_out = None if act_out is None else act_out.reshape(1, -1)
+    y = _ffn_rows(
+        x, rows, d_model, up_off, gate_off, down_off, activation, act_param,
+        up_bias, out, act_out, row_select, threads,
+    )
+    return y.reshape(-1) if squeeze else y
+
+
+def to_float32(
+    a: np.ndarray, *, out: np.ndarray | None = None, threads: int = 0
+) -> np.ndarray:
+    """Return a float32 copy of ``a`` (float32, float16 or uint16 bfloat16 bits), any shape."""
+    return _to_float32(a, out, threads)
+
+
+def from_float32(
+    a: np.ndarray,
+    dtype: StorageDType,
+    *,
+    out: np.ndarray | None = None,
+    threads: int = 0,
+) -> np.ndarray:
+    """Convert float32 ``a`` to a storage dtype, any shape.
+
+    ``float16`` rounds to nearest even (IEEE, overflow to inf, like numpy ``astype``);
+    ``bfloat16`` rounds to nearest even (like torch) and is returned as uint16 bits.
+    """
+    return _from_float32(a, dtype, out, threads)
+
+
+def kernel_isa() -> str:
+    """The instruction set the kernels use now: ``"avx2"`` or ``"scalar"``."""
+    return _kernel_isa()
+
+
+def set_kernel_isa(name: Literal["auto", "scalar", "avx2"]) -> None:
+    """Force the kernels' instruction set (tests and ablations); ``"auto"`` picks the best."""
+    _set_kernel_isa(name)
