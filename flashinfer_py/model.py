@@ -150,8 +150,9 @@ class Transformer:
     def _ffn(self, layer: int, x: np.ndarray) -> np.ndarray:
         a, off = self.args, self.part_off
         rows, up_bias = self.ffn.rows(layer, x)
-        out = kernels.ffn_rows(x, rows, a.hidden_size, off["up"], off.get("gate", -1), off["down"],
-                               a.hidden_act, a.act_param, up_bias=up_bias)
+        out = kernels.ffn_rows(x, rows, a.hidden_size, up_off=off["up"], down_off=off["down"],
+                               gate_off=off.get("gate", -1), activation=a.hidden_act,
+                               act_param=a.act_param, up_bias=up_bias)
         if a.ffn_bias:
             out += self.w[f"layers.{layer}.ffn_down_bias"]
         return out
@@ -197,7 +198,8 @@ class ResidentFFN:
             rows = aligned_empty((args.intermediate_size, reader.record_elems), reader.numpy_dtype)
             reader.read(layer, ids, rows)
             self.rows_by_layer.append(rows)
-        self.io_stats = reader.stats
+        self.io_stats = reader.stats()
+        self.is_direct = reader.is_direct
         self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
 
     def rows(self, layer: int, x: np.ndarray):

@@ -59,15 +59,17 @@ class FlashModel:
         from .tokenizer import StreamingDetokenizer
 
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        has_tok = isinstance(prompt, str) or (self.directory / "tokenizer.json").is_file()
         if len(ids) + max_new_tokens > self.max_context:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"the context limit {self.max_context}; shorten one or raise max_context")
         cache = self.new_cache()
-        detok = StreamingDetokenizer(self.tokenizer)
+        detok = StreamingDetokenizer(self.tokenizer) if has_tok else None
         yield from generate_step(
             lambda feed: self.transformer.forward(feed, cache, last_only=True), ids,
             make_sampler(temperature, top_k, top_p, seed), max_new_tokens,
-            stop_ids=self.args.eos_token_ids if stop_at_eos else (), on_token=detok.add)
+            stop_ids=self.args.eos_token_ids if stop_at_eos else (),
+            on_token=detok.add if detok is not None else None)
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None) -> Iterator[str]:

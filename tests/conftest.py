@@ -35,16 +35,15 @@ TINY_MODELS = {
 }
 
 
-class FATReLU:
-    """ProSparse's activation, used as the reference act_fn in transformers' Llama."""
+def fatrelu_module(threshold: float):
+    """ProSparse's activation as a torch module, the reference act_fn in transformers' Llama."""
+    import torch
 
-    def __init__(self, threshold: float):
-        self.threshold = threshold
+    class FATReLU(torch.nn.Module):
+        def forward(self, x):
+            return torch.where(x > threshold, x, torch.zeros_like(x))
 
-    def __call__(self, x):
-        import torch
-
-        return torch.where(x > self.threshold, x, torch.zeros_like(x))
+    return FATReLU()
 
 
 def build_hf_model(name: str):
@@ -60,7 +59,7 @@ def build_hf_model(name: str):
         model = tr.OPTForCausalLM(tr.OPTConfig(**{**OPT_KW, **extra}))
     if name == "llama-fatrelu":
         for layer in model.model.layers:
-            layer.mlp.act_fn = FATReLU(FATRELU_THRESHOLD)
+            layer.mlp.act_fn = fatrelu_module(FATRELU_THRESHOLD)
     # Non-zero norm weights and biases, so a mix-up of norms or biases cannot hide.
     with torch.no_grad():
         for pname, p in model.named_parameters():

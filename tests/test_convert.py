@@ -77,7 +77,9 @@ def test_force_replaces_only_when_complete(tiny_hf, tmp_path):
 
 def test_unsupported_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    (tmp_path / "model.safetensors").write_bytes(b"")
+    from safetensors.numpy import save_file
+
+    save_file({"wte.weight": np.zeros((4, 4), np.float32)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="(?s)gpt2.*Supported.*llama.*opt"):
         fi.convert(tmp_path, tmp_path.parent / "x", progress=False)
     assert not (tmp_path.parent / "x").exists()
