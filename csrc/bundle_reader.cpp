@@ -1,1 +1,404 @@
-// bundle_reader.cpp: placeholder, being written
+// bundle_reader.cpp: plan (sort, coalesce, split) and execute (threads or io_uring) reads of
+// neuron records. See bundle_reader.h for the contract.
+//
+// A call is three steps, all under mu_ (the plan vectors and scratch are per reader):
+//   1. check   ids in range, no duplicates        -> std::invalid_argument, no I/O issued
+//   2. plan    reqs_   : (file offset, length, buffer) requests, each <= max_read_bytes
+//              copies_ : scratch -> caller-row copies to run once every request has landed
+//   3. execute queue_depth requests in flight, then the copies; the first error is rethrown
+#include "bundle_reader.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#ifdef FLASHINFER_HAVE_IO_URING
+#include <liburing.h>
+#endif
+
+namespace flashinfer {
+
+namespace {
+
+uint64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+void ReadStats::add(const ReadStats& o) {
+  bytes_requested += o.bytes_requested;
+  bytes_read += o.bytes_read;
+  reads_issued += o.reads_issued;
+  ns += o.ns;
+  calls += o.calls;
+  direct = o.direct;
+}
+
+// ---------------------------------------------------------------------------------------
+// io_uring state (only when built with liburing)
+// ---------------------------------------------------------------------------------------
+
+#ifdef FLASHINFER_HAVE_IO_URING
+struct BundleReader::Uring {
+  io_uring ring;
+  explicit Uring(unsigned depth) {
+    int rc = io_uring_queue_init(depth, &ring, 0);
+    if (rc < 0) throw IoError(detail::concat("io_uring_queue_init(", depth, ") failed: ",
+                                             std::strerror(-rc)));
+  }
+  ~Uring() { io_uring_queue_exit(&ring); }
+};
+#else
+struct BundleReader::Uring {};
+#endif
+
+// ---------------------------------------------------------------------------------------
+// open: validate params and header, pick the engine
+// ---------------------------------------------------------------------------------------
+
+BundleReader::BundleReader(const std::string& path, const ReaderParams& params)
+    : params_(params), file_(path, params.use_direct_io) {
+  FI_CHECK(params_.queue_depth >= 1 && params_.queue_depth <= 1024,
+           "queue_depth must be in [1, 1024], got ", params_.queue_depth);
+  FI_CHECK(params_.max_read_bytes >= kIoAlignment, "max_read_bytes must be >= ", kIoAlignment,
+           ", got ", params_.max_read_bytes);
+  FI_CHECK(params_.engine == "auto" || params_.engine == "threads" ||
+               params_.engine == "io_uring",
+           "engine must be \"auto\", \"threads\" or \"io_uring\", got \"", params_.engine, "\"");
+
+  // Header: read through the same descriptor (4096 bytes at 0 is aligned for O_DIRECT).
+  AlignedBuffer hb(kHeaderBytes);
+  uint64_t size = file_.size();
+  FI_FORMAT_CHECK(size >= kHeaderBytes, path, ": file is ", size,
+                  " bytes, too small to hold the bundle header; re-run `flashinfer-py "
+                  "convert` to rebuild the bundle file");
+  file_.read_at(hb.data(), kHeaderBytes, 0);
+  std::memcpy(&header_, hb.data(), sizeof(header_));
+  validate_header(header_, size, path);
+  // The invariant that makes bounce-free O_DIRECT possible (STYLE lesson 4).
+  FI_FORMAT_CHECK(!file_.is_direct() || (header_.record_bytes % file_.alignment() == 0 &&
+                                         header_.data_offset % file_.alignment() == 0),
+                  path, ": records are not aligned to ", file_.alignment(),
+                  " bytes; re-run `flashinfer-py convert` to rebuild the bundle file");
+
+#ifdef FLASHINFER_HAVE_IO_URING
+  if (params_.engine != "threads") {
+    try {
+      uring_ = std::make_unique<Uring>(static_cast<unsigned>(params_.queue_depth));
+      engine_ = "io_uring";
+    } catch (const IoError&) {
+      if (params_.engine == "io_uring") throw;  // asked for it explicitly: say why not
+    }
+  }
+#else
+  FI_CHECK(params_.engine != "io_uring",
+           "engine=\"io_uring\" requested but this build has no io_uring support (liburing "
+           "was not found at build time); use engine=\"auto\" or \"threads\"");
+#endif
+  if (!uring_) {
+    engine_ = "threads";
+    pool_ = std::make_unique<ThreadPool>(static_cast<std::size_t>(params_.queue_depth));
+  }
+}
+
+BundleReader::~BundleReader() = default;
+
+uint64_t BundleReader::offset(uint32_t layer, uint32_t neuron) const {
+  return bundle_offset(header_, layer, neuron);
+}
+
+ReadStats BundleReader::stats() const {
+  std::lock_guard<std::mutex> lk(stats_mu_);
+  ReadStats s = total_;
+  s.direct = file_.is_direct();
+  return s;
+}
+
+void BundleReader::reset_stats() {
+  std::lock_guard<std::mutex> lk(stats_mu_);
+  total_ = ReadStats{};
+}
+
+// ---------------------------------------------------------------------------------------
+// step 1: argument checks (before any I/O)
+// ---------------------------------------------------------------------------------------
+
+void BundleReader::check_ids(uint32_t layer, const int64_t* ids, std::size_t n) const {
+  FI_CHECK(layer < header_.n_layers, "layer ", layer, " out of range [0, ", header_.n_layers,
+           ")");
+  for (std::size_t k = 0; k < n; ++k)
+    FI_CHECK(ids[k] >= 0 && ids[k] < int64_t(header_.d_ff), "neuron id ", ids[k], " (ids[", k,
+             "]) out of range [0, ", header_.d_ff, ")");
+}
+
+// ---------------------------------------------------------------------------------------
+// step 2: plan (sort, coalesce into runs, direct-or-scratch per run)
+// ---------------------------------------------------------------------------------------
+
+void BundleReader::plan_read(uint32_t layer, const int64_t* ids, std::size_t n, char* dst,
+                             std::size_t stride) {
+  const uint64_t rb = header_.record_bytes;
+  const std::size_t align = file_.alignment();
+  order_.resize(n);
+  for (std::size_t k = 0; k < n; ++k) order_[k] = {ids[k], k};
+  std::sort(order_.begin(), order_.end());
+  for (std::size_t j = 1; j < n; ++j)
+    FI_CHECK(order_[j].first != order_[j - 1].first, "duplicate neuron id ", order_[j].first,
+             " in ids (at positions ", order_[j - 1].second, " and ", order_[j].second, ")");
+
+  // A run [a, b) of sorted ids is one file range; a run fits the cap unless it is one record.
+  struct Run {
+    std::size_t a, b;
+    bool to_scratch;
+  };
+  std::vector<Run> runs;
+  const uint64_t cap = std::max<uint64_t>(params_.max_read_bytes, rb);
+  std::size_t a = 0;
+  while (a < n) {
+    std::size_t b = a + 1;
+    while (b < n) {
+      uint64_t gap = uint64_t(order_[b].first - order_[b - 1].first - 1) * rb;
+      uint64_t span = uint64_t(order_[b].first - order_[a].first + 1) * rb;
+      if (gap > params_.coalesce_gap_bytes || span > cap) break;
+      ++b;
+    }
+    // Straight into dst when the run has no gaps, its rows are consecutive in dst in the
+    // same order (stride == rb, positions k, k+1, ...), and dst satisfies the alignment.
+    bool direct = is_aligned(dst + order_[a].second * stride, align) &&
+                  (b - a == 1 || (stride == rb && is_aligned(stride, align)));
+    for (std::size_t j = a + 1; j < b && direct; ++j)
+      direct = order_[j].first == order_[j - 1].first + 1 &&
+               order_[j].second == order_[j - 1].second + 1;
+    runs.push_back({a, b, !direct});
+    a = b;
+  }
+
+  uint64_t scratch_bytes = 0;
+  for (const Run& r : runs)
+    if (r.to_scratch) scratch_bytes += uint64_t(order_[r.b - 1].first - order_[r.a].first + 1) * rb;
+  scratch_.reserve(scratch_bytes);
+
+  char* s = scratch_.as<char>();
+  for (const Run& r : runs) {
+    uint64_t off = bundle_offset(header_, layer, uint32_t(order_[r.a].first));
+    uint64_t span = uint64_t(order_[r.b - 1].first - order_[r.a].first + 1) * rb;
+    if (!r.to_scratch) {
+      reqs_.push_back({off, span, dst + order_[r.a].second * stride});
+      continue;
+    }
+    reqs_.push_back({off, span, s});
+    for (std::size_t j = r.a; j < r.b; ++j)
+      copies_.push_back({s + uint64_t(order_[j].first - order_[r.a].first) * rb,
+                         dst + order_[j].second * stride, rb});
+    s += span;
+  }
+}
+
+// Cut requests longer than max_read_bytes into aligned chunks (one record can exceed it).
+void BundleReader::split_long_requests() {
+  const std::size_t chunk = std::max<std::size_t>(
+      params_.max_read_bytes / kIoAlignment * kIoAlignment, kIoAlignment);
+  bool any = false;
+  for (const Request& r : reqs_) any = any || r.len > chunk;
+  if (!any) return;
+  std::vector<Request> out;
+  out.reserve(reqs_.size() * 2);
+  for (Request r : reqs_) {
+    while (r.len > chunk) {
+      out.push_back({r.off, chunk, r.buf});
+      r.off += chunk;
+      r.buf += chunk;
+      r.len -= chunk;
+    }
+    out.push_back(r);
+  }
+  reqs_.swap(out);
+}
+
+// ---------------------------------------------------------------------------------------
+// public entry points
+// ---------------------------------------------------------------------------------------
+
+ReadStats BundleReader::read(uint32_t layer, const int64_t* ids, std::size_t n, void* dst,
+                             std::size_t dst_stride) {
+  check_ids(layer, ids, n);
+  FI_CHECK(n == 0 || dst_stride >= header_.record_bytes, "destination row stride ", dst_stride,
+           " is smaller than record_bytes ", header_.record_bytes);
+  std::lock_guard<std::mutex> lk(mu_);
+  uint64_t t0 = now_ns();
+  reqs_.clear();
+  copies_.clear();
+  plan_read(layer, ids, n, static_cast<char*>(dst), dst_stride);
+  split_long_requests();
+
+  ReadStats st;
+  st.bytes_requested = uint64_t(n) * header_.record_bytes;
+  for (const Request& r : reqs_) st.bytes_read += r.len;
+  st.reads_issued = reqs_.size();
+  execute();
+  st.ns = now_ns() - t0;
+  st.calls = 1;
+  st.direct = file_.is_direct();
+  std::lock_guard<std::mutex> slk(stats_mu_);
+  total_.add(st);
+  return st;
+}
+
+ReadStats BundleReader::read_parts(uint32_t layer, const int64_t* ids, std::size_t n,
+                                   const uint32_t* parts, std::size_t n_sel, void* dst,
+                                   std::size_t dst_stride) {
+  check_ids(layer, ids, n);
+  const uint64_t pb = part_bytes();
+  for (std::size_t s = 0; s < n_sel; ++s)
+    FI_CHECK(parts[s] < header_.n_parts, "part index ", parts[s], " out of range [0, ",
+             header_.n_parts, ")");
+  FI_CHECK(n == 0 || n_sel == 0 || dst_stride >= n_sel * pb, "destination row stride ",
+           dst_stride, " is smaller than ", n_sel, " parts of ", pb, " bytes");
+  std::vector<int64_t> sorted(ids, ids + n);
+  std::sort(sorted.begin(), sorted.end());
+  for (std::size_t j = 1; j < n; ++j)
+    FI_CHECK(sorted[j] != sorted[j - 1], "duplicate neuron id ", sorted[j], " in ids");
+
+  std::lock_guard<std::mutex> lk(mu_);
+  uint64_t t0 = now_ns();
+  reqs_.clear();
+  copies_.clear();
+  const uint64_t align = file_.alignment();
+  char* out = static_cast<char*>(dst);
+
+  // Aligned span of every part; a part that is not aligned on both ends goes via scratch.
+  auto span_of = [&](uint64_t off, uint64_t* lo, uint64_t* hi) {
+    *lo = off / align * align;
+    *hi = align_up(off + pb, align);
+  };
+  uint64_t scratch_bytes = 0;
+  for (std::size_t k = 0; k < n; ++k)
+    for (std::size_t s = 0; s < n_sel; ++s) {
+      uint64_t off = bundle_offset(header_, layer, uint32_t(ids[k])) + parts[s] * pb, lo, hi;
+      span_of(off, &lo, &hi);
+      if (lo != off || hi != off + pb || !is_aligned(out + k * dst_stride + s * pb, align))
+        scratch_bytes += hi - lo;
+    }
+  scratch_.reserve(scratch_bytes);
+  char* sc = scratch_.as<char>();
+  for (std::size_t k = 0; k < n; ++k)
+    for (std::size_t s = 0; s < n_sel; ++s) {
+      uint64_t off = bundle_offset(header_, layer, uint32_t(ids[k])) + parts[s] * pb, lo, hi;
+      span_of(off, &lo, &hi);
+      char* row = out + k * dst_stride + s * pb;
+      if (lo == off && hi == off + pb && is_aligned(row, align)) {
+        reqs_.push_back({off, pb, row});
+      } else {
+        reqs_.push_back({lo, hi - lo, sc});
+        copies_.push_back({sc + (off - lo), row, pb});
+        sc += hi - lo;
+      }
+    }
+  split_long_requests();
+
+  ReadStats st;
+  st.bytes_requested = uint64_t(n) * n_sel * pb;
+  for (const Request& r : reqs_) st.bytes_read += r.len;
+  st.reads_issued = reqs_.size();
+  execute();
+  st.ns = now_ns() - t0;
+  st.calls = 1;
+  st.direct = file_.is_direct();
+  std::lock_guard<std::mutex> slk(stats_mu_);
+  total_.add(st);
+  return st;
+}
+
+// ---------------------------------------------------------------------------------------
+// step 3: execute
+// ---------------------------------------------------------------------------------------
+
+void BundleReader::execute() {
+  if (uring_) execute_uring();
+  else execute_threads();
+  for (const Copy& c : copies_) std::memcpy(c.dst, c.src, c.len);
+}
+
+// Threads engine: queue_depth workers each loop over blocking preads.
+void BundleReader::execute_threads() {
+  pool_->parallel_for(reqs_.size(), [this](std::size_t i) {
+    const Request& r = reqs_[i];
+    file_.read_at(r.buf, r.len, r.off);
+  });
+}
+
+#ifdef FLASHINFER_HAVE_IO_URING
+// io_uring engine: keep up to queue_depth SQEs in flight on one thread. A short read is
+// resubmitted for the rest; -EAGAIN / -EINTR are retried; the first hard error stops new
+// submissions, the ring is drained, and the error is thrown.
+void BundleReader::execute_uring() {
+  io_uring* ring = &uring_->ring;
+  const std::size_t n = reqs_.size(), depth = std::size_t(params_.queue_depth);
+  std::vector<std::size_t> done(n, 0);  // bytes landed per request
+  std::size_t next = 0, inflight = 0, pending = 0;
+  std::string error;
+
+  auto prep = [&](std::size_t i) {
+    io_uring_sqe* sqe = io_uring_get_sqe(ring);  // never null: inflight <= depth = ring size
+    const Request& r = reqs_[i];
+    io_uring_prep_read(sqe, file_.fd(), r.buf + done[i], unsigned(r.len - done[i]),
+                       r.off + done[i]);
+    io_uring_sqe_set_data64(sqe, i);
+    ++pending;
+  };
+
+  while (inflight > 0 || (error.empty() && next < n)) {
+    while (error.empty() && next < n && inflight < depth) {
+      prep(next++);
+      ++inflight;
+    }
+    // One syscall: submit what is prepared and wait for at least one completion.
+    int rc = io_uring_submit_and_wait(ring, 1);
+    if (rc >= 0) pending -= std::min<std::size_t>(pending, std::size_t(rc));
+    else if (rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
+      // The ring itself is broken (not one read): give it up for the threads engine.
+      std::string msg = detail::concat("io_uring_submit on ", path(), " failed: ",
+                                       std::strerror(-rc), "; this reader now uses threads");
+      uring_.reset();
+      engine_ = "threads";
+      pool_ = std::make_unique<ThreadPool>(depth);
+      throw IoError(msg);
+    }
+    io_uring_cqe* cqe = nullptr;
+    unsigned head, seen = 0;
+    io_uring_for_each_cqe(ring, head, cqe) {
+      ++seen;
+      std::size_t i = std::size_t(io_uring_cqe_get_data64(cqe));
+      int res = cqe->res;
+      const Request& r = reqs_[i];
+      if (res == -EAGAIN || res == -EINTR) {
+        prep(i);  // transient: same range again
+      } else if (res < 0) {
+        if (error.empty())
+          error = detail::concat("reading ", path(), " at offset ", r.off + done[i], " (",
+                                 r.len - done[i], " bytes) failed: ", std::strerror(-res));
+        --inflight;
+      } else if (res == 0) {
+        if (error.empty())
+          error = detail::concat("reading ", path(), " at offset ", r.off + done[i], " (",
+                                 r.len - done[i], " bytes) hit end of file (was the file ",
+                                 "truncated or replaced while open?)");
+        --inflight;
+      } else {
+        done[i] += std::size_t(res);
+        if (done[i] < r.len) prep(i);  // short read: ask for the rest
+        else --inflight;
+      }
+    }
+    io_uring_cq_advance(ring, seen);
+  }
+  if (!error.empty()) throw IoError(error);
+}
+#else
+void BundleReader::execute_uring() {}
+#endif
+
+}  // namespace flashinfer

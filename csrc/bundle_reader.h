@@ -1,0 +1,121 @@
+// bundle_reader.h: parallel reads of neuron records from a bundle file into caller rows.
+//
+//   BundleReader r(path, params);          // opens (O_DIRECT if possible), validates header
+//   r.read(layer, ids, n, dst, stride);    // record of ids[k] -> dst + k*stride
+//
+// A read call sorts the ids, merges neighbours whose gap is <= coalesce_gap_bytes into one
+// request (capped at max_read_bytes), and keeps queue_depth requests in flight with either a
+// pool of pread threads or io_uring. Runs of consecutive ids whose destination rows are
+// consecutive land straight in dst; everything else goes through an aligned scratch buffer.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "aligned_buffer.h"
+#include "bundle_format.h"
+#include "direct_file.h"
+#include "thread_pool.h"
+
+namespace flashinfer {
+
+// Runtime knobs of the reader; every field has a documented default.
+struct ReaderParams {
+  // "auto" = io_uring when built in and the kernel allows it, else "threads".
+  std::string engine = "auto";
+  // Requests in flight (threads in the pool, or SQEs in the ring). 32 saturates the VM disk.
+  int queue_depth = 32;
+  // Bypass the page cache (O_DIRECT / F_NOCACHE); falls back with a warning if refused.
+  bool use_direct_io = true;
+  // Merge two sorted ids into one read when the bytes between them are <= this. 0 = merge
+  // only adjacent records (measured on the dev VM: see benchmarks/RESULTS_io.md).
+  uint64_t coalesce_gap_bytes = 0;
+  // Upper bound on one request (bytes); longer runs are split.
+  uint64_t max_read_bytes = 1u << 20;
+};
+
+// What one read call (or the sum of calls) did.
+struct ReadStats {
+  uint64_t bytes_requested = 0;  // useful record bytes asked for
+  uint64_t bytes_read = 0;       // bytes actually read, including coalesced gaps / padding
+  uint64_t reads_issued = 0;     // I/O requests submitted
+  uint64_t ns = 0;               // wall time inside read calls, nanoseconds
+  uint64_t calls = 0;            // read / read_parts calls
+  bool direct = false;           // page cache bypassed (false after a buffered fallback)
+  void add(const ReadStats& o);
+};
+
+class BundleReader {
+ public:
+  BundleReader(const std::string& path, const ReaderParams& params = {});
+  ~BundleReader();
+  BundleReader(const BundleReader&) = delete;
+  BundleReader& operator=(const BundleReader&) = delete;
+
+  // Record of ids[k] (layer `layer`) -> dst + k*dst_stride, for k in [0, n). Ids may come in
+  // any order; duplicates and out-of-range ids are rejected (std::invalid_argument) before
+  // any I/O. dst_stride >= record_bytes(). Rows that are aligned (dst and stride multiples of
+  // 4096) are read into directly; others are bounced through scratch. Serialised per reader.
+  ReadStats read(uint32_t layer, const int64_t* ids, std::size_t n, void* dst,
+                 std::size_t dst_stride);
+
+  // The "unbundled" ablation: each selected part of each neuron is its own read.
+  // Row k of dst = parts[0..n_sel) of ids[k], each d_model*elem_bytes, back to back.
+  ReadStats read_parts(uint32_t layer, const int64_t* ids, std::size_t n, const uint32_t* parts,
+                       std::size_t n_sel, void* dst, std::size_t dst_stride);
+
+  const BundleHeader& header() const { return header_; }
+  uint64_t offset(uint32_t layer, uint32_t neuron) const;
+  uint64_t record_bytes() const { return header_.record_bytes; }
+  uint64_t part_bytes() const { return uint64_t(header_.d_model) * header_.elem_bytes; }
+  bool is_direct() const { return file_.is_direct(); }
+  const std::string& engine() const { return engine_; }
+  const std::string& path() const { return file_.path(); }
+  const ReaderParams& params() const { return params_; }
+  ReadStats stats() const;
+  void reset_stats();
+  void drop_page_cache() const { file_.drop_page_cache(); }
+
+ private:
+  // One contiguous file range -> one contiguous buffer.
+  struct Request {
+    uint64_t off;
+    std::size_t len;
+    char* buf;
+  };
+  // After the I/O: copy len bytes from scratch to a caller row.
+  struct Copy {
+    const char* src;
+    char* dst;
+    std::size_t len;
+  };
+
+  void check_ids(uint32_t layer, const int64_t* ids, std::size_t n) const;
+  void plan_read(uint32_t layer, const int64_t* ids, std::size_t n, char* dst,
+                 std::size_t stride);
+  void split_long_requests();
+  void execute();  // issue reqs_ through the engine, then run copies_
+  void execute_threads();
+  void execute_uring();
+
+  ReaderParams params_;
+  DirectFile file_;
+  BundleHeader header_;
+  std::string engine_;
+  std::unique_ptr<ThreadPool> pool_;  // threads engine only
+  struct Uring;
+  std::unique_ptr<Uring> uring_;      // io_uring engine only
+
+  std::mutex mu_;                     // one read call at a time (scratch + plan are shared)
+  AlignedBuffer scratch_;
+  std::vector<Request> reqs_;
+  std::vector<Copy> copies_;
+  std::vector<std::pair<int64_t, std::size_t>> order_;  // (id, position in caller's ids)
+  mutable std::mutex stats_mu_;
+  ReadStats total_;
+};
+
+}  // namespace flashinfer

@@ -1,0 +1,112 @@
+"""Bundle header: round trip, and every kind of corrupt or lying header -> FlashFormatError
+that names the path and says how to fix it."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from flashinfer_py._core import FlashFormatError
+from flashinfer_py.bundles import BundleReader, BundleWriter, read_header
+from test_packer import pack_random
+
+# Byte offsets of BundleHeader fields (csrc/bundle_format.h, packed, little-endian).
+OFF = dict(magic=0, version=8, header_bytes=12, n_layers=16, d_model=20, d_ff=24, dtype=28,
+           elem_bytes=32, n_parts=36, part_kinds=40, alignment=56, record_bytes=60,
+           data_offset=68, file_bytes=76)
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    path = tmp_path / "ffn_bundles.bin"
+    pack_random(path, n_layers=2, d_model=200, d_ff=97, dtype="float16", n_parts=3)
+    return path
+
+
+def patch(path, off, fmt, value):
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(struct.pack("<" + fmt, value))
+
+
+def expect_format_error(path, match):
+    for opener in (read_header, BundleReader):
+        with pytest.raises(FlashFormatError, match=match) as ei:
+            opener(path)
+        msg = str(ei.value)
+        assert str(path) in msg and "re-run `flashinfer-py convert`" in msg, msg
+        assert isinstance(ei.value, ValueError)
+
+
+def test_header_round_trip(bundle):
+    h = read_header(bundle)
+    assert h == BundleReader(bundle).header
+    assert h["magic"] == "FIPYBNDL" and h["version"] == 1 and h["header_bytes"] == 4096
+    assert (h["n_layers"], h["d_model"], h["d_ff"]) == (2, 200, 97)
+    assert (h["dtype"], h["elem_bytes"], h["n_parts"]) == ("float16", 2, 3)
+    assert h["parts"] == ["up", "gate", "down"]
+    assert (h["alignment"], h["record_bytes"], h["data_offset"]) == (4096, 4096, 4096)
+    assert h["file_bytes"] == 4096 + 2 * 97 * 4096 == bundle.stat().st_size
+
+
+def test_larger_alignment(tmp_path):
+    path = tmp_path / "b.bin"
+    with BundleWriter(path, 1, 3000, 5, "float32", ("up", "down"), alignment=8192) as w:
+        assert w.header["record_bytes"] == 24576  # 24000 -> 3 x 8192
+        w.write_layer(0, [np.zeros((5, 3000), np.float32)] * 2)
+    h = read_header(path)
+    assert (h["alignment"], h["data_offset"], h["record_bytes"]) == (8192, 8192, 24576)
+
+
+@pytest.mark.parametrize("field,fmt,value,match", [
+    ("magic", "8s", b"GGUF\0\0\0\0", "bad magic"),
+    ("version", "I", 2, "version 2"),
+    ("header_bytes", "I", 512, "header_bytes"),
+    ("dtype", "I", 7, "unknown dtype"),
+    ("elem_bytes", "I", 4, "elem_bytes 4 does not match dtype float16"),
+    ("n_parts", "I", 4, "n_parts=4"),
+    ("n_parts", "I", 1, "n_parts=1"),
+    ("part_kinds", "I", 3, "part kinds"),
+    ("alignment", "I", 1000, "alignment 1000"),
+    ("alignment", "I", 256, "alignment 256"),
+    ("record_bytes", "Q", 4000, "record_bytes 4000"),
+    ("record_bytes", "Q", 0, "record_bytes 0"),
+    ("data_offset", "Q", 100, "data_offset 100"),
+    ("file_bytes", "Q", 12345, "file_bytes=12345"),
+    ("d_ff", "I", 98, "file_bytes="),          # lies about the shape: sizes disagree
+    ("n_layers", "I", 0, "empty dimensions"),
+    ("record_bytes", "Q", 1 << 62, "overflow"),  # n_layers*d_ff*record_bytes wraps
+])
+def test_lying_header_rejected(bundle, field, fmt, value, match):
+    patch(bundle, OFF[field], fmt, value)
+    expect_format_error(bundle, match)
+
+
+def test_truncated_file_rejected(bundle):
+    size = bundle.stat().st_size
+    with open(bundle, "r+b") as f:
+        f.truncate(size - 1)
+    expect_format_error(bundle, "truncated")
+
+
+def test_file_smaller_than_header_rejected(tmp_path):
+    path = tmp_path / "tiny.bin"
+    path.write_bytes(b"FIPYBNDL")
+    expect_format_error(path, "too small")
+
+
+def test_unfinished_file_has_no_valid_header(tmp_path):
+    path = tmp_path / "b.bin"
+    w = BundleWriter(path, 1, 16, 8, "float32", ("up", "down"))
+    w.write_layer(0, [np.ones((8, 16), np.float32)] * 2)
+    expect_format_error(path, "bad magic")  # header is written by finish() only
+    w.finish()
+    assert read_header(path)["d_ff"] == 8
+
+
+def test_missing_file_is_an_os_error(tmp_path):
+    with pytest.raises(OSError, match="nope.bin"):
+        read_header(tmp_path / "nope.bin")
+    with pytest.raises(OSError, match="nope.bin"):
+        BundleReader(tmp_path / "nope.bin")
