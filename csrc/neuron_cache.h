@@ -1,0 +1,82 @@
+// neuron_cache.h: the paper's preallocated per-layer DRAM matrix of neuron records.
+//
+// Per layer, allocated once and never reallocated:
+//   rows       (capacity, record_bytes) storage dtype, 4096-aligned; rows [0, n_used) live
+//   slot_to_id (capacity,) int32     neuron id held by each slot
+//   id_to_slot (d_ff,)     int32     slot of each neuron, -1 = absent
+//   bias       (capacity,) float32   per-slot bias (from set_layer_bias; 0 otherwise)
+// evict() moves the LAST live row into each freed slot (O(rows deleted), rows stay dense);
+// insert() reads new records straight from the bundle file into rows n_used.. (no bounce).
+// Row order is arbitrary: an FFN over rows[:n_used] does not depend on it.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "aligned_buffer.h"
+#include "bundle_reader.h"
+
+namespace flashinfer {
+
+struct CacheStats {
+  uint64_t inserted = 0;        // rows loaded
+  uint64_t evicted = 0;         // rows dropped
+  uint64_t moved_bytes = 0;     // bytes copied by swap-with-last compaction
+  uint64_t compaction_ns = 0;   // time spent in evict()
+  ReadStats reads;              // reads done by insert()
+};
+
+class NeuronCache {
+ public:
+  // capacity.size() == n_layers (one capacity per layer); n_layers <= header n_layers.
+  NeuronCache(BundleReader& reader, uint32_t n_layers, const std::vector<uint32_t>& capacity);
+
+  // Load ids (absent, no duplicates, must fit) into rows n_used..n_used+n.
+  void insert(uint32_t layer, const int64_t* ids, std::size_t n);
+  // Drop ids (present, no duplicates) by moving the last live rows into their slots.
+  void evict(uint32_t layer, const int64_t* ids, std::size_t n);
+  void clear(uint32_t layer);
+  // Per-neuron bias of the layer, d_ff floats; copied, and applied to live and future rows.
+  void set_layer_bias(uint32_t layer, const float* bias_all_d_ff);
+
+  uint32_t n_layers() const { return uint32_t(layers_.size()); }
+  uint32_t n_used(uint32_t layer) const { return at(layer).n_used; }
+  uint32_t capacity(uint32_t layer) const { return at(layer).capacity; }
+  bool contains(uint32_t layer, int64_t id) const { return slot_of(layer, id) >= 0; }
+  int32_t slot_of(uint32_t layer, int64_t id) const;  // -1 when absent
+  bool has_bias(uint32_t layer) const { return !at(layer).bias_all.empty(); }
+  std::size_t nbytes() const;  // everything this cache allocated
+  uint64_t record_bytes() const { return record_bytes_; }
+  const BundleReader& reader() const { return reader_; }
+
+  // Raw views for the bindings (valid until the next insert/evict/clear of that layer).
+  char* rows(uint32_t layer) { return at(layer).rows.as<char>(); }
+  const int32_t* slot_ids(uint32_t layer) const { return at(layer).slot_to_id.data(); }
+  const float* bias(uint32_t layer) const { return at(layer).bias.data(); }
+
+  CacheStats stats() const { return stats_; }
+  void reset_stats() { stats_ = CacheStats{}; }
+
+ private:
+  struct Layer {
+    uint32_t capacity = 0;
+    uint32_t n_used = 0;
+    AlignedBuffer rows;               // (capacity, record_bytes)
+    std::vector<int32_t> slot_to_id;  // (capacity,)
+    std::vector<int32_t> id_to_slot;  // (d_ff,), -1 = absent
+    std::vector<float> bias;          // (capacity,)
+    std::vector<float> bias_all;      // (d_ff,) or empty
+  };
+  Layer& at(uint32_t layer);
+  const Layer& at(uint32_t layer) const;
+  void check_ids(const Layer& L, uint32_t layer, const int64_t* ids, std::size_t n,
+                 bool want_present) const;
+
+  BundleReader& reader_;
+  uint64_t record_bytes_;
+  uint32_t d_ff_;
+  std::vector<Layer> layers_;
+  CacheStats stats_;
+};
+
+}  // namespace flashinfer

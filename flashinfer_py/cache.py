@@ -1,0 +1,109 @@
+"""The in-place neuron cache: per layer one preallocated matrix of bundle records.
+
+Follows "LLM in a flash" section 3.3: rows ``[0, n_used)`` of a layer's matrix hold the cached
+neurons' records; evicting moves the last rows into the freed slots, inserting reads new records
+from flash straight into the tail. Nothing is reallocated after construction.
+
+Views (:meth:`NeuronCache.rows`, :meth:`ids`, :meth:`bias`, :meth:`part`) alias the cache's
+memory without copying. They are read-only and are INVALIDATED by the next insert/evict/clear of
+that layer (rows move and n_used changes): take them again after every update.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import numpy as np
+
+from ._core import NeuronCache as _NeuronCache
+from .bundles import BundleReader
+
+__all__ = ["NeuronCache"]
+
+
+class NeuronCache:
+    """Per-layer ``(capacity, record_elems)`` matrices of neuron records, filled from flash.
+
+    Args:
+        reader: the :class:`~flashinfer_py.bundles.BundleReader` that insert() reads through
+            (kept alive by the cache).
+        capacity: rows per layer, one int for every layer or a sequence with one per layer.
+        n_layers: layers to cache (default: all layers of the bundle file).
+    """
+
+    def __init__(self, reader: BundleReader, capacity: Union[int, Sequence[int]],
+                 n_layers: int | None = None):
+        self.reader = reader
+        n_layers = reader.header["n_layers"] if n_layers is None else n_layers
+        cap = int(capacity) if np.isscalar(capacity) else [int(c) for c in capacity]
+        self._c = _NeuronCache(reader._r, n_layers, cap)
+        d = reader.header["d_model"]
+        self._part_slices = {name: slice(i * d, (i + 1) * d) for i, name in enumerate(reader.parts)}
+
+    # -- updates
+    def insert(self, layer: int, ids) -> None:
+        """Read neurons `ids` (absent from the layer, no duplicates) into the tail rows.
+
+        Raises ValueError if an id is already cached, out of range or duplicated, or if the
+        layer would exceed its capacity; FlashIOError if a read fails. On error nothing changes.
+        """
+        self._c.insert(layer, np.asarray(ids))
+
+    def evict(self, layer: int, ids) -> None:
+        """Drop cached neurons `ids`; the last rows move into their slots (O(len(ids)) copies)."""
+        self._c.evict(layer, np.asarray(ids))
+
+    def clear(self, layer: int) -> None:
+        """Drop every neuron of `layer` (no copying)."""
+        self._c.clear(layer)
+
+    def set_layer_bias(self, layer: int, bias: np.ndarray) -> None:
+        """Give each neuron of `layer` a float32 bias (shape ``(d_ff,)``) that travels with its
+        row: :meth:`bias` then returns the cached neurons' biases in row order."""
+        self._c.set_layer_bias(layer, np.ascontiguousarray(bias, dtype=np.float32))
+
+    # -- views (invalidated by the next update of the layer)
+    def rows(self, layer: int) -> np.ndarray:
+        """``(n_used, record_elems)`` records in the storage dtype (uint16 for bfloat16)."""
+        return self._c.rows(layer)
+
+    def ids(self, layer: int) -> np.ndarray:
+        """``(n_used,)`` int32 neuron id of each row."""
+        return self._c.ids(layer)
+
+    def bias(self, layer: int) -> np.ndarray:
+        """``(n_used,)`` float32 bias of each row (zeros unless :meth:`set_layer_bias`)."""
+        return self._c.bias(layer)
+
+    def part(self, layer: int, name: str) -> np.ndarray:
+        """``(n_used, d_model)`` view of one part ("up", "gate" or "down") of every row."""
+        return self.rows(layer)[:, self._part_slices[name]]
+
+    # -- queries
+    def n_used(self, layer: int) -> int:
+        return self._c.n_used(layer)
+
+    def capacity(self, layer: int) -> int:
+        return self._c.capacity(layer)
+
+    def contains(self, layer: int, neuron: int) -> bool:
+        return self._c.contains(layer, neuron)
+
+    def slot_of(self, layer: int, neuron: int) -> int:
+        """Row holding `neuron`, or -1."""
+        return self._c.slot_of(layer, neuron)
+
+    @property
+    def n_layers(self) -> int:
+        return self._c.n_layers
+
+    def nbytes(self) -> int:
+        """Bytes allocated by the cache (rows, maps, biases)."""
+        return self._c.nbytes()
+
+    def stats(self) -> dict:
+        """Cumulative counters: inserted, evicted, moved_bytes and compaction_ns (evict's
+        swap-with-last copies), reads (the reader's ReadStats for insert)."""
+        return self._c.stats()
+
+    def reset_stats(self) -> None:
+        self._c.reset_stats()
