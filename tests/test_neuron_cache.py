@@ -1,0 +1,178 @@
+"""NeuronCache driven by scripted and randomized insert/evict sequences, checked after every
+step against a dict reference model: slot<->id bijection, row bytes, bias."""
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+from flashinfer_py.bundles import BundleReader, ReaderParams
+from flashinfer_py.cache import NeuronCache
+from test_packer import expected_records, pack_random
+
+D_FF, D_MODEL, N_LAYERS = 97, 200, 3
+
+
+@pytest.fixture(params=["float16", "float32"])
+def bundle(tmp_path, request):
+    path = tmp_path / "ffn_bundles.bin"
+    mats = pack_random(path, n_layers=N_LAYERS, d_model=D_MODEL, d_ff=D_FF,
+                       dtype=request.param, n_parts=3)
+    return path, mats
+
+
+def check(cache, layer, model, mats, bias_all=None):
+    """Exact state: n_used, bijection slot<->id, each row = its neuron's record, bias follows."""
+    ids = cache.ids(layer)
+    assert cache.n_used(layer) == len(model) == len(ids)
+    assert sorted(ids.tolist()) == sorted(model)
+    for slot, nid in enumerate(ids.tolist()):
+        assert cache.slot_of(layer, nid) == slot and cache.contains(layer, nid)
+    for nid in set(range(D_FF)) - set(model):
+        assert cache.slot_of(layer, nid) == -1
+    rows = cache.rows(layer)
+    assert rows.tobytes() == expected_records(mats, layer, ids, rows.shape[1]).tobytes()
+    want_bias = bias_all[ids] if bias_all is not None else np.zeros(len(ids), np.float32)
+    np.testing.assert_array_equal(cache.bias(layer), want_bias)
+
+
+def test_scripted_sequence(bundle):
+    path, mats = bundle
+    cache = NeuronCache(BundleReader(path), capacity=6)
+    bias = np.arange(D_FF, dtype=np.float32) * 0.5 - 7
+    cache.set_layer_bias(1, bias)
+    model: list[int] = []
+    steps = [
+        ("insert", [3, 1, 4]),      # unsorted
+        ("evict", [1]),             # middle slot: last row (4) moves in
+        ("evict", [4]),             # now the last slot: nothing moves
+        ("insert", [96, 0, 50]),    # last neuron of the layer
+        ("insert", [10, 11]),       # fills to capacity (6)
+        ("evict", [3, 10, 96]),
+        ("insert", [1, 2, 5]),      # full again
+        ("evict", [0, 1, 2, 5, 50, 11]),  # empty
+        ("insert", [7]),
+    ]
+    for op, ids in steps:
+        getattr(cache, op)(1, ids)
+        model = model + ids if op == "insert" else [m for m in model if m not in ids]
+        check(cache, 1, model, mats, bias)
+        assert cache.n_used(0) == 0 and cache.n_used(2) == 0  # other layers untouched
+
+
+def test_errors_leave_the_cache_unchanged(bundle):
+    path, mats = bundle
+    cache = NeuronCache(BundleReader(path), capacity=[4, 2, 0])
+    cache.insert(0, [5, 6, 7])
+    with pytest.raises(ValueError, match="already cached in slot 1"):
+        cache.insert(0, [8, 6])
+    with pytest.raises(ValueError, match="would exceed|slots are in use"):
+        cache.insert(0, [8, 9])
+    with pytest.raises(ValueError, match="duplicate neuron id 9"):
+        cache.insert(0, [9, 9])
+    with pytest.raises(ValueError, match="not in the cache"):
+        cache.evict(0, [5, 8])
+    with pytest.raises(ValueError, match="duplicate neuron id 5"):
+        cache.evict(0, [5, 5])
+    with pytest.raises(ValueError, match=r"out of range \[0, 97\)"):
+        cache.insert(0, [97])
+    with pytest.raises(ValueError, match="0 of 0 slots"):
+        cache.insert(2, [1])
+    with pytest.raises(ValueError, match="layer 3 out of range"):
+        cache.insert(3, [1])
+    check(cache, 0, [5, 6, 7], mats)
+    assert (cache.capacity(0), cache.capacity(1), cache.capacity(2)) == (4, 2, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_randomized_against_dict_model(bundle, seed):
+    path, mats = bundle
+    rng = np.random.default_rng(seed)
+    caps = [20, 33, D_FF]
+    params = ReaderParams(coalesce_gap_bytes=int(rng.integers(0, 3)) * 4096)
+    cache = NeuronCache(BundleReader(path, params), capacity=caps)
+    biases = [rng.standard_normal(D_FF).astype(np.float32) for _ in range(N_LAYERS)]
+    for layer in range(N_LAYERS):
+        cache.set_layer_bias(layer, biases[layer])
+    models: list[dict[int, None]] = [dict() for _ in range(N_LAYERS)]
+    for _ in range(60):
+        layer = int(rng.integers(N_LAYERS))
+        model = models[layer]
+        absent = [i for i in range(D_FF) if i not in model]
+        room = caps[layer] - len(model)
+        if model and (rng.random() < 0.45 or room == 0):
+            k = int(rng.integers(1, len(model) + 1))
+            ids = rng.choice(list(model), k, replace=False).tolist()
+            cache.evict(layer, ids)
+            for i in ids:
+                del model[i]
+        elif room > 0:
+            k = int(rng.integers(1, room + 1))
+            ids = rng.choice(absent, k, replace=False).tolist()
+            cache.insert(layer, ids)
+            model.update(dict.fromkeys(ids))
+        check(cache, layer, list(model), mats, biases[layer])
+    st = cache.stats()
+    assert st["inserted"] - st["evicted"] == sum(len(m) for m in models)
+    assert st["reads"]["calls"] > 0 and st["moved_bytes"] % cache.reader.record_bytes == 0
+
+
+def test_bias_set_after_rows_are_cached(bundle):
+    path, mats = bundle
+    cache = NeuronCache(BundleReader(path), capacity=8)
+    cache.insert(2, [9, 3])
+    check(cache, 2, [9, 3], mats)  # no bias yet: zeros
+    bias = np.linspace(-1, 1, D_FF, dtype=np.float32)
+    cache.set_layer_bias(2, bias)
+    check(cache, 2, [9, 3], mats, bias)
+    with pytest.raises(ValueError, match=r"shape \(d_ff,\)"):
+        cache.set_layer_bias(2, bias[:-1])
+
+
+def test_compaction_stats_and_clear(bundle):
+    path, mats = bundle
+    cache = NeuronCache(BundleReader(path), capacity=10, n_layers=1)
+    assert cache.n_layers == 1
+    rb = cache.reader.record_bytes
+    cache.insert(0, [1, 2, 3, 4])
+    cache.evict(0, [4])        # last slot: no copy
+    cache.evict(0, [1])        # slot 0 <- row of 3
+    st = cache.stats()
+    assert (st["inserted"], st["evicted"], st["moved_bytes"]) == (4, 2, rb)
+    assert st["reads"]["bytes_requested"] == 4 * rb
+    cache.clear(0)
+    check(cache, 0, [], mats)
+    cache.insert(0, [1, 2])    # ids freed by clear can come back
+    check(cache, 0, [1, 2], mats)
+    assert cache.nbytes() >= 10 * rb
+
+
+def test_views_are_zero_copy_read_only_and_keep_the_cache_alive(bundle):
+    path, mats = bundle
+    cache = NeuronCache(BundleReader(path), capacity=5)
+    cache.insert(0, [4, 2])
+    rows, ids = cache.rows(0), cache.ids(0)
+    assert not rows.flags.writeable and not ids.flags.writeable
+    assert rows.ctypes.data % 4096 == 0 and rows.strides[0] == cache.reader.record_bytes
+    assert rows.dtype == cache.reader.numpy_dtype and ids.dtype == np.int32
+    np.testing.assert_array_equal(cache.part(0, "up"), mats[0][0][[4, 2]])
+    np.testing.assert_array_equal(cache.part(0, "gate"), mats[0][1][[4, 2]])
+    np.testing.assert_array_equal(cache.part(0, "down"), mats[0][2][[4, 2]])
+    cache.evict(0, [4])  # aliasing: the old view sees the moved row (documented invalidation)
+    assert rows[0].tobytes() == cache.rows(0)[0].tobytes()
+    want = expected_records(mats, 0, [2], rows.shape[1]).tobytes()
+    del cache
+    gc.collect()
+    assert rows[0].tobytes() == want  # base keeps the native cache (and its memory) alive
+
+
+def test_capacity_validation(bundle):
+    path, _ = bundle
+    r = BundleReader(path)
+    with pytest.raises(ValueError, match="d_ff=97"):
+        NeuronCache(r, capacity=98)
+    with pytest.raises(ValueError, match="capacity has 2 entries"):
+        NeuronCache(r, capacity=[1, 2])
+    with pytest.raises(ValueError, match="n_layers must be in"):
+        NeuronCache(r, capacity=1, n_layers=4)
