@@ -192,6 +192,7 @@ _ST_FLOAT = {
 _ST_OTHER_SIZES = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1,
                    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+_CHUNK = 1 << 22  # elements converted per step when upcasting (16 MiB of float32)
 
 
 class _SafetensorsFile:
@@ -261,24 +262,36 @@ class _SafetensorsFile:
         return dtype, tuple(shape), data_start + begin, count
 
     def read(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as float32; peak memory is the result plus one small chunk."""
         dtype, shape, offset, count = self.entries[name]
         if dtype not in _ST_FLOAT:
             raise _fail(self.file, f"stores {name!r} as {dtype}, not a floating-point type.",
                         "Only float tensors are model weights; skip this one.")
         raw_dtype = _ST_FLOAT[dtype][0]
-        raw = np.empty(count, dtype=raw_dtype)
-        view, done = memoryview(raw).cast("B"), 0
+        out = np.empty(count, dtype=np.float32)
+        if dtype == "F32":
+            self._pread_into(out, offset, name)
+            return out.reshape(shape)
+        buf = np.empty(min(count, _CHUNK), dtype=raw_dtype)
+        for start in range(0, count, _CHUNK):
+            n = min(_CHUNK, count - start)
+            self._pread_into(buf[:n], offset + start * raw_dtype.itemsize, name)
+            if dtype == "BF16":  # bfloat16 is the top half of a float32: exact upcast by shifting
+                dst = out[start:start + n].view(np.uint32)
+                dst[:] = buf[:n]
+                dst <<= 16
+            else:
+                out[start:start + n] = buf[:n]
+        return out.reshape(shape)
+
+    def _pread_into(self, arr: np.ndarray, offset: int, name: str) -> None:
+        view, done = memoryview(arr).cast("B"), 0
         while done < len(view):  # pread may return short counts
             got = os.preadv(self._fd, [view[done:]], offset + done)
             if got == 0:
                 raise _fail(self.file, f"ended while reading {name!r}.", "The file was truncated "
                             "after it was opened; download it again.")
             done += got
-        if dtype == "BF16":  # bfloat16 is the top half of a float32: exact upcast by shifting
-            raw = (raw.astype(np.uint32) << 16).view(np.float32)
-        elif dtype != "F32":
-            raw = raw.astype(np.float32)
-        return raw.reshape(shape)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -596,7 +609,9 @@ class GGUFCheckpoint(Checkpoint):
             w = unpermute_qk(w, self.config["num_attention_heads"])
         elif ".self_attn.k_proj." in name:
             w = unpermute_qk(w, self.config["num_key_value_heads"])
-        return np.array(w, dtype=np.float32, order="C", copy=True)  # never a view of the mmap
+        if not w.flags.writeable or np.may_share_memory(w, t.data):  # a view of the mmap
+            w = w.copy()
+        return np.ascontiguousarray(w, dtype=np.float32)
 
     def write_tokenizer(self, dst_dir: os.PathLike | str) -> list[str]:
         """Build tokenizer.json from the GGUF metadata with transformers (convert time only)."""

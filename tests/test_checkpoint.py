@@ -262,19 +262,26 @@ def smol():
         yield ck
 
 
-@needs_smol
-def test_smollm2_config_matches_transformers(smol):
-    want = transformers.AutoConfig.from_pretrained(SMOL.parent, gguf_file=SMOL.name)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size",
                 "tie_word_embeddings", "max_position_embeddings", "bos_token_id", "eos_token_id",
-                "hidden_act"):
-        assert smol.config[key] == getattr(want, key), key
-    assert smol.config["rope_theta"] == want.rope_parameters["rope_theta"] == 100000.0
-    assert smol.config["rope_parameters"] == {"rope_type": "default", "rope_theta": 100000.0}
+                "pad_token_id", "hidden_act")
+
+
+@needs_smol
+def test_smollm2_config(smol):
+    """The numbers DATA.md documents for SmolLM2-135M (the slow test compares to transformers)."""
+    c = smol.config
+    assert (c["model_type"], c["architectures"]) == ("llama", ["LlamaForCausalLM"])
+    assert [c[k] for k in _CONFIG_KEYS[:6]] == [576, 1536, 30, 9, 3, 64]
+    assert c["vocab_size"] == 49152 and c["tie_word_embeddings"] and c["hidden_act"] == "silu"
+    assert c["rope_theta"] == 100000.0 and abs(c["rms_norm_eps"] - 1e-5) < 1e-10
+    assert c["rope_parameters"] == {"rope_type": "default", "rope_theta": 100000.0}
     assert smol.shape("model.layers.0.mlp.down_proj.weight") == (576, 1536)
     assert smol.shape("model.layers.0.self_attn.k_proj.weight") == (192, 576)
-    assert len(smol.names()) == 272
+    assert len(smol.names()) == 272 and "lm_head.weight" not in smol.names()
+    params = sum(int(np.prod(smol.shape(n))) for n in smol.names())
+    assert params == 134_515_008
 
 
 @needs_smol
@@ -292,6 +299,9 @@ def test_smollm2_tokenizer(smol, tmp_path):
 def test_smollm2_bit_identical_to_transformers(smol):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         SMOL.parent, gguf_file=SMOL.name, dtype=torch.float32)
+    for key in _CONFIG_KEYS:
+        assert smol.config[key] == getattr(model.config, key), key
+    assert smol.config["rope_parameters"]["rope_theta"] == model.config.rope_parameters["rope_theta"]
     sd = model.state_dict()
     assert set(smol.names()) == set(sd) - {"lm_head.weight"}
     for name in smol.names():
