@@ -81,8 +81,10 @@ BundleReader::BundleReader(const std::string& path, const ReaderParams& params)
   // The invariant that makes bounce-free O_DIRECT possible (STYLE lesson 4).
   FI_FORMAT_CHECK(!file_.is_direct() || (header_.record_bytes % file_.alignment() == 0 &&
                                          header_.data_offset % file_.alignment() == 0),
-                  path, ": records are not aligned to ", file_.alignment(),
-                  " bytes; re-run `flashinfer-py convert` to rebuild the bundle file");
+                  path, ": records are aligned to ", header_.alignment,
+                  " bytes but direct I/O needs ", file_.alignment(),
+                  "; re-run `flashinfer-py convert` with alignment 4096, or open the file with "
+                  "use_direct_io=False");
 
 #ifdef FLASHINFER_HAVE_IO_URING
   if (params_.engine != "threads") {

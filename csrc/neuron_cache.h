@@ -8,6 +8,7 @@
 // evict() moves the LAST live row into each freed slot (O(rows deleted), rows stay dense);
 // insert() reads new records straight from the bundle file into rows n_used.. (no bounce).
 // Row order is arbitrary: an FFN over rows[:n_used] does not depend on it.
+// Not thread-safe: one thread drives a cache (the reader it uses parallelises the I/O).
 #pragma once
 
 #include <cstdint>

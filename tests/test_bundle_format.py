@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flashinfer_py._core import FlashFormatError
-from flashinfer_py.bundles import BundleReader, BundleWriter, read_header
+from flashinfer_py.bundles import BundleReader, BundleWriter, ReaderParams, read_header
 from test_packer import pack_random
 
 # Byte offsets of BundleHeader fields (csrc/bundle_format.h, packed, little-endian).
@@ -110,3 +110,19 @@ def test_missing_file_is_an_os_error(tmp_path):
         read_header(tmp_path / "nope.bin")
     with pytest.raises(OSError, match="nope.bin"):
         BundleReader(tmp_path / "nope.bin")
+
+
+def test_512_aligned_file_needs_buffered_reads(tmp_path):
+    path = tmp_path / "b.bin"
+    with BundleWriter(path, 1, 100, 4, "float16", ("up", "down"), alignment=512) as w:
+        w.write_layer(0, [np.full((4, 100), 1.5, np.float16)] * 2)
+    assert read_header(path)["record_bytes"] == 512
+    r = BundleReader(path, ReaderParams(use_direct_io=False))
+    assert r.read(0, [3])[0, :200].tolist() == [1.5] * 200
+    direct = None
+    try:
+        direct = BundleReader(path)
+    except FlashFormatError as e:
+        assert "use_direct_io=False" in str(e) and str(path) in str(e)
+    if direct is not None:  # the filesystem refused O_DIRECT: buffered anyway
+        assert not direct.is_direct
