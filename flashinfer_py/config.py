@@ -212,6 +212,26 @@ class RuntimeConfig:
         io_engine: "auto" (io_uring when built and usable, else threads), "threads", "io_uring".
         queue_depth: reads in flight (this disk needs 16-64; the paper used 32 threads).
         max_context: tokens the KV cache is sized for (prompt + generated).
+
+    Sparse inference from flash (the paper's method; off unless `sparse` or `dram_budget`):
+        sparse: stream the FFN from the bundle file through the neuron cache.
+        dram_budget: bytes the model may use (resident tensors + predictors + KV cache + neuron
+            cache); sets each layer's cache capacity. None: cache every neuron that is needed.
+        selection: which neurons a token needs: "predictor" (trained low-rank predictors),
+            "oracle" (the true active set, computed from all weights: for measurement only, it
+            keeps the whole FFN in DRAM), "all" (every neuron: the paper's "hybrid" row).
+        window: k, the tokens whose neurons stay cached (the paper's sliding window). Default 4,
+            measured on SmolLM2 (see README): k=4 keeps the bytes read per token low while the
+            cache stays well under the FFN's size.
+        reuse: False reloads each token's whole active set (the paper's "+predictor" row).
+        bundled: False reads up/gate/down as separate requests (the "no bundling" ablation).
+        predictor_threshold: probability above which a predicted neuron is loaded.
+        compute: "predicted" computes each token with its own predicted neurons only; "cached"
+            uses every cached neuron (the window's union: no extra I/O, closer to dense).
+        prefill_chunk: prompt tokens processed together in sparse mode (their union of active
+            sets counts as one window step).
+        oracle_sparsity: for selection="oracle" on non-ReLU models, the fraction of neurons
+            (smallest |activation|) treated as inactive.
     """
 
     threads: int = 0
@@ -219,6 +239,16 @@ class RuntimeConfig:
     io_engine: str = "auto"
     queue_depth: int = 32
     max_context: int = 2048
+    sparse: bool = False
+    dram_budget: Optional[int] = None
+    selection: str = "predictor"
+    window: int = 4
+    reuse: bool = True
+    bundled: bool = True
+    predictor_threshold: float = 0.5
+    compute: str = "predicted"
+    prefill_chunk: int = 16
+    oracle_sparsity: float = 0.5
 
     def __post_init__(self):
         if self.io_engine not in ("auto", "threads", "io_uring"):
@@ -229,9 +259,50 @@ class RuntimeConfig:
             raise ValueError(f"threads must be >= 0 (0 = all cores), got {self.threads}")
         if self.max_context < 1:
             raise ValueError(f"max_context must be >= 1, got {self.max_context}")
+        if isinstance(self.dram_budget, str):
+            self.dram_budget = parse_bytes(self.dram_budget)
+        if self.dram_budget is not None:
+            self.sparse = True
+        if self.selection not in ("predictor", "oracle", "all"):
+            raise ValueError(f"selection must be 'predictor', 'oracle' or 'all', not {self.selection!r}")
+        if self.compute not in ("predicted", "cached"):
+            raise ValueError(f"compute must be 'predicted' or 'cached', not {self.compute!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1 token, got {self.window}")
+        if not 0.0 < self.predictor_threshold < 1.0:
+            raise ValueError(f"predictor_threshold must be in (0, 1), got {self.predictor_threshold}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if not 0.0 <= self.oracle_sparsity < 1.0:
+            raise ValueError(f"oracle_sparsity must be in [0, 1), got {self.oracle_sparsity}")
 
     def resolved_threads(self) -> int:
         return self.threads or (os.cpu_count() or 1)
 
     def replace(self, **kw: Any) -> "RuntimeConfig":
         return dataclasses.replace(self, **kw)
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40,
+          "TIB": 1 << 40}
+
+
+def parse_bytes(text) -> int:
+    """'4GB', '512 MiB', '1.5G' or a number -> bytes (binary units: 1 GB = 2**30 bytes)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a size; write it like 4GB, 512MB or 1.5G")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

@@ -81,9 +81,10 @@ def _apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 class Transformer:
     """Decoder-only transformer over resident tensors and an FFN row provider.
 
-    `ffn` is any object with ``rows(layer, x) -> (rows, up_bias)``: the bundle records to
-    compute layer `layer`'s FFN with for the normalized input x [T, d] (all neurons for a
-    dense model; the cached active ones for sparse inference).
+    `ffn` is any object with ``rows(layer, x) -> (rows, up_bias, row_select)``: the bundle
+    records to compute layer `layer`'s FFN with for the normalized input x [T, d] (all neurons
+    for a dense model; the neuron cache for sparse inference, with row_select the rows this
+    token uses, or None for all).
     """
 
     def __init__(self, args: ModelArgs, dense: dict, dtype: str, ffn, runtime: RuntimeConfig):
@@ -94,6 +95,9 @@ class Transformer:
         self.inv_freq = _rope_inv_freq(args) if args.uses_rope else None
         self.lm_head = dense["tok_embeddings"] if args.tie_word_embeddings else dense["lm_head"]
         self.scale = 1.0 / math.sqrt(args.head_dim)
+        # observer(layer, ffn_input [T, d], activations [T, rows]): set to record activations
+        # (predictor training); rows are in the FFN provider's order (neuron id for dense).
+        self.observer = None
 
     # ------------------------------------------------------------------ small ops
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
@@ -149,10 +153,16 @@ class Transformer:
 
     def _ffn(self, layer: int, x: np.ndarray) -> np.ndarray:
         a, off = self.args, self.part_off
-        rows, up_bias = self.ffn.rows(layer, x)
+        rows, up_bias, select = self.ffn.rows(layer, x)
+        act = None
+        if self.observer is not None:
+            act = np.empty((x.shape[0], rows.shape[0] if select is None else len(select)), np.float32)
         out = kernels.ffn_rows(x, rows, a.hidden_size, up_off=off["up"], down_off=off["down"],
                                gate_off=off.get("gate", -1), activation=a.hidden_act,
-                               act_param=a.act_param, up_bias=up_bias)
+                               act_param=a.act_param, up_bias=up_bias, row_select=select,
+                               act_out=act)
+        if self.observer is not None:
+            self.observer(layer, x, act)
         if a.ffn_bias:
             out += self.w[f"layers.{layer}.ffn_down_bias"]
         return out
@@ -203,7 +213,7 @@ class ResidentFFN:
         self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
 
     def rows(self, layer: int, x: np.ndarray):
-        return self.rows_by_layer[layer], self.bias[layer]
+        return self.rows_by_layer[layer], self.bias[layer], None
 
     @property
     def nbytes(self) -> int:

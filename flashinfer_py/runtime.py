@@ -5,6 +5,7 @@ This is the object developers embed: ``model = flashinfer_py.load(DIR)``, then
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -30,7 +31,22 @@ class FlashModel:
         self.max_context = min(self.runtime.max_context, self.args.max_position_embeddings)
         dense = load_dense(self.directory, self.manifest)
         bundle_path = str(self.directory / self.manifest["files"]["bundles"])
-        self.ffn = ResidentFFN(bundle_path, self.args, dense, self.runtime)
+        self.sparse = self.runtime.sparse
+        self.predictors = None
+        self.last_stats: dict = {}
+        if self.sparse:
+            from .loader import SparseFFN, plan_memory
+
+            if self.runtime.selection == "predictor":
+                from .predictor import Predictors
+
+                self.predictors = Predictors.load(self.directory, self.manifest)
+            self.plan = plan_memory(self.args, self.manifest, self.runtime,
+                                    self.predictors.nbytes if self.predictors else 0)
+            self.ffn = SparseFFN(self.directory, self.manifest, self.args, dense, self.runtime,
+                                 self.predictors, self.plan)
+        else:
+            self.ffn = ResidentFFN(bundle_path, self.args, dense, self.runtime)
         self.transformer = Transformer(self.args, dense, self.dtype, self.ffn, self.runtime)
         self._tokenizer = None
 
@@ -47,10 +63,45 @@ class FlashModel:
         return KVCache(self.args, self.max_context)
 
     # ------------------------------------------------------------------ API
+    def reset(self) -> None:
+        """Forget the sliding window and empty the neuron cache (sparse mode)."""
+        if self.sparse:
+            self.ffn.reset()
+
+    def forward(self, token_ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
+        """Run token_ids after the context in `cache`; logits [T, vocab] (or [1, vocab]).
+
+        Sparse mode processes several tokens in chunks of ``runtime.prefill_chunk``: each
+        chunk needs the union of its tokens' active neurons, and counts as one window step.
+        Per-call statistics are left in `last_stats`.
+        """
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if not self.sparse:
+            return self.transformer.forward(ids, cache, last_only)
+        n = self.runtime.prefill_chunk
+        outs, t0 = [], time.perf_counter_ns()
+        total = None
+        for i in range(0, len(ids), n):
+            chunk = ids[i:i + n]
+            self.ffn.start_token()
+            outs.append(self.transformer.forward(chunk, cache, last_only))
+            st = self.ffn.end_token()
+            total = st if total is None else _add_stats(total, st)
+        wall = time.perf_counter_ns() - t0
+        d = total.as_dict()
+        d["total_ns"] = wall
+        d["compute_ns"] = wall - total.io_ns - total.mm_ns - total.predict_ns
+        self.last_stats = d
+        return outs[-1] if last_only else np.concatenate(outs)
+
     def logits(self, token_ids, cache: Optional[KVCache] = None) -> np.ndarray:
         """Float32 next-token logits [len(token_ids), vocab]. Without `cache` the sequence starts
-        from an empty context; with one, it continues that cache's context."""
-        return self.transformer.forward(token_ids, cache if cache is not None else self.new_cache())
+        from an empty context (and, in sparse mode, an empty window); with one, it continues
+        that cache's context."""
+        if cache is None:
+            cache = self.new_cache()
+            self.reset()
+        return self.forward(token_ids, cache)
 
     def generate_step(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
@@ -64,12 +115,14 @@ class FlashModel:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"the context limit {self.max_context}; shorten one or raise max_context")
         cache = self.new_cache()
+        self.reset()
         detok = StreamingDetokenizer(self.tokenizer) if has_tok else None
         yield from generate_step(
-            lambda feed: self.transformer.forward(feed, cache, last_only=True), ids,
+            lambda feed: self.forward(feed, cache, last_only=True), ids,
             make_sampler(temperature, top_k, top_p, seed), max_new_tokens,
             stop_ids=self.args.eos_token_ids if stop_at_eos else (),
-            on_token=detok.add if detok is not None else None)
+            on_token=detok.add if detok is not None else None,
+            stats=(lambda: dict(self.last_stats)) if self.sparse else None)
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None) -> Iterator[str]:
@@ -85,7 +138,16 @@ class FlashModel:
         return {"directory": str(self.directory), "arch": a.arch, "layers": a.num_hidden_layers,
                 "hidden_size": a.hidden_size, "ffn_neurons": a.intermediate_size,
                 "activation": a.hidden_act, "dtype": self.dtype, "resident_bytes": dense,
-                "ffn_bytes": self.ffn.nbytes, "record_bytes": self.manifest["bundle"]["record_bytes"]}
+                "ffn_bytes_in_dram": self.ffn.nbytes,
+                "record_bytes": self.manifest["bundle"]["record_bytes"], "sparse": self.sparse}
+
+
+def _add_stats(a, b):
+    for k in ("io_ns", "mm_ns", "predict_ns", "bytes_read", "reads", "loaded", "evicted",
+              "needed", "hits"):
+        setattr(a, k, getattr(a, k) + getattr(b, k))
+    a.cached, a.direct = b.cached, a.direct and b.direct
+    return a
 
 
 def load(directory, runtime: Optional[RuntimeConfig] = None, verify: bool = False,

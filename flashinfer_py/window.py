@@ -49,6 +49,20 @@ class SlidingWindow:
         self._size[layer] += to_load.size - to_evict.size
         return to_load.astype(np.int32), to_evict.astype(np.int32)
 
+    def drop_oldest(self, layer: int) -> np.ndarray:
+        """Forget the oldest token still in the window (when the cache cannot hold the whole
+        union); returns the ids that leave the union. The newest token is never dropped."""
+        hist = self._history[layer]
+        if len(hist) <= 1:
+            raise ValueError("cannot drop the only token in the window: its active set alone "
+                             "exceeds the cache; raise the DRAM budget")
+        old = hist.popleft()
+        counts = self._counts[layer]
+        counts[old] -= 1
+        gone = old[counts[old] == 0]
+        self._size[layer] -= gone.size
+        return gone.astype(np.int32)
+
     def size(self, layer: int) -> int:
         """Neurons in the window's union for `layer` (what the cache must hold)."""
         return int(self._size[layer])

@@ -1,0 +1,260 @@
+"""Sparse FFN from flash: predictor -> sliding window -> neuron cache -> rows for the kernel.
+
+`SparseFFN.rows(layer, x)` is called by the model for every layer of every token. It decides
+which neurons the token needs (`selection`), updates the window, evicts the neurons that left
+it (swap-with-last compaction in the native cache), reads the new ones straight from the bundle
+file into the cache's tail rows, and returns the cache rows (and the rows this token uses).
+`plan_memory` turns a DRAM budget into per-layer cache capacities.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import kernels
+from .config import ModelArgs, RuntimeConfig, format_bytes
+from .window import SlidingWindow
+
+# Python interpreter, numpy, tokenizers and our module, measured as the RSS of a process that
+# has loaded everything but the model (see README, "Memory").
+RUNTIME_OVERHEAD_BYTES = 160 << 20
+
+
+@dataclass
+class MemoryPlan:
+    """Where the DRAM budget goes."""
+
+    budget: Optional[int]
+    resident: int          # dense.safetensors: embeddings, attention, norms, LM head
+    predictors: int
+    kv_cache: int          # float32 keys/values for max_context tokens
+    overhead: int          # interpreter and libraries
+    cache_capacity: list   # neurons per layer
+    record_bytes: int
+    d_ff: int
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(self.cache_capacity) * self.record_bytes
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.predictors + self.kv_cache + self.overhead + self.cache_bytes
+
+    def describe(self) -> str:
+        cap = self.cache_capacity[0] if self.cache_capacity else 0
+        lines = [
+            f"  resident tensors (embeddings, attention, norms): {format_bytes(self.resident)}",
+            f"  predictors:                                      {format_bytes(self.predictors)}",
+            f"  KV cache (float32, max context):                 {format_bytes(self.kv_cache)}",
+            f"  runtime overhead (interpreter, libraries):       {format_bytes(self.overhead)}",
+            f"  neuron cache: {cap} of {self.d_ff} neurons per layer "
+            f"({100 * cap / max(self.d_ff, 1):.1f}%):        {format_bytes(self.cache_bytes)}",
+            f"  total: {format_bytes(self.total)}"
+            + (f" of a {format_bytes(self.budget)} budget" if self.budget else " (no budget set)"),
+        ]
+        return "\n".join(lines)
+
+
+def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
+                predictor_bytes: int = 0, resident_bytes: Optional[int] = None) -> MemoryPlan:
+    """Split `runtime.dram_budget` between the resident part and the neuron cache.
+
+    Raises ValueError naming the smallest workable budget when even the resident part does not fit.
+    """
+    rec = int(manifest["bundle"]["record_bytes"])
+    if resident_bytes is None:
+        resident_bytes = int(manifest["checksums"][manifest["files"]["dense"]]["bytes"])
+    ctx = min(runtime.max_context, args.max_position_embeddings)
+    kv = 2 * args.num_hidden_layers * ctx * args.kv_dim * 4
+    fixed = resident_bytes + predictor_bytes + kv + RUNTIME_OVERHEAD_BYTES
+    L, f = args.num_hidden_layers, args.intermediate_size
+    if runtime.dram_budget is None:
+        cap = f
+    else:
+        spare = runtime.dram_budget - fixed
+        cap = min(f, max(spare, 0) // (L * rec))
+        minimum = max(16, f // 100)  # below 1% of a layer the model cannot run a token
+        if cap < minimum:
+            need = fixed + minimum * L * rec
+            raise ValueError(
+                f"dram_budget {format_bytes(runtime.dram_budget)} is too small: the resident part "
+                f"alone needs {format_bytes(fixed)} (tensors {format_bytes(resident_bytes)}, KV "
+                f"cache {format_bytes(kv)} for {ctx} tokens, predictors "
+                f"{format_bytes(predictor_bytes)}, runtime {format_bytes(RUNTIME_OVERHEAD_BYTES)}). "
+                f"Give at least {format_bytes(need)}, or lower --max-context.")
+    return MemoryPlan(runtime.dram_budget, resident_bytes, predictor_bytes, kv,
+                      RUNTIME_OVERHEAD_BYTES, [int(cap)] * L, rec, f)
+
+
+@dataclass
+class TokenStats:
+    """What one forward call cost in the FFN streaming path (summed over layers)."""
+
+    io_ns: int = 0            # reading neurons from flash
+    mm_ns: int = 0            # memory management: window, eviction/compaction, bookkeeping
+    predict_ns: int = 0       # running the predictors
+    bytes_read: int = 0
+    reads: int = 0
+    loaded: int = 0           # neurons read from flash
+    evicted: int = 0
+    needed: int = 0           # neurons the tokens needed (summed over layers)
+    hits: int = 0             # of those, already cached
+    cached: int = 0           # neurons held after the call (summed over layers)
+    direct: bool = True
+    per_layer_loaded: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "per_layer_loaded"}
+        d["hit_rate"] = self.hits / self.needed if self.needed else 1.0
+        d["io_gbps"] = self.bytes_read / self.io_ns if self.io_ns else 0.0
+        return d
+
+
+class SparseFFN:
+    """FFN rows streamed from flash through a per-layer neuron cache."""
+
+    def __init__(self, directory: Path, manifest: dict, args: ModelArgs, dense: dict,
+                 runtime: RuntimeConfig, predictors=None, plan: Optional[MemoryPlan] = None):
+        from .bundles import BundleReader, ReaderParams
+        from .cache import NeuronCache
+
+        self.args, self.runtime, self.predictors = args, runtime, predictors
+        if runtime.selection == "predictor" and predictors is None:
+            raise ValueError("selection='predictor' needs trained predictors")
+        path = Path(directory) / manifest["files"]["bundles"]
+        self.reader = BundleReader(str(path), ReaderParams(
+            engine=runtime.io_engine, queue_depth=runtime.queue_depth,
+            use_direct_io=runtime.use_direct_io))
+        self.plan = plan or plan_memory(args, manifest, runtime)
+        self.cache = NeuronCache(self.reader, self.plan.cache_capacity)
+        self.window = SlidingWindow(args.num_hidden_layers, args.intermediate_size, runtime.window)
+        self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
+        for i, b in enumerate(self.bias):
+            if b is not None:
+                self.cache.set_layer_bias(i, b)
+        self.oracle = _Oracle(path, args, self.bias, runtime) if runtime.selection == "oracle" else None
+        self.tok = TokenStats()
+        self.total = TokenStats()
+
+    # ------------------------------------------------------------------ selection
+    def _select(self, layer: int, x: np.ndarray) -> np.ndarray:
+        cap = self.cache.capacity(layer)
+        if self.runtime.selection == "all":
+            return np.arange(self.args.intermediate_size, dtype=np.int32)
+        if self.runtime.selection == "oracle":
+            return self.oracle.active(layer, x, cap)
+        return self.predictors.layers[layer].predict(x, self.runtime.predictor_threshold, cap)
+
+    def rows(self, layer: int, x: np.ndarray):
+        """(rows, up_bias, row_select) to compute layer `layer`'s FFN for inputs x [T, d]."""
+        st, cache = self.tok, self.cache
+        t0 = time.perf_counter_ns()
+        ids = self._select(layer, x)
+        t1 = time.perf_counter_ns()
+        if not self.runtime.reuse:  # the paper's "+predictor" row: nothing carried over
+            load, evict = ids, self.cache.ids(layer).copy()
+        else:
+            load, evict = self.window.update(layer, ids)
+            # Budget smaller than the window's union: forget the oldest tokens first.
+            while self.window.size(layer) > cache.capacity(layer):
+                evict = np.union1d(evict, self.window.drop_oldest(layer)).astype(np.int32)
+        hits = len(ids) - len(load) if self.runtime.reuse else 0
+        before = cache.stats()
+        if len(evict):
+            cache.evict(layer, evict)
+        t2 = time.perf_counter_ns()
+        if len(load):
+            if self.runtime.bundled:
+                cache.insert(layer, load)
+            else:
+                cache.insert_parts(layer, load)
+        t3 = time.perf_counter_ns()
+        after = cache.stats()
+        r0, r1 = before["reads"], after["reads"]
+        st.predict_ns += t1 - t0
+        st.io_ns += t3 - t2
+        st.mm_ns += t2 - t1
+        st.bytes_read += r1["bytes_read"] - r0["bytes_read"]
+        st.reads += r1["reads_issued"] - r0["reads_issued"]
+        st.direct = st.direct and bool(r1["direct"])
+        st.loaded += len(load)
+        st.evicted += len(evict)
+        st.needed += len(ids)
+        st.hits += hits
+        st.cached += cache.n_used(layer)
+        st.per_layer_loaded.append(len(load))
+        t4 = time.perf_counter_ns()
+        select = None
+        if self.runtime.compute == "predicted" and len(ids) < cache.n_used(layer):
+            inverse = np.full(self.args.intermediate_size, -1, np.int32)
+            cached = cache.ids(layer)
+            inverse[cached] = np.arange(len(cached), dtype=np.int32)
+            select = inverse[ids]
+        bias = cache.bias(layer) if self.bias[layer] is not None else None
+        st.mm_ns += time.perf_counter_ns() - t4
+        return cache.rows(layer), bias, select
+
+    # ------------------------------------------------------------------ statistics
+    def start_token(self) -> None:
+        self.tok = TokenStats()
+
+    def end_token(self) -> TokenStats:
+        t = self.tok
+        for k in ("io_ns", "mm_ns", "predict_ns", "bytes_read", "reads", "loaded", "evicted",
+                  "needed", "hits"):
+            setattr(self.total, k, getattr(self.total, k) + getattr(t, k))
+        self.total.direct = self.total.direct and t.direct
+        return t
+
+    def reset(self) -> None:
+        """Forget the window and empty the cache (a new conversation)."""
+        self.window.reset()
+        for layer in range(self.args.num_hidden_layers):
+            self.cache.clear(layer)
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes() + (self.predictors.nbytes if self.predictors else 0)
+
+
+class _Oracle:
+    """The true active set, from every neuron's activation (keeps the whole FFN in DRAM: a
+    measuring instrument for tests and ablations, not a way to save memory)."""
+
+    def __init__(self, path: Path, args: ModelArgs, bias: list, runtime: RuntimeConfig):
+        from .model import ResidentFFN
+
+        self.args, self.bias, self.runtime = args, bias, runtime
+        self.full = ResidentFFN(str(path), args, {f"layers.{i}.ffn_up_bias": b
+                                                  for i, b in enumerate(bias) if b is not None},
+                                runtime.replace(sparse=False, dram_budget=None))
+
+    def activations(self, layer: int, x: np.ndarray) -> np.ndarray:
+        a = self.args
+        rows = self.full.rows_by_layer[layer]
+        h = np.empty((x.shape[0], rows.shape[0]), np.float32)
+        d = a.hidden_size
+        kernels.ffn_rows(x, rows, d, up_off=0, down_off=(len(a.ffn_parts) - 1) * d,
+                         gate_off=d if a.gated else -1, activation=a.hidden_act,
+                         act_param=a.act_param, up_bias=self.bias[layer], act_out=h)
+        return h
+
+    def active(self, layer: int, x: np.ndarray, cap: int) -> np.ndarray:
+        h = np.abs(self.activations(layer, x))
+        if self.args.hidden_act in ("relu", "fatrelu"):
+            mask = (h > 0).any(axis=0)
+        else:  # per token, the largest (1 - oracle_sparsity) fraction of |activation|
+            keep = max(1, int(round(h.shape[1] * (1.0 - self.runtime.oracle_sparsity))))
+            idx = np.argpartition(-h, keep - 1, axis=1)[:, :keep]
+            mask = np.zeros(h.shape[1], bool)
+            mask[idx.ravel()] = True
+        ids = np.flatnonzero(mask).astype(np.int32)
+        if ids.size > cap:
+            raise ValueError(f"layer {layer}: the true active set has {ids.size} neurons, more "
+                             f"than the cache's {cap}; raise dram_budget")
+        return ids

@@ -1,0 +1,121 @@
+"""Low-rank activation predictors (the paper's Section 3.1), stored as ``predictors.npz``.
+
+Per layer: ``score = (x @ A) @ B + b`` with A [d, r], B [r, d_ff]; neuron j is predicted active
+when ``sigmoid(score_j) > threshold`` (0.5 in the paper). x is the FFN's input: the layer's
+attention output after the FFN norm. Inference needs only numpy; training (train.py) uses torch.
+
+What "active" means is stored with the predictors (``label``):
+- ``"nonzero"``: ReLU / FATReLU models, the neuron's activation is not zero.
+- ``"magnitude"``: gated non-ReLU models (SwiGLU, GeGLU): ``|act(gate.x) * up.x| > t_l``, with
+  the per-layer threshold t_l calibrated to a target sparsity (CATS/TEAL-style).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .errors import FlashFormatError
+
+PREDICTORS_FILE = "predictors.npz"
+PREDICTOR_FORMAT = 1
+
+
+@dataclass
+class LayerPredictor:
+    """One layer's predictor: score = (x @ A) @ B + b."""
+
+    A: np.ndarray  # [d, r] float32
+    B: np.ndarray  # [r, d_ff] float32
+    b: np.ndarray  # [d_ff] float32
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[1]
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """Logits [T, d_ff] for inputs x [T, d]."""
+        return (np.atleast_2d(x) @ self.A) @ self.B + self.b
+
+    def predict(self, x: np.ndarray, threshold: float = 0.5, max_active: Optional[int] = None) -> np.ndarray:
+        """Sorted int32 ids predicted active for any of the rows of x.
+
+        Args:
+            threshold: probability above which a neuron counts as active.
+            max_active: keep at most this many (the highest-scoring) neurons.
+        """
+        s = self.scores(x).max(axis=0)  # a neuron is needed if any token needs it
+        logit_t = np.log(threshold / (1.0 - threshold))
+        ids = np.flatnonzero(s > logit_t)
+        if max_active is not None and ids.size > max_active:
+            ids = ids[np.argpartition(-s[ids], max_active - 1)[:max_active]]
+            ids.sort()
+        return ids.astype(np.int32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.A.nbytes + self.B.nbytes + self.b.nbytes
+
+
+@dataclass
+class Predictors:
+    """All layers' predictors plus what they were trained for."""
+
+    layers: list[LayerPredictor]
+    label: str                          # "nonzero" | "magnitude"
+    act_thresholds: list[float]         # t_l for "magnitude" labels (0 for "nonzero")
+    weights_sha256: str                 # sha256 of the bundle file they were trained on
+    meta: dict = field(default_factory=dict)  # training report: recall/precision per layer, text, ...
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.layers)
+
+    def save(self, directory) -> Path:
+        path = Path(directory) / PREDICTORS_FILE
+        arrays = {}
+        for i, p in enumerate(self.layers):
+            arrays[f"A{i}"], arrays[f"B{i}"], arrays[f"b{i}"] = p.A, p.B, p.b
+        header = {"format": PREDICTOR_FORMAT, "label": self.label, "n_layers": len(self.layers),
+                  "act_thresholds": self.act_thresholds, "weights_sha256": self.weights_sha256,
+                  "meta": self.meta}
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, directory, manifest: dict) -> "Predictors":
+        """Load and check against the model: shapes, and the weights they were trained on."""
+        path = Path(directory) / PREDICTORS_FILE
+        if not path.is_file():
+            raise FlashFormatError(
+                f"{path}: no predictors. Train them with `flashinfer-py train-predictors "
+                f"{directory} --text FILE` (or use --selection oracle/all).")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(bytes(z["header"]).decode())
+                n = int(header["n_layers"])
+                layers = [LayerPredictor(z[f"A{i}"].astype(np.float32), z[f"B{i}"].astype(np.float32),
+                                         z[f"b{i}"].astype(np.float32)) for i in range(n)]
+        except (KeyError, ValueError, OSError, json.JSONDecodeError) as e:
+            raise FlashFormatError(f"{path}: unreadable predictor file ({e}); retrain with "
+                                   "`flashinfer-py train-predictors`.") from None
+        m = manifest["model"]
+        d, f, L = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"]
+        if n != L or any(p.A.shape[0] != d or p.B.shape[1] != f or p.A.shape[1] != p.B.shape[0]
+                         or p.b.shape != (f,) for p in layers):
+            raise FlashFormatError(f"{path}: predictor shapes do not match this model "
+                                   f"({L} layers, d={d}, d_ff={f}); retrain them.")
+        want = manifest["checksums"][manifest["files"]["bundles"]]["sha256"]
+        if header.get("weights_sha256") != want:
+            raise FlashFormatError(
+                f"{path}: these predictors were trained on other weights (the FFN bundle checksum "
+                f"differs): stale after a fine-tune or re-conversion. Retrain with "
+                f"`flashinfer-py train-predictors {directory} --text FILE`.")
+        return cls(layers, header["label"], list(header["act_thresholds"]),
+                   header["weights_sha256"], header.get("meta", {}))
