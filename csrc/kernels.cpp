@@ -785,6 +785,7 @@ void ffn_rows(const FfnRowsArgs& a) {
 void to_float32(const void* src, DType dt, int64_t count, float* dst, int threads) {
   const KernelTable& kt = table();
   const int nt = resolve_threads(threads, double(count) / 4);
+  (void)nt;  // unused without OpenMP
   const size_t eb = dtype_bytes(dt);
 #pragma omp parallel num_threads(nt)
   {
@@ -797,6 +798,7 @@ void to_float32(const void* src, DType dt, int64_t count, float* dst, int thread
 void from_float32(const float* src, int64_t count, DType dt, void* dst, int threads) {
   const KernelTable& kt = table();
   const int nt = resolve_threads(threads, double(count) / 4);
+  (void)nt;  // unused without OpenMP
   const size_t eb = dtype_bytes(dt);
 #pragma omp parallel num_threads(nt)
   {
