@@ -569,12 +569,24 @@ class GGUFCheckpoint(Checkpoint):
         return default if field is None else field.contents()
 
     def _make_config(self) -> dict:
-        f = lambda k, d=None: self._field(f"llama.{k}", d)  # noqa: E731
+        def f(key, default=None):
+            value = self._field(f"llama.{key}", default)
+            if value is None:
+                raise _fail(self.path, f"lacks the GGUF metadata key 'llama.{key}'.", "The file "
+                            "is incomplete; re-export it with llama.cpp's convert_hf_to_gguf.py.")
+            return value
+
         n_head = int(f("attention.head_count"))
         hidden = int(f("embedding_length"))
         head_dim = f("attention.key_length", f("rope.dimension_count", hidden // n_head))
         theta = float(f("rope.freq_base", 10000.0))
-        vocab = f("vocab_size") or len(self._reader.fields["tokenizer.ggml.tokens"].data)
+        scaling = self._field("llama.rope.scaling.type", "none")
+        if scaling != "none":
+            raise _fail(self.path, f"uses rope scaling {scaling!r}, which is not supported yet.",
+                        "Use a model without rope scaling, or its Hugging Face release.")
+        tokens = self._reader.fields.get("tokenizer.ggml.tokens")
+        embed = self._shapes.get("model.embed_tokens.weight", (0,))
+        vocab = f("vocab_size", len(tokens.data) if tokens is not None else embed[0])
         config = {
             "model_type": "llama",
             "architectures": ["LlamaForCausalLM"],
@@ -603,7 +615,12 @@ class GGUFCheckpoint(Checkpoint):
 
     def _read(self, name: str) -> np.ndarray:
         t = self._tensors[name]
-        w = np.asarray(self._dequantize(t.data, t.tensor_type), dtype=np.float32)
+        try:
+            w = np.asarray(self._dequantize(t.data, t.tensor_type), dtype=np.float32)
+        except (NotImplementedError, ValueError) as e:
+            raise _fail(self.path, f"stores {t.name} as {t.tensor_type.name}, which this gguf "
+                        f"package cannot dequantize ({e}).", 'Upgrade it (`pip install -U gguf`) '
+                        "or use a GGUF with another quantization.") from None
         w = w.reshape(self._shapes[name])
         if ".self_attn.q_proj." in name:
             w = unpermute_qk(w, self.config["num_attention_heads"])

