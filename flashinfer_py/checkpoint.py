@@ -171,6 +171,21 @@ def _read_json(file: pathlib.Path, what: str) -> Any:
                     "again.") from None
 
 
+def _read_index(index_file: pathlib.Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index; shard names must be plain file names."""
+    index = _read_json(index_file, "shard index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise _fail(index_file, "has no 'weight_map'.", "Download the index again.")
+    for fname in set(weight_map.values()):
+        if not isinstance(fname, str) or pathlib.PurePath(fname).name != fname or fname in (
+                "", ".", ".."):
+            raise _fail(index_file, f"names the shard {fname!r}, which is not a file name in "
+                        "this directory.", "Shards must sit next to the index; download the "
+                        "index again.")
+    return weight_map
+
+
 def _majority_dtype(dtypes: dict[str, int]) -> str:
     """The float dtype that holds the most elements ({dtype name: element count})."""
     floats = {k: v for k, v in dtypes.items() if k in ("float32", "float16", "bfloat16")}
@@ -321,9 +336,7 @@ class SafetensorsCheckpoint(Checkpoint):
     def _open_files(self) -> None:
         index_file = self.path / "model.safetensors.index.json"
         if index_file.exists():
-            weight_map = _read_json(index_file, "safetensors index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise _fail(index_file, "has no 'weight_map'.", "Download the index again.")
+            weight_map = _read_index(index_file)
             files = sorted(set(weight_map.values()))
         elif (self.path / "model.safetensors").exists():
             weight_map, files = None, ["model.safetensors"]
@@ -385,9 +398,7 @@ class TorchCheckpoint(Checkpoint):
         self.path, self.config = path, config
         index_file = path / "pytorch_model.bin.index.json"
         if index_file.exists():
-            weight_map = _read_json(index_file, "pytorch_model.bin index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise _fail(index_file, "has no 'weight_map'.", "Download the index again.")
+            weight_map = _read_index(index_file)
             files = sorted(set(weight_map.values()))
         else:
             weight_map, files = None, ["pytorch_model.bin"]
@@ -397,9 +408,10 @@ class TorchCheckpoint(Checkpoint):
         for fname in files:
             sd = self._load(fname)
             for name, t in sd.items():
+                self._file_of[name] = fname
                 if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                    continue
-                self._file_of[name], self._shapes[name] = fname, tuple(t.shape)
+                    continue  # integer buffers and non-tensors are not weights
+                self._shapes[name] = tuple(t.shape)
                 dname = str(t.dtype).removeprefix("torch.")
                 counts[dname] = counts.get(dname, 0) + t.numel()
         for name, fname in (weight_map or {}).items():
@@ -475,8 +487,13 @@ def _save_with_transformers(src: pathlib.Path, dst: pathlib.Path, kwargs: dict,
     try:
         tok = AutoTokenizer.from_pretrained(str(src), **kwargs)
     except Exception as e:
+        detail = " ".join(str(e).split())[:300]
+        fix = "Put a tokenizer.json next to the weights."
+        if (src / "tokenizer.model").exists():
+            fix = ("tokenizer.model is a SentencePiece model: run `pip install sentencepiece "
+                   "protobuf` and try again, or put a tokenizer.json next to the weights.")
         raise _fail(shown, f"has a tokenizer transformers cannot load ({type(e).__name__}: "
-                    f"{e}).", "Put a tokenizer.json next to the weights.") from None
+                    f"{detail}).", fix) from None
     if not getattr(tok, "is_fast", False):
         raise _fail(shown, "has a tokenizer that transformers cannot turn into tokenizer.json.",
                     "Install sentencepiece and protobuf, or put a tokenizer.json next to the "

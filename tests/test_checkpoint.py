@@ -206,6 +206,23 @@ def test_index_and_shards_disagree(tmp_path):
         open_checkpoint(tmp_path)
 
 
+def test_index_cannot_point_outside_the_directory(tmp_path):
+    _dir(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "../elsewhere/model.safetensors"}}))
+    with pytest.raises(CheckpointError, match="not a file name in this directory"):
+        open_checkpoint(tmp_path)
+
+
+def test_truncated_pytorch_bin(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    torch.save({"w": torch.ones(1000)}, tmp_path / "pytorch_model.bin")
+    data = (tmp_path / "pytorch_model.bin").read_bytes()
+    (tmp_path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot be read by torch.load"):
+        open_checkpoint(tmp_path)
+
+
 def test_non_float_tensor_listed_but_refused(tmp_path):
     f = _dir(tmp_path)
     _write_st(f, {"ids": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]},
@@ -230,6 +247,19 @@ def test_tokenizer_files_copied(tmp_path, llama):
         assert ck.write_tokenizer(dst) == ["tokenizer.json", "tokenizer_config.json",
                                            "generation_config.json"]
     assert (dst / "tokenizer.json").read_text() == "{}"
+
+
+def test_tokenizer_json_built_from_bpe_files(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _opt().save_pretrained(src)
+    vocab = ["</s>", "<pad>", "<s>", "<unk>", "a", "b", "ab", "\u0120", "\u0120a"]
+    (src / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (src / "merges.txt").write_text("#version: 0.2\na b\n\u0120 a\n")
+    with open_checkpoint(src) as ck:
+        assert "tokenizer.json" in ck.write_tokenizer(dst)
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(str(dst / "tokenizer.json")).encode("ab a").tokens == ["ab", "\u0120a"]
 
 
 def test_garbage_gguf(tmp_path):
