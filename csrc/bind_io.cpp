@@ -306,14 +306,14 @@ void bind_io(py::module_& m) {
            py::arg("reader"), py::arg("n_layers"), py::arg("capacity"),
            py::keep_alive<1, 2>())  // the cache keeps its reader alive
       .def("insert",
-           [](NeuronCache& c, uint32_t layer, const py::object& ids_obj) {
+           [](NeuronCache& c, uint32_t layer, const py::object& ids_obj, bool bundled) {
              auto ids = as_ids(ids_obj);
              const int64_t* ip = ids.data();
              std::size_t n = std::size_t(ids.size());
              py::gil_scoped_release nogil;
-             c.insert(layer, ip, n);
+             c.insert(layer, ip, n, bundled);
            },
-           py::arg("layer"), py::arg("ids"))
+           py::arg("layer"), py::arg("ids"), py::arg("bundled") = true)
       .def("evict",
            [](NeuronCache& c, uint32_t layer, const py::object& ids_obj) {
              auto ids = as_ids(ids_obj);

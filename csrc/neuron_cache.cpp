@@ -89,7 +89,7 @@ void NeuronCache::check_ids(const Layer& L, uint32_t layer, const int64_t* ids, 
 // insert: read straight into the tail rows
 // ---------------------------------------------------------------------------------------
 
-void NeuronCache::insert(uint32_t layer, const int64_t* ids, std::size_t n) {
+void NeuronCache::insert(uint32_t layer, const int64_t* ids, std::size_t n, bool bundled) {
   Layer& L = at(layer);
   check_ids(L, layer, ids, n, /*want_present=*/false);
   FI_CHECK(uint64_t(L.n_used) + n <= L.capacity, "cannot insert ", n, " neurons into layer ",
@@ -98,7 +98,18 @@ void NeuronCache::insert(uint32_t layer, const int64_t* ids, std::size_t n) {
   if (n == 0) return;
   // rows are 4096-aligned and record_bytes % 4096 == 0: the reader lands data in place.
   char* tail = L.rows.as<char>() + uint64_t(L.n_used) * record_bytes_;
-  ReadStats rs = reader_.read(layer, ids, n, tail, record_bytes_);  // throws -> no change
+  ReadStats rs;
+  if (bundled) {
+    rs = reader_.read(layer, ids, n, tail, record_bytes_);  // throws -> no change
+  } else {
+    const uint32_t n_parts = reader_.header().n_parts;
+    const uint32_t all_parts[4] = {0, 1, 2, 3};
+    rs = reader_.read_parts(layer, ids, n, all_parts, n_parts, tail, record_bytes_);
+    // read_parts fills the parts only: zero the padding so rows equal the records.
+    const uint64_t used = n_parts * reader_.part_bytes();
+    for (std::size_t k = 0; k < n; ++k)
+      std::memset(tail + k * record_bytes_ + used, 0, record_bytes_ - used);
+  }
   for (std::size_t k = 0; k < n; ++k) {
     uint32_t slot = L.n_used + uint32_t(k);
     int32_t id = int32_t(ids[k]);

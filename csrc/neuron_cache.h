@@ -33,7 +33,9 @@ class NeuronCache {
   NeuronCache(BundleReader& reader, uint32_t n_layers, const std::vector<uint32_t>& capacity);
 
   // Load ids (absent, no duplicates, must fit) into rows n_used..n_used+n.
-  void insert(uint32_t layer, const int64_t* ids, std::size_t n);
+  // bundled=false is the "unbundled" ablation: every part of every neuron is its own read
+  // (BundleReader::read_parts); the rows end up byte-identical either way.
+  void insert(uint32_t layer, const int64_t* ids, std::size_t n, bool bundled = true);
   // Drop ids (present, no duplicates) by moving the last live rows into their slots.
   void evict(uint32_t layer, const int64_t* ids, std::size_t n);
   void clear(uint32_t layer);

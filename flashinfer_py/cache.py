@@ -48,6 +48,11 @@ class NeuronCache:
         """
         self._c.insert(layer, np.asarray(ids))
 
+    def insert_parts(self, layer: int, ids) -> None:
+        """Like :meth:`insert`, but each part of each neuron is a separate read (the paper's
+        "no bundling" ablation). The rows are byte-identical to :meth:`insert`'s."""
+        self._c.insert(layer, np.asarray(ids), bundled=False)
+
     def evict(self, layer: int, ids) -> None:
         """Drop cached neurons `ids`; the last rows move into their slots (O(len(ids)) copies)."""
         self._c.evict(layer, np.asarray(ids))

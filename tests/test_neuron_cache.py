@@ -176,3 +176,16 @@ def test_capacity_validation(bundle):
         NeuronCache(r, capacity=[1, 2])
     with pytest.raises(ValueError, match="n_layers must be in"):
         NeuronCache(r, capacity=1, n_layers=4)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_insert_parts_rows_equal_bundled_rows(bundle, direct):
+    path, mats = bundle
+    reader = BundleReader(path, ReaderParams(use_direct_io=direct))
+    cache = NeuronCache(reader, capacity=10)
+    cache.insert_parts(0, [8, 1, 96])
+    check(cache, 0, [8, 1, 96], mats)  # padding zeroed too: rows == records
+    assert cache.stats()["reads"]["reads_issued"] == 3 * 3  # one read per part
+    cache.evict(0, [1])
+    cache.insert(0, [1, 2])
+    check(cache, 0, [8, 96, 1, 2], mats)
