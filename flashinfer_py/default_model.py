@@ -9,8 +9,13 @@ import importlib.util
 import os
 import pathlib
 
-__all__ = ["DEFAULT_PROMPT", "DEFAULT_MODEL_NAME", "default_gguf_path", "default_model_dir",
-           "cache_root"]
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "DEFAULT_PROMPT",
+    "cache_root",
+    "default_gguf_path",
+    "default_model_dir",
+]
 
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -25,7 +30,9 @@ def cache_root(cache_dir: os.PathLike | str | None = None) -> pathlib.Path:
     if cache_dir is not None:
         return pathlib.Path(cache_dir).expanduser()
     env = os.environ.get("FLASHINFER_PY_CACHE")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "flashinfer_py"
+    if env:
+        return pathlib.Path(env).expanduser()
+    return pathlib.Path.home() / ".cache" / "flashinfer_py"
 
 
 def default_gguf_path() -> pathlib.Path:

@@ -1,4 +1,4 @@
-"""Checkpoint reader: exact tensors from every layout, and clear refusals of broken or unsafe files."""
+"""Checkpoint reader: exact tensors from every layout; clear refusals of broken or unsafe files."""
 import importlib
 import importlib.util
 import json
@@ -259,7 +259,8 @@ def test_tokenizer_json_built_from_bpe_files(tmp_path):
         assert "tokenizer.json" in ck.write_tokenizer(dst)
     from tokenizers import Tokenizer
 
-    assert Tokenizer.from_file(str(dst / "tokenizer.json")).encode("ab a").tokens == ["ab", "\u0120a"]
+    tok = Tokenizer.from_file(str(dst / "tokenizer.json"))
+    assert tok.encode("ab a").tokens == ["ab", "\u0120a"]
 
 
 def test_garbage_gguf(tmp_path):
@@ -332,7 +333,8 @@ def test_smollm2_bit_identical_to_transformers(smol):
         SMOL.parent, gguf_file=SMOL.name, dtype=torch.float32)
     for key in _CONFIG_KEYS:
         assert smol.config[key] == getattr(model.config, key), key
-    assert smol.config["rope_parameters"]["rope_theta"] == model.config.rope_parameters["rope_theta"]
+    theta = model.config.rope_parameters["rope_theta"]
+    assert smol.config["rope_parameters"]["rope_theta"] == theta
     sd = model.state_dict()
     assert set(smol.names()) == set(sd) - {"lm_head.weight"}
     for name in smol.names():
