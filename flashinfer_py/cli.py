@@ -5,10 +5,13 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 EPILOG = """examples:
   flashinfer-py generate --prompt "The capital of France is"      # embedded SmolLM2-135M
+  flashinfer-py train-predictors                                   # for the embedded model
+  flashinfer-py generate --dram-budget 300MB --stats               # FFN streamed from flash
   flashinfer-py convert ./Llama-2-7b-hf ./llama2.flash --dtype float16
   flashinfer-py generate ./llama2.flash --prompt "Once upon a time" --max-tokens 64 --stats
   flashinfer-py info ./llama2.flash --verify
@@ -25,6 +28,25 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-depth", type=int, default=32, help="reads in flight (default: 32)")
     g.add_argument("--max-context", type=int, default=2048,
                    help="prompt + generated tokens the KV cache is sized for (default: 2048)")
+    s = p.add_argument_group("sparse inference from flash (the paper's method)")
+    s.add_argument("--dram-budget", default=None, metavar="SIZE",
+                   help="memory the model may use, e.g. 4GB or 300MB; implies --sparse. The "
+                        "FFN is streamed from flash through a neuron cache sized to fit")
+    s.add_argument("--sparse", action="store_true",
+                   help="stream the FFN from flash even without a budget")
+    s.add_argument("--selection", choices=["predictor", "oracle", "all"], default="predictor",
+                   help="which neurons a token needs: trained predictors (default), the true "
+                        "active set (measurement only: keeps the FFN in DRAM), or all (hybrid)")
+    s.add_argument("--window", type=int, default=4,
+                   help="tokens whose neurons stay cached (the sliding window k; default 4)")
+    s.add_argument("--threshold", type=float, default=0.5,
+                   help="predictor probability above which a neuron is loaded (default 0.5)")
+    s.add_argument("--compute", choices=["predicted", "cached"], default="predicted",
+                   help="compute each token with its predicted neurons, or with every cached one")
+    s.add_argument("--no-reuse", action="store_true",
+                   help="reload every needed neuron each token (ablation: no window)")
+    s.add_argument("--unbundled", action="store_true",
+                   help="read up/gate/down as separate requests (ablation: no bundling)")
 
 
 def _runtime(ns):
@@ -32,7 +54,10 @@ def _runtime(ns):
 
     return RuntimeConfig(threads=ns.threads, use_direct_io=not ns.no_direct_io,
                          io_engine=ns.io_engine, queue_depth=ns.queue_depth,
-                         max_context=ns.max_context)
+                         max_context=ns.max_context, sparse=ns.sparse,
+                         dram_budget=ns.dram_budget, selection=ns.selection, window=ns.window,
+                         predictor_threshold=ns.threshold, compute=ns.compute,
+                         reuse=not ns.no_reuse, bundled=not ns.unbundled)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir", nargs="?", default=None, help="flash directory (omit for build info only)")
     i.add_argument("--verify", action="store_true", help="check every file's sha256 against the manifest")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_runtime_args(i)
+
+    t = sub.add_parser("train-predictors", help="train the activation predictors on your text",
+                       description="Record the dense model's FFN activations on calibration text, "
+                       "train one low-rank predictor per layer with the paper's balanced loss, save "
+                       "them as DIR/predictors.npz and print per-layer recall and precision. Needs "
+                       "torch (pip install 'flashinfer_py[torch]'). Re-run after fine-tuning.")
+    t.add_argument("dir", nargs="?", default=None, help="flash directory (default: embedded SmolLM2)")
+    t.add_argument("--text", nargs="+", default=None, metavar="FILE",
+                   help="calibration text files (default: the offline Wikipedia excerpt)")
+    t.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+    t.add_argument("--rank", type=int, default=64, help="predictor rank of most layers (default 64)")
+    t.add_argument("--rank-last", type=int, default=256,
+                   help="rank of the last --last-layers layers (default 256)")
+    t.add_argument("--last-layers", type=int, default=3, help="how many last layers get --rank-last")
+    t.add_argument("--sparsity", type=float, default=0.5,
+                   help="non-ReLU models: fraction of neurons per layer counted inactive (default 0.5)")
+    t.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
 
@@ -114,6 +158,8 @@ def cmd_generate(ns) -> int:
 
         prompt = DEFAULT_PROMPT
     model = load(directory, _runtime(ns))
+    if model.sparse and ns.stats:
+        print("memory plan:\n" + model.plan.describe(), file=sys.stderr)
     print(prompt, end="", flush=True)
     n, t_first, t_total = 0, 0.0, 0.0
     for step in model.generate_step(prompt, ns.max_tokens, ns.temperature, ns.top_k, ns.top_p, ns.seed):
@@ -126,8 +172,7 @@ def cmd_generate(ns) -> int:
         n += 1
         if ns.stats:
             row = {"token": step.token, "ms": round(step.seconds * 1e3, 2), **step.stats}
-            print(json.dumps(row) if ns.json else
-                  f"[token {n}: id {step.token}, {step.seconds * 1e3:.1f} ms]", file=sys.stderr)
+            print(json.dumps(row) if ns.json else _stats_line(n, step), file=sys.stderr)
     print()
     tps = (n - 1) / t_total if n > 1 and t_total > 0 else float("nan")
     summary = {"prompt_ms": round(t_first * 1e3, 1), "tokens": n, "tokens_per_s": round(tps, 2)}
@@ -135,6 +180,17 @@ def cmd_generate(ns) -> int:
         print(json.dumps(summary) if ns.json else
               f"prompt: {summary['prompt_ms']} ms, {n} tokens, {tps:.2f} tokens/s", file=sys.stderr)
     return 0
+
+
+def _stats_line(n: int, step) -> str:
+    s = step.stats
+    line = f"[token {n}: id {step.token}, {step.seconds * 1e3:.1f} ms"
+    if s:
+        line += (f"; io {s['io_ns'] / 1e6:.1f} ms, mem {s['mm_ns'] / 1e6:.1f} ms, compute "
+                 f"{s['compute_ns'] / 1e6:.1f} ms; read {s['bytes_read'] / 2**20:.2f} MiB in "
+                 f"{s['reads']} reads, {s['loaded']} neurons in / {s['evicted']} out, hit rate "
+                 f"{100 * s['hit_rate']:.0f}%")
+    return line + "]"
 
 
 def cmd_info(ns) -> int:
@@ -158,6 +214,20 @@ def cmd_info(ns) -> int:
         out["bundle"] = m["bundle"]
         out["files"] = {n: v["bytes"] for n, v in m["checksums"].items()}
         out["verified"] = bool(ns.verify)
+        rt = _runtime(ns)
+        if rt.sparse:
+            from .config import ModelArgs
+            from .loader import plan_memory
+
+            pred = Path(ns.dir) / "predictors.npz"
+            plan = plan_memory(ModelArgs.from_dict(m["model"]), m, rt,
+                               pred.stat().st_size if pred.is_file() else 0)
+            out["memory_plan"] = {"budget": plan.budget, "resident": plan.resident,
+                                  "predictors": plan.predictors, "kv_cache": plan.kv_cache,
+                                  "overhead": plan.overhead, "cache_neurons_per_layer": plan.cache_capacity[0],
+                                  "cache_bytes": plan.cache_bytes, "total": plan.total}
+            if not ns.json:
+                print("memory plan:\n" + plan.describe())
     if ns.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -171,13 +241,37 @@ def cmd_info(ns) -> int:
     return 0
 
 
+def cmd_train(ns) -> int:
+    from .runtime import load
+    from .train import TrainConfig, format_report, read_texts, train_predictors
+
+    directory = ns.dir or _default_dir()
+    if ns.text:
+        text = read_texts(ns.text)
+    else:
+        from .corpora import wikipedia_excerpt
+
+        print("calibrating on the offline Wikipedia excerpt (pass --text FILE for your own)",
+              file=sys.stderr)
+        text = wikipedia_excerpt()
+    model = load(directory)
+    cfg = TrainConfig(rank=ns.rank, rank_last=ns.rank_last, last_layers=ns.last_layers,
+                      sparsity=ns.sparsity, max_tokens=ns.tokens, epochs=ns.epochs)
+    ids = model.tokenizer.encode(text[: ns.tokens * 12])  # ~4 characters a token, with margin
+    preds = train_predictors(model, ids, cfg, progress=not ns.quiet)
+    print(format_report(preds))
+    print(f"saved {model.directory / 'predictors.npz'} ({preds.nbytes / 2**20:.1f} MiB)")
+    return 0
+
+
 def main(argv: Optional[list] = None) -> int:
     ap = build_parser()
     ns = ap.parse_args(argv)
     if ns.command is None:
         ap.print_help()
         return 2
-    handler = {"convert": cmd_convert, "generate": cmd_generate, "info": cmd_info}[ns.command]
+    handler = {"convert": cmd_convert, "generate": cmd_generate, "info": cmd_info,
+               "train-predictors": cmd_train}[ns.command]
     try:
         return handler(ns)
     except KeyboardInterrupt:
