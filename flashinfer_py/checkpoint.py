@@ -300,6 +300,19 @@ class _SafetensorsFile:
                 out[start:start + n] = buf[:n]
         return out.reshape(shape)
 
+    _RAW = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+            "U16": np.dtype("<u2")}
+
+    def read_raw(self, name: str) -> np.ndarray:
+        """Tensor ``name`` in its stored dtype (bfloat16 and U16 as uint16), read with pread into
+        one fresh array: no memory map, so loading never holds the file's pages and a copy."""
+        dtype, shape, offset, count = self.entries[name]
+        if dtype not in self._RAW:
+            raise _fail(self.file, f"stores {name!r} as {dtype}.", "Re-create the file.")
+        out = np.empty(count, dtype=self._RAW[dtype])
+        self._pread_into(out, offset, name)
+        return out.reshape(shape)
+
     def _pread_into(self, arr: np.ndarray, offset: int, name: str) -> None:
         view, done = memoryview(arr).cast("B"), 0
         while done < len(view):  # pread may return short counts

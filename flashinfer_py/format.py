@@ -199,13 +199,22 @@ def check_files(directory: Path, manifest: dict, verify: bool = False, progress_
 
 
 def load_dense(directory: Path, manifest: dict, names: Optional[Iterable[str]] = None) -> dict:
-    """Load resident tensors (storage dtype kept; vectors float32)."""
-    from safetensors import safe_open
+    """Load resident tensors (storage dtype kept; vectors float32) with plain reads into fresh
+    arrays: a memory map would briefly count the file's pages on top of the copies."""
+    from .checkpoint import CheckpointError, _SafetensorsFile
 
     path = Path(directory) / manifest["files"]["dense"]
     try:
-        with safe_open(str(path), framework="np") as f:
-            keys = list(names) if names is not None else list(f.keys())
-            return {k: f.get_tensor(k) for k in keys}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise FlashFormatError(f"{path}: cannot read resident tensors ({e}); {_HINT}.") from None
+        f = _SafetensorsFile(path)
+    except CheckpointError as e:
+        raise FlashFormatError(f"{e} ({_HINT})") from None
+    try:
+        keys = list(names) if names is not None else list(f.entries)
+        missing = [k for k in keys if k not in f.entries]
+        if missing:
+            raise FlashFormatError(f"{path}: tensors {missing[:3]} missing; {_HINT}.")
+        return {k: f.read_raw(k) for k in keys}
+    except CheckpointError as e:
+        raise FlashFormatError(f"{e} ({_HINT})") from None
+    finally:
+        f.close()
