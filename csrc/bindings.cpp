@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace py = pybind11;
 
@@ -59,6 +60,7 @@ PYBIND11_MODULE(_core, m) {
 #else
     d["arch"] = "other";
 #endif
+    d["simd"] = flashinfer::isa_name(flashinfer::kernel_isa());
     return d;
   }, "What this build of the native core has: direct I/O flavour, io_uring, OpenMP, compiler.");
 
