@@ -202,6 +202,17 @@ def _from_opt(cfg: dict) -> ModelArgs:
     )
 
 
+# The rows of the paper's Table 2, as runtime settings. "predictor" keeps the caller's
+# selection (a trained predictor, or the oracle for measurements).
+ABLATIONS = {
+    "naive": dict(selection="all", reuse=False, bundled=True, reread_resident=True),
+    "hybrid": dict(selection="all", reuse=False, bundled=True, reread_resident=False),
+    "predictor": dict(reuse=False, bundled=False, reread_resident=False),
+    "window": dict(reuse=True, bundled=False, reread_resident=False),
+    "bundling": dict(reuse=True, bundled=True, reread_resident=False),
+}
+
+
 @dataclass
 class RuntimeConfig:
     """Every runtime knob, with its default. Mirrors the native ``ReaderParams``.
@@ -232,6 +243,10 @@ class RuntimeConfig:
             sets counts as one window step).
         oracle_sparsity: for selection="oracle" on non-ReLU models, the fraction of neurons
             (smallest |activation|) treated as inactive.
+        reread_resident: also read the whole resident file from flash every token (the paper's
+            "naive" row: nothing stays in DRAM between tokens).
+        ablation: a preset reproducing a row of the paper's Table 2, applied over the fields
+            above: "naive", "hybrid", "predictor", "window", "bundling" (= everything on).
     """
 
     threads: int = 0
@@ -249,6 +264,8 @@ class RuntimeConfig:
     compute: str = "predicted"
     prefill_chunk: int = 16
     oracle_sparsity: float = 0.5
+    reread_resident: bool = False
+    ablation: Optional[str] = None
 
     def __post_init__(self):
         if self.io_engine not in ("auto", "threads", "io_uring"):
@@ -259,6 +276,12 @@ class RuntimeConfig:
             raise ValueError(f"threads must be >= 0 (0 = all cores), got {self.threads}")
         if self.max_context < 1:
             raise ValueError(f"max_context must be >= 1, got {self.max_context}")
+        if self.ablation is not None:
+            if self.ablation not in ABLATIONS:
+                raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, not {self.ablation!r}")
+            for k, v in ABLATIONS[self.ablation].items():
+                setattr(self, k, v)
+            self.sparse = True
         if isinstance(self.dram_budget, str):
             self.dram_budget = parse_bytes(self.dram_budget)
         if self.dram_budget is not None:
