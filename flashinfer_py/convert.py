@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__
 from .config import ModelArgs
-from .errors import ConvertError, FlashIOError
+from .errors import ConvertError
 from .format import (BUNDLE_FILE, DENSE_FILE, FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES,
                      SafetensorsStreamWriter, dense_names, file_digest, numpy_storage_dtype,
                      to_storage, write_manifest)

@@ -2,7 +2,6 @@
 same GGUF: greedy tokens identical, perplexity on real English text within 0.5%."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import flashinfer_py as fi
