@@ -41,8 +41,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="tokens whose neurons stay cached (the sliding window k; default 4)")
     s.add_argument("--threshold", type=float, default=0.5,
                    help="predictor probability above which a neuron is loaded (default 0.5)")
-    s.add_argument("--compute", choices=["predicted", "cached"], default="predicted",
-                   help="compute each token with its predicted neurons, or with every cached one")
+    s.add_argument("--compute", choices=["predicted", "cached"], default="cached",
+                   help="compute each token with every cached neuron (the window's union; "
+                        "default) or only with its own predicted neurons")
     s.add_argument("--no-reuse", action="store_true",
                    help="reload every needed neuron each token (ablation: no window)")
     s.add_argument("--unbundled", action="store_true",
@@ -119,14 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("dir", nargs="?", default=None, help="flash directory (default: embedded SmolLM2)")
     t.add_argument("--text", nargs="+", default=None, metavar="FILE",
                    help="calibration text files (default: the offline Wikipedia excerpt)")
-    t.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+    t.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     t.add_argument("--rank", type=int, default=64, help="predictor rank of most layers (default 64)")
-    t.add_argument("--rank-last", type=int, default=256,
-                   help="rank of the last --last-layers layers (default 256)")
+    t.add_argument("--rank-last", type=int, default=64,
+                   help="rank of the last --last-layers layers (default 64)")
     t.add_argument("--last-layers", type=int, default=3, help="how many last layers get --rank-last")
     t.add_argument("--sparsity", type=float, default=0.5,
                    help="non-ReLU models: fraction of neurons per layer counted inactive (default 0.5)")
-    t.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    t.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 

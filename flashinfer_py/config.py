@@ -238,7 +238,9 @@ class RuntimeConfig:
         bundled: False reads up/gate/down as separate requests (the "no bundling" ablation).
         predictor_threshold: probability above which a predicted neuron is loaded.
         compute: "predicted" computes each token with its own predicted neurons only; "cached"
-            uses every cached neuron (the window's union: no extra I/O, closer to dense).
+            (default) uses every cached neuron (the window's union: no extra I/O, closer to
+            dense). Measured on SmolLM2 (benchmarks/RESULTS_sparse.md): predicted sets alone
+            cost +35% perplexity at the default threshold, the k=4 union +1.7%.
         prefill_chunk: prompt tokens processed together in sparse mode (their union of active
             sets counts as one window step).
         oracle_sparsity: for selection="oracle" on non-ReLU models, the fraction of neurons
@@ -261,7 +263,7 @@ class RuntimeConfig:
     reuse: bool = True
     bundled: bool = True
     predictor_threshold: float = 0.5
-    compute: str = "predicted"
+    compute: str = "cached"
     prefill_chunk: int = 16
     oracle_sparsity: float = 0.5
     reread_resident: bool = False
