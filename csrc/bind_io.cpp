@@ -244,6 +244,17 @@ void bind_io(py::module_& m) {
                               ", max_read_bytes=", p.max_read_bytes, ")");
       });
 
+  // Registered before BundleReader so its signatures name the Python type.
+  py::class_<ReadStats>(m, "ReadStats")
+      .def_readonly("bytes_requested", &ReadStats::bytes_requested)
+      .def_readonly("bytes_read", &ReadStats::bytes_read)
+      .def_readonly("reads_issued", &ReadStats::reads_issued)
+      .def_readonly("ns", &ReadStats::ns)
+      .def_readonly("calls", &ReadStats::calls)
+      .def_readonly("direct", &ReadStats::direct)
+      .def("as_dict", &stats_dict)
+      .def("__repr__", [](const ReadStats& s) { return std::string(py::repr(stats_dict(s))); });
+
   py::class_<BundleReader>(m, "BundleReader")
       .def(py::init<const std::string&, const ReaderParams&>(), py::arg("path"),
            py::arg("params") = ReaderParams{}, py::call_guard<py::gil_scoped_release>())
@@ -271,6 +282,23 @@ void bind_io(py::module_& m) {
                                  std::size_t(stride));
            },
            py::arg("layer"), py::arg("ids"), py::arg("parts"), py::arg("out"))
+      .def("read_ranges",
+           [](BundleReader& r, const py::object& off_obj, std::size_t length, py::array out) {
+             auto offs = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(
+                 py::array::ensure(off_obj));
+             FI_CHECK(offs && offs.ndim() == 1, "offsets must be a 1-D integer array");
+             FI_CHECK(out.writeable() && (out.flags() & py::array::c_style),
+                      "out must be a writeable C-contiguous array");
+             std::size_t n = std::size_t(offs.size());
+             std::size_t nbytes = std::size_t(out.nbytes());
+             const uint64_t* op = offs.data();
+             char* dst = static_cast<char*>(out.mutable_data());
+             py::gil_scoped_release nogil;
+             return r.read_ranges(op, n, length, dst, nbytes);
+           },
+           py::arg("offsets"), py::arg("length"), py::arg("out"),
+           "n raw reads of `length` bytes at file offsets -> slices of out, reused "
+           "round-robin when out holds fewer than n (disk benchmarks); same engine as read().")
       .def("offset", &BundleReader::offset, py::arg("layer"), py::arg("neuron"))
       .def_property_readonly("header", [](const BundleReader& r) { return header_dict(r.header()); })
       .def_property_readonly("is_direct", &BundleReader::is_direct)
@@ -287,16 +315,6 @@ void bind_io(py::module_& m) {
       .def("stats", &BundleReader::stats)
       .def("reset_stats", &BundleReader::reset_stats)
       .def("drop_page_cache", &BundleReader::drop_page_cache);
-
-  py::class_<ReadStats>(m, "ReadStats")
-      .def_readonly("bytes_requested", &ReadStats::bytes_requested)
-      .def_readonly("bytes_read", &ReadStats::bytes_read)
-      .def_readonly("reads_issued", &ReadStats::reads_issued)
-      .def_readonly("ns", &ReadStats::ns)
-      .def_readonly("calls", &ReadStats::calls)
-      .def_readonly("direct", &ReadStats::direct)
-      .def("as_dict", &stats_dict)
-      .def("__repr__", [](const ReadStats& s) { return std::string(py::repr(stats_dict(s))); });
 
   // ---- neuron cache ----------------------------------------------------------------
   py::class_<NeuronCache>(m, "NeuronCache")

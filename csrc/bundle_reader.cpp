@@ -314,6 +314,40 @@ ReadStats BundleReader::read_parts(uint32_t layer, const int64_t* ids, std::size
   return st;
 }
 
+ReadStats BundleReader::read_ranges(const uint64_t* offsets, std::size_t n, std::size_t len,
+                                    void* dst, std::size_t dst_bytes) {
+  const std::size_t align = file_.alignment();
+  const uint64_t size = file_.size();
+  FI_CHECK(len > 0 && len <= (std::size_t(1) << 30), "range length must be in (0, 1 GiB], got ",
+           len);
+  FI_CHECK(n == 0 || (is_aligned(dst, align) && len % align == 0), "direct I/O needs a ",
+           align, "-byte aligned destination and length (length ", len, ")");
+  const std::size_t slots = dst_bytes / len;
+  FI_CHECK(n == 0 || slots > 0, "the destination (", dst_bytes, " bytes) is smaller than one ",
+           len, "-byte range");
+  for (std::size_t k = 0; k < n; ++k)
+    FI_CHECK(offsets[k] % align == 0 && offsets[k] + len <= size, "range ", k, " at offset ",
+             offsets[k], " (+", len, " bytes) is unaligned or past the end of ", path(), " (",
+             size, " bytes)");
+  std::lock_guard<std::mutex> lk(mu_);
+  uint64_t t0 = now_ns();
+  reqs_.clear();
+  copies_.clear();
+  char* out = static_cast<char*>(dst);
+  for (std::size_t k = 0; k < n; ++k) reqs_.push_back({offsets[k], len, out + (k % slots) * len});
+
+  ReadStats st;
+  st.bytes_requested = st.bytes_read = uint64_t(n) * len;
+  st.reads_issued = n;
+  execute();
+  st.ns = now_ns() - t0;
+  st.calls = 1;
+  st.direct = file_.is_direct();
+  std::lock_guard<std::mutex> slk(stats_mu_);
+  total_.add(st);
+  return st;
+}
+
 // ---------------------------------------------------------------------------------------
 // step 3: execute
 // ---------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ struct ReaderParams {
   // Bypass the page cache (O_DIRECT / F_NOCACHE); falls back with a warning if refused.
   bool use_direct_io = true;
   // Merge two sorted ids into one read when the bytes between them are <= this. 0 = merge
-  // only adjacent records (measured on the dev VM: see benchmarks/RESULTS_io.md).
+  // only adjacent records (measured on the dev VM: see benchmarks/RESULTS.md).
   uint64_t coalesce_gap_bytes = 0;
   // Upper bound on one request (bytes); longer runs are split.
   uint64_t max_read_bytes = 1u << 20;
@@ -66,6 +66,15 @@ class BundleReader {
   // Row k of dst = parts[0..n_sel) of ids[k], each d_model*elem_bytes, back to back.
   ReadStats read_parts(uint32_t layer, const int64_t* ids, std::size_t n, const uint32_t* parts,
                        std::size_t n_sel, void* dst, std::size_t dst_stride);
+
+  // Raw ranges through the same engine, for disk benchmarks (bench-disk, the fio comparison):
+  // n reads of `len` bytes, offsets[k] -> slot k % (dst_bytes / len) of dst, one request each,
+  // in the given order (no sorting, coalescing or splitting). A dst of a few slots per request
+  // in flight is reused round-robin like fio's buffers (its contents are then meaningless);
+  // dst_bytes >= n*len keeps every range. With direct I/O, offsets, len and dst must be
+  // multiples of 4096; every range must lie inside the file (std::invalid_argument).
+  ReadStats read_ranges(const uint64_t* offsets, std::size_t n, std::size_t len, void* dst,
+                        std::size_t dst_bytes);
 
   const BundleHeader& header() const { return header_; }
   uint64_t offset(uint32_t layer, uint32_t neuron) const;

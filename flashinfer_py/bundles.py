@@ -219,6 +219,26 @@ class BundleReader:
         self.last_stats = self._r.read_parts(layer, ids, list(parts), out)
         return out
 
+    def read_ranges(self, offsets, length: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Raw reads for disk benchmarks: ``length`` bytes at each file offset, through the
+        same engine and queue depth as :meth:`read`, one request per range, in the given order
+        (no sorting or coalescing).
+
+        Range k lands in slot ``k % (out.nbytes // length)`` of `out`: an `out` of ``n *
+        length`` bytes keeps every range; a smaller one is reused round-robin like fio's
+        buffers (a few slots per read in flight; the data is then meaningless). With direct
+        I/O, offsets and `length` must be multiples of 4096 and `out` 4096-byte aligned
+        (:func:`aligned_empty`). Returns `out` (uint8, ``n * length`` bytes if None); the
+        call's :class:`ReadStats` is in :attr:`last_stats`.
+        """
+        offsets = np.asarray(offsets, dtype=np.uint64)
+        if out is None:
+            out = aligned_empty(max(len(offsets), 1) * int(length), np.uint8)
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+        self.last_stats = self._r.read_ranges(offsets, int(length), out)
+        return out
+
     def empty(self, n: int) -> np.ndarray:
         """An aligned ``(n, record_elems)`` destination for :meth:`read`."""
         return aligned_empty((n, self.record_elems), self.numpy_dtype)
