@@ -1,4 +1,4 @@
-"""The `flashinfer-py` command: convert, generate, info."""
+"""The `flashinfer-py` command: convert, generate, info, train-predictors, bench-disk."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ EPILOG = """examples:
   flashinfer-py convert ./Llama-2-7b-hf ./llama2.flash --dtype float16
   flashinfer-py generate ./llama2.flash --prompt "Once upon a time" --max-tokens 64 --stats
   flashinfer-py info ./llama2.flash --verify
+  flashinfer-py bench-disk /mnt/ssd --plot disk.png               # the paper's Figure 2b
 """
 
 
@@ -129,7 +130,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="non-ReLU models: fraction of neurons per layer counted inactive (default 0.5)")
     t.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    b = sub.add_parser("bench-disk", help="measure random-read throughput of a disk (Figure 2b)",
+                       description="Reproduce the paper's random-read figure on your disk: create "
+                       "a test file on the filesystem of PATH, and measure cold-cache direct-I/O "
+                       "random reads for every read size x reads-in-flight x engine through "
+                       "the reader the runtime uses. Prints one table per engine (GB/s). "
+                       "The file is deleted afterwards unless --keep. Takes about "
+                       "sizes x depths x engines x --seconds (126 s with the defaults).",
+                       epilog="example: flashinfer-py bench-disk /mnt/ssd --sizes 16K 32K 64K "
+                       "--depths 16 32 --seconds 2 --plot disk.png")
+    b.add_argument("path", nargs="?", default=".",
+                   help="a directory on the disk to measure (default: the current directory)")
+    b.add_argument("--sizes", nargs="+", default=None, metavar="SIZE",
+                   help="read sizes, multiples of 4K (default: 4K 8K 16K ... 1M)")
+    b.add_argument("--depths", nargs="+", type=int, default=None, metavar="N",
+                   help="reads in flight (default: 1 2 4 8 16 32 64)")
+    b.add_argument("--engines", nargs="+", choices=["threads", "io_uring"], default=None,
+                   help="read engines (default: both, io_uring when this build has it)")
+    b.add_argument("--seconds", type=float, default=1.0,
+                   help="measuring time per cell (default 1.0)")
+    b.add_argument("--file-size", default="4GB", metavar="SIZE",
+                   help="test file size (default 4GB; larger than the disk's cache is best)")
+    b.add_argument("--keep", action="store_true",
+                   help="keep the test file (a later run on the same PATH reuses it)")
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="save the figure (needs matplotlib: pip install \"flashinfer_py[bench]\")")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
+
+
+def cmd_bench_disk(ns) -> int:
+    from . import bench_disk as bd
+    from .config import parse_bytes
+
+    if ns.plot:  # fail before minutes of measuring, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ImportError(f"--plot needs matplotlib: {bd.BENCH_EXTRA}") from None
+    res = bd.run(ns.path, sizes=[parse_bytes(s) for s in ns.sizes] if ns.sizes else
+                 bd.DEFAULT_SIZES, depths=ns.depths or bd.DEFAULT_DEPTHS, engines=ns.engines,
+                 seconds=ns.seconds, file_size=parse_bytes(ns.file_size), keep=ns.keep,
+                 progress=not ns.quiet)
+    print(bd.to_json(res) if ns.json else bd.format_tables(res))
+    if ns.plot:
+        bd.plot(res, ns.plot)
+        print(f"wrote {ns.plot}", file=sys.stderr)
+    return 0
 
 
 def cmd_convert(ns) -> int:
@@ -272,13 +321,13 @@ def main(argv: Optional[list] = None) -> int:
         ap.print_help()
         return 2
     handler = {"convert": cmd_convert, "generate": cmd_generate, "info": cmd_info,
-               "train-predictors": cmd_train}[ns.command]
+               "train-predictors": cmd_train, "bench-disk": cmd_bench_disk}[ns.command]
     try:
         return handler(ns)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:  # our errors are ValueError/OSError subclasses with fix-its
+    except (ValueError, OSError, ImportError) as e:  # our errors carry fix-its
         print(f"flashinfer-py {ns.command}: error: {e}", file=sys.stderr)
         return 1
 
