@@ -126,7 +126,7 @@ def test_bundled_vs_unbundled(benchmark, bundle, bundled):
 
 
 def pytest_terminal_summary_rows(benchmarks):
-    """Rows for RESULTS_io.md: name, useful GB/s, disk GB/s, reads/call, mean ms."""
+    """Rows for RESULTS.md: name, useful GB/s, disk GB/s, reads/call, mean ms."""
     for b in benchmarks:
         e = b["extra_info"]
         yield (b["name"], e.get("useful_GBps"), e.get("disk_GBps"), e.get("reads_per_call"),
