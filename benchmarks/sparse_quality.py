@@ -194,8 +194,10 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "flashinfer_py",
-                                "benchmarks/sparse_quality.py"], cwd=HERE, text=True,
+        files = [f"flashinfer_py/{m}.py" for m in ("train", "predictor", "model", "loader",
+                                                   "runtime", "window", "config", "kernels")]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *files,
+                                "benchmarks/sparse_quality.py"], cwd=HERE.parent, text=True,
                                capture_output=True).stdout.strip()
         return out + (" (+ uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -113,10 +113,14 @@ def _svd_init(model, layer: int, rank: int):
     a = model.args
     rows = model.ffn.rows_by_layer[layer]
     part = a.hidden_size if a.gated else 0
-    w = to_float32(rows[:, part:part + a.hidden_size], model.dtype).astype(np.float32)  # [f, d]
-    u, s, vt = np.linalg.svd(w, full_matrices=False)
-    r = min(rank, len(s))
-    return vt[:r].T.copy(), (u[:, :r] * s[:r]).T.copy()  # A [d, r], B [r, f]
+    w = to_float32(rows[:, part:part + a.hidden_size], model.dtype).astype(np.float64)  # [f, d]
+    # The top right singular vectors from the d x d Gram matrix: ~5x faster than an SVD of w.
+    evals, v = np.linalg.eigh(w.T @ w)
+    r = min(rank, w.shape[0], w.shape[1])
+    v = v[:, ::-1][:, :r]
+    A = v.astype(np.float32)                # [d, r]
+    B = (w @ v).T.astype(np.float32)        # [r, f] = (U S)^T
+    return np.ascontiguousarray(A), np.ascontiguousarray(B)
 
 
 def fit_layer(x: np.ndarray, y: np.ndarray, A0: np.ndarray, B0: np.ndarray, cfg: TrainConfig,
@@ -157,10 +161,10 @@ def fit_layer(x: np.ndarray, y: np.ndarray, A0: np.ndarray, B0: np.ndarray, cfg:
         opt.step()
     with torch.no_grad():
         if recall is not None and 0 < recall < 1:
-            s = ((X @ A) @ B + b)[Y.bool()]
-            if s.numel():
+            s = ((X @ A) @ B + b)[Y.bool()].numpy()
+            if s.size:
                 # shift so that `recall` of the positive scores end up above 0
-                b.sub_(float(torch.quantile(s[:: max(1, s.numel() // 1_000_000)], 1 - recall)))
+                b.sub_(float(np.quantile(s, 1 - recall)))
     return LayerPredictor(A.detach().numpy().copy(), B.detach().numpy().copy(),
                           b.detach().numpy().copy())
 
