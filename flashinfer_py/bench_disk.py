@@ -47,6 +47,7 @@ HEADROOM = 256 * MiB       # free space left on the filesystem after the test fi
 LAYER_BYTES = 64 * MiB     # the test file is written one 64 MiB bundle "layer" at a time
 RECORD_D_MODEL = 1024      # float16 up + down parts of 1024 = 4 KiB records
 BENCH_EXTRA = 'pip install "flashinfer_py[bench]"'
+HUGE_PAGE = 2 * MiB
 SLOTS_PER_READ = 2         # destination slots per read in flight (reused round-robin)
 
 
@@ -213,8 +214,10 @@ def page_buffer(nbytes: int, huge_pages: bool = True) -> np.ndarray:
 
     # Private anonymous memory, like malloc's and numpy's (mmap's default, MAP_SHARED, is
     # shmem: slower for O_DIRECT here, and outside the THP setting that matters).
-    mm = mmap.mmap(-1, max(int(nbytes), mmap.PAGESIZE),
-                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    nbytes = max(int(nbytes), mmap.PAGESIZE)
+    if huge_pages:  # whole 2 MiB pages: a smaller mapping is not THP-aligned and gets none
+        nbytes = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     advice = getattr(mmap, "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE", None)
     if advice is not None:
         try:
