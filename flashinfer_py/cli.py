@@ -131,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    dm = sub.add_parser("demo", help="the embedded SmolLM2: dense, then streamed from flash under a budget",
+                        description="Convert the embedded SmolLM2-135M (once), generate densely, train "
+                        "its predictors if missing (needs torch), then generate again in a fresh "
+                        "process with the FFN streamed from flash under a DRAM budget below the "
+                        "model's size, printing per-token statistics and the peak memory.")
+    dm.add_argument("--prompt", "-p", default=None, help="prompt text")
+    dm.add_argument("--max-tokens", "-n", type=int, default=32, help="tokens to generate (default 32)")
+
     b = sub.add_parser("bench-disk", help="measure random-read throughput of a disk (Figure 2b)",
                        description="Reproduce the paper's random-read figure on your disk: create "
                        "a test file on the filesystem of PATH, and measure cold-cache direct-I/O "
@@ -211,25 +219,68 @@ def cmd_generate(ns) -> int:
     if model.sparse and ns.stats:
         print("memory plan:\n" + model.plan.describe(), file=sys.stderr)
     print(prompt, end="", flush=True)
-    n, t_first, t_total = 0, 0.0, 0.0
+    steps = []
     for step in model.generate_step(prompt, ns.max_tokens, ns.temperature, ns.top_k, ns.top_p, ns.seed):
         if step.token not in model.args.eos_token_ids:
             print(step.text, end="", flush=True)
-        if n == 0:
-            t_first = step.seconds
-        else:
-            t_total += step.seconds
-        n += 1
+        steps.append(step)
         if ns.stats:
             row = {"token": step.token, "ms": round(step.seconds * 1e3, 2), **step.stats}
-            print(json.dumps(row) if ns.json else _stats_line(n, step), file=sys.stderr)
+            print(json.dumps(row) if ns.json else _stats_line(len(steps), step), file=sys.stderr)
     print()
-    tps = (n - 1) / t_total if n > 1 and t_total > 0 else float("nan")
-    summary = {"prompt_ms": round(t_first * 1e3, 1), "tokens": n, "tokens_per_s": round(tps, 2)}
     if ns.stats:
-        print(json.dumps(summary) if ns.json else
-              f"prompt: {summary['prompt_ms']} ms, {n} tokens, {tps:.2f} tokens/s", file=sys.stderr)
+        summary = _summary(model, steps)
+        print(json.dumps(summary) if ns.json else _summary_text(summary), file=sys.stderr)
     return 0
+
+
+def _summary(model, steps) -> dict:
+    """Totals over a generation: prompt time, decode speed, and (sparse) per-token averages."""
+    decode = steps[1:]
+    t = sum(s.seconds for s in decode)
+    out = {"prompt_ms": round(steps[0].seconds * 1e3, 1) if steps else 0.0, "tokens": len(steps),
+           "tokens_per_s": round(len(decode) / t, 2) if t > 0 else None}
+    if model.sparse and decode:
+        n = len(decode)
+        for key in ("bytes_read", "reads", "loaded", "evicted", "io_ns", "mm_ns", "compute_ns",
+                    "hit_rate"):
+            out[f"avg_{key}"] = sum(s.stats[key] for s in decode) / n
+        ffn = model.args.num_hidden_layers * model.args.intermediate_size * model.plan.record_bytes
+        out["ffn_fraction_read_per_token"] = out["avg_bytes_read"] / ffn
+        out["direct_io"] = all(s.stats["direct"] for s in decode)
+        out["dram_budget"] = model.runtime.dram_budget
+    out["peak_rss"] = _peak_rss()
+    return out
+
+
+def _peak_rss() -> Optional[int]:
+    """This process's peak resident memory (Linux VmHWM, reset at exec); None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _summary_text(s: dict) -> str:
+    tps = s["tokens_per_s"]
+    text = (f"prompt: {s['prompt_ms']} ms, {s['tokens']} tokens, "
+            f"{tps if tps is not None else float('nan'):.2f} tokens/s")
+    if "avg_bytes_read" in s:
+        text += (f"\nper generated token: read {s['avg_bytes_read'] / 2**20:.2f} MiB "
+                 f"({100 * s['ffn_fraction_read_per_token']:.1f}% of the FFN) in "
+                 f"{s['avg_reads']:.0f} reads; I/O {s['avg_io_ns'] / 1e6:.1f} ms, memory management "
+                 f"{s['avg_mm_ns'] / 1e6:.1f} ms, compute {s['avg_compute_ns'] / 1e6:.1f} ms; "
+                 f"cache hit rate {100 * s['avg_hit_rate']:.0f}%; direct I/O {s['direct_io']}")
+    if s.get("peak_rss"):
+        text += f"\npeak memory (RSS) of this process: {s['peak_rss'] / 2**20:.1f} MiB"
+        if s.get("dram_budget"):
+            text += (f" of the {s['dram_budget'] / 2**20:.1f} MiB budget "
+                     f"({'within' if s['peak_rss'] <= s['dram_budget'] else 'OVER'})")
+    return text
 
 
 def _stats_line(n: int, step) -> str:
@@ -291,6 +342,13 @@ def cmd_info(ns) -> int:
     return 0
 
 
+def cmd_demo(ns) -> int:
+    from .default_model import DEFAULT_PROMPT
+    from .demo import run
+
+    return run(ns.prompt or DEFAULT_PROMPT, ns.max_tokens)
+
+
 def cmd_train(ns) -> int:
     from .runtime import load
     from .train import TrainConfig, format_report, read_texts, train_predictors
@@ -321,7 +379,8 @@ def main(argv: Optional[list] = None) -> int:
         ap.print_help()
         return 2
     handler = {"convert": cmd_convert, "generate": cmd_generate, "info": cmd_info,
-               "train-predictors": cmd_train, "bench-disk": cmd_bench_disk}[ns.command]
+               "train-predictors": cmd_train, "bench-disk": cmd_bench_disk,
+               "demo": cmd_demo}[ns.command]
     try:
         return handler(ns)
     except KeyboardInterrupt:

@@ -46,3 +46,21 @@ def test_info_without_dir_prints_build(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["build"]["direct_io"] in ("O_DIRECT", "F_NOCACHE", "none")
+
+
+def test_sparse_generate_summary_reports_bytes_and_memory(tiny_flash, capsys):
+    d = tiny_flash("llama-relu")
+    assert main(["generate", str(d), "--prompt", "w5 w6 w7", "-n", "5", "--sparse",
+                 "--selection", "oracle", "--window", "2", "--stats", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    summary = rows[-1]
+    assert summary["tokens"] == 5
+    assert summary["avg_bytes_read"] >= 0 and 0 <= summary["avg_hit_rate"] <= 1
+    assert 0 <= summary["ffn_fraction_read_per_token"] <= 1
+    assert summary["peak_rss"] is None or summary["peak_rss"] > 0
+
+
+def test_demo_help_describes_the_budget(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "budget" in capsys.readouterr().out
