@@ -58,6 +58,7 @@ class Setting:
     threshold: float = 0.5       # predictor
     compute: str = "predicted"   # predicted | cached
     k: int = 0                   # cached: the window whose union is computed
+    cap: float = 0.0             # > 0: neuron cache capacity as a fraction of each layer
 
 
 @dataclass
@@ -113,6 +114,38 @@ class Simulator:
             U[j:] |= S[:-j]
         return U
 
+    def _capped(self, s: Setting, layer: int, x, h, S, res: Result, down):
+        """A DRAM budget: a cache of `cap` neurons per layer, as loader.SparseFFN.rows runs
+        it token by token: keep the top-scoring `cap` predicted neurons, add the token to the
+        window (k tokens), then forget the oldest tokens until the union fits."""
+        cap = max(1, int(self.f * s.cap))
+        scores = self.p.layers[layer].scores(x) if s.kind == "predictor" else np.abs(h)
+        k = s.k or 4
+        counts = np.zeros(self.f, np.int32)
+        hist: list = []
+        M = np.zeros_like(S)
+        loaded = held = 0
+        for t in range(S.shape[0]):
+            ids = np.flatnonzero(S[t])
+            if ids.size > cap:
+                ids = ids[np.argpartition(-scores[t, ids], cap - 1)[:cap]]
+            loaded += int((counts[ids] == 0).sum())
+            counts[ids] += 1
+            hist.append(ids)
+            if len(hist) > k:
+                counts[hist.pop(0)] -= 1
+            while len(hist) > 1 and int((counts > 0).sum()) > cap:
+                counts[hist.pop(0)] -= 1
+            if s.compute == "cached":
+                M[t] = counts > 0
+            else:
+                M[t, ids] = True
+            held += int((counts > 0).sum())
+        res.computed += M.sum()
+        res.loaded[k] = res.loaded.get(k, 0) + loaded
+        res.held[k] = res.held.get(k, 0) + held
+        return (h * M) @ down
+
     def run(self, s: Setting, windows, keep_logits=None) -> Result:
         res = Result(s)
         tr = self.m.transformer
@@ -124,6 +157,8 @@ class Simulator:
             if S is None:
                 res.computed += h.size
                 return h @ down
+            if s.cap:
+                return self._capped(s, layer, x, h, S, res, down)
             M = S if s.compute == "predicted" else self._union(S, s.k)
             res.computed += M.sum()
             for k in ((s.k,) if s.compute == "cached" else KS):
@@ -156,10 +191,20 @@ def check_against_runtime(directory, sim: Simulator, s: Setting, ids, n: int) ->
     """Run the real sparse runtime token by token on ids[:n]; compare with the simulation."""
     import flashinfer_py as fi
 
-    rt = fi.load(directory, fi.RuntimeConfig(
+    cfg = fi.RuntimeConfig(
         sparse=True, selection=s.kind if s.kind != "dense" else "all",
         oracle_sparsity=s.sparsity, predictor_threshold=s.threshold, compute=s.compute,
-        window=s.k or 4, prefill_chunk=1))
+        window=s.k or 4, prefill_chunk=1)
+    if s.cap:  # the budget whose neuron cache holds int(cap * d_ff) neurons per layer
+        from flashinfer_py.loader import plan_memory
+
+        a = sim.m.args
+        base = plan_memory(a, sim.m.manifest, cfg, sim.p.nbytes if s.kind == "predictor" else 0)
+        cfg = cfg.replace(dram_budget=base.total - base.cache_bytes
+                          + int(sim.f * s.cap) * a.num_hidden_layers * base.record_bytes)
+    rt = fi.load(directory, cfg)
+    if s.cap:
+        assert rt.plan.cache_capacity[0] == int(sim.f * s.cap), rt.plan.cache_capacity[0]
     cache = rt.new_cache()
     rt.reset()
     got, loaded = [], 0
@@ -209,14 +254,19 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None, help="flash directory (default: embedded SmolLM2)")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--window-tokens", type=int, default=256)
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    ap.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.5, 0.7])
     ap.add_argument("--cached-thresholds", type=float, nargs="*", default=[0.5, 0.7])
     ap.add_argument("--oracle", type=float, nargs="*", default=[0.3, 0.5])
+    ap.add_argument("--caps", type=float, nargs="*", default=[],
+                    help="also run the default setting (p>0.5, cached, k=4) with a neuron cache "
+                         "of these fractions of each layer (what a DRAM budget does)")
     ap.add_argument("--retrain", action="store_true", help="train even if predictors exist")
     ap.add_argument("--train", default="", help="TrainConfig overrides, e.g. 'recall=0.95'")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--check-only", action="store_true", help="only compare with the runtime")
     ap.add_argument("--write", action="store_true", help="write benchmarks/RESULTS_sparse.md")
     ns = ap.parse_args(argv)
+    commit, load0 = git_commit(), (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
 
     import flashinfer_py as fi
     from flashinfer_py.corpora import wikipedia_excerpt
@@ -256,6 +306,11 @@ def main(argv=None) -> int:
     ids = ids[-need:]
     windows = [ids[i * ns.window_tokens:(i + 1) * ns.window_tokens] for i in range(ns.windows)]
     sim = Simulator(model, preds)
+    if ns.check_only:
+        for c in ns.caps:
+            s = Setting("capped", "predictor", compute="cached", k=4, cap=c)
+            print(check_against_runtime(ns.dir, sim, s, windows[0], 48))
+        return 0
 
     settings = [Setting("dense", "dense")]
     settings += [Setting(f"oracle {int(100 * s)}% sparse", "oracle", sparsity=s) for s in ns.oracle]
@@ -263,6 +318,11 @@ def main(argv=None) -> int:
                  for t in ns.thresholds]
     settings += [Setting(f"predictor p>{t:g}, cached k={k}", "predictor", threshold=t,
                          compute="cached", k=k) for t in ns.cached_thresholds for k in KS]
+    settings += [Setting(f"predictor p>0.5, cached k=4, cache {int(100 * c)}% of FFN",
+                         "predictor", compute="cached", k=4, cap=c) for c in ns.caps]
+    settings += [Setting(f"oracle 50% sparse, cached k=4, cache {int(100 * c)}% of FFN",
+                         "oracle", sparsity=0.5, compute="cached", k=4, cap=c)
+                 for c in ns.caps if c >= 0.5]
     L, f = sim.L, sim.f
     rec = int(model.manifest["bundle"]["record_bytes"])
     ffn_mib = L * f * rec / 2**20
@@ -305,8 +365,9 @@ def main(argv=None) -> int:
         meta = preds.meta
         out = [
             "# Sparse inference quality on SmolLM2-135M-Instruct (fp16)", "",
-            f"- date: {datetime.date.today().isoformat()}; git commit: {git_commit()}",
-            f"- machine: {machine()} (shared with another engineer's disk benchmarks)",
+            f"- date: {datetime.date.today().isoformat()}; git commit: {commit}",
+            f"- machine: {machine()}, {load0:.1f} at the start (shared with another "
+            "engineer's disk benchmarks)",
             f"- command: `{cmd.strip()}`",
             f"- predictors: {meta.get('tokens')} calibration tokens from the head of the "
             f"Wikipedia excerpt, config {meta.get('config')}; training took "
@@ -323,7 +384,11 @@ def main(argv=None) -> int:
             "```", "\n".join(report.splitlines()[-2:]), "```", "",
             table, "",
             "Simulation vs runtime:", "", "```", check, "```", ""]
-        (HERE / "RESULTS_sparse.md").write_text("\n".join(out))
+        path = HERE / "RESULTS_sparse.md"
+        keep = ""  # hand-written analysis below the generated part survives a re-run
+        if path.is_file() and "\n## Findings" in path.read_text():
+            keep = path.read_text()[path.read_text().index("\n## Findings"):]
+        path.write_text("\n".join(out) + keep)
     return 0
 
 

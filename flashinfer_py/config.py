@@ -240,7 +240,7 @@ class RuntimeConfig:
         compute: "predicted" computes each token with its own predicted neurons only; "cached"
             (default) uses every cached neuron (the window's union: no extra I/O, closer to
             dense). Measured on SmolLM2 (benchmarks/RESULTS_sparse.md): predicted sets alone
-            cost +35% perplexity at the default threshold, the k=4 union +1.7%.
+            cost +35% perplexity at the default threshold, the k=4 union +1.8%.
         prefill_chunk: prompt tokens processed together in sparse mode (their union of active
             sets counts as one window step).
         oracle_sparsity: for selection="oracle" on non-ReLU models, the fraction of neurons
