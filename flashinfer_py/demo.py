@@ -50,17 +50,31 @@ def run(prompt: str, max_tokens: int, cache_fraction: float = 0.25) -> int:
     from .format import read_manifest
     from .loader import plan_memory
 
-    # Budget: 95% of the model's size on flash, for the whole process (weights, predictors,
-    # KV cache, interpreter). What is left after the resident part becomes the neuron cache.
     m = read_manifest(directory)
     rt = RuntimeConfig(sparse=True, max_context=256)
     pred_bytes = (directory / "predictors.npz").stat().st_size
+    base = [sys.executable, "-m", "flashinfer_py", "generate", str(directory), "--prompt", prompt,
+            "-n", str(max_tokens), "--max-context", "256"]
+
+    _say("sparse, in a fresh process: FFN streamed from flash through the neuron cache; the "
+         "cache keeps the neurons of the last 4 tokens (the sliding window), so each token "
+         "reads only the few it lacks")
+    rc = _run(base + ["--sparse"])
+
+    # Budget: 95% of the model's size on flash, for the whole process (weights, predictors,
+    # KV cache, interpreter). What is left after the resident part becomes the neuron cache.
     budget = int(0.95 * model_bytes)
     plan = plan_memory(ModelArgs.from_dict(m["model"]), m, rt.replace(dram_budget=budget), pred_bytes)
-    _say(f"sparse, in a fresh process: FFN streamed from flash under a DRAM budget of "
-         f"{format_bytes(budget)} (95% of the model's {format_bytes(model_bytes)}); the neuron "
-         f"cache holds {100 * plan.cache_capacity[0] / plan.d_ff:.0f}% of each layer")
-    cmd = [sys.executable, "-m", "flashinfer_py", "generate", str(directory), "--prompt", prompt,
-           "-n", str(max_tokens), "--dram-budget", str(budget), "--max-context", "256", "--stats"]
-    print("$ flashinfer-py " + " ".join(cmd[3:]), flush=True)
-    return subprocess.run(cmd).returncode
+    _say(f"sparse under a DRAM budget of {format_bytes(budget)} for the whole process (95% of the "
+         f"model's {format_bytes(model_bytes)}): the neuron cache holds "
+         f"{100 * plan.cache_capacity[0] / plan.d_ff:.0f}% of each layer")
+    print("SmolLM2 uses SiLU, not ReLU: about half its neurons matter for each token and the "
+          "low-rank predictors find them only roughly, so quality drops once the cache holds "
+          "less than the window needs (benchmarks/RESULTS_sparse.md). ReLU models (OPT, "
+          "ReluLLaMA, ProSparse) are what this method is built for.")
+    return _run(base + ["--dram-budget", str(budget)]) or rc
+
+
+def _run(cmd: list) -> int:
+    print("$ flashinfer-py " + " ".join(cmd[3:]) + " --stats", flush=True)
+    return subprocess.run(cmd + ["--stats"]).returncode
