@@ -169,7 +169,10 @@ class SparseFFN:
         hits = len(ids) - len(load) if self.runtime.reuse else 0
         before = cache.stats()
         if len(evict):
-            cache.evict(layer, evict)
+            if self.runtime.reuse:
+                cache.evict(layer, evict)
+            else:  # every cached row goes: dropping them all is O(1), compaction is not
+                cache.clear(layer)
         t2 = time.perf_counter_ns()
         if len(load):
             if self.runtime.bundled:
