@@ -1,0 +1,573 @@
+"""The paper's Table 2 and Table 3 for an OPT-6.7B-shaped model, measured on this machine.
+
+    python benchmarks/paper_table.py [--workdir DIR] [--json rows.jsonl]
+
+1. Builds once, and reuses, under ``--workdir`` (default
+   ``${FLASHINFER_PY_CACHE:-~/.cache/flashinfer_py}/bench/opt-6.7b-shape``):
+   - ``ffn_bundles.bin``: 32 layers x 16384 neurons, float16, parts up+down, one 16 KiB record
+     per neuron (8.6 GB). Synthetic weights: one random 64 MiB float16 block, copied at a
+     different offset into every part of every layer (a memcpy per layer, so the build runs at
+     disk write speed and no two records are equal).
+   - ``resident.bin``: a plain file of the size of OPT-6.7B's attention, embeddings and norms
+     (4.73 GB); only its bytes matter (the naive row reads it every token).
+2. Generates a trace of *predicted* active sets with the paper's statistics (see
+   :func:`make_trace` for the process) and prints its statistics next to the paper's.
+3. Runs each Table 2 row through the real runtime (``loader.SparseFFN`` with
+   ``RuntimeConfig(ablation=...)``, i.e. BundleReader + NeuronCache + SlidingWindow, O_DIRECT,
+   queue depth 32), with a trace-replaying predictor in place of the trained one and no
+   attention compute inside the I/O path. The page cache is dropped (posix_fadvise DONTNEED on
+   both files, and drop_caches when allowed) before each row. Per token it records I/O time
+   (the reader's reads, and for naive the resident file), memory management (window update,
+   eviction/compaction, row bookkeeping) and compute on this CPU: the FFN kernel over the cached
+   rows of the predicted neurons (all rows for naive/hybrid), an attention-sized dense matvec
+   (4 x 4096x4096 float16 per layer, weights cycled through 1 GiB so they come from DRAM) and,
+   for the predictor rows, the low-rank predictor's two matvecs (rank 128, 1024 in the last 4
+   layers, as the paper's OPT predictors).
+4. Measures fio (16 KiB random reads, QD32, io_uring, O_DIRECT) on the same file just before and
+   after the "+bundling" row, for the ">= 80% of fio" target.
+
+Prints markdown tables (trace statistics, Table 2, Table 3, targets) for benchmarks/RESULTS.md.
+Rows naive and hybrid read 13.4 / 8.6 GB per token, so they run few tokens (``--big-tokens``).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flashinfer_py import kernels
+from flashinfer_py.bundles import BundleWriter, read_header
+from flashinfer_py.config import ModelArgs, RuntimeConfig
+from flashinfer_py.default_model import cache_root
+from flashinfer_py.loader import SparseFFN, plan_memory
+
+# ---- the shape: OPT-6.7B ------------------------------------------------------------------
+L, D, F = 32, 4096, 16384
+VOCAB, MAX_POS = 50272, 2048
+RECORD = 2 * D * 2                        # up + down, float16: 16 KiB
+FFN_BYTES = L * F * RECORD                # 8.59e9
+# attention (q,k,v,o weights + biases), 2 layer norms, fc1/fc2 biases per layer; token and
+# learned position embeddings (LM head tied); final norm. float16.
+RESIDENT_PARAMS = (L * (4 * (D * D + D) + 2 * 2 * D + F + D)
+                   + VOCAB * D + (MAX_POS + 2) * D + 2 * D)
+RESIDENT_BYTES = -(-RESIDENT_PARAMS * 2 // 4096) * 4096   # 4.73e9
+BUNDLE_NAME, RESIDENT_NAME = "ffn_bundles.bin", "resident.bin"
+HEADROOM = 2 << 30
+
+# ---- the paper (OPT-6.7B, M1 Max; PAPER.md) -----------------------------------------------
+PAPER_T2 = {  # row: (DRAM GB, GB per token, GB/s, I/O ms)
+    "naive": (0.0, 13.4, 6.10, 2196), "hybrid": (6.7, 6.7, 6.10, 1090),
+    "predictor": (4.8, 0.9, 1.25, 738), "window": (6.5, 0.2, 1.25, 164),
+    "bundling": (6.5, 0.2, 2.25, 87)}
+ROWS = ("naive", "hybrid", "predictor", "window", "bundling")
+FLAGS = {"naive": "- - - -", "hybrid": "x - - -", "predictor": "x x - -",
+         "window": "x x x -", "bundling": "x x x x"}
+
+# ---- trace parameters (documented in make_trace) ------------------------------------------
+ACTIVE_FIRST, ACTIVE_LAST, ACTIVE_MEAN = 0.015, 0.054, 0.033
+PREDICTED_OVER_ACTIVE = 3.0
+KEEP = 0.5          # each predicted neuron of token t-1 stays predicted at t with this prob.
+ZIPF_S = 1.2        # popularity of neuron of rank r ~ 1 / r^s (random ranks per layer)
+WINDOW = 5
+
+
+def default_workdir() -> Path:
+    return cache_root() / "bench" / "opt-6.7b-shape"
+
+
+def gb(n: float) -> float:
+    return n / 1e9
+
+
+# ---- building the files -------------------------------------------------------------------
+
+def _bundle_ok(path: Path) -> bool:
+    try:
+        h = read_header(path)
+    except (OSError, ValueError, RuntimeError):
+        return False
+    return (h["n_layers"], h["d_model"], h["d_ff"], h["dtype"], h["record_bytes"],
+            list(h["parts"])) == (L, D, F, "float16", RECORD, ["up", "down"])
+
+
+def build_files(workdir: Path) -> tuple[Path, Path]:
+    """Create (once) the bundle file and the resident file; reuse them when they are valid."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    bundle, resident = workdir / BUNDLE_NAME, workdir / RESIDENT_NAME
+    need_b = not _bundle_ok(bundle)
+    need_r = not (resident.exists() and resident.stat().st_size == RESIDENT_BYTES)
+    need = (FFN_BYTES if need_b else 0) + (RESIDENT_BYTES if need_r else 0)
+    if need:
+        have = (bundle.stat().st_size if need_b and bundle.exists() else 0) + \
+               (resident.stat().st_size if need_r and resident.exists() else 0)
+        free = shutil.disk_usage(workdir).free + have
+        if free < need + HEADROOM:
+            sys.exit(f"not enough free space in {workdir}: the OPT-6.7B-shaped files need "
+                     f"{gb(need):.1f} GB plus {gb(HEADROOM):.1f} GB headroom, only "
+                     f"{gb(free):.1f} GB is free. Pass --workdir on a larger filesystem.")
+    rng = np.random.default_rng(0)
+    base = None
+    if need:
+        block = 32 << 20  # float16 elements: a 64 MiB block
+        base = (rng.standard_normal(block, dtype=np.float32) * 0.02).astype(np.float16)
+    if need_b:
+        t0 = time.time()
+        m = base.size
+        parts = [np.empty(F * D, np.float16) for _ in range(2)]
+        with BundleWriter(bundle, L, D, F, "float16", ("up", "down")) as w:
+            for layer in range(L):
+                for p, arr in enumerate(parts):
+                    for half in range(F * D // m):  # each 64 MiB half at its own offset
+                        o = ((layer * 4 + p * 2 + half) * 1_000_003 + 17) % m
+                        dst = arr[half * m:(half + 1) * m]
+                        dst[:m - o] = base[o:]
+                        dst[m - o:] = base[:o]
+                w.write_layer(layer, [parts[0].reshape(F, D), parts[1].reshape(F, D)])
+                print(f"\rwriting {bundle.name}: layer {layer + 1}/{L}", end="", file=sys.stderr)
+        print(f" ({time.time() - t0:.0f} s)", file=sys.stderr)
+    if need_r:
+        t0 = time.time()
+        tmp = resident.with_suffix(".partial")
+        raw = base.view(np.uint8)
+        with open(tmp, "wb") as f:
+            left = RESIDENT_BYTES
+            while left:
+                n = min(left, raw.size)
+                f.write(raw[:n])
+                left -= n
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(resident)
+        print(f"wrote {resident.name} ({time.time() - t0:.0f} s)", file=sys.stderr)
+    return bundle, resident
+
+
+# ---- the trace ----------------------------------------------------------------------------
+
+def active_fractions() -> np.ndarray:
+    """Truly active fraction per layer: 1.5% in the first layer rising to 5.4% in the last,
+    as a power curve a_l = 1.5% + 3.9% (l/31)^p with p chosen so the mean is 3.3%."""
+    p = (ACTIVE_LAST - ACTIVE_FIRST) / (ACTIVE_MEAN - ACTIVE_FIRST) - 1
+    return ACTIVE_FIRST + (ACTIVE_LAST - ACTIVE_FIRST) * (np.arange(L) / (L - 1)) ** p
+
+
+def make_trace(n_tokens: int, seed: int = 0):
+    """Predicted and truly active neuron sets, [layer][token] -> sorted int32 ids.
+
+    Per layer l, independently:
+    - n_l = 3 x a_l x 16384 predicted neurons per token (a_l from :func:`active_fractions`; the
+      paper's predictors predict ~3x the truly active neurons).
+    - Each neuron gets a popularity 1 / rank^1.2 (Zipf; ranks a random permutation), fixed for
+      the run: a persistent "hot" set that many tokens share.
+    - Token 0 draws n_l neurons without replacement in proportion to popularity (Gumbel top-k).
+      Token t keeps each neuron predicted at t-1 with probability 0.5 (short-range reuse) and
+      draws the rest the same way from the neurons not kept.
+    - The truly active set is a random third of the predicted set.
+    KEEP = 0.5 and ZIPF_S = 1.2 were picked from a small grid (KEEP 0-0.7 x s 0.5-1.2, 20
+    tokens) as the pair whose k=5 window loads 2.4% of the FFN per token (the paper's figure).
+    """
+    rng = np.random.default_rng(seed)
+    a = active_fractions()
+    pred, true = [], []
+    for layer in range(L):
+        n = int(round(PREDICTED_OVER_ACTIVE * a[layer] * F))
+        logw = np.empty(F)
+        logw[rng.permutation(F)] = -ZIPF_S * np.log(np.arange(1, F + 1, dtype=np.float64))
+        prev = np.empty(0, np.int64)
+        ps, ts = [], []
+        for _ in range(n_tokens):
+            keep = prev[rng.random(prev.size) < KEEP]
+            key = logw + rng.gumbel(size=F)
+            key[keep] = -np.inf
+            m = n - keep.size
+            s = np.sort(np.concatenate([keep, np.argpartition(-key, m)[:m]])).astype(np.int32)
+            ps.append(s)
+            ts.append(np.sort(rng.choice(s, int(round(a[layer] * F)), replace=False)))
+            prev = s.astype(np.int64)
+        pred.append(ps)
+        true.append(ts)
+    return pred, true
+
+
+def trace_stats(pred, true, k: int = WINDOW, skip: int = WINDOW) -> dict:
+    """The trace's own figures, as the paper states them (tokens from `skip` on, so the window
+    is full)."""
+    n_tok = len(pred[0])
+    act = np.array([[len(true[layer][t]) / F for t in range(n_tok)] for layer in range(L)])
+    prd = np.array([[len(pred[layer][t]) / F for t in range(n_tok)] for layer in range(L)])
+    new = np.zeros((L, n_tok - skip))
+    union = np.zeros((L, n_tok - skip))
+    for layer in range(L):
+        for j, t in enumerate(range(skip, n_tok)):
+            prev = np.unique(np.concatenate(pred[layer][t - k + 1:t]))
+            cur = pred[layer][t]
+            new[layer, j] = np.setdiff1d(cur, prev, assume_unique=True).size / F
+            union[layer, j] = np.union1d(prev, cur).size / F
+    return {"active_mean": act.mean(), "active_first": act[0].mean(), "active_last": act[-1].mean(),
+            "predicted_mean": prd.mean(), "predicted_gb": prd.mean() * FFN_BYTES / 1e9,
+            "window_new": new.mean(), "window_new_gb": new.mean() * FFN_BYTES / 1e9,
+            "window_union": union.mean(), "window_union_gb": union.mean() * FFN_BYTES / 1e9}
+
+
+def format_trace_stats(s: dict) -> str:
+    rows = [
+        ("truly active per token, mean over layers", "~3.3%", f"{100 * s['active_mean']:.2f}%"),
+        ("truly active, first layer", "~1.5%", f"{100 * s['active_first']:.2f}%"),
+        ("truly active, last layer", "~5.4%", f"{100 * s['active_last']:.2f}%"),
+        ("predicted per token (% of FFN)", "~10% (3x active)", f"{100 * s['predicted_mean']:.2f}%"),
+        ("predicted per token, bytes", "0.9 GB", f"{s['predicted_gb']:.2f} GB"),
+        (f"new per token with a {WINDOW}-token window", "2.4% (0.2 GB)",
+         f"{100 * s['window_new']:.2f}% ({s['window_new_gb']:.3f} GB)"),
+        (f"held by the {WINDOW}-token window", "~24%",
+         f"{100 * s['window_union']:.1f}% ({s['window_union_gb']:.2f} GB)"),
+    ]
+    out = ["| statistic | paper (OPT-6.7B) | this trace |", "|---|---|---|"]
+    out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(out)
+
+
+# ---- the runtime, driven by the trace -----------------------------------------------------
+
+class _TraceLayer:
+    def __init__(self, owner, layer):
+        self.owner, self.layer = owner, layer
+
+    def predict(self, x, threshold, cap):
+        return self.owner.pred[self.layer][self.owner.token]
+
+
+class TracePredictor:
+    """Stands in for trained predictors: returns the trace's predicted set of the current token
+    (``token`` is set by the driver). Its compute cost is measured separately (``matvecs``)."""
+
+    def __init__(self, pred):
+        self.pred, self.token = pred, 0
+        self.layers = [_TraceLayer(self, layer) for layer in range(L)]
+        self.nbytes = 0
+
+
+class ComputeModel:
+    """The CPU work of a token besides the FFN rows: attention-sized dense matvecs and the
+    predictors' low-rank matvecs, with weights that come from DRAM (not the L3)."""
+
+    def __init__(self, threads: int, seed: int = 1):
+        rng = np.random.default_rng(seed)
+        self.threads = threads
+        # 8 distinct (4*4096, 4096) float16 matrices = 1 GiB, cycled over the layers.
+        blk = (rng.standard_normal(4 * D * D // 8, dtype=np.float32) * 0.02).astype(np.float16)
+        self.attn = [np.tile(np.roll(blk, i * 7919), 8).reshape(4 * D, D) for i in range(8)]
+        self.pred = []
+        for layer in range(L):
+            r = 1024 if layer >= L - 4 else 128
+            self.pred.append((np.resize(blk, (r, D)), np.resize(np.roll(blk, layer), (F, r))))
+        self.pred_bytes = sum(a.nbytes + b.nbytes for a, b in self.pred)
+
+    def attention(self, layer: int, x: np.ndarray) -> None:
+        kernels.linear(x, self.attn[layer % len(self.attn)], threads=self.threads)
+
+    def predictor(self, layer: int, x: np.ndarray) -> None:
+        a, b = self.pred[layer]
+        h = kernels.linear(x, a, threads=self.threads)
+        kernels.linear(h, b, threads=self.threads)
+
+
+def _drop_caches(paths) -> str:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return "posix_fadvise(DONTNEED) on both files + drop_caches"
+    except OSError:
+        return "posix_fadvise(DONTNEED) on both files"
+
+
+def run_row(row: str, workdir: Path, pred, compute: ComputeModel, warmup: int, tokens: int,
+            a) -> dict:
+    """One Table 2 row: `warmup` tokens, then `tokens` measured ones (trace tokens from 0)."""
+    args = ModelArgs(arch="opt", vocab_size=VOCAB, hidden_size=D, intermediate_size=F,
+                     num_hidden_layers=L, num_attention_heads=32, hidden_act="relu",
+                     gated=False, norm="layernorm", attention_bias=True, ffn_bias=True,
+                     learned_pos_offset=2, max_position_embeddings=MAX_POS)
+    manifest = {"files": {"bundles": BUNDLE_NAME, "dense": RESIDENT_NAME},
+                "bundle": {"record_bytes": RECORD}}
+    rt = RuntimeConfig(ablation=row, window=WINDOW, compute="predicted", threads=a.threads,
+                       queue_depth=a.queue_depth, io_engine=a.engine, max_context=1)
+    predictor = TracePredictor(pred)
+    rng = np.random.default_rng(2)
+    dense = {f"layers.{i}.ffn_up_bias": (rng.standard_normal(F) * 0.01).astype(np.float32)
+             for i in range(L)}
+    plan = plan_memory(args, manifest, rt, resident_bytes=RESIDENT_BYTES)
+    ffn = SparseFFN(workdir, manifest, args, dense, rt, predictors=predictor, plan=plan)
+    cold = _drop_caches([workdir / BUNDLE_NAME, workdir / RESIDENT_NAME])
+    x = (np.random.default_rng(3).standard_normal((1, D)) * 0.1).astype(np.float32)
+    out = np.empty((1, D), np.float32)
+    uses_predictor = rt.selection == "predictor"
+    per_tok = []
+    for t in range(warmup + tokens):
+        predictor.token = t
+        ffn.start_token()
+        c_ffn = c_att = c_pred = 0
+        for layer in range(L):
+            t0 = time.perf_counter_ns()
+            compute.attention(layer, x)
+            t1 = time.perf_counter_ns()
+            if uses_predictor:
+                compute.predictor(layer, x)
+            t2 = time.perf_counter_ns()
+            rows, bias, select = ffn.rows(layer, x)
+            t3 = time.perf_counter_ns()
+            kernels.ffn_rows(x, rows, D, up_off=0, down_off=D, activation="relu",
+                             up_bias=bias, row_select=select, out=out, threads=a.threads)
+            t4 = time.perf_counter_ns()
+            c_att += t1 - t0
+            c_pred += t2 - t1
+            c_ffn += t4 - t3
+        st = ffn.end_token()
+        if t >= warmup:
+            per_tok.append({"io_ms": st.io_ns / 1e6, "mm_ms": st.mm_ns / 1e6,
+                            "lookup_ms": st.predict_ns / 1e6, "bytes": st.bytes_read,
+                            "reads": st.reads, "loaded": st.loaded, "needed": st.needed,
+                            "hits": st.hits, "cached_rows": st.cached, "direct": st.direct,
+                            "ffn_ms": c_ffn / 1e6, "attn_ms": c_att / 1e6,
+                            "pred_ms": c_pred / 1e6})
+        print(f"  {row}: token {t}{' (warm-up)' if t < warmup else ''}: "
+              f"{st.bytes_read / 1e9:.3f} GB in {st.io_ns / 1e6:.0f} ms", file=sys.stderr)
+    direct = ffn.reader.is_direct and all(p["direct"] for p in per_tok)
+    engine = ffn.reader.engine
+    del ffn
+    gc.collect()
+
+    def ms(key):
+        v = np.array([p[key] for p in per_tok])
+        return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+    io, mm = ms("io_ms"), ms("mm_ms")
+    byt = float(np.mean([p["bytes"] for p in per_tok]))
+    reads = float(np.mean([p["reads"] for p in per_tok]))
+    gbps = np.array([p["bytes"] / p["io_ms"] / 1e6 for p in per_tok])
+    compute_ms = np.array([p["ffn_ms"] + p["attn_ms"] + p["pred_ms"] for p in per_tok])
+    total = np.array([p["io_ms"] + p["mm_ms"] + p["lookup_ms"] + p["ffn_ms"] + p["attn_ms"]
+                      + p["pred_ms"] for p in per_tok])
+    resident = 0 if rt.reread_resident else RESIDENT_BYTES
+    cache_peak = max(p["cached_rows"] for p in per_tok) * RECORD
+    needed = sum(p["needed"] for p in per_tok)
+    return {
+        "row": row, "warmup_tokens": warmup, "tokens": tokens, "cold": cold, "direct": direct,
+        "engine": engine, "queue_depth": a.queue_depth, "threads": a.threads,
+        "dram_bytes": resident + cache_peak + (compute.pred_bytes if uses_predictor else 0),
+        "resident_bytes": resident, "cache_peak_bytes": cache_peak,
+        "predictor_bytes": compute.pred_bytes if uses_predictor else 0,
+        "bytes_per_token": byt, "reads_per_token": reads,
+        "mean_read_bytes": byt / reads if reads else 0.0,
+        "gbps_mean": float(gbps.mean()), "gbps_sd": float(gbps.std(ddof=1)) if len(gbps) > 1 else 0.0,
+        "io_ms": io[0], "io_ms_sd": io[1], "mm_ms": mm[0], "mm_ms_sd": mm[1],
+        "lookup_ms": ms("lookup_ms")[0], "ffn_ms": ms("ffn_ms")[0], "attn_ms": ms("attn_ms")[0],
+        "pred_ms": ms("pred_ms")[0], "compute_ms": float(compute_ms.mean()),
+        "total_ms": float(total.mean()), "total_ms_sd": float(total.std(ddof=1)) if len(total) > 1 else 0.0,
+        "hit_rate": sum(p["hits"] for p in per_tok) / needed if needed else 0.0,
+        "load_avg": list(os.getloadavg()), "per_token": per_tok,
+    }
+
+
+# ---- fio ----------------------------------------------------------------------------------
+
+def fio_gbps(path: Path, bs: int, qd: int, seconds: float, huge: bool) -> float:
+    cmd = ["fio", "--name=r", f"--filename={path}", "--rw=randread", f"--bs={bs}",
+           f"--iodepth={qd}", "--ioengine=io_uring", "--direct=1", "--norandommap",
+           "--randrepeat=0", f"--runtime={seconds}s", "--time_based", "--output-format=json",
+           "--readonly"] + (["--mem=shmhuge"] if huge else [])
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    return out["jobs"][0]["read"]["bw_bytes"] / 1e9
+
+
+def _hugetlb_free() -> int:
+    try:
+        kv = {ln.split(":")[0]: ln.split()[1] for ln in open("/proc/meminfo")}
+        return int(kv.get("HugePages_Free", 0)) * int(kv.get("Hugepagesize", 0)) * 1024
+    except OSError:
+        return 0
+
+
+def fio_pair(path: Path, seconds: float) -> dict:
+    if not shutil.which("fio"):
+        return {}
+    r = {"fio": fio_gbps(path, 16384, 32, seconds, False)}
+    if _hugetlb_free() >= 64 * 16384:
+        r["fio_huge"] = fio_gbps(path, 16384, 32, seconds, True)
+    return r
+
+
+# ---- reporting ----------------------------------------------------------------------------
+
+def environment(workdir: Path) -> dict:
+    from flashinfer_py._core import build_info
+
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True,
+                               cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        sha, dirty = "?", ""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    dev = "?"
+    try:
+        p = str(workdir.resolve())
+        best = ""
+        for ln in open("/proc/mounts"):
+            d, mnt = ln.split()[:2]
+            if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, dev = mnt, d
+    except OSError:
+        pass
+    return {"date": time.strftime("%Y-%m-%d %H:%M %z"), "git": sha + ("+dirty" if dirty else ""),
+            "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem / 2**30, 1),
+            "device": dev, "kernel": platform.release(), "build": build_info()}
+
+
+def format_table2(res: dict) -> str:
+    out = ["| hybrid pred window bundle | tokens | DRAM | flash->DRAM /token | reads/token "
+           "(mean size) | throughput | I/O latency | paper: DRAM, /token, GB/s, I/O |",
+           "|---|---|---|---|---|---|---|---|"]
+    for row in ROWS:
+        r = res.get(row)
+        if r is None:
+            continue
+        p = PAPER_T2[row]
+        out.append(
+            f"| {row} ({FLAGS[row]}) | {r['warmup_tokens']}+{r['tokens']} | "
+            f"{gb(r['dram_bytes']):.2f} GB | {gb(r['bytes_per_token']):.3f} GB | "
+            f"{r['reads_per_token']:.0f} ({r['mean_read_bytes'] / 1024:.0f} KiB) | "
+            f"{r['gbps_mean']:.2f} ± {r['gbps_sd']:.2f} GB/s | "
+            f"**{r['io_ms']:.0f} ± {r['io_ms_sd']:.0f} ms** | "
+            f"{p[0]} GB, {p[1]} GB, {p[2]} GB/s, {p[3]} ms |")
+    return "\n".join(out)
+
+
+def format_table3(res: dict) -> str:
+    paper = {"naive": "3182 total (I/O 2196)", "bundling": "669 = 105 + 58 + 506"}
+    out = ["| config | I/O ms | memory mgmt ms | compute ms (FFN + attention + predictor) | "
+           "total ms | mgmt share | paper CPU, ms |", "|---|---|---|---|---|---|---|"]
+    for row in ROWS:
+        r = res.get(row)
+        if r is None:
+            continue
+        out.append(
+            f"| {row} | {r['io_ms']:.0f} | {r['mm_ms'] + r['lookup_ms']:.1f} | "
+            f"{r['compute_ms']:.0f} ({r['ffn_ms']:.0f} + {r['attn_ms']:.0f} + {r['pred_ms']:.0f}) | "
+            f"{r['total_ms']:.0f} ± {r['total_ms_sd']:.0f} | "
+            f"{100 * (r['mm_ms'] + r['lookup_ms']) / r['total_ms']:.1f}% | "
+            f"{paper.get(row, '')} |")
+    return "\n".join(out)
+
+
+def format_targets(res: dict, fio: dict) -> str:
+    lines = []
+    if "naive" in res and "bundling" in res:
+        f = res["naive"]["io_ms"] / res["bundling"]["io_ms"]
+        lines.append(f"- I/O latency naive -> everything on: {res['naive']['io_ms']:.0f} -> "
+                     f"{res['bundling']['io_ms']:.0f} ms = **{f:.1f}x** (target >= 25x): "
+                     f"{'met' if f >= 25 else 'NOT met'}")
+    if "bundling" in res:
+        b = gb(res["bundling"]["bytes_per_token"])
+        lines.append(f"- bytes per token with window + bundling: **{b:.3f} GB** (target <= 0.2 "
+                     f"GB): {'met' if b <= 0.2 else ('met at the paper rounding (0.2)' if b < 0.25 else 'NOT met')}")
+        r = res["bundling"]
+        share = (r["mm_ms"] + r["lookup_ms"]) / r["total_ms"]
+        lines.append(f"- memory management share of the token (everything on): "
+                     f"**{100 * share:.1f}%** (target <= 10%): {'met' if share <= 0.10 else 'NOT met'}")
+        if fio:
+            for k, v in fio.items():
+                lines.append(f"- bundled reads vs {k} (16 KiB, QD32, mean of before/after the row: "
+                             f"{v:.3f} GB/s): {r['gbps_mean']:.3f} / {v:.3f} = "
+                             f"**{r['gbps_mean'] / v:.2f}** (target >= 0.80): "
+                             f"{'met' if r['gbps_mean'] / v >= 0.8 else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where the 13.4 GB of files live (default: %(default)s -> "
+                         "<cache>/bench/opt-6.7b-shape)")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--big-tokens", type=int, default=2,
+                    help="measured tokens for naive and hybrid (13.4 / 8.6 GB each)")
+    ap.add_argument("--tokens", type=int, default=20, help="measured tokens, the other rows")
+    ap.add_argument("--warmup", type=int, default=8,
+                    help="tokens before measuring in the window rows (fills the window); the "
+                         "rows without reuse get 1")
+    ap.add_argument("--threads", type=int, default=1, help="compute threads (kernels)")
+    ap.add_argument("--queue-depth", type=int, default=32)
+    ap.add_argument("--engine", default="auto", choices=("auto", "threads", "io_uring"))
+    ap.add_argument("--fio-seconds", type=float, default=5.0, help="0 skips fio")
+    ap.add_argument("--json", type=Path, default=None, help="append JSON lines here")
+    a = ap.parse_args()
+    workdir = a.workdir or default_workdir()
+    load0 = os.getloadavg()
+    bundle, _ = build_files(workdir)
+    env = environment(workdir)
+
+    n_tok = max(a.warmup + a.tokens, 1 + a.big_tokens, WINDOW + 1)
+    t0 = time.time()
+    pred, true = make_trace(n_tok)
+    stats = trace_stats(pred, true)
+    print(f"\n## Trace ({n_tok} tokens, {time.time() - t0:.1f} s to generate)\n")
+    print(format_trace_stats(stats), flush=True)
+
+    compute = ComputeModel(a.threads)
+    res, fio = {}, {}
+    for row in a.rows:
+        big = row in ("naive", "hybrid")
+        warm = 1 if row in ("naive", "hybrid", "predictor") else a.warmup
+        toks = a.big_tokens if big else a.tokens
+        if row == "bundling" and a.fio_seconds > 0:
+            fio = fio_pair(bundle, a.fio_seconds)
+        res[row] = run_row(row, workdir, pred, compute, warm, toks, a)
+        if row == "bundling" and a.fio_seconds > 0 and fio:
+            after = fio_pair(bundle, a.fio_seconds)
+            res["fio_samples"] = {k: [fio[k], after.get(k)] for k in fio}
+            fio = {k: (fio[k] + after[k]) / 2 for k in fio if k in after}
+    load1 = os.getloadavg()
+
+    print(f"\n## {env['date']}, commit {env['git']}, load average {load0[0]:.1f} -> "
+          f"{load1[0]:.1f}; {env['cpu']}, {env['cores']} cores, {env['ram_gib']} GiB, "
+          f"{env['device']}\n")
+    print("Table 2 (per token, I/O only; cold page cache, direct I/O)\n")
+    print(format_table2(res))
+    print("\nTable 3 (per token on this CPU)\n")
+    print(format_table3(res))
+    print("\nTargets\n")
+    print(format_targets(res, fio))
+    if "fio_samples" in res:
+        print(f"\nfio samples (before, after): {res['fio_samples']}")
+    if a.json:
+        with open(a.json, "a") as f:
+            for row in ROWS:
+                if row in res:
+                    f.write(json.dumps({**env, "trace": stats, "fio": fio, **res[row]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
