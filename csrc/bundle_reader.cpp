@@ -18,15 +18,6 @@
 
 namespace flashinfer {
 
-namespace {
-
-uint64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-}  // namespace
 
 void ReadStats::add(const ReadStats& o) {
   bytes_requested += o.bytes_requested;

@@ -1,6 +1,7 @@
 // common.h: error types, checks and alignment helpers shared by the whole core.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <sstream>
@@ -31,6 +32,13 @@ inline constexpr std::size_t align_up(std::size_t x, std::size_t a) { return (x 
 inline constexpr bool is_aligned(std::size_t x, std::size_t a) { return x % a == 0; }
 inline bool is_aligned(const void* p, std::size_t a) {
   return reinterpret_cast<std::uintptr_t>(p) % a == 0;
+}
+
+// Monotonic clock in nanoseconds, for the statistics every component reports.
+inline uint64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 namespace detail {

@@ -7,13 +7,6 @@
 
 namespace flashinfer {
 
-namespace {
-uint64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-}  // namespace
 
 // ---------------------------------------------------------------------------------------
 // construction: every allocation happens here, once
