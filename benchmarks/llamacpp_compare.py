@@ -1,0 +1,394 @@
+"""Side by side with llama.cpp: a 7B-class Llama model at twice the DRAM cap, same weights.
+
+    python benchmarks/llamacpp_compare.py build            # once: GGUF + flash dir (~27 GB disk)
+    python benchmarks/llamacpp_compare.py compare [--tokens 3] [--llama-timeout 240]
+        [--read-ahead 128,machine] [--tools llama,ours]   # needs root (cgroup v1, drop_caches)
+
+What it does:
+
+1. ``build`` writes, once, under ``${FLASHINFER_PY_CACHE:-~/.cache/flashinfer_py}/bench/
+   llama-7b-shape``: ``model-f16.gguf``, a Llama-architecture model of the Llama-2-7B shape
+   (hidden 4096, FFN 11008 SwiGLU, 32 layers, 32 heads, vocab 32000, float16; 13.5 GB) with
+   synthetic weights (one random 64 MiB float16 block, rolled to a different offset for every
+   tensor), streamed tensor by tensor through ``gguf.GGUFWriter`` (peak DRAM: one tensor), with
+   a 32000-entry SentencePiece-style vocabulary so llama.cpp loads it; then ``flash/``, made from
+   that same GGUF by our converter (``flashinfer_py.convert``), so both tools read the same
+   weights. No tokenizer.json is made for the flash dir (the benchmark feeds token ids).
+2. ``compare`` runs, for each read-ahead setting (128 KiB, then the machine's own, 8 MiB here;
+   restored afterwards) and interleaved: llama.cpp (llama-cpp-python, default mmap loading,
+   ``use_extra_bufts=False`` so nothing is repacked into anonymous memory, n_threads=2,
+   n_ctx=64) and our runtime (RuntimeConfig(dram_budget=cap - 256 MiB), sparse, window 5,
+   bundled, O_DIRECT) each in its own process inside a fresh cgroup v1 memory cgroup limited to
+   half the GGUF's size (the process's interpreter, libraries, resident tensors and page cache
+   all count), after dropping the page cache. Each process evaluates one prompt token (warm-up,
+   timed separately) and then ``--tokens`` (llama.cpp) or
+   ``--our-tokens`` (ours) decode tokens one by one, timing each and taking the
+   bytes it read from storage from ``/proc/self/io`` read_bytes (mmap faults and read-ahead
+   included), and prints one JSON line.
+   - llama.cpp: greedy decode (argmax of its logits fed back), a wall-clock limit per run
+     (``--llama-timeout``); tokens finished before the limit are reported.
+   - ours: the trained predictor is replaced by a trace of predicted active sets with the
+     paper's statistics (``paper_table.make_trace`` at this FFN width: ~10% of the FFN predicted
+     per token, half of it carried over from the previous token, Zipf-popular neurons), injected
+     by replacing ``Predictors.load`` in this process only; the rest is the real model
+     (attention over the resident tensors, the SwiGLU kernel over the predicted rows, the LM
+     head). Outputs are meaningless (synthetic weights); I/O and compute are real.
+Prints a markdown table with tokens/s, bytes/token and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+L, D, F, H, VOCAB, CTX = 32, 4096, 11008, 32, 32000, 2048
+NAME_GGUF, NAME_FLASH = "model-f16.gguf", "flash"
+MARGIN = 256 << 20        # our dram_budget = cap - MARGIN (page cache of reads, numpy temporaries)
+RA_PATH = "/sys/block/vda/queue/read_ahead_kb"
+
+
+def workdir() -> Path:
+    from flashinfer_py.default_model import cache_root
+
+    return cache_root() / "bench" / "llama-7b-shape"
+
+
+def read_bytes() -> int:
+    for line in open("/proc/self/io"):
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+# ---- build --------------------------------------------------------------------------------
+
+def tensor_plan():
+    """(name, numpy shape, dtype) in file order, llama.cpp's names."""
+    out = [("token_embd.weight", (VOCAB, D), np.float16)]
+    for i in range(L):
+        out += [(f"blk.{i}.attn_norm.weight", (D,), np.float32)]
+        out += [(f"blk.{i}.attn_{p}.weight", (D, D), np.float16) for p in ("q", "k", "v")]
+        out += [(f"blk.{i}.attn_output.weight", (D, D), np.float16),
+                (f"blk.{i}.ffn_norm.weight", (D,), np.float32),
+                (f"blk.{i}.ffn_gate.weight", (F, D), np.float16),
+                (f"blk.{i}.ffn_up.weight", (F, D), np.float16),
+                (f"blk.{i}.ffn_down.weight", (D, F), np.float16)]
+    out += [("output_norm.weight", (D,), np.float32), ("output.weight", (VOCAB, D), np.float16)]
+    return out
+
+
+def build_gguf(path: Path) -> None:
+    import gguf
+
+    tmp = path.with_suffix(".partial")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name("synthetic-llama-7b-shape")
+    w.add_context_length(CTX)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(F)
+    w.add_block_count(L)
+    w.add_head_count(H)
+    w.add_head_count_kv(H)
+    w.add_rope_dimension_count(D // H)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_vocab_size(VOCAB)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"\u2581t{i}" for i in range(VOCAB - len(tokens))]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (VOCAB - 259)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([-float(i) for i in range(VOCAB)])
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    plan = tensor_plan()
+    for name, shape, dt in plan:
+        w.add_tensor_info(name, shape, np.dtype(dt), int(np.prod(shape)) * np.dtype(dt).itemsize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(0)
+    m = 32 << 20
+    base = (rng.standard_normal(m, dtype=np.float32) * 0.02).astype(np.float16)
+    t0 = time.time()
+    for k, (name, shape, dt) in enumerate(plan):
+        n = int(np.prod(shape))
+        if dt == np.float32:
+            arr = np.ones(n, np.float32)
+        else:
+            arr = np.empty(n, np.float16)
+            o = (k * 1_000_003 + 17) % m
+            src = np.concatenate([base[o:], base[:o]])
+            for s in range(0, n, m):
+                e = min(n, s + m)
+                arr[s:e] = src[:e - s]
+        w.write_tensor_data(arr.reshape(shape))
+        print(f"\rwriting {path.name}: {k + 1}/{len(plan)} ({time.time() - t0:.0f} s)", end="",
+              file=sys.stderr)
+    w.close()
+    os.replace(tmp, path)
+    print(file=sys.stderr)
+
+
+def cmd_build(a) -> None:
+    wd = workdir()
+    wd.mkdir(parents=True, exist_ok=True)
+    g, fl = wd / NAME_GGUF, wd / NAME_FLASH
+    if not g.exists():
+        build_gguf(g)
+    print(f"{g}: {g.stat().st_size / 1e9:.2f} GB", file=sys.stderr)
+    if not (fl / "manifest.json").exists():
+        from flashinfer_py import checkpoint
+        from flashinfer_py.convert import convert
+
+        # The synthetic vocabulary has no real tokenizer; the benchmark feeds token ids.
+        checkpoint.GGUFCheckpoint.write_tokenizer = lambda self, dst: []
+        t0 = time.time()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            convert(g, fl, dtype="float16", progress=False)
+        print(f"converted to {fl} in {time.time() - t0:.0f} s", file=sys.stderr)
+
+
+# ---- one measured process (runs inside the cgroup) ----------------------------------------
+
+def _tok_loop(step, first_tok: int, tokens: int, deadline: float) -> dict:
+    """step(tok) -> next tok. One warm-up (prompt) token, then `tokens` timed ones."""
+    rb0, t0 = read_bytes(), time.perf_counter()
+    tok = step(first_tok)
+    warm = {"s": time.perf_counter() - t0, "bytes": read_bytes() - rb0}
+    per = []
+    for _ in range(tokens):
+        if time.perf_counter() > deadline:
+            break
+        rb0, t0 = read_bytes(), time.perf_counter()
+        tok = step(tok)
+        per.append({"s": time.perf_counter() - t0, "bytes": read_bytes() - rb0})
+    return {"warmup": warm, "tokens": per}
+
+
+def cmd_run_llama(a) -> None:
+    import llama_cpp
+
+    t0, rb0 = time.perf_counter(), read_bytes()
+    kw = dict(model_path=str(workdir() / NAME_GGUF), n_ctx=64, n_batch=64, n_threads=2,
+              n_threads_batch=2, use_mmap=True, use_mlock=False, verbose=False)
+    # Llama() has no use_extra_bufts argument in 0.3.36: turn the CPU repack ("extra buffer
+    # types") off in the default model params it starts from, so weights stay in the mmap.
+    import llama_cpp.llama_cpp as low
+
+    defaults = low.llama_model_default_params
+
+    def no_repack():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = no_repack
+    llm = llama_cpp.Llama(**kw)
+    assert not llm.model_params.use_extra_bufts and llm.model_params.load_mode == low.LLAMA_LOAD_MODE_MMAP
+    load = {"s": time.perf_counter() - t0, "bytes": read_bytes() - rb0}
+    deadline = time.perf_counter() + a.time_limit
+
+    def step(tok):
+        llm.eval([tok])
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    out = _tok_loop(step, 1, a.tokens, deadline)
+    out.update(tool="llama.cpp", load=load, llama_cpp_version=llama_cpp.__version__)
+    print(json.dumps(out), flush=True)
+
+
+def cmd_run_ours(a) -> None:
+    import paper_table as pt
+
+    from flashinfer_py import predictor as predmod
+    from flashinfer_py.config import RuntimeConfig
+    from flashinfer_py.runtime import FlashModel
+
+    pt.L, pt.F = L, F  # make_trace / active_fractions read the module's shape
+    pred, _ = pt.make_trace(a.tokens + 1, seed=0)
+    trace = pt.TracePredictor(pred)
+    predmod.Predictors.load = classmethod(lambda cls, d, m: trace)
+    ablation = None if a.mode == "sparse" else a.mode
+    rt = RuntimeConfig(dram_budget=a.budget, selection="predictor", window=pt.WINDOW,
+                       max_context=64, threads=2, ablation=ablation)
+    t0, rb0 = time.perf_counter(), read_bytes()
+    model = FlashModel(workdir() / NAME_FLASH, rt)
+    cache = model.new_cache()
+    load = {"s": time.perf_counter() - t0, "bytes": read_bytes() - rb0,
+            "plan": model.plan.describe()}
+    deadline = time.perf_counter() + a.time_limit
+    stats = []
+
+    def step(tok):
+        trace.token = len(stats)
+        logits = model.forward([tok], cache, last_only=True)
+        stats.append(model.last_stats)
+        return int(np.argmax(logits[-1]))
+
+    out = _tok_loop(step, 1, a.tokens, deadline)
+    for rec, st in zip([out["warmup"]] + out["tokens"], stats):
+        rec.update(ffn_bytes=st["bytes_read"], io_s=st["io_ns"] / 1e9, mm_s=st["mm_ns"] / 1e9,
+                   loaded=st["loaded"], needed=st["needed"], hit_rate=st["hit_rate"],
+                   direct=st["direct"])
+    out.update(tool=f"ours ({a.mode})", load=load)
+    print(json.dumps(out), flush=True)
+
+
+# ---- the orchestrator ---------------------------------------------------------------------
+
+def memcg_root() -> Path:
+    for line in open("/proc/self/cgroup"):
+        _, ctrl, path = line.strip().split(":", 2)
+        if "memory" in ctrl.split(","):
+            return Path("/sys/fs/cgroup/memory" + path)
+    raise SystemExit("no cgroup v1 memory controller here")
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def run_capped(argv: list, cap: int, timeout: float) -> dict:
+    cg = memcg_root() / f"flashcap_{os.getpid()}"
+    cg.mkdir()
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(cap))
+        drop_caches()
+        load = os.getloadavg()
+        t0 = time.time()
+        cmd = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs; exec "$@"', "sh"] + argv
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            rc, out, err = p.returncode, p.stdout, p.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, out = "timeout", (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        res = {}
+        for line in out.splitlines():
+            if line.startswith("{"):
+                res = json.loads(line)
+        res.update(rc=rc, wall_s=time.time() - t0, load_before=load, load_after=os.getloadavg(),
+                   max_usage=int((cg / "memory.max_usage_in_bytes").read_text()),
+                   failcnt=int((cg / "memory.failcnt").read_text()), stderr_tail=err[-600:])
+        return res
+    finally:
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.2)
+
+
+def summarize(r: dict) -> dict:
+    toks = r.get("tokens", [])
+    if not toks:
+        return {"tps": 0.0, "s_tok": float("nan"), "bytes": float("nan"), "n": 0}
+    s = np.array([t["s"] for t in toks])
+    b = np.array([t["bytes"] for t in toks])
+    return {"tps": len(s) / s.sum(), "s_tok": float(s.mean()), "s_sd": float(s.std()),
+            "bytes": float(b.mean()), "n": len(s)}
+
+
+def cmd_compare(a) -> None:
+    wd = workdir()
+    size = (wd / NAME_GGUF).stat().st_size
+    cap = size // 2
+    orig_ra = int(Path(RA_PATH).read_text())
+    settings = []
+    for s in a.read_ahead.split(","):
+        settings.append(orig_ra if s == "machine" else int(s))
+    me = [sys.executable, str(Path(__file__).resolve())]
+    rows = []
+    log = open(a.json, "a") if a.json else None
+    try:
+        for ra in settings:
+            Path(RA_PATH).write_text(f"{ra}\n")
+            for tool in a.tools.split(","):
+                if tool == "llama":
+                    argv = me + ["run-llama", "--tokens", str(a.tokens), "--time-limit",
+                                 str(a.llama_timeout)]
+                    timeout = a.llama_timeout + 600
+                else:
+                    mode = "sparse" if tool == "ours" else tool
+                    argv = me + ["run-ours", "--mode", mode, "--tokens", str(a.our_tokens),
+                                 "--budget", str(cap - MARGIN), "--time-limit", "600"]
+                    timeout = 900
+                print(f"read-ahead {ra} KiB: {tool} ...", file=sys.stderr, flush=True)
+                r = run_capped(argv, cap, timeout)
+                r.update(read_ahead_kb=ra, tool_arg=tool, cap=cap)
+                sm = summarize(r)
+                print(f"  rc={r['rc']} {sm} max_usage={r['max_usage'] / 1e9:.2f} GB "
+                      f"load={r['load_before']}", file=sys.stderr, flush=True)
+                if r["rc"] not in (0,):
+                    print(r["stderr_tail"], file=sys.stderr)
+                rows.append((r, sm))
+                if log:
+                    log.write(json.dumps(r) + "\n")
+                    log.flush()
+    finally:
+        Path(RA_PATH).write_text(f"{orig_ra}\n")
+    print(f"\nmodel {size / 1e9:.2f} GB (GGUF), cap {cap / 1e9:.2f} GB (cgroup v1 memory limit)\n")
+    print("| read-ahead | tool | tokens timed | s/token | tokens/s | bytes read/token | "
+          "warm-up token s | peak cgroup memory | rc | load (1 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r, sm in rows:
+        w = r.get("warmup", {})
+        print(f"| {r['read_ahead_kb']} KiB | {r.get('tool', r['tool_arg'])} | {sm['n']} | "
+              f"{sm['s_tok']:.2f} | {sm['tps']:.3f} | {sm['bytes'] / 1e9:.2f} GB | "
+              f"{w.get('s', float('nan')):.1f} | {r['max_usage'] / 1e9:.2f} GB | {r['rc']} | "
+              f"{r['load_before'][0]:.2f} |")
+    print()
+    for ra in settings:
+        by = {r["tool_arg"]: sm for r, sm in rows if r["read_ahead_kb"] == ra}
+        if "llama" in by and "ours" in by and by["llama"]["tps"] > 0:
+            print(f"read-ahead {ra} KiB: ours / llama.cpp tokens/s = "
+                  f"{by['ours']['tps'] / by['llama']['tps']:.1f}x; bytes/token llama.cpp / ours = "
+                  f"{by['llama']['bytes'] / by['ours']['bytes']:.1f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("build")
+    c = sub.add_parser("compare")
+    c.add_argument("--tokens", type=int, default=3)
+    c.add_argument("--our-tokens", type=int, default=10,
+                   help="decode tokens for our runtime (the mean includes the window filling)")
+    c.add_argument("--llama-timeout", type=float, default=240.0)
+    c.add_argument("--read-ahead", default="128,machine")
+    c.add_argument("--tools", default="llama,ours")
+    c.add_argument("--json", default=None, help="append raw per-run records here (JSON lines)")
+    r1 = sub.add_parser("run-llama")
+    r1.add_argument("--tokens", type=int, default=3)
+    r1.add_argument("--time-limit", type=float, default=240.0)
+    r2 = sub.add_parser("run-ours")
+    r2.add_argument("--tokens", type=int, default=3)
+    r2.add_argument("--budget", type=int, required=True)
+    r2.add_argument("--mode", default="sparse", choices=("sparse", "naive"))
+    r2.add_argument("--time-limit", type=float, default=600.0)
+    a = ap.parse_args()
+    {"build": cmd_build, "compare": cmd_compare, "run-llama": cmd_run_llama,
+     "run-ours": cmd_run_ours}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
