@@ -214,6 +214,41 @@ def cmd_run_llama(a) -> None:
     print(json.dumps(out), flush=True)
 
 
+class _CostlyLayer:
+    def __init__(self, owner, layer, a, b):
+        self.owner, self.layer, self.a, self.b = owner, layer, a, b
+
+    def predict(self, x, threshold, cap):
+        from flashinfer_py import kernels
+
+        h = kernels.linear(np.ascontiguousarray(x, np.float32), self.a, threads=2)
+        kernels.linear(h, self.b, threads=2)
+        ids = self.owner.pred[self.layer][self.owner.token]
+        if ids.size > cap:  # as the real predictor does (max_active=cap): keep `cap` of them
+            self.owner.truncated[0] += 1
+            self.owner.truncated[1] += ids.size - cap
+            ids = np.sort(self.owner.rng.choice(ids, cap, replace=False))
+        return ids
+
+
+class CostlyTrace:
+    """The trace, plus the cost of real low-rank predictors: rank 128 (1024 in the last 4
+    layers, as the paper's OPT predictors), float16 weights held in DRAM (counted in the memory
+    plan through ``nbytes``) and their two matvecs run per layer. A predicted set larger than
+    the layer's cache is cut to the cache's size, as ``LayerPredictor.predict`` does."""
+
+    def __init__(self, pred, rng):
+        self.pred, self.token, self.rng, self.truncated = pred, 0, rng, [0, 0]
+        blk = (rng.standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(np.float16)
+        self.layers = []
+        for layer in range(L):
+            r = 1024 if layer >= L - 4 else 128
+            a = np.resize(np.roll(blk, layer), (r, D))
+            b = np.resize(np.roll(blk, 7 * layer + 1), (F, r))
+            self.layers.append(_CostlyLayer(self, layer, a, b))
+        self.nbytes = sum(p.a.nbytes + p.b.nbytes for p in self.layers)
+
+
 def cmd_run_ours(a) -> None:
     import paper_table as pt
 
@@ -224,6 +259,8 @@ def cmd_run_ours(a) -> None:
     pt.L, pt.F = L, F  # make_trace / active_fractions read the module's shape
     pred, _ = pt.make_trace(a.tokens + 1, seed=0)
     trace = pt.TracePredictor(pred)
+    if a.predictor_cost:
+        trace = CostlyTrace(pred, np.random.default_rng(5))
     predmod.Predictors.load = classmethod(lambda cls, d, m: trace)
     ablation = None if a.mode == "sparse" else a.mode
     rt = RuntimeConfig(dram_budget=a.budget, selection="predictor", window=pt.WINDOW,
@@ -247,7 +284,9 @@ def cmd_run_ours(a) -> None:
         rec.update(ffn_bytes=st["bytes_read"], io_s=st["io_ns"] / 1e9, mm_s=st["mm_ns"] / 1e9,
                    loaded=st["loaded"], needed=st["needed"], hit_rate=st["hit_rate"],
                    direct=st["direct"])
-    out.update(tool=f"ours ({a.mode})", load=load)
+    name = a.mode + (", predictor cost" if a.predictor_cost else "")
+    out.update(tool=f"ours ({name})", load=load, predictor_bytes=trace.nbytes,
+               truncated=getattr(trace, "truncated", [0, 0]))
     print(json.dumps(out), flush=True)
 
 
@@ -328,9 +367,11 @@ def cmd_compare(a) -> None:
                                  str(a.llama_timeout)]
                     timeout = a.llama_timeout + 600
                 else:
-                    mode = "sparse" if tool == "ours" else tool
+                    mode = "naive" if tool == "naive" else "sparse"
                     argv = me + ["run-ours", "--mode", mode, "--tokens", str(a.our_tokens),
                                  "--budget", str(cap - MARGIN), "--time-limit", "600"]
+                    if tool == "ours+pred":
+                        argv.append("--predictor-cost")
                     timeout = 900
                 print(f"read-ahead {ra} KiB: {tool} ...", file=sys.stderr, flush=True)
                 r = run_capped(argv, cap, timeout)
@@ -359,10 +400,11 @@ def cmd_compare(a) -> None:
     print()
     for ra in settings:
         by = {r["tool_arg"]: sm for r, sm in rows if r["read_ahead_kb"] == ra}
-        if "llama" in by and "ours" in by and by["llama"]["tps"] > 0:
-            print(f"read-ahead {ra} KiB: ours / llama.cpp tokens/s = "
-                  f"{by['ours']['tps'] / by['llama']['tps']:.1f}x; bytes/token llama.cpp / ours = "
-                  f"{by['llama']['bytes'] / by['ours']['bytes']:.1f}x")
+        for ours in ("ours", "ours+pred", "naive"):
+            if "llama" in by and ours in by and by["llama"]["tps"] > 0 and by[ours]["n"]:
+                print(f"read-ahead {ra} KiB: {ours} / llama.cpp tokens/s = "
+                      f"{by[ours]['tps'] / by['llama']['tps']:.1f}x; bytes/token llama.cpp / "
+                      f"{ours} = {by['llama']['bytes'] / by[ours]['bytes']:.1f}x")
 
 
 def main() -> None:
@@ -375,7 +417,8 @@ def main() -> None:
                    help="decode tokens for our runtime (the mean includes the window filling)")
     c.add_argument("--llama-timeout", type=float, default=240.0)
     c.add_argument("--read-ahead", default="128,machine")
-    c.add_argument("--tools", default="llama,ours")
+    c.add_argument("--tools", default="llama,ours,ours+pred",
+                   help="comma list of llama, ours, ours+pred (ours with predictor cost)")
     c.add_argument("--json", default=None, help="append raw per-run records here (JSON lines)")
     r1 = sub.add_parser("run-llama")
     r1.add_argument("--tokens", type=int, default=3)
@@ -385,6 +428,8 @@ def main() -> None:
     r2.add_argument("--budget", type=int, required=True)
     r2.add_argument("--mode", default="sparse", choices=("sparse", "naive"))
     r2.add_argument("--time-limit", type=float, default=600.0)
+    r2.add_argument("--predictor-cost", action="store_true",
+                    help="hold and run rank-128/1024 float16 predictors beside the trace")
     a = ap.parse_args()
     {"build": cmd_build, "compare": cmd_compare, "run-llama": cmd_run_llama,
      "run-ours": cmd_run_ours}[a.cmd](a)
