@@ -227,17 +227,7 @@ ReadStats BundleReader::read(uint32_t layer, const int64_t* ids, std::size_t n, 
   plan_read(layer, ids, n, static_cast<char*>(dst), dst_stride);
   split_long_requests();
 
-  ReadStats st;
-  st.bytes_requested = uint64_t(n) * header_.record_bytes;
-  for (const Request& r : reqs_) st.bytes_read += r.len;
-  st.reads_issued = reqs_.size();
-  execute();
-  st.ns = now_ns() - t0;
-  st.calls = 1;
-  st.direct = file_.is_direct();
-  std::lock_guard<std::mutex> slk(stats_mu_);
-  total_.add(st);
-  return st;
+  return execute_and_count(uint64_t(n) * header_.record_bytes, t0);
 }
 
 ReadStats BundleReader::read_parts(uint32_t layer, const int64_t* ids, std::size_t n,
@@ -292,17 +282,7 @@ ReadStats BundleReader::read_parts(uint32_t layer, const int64_t* ids, std::size
     }
   split_long_requests();
 
-  ReadStats st;
-  st.bytes_requested = uint64_t(n) * n_sel * pb;
-  for (const Request& r : reqs_) st.bytes_read += r.len;
-  st.reads_issued = reqs_.size();
-  execute();
-  st.ns = now_ns() - t0;
-  st.calls = 1;
-  st.direct = file_.is_direct();
-  std::lock_guard<std::mutex> slk(stats_mu_);
-  total_.add(st);
-  return st;
+  return execute_and_count(uint64_t(n) * n_sel * pb, t0);
 }
 
 ReadStats BundleReader::read_ranges(const uint64_t* offsets, std::size_t n, std::size_t len,
@@ -326,10 +306,15 @@ ReadStats BundleReader::read_ranges(const uint64_t* offsets, std::size_t n, std:
   copies_.clear();
   char* out = static_cast<char*>(dst);
   for (std::size_t k = 0; k < n; ++k) reqs_.push_back({offsets[k], len, out + (k % slots) * len});
+  return execute_and_count(uint64_t(n) * len, t0);
+}
 
+// Issue the planned requests, then account for the call (caller holds mu_).
+ReadStats BundleReader::execute_and_count(uint64_t bytes_requested, uint64_t t0) {
   ReadStats st;
-  st.bytes_requested = st.bytes_read = uint64_t(n) * len;
-  st.reads_issued = n;
+  st.bytes_requested = bytes_requested;
+  for (const Request& r : reqs_) st.bytes_read += r.len;
+  st.reads_issued = reqs_.size();
   execute();
   st.ns = now_ns() - t0;
   st.calls = 1;

@@ -107,6 +107,7 @@ class BundleReader {
                  std::size_t stride);
   void split_long_requests();
   void execute();  // issue reqs_ through the engine, then run copies_
+  ReadStats execute_and_count(uint64_t bytes_requested, uint64_t t0);
   void execute_threads();
   void execute_uring();
 
