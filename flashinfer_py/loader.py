@@ -37,10 +37,11 @@ class MemoryPlan:
     cache_capacity: list   # neurons per layer
     record_bytes: int
     d_ff: int
+    layer_buffer: int = 0  # modes without reuse: one layer's worth of rows, shared by all layers
 
     @property
     def cache_bytes(self) -> int:
-        return sum(self.cache_capacity) * self.record_bytes
+        return sum(self.cache_capacity) * self.record_bytes + self.layer_buffer
 
     @property
     def total(self) -> int:
@@ -48,13 +49,19 @@ class MemoryPlan:
 
     def describe(self) -> str:
         cap = self.cache_capacity[0] if self.cache_capacity else 0
+        if self.layer_buffer:
+            cache_line = (f"  one layer's FFN rows, reused by every layer (no reuse across "
+                          f"tokens):  {format_bytes(self.layer_buffer)}")
+        else:
+            cache_line = (f"  neuron cache: {cap} of {self.d_ff} neurons per layer "
+                          f"({100 * cap / max(self.d_ff, 1):.1f}%):        "
+                          f"{format_bytes(self.cache_bytes)}")
         lines = [
             f"  resident tensors (embeddings, attention, norms): {format_bytes(self.resident)}",
             f"  predictors:                                      {format_bytes(self.predictors)}",
             f"  KV cache (float32, max context):                 {format_bytes(self.kv_cache)}",
             f"  runtime overhead (interpreter, libraries):       {format_bytes(self.overhead)}",
-            f"  neuron cache: {cap} of {self.d_ff} neurons per layer "
-            f"({100 * cap / max(self.d_ff, 1):.1f}%):        {format_bytes(self.cache_bytes)}",
+            cache_line,
             f"  total: {format_bytes(self.total)}"
             + (f" of a {format_bytes(self.budget)} budget" if self.budget else " (no budget set)"),
         ]
@@ -74,6 +81,14 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
     kv = 2 * args.num_hidden_layers * ctx * args.kv_dim * 4
     fixed = resident_bytes + predictor_bytes + kv + RUNTIME_OVERHEAD_BYTES
     L, f = args.num_hidden_layers, args.intermediate_size
+    if not runtime.reuse:  # nothing is kept across tokens: one layer's rows at a time
+        if runtime.dram_budget is not None and fixed + f * rec > runtime.dram_budget:
+            raise ValueError(
+                f"dram_budget {format_bytes(runtime.dram_budget)} is too small: without reuse the "
+                f"runtime needs the resident part ({format_bytes(fixed)}) plus one layer's FFN "
+                f"({format_bytes(f * rec)}). Give at least {format_bytes(fixed + f * rec)}.")
+        return MemoryPlan(runtime.dram_budget, resident_bytes, predictor_bytes, kv,
+                          RUNTIME_OVERHEAD_BYTES, [0] * L, rec, f, layer_buffer=f * rec)
     if runtime.dram_budget is None:
         cap = f
     else:
@@ -132,12 +147,20 @@ class SparseFFN:
             engine=runtime.io_engine, queue_depth=runtime.queue_depth,
             use_direct_io=runtime.use_direct_io))
         self.plan = plan or plan_memory(args, manifest, runtime)
-        self.cache = NeuronCache(self.reader, self.plan.cache_capacity)
         self.window = SlidingWindow(args.num_hidden_layers, args.intermediate_size, runtime.window)
         self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
-        for i, b in enumerate(self.bias):
-            if b is not None:
-                self.cache.set_layer_bias(i, b)
+        self.cache = self.layer_rows = None
+        if runtime.reuse:
+            self.cache = NeuronCache(self.reader, self.plan.cache_capacity)
+            for i, b in enumerate(self.bias):
+                if b is not None:
+                    self.cache.set_layer_bias(i, b)
+        else:  # the paper's rows without a window: one layer's rows, refilled for every layer
+            from .bundles import aligned_empty
+
+            self.layer_rows = aligned_empty((args.intermediate_size, self.reader.record_elems),
+                                            self.reader.numpy_dtype)
+            self._prev_loaded = [0] * args.num_hidden_layers
         self.oracle = _Oracle(path, args, self.bias, runtime) if runtime.selection == "oracle" else None
         self.resident_path = Path(directory) / manifest["files"]["dense"]
         self._resident_buf = None
@@ -146,7 +169,7 @@ class SparseFFN:
 
     # ------------------------------------------------------------------ selection
     def _select(self, layer: int, x: np.ndarray) -> np.ndarray:
-        cap = self.cache.capacity(layer)
+        cap = self.cache.capacity(layer) if self.cache is not None else self.args.intermediate_size
         if self.runtime.selection == "all":
             return np.arange(self.args.intermediate_size, dtype=np.int32)
         if self.runtime.selection == "oracle":
@@ -159,20 +182,17 @@ class SparseFFN:
         t0 = time.perf_counter_ns()
         ids = self._select(layer, x)
         t1 = time.perf_counter_ns()
-        if not self.runtime.reuse:  # the paper's "+predictor" row: nothing carried over
-            load, evict = ids, self.cache.ids(layer).copy()
-        else:
-            load, evict = self.window.update(layer, ids)
-            # Budget smaller than the window's union: forget the oldest tokens first.
-            while self.window.size(layer) > cache.capacity(layer):
-                evict = np.union1d(evict, self.window.drop_oldest(layer)).astype(np.int32)
-        hits = len(ids) - len(load) if self.runtime.reuse else 0
+        st.predict_ns += t1 - t0
+        if cache is None:
+            return self._rows_streamed(layer, ids, t1)
+        load, evict = self.window.update(layer, ids)
+        # Budget smaller than the window's union: forget the oldest tokens first.
+        while self.window.size(layer) > cache.capacity(layer):
+            evict = np.union1d(evict, self.window.drop_oldest(layer)).astype(np.int32)
+        hits = len(ids) - len(load)
         before = cache.stats()
         if len(evict):
-            if self.runtime.reuse:
-                cache.evict(layer, evict)
-            else:  # every cached row goes: dropping them all is O(1), compaction is not
-                cache.clear(layer)
+            cache.evict(layer, evict)
         t2 = time.perf_counter_ns()
         if len(load):
             if self.runtime.bundled:
@@ -182,7 +202,6 @@ class SparseFFN:
         t3 = time.perf_counter_ns()
         after = cache.stats()
         r0, r1 = before["reads"], after["reads"]
-        st.predict_ns += t1 - t0
         st.io_ns += t3 - t2
         st.mm_ns += t2 - t1
         st.bytes_read += r1["bytes_read"] - r0["bytes_read"]
@@ -204,6 +223,30 @@ class SparseFFN:
         bias = cache.bias(layer) if self.bias[layer] is not None else None
         st.mm_ns += time.perf_counter_ns() - t4
         return cache.rows(layer), bias, select
+
+    def _rows_streamed(self, layer: int, ids: np.ndarray, t1: int):
+        """No reuse across tokens (naive, hybrid, +predictor rows): read this token's neurons
+        into the shared layer buffer; up, gate and down separately without bundling."""
+        st, n = self.tok, len(ids)
+        rows = self.layer_rows[:n]
+        if n:
+            if self.runtime.bundled:
+                self.reader.read(layer, ids, rows)
+            else:
+                self.reader.read_parts(layer, ids, list(range(len(self.reader.parts))), rows)
+            r = self.reader.last_stats
+            st.bytes_read += r.bytes_read
+            st.reads += r.reads_issued
+            st.direct = st.direct and bool(r.direct)
+        t2 = time.perf_counter_ns()
+        st.io_ns += t2 - t1
+        st.loaded += n
+        st.needed += n
+        st.evicted += self._prev_loaded[layer]
+        self._prev_loaded[layer] = n
+        bias = self.bias[layer][ids] if self.bias[layer] is not None and n else None
+        st.mm_ns += time.perf_counter_ns() - t2
+        return rows, bias, None
 
     # ------------------------------------------------------------------ statistics
     def start_token(self) -> None:
@@ -250,12 +293,16 @@ class SparseFFN:
     def reset(self) -> None:
         """Forget the window and empty the cache (a new conversation)."""
         self.window.reset()
+        if self.cache is None:
+            self._prev_loaded = [0] * self.args.num_hidden_layers
+            return
         for layer in range(self.args.num_hidden_layers):
             self.cache.clear(layer)
 
     @property
     def nbytes(self) -> int:
-        return self.cache.nbytes() + (self.predictors.nbytes if self.predictors else 0)
+        held = self.cache.nbytes() if self.cache is not None else self.layer_rows.nbytes
+        return held + (self.predictors.nbytes if self.predictors else 0)
 
 
 class _Oracle:

@@ -130,3 +130,22 @@ def test_paper_table_rows_are_exact_with_the_oracle(row, tiny_flash, prompt_ids)
         assert s["reads"] <= s["loaded"] + m.args.num_hidden_layers  # one read per neuron or fewer
     if row in ("predictor", "window") and s["loaded"]:
         assert s["reads"] >= 2 * s["loaded"]  # up and down parts fetched separately
+
+
+def test_rows_without_reuse_fit_a_budget_smaller_than_the_ffn(tiny_flash, prompt_ids):
+    """naive/hybrid/+predictor hold one layer's rows at a time, so they run under a budget that
+    could not cache the whole FFN, and still compute the dense function."""
+    from flashinfer_py.loader import plan_memory
+
+    d = tiny_flash("opt")
+    m = fi.load(d)
+    rt = fi.RuntimeConfig(ablation="hybrid", selection="oracle")
+    one_layer = plan_memory(m.args, m.manifest, rt)
+    assert one_layer.layer_buffer == m.args.intermediate_size * m.manifest["bundle"]["record_bytes"]
+    whole_ffn = m.args.num_hidden_layers * one_layer.layer_buffer
+    budget = one_layer.total + whole_ffn // 3  # far less than the whole FFN on top of the rest
+    sparse = fi.load(d, rt.replace(dram_budget=budget))
+    assert sparse.plan.total <= budget
+    assert rel_err(sparse.logits(prompt_ids[:10]), m.logits(prompt_ids[:10])) < TOL
+    with pytest.raises(ValueError, match="one layer"):
+        fi.load(d, rt.replace(dram_budget=one_layer.total - one_layer.layer_buffer))
