@@ -27,7 +27,7 @@ install: system-deps
 
 demo: install
 	$(PIP) install -q "$(TORCH_SPEC)"
-	flashinfer-py demo
+	$(PYTHON) -m flashinfer_py demo
 
 test: install
 	$(PIP) install -q "$(TORCH_SPEC)"
