@@ -22,25 +22,12 @@ from ._core import build_info  # noqa: E402
 from .config import ModelArgs, RuntimeConfig  # noqa: E402
 from .errors import ConvertError, FlashFormatError, FlashIOError, UnsupportedModelError  # noqa: E402
 
-# Binding the functions after their modules are imported keeps `flashinfer_py.convert` the
-# function (the submodule stays reachable as `flashinfer_py.convert` in sys.modules).
+# Binding the function after its module is imported keeps `flashinfer_py.convert` the function
+# (the submodule stays reachable as `flashinfer_py.convert` in sys.modules).
+from .checkpoint import CheckpointError  # noqa: E402
 from .convert import convert  # noqa: E402
-
-
-def load(directory, runtime=None, verify=False, **overrides):
-    """Open a flash model directory (see `flashinfer_py.runtime.load`)."""
-    from .runtime import load as _load
-
-    return _load(directory, runtime, verify=verify, **overrides)
-
-
-def __getattr__(name):  # FlashModel is imported on first use: it pulls in the model code
-    if name == "FlashModel":
-        from .runtime import FlashModel
-
-        return FlashModel
-    raise AttributeError(f"module 'flashinfer_py' has no attribute {name!r}")
+from .runtime import FlashModel, load  # noqa: E402
 
 __all__ = ["__version__", "build_info", "convert", "load", "FlashModel", "ModelArgs",
-           "RuntimeConfig", "ConvertError", "FlashFormatError", "FlashIOError",
+           "RuntimeConfig", "CheckpointError", "ConvertError", "FlashFormatError", "FlashIOError",
            "UnsupportedModelError"]
