@@ -61,6 +61,19 @@ RESIDENT_PARAMS = (L * (4 * (D * D + D) + 2 * 2 * D + F + D)
                    + VOCAB * D + (MAX_POS + 2) * D + 2 * D)
 RESIDENT_BYTES = -(-RESIDENT_PARAMS * 2 // 4096) * 4096   # 4.73e9
 BUNDLE_NAME, RESIDENT_NAME = "ffn_bundles.bin", "resident.bin"
+
+
+def set_shape(n_layers: int, d_model: int, d_ff: int) -> None:
+    """Switch the module to another OPT shape (benchmarks/scaling_model_size.py); the defaults
+    above are OPT-6.7B. Recomputes the derived sizes; everything below reads these globals."""
+    global L, D, F, RECORD, FFN_BYTES, RESIDENT_PARAMS, RESIDENT_BYTES
+    L, D, F = n_layers, d_model, d_ff
+    RECORD = 2 * D * 2
+    FFN_BYTES = L * F * RECORD
+    RESIDENT_PARAMS = (L * (4 * (D * D + D) + 2 * 2 * D + F + D)
+                       + VOCAB * D + (MAX_POS + 2) * D + 2 * D)
+    RESIDENT_BYTES = -(-RESIDENT_PARAMS * 2 // 4096) * 4096
+
 HEADROOM = 2 << 30
 
 # ---- the paper (OPT-6.7B, M1 Max; PAPER.md) -----------------------------------------------
@@ -126,11 +139,14 @@ def build_files(workdir: Path) -> tuple[Path, Path]:
         with BundleWriter(bundle, L, D, F, "float16", ("up", "down")) as w:
             for layer in range(L):
                 for p, arr in enumerate(parts):
-                    for half in range(F * D // m):  # each 64 MiB half at its own offset
+                    for half in range(-(-F * D // m)):  # each 64 MiB piece at its own offset
                         o = ((layer * 4 + p * 2 + half) * 1_000_003 + 17) % m
                         dst = arr[half * m:(half + 1) * m]
-                        dst[:m - o] = base[o:]
-                        dst[m - o:] = base[:o]
+                        if dst.size == m:
+                            dst[:m - o] = base[o:]
+                            dst[m - o:] = base[:o]
+                        else:  # smaller shapes: a part shorter than the block
+                            dst[:] = np.concatenate([base[o:], base[:o]])[:dst.size]
                 w.write_layer(layer, [parts[0].reshape(F, D), parts[1].reshape(F, D)])
                 print(f"\rwriting {bundle.name}: layer {layer + 1}/{L}", end="", file=sys.stderr)
         print(f" ({time.time() - t0:.0f} s)", file=sys.stderr)
