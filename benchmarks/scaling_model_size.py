@@ -108,8 +108,9 @@ def plot(res: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.6))
     for row, style in (("bundling", "o-"), ("naive", "s--")):
         rs = sorted((r for r in res if r["row"] == row), key=lambda r: r["params"])
         if not rs:
@@ -130,6 +131,8 @@ def plot(res: list[dict], path: Path) -> None:
                      label="disk floor: bytes read / disk GB/s (QD32)")
             ax1.plot(x, [floors(r)[2] for r in rs], ":", color="C2", lw=2,
                      label=f"memory floor: resident / {MEM_GBPS} GB/s")
+            ax1.plot(x, [floors(r)[1] + floors(r)[2] for r in rs], "-.", color="k", lw=1,
+                     label="disk + memory floors (I/O not overlapped with compute)")
             ax2.plot(x, [r["resident_bytes_model"] / 1e9 for r in rs], ":", color="C2",
                      label="resident bytes (read from DRAM)")
     for ax in (ax1, ax2):
@@ -138,8 +141,9 @@ def plot(res: list[dict], path: Path) -> None:
         ax.set_xlabel("model size (billion parameters, OPT shapes)")
         ax.set_xticks([1.3, 2.7, 6.7])
         ax.set_xticklabels(["1.3", "2.7", "6.7"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax1.set_ylabel("ms per token")
     ax2.set_ylabel("GB per token")
     ax1.set_title("latency per token (cold, O_DIRECT, 1 thread)")
