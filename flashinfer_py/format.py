@@ -24,6 +24,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from . import kernels
 from .config import ModelArgs
 from .errors import FlashFormatError
 
@@ -46,24 +47,15 @@ def numpy_storage_dtype(dtype: str) -> np.dtype:
 
 
 def to_storage(a: np.ndarray, dtype: str) -> np.ndarray:
-    """Cast float32 to the storage dtype (round-to-nearest-even for bfloat16)."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if dtype == "bfloat16":
-        bits = a.view(np.uint32)
-        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-        out = (rounded >> np.uint32(16)).astype(np.uint16)
-        nan = np.isnan(a)
-        if nan.any():
-            out[nan] = 0x7FC0
-        return out
-    return a.astype(numpy_storage_dtype(dtype))
+    """Cast float32 to the storage dtype (round-to-nearest-even; native kernel)."""
+    if dtype not in STORAGE_DTYPES:
+        numpy_storage_dtype(dtype)  # raises the ValueError naming the accepted dtypes
+    return kernels.from_float32(np.ascontiguousarray(a, dtype=np.float32), dtype)
 
 
 def to_float32(a: np.ndarray, dtype: str) -> np.ndarray:
-    """Exact upcast of stored values to float32."""
-    if dtype == "bfloat16":
-        return (np.asarray(a, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
-    return np.asarray(a, dtype=np.float32)
+    """Exact upcast of stored values (bfloat16 as uint16 bits) to float32 (native kernel)."""
+    return kernels.to_float32(np.ascontiguousarray(a, dtype=numpy_storage_dtype(dtype)))
 
 
 # --------------------------------------------------------------------------- dense tensors
