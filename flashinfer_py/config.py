@@ -87,6 +87,11 @@ class ModelArgs:
         """Order of the parts inside one bundle record."""
         return ["up", "gate", "down"] if self.gated else ["up", "down"]
 
+    @property
+    def ffn_part_offsets(self) -> dict:
+        """Element offset of each part inside a bundle record: {"up": 0, "gate": d, "down": 2d}."""
+        return {p: i * self.hidden_size for i, p in enumerate(self.ffn_parts)}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -124,6 +124,16 @@ class TokenStats:
     direct: bool = True
     per_layer_loaded: list = field(default_factory=list)
 
+    _SUMMED = ("io_ns", "mm_ns", "predict_ns", "bytes_read", "reads", "loaded", "evicted",
+               "needed", "hits")
+
+    def add(self, other: "TokenStats") -> "TokenStats":
+        """Accumulate `other` (a later call) into self; `cached` is the latest count."""
+        for k in self._SUMMED:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.cached, self.direct = other.cached, self.direct and other.direct
+        return self
+
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "per_layer_loaded"}
         d["hit_rate"] = self.hits / self.needed if self.needed else 1.0
@@ -283,12 +293,8 @@ class SparseFFN:
         self.tok.bytes_read += off
 
     def end_token(self) -> TokenStats:
-        t = self.tok
-        for k in ("io_ns", "mm_ns", "predict_ns", "bytes_read", "reads", "loaded", "evicted",
-                  "needed", "hits"):
-            setattr(self.total, k, getattr(self.total, k) + getattr(t, k))
-        self.total.direct = self.total.direct and t.direct
-        return t
+        self.total.add(self.tok)
+        return self.tok
 
     def reset(self) -> None:
         """Forget the window and empty the cache (a new conversation)."""
@@ -321,9 +327,9 @@ class _Oracle:
         a = self.args
         rows = self.full.rows_by_layer[layer]
         h = np.empty((x.shape[0], rows.shape[0]), np.float32)
-        d = a.hidden_size
-        kernels.ffn_rows(x, rows, d, up_off=0, down_off=(len(a.ffn_parts) - 1) * d,
-                         gate_off=d if a.gated else -1, activation=a.hidden_act,
+        off = a.ffn_part_offsets
+        kernels.ffn_rows(x, rows, a.hidden_size, up_off=off["up"], down_off=off["down"],
+                         gate_off=off.get("gate", -1), activation=a.hidden_act,
                          act_param=a.act_param, up_bias=self.bias[layer], act_out=h)
         return h
 

@@ -89,9 +89,7 @@ class Transformer:
 
     def __init__(self, args: ModelArgs, dense: dict, dtype: str, ffn, runtime: RuntimeConfig):
         self.args, self.w, self.dtype, self.ffn, self.runtime = args, dense, dtype, ffn, runtime
-        d = args.hidden_size
-        parts = args.ffn_parts
-        self.part_off = {p: i * d for i, p in enumerate(parts)}
+        self.part_off = args.ffn_part_offsets
         self.inv_freq = _rope_inv_freq(args) if args.uses_rope else None
         self.lm_head = dense["tok_embeddings"] if args.tie_word_embeddings else dense["lm_head"]
         self.scale = 1.0 / math.sqrt(args.head_dim)

@@ -86,7 +86,7 @@ class FlashModel:
             self.ffn.start_token()
             outs.append(self.transformer.forward(chunk, cache, last_only))
             st = self.ffn.end_token()
-            total = st if total is None else _add_stats(total, st)
+            total = st if total is None else total.add(st)
         wall = time.perf_counter_ns() - t0
         d = total.as_dict()
         d["total_ns"] = wall
@@ -140,14 +140,6 @@ class FlashModel:
                 "activation": a.hidden_act, "dtype": self.dtype, "resident_bytes": dense,
                 "ffn_bytes_in_dram": self.ffn.nbytes,
                 "record_bytes": self.manifest["bundle"]["record_bytes"], "sparse": self.sparse}
-
-
-def _add_stats(a, b):
-    for k in ("io_ns", "mm_ns", "predict_ns", "bytes_read", "reads", "loaded", "evicted",
-              "needed", "hits"):
-        setattr(a, k, getattr(a, k) + getattr(b, k))
-    a.cached, a.direct = b.cached, a.direct and b.direct
-    return a
 
 
 def load(directory, runtime: Optional[RuntimeConfig] = None, verify: bool = False,
