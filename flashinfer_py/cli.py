@@ -40,6 +40,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "active set (measurement only: keeps the FFN in DRAM), or all (hybrid)")
     s.add_argument("--window", type=int, default=4,
                    help="tokens whose neurons stay cached (the sliding window k; default 4)")
+    s.add_argument("--eviction", choices=["window", "frequency"], default="window",
+                   help="when cached neurons leave DRAM: when no token of the window used them "
+                        "(the paper; default), or only when the cache is full, least used first "
+                        "(fills the budget; fewer reads when some neurons are hot)")
     s.add_argument("--threshold", type=float, default=0.5,
                    help="predictor probability above which a neuron is loaded (default 0.5)")
     s.add_argument("--compute", choices=["predicted", "cached"], default="cached",
@@ -58,6 +62,7 @@ def _runtime(ns):
                          io_engine=ns.io_engine, queue_depth=ns.queue_depth,
                          max_context=ns.max_context, sparse=ns.sparse,
                          dram_budget=ns.dram_budget, selection=ns.selection, window=ns.window,
+                         eviction=ns.eviction,
                          predictor_threshold=ns.threshold, compute=ns.compute,
                          reuse=not ns.no_reuse, bundled=not ns.unbundled)
 

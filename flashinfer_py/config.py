@@ -239,6 +239,11 @@ class RuntimeConfig:
         window: k, the tokens whose neurons stay cached (the paper's sliding window). Default 4,
             measured on SmolLM2 (see README): k=4 keeps the bytes read per token low while the
             cache stays well under the FFN's size.
+        eviction: when a cached neuron leaves DRAM. "window" (the paper): as soon as none of
+            the last `window` tokens used it. "frequency" (ours): only when the cache is full,
+            least used first (decayed count, half-life 64 tokens); fills the budget, so it reads
+            fewer neurons at the same DRAM when some neurons are used far more than others
+            (benchmarks/RESULTS.md section 6). Without a budget nothing is ever evicted.
         reuse: False reloads each token's whole active set (the paper's "+predictor" row).
         bundled: False reads up/gate/down as separate requests (the "no bundling" ablation).
         predictor_threshold: probability above which a predicted neuron is loaded.
@@ -265,6 +270,7 @@ class RuntimeConfig:
     dram_budget: Optional[int] = None
     selection: str = "predictor"
     window: int = 4
+    eviction: str = "window"
     reuse: bool = True
     bundled: bool = True
     predictor_threshold: float = 0.5
@@ -295,6 +301,8 @@ class RuntimeConfig:
             self.sparse = True
         if self.selection not in ("predictor", "oracle", "all"):
             raise ValueError(f"selection must be 'predictor', 'oracle' or 'all', not {self.selection!r}")
+        if self.eviction not in ("window", "frequency"):
+            raise ValueError(f"eviction must be 'window' or 'frequency', not {self.eviction!r}")
         if self.compute not in ("predicted", "cached"):
             raise ValueError(f"compute must be 'predicted' or 'cached', not {self.compute!r}")
         if self.window < 1:

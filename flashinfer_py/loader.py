@@ -17,7 +17,7 @@ import numpy as np
 
 from . import kernels
 from .config import ModelArgs, RuntimeConfig, format_bytes
-from .window import SlidingWindow
+from .window import FrequencyPolicy, SlidingWindow
 
 # Python, numpy, tokenizers, our module and the working buffers of a forward pass: measured as
 # peak RSS minus the planned parts for SmolLM2 under a budget (70-80 MiB, numpy 2.4, Linux
@@ -79,8 +79,11 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
         resident_bytes = int(manifest["checksums"][manifest["files"]["dense"]]["bytes"])
     ctx = min(runtime.max_context, args.max_position_embeddings)
     kv = 2 * args.num_hidden_layers * ctx * args.kv_dim * 4
-    fixed = resident_bytes + predictor_bytes + kv + RUNTIME_OVERHEAD_BYTES
     L, f = args.num_hidden_layers, args.intermediate_size
+    overhead = RUNTIME_OVERHEAD_BYTES
+    if runtime.eviction == "frequency" and runtime.reuse:
+        overhead += L * f * 9  # FrequencyPolicy: held flag + float64 score per neuron
+    fixed = resident_bytes + predictor_bytes + kv + overhead
     if not runtime.reuse:  # nothing is kept across tokens: one layer's rows at a time
         if runtime.dram_budget is not None and fixed + f * rec > runtime.dram_budget:
             raise ValueError(
@@ -88,7 +91,7 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
                 f"runtime needs the resident part ({format_bytes(fixed)}) plus one layer's FFN "
                 f"({format_bytes(f * rec)}). Give at least {format_bytes(fixed + f * rec)}.")
         return MemoryPlan(runtime.dram_budget, resident_bytes, predictor_bytes, kv,
-                          RUNTIME_OVERHEAD_BYTES, [0] * L, rec, f, layer_buffer=f * rec)
+                          overhead, [0] * L, rec, f, layer_buffer=f * rec)
     if runtime.dram_budget is None:
         cap = f
     else:
@@ -101,10 +104,10 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
                 f"dram_budget {format_bytes(runtime.dram_budget)} is too small: the resident part "
                 f"alone needs {format_bytes(fixed)} (tensors {format_bytes(resident_bytes)}, KV "
                 f"cache {format_bytes(kv)} for {ctx} tokens, predictors "
-                f"{format_bytes(predictor_bytes)}, runtime {format_bytes(RUNTIME_OVERHEAD_BYTES)}). "
+                f"{format_bytes(predictor_bytes)}, runtime {format_bytes(overhead)}). "
                 f"Give at least {format_bytes(need)}, or lower --max-context.")
     return MemoryPlan(runtime.dram_budget, resident_bytes, predictor_bytes, kv,
-                      RUNTIME_OVERHEAD_BYTES, [int(cap)] * L, rec, f)
+                      overhead, [int(cap)] * L, rec, f)
 
 
 @dataclass
@@ -158,6 +161,8 @@ class SparseFFN:
             use_direct_io=runtime.use_direct_io))
         self.plan = plan or plan_memory(args, manifest, runtime)
         self.window = SlidingWindow(args.num_hidden_layers, args.intermediate_size, runtime.window)
+        self.policy = (FrequencyPolicy(args.num_hidden_layers, args.intermediate_size)
+                       if runtime.eviction == "frequency" else None)
         self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
         self.cache = self.layer_rows = None
         if runtime.reuse:
@@ -195,10 +200,13 @@ class SparseFFN:
         st.predict_ns += t1 - t0
         if cache is None:
             return self._rows_streamed(layer, ids, t1)
-        load, evict = self.window.update(layer, ids)
-        # Budget smaller than the window's union: forget the oldest tokens first.
-        while self.window.size(layer) > cache.capacity(layer):
-            evict = np.union1d(evict, self.window.drop_oldest(layer)).astype(np.int32)
+        if self.policy is not None:
+            load, evict = self.policy.update(layer, ids, cache.capacity(layer))
+        else:
+            load, evict = self.window.update(layer, ids)
+            # Budget smaller than the window's union: forget the oldest tokens first.
+            while self.window.size(layer) > cache.capacity(layer):
+                evict = np.union1d(evict, self.window.drop_oldest(layer)).astype(np.int32)
         hits = len(ids) - len(load)
         before = cache.stats()
         if len(evict):
@@ -299,6 +307,8 @@ class SparseFFN:
     def reset(self) -> None:
         """Forget the window and empty the cache (a new conversation)."""
         self.window.reset()
+        if self.policy is not None:
+            self.policy.reset()
         if self.cache is None:
             self._prev_loaded = [0] * self.args.num_hidden_layers
             return
@@ -308,6 +318,7 @@ class SparseFFN:
     @property
     def nbytes(self) -> int:
         held = self.cache.nbytes() if self.cache is not None else self.layer_rows.nbytes
+        held += self.policy.nbytes if self.policy is not None else 0
         return held + (self.predictors.nbytes if self.predictors else 0)
 
 

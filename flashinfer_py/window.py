@@ -1,6 +1,8 @@
 """The sliding window of the paper (Section 3.2): keep in DRAM the FFN neurons active for any of
 the last k tokens; each new token loads only the neurons not already there and evicts those
-that left the window. Pure numpy, no I/O: the loader applies (to_load, to_evict) to the cache.
+that left the window. `FrequencyPolicy` is our alternative (``RuntimeConfig(eviction=
+"frequency")``): keep neurons while the cache has room, evict the least used when it is full.
+Pure numpy, no I/O: the loader applies (to_load, to_evict) to the cache.
 """
 from __future__ import annotations
 
@@ -70,3 +72,82 @@ class SlidingWindow:
     def state(self, layer: int) -> np.ndarray:
         """Sorted ids in the union (for tests and statistics)."""
         return np.flatnonzero(self._counts[layer]).astype(np.int32)
+
+
+class FrequencyPolicy:
+    """Eviction by use frequency: beyond the paper's window (our extension).
+
+    The paper evicts a neuron as soon as none of the last k tokens used it, even when the cache
+    has room to spare; a neuron that many tokens use is then read again and again. This policy
+    keeps every loaded neuron while the layer's cache has room, and when it is full evicts the
+    neurons with the lowest use score first: an exponentially decayed count of the tokens (or
+    prefill chunks) that needed it, half-life `halflife` tokens. The current token's neurons are
+    never evicted. At the same capacity as the window's peak it reads fewer neurons whenever
+    some neurons are used far more often than others (the "hot neurons" of ReLU LLMs; measured
+    in benchmarks/RESULTS.md section 6).
+
+    Decay without touching every neuron per token: token t adds weight g**t (g = 2**(1/halflife))
+    to the neurons it uses, which ranks them exactly as a decayed count; the weights are rescaled
+    before they overflow.
+    """
+
+    def __init__(self, n_layers: int, d_ff: int, halflife: float = 64.0):
+        if halflife <= 0:
+            raise ValueError(f"halflife must be > 0 tokens, got {halflife}")
+        self.n_layers, self.d_ff = n_layers, d_ff
+        self._growth = 2.0 ** (1.0 / halflife)
+        self.reset()
+
+    def reset(self) -> None:
+        self._held = np.zeros((self.n_layers, self.d_ff), dtype=bool)
+        self._score = np.zeros((self.n_layers, self.d_ff), dtype=np.float64)
+        self._weight = np.ones(self.n_layers, dtype=np.float64)
+        self._size = np.zeros(self.n_layers, dtype=np.int64)
+
+    def update(self, layer: int, active_ids, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+        """Record this token's active set for `layer` and make room for it in `capacity` rows.
+
+        Returns:
+            (to_load, to_evict): sorted int32 ids to read (needed, not held) and to drop (held,
+            not needed now, lowest score), with held + loaded - evicted <= capacity.
+        Raises ValueError if the active set alone exceeds `capacity`.
+        """
+        ids = np.unique(np.asarray(active_ids, dtype=np.int64))
+        if ids.size and (ids[0] < 0 or ids[-1] >= self.d_ff):
+            raise ValueError(f"neuron ids must be in [0, {self.d_ff}); got {ids[0]}..{ids[-1]}")
+        if ids.size > capacity:
+            raise ValueError(f"layer {layer}: {ids.size} active neurons exceed the cache's "
+                             f"{capacity} rows; raise the DRAM budget")
+        held, score = self._held[layer], self._score[layer]
+        w = self._weight[layer] * self._growth
+        if w > 1e200:  # rescale: only the order of the scores matters
+            score *= 1.0 / w
+            w = 1.0
+        self._weight[layer] = w
+        score[ids] += w
+        to_load = ids[~held[ids]]
+        excess = int(self._size[layer]) + to_load.size - capacity
+        to_evict = np.empty(0, dtype=np.int64)
+        if excess > 0:
+            free = held.copy()
+            free[ids] = False
+            cand = np.flatnonzero(free)
+            if excess < cand.size:
+                cand = cand[np.argpartition(score[cand], excess - 1)[:excess]]
+            to_evict = np.sort(cand)
+            held[to_evict] = False
+        held[to_load] = True
+        self._size[layer] += to_load.size - to_evict.size
+        return to_load.astype(np.int32), to_evict.astype(np.int32)
+
+    def size(self, layer: int) -> int:
+        """Neurons held for `layer`."""
+        return int(self._size[layer])
+
+    def state(self, layer: int) -> np.ndarray:
+        """Sorted ids held (for tests and statistics)."""
+        return np.flatnonzero(self._held[layer]).astype(np.int32)
+
+    @property
+    def nbytes(self) -> int:
+        return self._held.nbytes + self._score.nbytes + self._weight.nbytes

@@ -18,6 +18,7 @@ MODES = {
     "compute-cached": dict(window=4, compute="cached"),
     "tiny-budget": dict(window=5, dram_budget="tight", prefill_chunk=1),
     "unbundled": dict(window=2, bundled=False),
+    "frequency-budget": dict(eviction="frequency", dram_budget="tight", prefill_chunk=1),
 }
 
 

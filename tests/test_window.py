@@ -51,3 +51,70 @@ def test_random_against_set_reference(k):
 def test_k_must_be_positive():
     with pytest.raises(ValueError):
         SlidingWindow(1, 4, 0)
+
+
+# ---- FrequencyPolicy ---------------------------------------------------------------------
+
+from flashinfer_py.window import FrequencyPolicy  # noqa: E402
+
+
+def test_frequency_keeps_until_full_then_evicts_least_used():
+    p = FrequencyPolicy(n_layers=2, d_ff=10, halflife=1e9)  # plain counts
+    assert [a.tolist() for a in p.update(0, [1, 2, 3], capacity=4)] == [[1, 2, 3], []]
+    assert [a.tolist() for a in p.update(0, [1, 4], capacity=4)] == [[4], []]  # room: nothing goes
+    assert [a.tolist() for a in p.update(0, [1, 2], capacity=4)] == [[], []]   # hits
+    # full (1,2,3,4 held): 5 needs a row; 3 and 4 were used once, 1 three times, 2 twice;
+    # ties go to either, but never to a neuron this token needs
+    load, evict = p.update(0, [5, 4], capacity=4)
+    assert load.tolist() == [5] and evict.tolist() == [3]
+    assert p.state(0).tolist() == [1, 2, 4, 5] and p.size(0) == 4
+    assert p.size(1) == 0  # layer 1 untouched
+
+
+def test_frequency_decay_prefers_recent_use():
+    p = FrequencyPolicy(1, 10, halflife=1.0)
+    for _ in range(3):
+        p.update(0, [1], capacity=2)   # 1: used three times, long ago
+    for _ in range(3):
+        p.update(0, [2, 3], capacity=3)
+    p.update(0, [4], capacity=3)       # full: 1 is now the least used (decayed), 2, 3 recent
+    assert p.state(0).tolist() == [2, 3, 4]
+
+
+def test_frequency_random_invariants():
+    rng = np.random.default_rng(3)
+    d_ff, cap = 97, 40
+    p = FrequencyPolicy(1, d_ff)
+    held = set()
+    for _ in range(300):
+        active = set(rng.choice(d_ff, size=rng.integers(0, 30), replace=False).tolist())
+        load, evict = p.update(0, sorted(active), capacity=cap)
+        assert set(load.tolist()) == active - held           # reads only what is missing
+        assert not (set(evict.tolist()) & active)            # never drops what is needed now
+        assert set(evict.tolist()) <= held
+        held = (held - set(evict.tolist())) | set(load.tolist())
+        assert len(held) <= cap and set(p.state(0).tolist()) == held
+        assert active <= held
+
+
+def test_frequency_reads_fewer_than_window_when_some_neurons_are_hot():
+    """A Zipf-popular workload at the same capacity as the window's peak: the frequency policy
+    reads fewer neurons (the reason it exists)."""
+    rng = np.random.default_rng(0)
+    d_ff, k, n = 2000, 4, 60
+    pop = 1.0 / np.arange(1, d_ff + 1) ** 1.1
+    pop /= pop.sum()
+    sets = [np.unique(rng.choice(d_ff, 150, p=pop)) for _ in range(n)]
+    w = SlidingWindow(1, d_ff, k)
+    window_reads, peak = 0, 0
+    for s in sets:
+        window_reads += w.update(0, s)[0].size
+        peak = max(peak, w.size(0))
+    f = FrequencyPolicy(1, d_ff)
+    freq_reads = sum(f.update(0, s, capacity=peak)[0].size for s in sets)
+    assert freq_reads < 0.9 * window_reads
+
+
+def test_frequency_refuses_a_set_larger_than_the_cache():
+    with pytest.raises(ValueError, match="exceed"):
+        FrequencyPolicy(1, 10).update(0, [1, 2, 3], capacity=2)
