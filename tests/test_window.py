@@ -118,3 +118,12 @@ def test_frequency_reads_fewer_than_window_when_some_neurons_are_hot():
 def test_frequency_refuses_a_set_larger_than_the_cache():
     with pytest.raises(ValueError, match="exceed"):
         FrequencyPolicy(1, 10).update(0, [1, 2, 3], capacity=2)
+
+
+def test_window_keeps_its_own_copy_of_the_ids():
+    w = SlidingWindow(1, 10, 2)
+    ids = np.array([1, 2, 3], dtype=np.int64)  # already sorted: no np.unique on this path
+    w.update(0, ids)
+    ids[:] = [7, 8, 9]                          # the caller reuses its buffer
+    assert w.state(0).tolist() == [1, 2, 3]
+    assert w.update(0, [3, 1, 1])[0].tolist() == []  # unsorted with duplicates still works
