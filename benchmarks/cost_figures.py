@@ -43,10 +43,11 @@ FIG = HERE / "figures"
 TABLE_JSON = HERE / "results" / "smollm2_table.json"
 SWEEP_JSON = HERE / "results" / "cost_sweep.json"
 
-# RESULTS.md section 6, Table 3 (OPT-6.7B shape, per token, ms): I/O, mgmt, predictor, compute
-OPT_T3 = {"naive": (6143, 4.4, 0, 895), "hybrid": (3888, 5.2, 0, 1427),
-          "predictor": (1313, 2.4, 27, 328), "window": (348, 40.6, 26, 326),
-          "bundling": (266, 40.6, 24, 309)}
+# RESULTS.md section 6, Table 3 of the 40-token re-run (2026-11-26 02:26, commit 6cf596c;
+# OPT-6.7B shape, per token, ms): I/O, mgmt, predictor, compute
+OPT_T3 = {"naive": (5575, 3.4, 0, 701), "hybrid": (3725, 3.4, 0, 701),
+          "predictor": (1296, 1.9, 27, 325), "window": (300, 42.0, 26, 322),
+          "bundling": (255, 41.9, 26, 326)}
 ROWS = ("naive", "hybrid", "predictor", "window", "bundling")
 # RESULTS.md section 1 (2026-11-26 00:37): best GB/s over queue depths 1..64 and both engines.
 DISK_BEST = {4 << 10: 0.305, 8 << 10: 0.543, 16 << 10: 0.892, 32 << 10: 1.336,
