@@ -60,6 +60,20 @@ def test_sparse_generate_summary_reports_bytes_and_memory(tiny_flash, capsys):
     assert summary["peak_rss"] is None or summary["peak_rss"] > 0
 
 
+def test_generate_eviction_flag_reaches_the_runtime(tiny_flash, monkeypatch):
+    import flashinfer_py.cli as cli
+
+    seen = []
+    real = cli._runtime
+    monkeypatch.setattr(cli, "_runtime", lambda ns: seen.append(real(ns)) or seen[-1])
+    d = tiny_flash("llama-relu")
+    assert main(["generate", str(d), "--prompt", "w5 w6", "-n", "3", "--sparse",
+                 "--selection", "oracle", "--eviction", "frequency"]) == 0
+    assert seen and seen[-1].eviction == "frequency"
+    with pytest.raises(SystemExit):
+        main(["generate", str(d), "--eviction", "lru"])
+
+
 def test_demo_help_describes_the_budget(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
