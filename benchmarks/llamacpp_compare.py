@@ -2,7 +2,7 @@
 
     python benchmarks/llamacpp_compare.py build            # once: GGUF + flash dir (~27 GB disk)
     python benchmarks/llamacpp_compare.py compare [--tokens 3] [--llama-timeout 240]
-        [--read-ahead 128,machine] [--tools llama,ours]   # needs root (cgroup v1, drop_caches)
+        [--read-ahead 128,machine] [--tools llama,ours,naive]   # root: cgroup v1, drop_caches
 
 What it does:
 
@@ -33,6 +33,9 @@ What it does:
      by replacing ``Predictors.load`` in this process only; the rest is the real model
      (attention over the resident tensors, the SwiGLU kernel over the predicted rows, the LM
      head). Outputs are meaningless (synthetic weights); I/O and compute are real.
+   - ours, naive (``--tools ...,naive``): ``RuntimeConfig(ablation="naive")`` under the same cap:
+     every neuron of every layer read per token through one layer buffer, and the resident file
+     re-read per token with O_DIRECT (the paper's naive row).
 Prints a markdown table with tokens/s, bytes/token and the ratios.
 """
 from __future__ import annotations
@@ -418,7 +421,8 @@ def main() -> None:
     c.add_argument("--llama-timeout", type=float, default=240.0)
     c.add_argument("--read-ahead", default="128,machine")
     c.add_argument("--tools", default="llama,ours,ours+pred",
-                   help="comma list of llama, ours, ours+pred (ours with predictor cost)")
+                   help="comma list of llama, ours, ours+pred (ours with predictor cost), "
+                        "naive (our naive mode: the whole model read per token)")
     c.add_argument("--json", default=None, help="append raw per-run records here (JSON lines)")
     r1 = sub.add_parser("run-llama")
     r1.add_argument("--tokens", type=int, default=3)
