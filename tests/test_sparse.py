@@ -150,3 +150,24 @@ def test_rows_without_reuse_fit_a_budget_smaller_than_the_ffn(tiny_flash, prompt
     assert rel_err(sparse.logits(prompt_ids[:10]), m.logits(prompt_ids[:10])) < TOL
     with pytest.raises(ValueError, match="one layer"):
         fi.load(d, rt.replace(dram_budget=one_layer.total - one_layer.layer_buffer))
+
+
+def test_frequency_eviction_keeps_the_cache_full(tiny_flash, prompt_ids):
+    """eviction="frequency" keeps neurons the window would drop: once the cache has filled, every
+    layer holds exactly its capacity, and never more; the window policy holds only its union."""
+    d = tiny_flash("llama-relu")
+    rt = _runtime(d, "tiny-budget").replace(window=1)
+    win = fi.load(d, rt)
+    freq = fi.load(d, rt.replace(eviction="frequency"))
+    assert freq.plan.overhead > win.plan.overhead  # the policy's per-neuron state is planned
+    for m in (win, freq):
+        cache = m.new_cache()
+        for t in prompt_ids[:16]:
+            m.forward([t], cache)
+    L = freq.args.num_hidden_layers
+    for layer in range(L):
+        cap = freq.ffn.cache.capacity(layer)
+        assert freq.ffn.cache.n_used(layer) == cap == freq.ffn.policy.size(layer)
+        assert win.ffn.cache.n_used(layer) == win.ffn.window.size(layer)
+    assert sum(win.ffn.cache.n_used(i) for i in range(L)) < sum(
+        freq.ffn.cache.n_used(i) for i in range(L))
