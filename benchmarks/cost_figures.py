@@ -6,7 +6,7 @@
 ``breakdown``: stacked per-token bars (I/O, memory management, predictor, compute) for each
 Table 2 configuration: SmolLM2 from ``benchmarks/results/smollm2_table.json`` (written by
 ``smollm2_table.py --json``) and the OPT-6.7B-shaped Table 3 of RESULTS.md section 6 (numbers
-copied below, measured 2026-11-26 00:56 by ``paper_table.py``).
+copied below: the 40-token re-run of 2026-11-26 02:26 by ``paper_table.py``).
 
 ``sweep``: SmolLM2-135M with its trained predictors, everything on (``ablation="bundling"``,
 threads=1), decoding Wikipedia text from the excerpt's tail token by token after a cold page
