@@ -243,7 +243,8 @@ class RuntimeConfig:
             the last `window` tokens used it. "frequency" (ours): only when the cache is full,
             least used first (decayed count, half-life 64 tokens); fills the budget, so it reads
             fewer neurons at the same DRAM when some neurons are used far more than others
-            (benchmarks/RESULTS.md section 6). Without a budget nothing is ever evicted.
+            (benchmarks/RESULTS.md sections 6 and 10). `window` is then unused. Without a
+            budget nothing is ever evicted.
         reuse: False reloads each token's whole active set (the paper's "+predictor" row).
         bundled: False reads up/gate/down as separate requests (the "no bundling" ablation).
         predictor_threshold: probability above which a predicted neuron is loaded.

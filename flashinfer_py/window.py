@@ -11,13 +11,16 @@ from collections import deque
 import numpy as np
 
 
-def _sorted_unique(active_ids) -> np.ndarray:
-    """int64 sorted unique ids. Predictors already return sorted unique ids: checking that is
-    O(n) and skips np.unique, which cost ~170 us per call for SmolLM2's ~1250 ids (numpy 2.4;
-    about half of a token's memory management, RESULTS.md section 8)."""
+def _sorted_unique(active_ids, d_ff: int) -> np.ndarray:
+    """int64 sorted unique ids in [0, d_ff), else ValueError. Predictors already return sorted
+    unique ids: checking that is O(n) and skips np.unique, which cost ~170 us per call for
+    SmolLM2's ~1250 ids (numpy 2.4; about half of a token's memory management, RESULTS.md
+    section 8)."""
     ids = np.array(active_ids, dtype=np.int64).reshape(-1)  # a copy: the window keeps it
     if ids.size > 1 and not (ids[1:] > ids[:-1]).all():
         ids = np.unique(ids)
+    if ids.size and (ids[0] < 0 or ids[-1] >= d_ff):
+        raise ValueError(f"neuron ids must be in [0, {d_ff}); got {ids[0]}..{ids[-1]}")
     return ids
 
 
@@ -46,9 +49,7 @@ class SlidingWindow:
             (to_load, to_evict): sorted int32 ids that entered / left the window's union.
             A neuron both used now and dropped from the oldest token is in neither.
         """
-        ids = _sorted_unique(active_ids)
-        if ids.size and (ids[0] < 0 or ids[-1] >= self.d_ff):
-            raise ValueError(f"neuron ids must be in [0, {self.d_ff}); got {ids[0]}..{ids[-1]}")
+        ids = _sorted_unique(active_ids, self.d_ff)
         counts, hist = self._counts[layer], self._history[layer]
         counts[ids] += 1
         to_load = ids[counts[ids] == 1]
@@ -94,7 +95,7 @@ class FrequencyPolicy:
     prefill chunks) that needed it, half-life `halflife` tokens. The current token's neurons are
     never evicted. At the same capacity as the window's peak it reads fewer neurons whenever
     some neurons are used far more often than others (the "hot neurons" of ReLU LLMs; measured
-    in benchmarks/RESULTS.md section 6).
+    in benchmarks/RESULTS.md sections 6 and 10).
 
     Decay without touching every neuron per token: token t adds weight g**t (g = 2**(1/halflife))
     to the neurons it uses, which ranks them exactly as a decayed count; the weights are rescaled
@@ -122,9 +123,7 @@ class FrequencyPolicy:
             not needed now, lowest score), with held + loaded - evicted <= capacity.
         Raises ValueError if the active set alone exceeds `capacity`.
         """
-        ids = _sorted_unique(active_ids)
-        if ids.size and (ids[0] < 0 or ids[-1] >= self.d_ff):
-            raise ValueError(f"neuron ids must be in [0, {self.d_ff}); got {ids[0]}..{ids[-1]}")
+        ids = _sorted_unique(active_ids, self.d_ff)
         if ids.size > capacity:
             raise ValueError(f"layer {layer}: {ids.size} active neurons exceed the cache's "
                              f"{capacity} rows; raise the DRAM budget")
