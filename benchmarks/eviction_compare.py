@@ -17,10 +17,7 @@ Prints perplexity, FFN bytes read per token and cache hit rate for both, side by
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,9 +27,9 @@ from flashinfer_py.config import RuntimeConfig
 from flashinfer_py.corpora import wikipedia_excerpt
 from flashinfer_py.default_model import default_model_dir
 from flashinfer_py.evaluate import perplexity, windows_of
-from flashinfer_py.sampling import log_softmax
 from flashinfer_py.loader import plan_memory
 from flashinfer_py.runtime import load
+from paper_table import environment  # the date / commit / machine header of every table
 
 EVAL_CHARS = 60_000  # the excerpt's tail (as benchmarks/sparse_quality.py)
 
@@ -46,28 +43,30 @@ def budget_for(model, fraction: float, eviction: str) -> int:
     return full.total - full.cache_bytes + cap * per_neuron + per_neuron - 1
 
 
-def run(directory: Path, fraction: float, eviction: str, windows, max_context: int) -> dict:
-    probe = load(directory, RuntimeConfig(sparse=True, max_context=max_context))
-    rt = RuntimeConfig(dram_budget=budget_for(probe, fraction, eviction), eviction=eviction,
-                       prefill_chunk=1, max_context=max_context, threads=1)
-    del probe
+def run(directory: Path, budget: int, eviction: str, ids, tokens: int, n_windows: int) -> dict:
+    rt = RuntimeConfig(dram_budget=budget, eviction=eviction, prefill_chunk=1,
+                       max_context=tokens, threads=1)
     m = load(directory, rt)
-    nll = n = byts = toks = hits = needed = 0
-    t0 = time.perf_counter()
-    for w in windows:
+    acc = {"bytes_read": 0, "hits": 0, "needed": 0, "tokens": 0}
+
+    def logits_token_by_token(w):
+        """One forward call per token, each window from an empty context and cache; the stats
+        of the tokens that are scored (all but the last) are summed."""
         cache = m.new_cache()
         m.reset()
-        for t in range(len(w) - 1):
-            logits = m.forward([w[t]], cache)
-            nll -= float(log_softmax(logits[-1])[w[t + 1]])
-            n += 1
-            st = m.last_stats
-            byts += st["bytes_read"]
-            hits += st["hits"]
-            needed += st["needed"]
-            toks += 1
-    return {"fraction": fraction, "eviction": eviction, "cap": m.plan.cache_capacity[0],
-            "ppl": math.exp(nll / n), "bytes": byts / toks, "hit_rate": hits / needed,
+        out = []
+        for i, t in enumerate(w):
+            out.append(m.forward([t], cache))
+            if i < len(w) - 1:
+                for k in ("bytes_read", "hits", "needed"):
+                    acc[k] += m.last_stats[k]
+                acc["tokens"] += 1
+        return np.concatenate(out)
+
+    t0 = time.perf_counter()
+    res = perplexity(logits_token_by_token, ids, tokens, n_windows)  # the dense row's windows
+    return {"eviction": eviction, "cap": m.plan.cache_capacity[0], "ppl": res.perplexity,
+            "bytes": acc["bytes_read"] / acc["tokens"], "hit_rate": acc["hits"] / acc["needed"],
             "s": time.perf_counter() - t0, "ffn_bytes": m.args.num_hidden_layers
             * m.args.intermediate_size * m.plan.record_bytes}
 
@@ -84,22 +83,22 @@ def main() -> None:
     if not (directory / "predictors.npz").exists():
         raise SystemExit(f"{directory} has no predictors.npz: run `flashinfer-py "
                          f"train-predictors {directory}` first")
-    tok = load(directory).tokenizer
-    ids = tok.encode(wikipedia_excerpt()[-EVAL_CHARS:])
+    dense = load(directory, RuntimeConfig(threads=1))
+    ids = dense.tokenizer.encode(wikipedia_excerpt()[-EVAL_CHARS:])
     windows = windows_of(ids, a.tokens, a.windows)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True, cwd=Path(__file__).parent).stdout.strip()
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {sha}, "
-          f"{platform.machine()}, {os.cpu_count()} cores, load "
-          f"{os.getloadavg()[0]:.1f}; {len(windows)} windows x {a.tokens} tokens\n")
+    env = environment(directory)
+    print(f"{env['date']}, commit {env['git']}, {env['cpu']}, {env['cores']} cores, "
+          f"{env['ram_gib']} GiB, {env['device']}, load {os.getloadavg()[0]:.1f}; "
+          f"{len(windows)} windows x {a.tokens} tokens\n")
     print("| cache (of the FFN) | eviction | perplexity | FFN read per token | hit rate | s |")
     print("|---|---|---|---|---|---|")
-    dense = load(directory, RuntimeConfig(threads=1))
     ref = perplexity(dense.logits, ids, a.tokens, a.windows)  # the same windows
     print(f"| dense (no streaming) | - | {ref.perplexity:.2f} | - | - | - |", flush=True)
     del dense
+    probe = load(directory, RuntimeConfig(sparse=True, max_context=a.tokens))  # for the plans
     for f in a.caches:
-        rows = [run(directory, f, ev, windows, a.tokens + 1) for ev in ("window", "frequency")]
+        rows = [run(directory, budget_for(probe, f, ev), ev, ids, a.tokens, a.windows)
+                for ev in ("window", "frequency")]
         for r in rows:
             print(f"| {100 * f:.0f}% ({r['cap']} neurons/layer) | {r['eviction']} | "
                   f"{r['ppl']:.2f} | {r['bytes'] / 2**20:.2f} MiB "
