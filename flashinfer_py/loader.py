@@ -160,9 +160,10 @@ class SparseFFN:
             engine=runtime.io_engine, queue_depth=runtime.queue_depth,
             use_direct_io=runtime.use_direct_io))
         self.plan = plan or plan_memory(args, manifest, runtime)
-        self.window = SlidingWindow(args.num_hidden_layers, args.intermediate_size, runtime.window)
+        # What stays cached: both policies answer update(layer, ids, capacity) -> (load, evict).
         self.policy = (FrequencyPolicy(args.num_hidden_layers, args.intermediate_size)
-                       if runtime.eviction == "frequency" else None)
+                       if runtime.eviction == "frequency" else
+                       SlidingWindow(args.num_hidden_layers, args.intermediate_size, runtime.window))
         self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
         self.cache = self.layer_rows = None
         if runtime.reuse:
@@ -200,13 +201,7 @@ class SparseFFN:
         st.predict_ns += t1 - t0
         if cache is None:
             return self._rows_streamed(layer, ids, t1)
-        if self.policy is not None:
-            load, evict = self.policy.update(layer, ids, cache.capacity(layer))
-        else:
-            load, evict = self.window.update(layer, ids)
-            # Budget smaller than the window's union: forget the oldest tokens first.
-            while self.window.size(layer) > cache.capacity(layer):
-                evict = np.union1d(evict, self.window.drop_oldest(layer)).astype(np.int32)
+        load, evict = self.policy.update(layer, ids, cache.capacity(layer))
         hits = len(ids) - len(load)
         before = cache.stats()
         if len(evict):
@@ -306,9 +301,7 @@ class SparseFFN:
 
     def reset(self) -> None:
         """Forget the window and empty the cache (a new conversation)."""
-        self.window.reset()
-        if self.policy is not None:
-            self.policy.reset()
+        self.policy.reset()
         if self.cache is None:
             self._prev_loaded = [0] * self.args.num_hidden_layers
             return
@@ -318,7 +311,8 @@ class SparseFFN:
     @property
     def nbytes(self) -> int:
         held = self.cache.nbytes() if self.cache is not None else self.layer_rows.nbytes
-        held += self.policy.nbytes if self.policy is not None else 0
+        if isinstance(self.policy, FrequencyPolicy):  # the window's counts are not counted
+            held += self.policy.nbytes
         return held + (self.predictors.nbytes if self.predictors else 0)
 
 

@@ -7,6 +7,7 @@ Pure numpy, no I/O: the loader applies (to_load, to_evict) to the cache.
 from __future__ import annotations
 
 from collections import deque
+from typing import Optional
 
 import numpy as np
 
@@ -42,8 +43,10 @@ class SlidingWindow:
         self._history = [deque() for _ in range(self.n_layers)]
         self._size = np.zeros(self.n_layers, dtype=np.int64)
 
-    def update(self, layer: int, active_ids) -> tuple[np.ndarray, np.ndarray]:
-        """Record this token's active set for `layer`.
+    def update(self, layer: int, active_ids,
+               capacity: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Record this token's active set for `layer`; with `capacity` (the layer's cache rows),
+        forget the oldest tokens until the union fits (a budget smaller than the window's union).
 
         Returns:
             (to_load, to_evict): sorted int32 ids that entered / left the window's union.
@@ -60,7 +63,10 @@ class SlidingWindow:
             counts[old] -= 1
             to_evict = old[counts[old] == 0]
         self._size[layer] += to_load.size - to_evict.size
-        return to_load.astype(np.int32), to_evict.astype(np.int32)
+        to_evict = to_evict.astype(np.int32)
+        while capacity is not None and self._size[layer] > capacity:
+            to_evict = np.union1d(to_evict, self.drop_oldest(layer)).astype(np.int32)
+        return to_load.astype(np.int32), to_evict
 
     def drop_oldest(self, layer: int) -> np.ndarray:
         """Forget the oldest token still in the window (when the cache cannot hold the whole

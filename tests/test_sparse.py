@@ -69,7 +69,7 @@ def test_window_loads_only_new_neurons(tiny_flash, prompt_ids):
         loaded += s["loaded"]
         needed += s["needed"]
         for layer in range(m.args.num_hidden_layers):  # the cache holds exactly the window
-            assert sorted(m.ffn.cache.ids(layer).tolist()) == m.ffn.window.state(layer).tolist()
+            assert sorted(m.ffn.cache.ids(layer).tolist()) == m.ffn.policy.state(layer).tolist()
     assert loaded < needed  # reuse across tokens happened
 
 
@@ -168,6 +168,6 @@ def test_frequency_eviction_keeps_the_cache_full(tiny_flash, prompt_ids):
     for layer in range(L):
         cap = freq.ffn.cache.capacity(layer)
         assert freq.ffn.cache.n_used(layer) == cap == freq.ffn.policy.size(layer)
-        assert win.ffn.cache.n_used(layer) == win.ffn.window.size(layer)
+        assert win.ffn.cache.n_used(layer) == win.ffn.policy.size(layer)
     assert sum(win.ffn.cache.n_used(i) for i in range(L)) < sum(
         freq.ffn.cache.n_used(i) for i in range(L))

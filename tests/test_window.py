@@ -48,6 +48,17 @@ def test_random_against_set_reference(k):
         assert set(w.state(0).tolist()) == after and w.size(0) == len(after)
 
 
+def test_capacity_forgets_the_oldest_tokens_first():
+    w = SlidingWindow(1, 10, k=3)
+    w.update(0, [1, 2], capacity=4)
+    w.update(0, [3], capacity=4)
+    load, evict = w.update(0, [4, 5], capacity=4)   # union {1..5} > 4: token [1, 2] goes
+    assert load.tolist() == [4, 5] and evict.tolist() == [1, 2]
+    assert w.state(0).tolist() == [3, 4, 5] and w.size(0) == 3
+    with pytest.raises(ValueError, match="raise the DRAM budget"):
+        w.update(0, [6, 7, 8, 9], capacity=3)        # the newest set alone does not fit
+
+
 def test_k_must_be_positive():
     with pytest.raises(ValueError):
         SlidingWindow(1, 4, 0)
