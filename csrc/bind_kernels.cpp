@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "kernels.h"
+#include "kernels_q4.h"
 
 namespace py = pybind11;
 
@@ -264,6 +265,96 @@ py::array from_float32_py(const py::array& a, const std::string& dtype, py::obje
   return o;
 }
 
+// ---- 4-bit sketches (kernels_q4.h) -----------------------------------------------------
+
+// A C-contiguous 1-D int64 array of indices, each in [0, bound).
+const int64_t* index_in(const py::array& a, const char* name, int64_t bound) {
+  FI_CHECK(a.dtype().is(py::dtype::of<int64_t>()), name, " must be int64, got ", dtype_str(a));
+  check_ndim(a, name, 1);
+  check_contig(a, name);
+  const int64_t* p = static_cast<const int64_t*>(a.data());
+  for (py::ssize_t i = 0; i < a.shape(0); ++i)
+    FI_CHECK(p[i] >= 0 && p[i] < bound, name, "[", i, "]=", p[i], " is out of range [0, ",
+             bound, ")");
+  return p;
+}
+
+// 2-D uint8 C-contiguous records whose rows hold at least `need` bytes.
+void check_records(const py::array& a, const char* name, int64_t need) {
+  FI_CHECK(a.dtype().is(py::dtype::of<uint8_t>()), name, " must be uint8, got ", dtype_str(a));
+  check_ndim(a, name, 2);
+  check_contig(a, name);
+  FI_CHECK(a.shape(1) >= need, name, " has shape ", shape_str(a), ": records of at least ",
+           need, " bytes are needed");
+}
+
+void quantize_q4_py(const py::array& rows, const py::array& part_offsets, int64_t length,
+                    const py::array& src_rows, py::array& out, const py::array& dst_rows,
+                    int threads) {
+  check_ndim(rows, "rows", 2);
+  const DType dt = weight_dtype(rows, "rows");
+  check_contig(rows, "rows");
+  FI_CHECK(length > 0, "length must be positive, got ", length);
+  const int64_t* offs = index_in(part_offsets, "part_offsets", rows.shape(1) - length + 1);
+  const int n_parts = static_cast<int>(part_offsets.shape(0));
+  FI_CHECK(n_parts >= 1 && n_parts <= 3, "part_offsets must list 1 to 3 parts, got ", n_parts);
+  check_records(out, "out", n_parts * q4_part_bytes(length));
+  FI_CHECK(out.writeable(), "out must be writeable");
+  const int64_t* sr = index_in(src_rows, "src_rows", rows.shape(0));
+  const int64_t* dr = index_in(dst_rows, "dst_rows", out.shape(0));
+  FI_CHECK(src_rows.shape(0) == dst_rows.shape(0), "src_rows and dst_rows differ in length (",
+           src_rows.shape(0), " vs ", dst_rows.shape(0), ")");
+  check_no_overlap(out, "out", rows, "rows");
+  const void* src = rows.data();
+  uint8_t* dst = static_cast<uint8_t*>(out.mutable_data());
+  const int64_t n = src_rows.shape(0), src_ld = rows.shape(1), dst_ld = out.shape(1);
+  {
+    py::gil_scoped_release release;
+    quantize_q4_parts(src, dt, src_ld, sr, n, offs, n_parts, length, dst, dst_ld, dr, threads);
+  }
+}
+
+py::array dequantize_q4_py(const py::array& record, int n_parts, int64_t length) {
+  FI_CHECK(length > 0 && n_parts >= 1 && n_parts <= 3, "need length > 0 and 1 to 3 parts");
+  FI_CHECK(record.dtype().is(py::dtype::of<uint8_t>()), "record must be uint8, got ",
+           dtype_str(record));
+  check_ndim(record, "record", 1);
+  check_contig(record, "record");
+  FI_CHECK(record.shape(0) >= n_parts * q4_part_bytes(length), "record has ",
+           record.shape(0), " bytes; ", n_parts * q4_part_bytes(length), " are needed");
+  py::array o(py::dtype::of<float>(), std::vector<py::ssize_t>{n_parts * length});
+  dequantize_q4_record(static_cast<const uint8_t*>(record.data()), n_parts, length,
+                       static_cast<float*>(o.mutable_data()));
+  return o;
+}
+
+py::array q4_scores_py(const py::array& x, const py::array& sketch, int64_t length, bool gated,
+                       const std::string& activation, float act_param, const py::object& scale,
+                       py::object out, int threads) {
+  const Activation act = parse_activation(activation);
+  check_ndim(x, "x", 2);
+  const int64_t n_tok = x.shape(0);
+  const float* xp = f32_in(x, "x", {n_tok, length});
+  check_records(sketch, "sketch", (gated ? 2 : 1) * q4_part_bytes(length));
+  const int64_t n_rec = sketch.shape(0);
+  const float* sp = nullptr;
+  py::array s;
+  if (!scale.is_none()) {
+    s = scale.cast<py::array>();
+    sp = f32_in(s, "scale", {n_rec});
+  }
+  py::array o = out.is_none() ? py::array(py::dtype::of<float>(), std::vector<py::ssize_t>{n_rec})
+                              : out.cast<py::array>();
+  float* op = f32_out(o, "out", {n_rec});
+  const uint8_t* sk = static_cast<const uint8_t*>(sketch.data());
+  const int64_t ld = sketch.shape(1);
+  {
+    py::gil_scoped_release release;
+    q4_scores(xp, n_tok, length, sk, n_rec, ld, gated, act, act_param, sp, op, threads);
+  }
+  return o;
+}
+
 }  // namespace
 
 void bind_kernels(py::module_& m) {
@@ -286,6 +377,18 @@ void bind_kernels(py::module_& m) {
         py::arg("out") = py::none(), py::arg("threads") = 0,
         "Convert float32 to 'float32', 'float16' (IEEE RNE) or 'bfloat16' (RNE, returned "
         "as uint16 bits).");
+  m.def("quantize_q4", &quantize_q4_py, py::arg("rows"), py::arg("part_offsets"),
+        py::arg("length"), py::arg("src_rows"), py::arg("out"), py::arg("dst_rows"),
+        py::arg("threads") = 0,
+        "4-bit blocks (fp16 scale + 32 nibbles, Q4_0 layout) of `length` elements at each "
+        "part offset of rows[src_rows[i]] into out[dst_rows[i]] (uint8 records).");
+  m.def("dequantize_q4", &dequantize_q4_py, py::arg("record"), py::arg("n_parts"),
+        py::arg("length"), "float32 values of one 4-bit record (n_parts * length,).");
+  m.def("q4_scores", &q4_scores_py, py::arg("x"), py::arg("sketch"), py::arg("length"),
+        py::arg("gated"), py::arg("activation"), py::arg("act_param") = 0.0f,
+        py::arg("scale") = py::none(), py::arg("out") = py::none(), py::arg("threads") = 0,
+        "Estimated |FFN activation| of every 4-bit sketch record, max over the rows of x, "
+        "times scale: records hold up (and gate) parts.");
   m.def("kernel_isa", []() { return std::string(isa_name(kernel_isa())); },
         "The instruction set the kernels use now: 'avx2' or 'scalar'.");
   m.def("set_kernel_isa", &set_kernel_isa, py::arg("name"),

@@ -33,6 +33,12 @@ void set_kernel_isa(const std::string& name);
 enum class Activation { Relu, FatRelu, Silu, Gelu, GeluTanh };
 // "relu", "fatrelu", "silu", "gelu" (exact erf), "gelu_tanh"; throws std::invalid_argument.
 Activation parse_activation(const std::string& name);
+// The activation of one pre-activation value (param: the fatrelu threshold).
+float activate(Activation act, float v, float param);
+
+// OpenMP threads for a call of `work` multiply-adds: `threads` (<= 0: all), or 1 when the
+// work is too small to pay for a fork/join.
+int resolve_threads(int threads, double work);
 
 // ---- linear: y = x @ w.T + bias -------------------------------------------------------
 

@@ -16,19 +16,25 @@ from typing import Literal
 
 import numpy as np
 
+from ._core import dequantize_q4 as _dequantize_q4
 from ._core import ffn_rows as _ffn_rows
 from ._core import from_float32 as _from_float32
 from ._core import kernel_isa as _kernel_isa
 from ._core import linear as _linear
+from ._core import q4_scores as _q4_scores
+from ._core import quantize_q4 as _quantize_q4
 from ._core import set_kernel_isa as _set_kernel_isa
 from ._core import to_float32 as _to_float32
 
 __all__ = [
     "ACTIVATIONS",
+    "dequantize_q4",
     "ffn_rows",
     "from_float32",
     "kernel_isa",
     "linear",
+    "q4_scores",
+    "quantize_q4",
     "set_kernel_isa",
     "to_float32",
 ]
@@ -123,6 +129,54 @@ def ffn_rows(
         up_bias, out, act_out, row_select, threads,
     )
     return y.reshape(-1) if squeeze else y
+
+
+def quantize_q4(
+    rows: np.ndarray,
+    part_offsets,
+    length: int,
+    src_rows,
+    out: np.ndarray,
+    dst_rows,
+    *,
+    threads: int = 0,
+) -> None:
+    """4-bit block copies (csrc/kernels_q4.h) of parts of bundle records.
+
+    For each i, the parts of ``rows[src_rows[i]]`` starting at the element offsets
+    ``part_offsets`` (``length`` elements each) are quantized one after the other into the
+    uint8 record ``out[dst_rows[i]]`` (blocks of 32: fp16 scale d = max|w| / 7, then 16 bytes
+    of nibbles; value = (q - 8) * d).
+    """
+    _quantize_q4(rows, np.asarray(part_offsets, np.int64), length,
+                 np.ascontiguousarray(src_rows, np.int64), out,
+                 np.ascontiguousarray(dst_rows, np.int64), threads)
+
+
+def dequantize_q4(record: np.ndarray, n_parts: int, length: int) -> np.ndarray:
+    """float32 values ``(n_parts * length,)`` of one 4-bit record (tests and tools)."""
+    return _dequantize_q4(np.ascontiguousarray(record, np.uint8), n_parts, length)
+
+
+def q4_scores(
+    x: np.ndarray,
+    sketch: np.ndarray,
+    length: int,
+    gated: bool,
+    activation: Activation,
+    act_param: float = 0.0,
+    *,
+    scale: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+    threads: int = 0,
+) -> np.ndarray:
+    """Estimated ``max_t |h_t| * scale`` of every 4-bit record (``(n_rec,)`` float32).
+
+    ``h = act(gate~ . x_t) * (up~ . x_t)`` (gated: records hold up then gate) or
+    ``act(up~ . x_t)``, with x quantized to 8 bits per block of 32 on the fly.
+    """
+    x = np.ascontiguousarray(np.atleast_2d(x), np.float32)
+    return _q4_scores(x, sketch, length, gated, activation, act_param, scale, out, threads)
 
 
 def to_float32(
