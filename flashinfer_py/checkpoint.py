@@ -79,13 +79,21 @@ class Checkpoint:
         self._check_name(name)
         return self._shapes[name]
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Read tensor ``name`` alone and return it as a C-contiguous float32 array.
 
+        ``rows=(start, stop)`` reads only those rows of the first axis (a part of a fused tensor
+        such as Phi-3's ``qkv_proj``) without reading the rest where the format allows.
         float16 and bfloat16 are upcast exactly (bfloat16 by a 16-bit shift); float64 is rounded.
         """
         self._check_name(name)
-        out = self._read(name)
+        if rows is not None:
+            start, stop = rows
+            n = self._shapes[name][0] if self._shapes[name] else 0
+            if not 0 <= start <= stop <= n:
+                raise ValueError(f"{self.path}: rows {start}:{stop} are outside {name!r}, which "
+                                 f"has {n} rows")
+        out = self._read(name, rows)
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def write_tokenizer(self, dst_dir: os.PathLike | str) -> list[str]:
@@ -114,7 +122,7 @@ class Checkpoint:
     # -- for subclasses --------------------------------------------------------------------
     _shapes: dict[str, tuple[int, ...]]
 
-    def _read(self, name: str) -> np.ndarray:
+    def _read(self, name: str, rows: tuple[int, int] | None) -> np.ndarray:
         raise NotImplementedError
 
     def _check_name(self, name: str) -> None:
@@ -277,13 +285,19 @@ class _SafetensorsFile:
                         f"{data_start + end} beyond the end of the {size}-byte file.", broken)
         return dtype, tuple(shape), data_start + begin, count
 
-    def read(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as float32; peak memory is the result plus one small chunk."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor ``name`` (or rows start:stop of it) as float32; peak memory is the result
+        plus one small chunk."""
         dtype, shape, offset, count = self.entries[name]
         if dtype not in _ST_FLOAT:
             raise _fail(self.file, f"stores {name!r} as {dtype}, not a floating-point type.",
                         "Only float tensors are model weights; skip this one.")
         raw_dtype = _ST_FLOAT[dtype][0]
+        if rows is not None:  # rows are contiguous: move the start, shorten the count
+            per_row = count // shape[0] if shape[0] else 0
+            offset += rows[0] * per_row * raw_dtype.itemsize
+            count = (rows[1] - rows[0]) * per_row
+            shape = (rows[1] - rows[0], *shape[1:])
         out = np.empty(count, dtype=np.float32)
         if dtype == "F32":
             self._pread_into(out, offset, name)
@@ -380,8 +394,8 @@ class SafetensorsCheckpoint(Checkpoint):
                                 "disagree; download the model again.")
                 self._where[name] = by_name[fname]
 
-    def _read(self, name: str) -> np.ndarray:
-        return self._where[name].read(name)
+    def _read(self, name: str, rows: tuple[int, int] | None) -> np.ndarray:
+        return self._where[name].read(name, rows)
 
     def write_tokenizer(self, dst_dir: os.PathLike | str) -> list[str]:
         return _copy_hf_tokenizer(self.path, pathlib.Path(dst_dir))
@@ -465,8 +479,10 @@ class TorchCheckpoint(Checkpoint):
         self._loaded = (fname, sd)
         return sd
 
-    def _read(self, name: str) -> np.ndarray:
+    def _read(self, name: str, rows: tuple[int, int] | None) -> np.ndarray:
         t = self._load(self._file_of[name])[name]
+        if rows is not None:
+            t = t[rows[0]:rows[1]]
         return t.detach().to(self._torch.float32).numpy().copy()
 
     def write_tokenizer(self, dst_dir: os.PathLike | str) -> list[str]:
@@ -645,7 +661,9 @@ class GGUFCheckpoint(Checkpoint):
                 config[f"{short}_token_id"] = int(tid)
         return config
 
-    def _read(self, name: str) -> np.ndarray:
+    def _read(self, name: str, rows: tuple[int, int] | None) -> np.ndarray:
+        if rows is not None:
+            return self._read(name, None)[rows[0]:rows[1]]
         t = self._tensors[name]
         try:
             w = np.asarray(self._dequantize(t.data, t.tensor_type), dtype=np.float32)
