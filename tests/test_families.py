@@ -1,0 +1,223 @@
+"""The model families beyond Llama and OPT (issue 9): Qwen2, Qwen3, Phi-3, Gemma 3, Mistral's
+sliding window and OPT-350m's projections. Dense logits against transformers are in
+test_model.py (every name in TINY_MODELS); here: the sparse path, predictor training, the CLI,
+multimodal Gemma 3 checkpoints, and the errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import flashinfer_py as fi
+from conftest import GEMMA3_KW, NEW_FAMILIES, rel_err
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+# --- the sparse path: the bundle record is one neuron for every family ------------------------
+
+
+@pytest.mark.parametrize("selection", ["all", "oracle"])
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_sparse_with_every_neuron_is_dense(name, selection, tiny_flash, prompt_ids):
+    """selection="all", and the oracle keeping every neuron (oracle_sparsity=0; for ReLU the
+    oracle's exact active set), stream the FFN through the neuron cache with a window and
+    give the dense logits."""
+    d = tiny_flash(name)
+    ref = fi.load(d).logits(prompt_ids)
+    m = fi.load(d, fi.RuntimeConfig(sparse=True, selection=selection, window=2,
+                                    oracle_sparsity=0.0))
+    assert m.sparse
+    cache = m.new_cache()
+    got = [m.forward(prompt_ids[:9], cache)] + [m.forward([t], cache) for t in prompt_ids[9:]]
+    assert rel_err(np.concatenate(got), ref) < 1e-5
+    assert m.ffn.total.loaded > 0
+
+
+@pytest.mark.parametrize("mode", [dict(window=1), dict(reuse=False), dict(window=3, bundled=False)])
+def test_opt350m_relu_oracle_is_exact(mode, tiny_flash, prompt_ids):
+    """OPT-350m's shape is ReLU: its true active set is sparse and gives the dense logits."""
+    d = tiny_flash("opt-350m")
+    ref = fi.load(d).logits(prompt_ids)
+    m = fi.load(d, fi.RuntimeConfig(sparse=True, selection="oracle", prefill_chunk=1, **mode))
+    cache = m.new_cache()
+    got = np.concatenate([m.forward([t], cache) for t in prompt_ids])
+    assert rel_err(got, ref) < 1e-5
+    f = m.args.intermediate_size * m.args.num_hidden_layers
+    assert 0 < m.ffn.total.needed < 0.8 * f * len(prompt_ids)  # ReLU: about half fire
+
+
+def test_gemma3_sparse_geglu_matches_transformers_on_the_same_neurons(tiny_hf, tiny_flash,
+                                                                    prompt_ids):
+    """GeGLU at 50% sparsity (oracle, each token computed with its own neurons only) equals
+    transformers' Gemma 3 with every other neuron's activation zeroed, and the neurons kept
+    are the largest |gelu(gate) * up| by transformers' own activations."""
+    hf, _ = tiny_hf("gemma3")
+    m = fi.load(tiny_flash("gemma3"), fi.RuntimeConfig(
+        sparse=True, selection="oracle", oracle_sparsity=0.5, compute="predicted",
+        prefill_chunk=1, window=1))
+    chosen: dict = {}
+    select = m.ffn._select
+
+    def record(layer, x):
+        ids = select(layer, x)
+        chosen[(len(chosen) // m.args.num_hidden_layers, layer)] = ids
+        return ids
+
+    m.ffn._select = record
+    ids = prompt_ids[:16]
+    cache = m.new_cache()
+    got = np.concatenate([m.forward([t], cache) for t in ids])
+
+    seen = {}
+
+    def mask(layer):
+        def hook(module, args):
+            (h,) = args  # [1, T, f]: gelu(gate) * up, the down projection's input
+            seen[layer] = h[0].abs().numpy().copy()
+            keep = torch.zeros_like(h, dtype=torch.bool)
+            for t in range(h.shape[1]):
+                keep[0, t, torch.from_numpy(chosen[(t, layer)].astype(np.int64))] = True
+            return (torch.where(keep, h, torch.zeros_like(h)),)
+        return hook
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(mask(i))
+               for i, layer in enumerate(hf.model.layers)]
+    try:
+        ref = hf_logits(hf, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    assert rel_err(got, ref) < TOL
+    f = m.args.intermediate_size
+    for (t, layer), kept in chosen.items():
+        assert len(kept) == f // 2
+        act = seen[layer][t]
+        kth = np.sort(act)[::-1][f // 2 - 1]
+        assert act[kept].min() >= kth * (1 - 1e-4)  # the top half, up to rounding at the edge
+
+
+# --- predictors for a GeGLU model -------------------------------------------------------------
+
+
+def test_gemma3_predictors_train_and_drive_sparse_generation(tiny_flash, tmp_path):
+    """GeGLU is labelled like SwiGLU (by |gelu(gate) * up|, 50% target): a short training run
+    reaches the recall target on its tokens, and generation runs from the predictors."""
+    from flashinfer_py.train import TrainConfig, evaluate_layer, record, train_predictors
+
+    d = tmp_path / "gemma3.flash"
+    shutil.copytree(tiny_flash("gemma3"), d)
+    m = fi.load(d)
+    ids = np.random.default_rng(5).integers(3, 503, 512).tolist()
+    cfg = TrainConfig(rank=16, rank_last=16, max_tokens=512, window=64, epochs=2, lr=1e-3,
+                      holdout=0.01, recall=0.9)
+    preds = train_predictors(m, ids, cfg, progress=False)
+    assert preds.label == "magnitude" and len(preds.layers) == GEMMA3_KW["num_hidden_layers"]
+    xs, hs = record(m, ids, cfg, progress=False)
+    for layer, p in enumerate(preds.layers):
+        truth = np.asarray(hs[layer]) > np.float16(preds.act_thresholds[layer])
+        assert abs(truth.mean() - 0.5) < 0.05
+        assert abs(evaluate_layer(p, xs[layer], hs[layer], truth)["recall"] - 0.9) < 0.05
+    sparse = fi.load(d, sparse=True, selection="predictor", window=2)
+    steps = list(sparse.generate_step("w5 w6 w7", max_new_tokens=4, stop_at_eos=False))
+    assert len(steps) == 4 and all(0 < s.stats["needed"] for s in steps)
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_info_names_the_family_and_what_sets_it_apart(tiny_flash, capsys):
+    from flashinfer_py.cli import main
+
+    assert main(["info", str(tiny_flash("gemma3"))]) == 0
+    out = capsys.readouterr().out
+    assert "model_type: gemma3_text" in out and "arch: gemma3" in out
+    assert "GeGLU (tanh GELU gate)" in out and "6 of 7 layers attend to the last 5 tokens" in out
+    assert main(["info", str(tiny_flash("opt-350m")), "--json"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert model["model_type"] == "opt"
+    assert "embeddings projected 72 <-> 200" in model["features"]
+    assert "post-LayerNorm" in model["features"]
+
+
+# --- a multimodal Gemma 3 checkpoint: its text model ------------------------------------------
+
+
+def test_multimodal_gemma3_converts_its_text_model(tmp_path, prompt_ids):
+    """Its weights sit under language_model.model.*; transformers' multimodal class does not
+    apply final_logit_softcapping (the released models have none), so neither does this one."""
+    tr = transformers
+    torch.manual_seed(7)
+    text = {**GEMMA3_KW, "final_logit_softcapping": None}
+    cfg = tr.Gemma3Config(text_config=text, mm_tokens_per_image=4,
+                          vision_config=dict(hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=28, patch_size=14),
+                          boi_token_index=500, eoi_token_index=501, image_token_index=502)
+    model = tr.Gemma3ForConditionalGeneration(cfg).eval()
+    model.save_pretrained(tmp_path / "hf")
+    ids = [i % 500 for i in prompt_ids]  # text tokens only
+    with pytest.warns(UserWarning, match="no tokenizer.json"):
+        out = fi.convert(tmp_path / "hf", tmp_path / "flash", dtype="float32", progress=False)
+    ours = fi.load(out)
+    assert ours.args.model_type == "gemma3_text"
+    assert rel_err(ours.logits(ids), hf_logits(model, ids)) < TOL
+
+
+# --- what is refused, and how -----------------------------------------------------------------
+
+
+def test_unsupported_model_type_lists_every_family(tmp_path):
+    from safetensors.numpy import save_file
+
+    from flashinfer_py.config import SUPPORTED_ARCHS
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon"}))
+    save_file({"w": np.zeros((2, 2), np.float32)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(fi.UnsupportedModelError) as e:
+        fi.convert(tmp_path, tmp_path.parent / "out", progress=False)
+    msg = str(e.value)
+    assert msg.startswith(str(tmp_path)) and "'falcon'" in msg and "\n" not in msg
+    for family in SUPPORTED_ARCHS:
+        assert family in msg
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 10,
+                          "long_factor": [1.0] * 10, "original_max_position_embeddings": 64}},
+     "rope type 'longrope' is not supported; supported: default, llama3, linear"),
+    ({"hidden_act": "gelu_fast"}, "hidden_act 'gelu_fast' is not supported"),
+    ({"layer_types": ["full_attention", "chunked_attention", "full_attention"]},
+     "layer_types must list one of full_attention, sliding_attention"),
+])
+def test_unsupported_settings_are_named(change, match, tiny_hf, tmp_path):
+    _, src = tiny_hf("phi3")
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    cfg = {**json.loads((bad / "config.json").read_text()), **change}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(fi.UnsupportedModelError, match=match) as e:
+        fi.convert(bad, tmp_path / "out", progress=False)
+    assert str(e.value).startswith(str(bad))
+
+
+def test_fused_tensor_of_the_wrong_size_is_named(tiny_hf, tmp_path):
+    _, src = tiny_hf("phi3")
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["num_key_value_heads"] = 5  # qkv_proj has rows for 2
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(fi.ConvertError, match=r"qkv_proj.weight has 280 rows but config.json "
+                                              r"implies 200 \+ 100 \+ 100 \(wq, wk, wv\)"):
+        fi.convert(bad, tmp_path / "out", progress=False)
