@@ -1,7 +1,7 @@
 """The model families beyond Llama and OPT (issue 9): Qwen2, Qwen3, Phi-3, Gemma 3, Mistral's
 sliding window and OPT-350m's projections. Dense logits against transformers are in
 test_model.py (every name in TINY_MODELS); here: the sparse path, predictor training, the CLI,
-multimodal Gemma 3 checkpoints, and the errors."""
+multimodal Gemma 3 checkpoints, the GGUF layout of each architecture, and the errors."""
 from __future__ import annotations
 
 import json
@@ -174,6 +174,112 @@ def test_multimodal_gemma3_converts_its_text_model(tmp_path, prompt_ids):
     assert rel_err(ours.logits(ids), hf_logits(model, ids)) < TOL
 
 
+# --- GGUF: llama.cpp's layout of each architecture --------------------------------------------
+
+# Rows are multiples of 32 so that the FFN and fused projections can be stored as Q8_0.
+GGUF_BASE = dict(vocab_size=503, hidden_size=192, intermediate_size=320, num_hidden_layers=3,
+                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                 initializer_range=0.08, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+GGUF_MODELS = {  # arch -> (model_type, config): what a GGUF of each can express
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", dict(head_dim=24)),
+    "phi3": ("phi3", dict(partial_rotary_factor=0.75, sliding_window=9)),
+    # 7 layers so that layer 5 is global; the GGUF fixes the local base (10000) and the query
+    # scale (head_dim) as llama.cpp reads them
+    "gemma3": ("gemma3_text", dict(num_hidden_layers=7, head_dim=32, query_pre_attn_scalar=32,
+                                   sliding_window=5, rope_parameters={
+                                       "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                          "rope_theta": 1e6},
+                                       "sliding_attention": {"rope_type": "default",
+                                                             "rope_theta": 10000.0}})),
+}
+# Config fields transformers' GGUF loader does not read back, for the tensor comparison only.
+GGUF_HF_OVERRIDES = {"qwen3": dict(head_dim=24)}
+
+
+@pytest.fixture(scope="module")
+def gguf_models(tmp_path_factory):
+    """arch -> (random transformers model, dir with f32.gguf and q8.gguf). Built lazily."""
+    pytest.importorskip("gguf")
+    from gguf_export import write_gguf
+
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("gguf")
+
+    def get(arch):
+        if arch not in cache:
+            model_type, extra = GGUF_MODELS[arch]
+            torch.manual_seed(11)
+            config = transformers.AutoConfig.for_model(model_type, **{**GGUF_BASE, **extra})
+            model = transformers.AutoModelForCausalLM.from_config(config).eval()
+            with torch.no_grad():
+                for pname, p in model.named_parameters():
+                    if "norm" in pname and pname.endswith("weight"):
+                        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                    elif pname.endswith("bias"):
+                        p.copy_(0.05 * torch.randn_like(p))
+            d = root / arch
+            d.mkdir()
+            write_gguf(model, d / "f32.gguf", arch)
+            write_gguf(model, d / "q8.gguf", arch, quantize=("ffn_up", "ffn_gate", "attn_qkv"))
+            cache[arch] = model, d
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", list(GGUF_MODELS))
+def test_gguf_tensors_are_what_transformers_gguf_loader_gives(arch, gguf_models):
+    """Names, layout (llama q/k un-permuted, Gemma norms without llama.cpp's +1, Phi-3 fused)
+    and dequantized values, bit for bit, against transformers reading the same Q8_0 GGUF."""
+    from flashinfer_py.checkpoint import open_checkpoint
+
+    _, d = gguf_models(arch)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        d, gguf_file="q8.gguf", dtype=torch.float32, **GGUF_HF_OVERRIDES.get(arch, {}))
+    sd = ref.state_dict()
+    with open_checkpoint(d / "q8.gguf") as ck:
+        assert ck.config["model_type"] == ref.config.model_type
+        assert set(ck.names()) == set(sd) - ({"lm_head.weight"} if ref.config.tie_word_embeddings
+                                             else set())
+        for name in ck.names():
+            np.testing.assert_array_equal(ck.get(name), sd[name].numpy(), err_msg=name)
+        if arch == "phi3":  # a part of a fused Q8_0 tensor, read alone
+            qkv = "model.layers.1.self_attn.qkv_proj.weight"
+            np.testing.assert_array_equal(ck.get(qkv, rows=(192, 256)), ck.get(qkv)[192:256])
+
+
+@pytest.mark.parametrize("arch", list(GGUF_MODELS))
+def test_gguf_converts_to_the_original_models_logits(arch, gguf_models, tmp_path, prompt_ids):
+    """A float32 GGUF converts to the logits of the model it was written from (Phi-3's
+    partial RoPE and sliding window, Gemma's query scale, local RoPE base and global RoPE
+    scaling come from the metadata as llama.cpp reads them), through the KV cache too."""
+    model, d = gguf_models(arch)
+    with pytest.warns(UserWarning, match="no tokenizer.json"):  # this GGUF has no vocabulary
+        out = fi.convert(d / "f32.gguf", tmp_path / arch, dtype="float32", progress=False)
+    ours = fi.load(out)
+    ref = hf_logits(model, prompt_ids)
+    assert rel_err(ours.logits(prompt_ids), ref) < TOL
+    cache = ours.new_cache()
+    got = [ours.logits(prompt_ids[:5], cache)] + [ours.logits([t], cache) for t in prompt_ids[5:]]
+    assert rel_err(np.concatenate(got), ref) < TOL
+
+
+def test_gguf_q8_phi3_converts_fused_parts(gguf_models, tmp_path, prompt_ids):
+    """Phi-3's quantized qkv and gate_up are cut into q/k/v and gate/up rows at conversion:
+    the result computes what transformers computes from the same dequantized weights."""
+    from flashinfer_py.checkpoint import open_checkpoint
+
+    model, d = gguf_models("phi3")
+    with open_checkpoint(d / "q8.gguf") as ck, torch.no_grad():
+        sd = {k: torch.from_numpy(ck.get(k)) for k in ck.names()}
+    model.load_state_dict(sd, strict=True)  # the original model, on the dequantized weights
+    with pytest.warns(UserWarning, match="no tokenizer.json"):
+        out = fi.convert(d / "q8.gguf", tmp_path / "phi3-q8", dtype="float32", progress=False)
+    assert rel_err(fi.load(out).logits(prompt_ids), hf_logits(model, prompt_ids)) < TOL
+
+
 # --- what is refused, and how -----------------------------------------------------------------
 
 
@@ -221,3 +327,27 @@ def test_fused_tensor_of_the_wrong_size_is_named(tiny_hf, tmp_path):
     with pytest.raises(fi.ConvertError, match=r"qkv_proj.weight has 280 rows but config.json "
                                               r"implies 200 \+ 100 \+ 100 \(wq, wk, wv\)"):
         fi.convert(bad, tmp_path / "out", progress=False)
+
+
+def test_gguf_unsupported_architecture_and_longrope(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from flashinfer_py.checkpoint import GGUF_ARCHITECTURES, CheckpointError, open_checkpoint
+
+    def write(path, arch, tensors):
+        w = gguf.GGUFWriter(str(path), arch)
+        for name, arr in tensors.items():
+            w.add_tensor(name, arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    x = np.ones((8, 8), np.float32)
+    write(tmp_path / "f.gguf", "falcon", {"token_embd.weight": x})
+    with pytest.raises(CheckpointError, match="f.gguf: has GGUF architecture 'falcon'; "
+                                              f"supported: {', '.join(GGUF_ARCHITECTURES)}"):
+        open_checkpoint(tmp_path / "f.gguf")
+    assert set(GGUF_ARCHITECTURES) == {"llama", "qwen2", "qwen3", "phi3", "gemma3"}
+    write(tmp_path / "p.gguf", "phi3", {"token_embd.weight": x, "rope_factors_long.weight": x[0]})
+    with pytest.raises(CheckpointError, match="p.gguf: carries LongRoPE factors"):
+        open_checkpoint(tmp_path / "p.gguf")
