@@ -10,7 +10,7 @@ import flashinfer_py as fi
 pytestmark = pytest.mark.slow
 
 N_GREEDY = 32
-PPL_WINDOW, PPL_WINDOWS = 640, 2  # past the sliding window: the local layers forget
+PPL_WINDOW, PPL_WINDOWS = 640, 1  # past the sliding window: the local layers forget
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_perplexity_on_wikipedia_agrees(ours, hf_model):
         text = wikipedia_excerpt()
     except Exception as e:  # offline machine without the gensim wheel cached
         pytest.skip(f"Wikipedia excerpt unavailable: {e}")
-    ids = ours.tokenizer.encode(text[:20000])
+    ids = ours.tokenizer.encode(text[:6000])
 
     def hf_logits(w):
         with torch.no_grad():
