@@ -145,29 +145,32 @@ class ModelArgs:
 
     def features(self) -> list[str]:
         """What sets this model apart from a plain Llama, in words (for `info`)."""
-        out = []
-        if not self.gated:
-            out.append(f"ungated FFN ({self.hidden_act})")
-        elif self.hidden_act != "silu":
-            out.append({"gelu_tanh": "GeGLU (tanh GELU gate)", "gelu": "GeGLU (erf GELU gate)"}
-                       .get(self.hidden_act, f"gated FFN with {self.hidden_act}"))
-        if self.layer_types is not None and "sliding_attention" in self.layer_types:
-            n = self.layer_types.count("sliding_attention")
-            out.append(f"{n} of {self.num_hidden_layers} layers attend to the last "
-                       f"{self.sliding_window} tokens")
-        if self.attention_bias:
-            out.append("q/k/v biases" + (" and o bias" if self.attention_out_bias else ""))
-        for flag, text in ((self.qk_norm, "q/k RMSNorm"), (self.post_norms, "post-attention and "
-                           "post-FFN norms"), (self.embed_scale != 1.0, "scaled embeddings"),
-                           (not self.pre_norm, "post-LayerNorm"), (self.projects_embeddings,
-                           f"embeddings projected {self.embed_dim} <-> {self.hidden_size}"),
-                           (self.partial_rotary_factor != 1.0, f"RoPE on {self.rotary_dim} of "
-                           f"{self.head_dim} head dims"), (self.rope_scaling is not None, "RoPE "
-                           "scaling " + str((self.rope_scaling or {}).get("rope_type", "llama3"))),
-                           (self.final_logit_softcapping is not None, "logit soft-capping")):
-            if flag:
-                out.append(text)
-        return out
+        geglu = {"gelu_tanh": "GeGLU (tanh GELU gate)", "gelu": "GeGLU (erf GELU gate)"}
+        n_local = (self.layer_types or []).count("sliding_attention")
+        rope = (self.rope_scaling or {}).get("rope_type", "llama3")
+        listed = [
+            (not self.gated, f"ungated FFN ({self.hidden_act})"),
+            (self.gated and self.hidden_act != "silu",
+             geglu.get(self.hidden_act, f"gated FFN with {self.hidden_act}")),
+            (n_local > 0, f"{n_local} of {self.num_hidden_layers} layers attend to the last "
+                          f"{self.sliding_window} tokens"),
+            (self.rope_local_base_freq is not None,
+             f"local RoPE base {self.rope_local_base_freq}"),
+            (self.attention_bias,
+             "q/k/v biases" + (" and o bias" if self.attention_out_bias else "")),
+            (self.qk_norm, "q/k RMSNorm"),
+            (self.post_norms, "post-attention and post-FFN norms"),
+            (self.embed_scale != 1.0, f"embeddings scaled by {self.embed_scale:.4g}"),
+            (not self.pre_norm, "post-LayerNorm"),
+            (self.projects_embeddings,
+             f"embeddings projected {self.embed_dim} <-> {self.hidden_size}"),
+            (self.partial_rotary_factor != 1.0,
+             f"RoPE on {self.rotary_dim} of {self.head_dim} head dims"),
+            (self.rope_scaling is not None, f"RoPE scaling {rope}"),
+            (self.final_logit_softcapping is not None,
+             f"logits soft-capped at {self.final_logit_softcapping}"),
+        ]
+        return [text for present, text in listed if present]
 
     @property
     def ffn_parts(self) -> list[str]:
