@@ -639,8 +639,9 @@ class GGUFCheckpoint(Checkpoint):
             self._tensors[hf] = t
         if any(n.startswith("rope_factors") for n in unknown):
             raise _fail(path, "carries LongRoPE factors (rope_factors_long/short: a Phi-3 "
-                        "128k-context model), which are not supported yet.", "Use a model with "
-                        "plain RoPE, such as Phi-3-mini-4k.")
+                        "128k-context model), which this GGUF reader does not apply (llama.cpp "
+                        "and transformers pick the factors differently).", "Convert the model's "
+                        "Hugging Face release, where LongRoPE is supported.")
         if unknown:
             raise _fail(path, f"has tensors this reader cannot map: {unknown[:5]}.",
                         f"This {arch} variant is not supported; use its Hugging Face release.")

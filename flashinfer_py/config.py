@@ -18,13 +18,13 @@ SUPPORTED_ARCHS = {
     "mistral": "Mistral (sliding-window attention)",
     "qwen2": "Qwen2 and Qwen2.5 (q/k/v biases)",
     "qwen3": "Qwen3 dense models (q/k RMSNorm)",
-    "phi3": "Phi-3 (fused qkv_proj and gate_up_proj, split at conversion)",
+    "phi3": "Phi-3, Phi-3.5, Phi-4-mini (fused qkv_proj and gate_up_proj; LongRoPE)",
     "gemma3_text": "Gemma 3 (GeGLU, local/global attention)",
     "gemma3": "Gemma 3 multimodal checkpoints (their text model)",
     "opt": "OPT 125m-66b (ReLU; the paper's model), opt-350m's project_in/out included",
 }
 SUPPORTED_ACTS = ("relu", "fatrelu", "silu", "gelu", "gelu_tanh")
-SUPPORTED_ROPE = ("default", "llama3", "linear")
+SUPPORTED_ROPE = ("default", "llama3", "linear", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # Hugging Face activation names -> ours.
 _ACT_ALIASES = {
@@ -58,8 +58,8 @@ class ModelArgs:
     norm: str = "rmsnorm"          # "rmsnorm" | "layernorm"
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None  # {"rope_type": "llama3" | "linear", ...} or None; a
-    #                                      dict without rope_type is llama3 (older manifests)
+    rope_scaling: Optional[dict] = None  # {"rope_type": "llama3" | "linear" | "longrope", ...}
+    #                                      or None; without rope_type: llama3 (older manifests)
     attention_bias: bool = False   # biases on q/k/v/o projections (OPT: True)
     ffn_bias: bool = False         # per-neuron up bias and output down bias (OPT: True)
     pre_norm: bool = True          # OPT do_layer_norm_before
@@ -100,6 +100,13 @@ class ModelArgs:
             self.attention_out_bias = self.attention_bias
         if self.layer_types is not None:
             self._check_layer_types()
+        s = self.rope_scaling or {}
+        if s.get("rope_type") == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(s[key]) != self.rotary_dim // 2:
+                    raise UnsupportedModelError(
+                        f"longrope {key} has {len(s[key])} entries; RoPE over {self.rotary_dim} "
+                        f"dims needs {self.rotary_dim // 2}")
 
     def _check_layer_types(self) -> None:
         types = list(self.layer_types)
@@ -219,9 +226,10 @@ def _act(name: str) -> str:
     return act
 
 
-def _rope(rp: dict, default_theta: float = 10000.0) -> tuple[float, Optional[dict]]:
+def _rope(rp: dict, default_theta: float = 10000.0, cfg: Optional[dict] = None
+          ) -> tuple[float, Optional[dict]]:
     """(base, scaling) from one rope-parameters dict (transformers 5 ``rope_parameters``, or a
-    4.x ``rope_scaling`` with the base beside it)."""
+    4.x ``rope_scaling`` with the base beside it); `cfg` is the whole config (longrope)."""
     theta = float(rp.get("rope_theta", default_theta))
     rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
     if rtype not in SUPPORTED_ROPE:
@@ -232,7 +240,26 @@ def _rope(rp: dict, default_theta: float = 10000.0) -> tuple[float, Optional[dic
             "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
     if rtype == "linear":
         return theta, {"rope_type": "linear", "factor": float(rp["factor"])}
+    if rtype == "longrope":
+        return theta, _longrope(rp, cfg or {})
     return theta, None
+
+
+def _longrope(rp: dict, cfg: dict) -> dict:
+    """LongRoPE as transformers computes it: per-frequency divisors, short ones while the
+    sequence fits the pretraining context, long ones beyond it, and cos/sin scaled by
+    attention_factor (default sqrt(1 + ln(factor) / ln(original context)))."""
+    original = int(rp.get("original_max_position_embeddings")
+                   or cfg.get("original_max_position_embeddings")
+                   or cfg["max_position_embeddings"])
+    factor = rp.get("factor") or cfg.get("max_position_embeddings", original) / original
+    attention = rp.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"rope_type": "longrope", "original_max_position_embeddings": original,
+            "attention_factor": float(attention),
+            "short_factor": [float(x) for x in rp["short_factor"]],
+            "long_factor": [float(x) for x in rp["long_factor"]]}
 
 
 def _rope_dict(cfg: dict) -> dict:
@@ -261,7 +288,7 @@ def _from_llama(cfg: dict, **overrides) -> ModelArgs:
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError("Llama models with mlp_bias=true are not supported yet.")
     act = _act(cfg.get("hidden_act", "silu"))
-    theta, scaling = _rope(_rope_dict(cfg))
+    theta, scaling = _rope(_rope_dict(cfg), cfg=cfg)
     param = float(cfg.get("hidden_act_param", cfg.get("fatrelu_threshold", 0.0)) or 0.0)
     n_layers = int(cfg["num_hidden_layers"])
     window = cfg.get("sliding_window")
@@ -307,6 +334,9 @@ def _from_qwen3(cfg: dict) -> ModelArgs:
 
 def _from_phi3(cfg: dict) -> ModelArgs:
     rp = _rope_dict(cfg)
+    if rp.get("rope_type", rp.get("type")) in ("su", "yarn"):  # Phi3Config reads both as longrope
+        rp = {**rp, "rope_type": "longrope"}
+        cfg = {**cfg, "rope_parameters": rp}
     partial = float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
     return _from_llama(cfg, arch="phi3", attention_bias=False, partial_rotary_factor=partial)
 
@@ -339,7 +369,7 @@ def _from_gemma3(cfg: dict) -> ModelArgs:
     else:
         full = {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg["rope_theta"]}
         local = {"rope_theta": cfg["rope_local_base_freq"]}
-    theta, scaling = _rope(full, _GEMMA3_DEFAULTS["rope_theta"])
+    theta, scaling = _rope(full, _GEMMA3_DEFAULTS["rope_theta"], cfg)
     local_theta, local_scaling = _rope(local, _GEMMA3_DEFAULTS["rope_local_base_freq"])
     if local_scaling is not None:
         raise UnsupportedModelError("Gemma 3 with RoPE scaling on its sliding-window layers is "

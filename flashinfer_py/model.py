@@ -54,12 +54,16 @@ class KVCache:
         return sum(a.nbytes for a in self.k + self.v)
 
 
-def _rope_inv_freq(dim: int, theta: float, scaling: Optional[dict]) -> np.ndarray:
-    """Inverse frequencies of RoPE over `dim` rotated elements, with llama3 or linear scaling."""
+def _rope_inv_freq(dim: int, theta: float, scaling: Optional[dict],
+                   long: bool = False) -> np.ndarray:
+    """Inverse frequencies of RoPE over `dim` rotated elements, with llama3, linear or
+    longrope scaling (`long`: longrope's factors for sequences past the original context)."""
     inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     kind = scaling.get("rope_type", "llama3") if scaling else None  # older manifests: llama3
     if kind == "linear":
         return inv / scaling["factor"]
+    if kind == "longrope":
+        return inv / np.asarray(scaling["long_factor" if long else "short_factor"], np.float64)
     if kind == "llama3":  # long wavelengths slowed by `factor`, a smooth ramp in between
         factor, lo, hi, old = (scaling["factor"], scaling["low_freq_factor"],
                                scaling["high_freq_factor"],
@@ -100,6 +104,12 @@ class Transformer:
         self.args, self.w, self.dtype, self.ffn, self.runtime = args, dense, dtype, ffn, runtime
         self.part_off = args.ffn_part_offsets
         self.inv_freq = self._layer_rope(args) if args.uses_rope else None
+        # longrope switches to its long factors once a call's sequence passes this length
+        s = args.rope_scaling or {}
+        self.long_after = (s["original_max_position_embeddings"]
+                           if s.get("rope_type") == "longrope" else None)
+        self.inv_freq_long = self._layer_rope(args, long=True) if self.long_after else None
+        self.rope_gain = float(s.get("attention_factor", 1.0)) if self.long_after else 1.0
         self.lm_head = dense["tok_embeddings"] if args.tie_word_embeddings else dense["lm_head"]
         self.scale = 1.0 / math.sqrt(args.query_pre_attn_scalar or args.head_dim)
         # observer(layer, ffn_input [T, d], activations [T, rows]): set to record activations
@@ -107,9 +117,9 @@ class Transformer:
         self.observer = None
 
     @staticmethod
-    def _layer_rope(a: ModelArgs) -> list[np.ndarray]:
+    def _layer_rope(a: ModelArgs, long: bool = False) -> list[np.ndarray]:
         """Each layer's inverse frequencies: sliding-window layers may have their own base."""
-        full = _rope_inv_freq(a.rotary_dim, a.rope_theta, a.rope_scaling)
+        full = _rope_inv_freq(a.rotary_dim, a.rope_theta, a.rope_scaling, long)
         local = full
         if a.rope_local_base_freq is not None:
             local = _rope_inv_freq(a.rotary_dim, a.rope_local_base_freq, None)
@@ -143,9 +153,13 @@ class Transformer:
         return np.ascontiguousarray(x, np.float32)
 
     def _rope(self, layer: int, q: np.ndarray, k: np.ndarray, pos0: int):
-        ang = np.arange(pos0, pos0 + q.shape[1], dtype=np.float64)[:, None] * self.inv_freq[layer]
+        end = pos0 + q.shape[1]
+        long = self.long_after is not None and end > self.long_after  # as transformers decides
+        inv = (self.inv_freq_long if long else self.inv_freq)[layer]
+        ang = np.arange(pos0, end, dtype=np.float64)[:, None] * inv
         ang = np.concatenate([ang, ang], axis=-1)
-        cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        cos = (np.cos(ang) * self.rope_gain).astype(np.float32)
+        sin = (np.sin(ang) * self.rope_gain).astype(np.float32)
         return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
 
     # ------------------------------------------------------------------ blocks

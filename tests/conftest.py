@@ -34,6 +34,11 @@ GEMMA3_KW = {**QWEN3_KW, "num_hidden_layers": 7, "query_pre_attn_scalar": 20, "s
              "tie_word_embeddings": True, "rope_parameters": {
                  "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                  "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0}}}
+# Phi-3-128k / Phi-3.5 / Phi-4-mini's LongRoPE, with a pretraining context (16) shorter than
+# the prompt, so that both factor sets are used
+PHI3_LONGROPE_KW = {**PHI3_KW, "original_max_position_embeddings": 16, "rope_parameters": {
+    "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.6,
+    "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0], "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}}
 MISTRAL_KW = {**LLAMA_KW, "sliding_window": 7}
 # opt-350m's shape: embeddings narrower than the model (project_in/out), post-LayerNorm
 OPT350_KW = {**OPT_KW, "word_embed_proj_dim": 72, "do_layer_norm_before": False}
@@ -52,9 +57,11 @@ TINY_MODELS = {
     "qwen2": ("qwen2", QWEN2_KW),
     "qwen3": ("qwen3", QWEN3_KW),
     "phi3": ("phi3", PHI3_KW),
+    "phi3-longrope": ("phi3", PHI3_LONGROPE_KW),
     "gemma3": ("gemma3", GEMMA3_KW),
 }
-# The families added with issue 9 (their tests live in test_families.py)
+# The families added with issue 9 (their tests live in test_families.py). LongRoPE is not among
+# them: it computes a prompt differently whole and token by token, as transformers does.
 NEW_FAMILIES = ["opt-350m", "mistral", "qwen2", "qwen3", "phi3", "gemma3"]
 
 

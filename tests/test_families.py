@@ -24,6 +24,30 @@ def hf_logits(model, ids) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
+# --- LongRoPE: transformers picks the factors per call, by the sequence length so far -----------
+
+
+def test_phi3_longrope_token_by_token_matches_transformers_cache(tiny_hf, tiny_flash, prompt_ids):
+    """Through the KV cache, the positions before the original context (16) are rotated with
+    the short factors and the later ones with the long factors, as in transformers' own
+    incremental decoding (the whole-prompt case is in test_model.py)."""
+    hf, _ = tiny_hf("phi3-longrope")
+    ours = fi.load(tiny_flash("phi3-longrope"))
+    assert ours.args.rope_scaling["attention_factor"] == pytest.approx(np.sqrt(2.0))  # 256 / 16
+    chunks = [prompt_ids[:7]] + [[t] for t in prompt_ids[7:]]
+    ref, past = [], None
+    with torch.no_grad():
+        for c in chunks:
+            out = hf(torch.tensor([c]), cache=past, use_cache=True)
+            ref.append(out.logits[0].numpy())
+            past = out.past_key_values
+    cache = ours.new_cache()
+    got = np.concatenate([ours.logits(c, cache) for c in chunks])
+    assert rel_err(got, np.concatenate(ref)) < TOL
+    whole = hf_logits(hf, prompt_ids)  # all 40 positions with the long factors: not the same
+    assert rel_err(got[:16], whole[:16]) > 100 * TOL
+
+
 # --- the sparse path: the bundle record is one neuron for every family ------------------------
 
 
@@ -299,9 +323,11 @@ def test_unsupported_model_type_lists_every_family(tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
+     "rope type 'dynamic' is not supported; supported: default, llama3, linear, longrope"),
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 10,
                           "long_factor": [1.0] * 10, "original_max_position_embeddings": 64}},
-     "rope type 'longrope' is not supported; supported: default, llama3, linear"),
+     "longrope short_factor has 10 entries; RoPE over 12 dims needs 6"),
     ({"hidden_act": "gelu_fast"}, "hidden_act 'gelu_fast' is not supported"),
     ({"layer_types": ["full_attention", "chunked_attention", "full_attention"]},
      "layer_types must list one of full_attention, sliding_attention"),
