@@ -71,6 +71,27 @@ def test_sharded_safetensors_exact(tmp_path, llama):
     llama.float()
 
 
+@pytest.mark.parametrize("layout", ["safetensors", "pytorch_model.bin"])
+def test_row_ranges_read_alone(tmp_path, llama, layout):
+    """get(name, rows=(a, b)) is get(name)[a:b], for the converter's cuts of fused tensors."""
+    model = llama.to(torch.bfloat16)
+    if layout == "safetensors":
+        model.save_pretrained(tmp_path)
+    else:
+        model.config.save_pretrained(tmp_path)
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    name = "model.layers.1.mlp.gate_proj.weight"  # 344 rows
+    with open_checkpoint(tmp_path) as ck:
+        whole = ck.get(name)
+        for rows in [(0, 344), (0, 1), (100, 229), (343, 344), (7, 7)]:
+            part = ck.get(name, rows=rows)
+            assert part.dtype == np.float32 and part.flags.c_contiguous
+            np.testing.assert_array_equal(part, whole[rows[0]:rows[1]])
+        with pytest.raises(ValueError, match=r"rows 300:345 are outside"):
+            ck.get(name, rows=(300, 345))
+    llama.float()
+
+
 def test_opt_tied_and_single_file_path(tmp_path):
     model = _opt()
     model.save_pretrained(tmp_path)

@@ -48,6 +48,32 @@ def test_phi3_longrope_token_by_token_matches_transformers_cache(tiny_hf, tiny_f
     assert rel_err(got[:16], whole[:16]) > 100 * TOL
 
 
+# --- manifests written before these families -------------------------------------------------
+
+
+def test_manifest_without_the_new_fields_loads_as_before(tiny_flash, tmp_path, prompt_ids):
+    """A manifest from before issue 9 (no new ModelArgs fields; llama3 rope scaling without a
+    rope_type) loads with the defaults and computes the same logits."""
+    from flashinfer_py.config import ModelArgs
+
+    src = tiny_flash("llama3-rope")
+    old = tmp_path / "old.flash"
+    shutil.copytree(src, old)
+    m = json.loads((old / "manifest.json").read_text())
+    new_fields = ("model_type", "attention_out_bias", "qk_norm", "post_norms", "embed_scale",
+                  "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                  "layer_types", "rope_local_base_freq", "partial_rotary_factor",
+                  "word_embed_proj_dim")
+    assert set(new_fields) <= set(m["model"])
+    m["model"] = {k: v for k, v in m["model"].items() if k not in new_fields}
+    m["model"]["rope_scaling"].pop("rope_type")
+    (old / "manifest.json").write_text(json.dumps(m))
+    args = ModelArgs.from_dict(m["model"])
+    assert args.window(0) is None and args.embed_dim == args.hidden_size
+    # (threaded kernels sum in varying order: equal to rounding, not bit for bit)
+    assert rel_err(fi.load(old).logits(prompt_ids), fi.load(src).logits(prompt_ids)) < 1e-5
+
+
 # --- the sparse path: the bundle record is one neuron for every family ------------------------
 
 
