@@ -91,6 +91,36 @@ def _softcap(x: np.ndarray, cap: Optional[float]) -> np.ndarray:
     return x if cap is None else np.float32(cap) * np.tanh(x / np.float32(cap))
 
 
+class _Rope:
+    """Each layer's rotary frequencies. Sliding-window layers may have their own base (Gemma 3);
+    longrope switches to its long factors, and scales cos/sin, once a call's sequence passes
+    the original context (as transformers decides it: per call)."""
+
+    def __init__(self, a: ModelArgs):
+        s = a.rope_scaling or {}
+        longrope = s.get("rope_type") == "longrope"
+        self.long_after = s["original_max_position_embeddings"] if longrope else None
+        self.gain = float(s["attention_factor"]) if longrope else 1.0
+        self.short = self._per_layer(a, long=False)
+        self.long = self._per_layer(a, long=True) if longrope else self.short
+
+    @staticmethod
+    def _per_layer(a: ModelArgs, long: bool) -> list[np.ndarray]:
+        full = _rope_inv_freq(a.rotary_dim, a.rope_theta, a.rope_scaling, long)
+        local = full
+        if a.rope_local_base_freq is not None:
+            local = _rope_inv_freq(a.rotary_dim, a.rope_local_base_freq, None)
+        return [local if a.window(i) else full for i in range(a.num_hidden_layers)]
+
+    def cos_sin(self, layer: int, pos0: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [T, rotary_dim] float32 for positions pos0..pos0+t-1."""
+        end = pos0 + t
+        long = self.long_after is not None and end > self.long_after
+        ang = np.arange(pos0, end, dtype=np.float64)[:, None] * (self.long if long else self.short)[layer]
+        ang = np.concatenate([ang, ang], axis=-1)
+        return (np.cos(ang) * self.gain).astype(np.float32), (np.sin(ang) * self.gain).astype(np.float32)
+
+
 class Transformer:
     """Decoder-only transformer over resident tensors and an FFN row provider.
 
@@ -103,27 +133,12 @@ class Transformer:
     def __init__(self, args: ModelArgs, dense: dict, dtype: str, ffn, runtime: RuntimeConfig):
         self.args, self.w, self.dtype, self.ffn, self.runtime = args, dense, dtype, ffn, runtime
         self.part_off = args.ffn_part_offsets
-        self.inv_freq = self._layer_rope(args) if args.uses_rope else None
-        # longrope switches to its long factors once a call's sequence passes this length
-        s = args.rope_scaling or {}
-        self.long_after = (s["original_max_position_embeddings"]
-                           if s.get("rope_type") == "longrope" else None)
-        self.inv_freq_long = self._layer_rope(args, long=True) if self.long_after else None
-        self.rope_gain = float(s.get("attention_factor", 1.0)) if self.long_after else 1.0
+        self.rope = _Rope(args) if args.uses_rope else None
         self.lm_head = dense["tok_embeddings"] if args.tie_word_embeddings else dense["lm_head"]
         self.scale = 1.0 / math.sqrt(args.query_pre_attn_scalar or args.head_dim)
         # observer(layer, ffn_input [T, d], activations [T, rows]): set to record activations
         # (predictor training); rows are in the FFN provider's order (neuron id for dense).
         self.observer = None
-
-    @staticmethod
-    def _layer_rope(a: ModelArgs, long: bool = False) -> list[np.ndarray]:
-        """Each layer's inverse frequencies: sliding-window layers may have their own base."""
-        full = _rope_inv_freq(a.rotary_dim, a.rope_theta, a.rope_scaling, long)
-        local = full
-        if a.rope_local_base_freq is not None:
-            local = _rope_inv_freq(a.rotary_dim, a.rope_local_base_freq, None)
-        return [local if a.window(i) else full for i in range(a.num_hidden_layers)]
 
     # ------------------------------------------------------------------ small ops
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
@@ -152,16 +167,6 @@ class Transformer:
             x = x + to_float32(self.w["pos_embeddings"][idx], self.dtype)
         return np.ascontiguousarray(x, np.float32)
 
-    def _rope(self, layer: int, q: np.ndarray, k: np.ndarray, pos0: int):
-        end = pos0 + q.shape[1]
-        long = self.long_after is not None and end > self.long_after  # as transformers decides
-        inv = (self.inv_freq_long if long else self.inv_freq)[layer]
-        ang = np.arange(pos0, end, dtype=np.float64)[:, None] * inv
-        ang = np.concatenate([ang, ang], axis=-1)
-        cos = (np.cos(ang) * self.rope_gain).astype(np.float32)
-        sin = (np.sin(ang) * self.rope_gain).astype(np.float32)
-        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-
     # ------------------------------------------------------------------ blocks
     def _attention(self, layer: int, x: np.ndarray, cache: KVCache) -> np.ndarray:
         a, p = self.args, f"layers.{layer}."
@@ -175,8 +180,9 @@ class Transformer:
         v = v.reshape(t, a.num_key_value_heads, a.head_dim).transpose(1, 0, 2)
         if a.qk_norm:
             q, k = self._norm(q, p + "q_norm"), self._norm(k, p + "k_norm")
-        if self.inv_freq is not None:
-            q, k = self._rope(layer, q, k, pos0)
+        if self.rope is not None:
+            cos, sin = self.rope.cos_sin(layer, pos0, t)
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         keys, values = cache.append(layer, k, v)  # [Hkv, S, hd], S = pos0 + T
         out = self._attend(layer, q, keys, values, pos0)  # [T, H * hd]
         return self._linear(out, p + "wo", p + "bo" if a.attention_out_bias else None)
