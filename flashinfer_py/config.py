@@ -357,8 +357,7 @@ def _from_gemma3(cfg: dict) -> ModelArgs:
     """Gemma 3: ``gemma3_text``, or the text model inside a multimodal ``gemma3`` config."""
     if cfg.get("model_type") == "gemma3":
         cfg = cfg.get("text_config") or {}
-    cfg = {**_GEMMA3_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or
-                                  k == "final_logit_softcapping"}}
+    cfg = {**_GEMMA3_DEFAULTS, **cfg}
     if cfg.get("use_bidirectional_attention"):
         raise UnsupportedModelError("Gemma 3 with use_bidirectional_attention (an embedding "
                                     "model) is not a causal language model; not supported.")
@@ -377,13 +376,15 @@ def _from_gemma3(cfg: dict) -> ModelArgs:
     pattern = int(cfg.get("_sliding_window_pattern") or cfg["sliding_window_pattern"])
     types = cfg.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else
                                        "full_attention" for i in range(n_layers)]
+    window = cfg["sliding_window"]
     hidden = int(cfg["hidden_size"])
     return _from_llama(
         {**cfg, "hidden_act": cfg.get("hidden_activation") or cfg.get("hidden_act")},
         arch="gemma3", model_type="gemma3_text", qk_norm=True, post_norms=True,
         embed_scale=math.sqrt(hidden), rope_theta=theta, rope_scaling=scaling,
-        rope_local_base_freq=local_theta, layer_types=list(types),
-        sliding_window=int(cfg["sliding_window"]),
+        rope_local_base_freq=local_theta,
+        layer_types=_sliding_layers({"layer_types": types}, n_layers, window),
+        sliding_window=int(window) if window else None,
         query_pre_attn_scalar=float(cfg["query_pre_attn_scalar"]),
         # transformers' Gemma 3 applies the final soft-cap but not attn_logit_softcapping
         final_logit_softcapping=cfg.get("final_logit_softcapping"))

@@ -224,6 +224,29 @@ def test_multimodal_gemma3_converts_its_text_model(tmp_path, prompt_ids):
     assert rel_err(ours.logits(ids), hf_logits(model, ids)) < TOL
 
 
+def test_sparse_hub_gemma3_config_reads_as_transformers_reads_it():
+    """gemma-3-4b-it's config.json gives five text fields and leaves the rest to
+    Gemma3TextConfig's defaults; we must fill them in the same way."""
+    from flashinfer_py.config import ModelArgs
+
+    cfg = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                           "model_type": "gemma3_text", "num_hidden_layers": 34,
+                           "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024}}
+    a = ModelArgs.from_hf_config(cfg)
+    t = transformers.Gemma3Config(**{k: v for k, v in cfg.items() if k != "model_type"}).text_config
+    for key in ("vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "query_pre_attn_scalar", "sliding_window", "layer_types", "max_position_embeddings",
+                "tie_word_embeddings", "final_logit_softcapping"):
+        assert getattr(a, key) == getattr(t, key), key
+    assert a.norm_eps == t.rms_norm_eps and a.hidden_act == "gelu_tanh"
+    full, local = t.rope_parameters["full_attention"], t.rope_parameters["sliding_attention"]
+    assert (a.rope_theta, a.rope_scaling["factor"]) == (full["rope_theta"], full["factor"])
+    assert a.rope_scaling["rope_type"] == full["rope_type"] == "linear"
+    assert a.rope_local_base_freq == local["rope_theta"] and local["rope_type"] == "default"
+
+
 # --- GGUF: llama.cpp's layout of each architecture --------------------------------------------
 
 # Rows are multiples of 32 so that the FFN and fused projections can be stored as Q8_0.
