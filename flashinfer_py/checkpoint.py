@@ -8,7 +8,8 @@
 - a Hugging Face directory with ``pytorch_model.bin`` (or shards + its ``.index.json``),
   read with ``torch.load(weights_only=True, mmap=True)`` only, never a plain unpickle;
 - a GGUF file (or a directory holding exactly one ``.gguf`` and no ``config.json``), dequantized
-  per tensor with the ``gguf`` package and renamed to Hugging Face names (``llama`` only).
+  per tensor with the ``gguf`` package and renamed to Hugging Face names (``llama``, ``qwen2``,
+  ``qwen3``, ``phi3``, ``gemma3``).
 
 Every ``Checkpoint`` exposes Hugging Face tensor names and returns float32 numpy arrays. Nothing
 holds the whole checkpoint in memory: ``get`` reads exactly one tensor. Every failure a user can
@@ -79,13 +80,21 @@ class Checkpoint:
         self._check_name(name)
         return self._shapes[name]
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Read tensor ``name`` alone and return it as a C-contiguous float32 array.
 
+        ``rows=(start, stop)`` reads only those rows of the first axis (a part of a fused tensor
+        such as Phi-3's ``qkv_proj``) without reading the rest where the format allows.
         float16 and bfloat16 are upcast exactly (bfloat16 by a 16-bit shift); float64 is rounded.
         """
         self._check_name(name)
-        out = self._read(name)
+        if rows is not None:
+            start, stop = rows
+            n = self._shapes[name][0] if self._shapes[name] else 0
+            if not 0 <= start <= stop <= n:
+                raise ValueError(f"{self.path}: rows {start}:{stop} are outside {name!r}, which "
+                                 f"has {n} rows")
+        out = self._read(name, rows)
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def write_tokenizer(self, dst_dir: os.PathLike | str) -> list[str]:
@@ -114,7 +123,7 @@ class Checkpoint:
     # -- for subclasses --------------------------------------------------------------------
     _shapes: dict[str, tuple[int, ...]]
 
-    def _read(self, name: str) -> np.ndarray:
+    def _read(self, name: str, rows: tuple[int, int] | None) -> np.ndarray:
         raise NotImplementedError
 
     def _check_name(self, name: str) -> None:
@@ -277,13 +286,19 @@ class _SafetensorsFile:
                         f"{data_start + end} beyond the end of the {size}-byte file.", broken)
         return dtype, tuple(shape), data_start + begin, count
 
-    def read(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as float32; peak memory is the result plus one small chunk."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor ``name`` (or rows start:stop of it) as float32; peak memory is the result
+        plus one small chunk."""
         dtype, shape, offset, count = self.entries[name]
         if dtype not in _ST_FLOAT:
             raise _fail(self.file, f"stores {name!r} as {dtype}, not a floating-point type.",
                         "Only float tensors are model weights; skip this one.")
         raw_dtype = _ST_FLOAT[dtype][0]
+        if rows is not None:  # rows are contiguous: move the start, shorten the count
+            per_row = count // shape[0] if shape[0] else 0
+            offset += rows[0] * per_row * raw_dtype.itemsize
+            count = (rows[1] - rows[0]) * per_row
+            shape = (rows[1] - rows[0], *shape[1:])
         out = np.empty(count, dtype=np.float32)
         if dtype == "F32":
             self._pread_into(out, offset, name)
@@ -380,8 +395,8 @@ class SafetensorsCheckpoint(Checkpoint):
                                 "disagree; download the model again.")
                 self._where[name] = by_name[fname]
 
-    def _read(self, name: str) -> np.ndarray:
-        return self._where[name].read(name)
+    def _read(self, name: str, rows: tuple[int, int] | None) -> np.ndarray:
+        return self._where[name].read(name, rows)
 
     def write_tokenizer(self, dst_dir: os.PathLike | str) -> list[str]:
         return _copy_hf_tokenizer(self.path, pathlib.Path(dst_dir))
@@ -465,8 +480,10 @@ class TorchCheckpoint(Checkpoint):
         self._loaded = (fname, sd)
         return sd
 
-    def _read(self, name: str) -> np.ndarray:
+    def _read(self, name: str, rows: tuple[int, int] | None) -> np.ndarray:
         t = self._load(self._file_of[name])[name]
+        if rows is not None:
+            t = t[rows[0]:rows[1]]
         return t.detach().to(self._torch.float32).numpy().copy()
 
     def write_tokenizer(self, dst_dir: os.PathLike | str) -> list[str]:
@@ -536,22 +553,51 @@ _GGUF_GLOBAL = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# blk.N.<key> -> model.layers.N.<module>, per GGUF architecture (llama.cpp's names, as in
+# gguf-py's tensor map; a test checks these tables against it).
 _GGUF_BLOCK = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+_GGUF_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_GGUF_BLOCKS = {
+    "llama": _GGUF_BLOCK,
+    "qwen2": _GGUF_BLOCK,
+    "qwen3": {**_GGUF_BLOCK, **_GGUF_QK_NORM},
+    # Phi-3 keeps its fused projections: ffn_up holds gate then up (2 * n_ff rows)
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+             "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj",
+             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+    # Gemma's ffn_norm is the norm *before* the FFN; its post-sublayer norms have their own names
+    "gemma3": {**_GGUF_BLOCK, **_GGUF_QK_NORM, "ffn_norm": "pre_feedforward_layernorm",
+               "post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+}
 _GGUF_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-GGUF_ARCHITECTURES = ("llama",)
+GGUF_ARCHITECTURES = tuple(_GGUF_BLOCKS)
+# Hugging Face config fields read from "<arch>.<key>" metadata (llama.cpp's key names).
+_GGUF_CONFIG_KEYS = {
+    "hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+    "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
+}
+_GGUF_MODEL = {  # arch -> (model_type, architecture class, hidden_act)
+    "llama": ("llama", "LlamaForCausalLM", "silu"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", "silu"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", "silu"),
+    "phi3": ("phi3", "Phi3ForCausalLM", "silu"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM", "gelu_pytorch_tanh"),
+}
 
 
-def _gguf_hf_name(name: str) -> str | None:
+def _gguf_hf_name(arch: str, name: str) -> str | None:
     if name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[name]
     m = _GGUF_BLOCK_RE.fullmatch(name)
-    if m and m.group(2) in _GGUF_BLOCK:
-        return f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
+    block = _GGUF_BLOCKS[arch]
+    if m and m.group(2) in block:
+        return f"model.layers.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -563,7 +609,9 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 class GGUFCheckpoint(Checkpoint):
-    """A llama.cpp GGUF file. Tensors are dequantized to float32 when read."""
+    """A llama.cpp GGUF file. Tensors are dequantized to float32 when read and given the
+    Hugging Face names and layout that transformers' own GGUF loader gives them: llama's q/k
+    rows un-permuted, Gemma's norm weights without the 1 that llama.cpp adds to them."""
 
     def __init__(self, path: pathlib.Path):
         try:
@@ -578,20 +626,25 @@ class GGUFCheckpoint(Checkpoint):
         except Exception as e:  # noqa: BLE001 - the gguf parser raises many types
             raise _fail(path, f"is not a readable GGUF file ({type(e).__name__}: {e}).",
                         "The file is truncated or corrupt; download it again.") from None
-        arch = self._field("general.architecture")
+        self.arch = arch = self._field("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise _fail(path, f"has GGUF architecture {arch!r}; supported: "
                         f"{', '.join(GGUF_ARCHITECTURES)}.", "Use the Hugging Face (safetensors) "
                         "release of this model instead.")
         self._tensors, unknown = {}, []
         for t in self._reader.tensors:
-            hf = _gguf_hf_name(t.name)
+            hf = _gguf_hf_name(arch, t.name)
             if hf is None:
                 unknown.append(t.name)
             self._tensors[hf] = t
+        if any(n.startswith("rope_factors") for n in unknown):
+            raise _fail(path, "carries LongRoPE factors (rope_factors_long/short: a Phi-3 "
+                        "128k-context model), which this GGUF reader does not apply (llama.cpp "
+                        "and transformers pick the factors differently).", "Convert the model's "
+                        "Hugging Face release, where LongRoPE is supported.")
         if unknown:
             raise _fail(path, f"has tensors this reader cannot map: {unknown[:5]}.",
-                        "This llama variant is not supported; use its Hugging Face release.")
+                        f"This {arch} variant is not supported; use its Hugging Face release.")
         self._shapes = {k: tuple(int(d) for d in reversed(t.shape)) for k, t in
                         self._tensors.items()}
         self.config = self._make_config()
@@ -600,44 +653,39 @@ class GGUFCheckpoint(Checkpoint):
         field = self._reader.fields.get(key)
         return default if field is None else field.contents()
 
-    def _make_config(self) -> dict:
-        def f(key, default=None):
-            value = self._field(f"llama.{key}", default)
-            if value is None:
-                raise _fail(self.path, f"lacks the GGUF metadata key 'llama.{key}'.", "The file "
-                            "is incomplete; re-export it with llama.cpp's convert_hf_to_gguf.py.")
-            return value
+    def _arch_field(self, key: str, default: Any = None, required: bool = True) -> Any:
+        value = self._field(f"{self.arch}.{key}", default)
+        if value is None and required:
+            raise _fail(self.path, f"lacks the GGUF metadata key '{self.arch}.{key}'.", "The file "
+                        "is incomplete; re-export it with llama.cpp's convert_hf_to_gguf.py.")
+        return value
 
-        n_head = int(f("attention.head_count"))
-        hidden = int(f("embedding_length"))
-        head_dim = f("attention.key_length", f("rope.dimension_count", hidden // n_head))
+    def _make_config(self) -> dict:
+        """A Hugging Face config.json dict for the file, as transformers' GGUF loader builds it
+        (where it loses information llama.cpp keeps, llama.cpp's reading wins: see below)."""
+        f = self._arch_field
+        model_type, cls, act = _GGUF_MODEL[self.arch]
+        config = {"model_type": model_type, "architectures": [cls], "hidden_act": act}
+        config.update({hf: int(f(key)) for hf, key in _GGUF_CONFIG_KEYS.items()})
+        n_head, hidden = config["num_attention_heads"], config["hidden_size"]
+        head_dim = int(f("attention.key_length", hidden // n_head))
         theta = float(f("rope.freq_base", 10000.0))
-        scaling = self._field("llama.rope.scaling.type", "none")
-        if scaling != "none":
-            raise _fail(self.path, f"uses rope scaling {scaling!r}, which is not supported yet.",
-                        "Use a model without rope scaling, or its Hugging Face release.")
         tokens = self._reader.fields.get("tokenizer.ggml.tokens")
         embed = self._shapes.get("model.embed_tokens.weight", (0,))
         vocab = f("vocab_size", len(tokens.data) if tokens is not None else embed[0])
-        config = {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
-            "hidden_size": hidden,
-            "intermediate_size": int(f("feed_forward_length")),
-            "num_hidden_layers": int(f("block_count")),
-            "num_attention_heads": n_head,
+        config.update({
             "num_key_value_heads": int(f("attention.head_count_kv", n_head)),
-            "head_dim": int(head_dim),
+            "head_dim": head_dim,
             "rms_norm_eps": float(f("attention.layer_norm_rms_epsilon", 1e-5)),
             "rope_theta": theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": theta},
             "max_position_embeddings": int(f("context_length", 2048)),
             "vocab_size": int(vocab),
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
-            "hidden_act": "silu",
             "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self._tensors,
             "mlp_bias": False,
-        }
+        })
+        config.update(getattr(self, f"_config_{self.arch}")(config))
         for key in ("bos", "eos", "padding", "unknown"):
             tid = self._field(f"tokenizer.ggml.{key}_token_id")
             if tid is not None:
@@ -645,27 +693,104 @@ class GGUFCheckpoint(Checkpoint):
                 config[f"{short}_token_id"] = int(tid)
         return config
 
-    def _read(self, name: str) -> np.ndarray:
+    def _no_rope_scaling(self) -> None:
+        scaling = self._arch_field("rope.scaling.type", "none", required=False)
+        if scaling != "none":
+            raise _fail(self.path, f"uses rope scaling {scaling!r}, which is not supported yet "
+                        f"for {self.arch}.", "Use a model without rope scaling, or its Hugging "
+                        "Face release.")
+
+    def _config_llama(self, c: dict) -> dict:
+        self._no_rope_scaling()
+        dim = self._arch_field("rope.dimension_count", c["head_dim"])
+        return {"head_dim": int(self._arch_field("attention.key_length", dim))}
+
+    def _config_qwen2(self, c: dict) -> dict:
+        self._no_rope_scaling()
+        return {"use_sliding_window": False}
+
+    def _config_qwen3(self, c: dict) -> dict:
+        self._no_rope_scaling()
+        return {"use_sliding_window": False}
+
+    def _config_phi3(self, c: dict) -> dict:
+        self._no_rope_scaling()
+        # transformers drops these two; llama.cpp applies them, as the HF config.json does
+        rotary = int(self._arch_field("rope.dimension_count", c["head_dim"]))
+        window = self._arch_field("attention.sliding_window", None, required=False)
+        return {"partial_rotary_factor": rotary / c["head_dim"],
+                "rope_parameters": {**c["rope_parameters"],
+                                    "partial_rotary_factor": rotary / c["head_dim"]},
+                "sliding_window": int(window) if window else None}
+
+    def _config_gemma3(self, c: dict) -> dict:
+        # llama.cpp's reading of a gemma3 file: five sliding-window layers then one global
+        # layer, repeated (pattern 6); local RoPE base 10000, global rope.freq_base (linearly
+        # scaled in the 4B-27B models); queries scaled by head_dim, except in the 27B (62
+        # layers) where Google's config says hidden_size / heads. transformers' GGUF loader
+        # takes the same pattern and bases but always 256 for the query scale and ignores the
+        # rope scaling; every released size but the 27B has head_dim 256.
+        n_layers, hidden, n_head = (c["num_hidden_layers"], c["hidden_size"],
+                                    c["num_attention_heads"])
+        full = {"rope_type": "default", "rope_theta": c["rope_theta"]}
+        if self._arch_field("rope.scaling.type", "none", required=False) == "linear":
+            full = {**full, "rope_type": "linear",
+                    "factor": float(self._arch_field("rope.scaling.factor"))}
+        else:
+            self._no_rope_scaling()
+        return {
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rms_norm_eps": float(self._arch_field("attention.layer_norm_rms_epsilon", 1e-6)),
+            "query_pre_attn_scalar": hidden // n_head if n_layers == 62 else c["head_dim"],
+            "sliding_window": int(self._arch_field("attention.sliding_window", 4096)),
+            "sliding_window_pattern": 6,
+            "rope_parameters": {"full_attention": full, "sliding_attention": {
+                "rope_type": "default", "rope_theta": 10000.0}},
+            "final_logit_softcapping": self._arch_field("final_logit_softcapping", None,
+                                                        required=False),
+        }
+
+    def _read(self, name: str, rows: tuple[int, int] | None) -> np.ndarray:
         t = self._tensors[name]
+        heads = self._permuted_heads(name)
+        data = t.data if rows is None or heads else t.data[rows[0]:rows[1]]  # whole quant rows
         try:
-            w = np.asarray(self._dequantize(t.data, t.tensor_type), dtype=np.float32)
+            w = np.asarray(self._dequantize(data, t.tensor_type), dtype=np.float32)
         except (NotImplementedError, ValueError) as e:
             raise _fail(self.path, f"stores {t.name} as {t.tensor_type.name}, which this gguf "
                         f"package cannot dequantize ({e}).", 'Upgrade it (`pip install -U gguf`) '
                         "or use a GGUF with another quantization.") from None
-        w = w.reshape(self._shapes[name])
-        if ".self_attn.q_proj." in name:
-            w = unpermute_qk(w, self.config["num_attention_heads"])
-        elif ".self_attn.k_proj." in name:
-            w = unpermute_qk(w, self.config["num_key_value_heads"])
+        shape = self._shapes[name]
+        if rows is not None and not heads:
+            shape = (rows[1] - rows[0], *shape[1:])
+        w = w.reshape(shape)
+        if heads:
+            w = unpermute_qk(w, heads)
+            if rows is not None:
+                w = w[rows[0]:rows[1]]
+        if self.arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - np.float32(1.0)  # llama.cpp stores Gemma's (1 + w); transformers wants w
         if not w.flags.writeable or np.may_share_memory(w, t.data):  # a view of the mmap
             w = w.copy()
         return np.ascontiguousarray(w, dtype=np.float32)
 
+    def _permuted_heads(self, name: str) -> int:
+        """Heads of a q/k tensor llama.cpp permuted for its rotary layout (llama only), or 0."""
+        if self.arch != "llama":
+            return 0
+        if ".self_attn.q_proj." in name:
+            return self.config["num_attention_heads"]
+        if ".self_attn.k_proj." in name:
+            return self.config["num_key_value_heads"]
+        return 0
+
     def write_tokenizer(self, dst_dir: os.PathLike | str) -> list[str]:
-        """Build tokenizer.json from the GGUF metadata with transformers (convert time only)."""
+        """Build tokenizer.json from the GGUF metadata with transformers (convert time only);
+        ``[]`` when the file carries no vocabulary."""
         dst = pathlib.Path(dst_dir)
         dst.mkdir(parents=True, exist_ok=True)
+        if "tokenizer.ggml.tokens" not in self._reader.fields:
+            return []
         written = _save_with_transformers(self.path.parent, dst, {"gguf_file": self.path.name},
                                           self.path)
         template = self._field("tokenizer.chat_template")

@@ -313,16 +313,21 @@ def cmd_info(ns) -> int:
             check_files(ns.dir, m, verify=True,
                         progress_factory=lambda total, desc: _progress(total, desc, True))
         a = m["model"]
-        out["model"] = {k: a[k] for k in ("arch", "hidden_size", "intermediate_size",
-                                          "num_hidden_layers", "num_attention_heads",
-                                          "num_key_value_heads", "hidden_act", "vocab_size")}
+        from .config import ModelArgs
+
+        args = ModelArgs.from_dict(a)
+        out["model"] = {"model_type": args.model_type or args.arch}
+        out["model"].update({k: a[k] for k in ("arch", "hidden_size", "intermediate_size",
+                                               "num_hidden_layers", "num_attention_heads",
+                                               "num_key_value_heads", "head_dim", "hidden_act",
+                                               "vocab_size")})
+        out["model"]["features"] = args.features()
         out["dtype"] = m["dtype"]
         out["bundle"] = m["bundle"]
         out["files"] = {n: v["bytes"] for n, v in m["checksums"].items()}
         out["verified"] = bool(ns.verify)
         rt = _runtime(ns)
         if rt.sparse:
-            from .config import ModelArgs
             from .loader import plan_memory
 
             pred = Path(ns.dir) / "predictors.npz"
@@ -341,7 +346,7 @@ def cmd_info(ns) -> int:
         if isinstance(body, dict):
             print(f"{section}:")
             for k, v in body.items():
-                print(f"  {k}: {v}")
+                print(f"  {k}: {'; '.join(map(str, v)) or '-' if isinstance(v, list) else v}")
         else:
             print(f"{section}: {body}")
     return 0

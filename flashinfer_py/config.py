@@ -6,6 +6,7 @@ flash directory's manifest). `RuntimeConfig` holds every runtime knob with a doc
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -14,11 +15,17 @@ from .errors import UnsupportedModelError
 
 SUPPORTED_ARCHS = {
     "llama": "Llama 2/3, SmolLM2, ReluLLaMA (hidden_act relu), ProSparse (hidden_act fatrelu)",
-    "mistral": "Mistral (dense attention; contexts longer than sliding_window are refused)",
-    "opt": "OPT (ReLU; the paper's model)",
+    "mistral": "Mistral (sliding-window attention)",
+    "qwen2": "Qwen2 and Qwen2.5 (q/k/v biases)",
+    "qwen3": "Qwen3 dense models (q/k RMSNorm)",
+    "phi3": "Phi-3, Phi-3.5, Phi-4-mini (fused qkv_proj and gate_up_proj; LongRoPE)",
+    "gemma3_text": "Gemma 3 (GeGLU, local/global attention)",
+    "gemma3": "Gemma 3 multimodal checkpoints (their text model)",
+    "opt": "OPT 125m-66b (ReLU; the paper's model), opt-350m's project_in/out included",
 }
 SUPPORTED_ACTS = ("relu", "fatrelu", "silu", "gelu", "gelu_tanh")
-SUPPORTED_ROPE = ("default", "llama3")
+SUPPORTED_ROPE = ("default", "llama3", "linear", "longrope")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 # Hugging Face activation names -> ours.
 _ACT_ALIASES = {
     "relu": "relu", "fatrelu": "fatrelu", "silu": "silu", "swish": "silu",
@@ -29,9 +36,14 @@ _ACT_ALIASES = {
 
 @dataclass
 class ModelArgs:
-    """Shape and semantics of a decoder-only transformer (Llama family or OPT)."""
+    """Shape and semantics of a decoder-only transformer (Llama-like families or OPT).
 
-    arch: str                      # "llama" | "opt" (mistral maps to llama)
+    Every field added after the first release has a default that reproduces the models written
+    before it, so older manifests load unchanged.
+    """
+
+    arch: str                      # tensor layout: "llama" (also mistral) | "qwen2" | "qwen3" |
+    #                                "phi3" | "gemma3" | "opt"
     vocab_size: int
     hidden_size: int               # d_model
     intermediate_size: int         # d_ff: FFN neurons per layer
@@ -46,15 +58,28 @@ class ModelArgs:
     norm: str = "rmsnorm"          # "rmsnorm" | "layernorm"
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None  # llama3 frequency scaling parameters, or None
+    rope_scaling: Optional[dict] = None  # {"rope_type": "llama3" | "linear" | "longrope", ...}
+    #                                      or None; without rope_type: llama3 (older manifests)
     attention_bias: bool = False   # biases on q/k/v/o projections (OPT: True)
     ffn_bias: bool = False         # per-neuron up bias and output down bias (OPT: True)
     pre_norm: bool = True          # OPT do_layer_norm_before
     learned_pos_offset: int = 0    # OPT learned positions are shifted by 2; 0 -> RoPE
     tie_word_embeddings: bool = False
-    sliding_window: Optional[int] = None
+    sliding_window: Optional[int] = None  # tokens a "sliding_attention" layer sees (itself included)
     bos_token_id: Optional[int] = None
     eos_token_ids: list = field(default_factory=list)
+    model_type: str = ""           # the Hugging Face model_type it was read from ("" -> arch)
+    attention_out_bias: Optional[bool] = None  # o_proj bias; None -> attention_bias (Qwen2: False)
+    qk_norm: bool = False          # RMSNorm over each head's q and k before RoPE (Gemma 3, Qwen3)
+    post_norms: bool = False       # norms on the attention and FFN outputs (Gemma's sandwich)
+    embed_scale: float = 1.0       # embeddings are multiplied by it (Gemma: sqrt(hidden_size))
+    query_pre_attn_scalar: Optional[float] = None  # scores scaled by its -1/2 power; None -> head_dim
+    attn_logit_softcapping: Optional[float] = None   # scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: Optional[float] = None  # logits -> cap * tanh(logits / cap)
+    layer_types: Optional[list] = None  # per layer, one of LAYER_TYPES; None -> all full attention
+    rope_local_base_freq: Optional[float] = None  # sliding layers' own unscaled RoPE base (Gemma 3)
+    partial_rotary_factor: float = 1.0  # fraction of head_dim that RoPE rotates (Phi-3 family)
+    word_embed_proj_dim: int = 0   # OPT embedding width when != hidden_size (project_in/out)
 
     def __post_init__(self):
         if self.num_key_value_heads <= 0:
@@ -69,6 +94,29 @@ class ModelArgs:
             raise UnsupportedModelError(
                 f"activation {self.hidden_act!r} is not supported; supported: "
                 f"{', '.join(SUPPORTED_ACTS)}")
+        if self.word_embed_proj_dim <= 0:
+            self.word_embed_proj_dim = self.hidden_size
+        if self.attention_out_bias is None:
+            self.attention_out_bias = self.attention_bias
+        if self.layer_types is not None:
+            self._check_layer_types()
+        s = self.rope_scaling or {}
+        if s.get("rope_type") == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(s[key]) != self.rotary_dim // 2:
+                    raise UnsupportedModelError(
+                        f"longrope {key} has {len(s[key])} entries; RoPE over {self.rotary_dim} "
+                        f"dims needs {self.rotary_dim // 2}")
+
+    def _check_layer_types(self) -> None:
+        types = list(self.layer_types)
+        if len(types) != self.num_hidden_layers or not set(types) <= set(LAYER_TYPES):
+            raise UnsupportedModelError(
+                f"layer_types must list one of {', '.join(LAYER_TYPES)} for each of the "
+                f"{self.num_hidden_layers} layers, got {types}")
+        if "sliding_attention" in types and not (self.sliding_window or 0) > 0:
+            raise UnsupportedModelError(
+                f"sliding_attention layers need a positive sliding_window, got {self.sliding_window}")
 
     @property
     def uses_rope(self) -> bool:
@@ -81,6 +129,55 @@ class ModelArgs:
     @property
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embeddings and the LM head (OPT-350m: 512 while hidden is 1024)."""
+        return self.word_embed_proj_dim
+
+    @property
+    def projects_embeddings(self) -> bool:
+        return self.word_embed_proj_dim != self.hidden_size
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading elements of each head that RoPE rotates (the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor + 1e-6)  # 0.75 * 128 -> 96
+
+    def window(self, layer: int) -> Optional[int]:
+        """Tokens layer `layer` attends to (itself included), or None for full attention."""
+        if self.layer_types is None or self.layer_types[layer] != "sliding_attention":
+            return None
+        return int(self.sliding_window)
+
+    def features(self) -> list[str]:
+        """What sets this model apart from a plain Llama, in words (for `info`)."""
+        geglu = {"gelu_tanh": "GeGLU (tanh GELU gate)", "gelu": "GeGLU (erf GELU gate)"}
+        n_local = (self.layer_types or []).count("sliding_attention")
+        rope = (self.rope_scaling or {}).get("rope_type", "llama3")
+        listed = [
+            (not self.gated, f"ungated FFN ({self.hidden_act})"),
+            (self.gated and self.hidden_act != "silu",
+             geglu.get(self.hidden_act, f"gated FFN with {self.hidden_act}")),
+            (n_local > 0, f"{n_local} of {self.num_hidden_layers} layers attend to the last "
+                          f"{self.sliding_window} tokens"),
+            (self.rope_local_base_freq is not None,
+             f"local RoPE base {self.rope_local_base_freq}"),
+            (self.attention_bias,
+             "q/k/v biases" + (" and o bias" if self.attention_out_bias else "")),
+            (self.qk_norm, "q/k RMSNorm"),
+            (self.post_norms, "post-attention and post-FFN norms"),
+            (self.embed_scale != 1.0, f"embeddings scaled by {self.embed_scale:.4g}"),
+            (not self.pre_norm, "post-LayerNorm"),
+            (self.projects_embeddings,
+             f"embeddings projected {self.embed_dim} <-> {self.hidden_size}"),
+            (self.partial_rotary_factor != 1.0,
+             f"RoPE on {self.rotary_dim} of {self.head_dim} head dims"),
+            (self.rope_scaling is not None, f"RoPE scaling {rope}"),
+            (self.final_logit_softcapping is not None,
+             f"logits soft-capped at {self.final_logit_softcapping}"),
+        ]
+        return [text for present, text in listed if present]
 
     @property
     def ffn_parts(self) -> list[str]:
@@ -105,14 +202,13 @@ class ModelArgs:
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         """Translate a Hugging Face ``config.json`` dict; unsupported models raise a clear error."""
         mt = cfg.get("model_type", "")
-        if mt in ("llama", "mistral"):
-            return _from_llama(cfg)
-        if mt == "opt":
-            return _from_opt(cfg)
-        supported = "; ".join(f"{k}: {v}" for k, v in SUPPORTED_ARCHS.items())
-        raise UnsupportedModelError(
-            f"model_type {mt!r} (architectures {cfg.get('architectures')}) is not supported. "
-            f"Supported model types: {supported}.")
+        parse = _FAMILIES.get(mt)
+        if parse is None:
+            supported = "; ".join(f"{k}: {v}" for k, v in SUPPORTED_ARCHS.items())
+            raise UnsupportedModelError(
+                f"model_type {mt!r} (architectures {cfg.get('architectures')}) is not supported. "
+                f"Supported model types: {supported}.")
+        return parse(cfg)
 
 
 def _eos_list(cfg: dict) -> list:
@@ -130,33 +226,81 @@ def _act(name: str) -> str:
     return act
 
 
-def _rope(cfg: dict) -> tuple[float, Optional[dict]]:
-    # transformers 5 keeps rope settings under rope_parameters, 4.x at the top level.
-    rp = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+def _rope(rp: dict, default_theta: float = 10000.0, cfg: Optional[dict] = None
+          ) -> tuple[float, Optional[dict]]:
+    """(base, scaling) from one rope-parameters dict (transformers 5 ``rope_parameters``, or a
+    4.x ``rope_scaling`` with the base beside it); `cfg` is the whole config (longrope)."""
+    theta = float(rp.get("rope_theta", default_theta))
     rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
     if rtype not in SUPPORTED_ROPE:
         raise UnsupportedModelError(
             f"rope type {rtype!r} is not supported; supported: {', '.join(SUPPORTED_ROPE)}")
-    scaling = None
     if rtype == "llama3":
-        scaling = {k: float(rp[k]) for k in (
-            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-    return theta, scaling
+        return theta, {"rope_type": "llama3", **{k: float(rp[k]) for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
+    if rtype == "linear":
+        return theta, {"rope_type": "linear", "factor": float(rp["factor"])}
+    if rtype == "longrope":
+        return theta, _longrope(rp, cfg or {})
+    return theta, None
 
 
-def _from_llama(cfg: dict) -> ModelArgs:
+def _longrope(rp: dict, cfg: dict) -> dict:
+    """LongRoPE as transformers computes it: per-frequency divisors, short ones while the
+    sequence fits the pretraining context, long ones beyond it, and cos/sin scaled by
+    attention_factor (default sqrt(1 + ln(factor) / ln(original context)))."""
+    original = int(rp.get("original_max_position_embeddings")
+                   or cfg.get("original_max_position_embeddings")
+                   or cfg["max_position_embeddings"])
+    factor = rp.get("factor") or cfg.get("max_position_embeddings", original) / original
+    attention = rp.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"rope_type": "longrope", "original_max_position_embeddings": original,
+            "attention_factor": float(attention),
+            "short_factor": [float(x) for x in rp["short_factor"]],
+            "long_factor": [float(x) for x in rp["long_factor"]]}
+
+
+def _rope_dict(cfg: dict) -> dict:
+    # transformers 5 keeps rope settings under rope_parameters, 4.x at the top level.
+    rp = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rp.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    return rp
+
+
+def _sliding_layers(cfg: dict, n_layers: int, window: Optional[int]) -> Optional[list]:
+    """Per-layer attention types as transformers builds them: the config's own ``layer_types``,
+    else every layer when there is a window (Mistral, Phi-3), else None (all full)."""
+    types = cfg.get("layer_types")
+    if types is not None and not window:  # transformers: without a window no layer slides
+        types = ["full_attention" if t == "sliding_attention" else t for t in types]
+    if types is None and window:
+        first = int(cfg.get("max_window_layers", 0) or 0) if "use_sliding_window" in cfg else 0
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    if types is None or all(t == "full_attention" for t in types):
+        return None
+    return list(types)  # ModelArgs refuses types it does not know (chunked_attention, ...)
+
+
+def _from_llama(cfg: dict, **overrides) -> ModelArgs:
+    """The Llama layout; the other Llama-like families pass what differs as `overrides`."""
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError("Llama models with mlp_bias=true are not supported yet.")
     act = _act(cfg.get("hidden_act", "silu"))
-    theta, scaling = _rope(cfg)
+    theta, scaling = _rope(_rope_dict(cfg), cfg=cfg)
     param = float(cfg.get("hidden_act_param", cfg.get("fatrelu_threshold", 0.0)) or 0.0)
-    return ModelArgs(
+    n_layers = int(cfg["num_hidden_layers"])
+    window = cfg.get("sliding_window")
+    if cfg.get("use_sliding_window") is False:  # Qwen2/3 carry a window they do not use
+        window = None
+    kw = dict(
         arch="llama",
+        model_type=str(cfg.get("model_type", "llama")),
         vocab_size=int(cfg["vocab_size"]),
         hidden_size=int(cfg["hidden_size"]),
         intermediate_size=int(cfg["intermediate_size"]),
-        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_hidden_layers=n_layers,
         num_attention_heads=int(cfg["num_attention_heads"]),
         num_key_value_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
         head_dim=int(cfg.get("head_dim") or 0),
@@ -170,23 +314,94 @@ def _from_llama(cfg: dict) -> ModelArgs:
         rope_scaling=scaling,
         attention_bias=bool(cfg.get("attention_bias", False)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        sliding_window=cfg.get("sliding_window"),
+        sliding_window=int(window) if window else None,
+        layer_types=_sliding_layers(cfg, n_layers, window),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_list(cfg),
     )
+    kw.update(overrides)
+    return ModelArgs(**kw)
+
+
+def _from_qwen2(cfg: dict) -> ModelArgs:
+    # Qwen2's q/k/v projections always carry biases, its o_proj never does.
+    return _from_llama(cfg, arch="qwen2", attention_bias=True, attention_out_bias=False)
+
+
+def _from_qwen3(cfg: dict) -> ModelArgs:
+    return _from_llama(cfg, arch="qwen3", qk_norm=True)
+
+
+def _from_phi3(cfg: dict) -> ModelArgs:
+    rp = _rope_dict(cfg)
+    if rp.get("rope_type", rp.get("type")) in ("su", "yarn"):  # Phi3Config reads both as longrope
+        rp = {**rp, "rope_type": "longrope"}
+        cfg = {**cfg, "rope_parameters": rp}
+    partial = float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    return _from_llama(cfg, arch="phi3", attention_bias=False, partial_rotary_factor=partial)
+
+
+# Gemma3TextConfig's defaults in transformers 5: the Hub's gemma-3 configs leave most fields out
+# (a text_config of five keys is common), and transformers reading a GGUF relies on them too.
+_GEMMA3_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+    hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072, rms_norm_eps=1e-6,
+    query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
+    final_logit_softcapping=None, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+    rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+)
+
+
+def _from_gemma3(cfg: dict) -> ModelArgs:
+    """Gemma 3: ``gemma3_text``, or the text model inside a multimodal ``gemma3`` config."""
+    if cfg.get("model_type") == "gemma3":
+        cfg = cfg.get("text_config") or {}
+    cfg = {**_GEMMA3_DEFAULTS, **cfg}
+    if cfg.get("use_bidirectional_attention"):
+        raise UnsupportedModelError("Gemma 3 with use_bidirectional_attention (an embedding "
+                                    "model) is not a causal language model; not supported.")
+    n_layers = int(cfg["num_hidden_layers"])
+    rp = cfg.get("rope_parameters") or {}
+    if "full_attention" in rp:  # transformers 5: one rope dict per layer type
+        full, local = rp["full_attention"], rp.get("sliding_attention") or {}
+    else:
+        full = {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg["rope_theta"]}
+        local = {"rope_theta": cfg["rope_local_base_freq"]}
+    theta, scaling = _rope(full, _GEMMA3_DEFAULTS["rope_theta"], cfg)
+    local_theta, local_scaling = _rope(local, _GEMMA3_DEFAULTS["rope_local_base_freq"])
+    if local_scaling is not None:
+        raise UnsupportedModelError("Gemma 3 with RoPE scaling on its sliding-window layers is "
+                                    "not supported (the released models scale global layers only).")
+    pattern = int(cfg.get("_sliding_window_pattern") or cfg["sliding_window_pattern"])
+    types = cfg.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else
+                                       "full_attention" for i in range(n_layers)]
+    window = cfg["sliding_window"]
+    hidden = int(cfg["hidden_size"])
+    return _from_llama(
+        {**cfg, "hidden_act": cfg.get("hidden_activation") or cfg.get("hidden_act")},
+        arch="gemma3", model_type="gemma3_text", qk_norm=True, post_norms=True,
+        embed_scale=math.sqrt(hidden), rope_theta=theta, rope_scaling=scaling,
+        rope_local_base_freq=local_theta,
+        layer_types=_sliding_layers({"layer_types": types}, n_layers, window),
+        sliding_window=int(window) if window else None,
+        query_pre_attn_scalar=float(cfg["query_pre_attn_scalar"]),
+        # transformers' Gemma 3 applies the final soft-cap but not attn_logit_softcapping
+        final_logit_softcapping=cfg.get("final_logit_softcapping"))
 
 
 def _from_opt(cfg: dict) -> ModelArgs:
     d = int(cfg["hidden_size"])
     proj = int(cfg.get("word_embed_proj_dim", d) or d)
-    if proj != d:
-        raise UnsupportedModelError(
-            f"OPT with word_embed_proj_dim={proj} != hidden_size={d} (project_in/out, as in "
-            "opt-350m) is not supported.")
     if not cfg.get("enable_bias", True) or not cfg.get("layer_norm_elementwise_affine", True):
         raise UnsupportedModelError("OPT without biases or without affine layer norms is not supported.")
+    pre = bool(cfg.get("do_layer_norm_before", True))
+    if pre and cfg.get("_remove_final_layer_norm"):
+        raise UnsupportedModelError("OPT with _remove_final_layer_norm (an old fairseq export) is "
+                                    "not supported; re-save it with a current transformers.")
     return ModelArgs(
         arch="opt",
+        model_type="opt",
         vocab_size=int(cfg["vocab_size"]),
         hidden_size=d,
         intermediate_size=int(cfg["ffn_dim"]),
@@ -199,12 +414,18 @@ def _from_opt(cfg: dict) -> ModelArgs:
         norm_eps=1e-5,
         attention_bias=True,
         ffn_bias=True,
-        pre_norm=bool(cfg.get("do_layer_norm_before", True)),
+        pre_norm=pre,
         learned_pos_offset=2,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_list(cfg),
+        word_embed_proj_dim=proj,
     )
+
+
+_FAMILIES = {"llama": _from_llama, "mistral": _from_llama, "qwen2": _from_qwen2,
+             "qwen3": _from_qwen3, "phi3": _from_phi3, "gemma3_text": _from_gemma3,
+             "gemma3": _from_gemma3, "opt": _from_opt}
 
 
 # The rows of the paper's Table 2, as runtime settings. "predictor" keeps the caller's

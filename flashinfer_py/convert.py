@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__
 from .config import ModelArgs
-from .errors import ConvertError
+from .errors import ConvertError, UnsupportedModelError
 from .format import (BUNDLE_FILE, DENSE_FILE, FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES,
                      SafetensorsStreamWriter, dense_names, file_digest, numpy_storage_dtype,
                      to_storage, write_manifest)
@@ -38,13 +38,29 @@ _LLAMA = {
     "bo": "model.layers.{i}.self_attn.o_proj.bias",
     "attn_norm": "model.layers.{i}.input_layernorm.weight",
     "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "up": "model.layers.{i}.mlp.up_proj.weight",
     "gate": "model.layers.{i}.mlp.gate_proj.weight",
     "down": "model.layers.{i}.mlp.down_proj.weight",
 }
+_GEMMA3 = {
+    **_LLAMA,
+    "ffn_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "attn_post_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "ffn_post_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+# Phi-3's fused projections: (tensor, part); the part's rows are cut out at conversion.
+_PHI3 = {
+    **_LLAMA,
+    **{w: ("model.layers.{i}.self_attn.qkv_proj.weight", w) for w in ("wq", "wk", "wv")},
+    **{p: ("model.layers.{i}.mlp.gate_up_proj.weight", p) for p in ("gate", "up")},
+}
 _OPT = {
     "tok_embeddings": "model.decoder.embed_tokens.weight",
     "pos_embeddings": "model.decoder.embed_positions.weight",
+    "project_in": "model.decoder.project_in.weight",
+    "project_out": "model.decoder.project_out.weight",
     "norm": "model.decoder.final_layer_norm.weight",
     "norm_bias": "model.decoder.final_layer_norm.bias",
     "lm_head": "lm_head.weight",
@@ -61,27 +77,74 @@ _OPT = {
     "down": "model.decoder.layers.{i}.fc2.weight",
     "ffn_down_bias": "model.decoder.layers.{i}.fc2.bias",
 }
+_TABLES = {"llama": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "phi3": _PHI3, "gemma3": _GEMMA3,
+           "opt": _OPT}
+# Where a multimodal checkpoint keeps its text model (Gemma 3: transformers 5, then 4.x).
+_TEXT_MODEL_PREFIXES = ("model.language_model.", "language_model.model.")
 
 
 class _Names:
-    """Resolve our tensor names to the checkpoint's (tolerating a missing 'model.' prefix)."""
+    """Resolve our tensor names to the checkpoint's (tolerating a missing 'model.' prefix or a
+    multimodal wrapper) and read them in our layout: fused tensors cut into their parts,
+    Gemma's norm weights stored as the factor 1 + w."""
 
-    def __init__(self, args: ModelArgs, available: list[str], src: str):
-        self.table = _OPT if args.arch == "opt" else _LLAMA
-        self.available = set(available)
-        self.src = src
+    def __init__(self, args: ModelArgs, ckpt):
+        self.args, self.ckpt = args, ckpt
+        self.table = _TABLES[args.arch]
+        self.available = set(ckpt.names())
+        self.norm_offset = 1.0 if args.arch == "gemma3" else 0.0
 
     def hf(self, ours: str) -> str:
+        return self.locate(ours)[0]
+
+    def locate(self, ours: str) -> tuple[str, Optional[tuple[int, int]]]:
+        """(checkpoint tensor name, rows of it that hold `ours` or None for all of it)."""
         layer, short = None, ours
         if ours.startswith("layers."):
             _, layer, short = ours.split(".", 2)
-        pattern = self.table[short]
+        entry = self.table[short]
+        pattern, part = entry if isinstance(entry, tuple) else (entry, None)
         name = pattern.format(i=layer) if layer is not None else pattern
-        for cand in (name, name.removeprefix("model.")):
+        for cand in self._candidates(name):
             if cand in self.available:
-                return cand
-        raise ConvertError(f"{self.src}: tensor {name!r} is missing from the checkpoint; the "
+                return cand, (self._rows(cand, part) if part else None)
+        raise ConvertError(f"{self.ckpt.path}: tensor {name!r} is missing from the checkpoint; the "
                            "checkpoint is incomplete or not the architecture its config.json says.")
+
+    @staticmethod
+    def _candidates(name: str) -> list[str]:
+        bare = name.removeprefix("model.")
+        return [name, bare, *(p + bare for p in _TEXT_MODEL_PREFIXES),
+                *(["language_model.lm_head.weight"] if name == "lm_head.weight" else [])]
+
+    def _rows(self, hf: str, part: str) -> tuple[int, int]:
+        a = self.args
+        sizes = ({"wq": a.q_dim, "wk": a.kv_dim, "wv": a.kv_dim} if part[0] == "w"
+                 else {"gate": a.intermediate_size, "up": a.intermediate_size})
+        rows = self.ckpt.shape(hf)[0]
+        if rows != sum(sizes.values()):
+            raise ConvertError(f"{self.ckpt.path}: {hf} has {rows} rows but config.json implies "
+                               f"{' + '.join(map(str, sizes.values()))} ({', '.join(sizes)}); the "
+                               "checkpoint and its config.json disagree.")
+        start = 0
+        for name, n in sizes.items():  # fused in this order: q, k, v / gate, up
+            if name == part:
+                return start, start + n
+            start += n
+        raise AssertionError(part)
+
+    def shape(self, ours: str) -> tuple[int, ...]:
+        hf, rows = self.locate(ours)
+        shape = tuple(self.ckpt.shape(hf))
+        return shape if rows is None else (rows[1] - rows[0], *shape[1:])
+
+    def read(self, ours: str) -> np.ndarray:
+        """Tensor `ours` as float32, in our layout."""
+        hf, rows = self.locate(ours)
+        x = self.ckpt.get(hf, rows=rows)
+        if self.norm_offset and ours.endswith("norm"):
+            x += np.float32(self.norm_offset)
+        return x
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -153,24 +216,26 @@ def _move_into_place(tmp: Path, dst: Path, force: bool) -> None:
 def _convert_into(ckpt, out: Path, dtype: Optional[str], progress: bool, alignment: int) -> None:
     from .bundles import BundleWriter
 
-    args = ModelArgs.from_hf_config(ckpt.config)
+    try:
+        args = ModelArgs.from_hf_config(ckpt.config)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{ckpt.path}: {e}") from None
     dtype = dtype or ("float16" if ckpt.source_dtype == "float32" and _is_gguf(ckpt) else ckpt.source_dtype)
-    names = _Names(args, ckpt.names(), str(ckpt.path))
+    names = _Names(args, ckpt)
     t0 = time.perf_counter()
 
     # ---- resident tensors: header planned from shapes, then streamed one by one
     plan = []
     for ours, kind in dense_names(args):
-        hf = names.hf(ours)
         dt = numpy_storage_dtype(dtype) if kind == "matrix" else np.dtype(np.float32)
-        plan.append((ours, hf, dt, ckpt.shape(hf)))
+        plan.append((ours, names.hf(ours), dt, names.shape(ours)))
     _check_shapes(args, plan, ckpt)
     total = sum(int(np.prod(s)) * dt.itemsize for _, _, dt, s in plan)
     writer = SafetensorsStreamWriter(out / DENSE_FILE, [(o, dt, s) for o, _, dt, s in plan],
                                      {"format": FORMAT_NAME, "dtype": dtype})
     with _progress(total, "resident tensors", progress) as bar:
         for ours, hf, dt, shape in plan:
-            x = ckpt.get(hf)
+            x = names.read(ours)
             x = to_storage(x, dtype) if dt != np.float32 else np.asarray(x, np.float32)
             writer.write(ours, x)
             bar.update(x.nbytes)
@@ -185,7 +250,7 @@ def _convert_into(ckpt, out: Path, dtype: Optional[str], progress: bool, alignme
         for i in range(args.num_hidden_layers):
             mats = []
             for part in parts:
-                w = ckpt.get(names.hf(f"layers.{i}.{part}"))
+                w = names.read(f"layers.{i}.{part}")
                 if part == "down":
                     w = w.T  # down_proj.weight is [d, f]: neuron i's column becomes a row
                 if w.shape != (f, d):
@@ -235,9 +300,11 @@ def _is_gguf(ckpt) -> bool:
 
 def _check_shapes(args: ModelArgs, plan, ckpt) -> None:
     """The config and the tensors must agree before anything big is written."""
-    d, qd, kvd = args.hidden_size, args.q_dim, args.kv_dim
+    d, qd, kvd, e = args.hidden_size, args.q_dim, args.kv_dim, args.embed_dim
+    hd = args.head_dim
     expect = {"wq": (qd, d), "wk": (kvd, d), "wv": (kvd, d), "wo": (d, qd),
-              "tok_embeddings": (args.vocab_size, d), "lm_head": (args.vocab_size, d)}
+              "tok_embeddings": (args.vocab_size, e), "lm_head": (args.vocab_size, e),
+              "project_in": (d, e), "project_out": (e, d), "q_norm": (hd,), "k_norm": (hd,)}
     for ours, hf, _, shape in plan:
         short = ours.split(".")[-1]
         if short in expect and tuple(shape) != expect[short]:

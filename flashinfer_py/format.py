@@ -61,25 +61,40 @@ def to_float32(a: np.ndarray, dtype: str) -> np.ndarray:
 # --------------------------------------------------------------------------- dense tensors
 def dense_names(args: ModelArgs) -> list[tuple[str, str]]:
     """(name, kind) of every resident tensor; kind 'matrix' is stored in the storage dtype,
-    'vector' (norms, biases) in float32."""
+    'vector' (norms, biases) in float32. Norm weights are stored as the factor the model
+    multiplies by (Gemma's ``1 + w`` is added at conversion)."""
     names = [("tok_embeddings", "matrix")]
     if not args.uses_rope:
         names.append(("pos_embeddings", "matrix"))
+    if args.projects_embeddings:
+        names += [("project_in", "matrix"), ("project_out", "matrix")]
     for i in range(args.num_hidden_layers):
-        p = f"layers.{i}."
-        names += [(p + n, "matrix") for n in ("wq", "wk", "wv", "wo")]
-        if args.attention_bias:
-            names += [(p + n, "vector") for n in ("bq", "bk", "bv", "bo")]
-        names += [(p + "attn_norm", "vector"), (p + "ffn_norm", "vector")]
+        names += _layer_names(args, f"layers.{i}.")
+    if args.pre_norm:  # post-LayerNorm OPT (opt-350m) has no final norm
+        names.append(("norm", "vector"))
         if args.norm == "layernorm":
-            names += [(p + "attn_norm_bias", "vector"), (p + "ffn_norm_bias", "vector")]
-        if args.ffn_bias:
-            names += [(p + "ffn_up_bias", "vector"), (p + "ffn_down_bias", "vector")]
-    names.append(("norm", "vector"))
-    if args.norm == "layernorm":
-        names.append(("norm_bias", "vector"))
+            names.append(("norm_bias", "vector"))
     if not args.tie_word_embeddings:
         names.append(("lm_head", "matrix"))
+    return names
+
+
+def _layer_names(args: ModelArgs, p: str) -> list[tuple[str, str]]:
+    names = [(p + n, "matrix") for n in ("wq", "wk", "wv", "wo")]
+    if args.attention_bias:
+        names += [(p + n, "vector") for n in ("bq", "bk", "bv")]
+    if args.attention_out_bias:
+        names.append((p + "bo", "vector"))
+    norms = ["attn_norm", "ffn_norm"]
+    if args.qk_norm:
+        norms += ["q_norm", "k_norm"]
+    if args.post_norms:
+        norms += ["attn_post_norm", "ffn_post_norm"]
+    names += [(p + n, "vector") for n in norms]
+    if args.norm == "layernorm":
+        names += [(p + "attn_norm_bias", "vector"), (p + "ffn_norm_bias", "vector")]
+    if args.ffn_bias:
+        names += [(p + "ffn_up_bias", "vector"), (p + "ffn_down_bias", "vector")]
     return names
 
 

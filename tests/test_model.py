@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import flashinfer_py as fi
-from conftest import TINY_MODELS, rel_err
+from conftest import NEW_FAMILIES, TINY_MODELS, rel_err
 
 TOL = 1e-4  # relative to the largest |logit|
 
@@ -27,7 +27,7 @@ def test_full_prompt_matches_transformers(name, tiny_hf, tiny_flash, prompt_ids)
     assert rel_err(ours, ref) < TOL
 
 
-@pytest.mark.parametrize("name", ["llama-silu", "llama-fatrelu", "opt"])
+@pytest.mark.parametrize("name", ["llama-silu", "llama-fatrelu", "opt", *NEW_FAMILIES])
 def test_token_by_token_with_kv_cache_matches(name, tiny_hf, tiny_flash, prompt_ids):
     ref_model, _ = tiny_hf(name)
     model = fi.load(tiny_flash(name))
