@@ -427,6 +427,8 @@ _FAMILIES = {"llama": _from_llama, "mistral": _from_llama, "qwen2": _from_qwen2,
              "qwen3": _from_qwen3, "phi3": _from_phi3, "gemma3_text": _from_gemma3,
              "gemma3": _from_gemma3, "opt": _from_opt}
 
+SELECTIONS = ("auto", "sketch", "predictor", "oracle", "all")
+EVICTIONS = ("auto", "rank", "window", "frequency")
 
 # The rows of the paper's Table 2, as runtime settings. "predictor" keeps the caller's
 # selection (a trained predictor, or the oracle for measurements).
@@ -454,18 +456,31 @@ class RuntimeConfig:
         sparse: stream the FFN from the bundle file through the neuron cache.
         dram_budget: bytes the model may use (resident tensors + predictors + KV cache + neuron
             cache); sets each layer's cache capacity. None: cache every neuron that is needed.
-        selection: which neurons a token needs: "predictor" (trained low-rank predictors),
-            "oracle" (the true active set, computed from all weights: for measurement only, it
-            keeps the whole FFN in DRAM), "all" (every neuron: the paper's "hybrid" row).
+        selection: how the neurons a token needs are found. "auto" (default): "sketch" for
+            SwiGLU/GeGLU models whose directory has one, else "predictor". "sketch": a 4-bit
+            copy of every uncached neuron's gate and up rows estimates its activation (built
+            by `train-predictors`; needs eviction "rank"). "predictor": the paper's trained
+            low-rank predictors. "oracle": the true activations, computed from all weights
+            (for measurement only: it keeps the whole FFN in DRAM). "all": every neuron (the
+            paper's "hybrid" row).
         window: k, the tokens whose neurons stay cached (the paper's sliding window). Default 4,
             measured on SmolLM2 (see README): k=4 keeps the bytes read per token low while the
             cache stays well under the FFN's size.
-        eviction: when a cached neuron leaves DRAM. "window" (the paper): as soon as none of
-            the last `window` tokens used it. "frequency" (ours): only when the cache is full,
+        eviction: when a cached neuron leaves DRAM. "auto" (default): "rank" with the sketch,
+            else "window". "rank" (ours): the cache stays full; a neuron leaves when an
+            uncached one scores higher for the current token, at most `read_limit` of a layer
+            per token; every cached neuron is computed (benchmarks/RESULTS_sparse.md).
+            "window" (the paper): as soon as none of the last `window` tokens used it. "frequency" (ours): only when the cache is full,
             least used first (decayed count, half-life 64 tokens); fills the budget, so it reads
             fewer neurons at the same DRAM when some neurons are used far more than others
             (benchmarks/RESULTS.md sections 6 and 10). `window` is then unused. Without a
             budget nothing is ever evicted.
+        read_limit: eviction "rank": at most this fraction of each layer's neurons is read
+            from flash per token (per prompt token in a prefill chunk). Default 0.1, measured
+            on SmolLM2 (benchmarks/RESULTS_sparse.md): the perplexity cost falls steeply up to
+            ~10% and slowly after.
+        per_layer_cache: size each layer's neuron cache from the calibration (layers whose
+            activations are more spread out get more), rather than equally.
         reuse: False reloads each token's whole active set (the paper's "+predictor" row).
         bundled: False reads up/gate/down as separate requests (the "no bundling" ablation).
         predictor_threshold: probability above which a predicted neuron is loaded.
@@ -490,9 +505,11 @@ class RuntimeConfig:
     max_context: int = 2048
     sparse: bool = False
     dram_budget: Optional[int] = None
-    selection: str = "predictor"
+    selection: str = "auto"
     window: int = 4
-    eviction: str = "window"
+    eviction: str = "auto"
+    read_limit: float = 0.1
+    per_layer_cache: bool = True
     reuse: bool = True
     bundled: bool = True
     predictor_threshold: float = 0.5
@@ -521,10 +538,23 @@ class RuntimeConfig:
             self.dram_budget = parse_bytes(self.dram_budget)
         if self.dram_budget is not None:
             self.sparse = True
-        if self.selection not in ("predictor", "oracle", "all"):
-            raise ValueError(f"selection must be 'predictor', 'oracle' or 'all', not {self.selection!r}")
-        if self.eviction not in ("window", "frequency"):
-            raise ValueError(f"eviction must be 'window' or 'frequency', not {self.eviction!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(map(repr, SELECTIONS))}, "
+                             f"not {self.selection!r}")
+        if self.eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {', '.join(map(repr, EVICTIONS))}, "
+                             f"not {self.eviction!r}")
+        if self.selection == "sketch" and self.eviction not in ("rank", "auto"):
+            raise ValueError("selection='sketch' ranks neurons under eviction='rank'; "
+                             f"eviction={self.eviction!r} needs 'predictor' or 'oracle'")
+        if self.eviction == "rank" and self.selection == "all":
+            raise ValueError("eviction='rank' ranks neurons by a score; selection='all' has "
+                             "none (use 'sketch', 'predictor' or 'oracle')")
+        if self.eviction == "rank" and not self.reuse:
+            raise ValueError("eviction='rank' keeps neurons across tokens; it needs reuse=True")
+        if not 0.0 < self.read_limit <= 1.0:
+            raise ValueError(f"read_limit must be in (0, 1] (a fraction of each layer's "
+                             f"neurons), got {self.read_limit}")
         if self.compute not in ("predicted", "cached"):
             raise ValueError(f"compute must be 'predicted' or 'cached', not {self.compute!r}")
         if self.window < 1:
@@ -535,6 +565,20 @@ class RuntimeConfig:
             raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if not 0.0 <= self.oracle_sparsity < 1.0:
             raise ValueError(f"oracle_sparsity must be in [0, 1), got {self.oracle_sparsity}")
+
+    def resolved(self, args: "ModelArgs", kinds) -> "RuntimeConfig":
+        """"auto" selection and eviction made concrete for a model whose `train-predictors`
+        output holds `kinds` ("sketch", "lowrank"; None: nothing trained)."""
+        kinds = list(kinds or [])
+        sel, ev = self.selection, self.eviction
+        if sel == "auto":
+            relu = args.hidden_act in ("relu", "fatrelu")
+            window_like = ev in ("window", "frequency") or not self.reuse
+            sel = ("sketch" if "sketch" in kinds and not window_like
+                   and (not relu or "lowrank" not in kinds) else "predictor")
+        if ev == "auto":
+            ev = "rank" if sel == "sketch" else "window"
+        return self.replace(selection=sel, eviction=ev)
 
     def resolved_threads(self) -> int:
         return self.threads or (os.cpu_count() or 1)

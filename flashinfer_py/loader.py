@@ -1,9 +1,17 @@
-"""Sparse FFN from flash: predictor -> sliding window -> neuron cache -> rows for the kernel.
+"""Sparse FFN from flash: selection -> eviction policy -> neuron cache -> the FFN kernel.
 
-`SparseFFN.rows(layer, x)` is called by the model for every layer of every token. It decides
-which neurons the token needs (`selection`), updates the window, evicts the neurons that left
-it (swap-with-last compaction in the native cache), reads the new ones straight from the bundle
-file into the cache's tail rows, and returns the cache rows (and the rows this token uses).
+`SparseFFN.forward(layer, x)` is called by the model for every layer of every token. Two ways:
+
+- The paper's (``eviction="window"`` or ``"frequency"``): the selection (the low-rank
+  predictor, or the oracle) names the neurons the token needs, the policy updates the window,
+  the native cache evicts the neurons that left it (swap-with-last compaction) and reads the
+  new ones straight from the bundle file into its tail rows; the FFN runs on the cache rows.
+- Ranking under a budget (``eviction="rank"``, the default for SwiGLU/GeGLU models): the cache
+  stays full. The FFN runs on every cached neuron, which gives their exact activations; the
+  uncached neurons are scored (the 4-bit sketch by default); the best of them replace the
+  cached neurons that matter least for this token, at most `read_limit` of the layer per token;
+  the newcomers are read and added to this token's FFN.
+
 `plan_memory` turns a DRAM budget into per-layer cache capacities.
 """
 from __future__ import annotations
@@ -15,9 +23,9 @@ from typing import Optional
 
 import numpy as np
 
-from . import kernels
 from .config import ModelArgs, RuntimeConfig, format_bytes
-from .window import FrequencyPolicy, SlidingWindow
+from .model import ffn_on_rows
+from .window import FrequencyPolicy, SlidingWindow, rank_swaps
 
 # Python, numpy, tokenizers, our module and the working buffers of a forward pass: measured as
 # peak RSS minus the planned parts for SmolLM2 under a budget (70-80 MiB, numpy 2.4, Linux
@@ -38,41 +46,114 @@ class MemoryPlan:
     record_bytes: int
     d_ff: int
     layer_buffer: int = 0  # modes without reuse: one layer's worth of rows, shared by all layers
+    sketch_record_bytes: int = 0  # eviction="rank" with the sketch: bytes per uncached neuron
+    sketch_fixed: int = 0         # and the sketch tier's per-neuron maps (ids, down norms)
 
     @property
     def cache_bytes(self) -> int:
         return sum(self.cache_capacity) * self.record_bytes + self.layer_buffer
 
     @property
-    def total(self) -> int:
-        return self.resident + self.predictors + self.kv_cache + self.overhead + self.cache_bytes
+    def sketch_bytes(self) -> int:
+        """The 4-bit sketches of every neuron the cache does not hold, with their maps."""
+        if not self.sketch_record_bytes:
+            return 0
+        uncached = sum(self.d_ff - c for c in self.cache_capacity)
+        return uncached * (self.sketch_record_bytes + 12) + self.sketch_fixed
 
-    def describe(self) -> str:
-        cap = self.cache_capacity[0] if self.cache_capacity else 0
+    @property
+    def total(self) -> int:
+        return (self.resident + self.predictors + self.kv_cache + self.overhead + self.cache_bytes
+                + self.sketch_bytes)
+
+    def cache_line(self) -> str:
+        caps = self.cache_capacity
+        lo, hi = (min(caps), max(caps)) if caps else (0, 0)
+        pct = 100 * sum(caps) / max(self.d_ff * len(caps), 1)
+        per = f"{lo}" if lo == hi else f"{lo}-{hi} (per layer, from the calibration)"
+        return (f"{per} of {self.d_ff} neurons per layer, {pct:.1f}% of the FFN")
+
+    def describe(self, per_layer: bool = False) -> str:
         if self.layer_buffer:
             cache_line = (f"  one layer's FFN rows, reused by every layer (no reuse across "
                           f"tokens):  {format_bytes(self.layer_buffer)}")
         else:
-            cache_line = (f"  neuron cache: {cap} of {self.d_ff} neurons per layer "
-                          f"({100 * cap / max(self.d_ff, 1):.1f}%):        "
+            cache_line = (f"  neuron cache: {self.cache_line()}: "
                           f"{format_bytes(self.cache_bytes)}")
         lines = [
             f"  resident tensors (embeddings, attention, norms): {format_bytes(self.resident)}",
             f"  predictors:                                      {format_bytes(self.predictors)}",
+        ]
+        if self.sketch_record_bytes:
+            lines.append(f"  4-bit sketch of the uncached neurons:            "
+                         f"{format_bytes(self.sketch_bytes)}")
+        lines += [
             f"  KV cache (float32, max context):                 {format_bytes(self.kv_cache)}",
             f"  runtime overhead (interpreter, libraries):       {format_bytes(self.overhead)}",
             cache_line,
             f"  total: {format_bytes(self.total)}"
             + (f" of a {format_bytes(self.budget)} budget" if self.budget else " (no budget set)"),
         ]
+        if per_layer and len(set(self.cache_capacity)) > 1:
+            lines.append("  neurons cached per layer: " + " ".join(map(str, self.cache_capacity)))
         return "\n".join(lines)
 
 
+def allocate_caps(err: np.ndarray, err_k: np.ndarray, total: int, d_ff: int,
+                  minimum: int) -> list[int]:
+    """Split `total` cached neurons between layers so that their FFN errors (err [L, K] at the
+    neuron counts err_k, from the calibration) are equal: the smallest error level whose
+    per-layer counts fit in `total`, then the rest one by one to the layers whose error is
+    largest. Every layer gets at least `minimum`, at most d_ff."""
+    L = err.shape[0]
+    total = int(min(max(total, minimum * L), d_ff * L))
+    ks = np.asarray(err_k, np.float64)
+
+    def caps_at(eps: float) -> np.ndarray:
+        out = np.empty(L, np.int64)
+        for layer, e in enumerate(np.asarray(err, np.float64)):
+            # smallest k with e(k) <= eps on the piecewise-linear curve (e falls with k)
+            below = np.flatnonzero(e <= eps)
+            if below.size == 0:
+                out[layer] = d_ff
+                continue
+            i = int(below[0])
+            k = ks[0]
+            if i > 0:
+                e0, e1 = e[i - 1], e[i]
+                k = ks[i - 1] + (ks[i] - ks[i - 1]) * (e0 - eps) / max(e0 - e1, 1e-30)
+            out[layer] = min(d_ff, max(minimum, int(np.ceil(k))))
+        return out
+
+    lo, hi = 0.0, float(np.max(err))
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if caps_at(mid).sum() > total:
+            lo = mid
+        else:
+            hi = mid
+    caps = caps_at(hi)
+    rest = total - int(caps.sum())
+    at_cap = [float(np.interp(c, ks, e)) for c, e in zip(caps, err)]
+    for layer in np.argsort(at_cap)[::-1]:
+        if rest <= 0:
+            break
+        give = min(rest, d_ff - int(caps[layer]), -(-rest // L) + 1)
+        caps[layer] += give
+        rest -= give
+    return [int(c) for c in caps]
+
+
 def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
-                predictor_bytes: int = 0, resident_bytes: Optional[int] = None) -> MemoryPlan:
+                predictor_bytes: int = 0, resident_bytes: Optional[int] = None, *,
+                calibration=None, sketch_record_bytes: int = 0) -> MemoryPlan:
     """Split `runtime.dram_budget` between the resident part and the neuron cache.
 
-    Raises ValueError naming the smallest workable budget when even the resident part does not fit.
+    With `calibration` (predictor.Calibration) and ``runtime.per_layer_cache``, layers get
+    cache sizes that equalize their measured FFN error; with `sketch_record_bytes` (eviction
+    "rank" with the 4-bit sketch), every neuron the cache does not hold costs that many bytes
+    too. Raises ValueError naming the smallest workable budget when even the resident part
+    does not fit.
     """
     rec = int(manifest["bundle"]["record_bytes"])
     if resident_bytes is None:
@@ -92,22 +173,63 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
                 f"({format_bytes(f * rec)}). Give at least {format_bytes(fixed + f * rec)}.")
         return MemoryPlan(runtime.dram_budget, resident_bytes, predictor_bytes, kv,
                           overhead, [0] * L, rec, f, layer_buffer=f * rec)
+    sk = sketch_record_bytes
+    sk_fixed = L * f * 12 if sk else 0  # per neuron: its sketch slot (int64) and down norm (f32)
+    if runtime.eviction == "rank":  # the scores of the cached rows and their activations
+        overhead += runtime.prefill_chunk * f * 4
     if runtime.dram_budget is None:
-        cap = f
+        caps = [f] * L
     else:
-        spare = runtime.dram_budget - fixed
-        cap = min(f, max(spare, 0) // (L * rec))
+        # neurons cached in all layers: each costs a record, each other one a sketch
+        spare = runtime.dram_budget - fixed - sk_fixed - L * f * (sk + 12 if sk else 0)
+        total = max(spare, 0) // (rec - (sk + 12 if sk else 0))
         minimum = max(16, f // 100)  # below 1% of a layer the model cannot run a token
-        if cap < minimum:
-            need = fixed + minimum * L * rec
+        if total < minimum * L:
+            need = fixed + sk_fixed + minimum * L * rec + L * (f - minimum) * (sk + 12 if sk else 0)
+            sketch = f", the 4-bit sketch {format_bytes(L * f * (sk + 12) + sk_fixed)}" if sk else ""
             raise ValueError(
                 f"dram_budget {format_bytes(runtime.dram_budget)} is too small: the resident part "
                 f"alone needs {format_bytes(fixed)} (tensors {format_bytes(resident_bytes)}, KV "
                 f"cache {format_bytes(kv)} for {ctx} tokens, predictors "
-                f"{format_bytes(predictor_bytes)}, runtime {format_bytes(overhead)}). "
+                f"{format_bytes(predictor_bytes)}, runtime {format_bytes(overhead)}{sketch}). "
                 f"Give at least {format_bytes(need)}, or lower --max-context.")
+        if calibration is not None and runtime.per_layer_cache:
+            caps = allocate_caps(calibration.err, calibration.err_k, int(total), f, minimum)
+        else:
+            caps = [int(min(f, total // L))] * L
     return MemoryPlan(runtime.dram_budget, resident_bytes, predictor_bytes, kv,
-                      overhead, [int(cap)] * L, rec, f)
+                      overhead, [int(c) for c in caps], rec, f,
+                      sketch_record_bytes=sk, sketch_fixed=sk_fixed)
+
+
+def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: RuntimeConfig):
+    """What sparse inference needs before it starts: `train-predictors`' output, the runtime
+    with "auto" made concrete, and the memory plan. Returns (runtime, predictors or None, plan).
+
+    Raises FlashFormatError when the selection needs predictors that are missing or stale.
+    """
+    from .errors import FlashFormatError
+    from .predictor import PREDICTORS_FILE, Predictors
+    from .sketch import sketch_record_bytes
+
+    preds = None
+    if runtime.selection in ("auto", "predictor", "sketch") or (
+            runtime.selection == "oracle" and (Path(directory) / PREDICTORS_FILE).is_file()):
+        preds = Predictors.load(directory, manifest)
+    rt = runtime.resolved(args, preds.kinds if preds is not None else None)
+    fix = f"run `flashinfer-py train-predictors {directory} --method {{}}`"
+    if rt.selection == "predictor" and not preds.layers:
+        raise FlashFormatError(f"{Path(directory) / PREDICTORS_FILE}: no low-rank predictors "
+                               f"(selection='predictor'); {fix.format('lowrank')}.")
+    if rt.selection == "sketch" and "sketch" not in preds.kinds:
+        raise FlashFormatError(f"{Path(directory) / PREDICTORS_FILE}: no 4-bit sketch "
+                               f"(selection='sketch'); {fix.format('sketch')}.")
+    rank = rt.eviction == "rank"
+    plan = plan_memory(args, manifest, rt, preds.nbytes if rt.selection == "predictor" else 0,
+                       calibration=preds.calibration if rank and preds is not None else None,
+                       sketch_record_bytes=sketch_record_bytes(args)
+                       if rt.selection == "sketch" else 0)
+    return rt, preds, plan
 
 
 @dataclass
@@ -153,15 +275,19 @@ class SparseFFN:
         from .cache import NeuronCache
 
         self.args, self.runtime, self.predictors = args, runtime, predictors
-        if runtime.selection == "predictor" and predictors is None:
-            raise ValueError("selection='predictor' needs trained predictors")
+        if runtime.selection in ("predictor", "sketch") and predictors is None:
+            raise ValueError(f"selection={runtime.selection!r} needs `flashinfer-py "
+                             "train-predictors` to have run on this directory")
         path = Path(directory) / manifest["files"]["bundles"]
         self.reader = BundleReader(str(path), ReaderParams(
             engine=runtime.io_engine, queue_depth=runtime.queue_depth,
             use_direct_io=runtime.use_direct_io))
         self.plan = plan or plan_memory(args, manifest, runtime)
-        # What stays cached: both policies answer update(layer, ids, capacity) -> (load, evict).
-        self.policy = (FrequencyPolicy(args.num_hidden_layers, args.intermediate_size)
+        self.rank = runtime.eviction == "rank"
+        # What stays cached: the window policies answer update(layer, ids, capacity) ->
+        # (load, evict); "rank" decides per token in _forward_rank.
+        self.policy = (None if self.rank else
+                       FrequencyPolicy(args.num_hidden_layers, args.intermediate_size)
                        if runtime.eviction == "frequency" else
                        SlidingWindow(args.num_hidden_layers, args.intermediate_size, runtime.window))
         self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
@@ -180,8 +306,46 @@ class SparseFFN:
         self.oracle = _Oracle(path, args, self.bias, runtime) if runtime.selection == "oracle" else None
         self.resident_path = Path(directory) / manifest["files"]["dense"]
         self._resident_buf = None
+        self.sketch = None
+        self.load_stats = TokenStats()  # the cache's first fill (at load, not per token)
+        if self.rank:
+            self._init_rank(Path(directory))
         self.tok = TokenStats()
         self.total = TokenStats()
+
+    def _init_rank(self, directory: Path) -> None:
+        """Fill every layer's cache with its hottest neurons (calibration), put the others'
+        sketches in the second tier, size the per-token buffers."""
+        a, cal = self.args, getattr(self.predictors, "calibration", None)
+        f, L = a.intermediate_size, a.num_hidden_layers
+        caps = self.plan.cache_capacity
+        self.max_loads = max(1, int(np.ceil(self.runtime.read_limit * f)))
+        self._h = np.empty((self.runtime.prefill_chunk, max(caps)), np.float32)
+        if cal is not None:
+            self.down_norm = cal.down_norm
+        elif self.oracle is not None:
+            from .sketch import down_norms
+
+            self.down_norm = down_norms(a, self.oracle.full.rows_by_layer, self.reader.dtype)
+        else:
+            self.down_norm = None
+        t0 = time.perf_counter_ns()
+        if cal is not None:
+            for layer in range(L):
+                hot = np.sort(np.argsort(-cal.hot[layer], kind="stable")[:caps[layer]])
+                self.cache.insert(layer, hot.astype(np.int64))
+        io = self.cache.stats()["reads"]
+        self.load_stats.io_ns = time.perf_counter_ns() - t0
+        self.load_stats.bytes_read = io["bytes_read"]
+        self.load_stats.loaded = sum(self.cache.n_used(i) for i in range(L))
+        if self.runtime.selection == "sketch":
+            from .sketch import SketchStore, check_sketch
+
+            meta = self.predictors.sketch
+            path = directory / meta["file"]
+            check_sketch(path, a, meta)
+            self.sketch = SketchStore(path, a, [self.cache.ids(i) for i in range(L)],
+                                      cal.down_norm)
 
     # ------------------------------------------------------------------ selection
     def _select(self, layer: int, x: np.ndarray) -> np.ndarray:
@@ -192,8 +356,82 @@ class SparseFFN:
             return self.oracle.active(layer, x, cap)
         return self.predictors.layers[layer].predict(x, self.runtime.predictor_threshold, cap)
 
+    def forward(self, layer: int, x: np.ndarray, act_out=None) -> np.ndarray:
+        """Layer `layer`'s FFN for inputs x [T, d] (see the module docstring)."""
+        if act_out is not None:
+            raise ValueError("activations are recorded with the dense model: load(dir) "
+                             "without sparse options")
+        if self.rank:
+            return self._forward_rank(layer, x)
+        rows, bias, select = self.rows(layer, x)
+        return ffn_on_rows(self.args, x, rows, bias, select)
+
+    def _scores(self, layer: int, x: np.ndarray, h: np.ndarray, ids: np.ndarray):
+        """(scores of the cached rows, uncached ids, their scores) for the current tokens."""
+        sel = self.runtime.selection
+        if sel == "sketch":
+            cand_ids, cand = self.sketch.scores(layer, x)
+            return np.abs(h).max(axis=0) * self.down_norm[layer][ids], cand_ids, cand
+        if sel == "oracle":
+            s = np.abs(self.oracle.activations(layer, x)).max(axis=0) * self.down_norm[layer]
+        elif sel == "predictor":
+            s = self.predictors.layers[layer].scores(x).max(axis=0)
+        else:
+            raise ValueError(f"eviction='rank' ranks neurons by a score; selection={sel!r} has "
+                             "none (use 'sketch', 'predictor' or 'oracle')")
+        held = np.zeros(s.size, bool)
+        held[ids] = True
+        cand_ids = np.flatnonzero(~held)
+        return s[ids], cand_ids, s[cand_ids]
+
+    def _forward_rank(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """The FFN on every cached neuron, then the best uncached neurons swapped in for the
+        cached ones that matter least to these tokens (at most max_loads per token), read,
+        and added to the output."""
+        st, cache, a = self.tok, self.cache, self.args
+        t = x.shape[0]
+        rows = cache.rows(layer)
+        n = rows.shape[0]
+        has_bias = self.bias[layer] is not None
+        h = self._h[:t, :n]
+        out = ffn_on_rows(a, x, rows, cache.bias(layer) if has_bias else None, act_out=h)
+        t1 = time.perf_counter_ns()
+        ids = cache.ids(layer)
+        cached_s, cand_ids, cand_s = self._scores(layer, x, h, ids)
+        load, evict_rows = rank_swaps(cached_s, cand_ids, cand_s, self.max_loads * t,
+                                      cache.capacity(layer) - n)
+        t2 = time.perf_counter_ns()
+        st.predict_ns += t2 - t1
+        st.needed += n + len(load)
+        st.hits += n
+        if len(load):
+            evict = ids[evict_rows].astype(np.int64)
+            if self.sketch is not None:
+                self.sketch.swap(layer, load, evict, rows, evict_rows)
+            before = cache.stats()["reads"]
+            if len(evict):
+                cache.evict(layer, evict)
+            t3 = time.perf_counter_ns()
+            cache.insert(layer, np.sort(load))
+            t4 = time.perf_counter_ns()
+            r = cache.stats()["reads"]
+            st.mm_ns += t3 - t2
+            st.io_ns += t4 - t3
+            st.bytes_read += r["bytes_read"] - before["bytes_read"]
+            st.reads += r["reads_issued"] - before["reads_issued"]
+            st.direct = st.direct and bool(r["direct"])
+            st.loaded += len(load)
+            st.evicted += len(evict)
+            k = len(load)
+            new_rows = cache.rows(layer)[-k:]
+            out += ffn_on_rows(a, x, new_rows, cache.bias(layer)[-k:] if has_bias else None)
+        st.cached += cache.n_used(layer)
+        st.per_layer_loaded.append(len(load))
+        return out
+
     def rows(self, layer: int, x: np.ndarray):
-        """(rows, up_bias, row_select) to compute layer `layer`'s FFN for inputs x [T, d]."""
+        """(rows, up_bias, row_select) to compute layer `layer`'s FFN for inputs x [T, d]
+        (the window and frequency policies)."""
         st, cache = self.tok, self.cache
         t0 = time.perf_counter_ns()
         ids = self._select(layer, x)
@@ -300,7 +538,11 @@ class SparseFFN:
         return self.tok
 
     def reset(self) -> None:
-        """Forget the window and empty the cache (a new conversation)."""
+        """Forget the window and empty the cache (a new conversation). Under eviction="rank"
+        the cached neurons stay: they are the weights the last tokens ranked highest, as good a
+        start as any, and keeping them saves refilling the cache from flash."""
+        if self.rank:
+            return
         self.policy.reset()
         if self.cache is None:
             self._prev_loaded = [0] * self.args.num_hidden_layers
@@ -313,6 +555,8 @@ class SparseFFN:
         held = self.cache.nbytes() if self.cache is not None else self.layer_rows.nbytes
         if isinstance(self.policy, FrequencyPolicy):  # the window's counts are not counted
             held += self.policy.nbytes
+        if self.sketch is not None:
+            held += self.sketch.nbytes
         return held + (self.predictors.nbytes if self.predictors else 0)
 
 
@@ -332,10 +576,7 @@ class _Oracle:
         a = self.args
         rows = self.full.rows_by_layer[layer]
         h = np.empty((x.shape[0], rows.shape[0]), np.float32)
-        off = a.ffn_part_offsets
-        kernels.ffn_rows(x, rows, a.hidden_size, up_off=off["up"], down_off=off["down"],
-                         gate_off=off.get("gate", -1), activation=a.hidden_act,
-                         act_param=a.act_param, up_bias=self.bias[layer], act_out=h)
+        ffn_on_rows(a, x, rows, self.bias[layer], act_out=h)
         return h
 
     def active(self, layer: int, x: np.ndarray, cap: int) -> np.ndarray:

@@ -124,20 +124,20 @@ class _Rope:
 class Transformer:
     """Decoder-only transformer over resident tensors and an FFN row provider.
 
-    `ffn` is any object with ``rows(layer, x) -> (rows, up_bias, row_select)``: the bundle
-    records to compute layer `layer`'s FFN with for the normalized input x [T, d] (all neurons
-    for a dense model; the neuron cache for sparse inference, with row_select the rows this
-    token uses, or None for all).
+    `ffn` is any object with ``forward(layer, x, act_out=None) -> out [T, d]``: layer
+    `layer`'s FFN (without the output bias) for the normalized input x [T, d], computed on
+    bundle records (all resident for a dense model; the neuron cache for sparse inference).
+    `act_out` [T, d_ff], when given, receives every neuron's activation (dense models only).
     """
 
     def __init__(self, args: ModelArgs, dense: dict, dtype: str, ffn, runtime: RuntimeConfig):
         self.args, self.w, self.dtype, self.ffn, self.runtime = args, dense, dtype, ffn, runtime
-        self.part_off = args.ffn_part_offsets
         self.rope = _Rope(args) if args.uses_rope else None
         self.lm_head = dense["tok_embeddings"] if args.tie_word_embeddings else dense["lm_head"]
         self.scale = 1.0 / math.sqrt(args.query_pre_attn_scalar or args.head_dim)
-        # observer(layer, ffn_input [T, d], activations [T, rows]): set to record activations
-        # (predictor training); rows are in the FFN provider's order (neuron id for dense).
+        # observer(layer, ffn_input [T, d], activations [T, d_ff], ref_norm [T]): set to
+        # record activations (predictor training, dense models); ref_norm is the norm of the
+        # residual stream the FFN output joins, in units of the FFN's own output.
         self.observer = None
 
     # ------------------------------------------------------------------ small ops
@@ -211,35 +211,36 @@ class Transformer:
         out = probs.reshape(hkv, g * t, s) @ values  # [Hkv, g*T, hd]
         return out.reshape(a.num_attention_heads, t, a.head_dim).transpose(1, 0, 2).reshape(t, a.q_dim)
 
-    def _ffn(self, layer: int, x: np.ndarray) -> np.ndarray:
-        a, off = self.args, self.part_off
-        rows, up_bias, select = self.ffn.rows(layer, x)
+    def _ffn(self, layer: int, x: np.ndarray, resid: np.ndarray, post: Optional[str] = None):
+        """FFN output for the normalized input x, then the post-FFN norm `post` if any;
+        tells the observer about the neurons and the stream the output joins (resid)."""
         act = None
         if self.observer is not None:
-            act = np.empty((x.shape[0], rows.shape[0] if select is None else len(select)), np.float32)
-        out = kernels.ffn_rows(x, rows, a.hidden_size, up_off=off["up"], down_off=off["down"],
-                               gate_off=off.get("gate", -1), activation=a.hidden_act,
-                               act_param=a.act_param, up_bias=up_bias, row_select=select,
-                               act_out=act)
+            act = np.empty((x.shape[0], self.args.intermediate_size), np.float32)
+        f = self.ffn.forward(layer, x, act)
+        if self.args.ffn_bias:
+            f += self.w[f"layers.{layer}.ffn_down_bias"]
+        added = self._norm(f, post) if post else f
         if self.observer is not None:
-            self.observer(layer, x, act)
-        if a.ffn_bias:
-            out += self.w[f"layers.{layer}.ffn_down_bias"]
-        return out
+            # the residual's norm in units of the raw FFN output (a post-norm rescales it)
+            ref = np.linalg.norm(resid, axis=-1)
+            if post:
+                ref *= np.linalg.norm(f, axis=-1) / np.maximum(np.linalg.norm(added, axis=-1),
+                                                               1e-30)
+            self.observer(layer, x, act, ref)
+        return added
 
     def _block(self, layer: int, x: np.ndarray, cache: KVCache) -> np.ndarray:
         a, p = self.args, f"layers.{layer}."
         if not a.pre_norm:  # OPT's post-LayerNorm (opt-350m)
             x = self._norm(x + self._attention(layer, x, cache), p + "attn_norm")
-            return self._norm(x + self._ffn(layer, x), p + "ffn_norm")
+            return self._norm(x + self._ffn(layer, x, x), p + "ffn_norm")
         h = self._attention(layer, self._norm(x, p + "attn_norm"), cache)
         if a.post_norms:  # Gemma normalizes each sublayer's output too
             h = self._norm(h, p + "attn_post_norm")
         x = x + h
-        f = self._ffn(layer, self._norm(x, p + "ffn_norm"))
-        if a.post_norms:
-            f = self._norm(f, p + "ffn_post_norm")
-        return x + f
+        return x + self._ffn(layer, self._norm(x, p + "ffn_norm"), x,
+                             p + "ffn_post_norm" if a.post_norms else None)
 
     def forward(self, tokens, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """Run `tokens` (continuing the sequence in `cache`) and return float32 logits
@@ -265,6 +266,16 @@ class Transformer:
         return _softcap(logits, a.final_logit_softcapping)
 
 
+def ffn_on_rows(args: ModelArgs, x: np.ndarray, rows: np.ndarray, up_bias=None, row_select=None,
+                act_out=None) -> np.ndarray:
+    """The FFN of inputs x [T, d] over bundle records `rows` (all, or those in row_select)."""
+    off = args.ffn_part_offsets
+    return kernels.ffn_rows(x, rows, args.hidden_size, up_off=off["up"], down_off=off["down"],
+                            gate_off=off.get("gate", -1), activation=args.hidden_act,
+                            act_param=args.act_param, up_bias=up_bias, row_select=row_select,
+                            act_out=act_out)
+
+
 class ResidentFFN:
     """Every neuron resident in DRAM: the dense model. Rows are read once from the bundle file
     (direct I/O) into one aligned matrix per layer."""
@@ -284,9 +295,11 @@ class ResidentFFN:
         self.io_stats = reader.stats()
         self.is_direct = reader.is_direct
         self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
+        self.args = args
 
-    def rows(self, layer: int, x: np.ndarray):
-        return self.rows_by_layer[layer], self.bias[layer], None
+    def forward(self, layer: int, x: np.ndarray, act_out=None) -> np.ndarray:
+        return ffn_on_rows(self.args, x, self.rows_by_layer[layer], self.bias[layer],
+                           act_out=act_out)
 
     @property
     def nbytes(self) -> int:

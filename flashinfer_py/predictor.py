@@ -1,4 +1,8 @@
-"""Low-rank activation predictors (the paper's Section 3.1), stored as ``predictors.npz``.
+"""What `train-predictors` produces, stored as ``predictors.npz``: the paper's low-rank
+activation predictors (Section 3.1), and the calibration that sparse inference under a budget
+uses with the 4-bit sketch (sketch.py): which neurons are hot (the cache's first fill), how the
+FFN output error falls with the number of neurons kept, per layer (per-layer cache sizes), and
+the norm of every down column.
 
 Per layer: ``score = (x @ A) @ B + b`` with A [d, r], B [r, d_ff]; neuron j is predicted active
 when ``sigmoid(score_j) > threshold`` (0.5 in the paper). x is the FFN's input: the layer's
@@ -21,7 +25,7 @@ import numpy as np
 from .errors import FlashFormatError
 
 PREDICTORS_FILE = "predictors.npz"
-PREDICTOR_FORMAT = 1
+PREDICTOR_FORMAT = 2  # 1: low-rank only (still read)
 
 
 @dataclass
@@ -61,27 +65,57 @@ class LayerPredictor:
 
 
 @dataclass
+class Calibration:
+    """Statistics of the dense model on calibration text, per layer and neuron.
+
+    Contribution of neuron j to a token: |h_j| * ||down_j|| (h its activation).
+    """
+
+    hot: np.ndarray        # [L, d_ff] mean contribution: the cache is first filled hottest first
+    err_k: np.ndarray      # [K] neuron counts, 0..d_ff, increasing
+    err: np.ndarray        # [L, K] FFN output error when each token keeps its err_k[i] largest
+                           # contributions, relative to the residual stream's norm (mean)
+    down_norm: np.ndarray  # [L, d_ff] ||down_j||
+
+    def arrays(self) -> dict:
+        return {"cal_hot": self.hot, "cal_err_k": self.err_k, "cal_err": self.err,
+                "cal_down_norm": self.down_norm}
+
+
+@dataclass
 class Predictors:
     """All layers' predictors plus what they were trained for."""
 
-    layers: list[LayerPredictor]
+    layers: list[LayerPredictor]        # low-rank predictors (empty: none trained)
     label: str                          # "nonzero" | "magnitude"
     act_thresholds: list[float]         # t_l for "magnitude" labels (0 for "nonzero")
     weights_sha256: str                 # sha256 of the bundle file they were trained on
     meta: dict = field(default_factory=dict)  # training report: recall/precision per layer, text, ...
+    calibration: Optional[Calibration] = None
+    sketch: Optional[dict] = None       # the 4-bit sketch file: {"file", "bits", "record_bytes",
+                                        # "sha256"} (sketch.py)
 
     @property
     def nbytes(self) -> int:
+        """DRAM of the low-rank predictors."""
         return sum(p.nbytes for p in self.layers)
+
+    @property
+    def kinds(self) -> list[str]:
+        """What is here: "lowrank" (the paper's predictors), "sketch" (4-bit sketch + calibration)."""
+        return (["lowrank"] if self.layers else []) + (
+            ["sketch"] if self.sketch is not None and self.calibration is not None else [])
 
     def save(self, directory) -> Path:
         path = Path(directory) / PREDICTORS_FILE
         arrays = {}
         for i, p in enumerate(self.layers):
             arrays[f"A{i}"], arrays[f"B{i}"], arrays[f"b{i}"] = p.A, p.B, p.b
+        if self.calibration is not None:
+            arrays.update(self.calibration.arrays())
         header = {"format": PREDICTOR_FORMAT, "label": self.label, "n_layers": len(self.layers),
                   "act_thresholds": self.act_thresholds, "weights_sha256": self.weights_sha256,
-                  "meta": self.meta}
+                  "meta": self.meta, "sketch": self.sketch}
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, **arrays)
@@ -99,16 +133,26 @@ class Predictors:
         try:
             with np.load(path, allow_pickle=False) as z:
                 header = json.loads(bytes(z["header"]).decode())
+                if header.get("format") not in (1, PREDICTOR_FORMAT):
+                    raise ValueError(f"format {header.get('format')!r}, this version reads "
+                                     f"1 and {PREDICTOR_FORMAT}")
                 n = int(header["n_layers"])
                 layers = [LayerPredictor(z[f"A{i}"].astype(np.float32), z[f"B{i}"].astype(np.float32),
                                          z[f"b{i}"].astype(np.float32)) for i in range(n)]
+                cal = None
+                if "cal_hot" in z.files:
+                    cal = Calibration(*(z[k].astype(np.float32 if k != "cal_err_k" else np.int64)
+                                        for k in ("cal_hot", "cal_err_k", "cal_err",
+                                                  "cal_down_norm")))
         except (KeyError, ValueError, OSError, json.JSONDecodeError) as e:
             raise FlashFormatError(f"{path}: unreadable predictor file ({e}); retrain with "
                                    "`flashinfer-py train-predictors`.") from None
         m = manifest["model"]
         d, f, L = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"]
-        if n != L or any(p.A.shape[0] != d or p.B.shape[1] != f or p.A.shape[1] != p.B.shape[0]
-                         or p.b.shape != (f,) for p in layers):
+        if (n not in (0, L) or any(p.A.shape[0] != d or p.B.shape[1] != f
+                                   or p.A.shape[1] != p.B.shape[0] or p.b.shape != (f,)
+                                   for p in layers)
+                or (cal is not None and not _calibration_fits(cal, L, f))):
             raise FlashFormatError(f"{path}: predictor shapes do not match this model "
                                    f"({L} layers, d={d}, d_ff={f}); retrain them.")
         want = manifest["checksums"][manifest["files"]["bundles"]]["sha256"]
@@ -118,4 +162,11 @@ class Predictors:
                 f"differs): stale after a fine-tune or re-conversion. Retrain with "
                 f"`flashinfer-py train-predictors {directory} --text FILE`.")
         return cls(layers, header["label"], list(header["act_thresholds"]),
-                   header["weights_sha256"], header.get("meta", {}))
+                   header["weights_sha256"], header.get("meta", {}), cal, header.get("sketch"))
+
+
+def _calibration_fits(cal: Calibration, L: int, f: int) -> bool:
+    k = cal.err_k
+    return (cal.hot.shape == (L, f) and cal.down_norm.shape == (L, f) and k.ndim == 1
+            and cal.err.shape == (L, k.size) and k.size >= 2 and k[0] == 0 and k[-1] == f
+            and bool((np.diff(k) > 0).all()) and bool(np.isfinite(cal.err).all()))

@@ -35,14 +35,10 @@ class FlashModel:
         self.predictors = None
         self.last_stats: dict = {}
         if self.sparse:
-            from .loader import SparseFFN, plan_memory
+            from .loader import SparseFFN, prepare_sparse
 
-            if self.runtime.selection == "predictor":
-                from .predictor import Predictors
-
-                self.predictors = Predictors.load(self.directory, self.manifest)
-            self.plan = plan_memory(self.args, self.manifest, self.runtime,
-                                    self.predictors.nbytes if self.predictors else 0)
+            self.runtime, self.predictors, self.plan = prepare_sparse(
+                self.directory, self.manifest, self.args, self.runtime)
             self.ffn = SparseFFN(self.directory, self.manifest, self.args, dense, self.runtime,
                                  self.predictors, self.plan)
         else:

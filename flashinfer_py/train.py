@@ -28,7 +28,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .predictor import LayerPredictor, Predictors
+from . import kernels
+from .predictor import Calibration, LayerPredictor, Predictors
 
 
 @dataclass
@@ -48,6 +49,20 @@ class TrainConfig:
     holdout: float = 0.1           # fraction of tokens kept for the report
     seed: int = 0
     threads: int = 0               # torch threads while training (0: all cores)
+    # What to build: "sketch" (4-bit gate/up copy: ranks neurons under a DRAM budget; no
+    # training, no torch) and/or "lowrank" (the paper's predictors; needs torch). Empty: the
+    # default for the model (default_methods).
+    methods: tuple = ()
+
+
+METHODS = ("sketch", "lowrank")
+
+
+def default_methods(args) -> tuple:
+    """ReLU models: the paper's low-rank predictors (exact zeros are what they learn). Gated
+    non-ReLU models (SwiGLU, GeGLU): the 4-bit sketch, which ranks their activations far better
+    under a budget (benchmarks/RESULTS_sparse.md)."""
+    return ("lowrank",) if args.hidden_act in ("relu", "fatrelu") else ("sketch",)
 
 
 class _Recorded(Exception):
@@ -55,7 +70,8 @@ class _Recorded(Exception):
 
 
 def record(model, token_ids: Sequence[int], cfg: TrainConfig, progress: bool = True):
-    """Run the dense model over the text; return (x float16 [L, N, d], |h| float16 [L, N, f])."""
+    """Run the dense model over the text; return (x float16 [L, N, d], |h| float16 [L, N, f],
+    the residual stream's norm at each FFN float32 [L, N])."""
     from tqdm.auto import tqdm
 
     from .evaluate import windows_of
@@ -71,12 +87,14 @@ def record(model, token_ids: Sequence[int], cfg: TrainConfig, progress: bool = T
     n = sum(len(w) for w in wins)
     xs = np.empty((L, n, a.hidden_size), np.float16)
     hs = np.empty((L, n, a.intermediate_size), np.float16)
+    rs = np.empty((L, n), np.float32)
     pos = 0
 
-    def observe(layer, x, h):
+    def observe(layer, x, h, ref_norm):
         xs[layer, pos:pos + len(x)] = x
         np.abs(h, out=h)
         hs[layer, pos:pos + len(x)] = h
+        rs[layer, pos:pos + len(x)] = ref_norm
         if layer == L - 1:
             raise _Recorded
 
@@ -91,7 +109,7 @@ def record(model, token_ids: Sequence[int], cfg: TrainConfig, progress: bool = T
             pos += len(w)
     finally:
         tr.observer = None
-    return xs, hs
+    return xs, hs, rs
 
 
 def label_thresholds(model, hs, sparsity: float) -> tuple[str, list[float]]:
@@ -104,6 +122,32 @@ def label_thresholds(model, hs, sparsity: float) -> tuple[str, list[float]]:
         step = max(1, flat.size // 1_000_000)
         out.append(float(np.quantile(flat[::step].astype(np.float32), sparsity)))
     return "magnitude", out
+
+
+def calibrate(model, hs, resid_norms, points: int = 64) -> Calibration:
+    """Per-layer statistics of the neurons' contributions |h_j| * ||down_j|| on the recorded
+    tokens (hs: |h| [L, N, f]; resid_norms [L, N]): the mean contribution of each neuron, and
+    the FFN output error when each token keeps only its k largest contributions, as
+    sqrt(sum of the dropped contributions squared) / ||residual stream||, at points + 1
+    values of k. The error is what the memory plan equalizes across layers when it sizes
+    each layer's neuron cache (per-layer budgets)."""
+    from .sketch import down_norms
+
+    a = model.args
+    f = a.intermediate_size
+    dn = down_norms(a, model.ffn.rows_by_layer, model.dtype)
+    ks = np.unique(np.round(np.linspace(0, f, points + 1)).astype(np.int64))
+    hot = np.empty((len(hs), f), np.float32)
+    err = np.empty((len(hs), ks.size), np.float32)
+    for layer in range(len(hs)):
+        s = np.asarray(hs[layer], np.float32) * dn[layer]          # [N, f]
+        hot[layer] = s.mean(0)
+        s2 = np.sort(np.square(s, dtype=np.float64), axis=1)         # ascending
+        small = np.concatenate([np.zeros((s2.shape[0], 1)), np.cumsum(s2, axis=1)], axis=1)
+        dropped = small[:, f - ks]                                   # keep k: drop the f-k smallest
+        norm = np.maximum(np.asarray(resid_norms[layer], np.float64), 1e-30)[:, None]
+        err[layer] = (np.sqrt(dropped) / norm).mean(0)
+    return Calibration(hot, ks, err, dn)
 
 
 def _svd_init(model, layer: int, rank: int):
@@ -183,62 +227,131 @@ def evaluate_layer(p: LayerPredictor, x: np.ndarray, h: np.ndarray, truth: np.nd
 
 def train_predictors(model, token_ids: Sequence[int], cfg: Optional[TrainConfig] = None,
                      progress: bool = True, save: bool = True) -> Predictors:
-    """Record activations on `token_ids`, train one predictor per layer, save them into the
-    model directory (``predictors.npz``) and return them with a per-layer report in ``meta``."""
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(
-            'training predictors needs torch: pip install "flashinfer_py[torch]"') from None
+    """Record the dense model on `token_ids`, calibrate, build what `cfg.methods` asks for (the
+    4-bit sketch file and/or one low-rank predictor per layer), save it into the model directory
+    (``predictors.npz``, ``ffn_sketch.bin``) and return it with a report in ``meta``."""
     from tqdm.auto import tqdm
 
     cfg = cfg or TrainConfig()
-    torch.manual_seed(cfg.seed)
+    methods = tuple(cfg.methods) or default_methods(model.args)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ValueError(f"methods must be some of {', '.join(METHODS)}, not {list(methods)}")
+    torch = None
+    if "lowrank" in methods:
+        try:
+            import torch
+        except ImportError:
+            raise ImportError('training the low-rank predictors needs torch: pip install '
+                              '"flashinfer_py[torch]" (the default for SwiGLU/GeGLU models, '
+                              'the 4-bit sketch, needs no torch)') from None
+        torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    xs, hs = record(model, token_ids, cfg, progress)
+    xs, hs, rs = record(model, token_ids, cfg, progress)
     t_record = time.perf_counter() - t0
+    cal = calibrate(model, hs, rs)
     label, thresholds = label_thresholds(model, hs, cfg.sparsity)
     L = model.args.num_hidden_layers
     n = xs.shape[1]
     order = np.random.default_rng(cfg.seed).permutation(n)
     n_val = min(max(1, int(n * cfg.holdout)), n - 1) if n > 1 else 0
     val, tr = np.sort(order[:n_val]), np.sort(order[n_val:])
-    # ReLU labels are exact zeros: no recall shift needed (or wanted) at the paper's 0.5.
-    recall = cfg.recall if label == "magnitude" else None
-    layers, report = [], []
-    old_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        for layer in tqdm(range(L), desc="training predictors", disable=not progress, leave=False):
-            x = xs[layer].astype(np.float32)
-            y = hs[layer] > np.float16(thresholds[layer]) if label == "magnitude" else hs[layer] > 0
-            rank = cfg.rank_last if layer >= L - cfg.last_layers else cfg.rank
-            rank = min(rank, model.args.hidden_size)
-            A0, B0 = _svd_init(model, layer, rank)
-            p = fit_layer(x[tr], y[tr], A0, B0, cfg, recall, center=label == "magnitude")
-            r = {"layer": layer, "rank": rank}
-            if n_val:
-                r.update(evaluate_layer(p, x[val], hs[layer][val], y[val]))
-            report.append(r)
-            layers.append(p)
-    finally:
-        torch.set_num_threads(old_threads)
+    report = []
+    sketch_meta = None
+    if "sketch" in methods:
+        sketch_meta = _build_sketch(model, save)
+        if n_val:
+            report += evaluate_sketch(model, xs[:, val], hs[:, val], cal.down_norm)
+    layers = []
+    if "lowrank" in methods:
+        # ReLU labels are exact zeros: no recall shift needed (or wanted) at the paper's 0.5.
+        recall = cfg.recall if label == "magnitude" else None
+        old_threads = torch.get_num_threads()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        try:
+            for layer in tqdm(range(L), desc="training predictors", disable=not progress,
+                              leave=False):
+                x = xs[layer].astype(np.float32)
+                y = (hs[layer] > np.float16(thresholds[layer]) if label == "magnitude"
+                     else hs[layer] > 0)
+                rank = cfg.rank_last if layer >= L - cfg.last_layers else cfg.rank
+                rank = min(rank, model.args.hidden_size)
+                A0, B0 = _svd_init(model, layer, rank)
+                p = fit_layer(x[tr], y[tr], A0, B0, cfg, recall, center=label == "magnitude")
+                r = {"layer": layer, "rank": rank}
+                if n_val:
+                    r.update(evaluate_layer(p, x[val], hs[layer][val], y[val]))
+                report.append(r)
+                layers.append(p)
+        finally:
+            torch.set_num_threads(old_threads)
     manifest = model.manifest
     sha = manifest["checksums"][manifest["files"]["bundles"]]["sha256"]
     preds = Predictors(layers, label, thresholds, sha, meta={
-        "report": report, "config": asdict(cfg), "tokens": int(n), "heldout_tokens": int(n_val),
+        "report": report, "config": asdict(cfg), "methods": list(methods), "tokens": int(n),
+        "heldout_tokens": int(n_val),
         "seconds": {"record": round(t_record, 2),
-                    "total": round(time.perf_counter() - t0, 2)}})
+                    "total": round(time.perf_counter() - t0, 2)}},
+        calibration=cal, sketch=sketch_meta)
     if save:
         preds.save(model.directory)
     return preds
 
 
+def _build_sketch(model, save: bool) -> dict:
+    """Write ``ffn_sketch.bin`` next to the weights (when saving); its description."""
+    from .format import file_digest
+    from .sketch import SKETCH_BITS, SKETCH_FILE, sketch_parts, sketch_record_bytes, write_sketch
+
+    a = model.args
+    meta = {"file": SKETCH_FILE, "bits": SKETCH_BITS, "parts": sketch_parts(a),
+            "record_bytes": sketch_record_bytes(a), "sha256": None}
+    if save:
+        path = model.directory / SKETCH_FILE
+        write_sketch(a, model.ffn.rows_by_layer, path)
+        meta["sha256"] = file_digest(path)["sha256"]
+    return meta
+
+
+def evaluate_sketch(model, xs, hs, down_norm, keep: float = 0.5) -> list[dict]:
+    """Per layer, on held-out tokens: the share of the true contribution mass that the sketch's
+    top `keep` fraction of neurons carries, against the true top `keep` fraction's share."""
+    from .sketch import quantize_rows, sketch_record_bytes
+
+    a = model.args
+    f = a.intermediate_size
+    k = max(1, int(round(keep * f)))
+    ids = np.arange(f, dtype=np.int64)
+    out = []
+    for layer, rows in enumerate(model.ffn.rows_by_layer):
+        sk = np.empty((f, sketch_record_bytes(a)), np.uint8)
+        quantize_rows(a, rows, ids, sk, ids)
+        got = best = 0.0
+        for x, h in zip(np.asarray(xs[layer], np.float32), np.asarray(hs[layer], np.float32)):
+            s = h * down_norm[layer]
+            est = kernels.q4_scores(x, sk, a.hidden_size, a.gated, a.hidden_act, a.act_param,
+                                    scale=down_norm[layer])
+            got += s[np.argpartition(-est, k - 1)[:k]].sum()
+            best += s[np.argpartition(-s, k - 1)[:k]].sum()
+        out.append({"layer": layer, "method": "sketch", "keep": keep,
+                    "sketch_mass": float(got / max(best, 1e-30))})
+    return out
+
+
 def format_report(preds: Predictors) -> str:
     """Per-layer held-out recall / precision / predicted fraction, and the mean over layers."""
+    rows = []
+    sk = [r for r in preds.meta.get("report", []) if "sketch_mass" in r]
+    if sk:
+        m = [r["sketch_mass"] for r in sk]
+        rows.append(f"4-bit sketch: on held-out tokens its top {100 * sk[0]['keep']:.0f}% of each "
+                    f"layer's neurons carry {100 * np.mean(m):.1f}% of the contribution the true "
+                    f"top {100 * sk[0]['keep']:.0f}% carries (layers {100 * min(m):.1f}-"
+                    f"{100 * max(m):.1f}%)")
     rep = [r for r in preds.meta.get("report", []) if "recall" in r]
-    rows = ["layer  rank  recall  precision  true-active  predicted-active   mass"]
+    if rep:
+        rows.append("layer  rank  recall  precision  true-active  predicted-active   mass")
     for r in rep:
         rows.append(f"{r['layer']:5d}  {r['rank']:4d}  {r['recall']:6.3f}  {r['precision']:9.3f}  "
                     f"{r['true_active']:11.3f}  {r['predicted_active']:16.3f}  "

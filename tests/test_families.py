@@ -170,16 +170,22 @@ def test_gemma3_predictors_train_and_drive_sparse_generation(tiny_flash, tmp_pat
     m = fi.load(d)
     ids = np.random.default_rng(5).integers(3, 503, 512).tolist()
     cfg = TrainConfig(rank=16, rank_last=16, max_tokens=512, window=64, epochs=2, lr=1e-3,
-                      holdout=0.01, recall=0.9)
+                      holdout=0.01, recall=0.9, methods=("sketch", "lowrank"))
     preds = train_predictors(m, ids, cfg, progress=False)
     assert preds.label == "magnitude" and len(preds.layers) == GEMMA3_KW["num_hidden_layers"]
-    xs, hs = record(m, ids, cfg, progress=False)
+    assert preds.kinds == ["lowrank", "sketch"]
+    xs, hs, _ = record(m, ids, cfg, progress=False)
     for layer, p in enumerate(preds.layers):
         truth = np.asarray(hs[layer]) > np.float16(preds.act_thresholds[layer])
         assert abs(truth.mean() - 0.5) < 0.05
         assert abs(evaluate_layer(p, xs[layer], hs[layer], truth)["recall"] - 0.9) < 0.05
     sparse = fi.load(d, sparse=True, selection="predictor", window=2)
     steps = list(sparse.generate_step("w5 w6 w7", max_new_tokens=4, stop_at_eos=False))
+    assert len(steps) == 4 and all(0 < s.stats["needed"] for s in steps)
+    # the default for GeGLU: the 4-bit sketch ranking neurons under eviction "rank"
+    default = fi.load(d, sparse=True)
+    assert (default.runtime.selection, default.runtime.eviction) == ("sketch", "rank")
+    steps = list(default.generate_step("w5 w6 w7", max_new_tokens=4, stop_at_eos=False))
     assert len(steps) == 4 and all(0 < s.stats["needed"] for s in steps)
 
 

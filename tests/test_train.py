@@ -36,7 +36,7 @@ def test_relu_predictors_reach_high_recall_on_held_out_tokens(relu_trained):
     d, m, preds = relu_trained
     assert preds.label == "nonzero" and (d / "predictors.npz").is_file()
     ids = np.random.default_rng(2).integers(3, VOCAB, 128).tolist()  # tokens not trained on
-    xs, hs = record(m, ids, TrainConfig(window=64, max_tokens=128), progress=False)
+    xs, hs, _ = record(m, ids, TrainConfig(window=64, max_tokens=128), progress=False)
     for layer, p in enumerate(preds.layers):
         r = evaluate_layer(p, xs[layer], hs[layer], np.asarray(hs[layer]) > 0)
         assert r["recall"] > 0.9 and r["precision"] > 0.8, (layer, r)
@@ -53,7 +53,7 @@ def test_recall_target_sets_the_operating_point(tiny_flash, tmp_path):
     cfg = TrainConfig(**{**FAST, "rank": 16, "rank_last": 16, "holdout": 0.01}, recall=0.95)
     preds = train_predictors(m, ids, cfg, progress=False, save=False)
     assert preds.label == "magnitude"
-    xs, hs = record(m, ids, cfg, progress=False)
+    xs, hs, _ = record(m, ids, cfg, progress=False)
     for layer, p in enumerate(preds.layers):
         truth = np.asarray(hs[layer]) > np.float16(preds.act_thresholds[layer])
         assert abs(truth.mean() - 0.5) < 0.05  # labelled at the target sparsity
@@ -112,7 +112,7 @@ def test_smollm2_predictor_perplexity_bound(tmp_path):
         (d / f.name).symlink_to(f)
     dense = fi.load(d)
     ids = dense.tokenizer.encode(text[:1024 * 12])
-    train_predictors(dense, ids, TrainConfig(max_tokens=1024), progress=False)
+    train_predictors(dense, ids, TrainConfig(max_tokens=1024, methods=("lowrank",)), progress=False)
     held = dense.tokenizer.encode(text[-6000:])[-96:]
     base = perplexity(dense.logits, held, 96).perplexity
     rt = fi.RuntimeConfig(sparse=True, selection="predictor", prefill_chunk=1)

@@ -1,0 +1,155 @@
+"""The 4-bit sketch: a low-bit copy of every neuron's up (and gate) row that ranks the neurons
+the neuron cache does not hold.
+
+Under a DRAM budget the cache holds only part of each layer's FFN. To decide which uncached
+neurons are worth reading for the current token, the runtime estimates each one's activation
+|act(gate.x) * up.x| (times the norm of its down column) from a 4-bit copy of its gate and up
+rows (``csrc/kernels_q4.h``: blocks of 32 with an fp16 scale, llama.cpp's Q4_0 layout). No
+training: the estimate ranks neurons almost as well as the exact activation
+(benchmarks/RESULTS_sparse.md).
+
+Two tiers, every neuron in exactly one: the neuron cache holds full records (exact, and the
+neurons that are computed), the sketch store holds the 4-bit copies of the others. When a
+neuron enters the cache its sketch slot is given to the neuron that leaves, whose record is
+quantized into it from the cache row (the same kernel that built the file, so bit for bit the
+file's sketch). DRAM per neuron: a full record when cached, 648 bytes instead of 4096 for
+SmolLM2 when not.
+
+``ffn_sketch.bin``: the sketches of every neuron, layer-major, ``record_bytes`` each, no header
+(its shape, record size and sha256 are in ``predictors.npz``, which `train-predictors` writes
+with it).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import kernels
+from .config import ModelArgs
+from .errors import FlashFormatError
+
+SKETCH_FILE = "ffn_sketch.bin"
+SKETCH_BITS = 4
+_BLOCK, _BLOCK_BYTES = 32, 18
+
+
+def sketch_parts(args: ModelArgs) -> list[str]:
+    """The record parts a sketch holds: up, then gate for gated FFNs."""
+    return ["up", "gate"] if args.gated else ["up"]
+
+
+def sketch_record_bytes(args: ModelArgs) -> int:
+    """Bytes of one neuron's sketch: per part, ceil(d / 32) blocks of 18 bytes."""
+    return len(sketch_parts(args)) * -(-args.hidden_size // _BLOCK) * _BLOCK_BYTES
+
+
+def quantize_rows(args: ModelArgs, rows: np.ndarray, src_rows, out: np.ndarray, dst_rows) -> None:
+    """Sketch records of bundle records rows[src_rows] into out[dst_rows] (uint8)."""
+    off = args.ffn_part_offsets
+    kernels.quantize_q4(rows, [off[p] for p in sketch_parts(args)], args.hidden_size,
+                        src_rows, out, dst_rows)
+
+
+def write_sketch(args: ModelArgs, rows_by_layer, path: Path) -> None:
+    """Write ``ffn_sketch.bin`` from every layer's bundle records (a dense model's rows)."""
+    rec, f = sketch_record_bytes(args), args.intermediate_size
+    ids = np.arange(f, dtype=np.int64)
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as fh:
+        for rows in rows_by_layer:
+            out = np.empty((f, rec), np.uint8)
+            quantize_rows(args, rows, ids, out, ids)
+            fh.write(out.tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_sketch_layer(path: Path, args: ModelArgs, layer: int, ids: np.ndarray) -> np.ndarray:
+    """The sketch records of neurons `ids` of `layer` (uint8 [len(ids), record_bytes])."""
+    rec, f = sketch_record_bytes(args), args.intermediate_size
+    want = args.num_hidden_layers * f * rec
+    size = os.path.getsize(path)
+    if size != want:
+        raise FlashFormatError(f"{path}: {size} bytes, but {args.num_hidden_layers} layers x "
+                               f"{f} neurons x {rec} bytes need {want}; rebuild it with "
+                               "`flashinfer-py train-predictors`.")
+    block = np.fromfile(path, dtype=np.uint8, count=f * rec, offset=layer * f * rec)
+    return block.reshape(f, rec)[ids]
+
+
+class SketchStore:
+    """The second tier: per layer, the 4-bit sketches of the neurons the cache does not hold.
+
+    Per layer (allocated once): ``data`` (d_ff - capacity, record_bytes) uint8 sketches,
+    ``slot_id`` the neuron in each slot, ``id_slot`` (d_ff,) each neuron's slot or -1 (cached),
+    ``scale`` the down-column norm of each slot's neuron (scores are |h| * ||down||).
+    """
+
+    def __init__(self, path: Path, args: ModelArgs, cached_ids: list, down_norm: np.ndarray):
+        self.args, self.f = args, args.intermediate_size
+        self.rec = sketch_record_bytes(args)
+        self.down_norm = np.ascontiguousarray(down_norm, np.float32)  # [L, d_ff]
+        self.data, self.slot_id, self.id_slot, self.scale = [], [], [], []
+        for layer, cached in enumerate(cached_ids):
+            held = np.zeros(self.f, bool)
+            held[np.asarray(cached, np.int64)] = True
+            ids = np.flatnonzero(~held).astype(np.int64)
+            self.data.append(np.ascontiguousarray(read_sketch_layer(path, args, layer, ids)))
+            self.slot_id.append(ids)
+            slots = np.full(self.f, -1, np.int64)
+            slots[ids] = np.arange(ids.size)
+            self.id_slot.append(slots)
+            self.scale.append(np.ascontiguousarray(self.down_norm[layer][ids]))
+
+    def scores(self, layer: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, estimated |activation| x ||down||, max over the rows of x) of every neuron
+        in the store for `layer`."""
+        a = self.args
+        s = kernels.q4_scores(x, self.data[layer], a.hidden_size, a.gated, a.hidden_act,
+                              a.act_param, scale=self.scale[layer])
+        return self.slot_id[layer], s
+
+    def swap(self, layer: int, entering: np.ndarray, leaving: np.ndarray, rows: np.ndarray,
+             leaving_rows: np.ndarray) -> None:
+        """Neurons `entering` go to the cache and `leaving` (their cache rows: rows[leaving_rows])
+        come here: each leaving neuron is quantized into the slot an entering one frees."""
+        slots = self.id_slot[layer][entering]
+        if (slots < 0).any():
+            raise ValueError(f"layer {layer}: neurons {entering[slots < 0][:5]} are not in the "
+                             "sketch store (already cached?)")
+        quantize_rows(self.args, rows, np.asarray(leaving_rows, np.int64), self.data[layer], slots)
+        self.slot_id[layer][slots] = leaving
+        self.id_slot[layer][leaving] = slots
+        self.id_slot[layer][entering] = -1
+        self.scale[layer][slots] = self.down_norm[layer][leaving]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.nbytes + s.nbytes + i.nbytes + c.nbytes for d, s, i, c in
+                   zip(self.data, self.slot_id, self.id_slot, self.scale)) + self.down_norm.nbytes
+
+
+def down_norms(args: ModelArgs, rows_by_layer, dtype: str) -> np.ndarray:
+    """||down_j|| of every neuron: [L, d_ff] float32."""
+    from .format import to_float32
+
+    off, d = args.ffn_part_offsets["down"], args.hidden_size
+    return np.stack([np.linalg.norm(to_float32(np.ascontiguousarray(r[:, off:off + d]), dtype),
+                                    axis=1) for r in rows_by_layer]).astype(np.float32)
+
+
+def check_sketch(path: Path, args: ModelArgs, meta: Optional[dict]) -> None:
+    """The sketch file exists and has the size its metadata promises."""
+    if meta is None:
+        return
+    if not path.is_file():
+        raise FlashFormatError(f"{path}: missing, but predictors.npz lists it; rebuild it with "
+                               "`flashinfer-py train-predictors`.")
+    want = args.num_hidden_layers * args.intermediate_size * sketch_record_bytes(args)
+    if path.stat().st_size != want or meta.get("record_bytes") != sketch_record_bytes(args):
+        raise FlashFormatError(f"{path}: does not match this model ({want} bytes expected); "
+                               "rebuild it with `flashinfer-py train-predictors`.")
