@@ -1,224 +1,201 @@
-"""Quality of sparse inference on SmolLM2-135M: perplexity vs FFN bytes read per token.
+"""Quality of sparse inference under a DRAM budget: perplexity against the FFN bytes read per
+token, for each way of choosing neurons, at equal total DRAM, with the real runtime.
 
-One command trains (or reuses) the predictors of the default model and prints a markdown table:
+    python benchmarks/sparse_quality.py                   # SmolLM2 and Gemma-3-270M, ~2 h
+    python benchmarks/sparse_quality.py --write --plot    # also RESULTS_sparse.md and figures
+    python benchmarks/sparse_quality.py --models smollm2 --windows 2 --fractions 0.5  # quick
 
-    python benchmarks/sparse_quality.py                  # table on stdout
-    python benchmarks/sparse_quality.py --write          # also benchmarks/RESULTS_sparse.md
+What is measured. Each setting loads the model with ``load(dir, dram_budget=B,
+prefill_chunk=1, ...)`` and decodes held-out text token by token through the real runtime
+(neuron cache, reads from the bundle file, the native kernels); perplexity is over every
+predicted token. The budget B is chosen so that what the FFN gets in DRAM (the neuron cache
+plus whatever the method keeps to choose neurons: the 4-bit sketch of the uncached neurons,
+or the low-rank predictors) is a fixed fraction of the FFN's bytes on flash (``L * d_ff *
+record_bytes``): methods are compared at equal total DRAM. The first fill of the cache
+(hottest neurons from the calibration, read once at load) is not counted per token; everything
+read after it is. Windows run one after the other on one loaded model (a new KV cache each;
+the neuron cache carries over, as in a server), so the numbers are the steady state.
 
-Text. Predictors are calibrated on the head of the offline Wikipedia excerpt (what
-`flashinfer-py train-predictors` uses: the first ~12 characters per calibration token);
-perplexity is measured on windows taken from the excerpt's *tail*, never seen in training.
+Methods (`--methods`):
+- ``exact``: ``selection="oracle", eviction="rank"``: the runtime's oracle ranks every neuron
+  by its true contribution |h_j| * ||down_j|| (from a resident copy of the whole FFN that is
+  not counted: a measuring instrument); the same cache and read limit: the ceiling.
+- ``sketch``: the default for SwiGLU/GeGLU models (4-bit sketch, eviction "rank", per-layer
+  cache sizes).
+- ``sketch-uniform``: the same with equal cache sizes in every layer.
+- ``lowrank-rank``: the paper's low-rank predictors (rank 64) ranking neurons under eviction
+  "rank" (their logits as scores; their DRAM counted).
+- ``lowrank-window``: the paper's method as it was the default before: predictors, sliding
+  window k=4, compute on the cached union, the window shrunk to the budget.
 
-Method. Every setting is scored token by token, exactly as decoding with ``prefill_chunk=1``
-would run it: token t's FFN in layer l uses only the neurons of its own predicted set
-(``compute="predicted"``) or of the window's union of the last k tokens' sets
-(``compute="cached"``), and the bytes read are the neurons that enter the window's union
-(``SlidingWindow`` semantics, no DRAM budget, so nothing is evicted early). To make eight
-256-token windows per setting affordable on two cores, the per-token masks are applied in a
-batched numpy FFN (h = silu(gate.x) * up.x, masked, then down) instead of 256 separate
-runtime calls; ``--check`` (on by default) runs the real runtime (`FlashModel` with
-``prefill_chunk=1``, reading the bundle file through the neuron cache) on the first tokens of
-the first window and prints how far its logits and ``last_stats["loaded"]`` are from the
-simulation's.
-
-Columns: perplexity; change vs dense; FFN neurons computed per token (% of all layers' FFN);
-FFN bytes read from flash per token (% of the FFN and MiB, averaged over all tokens including
-each window's cold first token); cache size (mean neurons held, % of the FFN).
+Text: calibration on Shakespeare's plays (the default of `train-predictors`), evaluation on
+the tail of the offline Wikipedia excerpt: text of another kind. Bytes read are shown as a
+fraction of the FFN; the page cache is left warm (``use_direct_io=False``), since I/O speed
+does not change which neurons are read (speed is measured in benchmarks/smollm2_table.py).
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
+import json
 import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-EVAL_CHARS = 60_000       # the excerpt's tail these windows are taken from
-KS = (1, 2, 4, 8)
+RESULTS_JSON = HERE / "results" / "sparse_quality.json"
+EVAL_CHARS = 60_000
+METHODS = {
+    "exact": dict(selection="oracle", eviction="rank"),
+    "sketch": dict(selection="sketch", eviction="rank"),
+    "sketch-uniform": dict(selection="sketch", eviction="rank", per_layer_cache=False),
+    "lowrank-rank": dict(selection="predictor", eviction="rank"),
+    "lowrank-window": dict(selection="predictor", eviction="window"),
+}
+LABELS = {
+    "exact": "exact contributions (oracle: the ceiling)",
+    "sketch": "4-bit sketch, per-layer caches (default)",
+    "sketch-uniform": "4-bit sketch, equal caches",
+    "lowrank-rank": "low-rank predictor r=64, ranked",
+    "lowrank-window": "low-rank predictor r=64, window k=4 (the paper)",
+}
 
 
-def _silu(g):
-    return g / (1.0 + np.exp(-g))
+def model_dir(name: str) -> Path:
+    """A benchmark copy of an embedded model: its files linked, its own predictors."""
+    from flashinfer_py.default_model import cache_root, default_model_dir, gemma3_model_dir
+
+    src = {"smollm2": default_model_dir, "gemma3": gemma3_model_dir}[name]()
+    dst = cache_root() / "bench" / "sparse_quality" / name
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name in ("predictors.npz", "ffn_sketch.bin"):
+            continue
+        link = dst / f.name
+        if not link.exists():
+            link.symlink_to(f)
+    return dst
 
 
-@dataclass
-class Setting:
-    name: str
-    kind: str                    # dense | oracle | predictor
-    sparsity: float = 0.0        # oracle
-    threshold: float = 0.5       # predictor
-    compute: str = "predicted"   # predicted | cached
-    k: int = 0                   # cached: the window whose union is computed
-    cap: float = 0.0             # > 0: neuron cache capacity as a fraction of each layer
-
-
-@dataclass
-class Result:
-    setting: Setting
-    nll: float = 0.0
-    tokens: int = 0
-    computed: float = 0.0                              # neurons computed, summed
-    loaded: dict = field(default_factory=dict)         # k -> neurons loaded, summed
-    held: dict = field(default_factory=dict)           # k -> window union size, summed
-    n_tok: int = 0
-
-    @property
-    def ppl(self) -> float:
-        return math.exp(self.nll / max(self.tokens, 1))
-
-
-class Simulator:
-    """Dense model whose FFN applies per-token neuron masks (see the module docstring)."""
-
-    def __init__(self, model, predictors=None):
-        from flashinfer_py.format import to_float32
-
-        self.m, self.p = model, predictors
-        a = model.args
-        if not a.gated or a.hidden_act != "silu":
-            raise SystemExit("this benchmark simulates SwiGLU models (SmolLM2)")
-        d = a.hidden_size
-        self.W = []
-        for rows in model.ffn.rows_by_layer:
-            r = to_float32(rows, model.dtype)
-            self.W.append((np.ascontiguousarray(r[:, :d].T), np.ascontiguousarray(r[:, d:2 * d].T),
-                           np.ascontiguousarray(r[:, 2 * d:3 * d])))  # up^T, gate^T, down
-        self.L, self.f = a.num_hidden_layers, a.intermediate_size
-
-    def _sets(self, s: Setting, layer: int, x, h):
-        """Per-token active sets [T, f] bool (None: every neuron)."""
-        if s.kind == "dense":
-            return None
-        if s.kind == "oracle":
-            keep = max(1, int(round(self.f * (1.0 - s.sparsity))))
-            idx = np.argpartition(-np.abs(h), keep - 1, axis=1)[:, :keep]
-            m = np.zeros(h.shape, bool)
-            np.put_along_axis(m, idx, True, axis=1)
-            return m
-        lp = self.p.layers[layer]
-        return lp.scores(x) > math.log(s.threshold / (1 - s.threshold))
-
-    @staticmethod
-    def _union(S, k):
-        U = S.copy()
-        for j in range(1, k):
-            U[j:] |= S[:-j]
-        return U
-
-    def _capped(self, s: Setting, layer: int, x, h, S, res: Result, down):
-        """A DRAM budget: a cache of `cap` neurons per layer, as loader.SparseFFN.rows runs
-        it token by token: keep the top-scoring `cap` predicted neurons, add the token to the
-        window (k tokens), then forget the oldest tokens until the union fits."""
-        cap = max(1, int(self.f * s.cap))
-        scores = self.p.layers[layer].scores(x) if s.kind == "predictor" else np.abs(h)
-        k = s.k or 4
-        counts = np.zeros(self.f, np.int32)
-        hist: list = []
-        M = np.zeros_like(S)
-        loaded = held = 0
-        for t in range(S.shape[0]):
-            ids = np.flatnonzero(S[t])
-            if ids.size > cap:
-                ids = ids[np.argpartition(-scores[t, ids], cap - 1)[:cap]]
-            loaded += int((counts[ids] == 0).sum())
-            counts[ids] += 1
-            hist.append(ids)
-            if len(hist) > k:
-                counts[hist.pop(0)] -= 1
-            while len(hist) > 1 and int((counts > 0).sum()) > cap:
-                counts[hist.pop(0)] -= 1
-            if s.compute == "cached":
-                M[t] = counts > 0
-            else:
-                M[t, ids] = True
-            held += int((counts > 0).sum())
-        res.computed += M.sum()
-        res.loaded[k] = res.loaded.get(k, 0) + loaded
-        res.held[k] = res.held.get(k, 0) + held
-        return (h * M) @ down
-
-    def run(self, s: Setting, windows, keep_logits=None) -> Result:
-        res = Result(s)
-        tr = self.m.transformer
-
-        def ffn(layer, x):
-            up_t, gate_t, down = self.W[layer]
-            h = _silu(x @ gate_t) * (x @ up_t)
-            S = self._sets(s, layer, x, h)
-            if S is None:
-                res.computed += h.size
-                return h @ down
-            if s.cap:
-                return self._capped(s, layer, x, h, S, res, down)
-            M = S if s.compute == "predicted" else self._union(S, s.k)
-            res.computed += M.sum()
-            for k in ((s.k,) if s.compute == "cached" else KS):
-                # loaded_t = S_t minus what the window held: the union of tokens t-k..t-1
-                held_before = np.zeros_like(S)
-                for j in range(1, k + 1):
-                    held_before[j:] |= S[:-j]
-                res.loaded[k] = res.loaded.get(k, 0) + int((S & ~held_before).sum())
-                res.held[k] = res.held.get(k, 0) + int(self._union(S, k).sum())
-            return (h * M) @ down
-
-        tr._ffn = ffn
-        try:
-            from flashinfer_py.sampling import log_softmax
-
-            for w in windows:
-                logits = tr.forward(w, self.m.new_cache())
-                if keep_logits is not None:
-                    keep_logits.append(logits)
-                for t in range(len(w) - 1):
-                    res.nll -= float(log_softmax(logits[t])[w[t + 1]])
-                res.tokens += len(w) - 1
-                res.n_tok += len(w)
-        finally:
-            del tr._ffn
-        return res
-
-
-def check_against_runtime(directory, sim: Simulator, s: Setting, ids, n: int) -> str:
-    """Run the real sparse runtime token by token on ids[:n]; compare with the simulation."""
+def ensure_predictors(directory: Path, tokens: int, log) -> dict:
+    """Sketch and rank-64 low-rank predictors calibrated on Shakespeare, trained once."""
     import flashinfer_py as fi
+    from flashinfer_py.corpora import calibration_text
+    from flashinfer_py.predictor import Predictors
+    from flashinfer_py.train import TrainConfig, format_report, train_predictors
 
-    cfg = fi.RuntimeConfig(
-        sparse=True, selection=s.kind if s.kind != "dense" else "all",
-        oracle_sparsity=s.sparsity, predictor_threshold=s.threshold, compute=s.compute,
-        window=s.k or 4, prefill_chunk=1)
-    if s.cap:  # the budget whose neuron cache holds int(cap * d_ff) neurons per layer
-        from flashinfer_py.loader import plan_memory
+    model = fi.load(directory)
+    cfg = TrainConfig(max_tokens=tokens, methods=("sketch", "lowrank"))
+    try:
+        p = Predictors.load(directory, model.manifest)
+        if p.meta.get("config") == json.loads(json.dumps(vars(cfg))) and len(p.kinds) == 2:
+            return p.meta
+    except fi.FlashFormatError:
+        pass
+    log(f"  training on {tokens} Shakespeare tokens (sketch + low-rank) ...")
+    ids = model.tokenizer.encode(calibration_text()[: tokens * 12])
+    p = train_predictors(model, ids, cfg, progress=False)
+    log("  " + format_report(p).splitlines()[0])
+    return p.meta
 
-        a = sim.m.args
-        base = plan_memory(a, sim.m.manifest, cfg, sim.p.nbytes if s.kind == "predictor" else 0)
-        cfg = cfg.replace(dram_budget=base.total - base.cache_bytes
-                          + int(sim.f * s.cap) * a.num_hidden_layers * base.record_bytes)
-    rt = fi.load(directory, cfg)
-    if s.cap:
-        assert rt.plan.cache_capacity[0] == int(sim.f * s.cap), rt.plan.cache_capacity[0]
-    cache = rt.new_cache()
-    rt.reset()
-    got, loaded = [], 0
-    for t in ids[:n]:
-        got.append(rt.forward([t], cache)[0])
-        loaded += rt.last_stats["loaded"]
-    kept: list = []
-    sim_res = sim.run(s, [ids[:n]], kept)
-    diff = float(np.max(np.abs(np.stack(got) - kept[0])))
-    k = s.k or 4
-    sim_loaded = sim_res.loaded[k]
-    return (f"runtime vs simulation on {n} tokens ({s.name}, k={k}): max |logit diff| "
-            f"{diff:.3g} (logits up to {float(np.abs(kept[0]).max()):.3g}); neurons loaded "
-            f"{loaded} vs {sim_loaded} ({100 * (loaded / max(sim_loaded, 1) - 1):+.2f}%)")
+
+def eval_windows(directory: Path, n: int, length: int) -> list:
+    import flashinfer_py as fi
+    from flashinfer_py.corpora import wikipedia_excerpt
+
+    tok = fi.load(directory).tokenizer
+    ids = tok.encode(wikipedia_excerpt()[-EVAL_CHARS:])[-n * length:]
+    if len(ids) < n * length:
+        raise SystemExit(f"the evaluation text has {len(ids)} tokens; lower --windows")
+    return [ids[i * length:(i + 1) * length] for i in range(n)]
+
+
+def budget_for(directory: Path, cfg, fraction: float) -> tuple[int, dict]:
+    """The DRAM budget at which the FFN's share (cache + sketch + predictors) is `fraction`
+    of the FFN's bytes; and the plan's parts."""
+    from flashinfer_py.config import ModelArgs
+    from flashinfer_py.format import read_manifest
+    from flashinfer_py.loader import prepare_sparse
+
+    m = read_manifest(directory)
+    args = ModelArgs.from_dict(m["model"])
+    rt, _, plan = prepare_sparse(directory, m, args, cfg)
+    ffn = args.num_hidden_layers * args.intermediate_size * plan.record_bytes
+    outside = plan.total - plan.cache_bytes - plan.sketch_bytes - plan.predictors
+    return int(outside + fraction * ffn), {"ffn_bytes": ffn}
+
+
+def run_setting(directory: Path, method: str, fraction: float, read_limit: float, windows,
+                log) -> dict:
+    import flashinfer_py as fi
+    from flashinfer_py.sampling import log_softmax
+
+    cfg = fi.RuntimeConfig(sparse=True, prefill_chunk=1, use_direct_io=False,
+                           read_limit=read_limit, max_context=max(len(w) for w in windows),
+                           **METHODS[method])
+    if fraction >= 1.0:  # everything cached: the dense model through the sparse path
+        budget, info = None, budget_for(directory, cfg, 1.0)[1]
+    else:
+        budget, info = budget_for(directory, cfg, fraction)
+    t0 = time.perf_counter()
+    try:
+        model = fi.load(directory, cfg.replace(dram_budget=budget))
+    except ValueError as e:  # a budget below the method's own minimum
+        log(f"  {method} {fraction:.0%}: cannot run ({e})")
+        return {"method": method, "fraction": fraction, "read_limit": read_limit,
+                "error": str(e)}
+    plan, ffn = model.plan, info["ffn_bytes"]
+    nll = n = 0
+    keys = ("bytes_read", "predict_ns", "io_ns", "mm_ns", "total_ns", "loaded")
+    acc = dict.fromkeys(keys, 0)
+    tokens = 0
+    for w in windows:
+        cache = model.new_cache()
+        model.reset()
+        for t in range(len(w)):
+            logits = model.forward([w[t]], cache)[0]
+            st = model.last_stats
+            for k in keys:
+                acc[k] += st[k]
+            tokens += 1
+            if t + 1 < len(w):
+                nll -= float(log_softmax(logits)[w[t + 1]])
+                n += 1
+    wall = time.perf_counter() - t0
+    L, f = model.args.num_hidden_layers, model.args.intermediate_size
+    row = {
+        "method": method, "fraction": fraction, "read_limit": read_limit,
+        "selection": model.runtime.selection, "eviction": model.runtime.eviction,
+        "ppl": math.exp(nll / n), "tokens": n,
+        "read_frac": acc["bytes_read"] / tokens / ffn,
+        "read_mib": acc["bytes_read"] / tokens / 2**20,
+        "cache_frac": sum(plan.cache_capacity) / (L * f),
+        "sketch_frac": plan.sketch_bytes / ffn, "predictor_frac": plan.predictors / ffn,
+        "ffn_dram_frac": (plan.cache_bytes + plan.sketch_bytes + plan.predictors) / ffn,
+        "predict_ms": acc["predict_ns"] / tokens / 1e6, "token_ms": acc["total_ns"] / tokens / 1e6,
+        "first_fill_mib": model.ffn.load_stats.bytes_read / 2**20,
+        "caps": plan.cache_capacity, "budget": budget, "seconds": round(wall, 1),
+    }
+    log(f"  {method:15s} {fraction:4.0%} read_limit {read_limit:.2f}: ppl {row['ppl']:8.3f}  "
+        f"read {row['read_frac']:6.2%}/token  cache {row['cache_frac']:.1%} + sketch "
+        f"{row['sketch_frac']:.1%} + predictors {row['predictor_frac']:.1%}  predict "
+        f"{row['predict_ms']:.2f} of {row['token_ms']:.1f} ms  ({wall:.0f} s)")
+    return row
+
+
+def dense_ppl(directory: Path, windows) -> float:
+    import flashinfer_py as fi
+    from flashinfer_py.evaluate import perplexity
+
+    model = fi.load(directory)
+    ids = [t for w in windows for t in w]
+    return perplexity(model.logits, ids, len(windows[0])).perplexity
 
 
 def machine() -> str:
@@ -230,18 +207,14 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, "
-            f"load average {load:.1f} at the end")
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
 
 
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
                              capture_output=True, check=True).stdout.strip()
-        files = [f"flashinfer_py/{m}.py" for m in ("train", "predictor", "model", "loader",
-                                                   "runtime", "window", "config", "kernels")]
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *files,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "flashinfer_py", "csrc",
                                 "benchmarks/sparse_quality.py"], cwd=HERE.parent, text=True,
                                capture_output=True).stdout.strip()
         return out + (" (+ uncommitted changes)" if dirty else "")
@@ -249,146 +222,190 @@ def git_commit() -> str:
         return "unknown"
 
 
+# --------------------------------------------------------------------------- report
+def table(rows: list, dense: dict) -> str:
+    """One table: model x method x total FFN DRAM at the default read limit."""
+    out = ["| model | method | FFN DRAM (cache + chooser) | cache | chooser | perplexity | vs dense "
+           "| read / token | predictor time / token |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | {LABELS[r['method']]} | {r['fraction']:.0%} | - | - | "
+                       f"cannot run: {r['error'].split(':')[0]} | | | |")
+            continue
+        base = dense[r["model"]]
+        chooser = r["sketch_frac"] + r["predictor_frac"]
+        out.append(
+            f"| {r['model']} | {LABELS[r['method']]} | {r['ffn_dram_frac']:.0%} | "
+            f"{r['cache_frac']:.1%} | {chooser:.1%} | {r['ppl']:.2f} | "
+            f"{100 * (r['ppl'] / base - 1):+.1f}% | {r['read_frac']:.1%} "
+            f"({r['read_mib']:.2f} MiB) | {r['predict_ms']:.1f} ms of {r['token_ms']:.0f} ms "
+            f"({100 * r['predict_ms'] / r['token_ms']:.0f}%) |")
+    return "\n".join(out)
+
+
+def plot(results: dict, out_dir: Path) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for model, rows in results["rows"].items():
+        base = results["dense"][model]
+        fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+        main = [r for r in rows if "error" not in r and r["read_limit"] == results["read_limit"]]
+        for method in METHODS:
+            pts = sorted((r["fraction"], r["ppl"]) for r in main if r["method"] == method)
+            if pts:
+                ax[0].plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-",
+                           label=LABELS[method])
+        ax[0].axhline(base, color="k", lw=0.8, ls=":", label=f"dense ({base:.2f})")
+        ax[0].set_yscale("log")
+        ax[0].set_xlabel("FFN share of DRAM: cache + what chooses neurons (% of the FFN)")
+        ax[0].set_ylabel("perplexity (Wikipedia, token by token)")
+        ax[0].set_title(f"{model}: equal total DRAM, read limit {results['read_limit']:.0%}")
+        ax[0].legend(fontsize=7)
+        front = [r for r in rows if "error" not in r and r["method"] in ("exact", "sketch")]
+        for frac in sorted({r["fraction"] for r in front if r["fraction"] < 1}, reverse=True):
+            for method, style in (("exact", "-"), ("sketch", "--")):
+                pts = sorted((r["read_frac"], r["ppl"]) for r in front
+                             if r["method"] == method and r["fraction"] == frac)
+                if len(pts) > 1:
+                    ax[1].plot([100 * p[0] for p in pts], [p[1] for p in pts], "o" + style,
+                               label=f"{LABELS[method].split(' (')[0]}, {frac:.0%} DRAM")
+        ax[1].axhline(base, color="k", lw=0.8, ls=":")
+        ax[1].set_yscale("log")
+        ax[1].set_xlabel("FFN read from flash per token (% of the FFN)")
+        ax[1].set_ylabel("perplexity")
+        ax[1].set_title(f"{model}: the frontier (solid: exact ranking, dashed: sketch)")
+        ax[1].legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out_dir / f"sparse_quality_{model}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_results(results: dict, cmd: str) -> None:
+    path = HERE / "RESULTS_sparse.md"
+    keep = ""
+    if path.is_file() and "\n## Findings" in path.read_text():
+        text = path.read_text()
+        keep = text[text.index("\n## Findings"):]
+    main, front = [], []
+    for model, rows in results["rows"].items():
+        for r in rows:
+            (main if r["read_limit"] == results["read_limit"] else front).append({**r, "model": model})
+    fr = ["| model | method | FFN DRAM | read limit | read / token | perplexity | vs dense |",
+          "|---|---|---|---|---|---|---|"]
+    for model, rows in results["rows"].items():
+        pts = sorted((r for r in rows if "error" not in r and r["method"] in ("exact", "sketch")
+                      and r["fraction"] < 1), key=lambda r: (r["method"], -r["fraction"],
+                                                              r["read_limit"]))
+        for r in pts:
+            base = results["dense"][model]
+            fr.append(f"| {model} | {r['method']} | {r['fraction']:.0%} | {r['read_limit']:.2f} | "
+                      f"{r['read_frac']:.1%} | {r['ppl']:.2f} | "
+                      f"{100 * (r['ppl'] / base - 1):+.1f}% |")
+    dense = ", ".join(f"{m} {p:.3f}" for m, p in results["dense"].items())
+    head = [
+        "# Sparse inference quality under a DRAM budget", "",
+        f"- date: {results['date']}; git commit: {results['commit']}",
+        f"- machine: {results['machine']}; load average {results['load'][0]:.1f} at the start, "
+        f"{results['load'][1]:.1f} at the end",
+        f"- command: `{cmd}` ({results['seconds'] / 60:.0f} min)",
+        f"- text: calibration on {results['calibration_tokens']} tokens of Shakespeare's plays; "
+        f"evaluation on {results['windows']} windows x {results['window_tokens']} tokens from "
+        f"the tail of the Wikipedia excerpt, decoded token by token with the real runtime "
+        f"(prefill_chunk=1); dense perplexity on the same tokens: {dense}",
+        "- FFN DRAM: the neuron cache plus what chooses neurons (the sketch of the uncached "
+        "neurons, or the low-rank predictors), as a fraction of the FFN's bytes on flash "
+        "(L x d_ff x record bytes); every method at the same fraction has the same DRAM. The "
+        "oracle's resident copy of the FFN is an instrument and is not counted.",
+        "- read / token: bytes read from flash per token after the cache's first fill, as a "
+        "fraction of the FFN (and MiB). Predictor time: scoring and choosing per token, beside "
+        "the whole token's time (warm page cache).", "",
+        f"## Equal total DRAM (read limit {results['read_limit']:.0%} of each layer per token "
+        "for the ranked methods)", "",
+        "Figures: " + ", ".join(f"[{m}](figures/sparse_quality_{m}.png)" for m in results["rows"]),
+        "", table(main, results["dense"]), "",
+        "## The frontier: perplexity against bytes read per token", "",
+        "Exact ranking (the ceiling) and the sketch under the same cache and read limits.", "",
+        "\n".join(fr), ""]
+    path.write_text("\n".join(head) + keep)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dir", default=None, help="flash directory (default: embedded SmolLM2)")
-    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--models", nargs="+", default=["smollm2", "gemma3"],
+                    choices=["smollm2", "gemma3"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.7, 0.5, 0.3, 0.2],
+                    help="FFN share of DRAM (cache + chooser), fractions of the FFN")
+    ap.add_argument("--read-limit", type=float, default=0.1,
+                    help="read limit of the main table (the runtime's default)")
+    ap.add_argument("--frontier", nargs="*", type=float, default=[0.02, 0.05, 0.2],
+                    help="other read limits for the exact and sketch frontier")
+    ap.add_argument("--frontier-fractions", nargs="*", type=float, default=[0.7, 0.5, 0.3])
+    ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--window-tokens", type=int, default=256)
-    ap.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.5, 0.7])
-    ap.add_argument("--cached-thresholds", type=float, nargs="*", default=[0.5, 0.7])
-    ap.add_argument("--oracle", type=float, nargs="*", default=[0.3, 0.5])
-    ap.add_argument("--caps", type=float, nargs="*", default=[],
-                    help="also run the default setting (p>0.5, cached, k=4) with a neuron cache "
-                         "of these fractions of each layer (what a DRAM budget does)")
-    ap.add_argument("--retrain", action="store_true", help="train even if predictors exist")
-    ap.add_argument("--train", default="", help="TrainConfig overrides, e.g. 'recall=0.95'")
-    ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--check-only", action="store_true", help="only compare with the runtime")
+    ap.add_argument("--calibration-tokens", type=int, default=4096)
     ap.add_argument("--write", action="store_true", help="write benchmarks/RESULTS_sparse.md")
+    ap.add_argument("--plot", action="store_true", help="write benchmarks/figures/*.png")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw the figures and tables from benchmarks/results/")
     ns = ap.parse_args(argv)
-    commit, load0 = git_commit(), (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    cmd = "python benchmarks/sparse_quality.py " + " ".join(argv if argv is not None
+                                                           else sys.argv[1:])
 
-    import flashinfer_py as fi
-    from flashinfer_py.corpora import wikipedia_excerpt
-    from flashinfer_py.predictor import Predictors
-    from flashinfer_py.train import TrainConfig, format_report, train_predictors
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
 
-    if ns.dir is None:
-        from flashinfer_py.default_model import default_model_dir
-
-        ns.dir = str(default_model_dir())
-    model = fi.load(ns.dir)
-    text = wikipedia_excerpt()
-    kw = {k.strip(): ast.literal_eval(v) for k, v in
-          (item.split("=", 1) for item in ns.train.replace(",", " ").split())}
-    cfg = TrainConfig(**kw)
-    train_chars = cfg.max_tokens * 12
-    if train_chars > len(text) - EVAL_CHARS:
-        raise SystemExit("calibration and evaluation text would overlap")
-    preds, t_train = None, None
-    if not ns.retrain:
-        try:
-            preds = Predictors.load(ns.dir, model.manifest)
-            if preds.meta.get("config") != asdict(cfg):  # other knobs: retrain
-                preds = None
-        except fi.FlashFormatError:
-            preds = None
-    if preds is None:
-        t0 = time.perf_counter()
-        ids = model.tokenizer.encode(text[:train_chars])
-        preds = train_predictors(model, ids, cfg, progress=False)
-        t_train = time.perf_counter() - t0
-    report = format_report(preds)
-    print(report.splitlines()[-2] if "mean" in report else report, file=sys.stderr)
-
-    ids = model.tokenizer.encode(text[-EVAL_CHARS:])
-    need = ns.windows * ns.window_tokens
-    ids = ids[-need:]
-    windows = [ids[i * ns.window_tokens:(i + 1) * ns.window_tokens] for i in range(ns.windows)]
-    sim = Simulator(model, preds)
-    if ns.check_only:
-        for c in ns.caps:
-            s = Setting("capped", "predictor", compute="cached", k=4, cap=c)
-            print(check_against_runtime(ns.dir, sim, s, windows[0], 48))
+    if ns.replot:
+        results = json.loads(RESULTS_JSON.read_text())
+        if ns.write:
+            write_results(results, results["command"])
+        for p in plot(results, HERE / "figures"):
+            log(f"wrote {p}")
         return 0
-
-    settings = [Setting("dense", "dense")]
-    settings += [Setting(f"oracle {int(100 * s)}% sparse", "oracle", sparsity=s) for s in ns.oracle]
-    settings += [Setting(f"predictor p>{t:g}, predicted", "predictor", threshold=t)
-                 for t in ns.thresholds]
-    settings += [Setting(f"predictor p>{t:g}, cached k={k}", "predictor", threshold=t,
-                         compute="cached", k=k) for t in ns.cached_thresholds for k in KS]
-    settings += [Setting(f"predictor p>0.5, cached k=4, cache {int(100 * c)}% of FFN",
-                         "predictor", compute="cached", k=4, cap=c) for c in ns.caps]
-    settings += [Setting(f"oracle 50% sparse, cached k=4, cache {int(100 * c)}% of FFN",
-                         "oracle", sparsity=0.5, compute="cached", k=4, cap=c)
-                 for c in ns.caps if c >= 0.5]
-    L, f = sim.L, sim.f
-    rec = int(model.manifest["bundle"]["record_bytes"])
-    ffn_mib = L * f * rec / 2**20
-    rows, base = [], None
-    t_eval = time.perf_counter()
-    for s in settings:
-        r = sim.run(s, windows)
-        if base is None:
-            base = r.ppl
-        n = r.n_tok
-        comp = 100 * r.computed / (n * L * f)
-        ks = [s.k] if s.compute == "cached" else (KS if s.kind != "dense" else [])
-        if not ks:
-            rows.append((s.name, "-", r.ppl, "", f"{comp:.1f}", "0 (resident)", "100"))
-        for k in ks:
-            ld = r.loaded[k] / (n * L * f)
-            rows.append((s.name, k, r.ppl, f"{100 * (r.ppl / base - 1):+.1f}%", f"{comp:.1f}",
-                         f"{100 * ld:.1f}% / {ld * ffn_mib:.2f} MiB",
-                         f"{100 * r.held[k] / (n * L * f):.1f}"))
-        print(f"  {s.name}: ppl {r.ppl:.3f}", file=sys.stderr, flush=True)
-    t_eval = time.perf_counter() - t_eval
-
-    head = ("| setting | window k | perplexity | vs dense | FFN computed / token (%) | "
-            "FFN read from flash / token (% of FFN / MiB) | cache size (% of FFN) |\n"
-            "|---|---|---|---|---|---|---|")
-    table = head + "\n" + "\n".join(
-        f"| {a} | {b} | {c:.3f} | {d} | {e} | {g} | {h} |" for a, b, c, d, e, g, h in rows)
-    print(table)
-    check = ""
-    if not ns.no_check:
-        s = Setting("predictor p>0.5, predicted", "predictor", threshold=0.5, k=4)
-        check = check_against_runtime(ns.dir, sim, s, windows[0], 48)
-        s2 = Setting("predictor p>0.5, cached k=2", "predictor", threshold=0.5,
-                     compute="cached", k=2)
-        check += "\n" + check_against_runtime(ns.dir, sim, s2, windows[0], 48)
-        print(check, file=sys.stderr)
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    results = {"date": datetime.date.today().isoformat(), "commit": git_commit(),
+               "machine": machine(), "read_limit": ns.read_limit, "windows": ns.windows,
+               "window_tokens": ns.window_tokens, "calibration_tokens": ns.calibration_tokens,
+               "dense": {}, "rows": {}, "command": cmd.strip()}
+    for name in ns.models:
+        log(f"{name}:")
+        d = model_dir(name)
+        ensure_predictors(d, ns.calibration_tokens, log)
+        windows = eval_windows(d, ns.windows, ns.window_tokens)
+        results["dense"][name] = dense_ppl(d, windows)
+        log(f"  dense perplexity {results['dense'][name]:.3f}")
+        rows = []
+        for frac in ns.fractions:
+            for method in ns.methods:
+                if frac >= 1.0 and method != "sketch":
+                    continue  # everything cached: every method is the dense model
+                rows.append(run_setting(d, method, frac, ns.read_limit, windows, log))
+        for frac in ns.frontier_fractions:
+            for rl in ns.frontier:
+                for method in ("exact", "sketch"):
+                    if method in ns.methods:
+                        rows.append(run_setting(d, method, frac, rl, windows, log))
+        results["rows"][name] = rows
+    results["seconds"] = time.perf_counter() - t0
+    results["load"] = [load0, os.getloadavg()[0]]
+    RESULTS_JSON.parent.mkdir(exist_ok=True)
+    RESULTS_JSON.write_text(json.dumps(results, indent=1))
+    main_rows = [{**r, "model": m} for m, rows in results["rows"].items() for r in rows
+                 if r["read_limit"] == ns.read_limit]
+    print(table(main_rows, results["dense"]))
     if ns.write:
-        cmd = "python benchmarks/sparse_quality.py " + " ".join(argv if argv is not None
-                                                               else sys.argv[1:])
-        meta = preds.meta
-        out = [
-            "# Sparse inference quality on SmolLM2-135M-Instruct (fp16)", "",
-            f"- date: {datetime.date.today().isoformat()}; git commit: {commit}",
-            f"- machine: {machine()}, {load0:.1f} at the start (shared with another "
-            "engineer's disk benchmarks)",
-            f"- command: `{cmd.strip()}`",
-            f"- predictors: {meta.get('tokens')} calibration tokens from the head of the "
-            f"Wikipedia excerpt, config {meta.get('config')}; training took "
-            f"{meta.get('seconds', {}).get('total', float('nan')):.1f} s"
-            + (f" (this run: {t_train:.1f} s)" if t_train else " (reused)"),
-            f"- perplexity: {ns.windows} windows x {ns.window_tokens} tokens from the last "
-            f"{EVAL_CHARS} characters of the excerpt (not used for training); each setting is "
-            f"decoded token by token (per-token masks, see the script's docstring); "
-            f"evaluation took {t_eval:.0f} s",
-            "- bytes: neurons entering the window's union per token x record size "
-            f"({rec} B), averaged over every token (each window starts cold); the FFN is "
-            f"{ffn_mib:.1f} MiB", "",
-            "Training report (held-out 10% of the calibration tokens, mean over layers):", "",
-            "```", "\n".join(report.splitlines()[-2:]), "```", "",
-            table, "",
-            "Simulation vs runtime:", "", "```", check, "```", ""]
-        path = HERE / "RESULTS_sparse.md"
-        keep = ""  # hand-written analysis below the generated part survives a re-run
-        if path.is_file() and "\n## Findings" in path.read_text():
-            keep = path.read_text()[path.read_text().index("\n## Findings"):]
-        path.write_text("\n".join(out) + keep)
+        write_results(results, cmd.strip())
+    if ns.plot:
+        for p in plot(results, HERE / "figures"):
+            log(f"wrote {p}")
     return 0
 
 

@@ -35,15 +35,27 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "FFN is streamed from flash through a neuron cache sized to fit")
     s.add_argument("--sparse", action="store_true",
                    help="stream the FFN from flash even without a budget")
-    s.add_argument("--selection", choices=["predictor", "oracle", "all"], default="predictor",
-                   help="which neurons a token needs: trained predictors (default), the true "
-                        "active set (measurement only: keeps the FFN in DRAM), or all (hybrid)")
+    s.add_argument("--selection", choices=["auto", "sketch", "predictor", "oracle", "all"],
+                   default="auto",
+                   help="how the neurons a token needs are found: auto (default: sketch for "
+                        "SwiGLU/GeGLU models, predictor for ReLU ones), sketch (a 4-bit copy of "
+                        "the uncached neurons' gate/up rows estimates their activations), "
+                        "predictor (the paper's low-rank predictors), oracle (the true "
+                        "activations; measurement only: keeps the FFN in DRAM), all (hybrid)")
+    s.add_argument("--eviction", choices=["auto", "rank", "window", "frequency"], default="auto",
+                   help="when cached neurons leave DRAM: auto (default: rank with the sketch, "
+                        "else window); rank: the cache stays full and the neurons that matter "
+                        "least to the current token make room for better ones; window: when no "
+                        "token of the last --window used them (the paper); frequency: only when "
+                        "the cache is full, least used first")
+    s.add_argument("--read-limit", type=float, default=0.1, metavar="FRACTION",
+                   help="eviction rank: read at most this fraction of each layer's neurons per "
+                        "token (default 0.1; more reads cost time, fewer cost quality)")
+    s.add_argument("--uniform-cache", action="store_true",
+                   help="eviction rank: the same cache size in every layer instead of sizes "
+                        "from the calibration")
     s.add_argument("--window", type=int, default=4,
-                   help="tokens whose neurons stay cached (the sliding window k; default 4)")
-    s.add_argument("--eviction", choices=["window", "frequency"], default="window",
-                   help="when cached neurons leave DRAM: when no token of the window used them "
-                        "(the paper; default), or only when the cache is full, least used first "
-                        "(fills the budget; fewer reads when some neurons are hot)")
+                   help="eviction window: tokens whose neurons stay cached (k; default 4)")
     s.add_argument("--threshold", type=float, default=0.5,
                    help="predictor probability above which a neuron is loaded (default 0.5)")
     s.add_argument("--compute", choices=["predicted", "cached"], default="cached",
@@ -62,7 +74,8 @@ def _runtime(ns):
                          io_engine=ns.io_engine, queue_depth=ns.queue_depth,
                          max_context=ns.max_context, sparse=ns.sparse,
                          dram_budget=ns.dram_budget, selection=ns.selection, window=ns.window,
-                         eviction=ns.eviction,
+                         eviction=ns.eviction, read_limit=ns.read_limit,
+                         per_layer_cache=not ns.uniform_cache,
                          predictor_threshold=ns.threshold, compute=ns.compute,
                          reuse=not ns.no_reuse, bundled=not ns.unbundled)
 
@@ -118,16 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     _add_runtime_args(i)
 
-    t = sub.add_parser("train-predictors", help="train the activation predictors on your text",
-                       description="Record the dense model's FFN activations on calibration text, "
-                       "train one low-rank predictor per layer with the paper's balanced loss, save "
-                       "them as DIR/predictors.npz and print per-layer recall and precision. Needs "
-                       "torch (pip install 'flashinfer_py[torch]'). Re-run after fine-tuning.")
+    t = sub.add_parser("train-predictors", help="prepare a model for sparse inference on your text",
+                       description="Record the dense model's FFN activations on calibration text "
+                       "and build what sparse inference under a DRAM budget uses: calibration "
+                       "statistics (the neurons to cache first, per-layer cache sizes) and, by "
+                       "--method, the 4-bit sketch (DIR/ffn_sketch.bin: the default for "
+                       "SwiGLU/GeGLU models, no training, no torch) and/or the paper's low-rank "
+                       "predictors (the default for ReLU models; trained with the balanced loss, "
+                       "needs torch: pip install 'flashinfer_py[torch]'). Saves "
+                       "DIR/predictors.npz and prints how well each ranks the neurons on held-out "
+                       "tokens. Re-run after fine-tuning.")
     t.add_argument("dir", nargs="?", default=None, help="flash directory (default: embedded SmolLM2)")
+    t.add_argument("--method", choices=["auto", "sketch", "lowrank", "both"], default="auto",
+                   help="what to build (default auto: sketch for SwiGLU/GeGLU, lowrank for ReLU)")
     t.add_argument("--text", nargs="+", default=None, metavar="FILE",
-                   help="calibration text files (default: the offline Wikipedia excerpt)")
+                   help="calibration text files (default: Shakespeare's plays, offline)")
     t.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default 4096)")
-    t.add_argument("--rank", type=int, default=64, help="predictor rank of most layers (default 64)")
+    t.add_argument("--rank", type=int, default=64,
+                   help="lowrank: predictor rank of most layers (default 64)")
     t.add_argument("--rank-last", type=int, default=64,
                    help="rank of the last --last-layers layers (default 64)")
     t.add_argument("--last-layers", type=int, default=3, help="how many last layers get --rank-last")
@@ -137,10 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     dm = sub.add_parser("demo", help="the embedded SmolLM2: dense, then streamed from flash under a budget",
-                        description="Convert the embedded SmolLM2-135M (once), generate densely, train "
-                        "its predictors if missing (needs torch), then generate again in a fresh "
-                        "process with the FFN streamed from flash under a DRAM budget below the "
-                        "model's size, printing per-token statistics and the peak memory.")
+                        description="Convert the embedded SmolLM2-135M (once), generate densely, "
+                        "prepare sparse inference if needed (calibration and the 4-bit sketch, "
+                        "once), then generate again in a fresh process with the FFN streamed from "
+                        "flash under a DRAM budget below the model's size, printing per-token "
+                        "statistics and the peak memory, and finally measure what that budget "
+                        "costs in perplexity on held-out text.")
     dm.add_argument("--prompt", "-p", default=None, help="prompt text")
     dm.add_argument("--max-tokens", "-n", type=int, default=32, help="tokens to generate (default 32)")
 
@@ -328,17 +351,18 @@ def cmd_info(ns) -> int:
         out["verified"] = bool(ns.verify)
         rt = _runtime(ns)
         if rt.sparse:
-            from .loader import plan_memory
+            from .loader import prepare_sparse
 
-            pred = Path(ns.dir) / "predictors.npz"
-            plan = plan_memory(ModelArgs.from_dict(m["model"]), m, rt,
-                               pred.stat().st_size if pred.is_file() else 0)
-            out["memory_plan"] = {"budget": plan.budget, "resident": plan.resident,
-                                  "predictors": plan.predictors, "kv_cache": plan.kv_cache,
-                                  "overhead": plan.overhead, "cache_neurons_per_layer": plan.cache_capacity[0],
+            rt, _, plan = prepare_sparse(Path(ns.dir), m, args, rt)
+            out["memory_plan"] = {"budget": plan.budget, "selection": rt.selection,
+                                  "eviction": rt.eviction, "resident": plan.resident,
+                                  "predictors": plan.predictors, "sketch": plan.sketch_bytes,
+                                  "kv_cache": plan.kv_cache, "overhead": plan.overhead,
+                                  "cache_neurons_per_layer": plan.cache_capacity,
                                   "cache_bytes": plan.cache_bytes, "total": plan.total}
             if not ns.json:
-                print("memory plan:\n" + plan.describe())
+                print(f"memory plan (selection {rt.selection}, eviction {rt.eviction}):\n"
+                      + plan.describe(per_layer=True))
     if ns.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -367,18 +391,26 @@ def cmd_train(ns) -> int:
     if ns.text:
         text = read_texts(ns.text)
     else:
-        from .corpora import wikipedia_excerpt
+        from .corpora import calibration_text
 
-        print("calibrating on the offline Wikipedia excerpt (pass --text FILE for your own)",
+        print("calibrating on Shakespeare's plays (offline; pass --text FILE for your own)",
               file=sys.stderr)
-        text = wikipedia_excerpt()
+        text = calibration_text()
     model = load(directory)
+    methods = {"auto": (), "both": ("sketch", "lowrank")}.get(ns.method, (ns.method,))
     cfg = TrainConfig(rank=ns.rank, rank_last=ns.rank_last, last_layers=ns.last_layers,
-                      sparsity=ns.sparsity, max_tokens=ns.tokens, epochs=ns.epochs)
+                      sparsity=ns.sparsity, max_tokens=ns.tokens, epochs=ns.epochs,
+                      methods=methods)
     ids = model.tokenizer.encode(text[: ns.tokens * 12])  # ~4 characters a token, with margin
     preds = train_predictors(model, ids, cfg, progress=not ns.quiet)
     print(format_report(preds))
-    print(f"saved {model.directory / 'predictors.npz'} ({preds.nbytes / 2**20:.1f} MiB)")
+    saved = [f"{model.directory / 'predictors.npz'} (low-rank predictors "
+             f"{preds.nbytes / 2**20:.1f} MiB in DRAM)"]
+    if preds.sketch is not None:
+        sk = model.directory / preds.sketch["file"]
+        saved.append(f"{sk} ({sk.stat().st_size / 2**20:.1f} MiB on flash; in DRAM only for "
+                     "the neurons the cache does not hold)")
+    print("saved " + " and ".join(saved))
     return 0
 
 

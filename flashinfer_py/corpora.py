@@ -26,7 +26,8 @@ import zipfile
 
 from .default_model import cache_root
 
-__all__ = ["CorpusError", "corpora_dir", "kjv", "shakespeare", "wikipedia_excerpt"]
+__all__ = ["CorpusError", "calibration_text", "corpora_dir", "kjv", "shakespeare",
+           "wikipedia_excerpt"]
 
 # Pinned sources. The gensim wheel is the same file for every platform tag we could pick, so
 # pin one tag: pip then fetches the identical wheel on any host and Python version.
@@ -270,3 +271,10 @@ def kjv(cache_dir: os.PathLike | str | None = None) -> str:
                           f"{proc.stderr.strip()[-300:]}. Reinstall bible-kjv.")
     _write_atomic(txt, proc.stdout)
     return proc.stdout
+
+
+def calibration_text(cache_dir: os.PathLike | str | None = None) -> str:
+    """The default calibration text of `train-predictors`: Shakespeare's plays and poems, one
+    after the other (about 5.5 M characters). Of another kind than the Wikipedia text the
+    benchmarks measure on, so that nothing is tuned to the text it is judged by."""
+    return "\n\n".join(shakespeare(cache_dir=cache_dir).values())

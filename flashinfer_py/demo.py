@@ -13,7 +13,8 @@ def _say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def run(prompt: str, max_tokens: int, cache_fraction: float = 0.25) -> int:
+def run(prompt: str, max_tokens: int, budget_fraction: float = 0.95,
+        quality_tokens: int = 128) -> int:
     from .default_model import default_model_dir
     from .runtime import load
 
@@ -30,49 +31,63 @@ def run(prompt: str, max_tokens: int, cache_fraction: float = 0.25) -> int:
     t0 = time.perf_counter()
     print(prompt + "".join(dense.generate(prompt, max_new_tokens=max_tokens)), flush=True)
     print(f"[{max_tokens / (time.perf_counter() - t0):.1f} tokens/s]")
+    dense_manifest, dense_args = dense.manifest, dense.args
     del dense
 
-    if not (directory / "predictors.npz").is_file():
-        _say("training the activation predictors (once; about a minute)")
-        try:
-            from .train import format_report, train_predictors
-        except ImportError as e:
-            print(f"cannot train predictors: {e}", file=sys.stderr)
-            return 1
-        from .corpora import wikipedia_excerpt
+    if not _has_sketch(directory, dense_manifest):
+        _say("preparing sparse inference once (calibration on Shakespeare's plays, the 4-bit "
+             "sketch; about a minute)")
+        from .corpora import calibration_text
+        from .train import format_report, train_predictors
 
         model = load(directory)
-        ids = model.tokenizer.encode(wikipedia_excerpt()[:200_000])
-        print(format_report(train_predictors(model, ids)).splitlines()[-1])
+        ids = model.tokenizer.encode(calibration_text()[:50_000])
+        print(format_report(train_predictors(model, ids)).splitlines()[0])
         del model
 
-    from .config import ModelArgs, RuntimeConfig
-    from .format import read_manifest
-    from .loader import plan_memory
+    from .config import RuntimeConfig
+    from .loader import prepare_sparse
 
-    m = read_manifest(directory)
-    rt = RuntimeConfig(sparse=True, max_context=256)
-    pred_bytes = (directory / "predictors.npz").stat().st_size
+    # Budget: 95% of the model's size on flash, for the whole process (weights, sketch, KV
+    # cache, interpreter). What is left after the resident part goes to the FFN's two tiers.
+    budget = int(budget_fraction * model_bytes)
+    rt = RuntimeConfig(dram_budget=budget, max_context=256)
+    rt, _, plan = prepare_sparse(directory, dense_manifest, dense_args, rt)
+    ffn = dense_args.num_hidden_layers * dense_args.intermediate_size * plan.record_bytes
+    _say(f"sparse under a DRAM budget of {format_bytes(budget)} for the whole process "
+         f"({100 * budget_fraction:.0f}% of the model's {format_bytes(model_bytes)}), in a fresh "
+         f"process: the FFN gets {100 * (plan.cache_bytes + plan.sketch_bytes) / ffn:.0f}% of "
+         f"its size in DRAM, a neuron cache of {plan.cache_line()} plus 4-bit sketches of the "
+         "others; per token, the uncached neurons the sketch ranks highest replace the cached "
+         f"ones that matter least, up to {100 * rt.read_limit:.0f}% of a layer")
     base = [sys.executable, "-m", "flashinfer_py", "generate", str(directory), "--prompt", prompt,
-            "-n", str(max_tokens), "--max-context", "256"]
+            "-n", str(max_tokens), "--max-context", "256", "--dram-budget", str(budget)]
+    rc = _run(base)
+    _say("what that budget costs in quality: perplexity on held-out Wikipedia text "
+         f"({quality_tokens} tokens, decoded token by token), dense vs this budget")
+    from .corpora import wikipedia_excerpt
+    from .evaluate import perplexity, stepwise
 
-    _say("sparse, in a fresh process: FFN streamed from flash through the neuron cache; the "
-         "cache keeps the neurons of the last 4 tokens (the sliding window), so each token "
-         "reads only the few it lacks")
-    rc = _run(base + ["--sparse"])
+    tok = load(directory).tokenizer
+    ids = tok.encode(wikipedia_excerpt()[-20_000:])[-quality_tokens:]
+    p_dense = perplexity(stepwise(load(directory)), ids, quality_tokens).perplexity
+    sparse = load(directory, rt.replace(prefill_chunk=1))
+    p_sparse = perplexity(stepwise(sparse), ids, quality_tokens).perplexity
+    read = sparse.ffn.total.bytes_read / len(ids)
+    print(f"dense {p_dense:.2f}, under the budget {p_sparse:.2f} ({100 * (p_sparse / p_dense - 1):+.1f}%), "
+          f"reading {format_bytes(read)} per token ({100 * read / ffn:.1f}% of the FFN). "
+          "Full tables: benchmarks/RESULTS_sparse.md")
+    return rc
 
-    # Budget: 95% of the model's size on flash, for the whole process (weights, predictors,
-    # KV cache, interpreter). What is left after the resident part becomes the neuron cache.
-    budget = int(0.95 * model_bytes)
-    plan = plan_memory(ModelArgs.from_dict(m["model"]), m, rt.replace(dram_budget=budget), pred_bytes)
-    _say(f"sparse under a DRAM budget of {format_bytes(budget)} for the whole process (95% of the "
-         f"model's {format_bytes(model_bytes)}): the neuron cache holds "
-         f"{100 * plan.cache_capacity[0] / plan.d_ff:.0f}% of each layer")
-    print("SmolLM2 uses SiLU, not ReLU: about half its neurons matter for each token and the "
-          "low-rank predictors find them only roughly, so quality drops once the cache holds "
-          "less than the window needs (benchmarks/RESULTS_sparse.md). ReLU models (OPT, "
-          "ReluLLaMA, ProSparse) are what this method is built for.")
-    return _run(base + ["--dram-budget", str(budget)]) or rc
+
+def _has_sketch(directory, manifest) -> bool:
+    from .errors import FlashFormatError
+    from .predictor import Predictors
+
+    try:
+        return "sketch" in Predictors.load(directory, manifest).kinds
+    except FlashFormatError:  # none yet, or stale after a re-conversion
+        return False
 
 
 def _run(cmd: list) -> int:

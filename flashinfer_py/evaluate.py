@@ -43,3 +43,15 @@ def perplexity(logits_fn: Callable[[list[int]], np.ndarray], ids, window: int = 
         count += len(w) - 1
     nll = total / count
     return PerplexityResult(float(np.exp(nll)), nll, count, len(wins))
+
+
+def stepwise(model) -> Callable[[list[int]], np.ndarray]:
+    """A logits function for `perplexity` that decodes one token at a time from an empty
+    context, as generation does (sparse models then choose neurons per token)."""
+
+    def logits(ids):
+        cache = model.new_cache()
+        model.reset()
+        return np.stack([model.forward([t], cache)[0] for t in ids])
+
+    return logits

@@ -164,6 +164,8 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
     overhead = RUNTIME_OVERHEAD_BYTES
     if runtime.eviction == "frequency" and runtime.reuse:
         overhead += L * f * 9  # FrequencyPolicy: held flag + float64 score per neuron
+    if runtime.eviction == "rank":  # the cached rows' activations and scores, per chunk
+        overhead += runtime.prefill_chunk * f * 4
     fixed = resident_bytes + predictor_bytes + kv + overhead
     if not runtime.reuse:  # nothing is kept across tokens: one layer's rows at a time
         if runtime.dram_budget is not None and fixed + f * rec > runtime.dram_budget:
@@ -175,8 +177,6 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
                           overhead, [0] * L, rec, f, layer_buffer=f * rec)
     sk = sketch_record_bytes
     sk_fixed = L * f * 12 if sk else 0  # per neuron: its sketch slot (int64) and down norm (f32)
-    if runtime.eviction == "rank":  # the scores of the cached rows and their activations
-        overhead += runtime.prefill_chunk * f * 4
     if runtime.dram_budget is None:
         caps = [f] * L
     else:
