@@ -10,8 +10,9 @@ prefill_chunk=1, ...)`` and decodes held-out text token by token through the rea
 (neuron cache, reads from the bundle file, the native kernels); perplexity is over every
 predicted token. The budget B is chosen so that what the FFN gets in DRAM (the neuron cache
 plus whatever the method keeps to choose neurons: the 4-bit sketch of the uncached neurons,
-or the low-rank predictors) is a fixed fraction of the FFN's bytes on flash (``L * d_ff *
-record_bytes``): methods are compared at equal total DRAM. The first fill of the cache
+or the low-rank predictors) is a fixed fraction of the FFN's size in DRAM (``L * d_ff *
+row_bytes``, the weights of every neuron, without the records' padding on flash): methods are
+compared at equal total DRAM. Bytes read are a fraction of the FFN on flash (padded records). The first fill of the cache
 (hottest neurons from the calibration, read once at load) is not counted per token; everything
 read after it is. Windows run one after the other on one loaded model (a new KV cache each;
 the neuron cache carries over, as in a server), so the numbers are the steady state.
@@ -126,9 +127,10 @@ def budget_for(directory: Path, cfg, fraction: float) -> tuple[int, dict]:
     m = read_manifest(directory)
     args = ModelArgs.from_dict(m["model"])
     rt, _, plan = prepare_sparse(directory, m, args, cfg)
-    ffn = args.num_hidden_layers * args.intermediate_size * plan.record_bytes
     outside = plan.total - plan.cache_bytes - plan.sketch_bytes - plan.predictors
-    return int(outside + fraction * ffn), {"ffn_bytes": ffn}
+    return int(outside + fraction * plan.ffn_dram_bytes), {
+        "ffn_bytes": plan.ffn_dram_bytes,
+        "ffn_flash_bytes": args.num_hidden_layers * args.intermediate_size * plan.record_bytes}
 
 
 def run_setting(directory: Path, method: str, fraction: float, read_limit: float, windows,
@@ -173,7 +175,7 @@ def run_setting(directory: Path, method: str, fraction: float, read_limit: float
         "method": method, "fraction": fraction, "read_limit": read_limit,
         "selection": model.runtime.selection, "eviction": model.runtime.eviction,
         "ppl": math.exp(nll / n), "tokens": n,
-        "read_frac": acc["bytes_read"] / tokens / ffn,
+        "read_frac": acc["bytes_read"] / tokens / info["ffn_flash_bytes"],
         "read_mib": acc["bytes_read"] / tokens / 2**20,
         "cache_frac": sum(plan.cache_capacity) / (L * f),
         "sketch_frac": plan.sketch_bytes / ffn, "predictor_frac": plan.predictors / ffn,
@@ -321,9 +323,10 @@ def write_results(results: dict, cmd: str) -> None:
         f"the tail of the Wikipedia excerpt, decoded token by token with the real runtime "
         f"(prefill_chunk=1); dense perplexity on the same tokens: {dense}",
         "- FFN DRAM: the neuron cache plus what chooses neurons (the sketch of the uncached "
-        "neurons, or the low-rank predictors), as a fraction of the FFN's bytes on flash "
-        "(L x d_ff x record bytes); every method at the same fraction has the same DRAM. The "
-        "oracle's resident copy of the FFN is an instrument and is not counted.",
+        "neurons, or the low-rank predictors), as a fraction of the FFN's weights (L x d_ff x "
+        "the bytes of one neuron's parts, as the packed cache holds them); every method at the "
+        "same fraction has the same DRAM. The oracle's resident copy of the FFN is an "
+        "instrument and is not counted.",
         "- read / token: bytes read from flash per token after the cache's first fill, as a "
         "fraction of the FFN (and MiB). Predictor time: scoring and choosing per token, beside "
         "the whole token's time (warm page cache).", "",

@@ -318,10 +318,12 @@ void bind_io(py::module_& m) {
 
   // ---- neuron cache ----------------------------------------------------------------
   py::class_<NeuronCache>(m, "NeuronCache")
-      .def(py::init([](BundleReader& r, uint32_t n_layers, const py::object& capacity) {
-             return new NeuronCache(r, n_layers, as_capacity(capacity, n_layers));
+      .def(py::init([](BundleReader& r, uint32_t n_layers, const py::object& capacity,
+                       bool packed) {
+             return new NeuronCache(r, n_layers, as_capacity(capacity, n_layers), packed);
            }),
            py::arg("reader"), py::arg("n_layers"), py::arg("capacity"),
+           py::arg("packed") = false,
            py::keep_alive<1, 2>())  // the cache keeps its reader alive
       .def("insert",
            [](NeuronCache& c, uint32_t layer, const py::object& ids_obj, bool bundled) {
@@ -361,11 +363,12 @@ void bind_io(py::module_& m) {
       .def("nbytes", &NeuronCache::nbytes)
       .def_property_readonly("n_layers", &NeuronCache::n_layers)
       .def_property_readonly("record_bytes", &NeuronCache::record_bytes)
+      .def_property_readonly("row_bytes", &NeuronCache::row_bytes)
       .def("rows",
            [](py::object self, uint32_t layer) {
              NeuronCache& c = self.cast<NeuronCache&>();
              const BundleHeader& h = c.reader().header();
-             py::ssize_t rb = py::ssize_t(c.record_bytes());
+             py::ssize_t rb = py::ssize_t(c.row_bytes());
              return view(storage_dtype(h), {c.n_used(layer), rb / h.elem_bytes},
                          {rb, h.elem_bytes}, c.rows(layer), self);
            },

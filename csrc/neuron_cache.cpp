@@ -13,9 +13,15 @@ namespace flashinfer {
 // ---------------------------------------------------------------------------------------
 
 NeuronCache::NeuronCache(BundleReader& reader, uint32_t n_layers,
-                         const std::vector<uint32_t>& capacity)
-    : reader_(reader), record_bytes_(reader.record_bytes()), d_ff_(reader.header().d_ff) {
+                         const std::vector<uint32_t>& capacity, bool packed)
+    : reader_(reader),
+      record_bytes_(reader.record_bytes()),
+      row_bytes_(packed ? std::min<uint64_t>(align_up(reader.header().n_parts * reader.part_bytes(), 64),
+                                             reader.record_bytes())
+                        : reader.record_bytes()),
+      d_ff_(reader.header().d_ff) {
   const BundleHeader& h = reader.header();
+  if (row_bytes_ != record_bytes_) staging_ = AlignedBuffer(kStagingRecords * record_bytes_);
   FI_CHECK(n_layers >= 1 && n_layers <= h.n_layers, "n_layers must be in [1, ", h.n_layers,
            "] (the bundle file's layers), got ", n_layers);
   FI_CHECK(capacity.size() == n_layers, "capacity has ", capacity.size(),
@@ -27,7 +33,7 @@ NeuronCache::NeuronCache(BundleReader& reader, uint32_t n_layers,
     Layer& L = layers_[l];
     L.capacity = capacity[l];
     // At least one aligned page so rows() is a valid pointer even for capacity 0.
-    L.rows = AlignedBuffer(std::max<uint64_t>(uint64_t(capacity[l]) * record_bytes_, kIoAlignment));
+    L.rows = AlignedBuffer(std::max<uint64_t>(uint64_t(capacity[l]) * row_bytes_, kIoAlignment));
     L.slot_to_id.assign(capacity[l], -1);
     L.id_to_slot.assign(h.d_ff, -1);
     L.bias.assign(capacity[l], 0.0f);
@@ -50,7 +56,7 @@ int32_t NeuronCache::slot_of(uint32_t layer, int64_t id) const {
 }
 
 std::size_t NeuronCache::nbytes() const {
-  std::size_t b = 0;
+  std::size_t b = staging_.size();
   for (const Layer& L : layers_)
     b += L.rows.size() + 4 * (L.slot_to_id.size() + L.id_to_slot.size() + L.bias.size() +
                               L.bias_all.size());
@@ -89,20 +95,8 @@ void NeuronCache::insert(uint32_t layer, const int64_t* ids, std::size_t n, bool
            layer, ": ", L.n_used, " of ", L.capacity,
            " slots are in use; evict first or build the cache with a larger capacity");
   if (n == 0) return;
-  // rows are 4096-aligned and record_bytes % 4096 == 0: the reader lands data in place.
-  char* tail = L.rows.as<char>() + uint64_t(L.n_used) * record_bytes_;
-  ReadStats rs;
-  if (bundled) {
-    rs = reader_.read(layer, ids, n, tail, record_bytes_);  // throws -> no change
-  } else {
-    const uint32_t n_parts = reader_.header().n_parts;
-    const uint32_t all_parts[4] = {0, 1, 2, 3};
-    rs = reader_.read_parts(layer, ids, n, all_parts, n_parts, tail, record_bytes_);
-    // read_parts fills the parts only: zero the padding so rows equal the records.
-    const uint64_t used = n_parts * reader_.part_bytes();
-    for (std::size_t k = 0; k < n; ++k)
-      std::memset(tail + k * record_bytes_ + used, 0, record_bytes_ - used);
-  }
+  char* tail = L.rows.as<char>() + uint64_t(L.n_used) * row_bytes_;
+  ReadStats rs = read_into(layer, ids, n, bundled, tail);  // throws -> no change
   for (std::size_t k = 0; k < n; ++k) {
     uint32_t slot = L.n_used + uint32_t(k);
     int32_t id = int32_t(ids[k]);
@@ -115,8 +109,37 @@ void NeuronCache::insert(uint32_t layer, const int64_t* ids, std::size_t n, bool
   stats_.reads.add(rs);
 }
 
+ReadStats NeuronCache::read_into(uint32_t layer, const int64_t* ids, std::size_t n,
+                                 bool bundled, char* dst) {
+  const uint32_t n_parts = reader_.header().n_parts;
+  const uint32_t all_parts[4] = {0, 1, 2, 3};
+  const uint64_t used = n_parts * reader_.part_bytes();
+  // Whole records (dst_stride = record_bytes, 4096-aligned rows) into `out`.
+  auto read_records = [&](const int64_t* chunk, std::size_t m, char* out) {
+    if (bundled) return reader_.read(layer, chunk, m, out, record_bytes_);
+    ReadStats r = reader_.read_parts(layer, chunk, m, all_parts, n_parts, out, record_bytes_);
+    // read_parts fills the parts only: zero the padding so rows equal the records.
+    for (std::size_t k = 0; k < m; ++k)
+      std::memset(out + k * record_bytes_ + used, 0, record_bytes_ - used);
+    return r;
+  };
+  // rows are 4096-aligned and record_bytes % 4096 == 0: the reader lands data in place.
+  if (row_bytes_ == record_bytes_) return read_records(ids, n, dst);
+  // Packed rows: stage whole records, keep the first row_bytes of each. The rows change only
+  // after every read succeeded, so a failed read leaves the cache as it was.
+  ReadStats total;
+  for (std::size_t k0 = 0; k0 < n; k0 += kStagingRecords) {
+    const std::size_t m = std::min(kStagingRecords, n - k0);
+    total.add(read_records(ids + k0, m, staging_.as<char>()));
+    for (std::size_t k = 0; k < m; ++k)
+      std::memcpy(dst + (k0 + k) * row_bytes_, staging_.as<char>() + k * record_bytes_,
+                  row_bytes_);
+  }
+  return total;
+}
+
 // ---------------------------------------------------------------------------------------
-// evict: swap-with-last compaction, O(n * record_bytes)
+// evict: swap-with-last compaction, O(n * row_bytes)
 // ---------------------------------------------------------------------------------------
 
 void NeuronCache::evict(uint32_t layer, const int64_t* ids, std::size_t n) {
@@ -129,13 +152,13 @@ void NeuronCache::evict(uint32_t layer, const int64_t* ids, std::size_t n) {
     uint32_t last = L.n_used - 1;
     if (uint32_t(slot) != last) {
       // The last live row takes the freed slot: record bytes, bias and both maps.
-      std::memcpy(rows + uint64_t(slot) * record_bytes_, rows + uint64_t(last) * record_bytes_,
-                  record_bytes_);
+      std::memcpy(rows + uint64_t(slot) * row_bytes_, rows + uint64_t(last) * row_bytes_,
+                  row_bytes_);
       int32_t moved = L.slot_to_id[last];
       L.slot_to_id[slot] = moved;
       L.bias[slot] = L.bias[last];
       L.id_to_slot[std::size_t(moved)] = slot;
-      stats_.moved_bytes += record_bytes_;
+      stats_.moved_bytes += row_bytes_;
     }
     L.id_to_slot[std::size_t(ids[k])] = -1;
     L.slot_to_id[last] = -1;

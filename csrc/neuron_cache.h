@@ -1,12 +1,19 @@
 // neuron_cache.h: the paper's preallocated per-layer DRAM matrix of neuron records.
 //
 // Per layer, allocated once and never reallocated:
-//   rows       (capacity, record_bytes) storage dtype, 4096-aligned; rows [0, n_used) live
+//   rows       (capacity, row_bytes) storage dtype, 4096-aligned; rows [0, n_used) live
 //   slot_to_id (capacity,) int32     neuron id held by each slot
 //   id_to_slot (d_ff,)     int32     slot of each neuron, -1 = absent
 //   bias       (capacity,) float32   per-slot bias (from set_layer_bias; 0 otherwise)
 // evict() moves the LAST live row into each freed slot (O(rows deleted), rows stay dense);
 // insert() reads new records straight from the bundle file into rows n_used.. (no bounce).
+//
+// Row size. On flash a record is padded to a multiple of 4096 bytes so that one direct read
+// fetches one neuron. In DRAM the padding is waste (SmolLM2: 3456 of 4096 bytes are weights),
+// so a packed cache keeps rows of row_bytes = the parts' bytes rounded up to 64: its reads
+// land in a staging buffer of kStagingRecords aligned records and are copied into the rows
+// (one memcpy of the bytes read). When the record has no padding, row_bytes == record_bytes
+// and reads land in place as before.
 // Row order is arbitrary: an FFN over rows[:n_used] does not depend on it.
 // Not thread-safe: one thread drives a cache (the reader it uses parallelises the I/O).
 #pragma once
@@ -30,7 +37,10 @@ struct CacheStats {
 class NeuronCache {
  public:
   // capacity.size() == n_layers (one capacity per layer); n_layers <= header n_layers.
-  NeuronCache(BundleReader& reader, uint32_t n_layers, const std::vector<uint32_t>& capacity);
+  // packed: rows of the parts' bytes (rounded up to 64) instead of whole padded records.
+  NeuronCache(BundleReader& reader, uint32_t n_layers, const std::vector<uint32_t>& capacity,
+              bool packed = false);
+  static constexpr std::size_t kStagingRecords = 256;  // records per staged read (packed)
 
   // Load ids (absent, no duplicates, must fit) into rows n_used..n_used+n.
   // bundled=false is the "unbundled" ablation: every part of every neuron is its own read
@@ -50,6 +60,7 @@ class NeuronCache {
   bool has_bias(uint32_t layer) const { return !at(layer).bias_all.empty(); }
   std::size_t nbytes() const;  // everything this cache allocated
   uint64_t record_bytes() const { return record_bytes_; }
+  uint64_t row_bytes() const { return row_bytes_; }  // DRAM bytes per cached neuron
   const BundleReader& reader() const { return reader_; }
 
   // Raw views for the bindings (valid until the next insert/evict/clear of that layer).
@@ -75,9 +86,15 @@ class NeuronCache {
   void check_ids(const Layer& L, uint32_t layer, const int64_t* ids, std::size_t n,
                  bool want_present) const;
 
+  // Read ids[0, n) as whole records into dst rows of dst_stride bytes (staged when packed).
+  ReadStats read_into(uint32_t layer, const int64_t* ids, std::size_t n, bool bundled,
+                      char* dst);
+
   BundleReader& reader_;
   uint64_t record_bytes_;
+  uint64_t row_bytes_;
   uint32_t d_ff_;
+  AlignedBuffer staging_;  // (kStagingRecords, record_bytes) when packed, else empty
   std::vector<Layer> layers_;
   CacheStats stats_;
 };

@@ -28,9 +28,12 @@ from .model import ffn_on_rows
 from .window import FrequencyPolicy, SlidingWindow, rank_swaps
 
 # Python, numpy, tokenizers, our module and the working buffers of a forward pass: measured as
-# peak RSS minus the planned parts for SmolLM2 under a budget (70-80 MiB, numpy 2.4, Linux
-# x86_64), with margin. tests/test_memory.py checks peak RSS <= budget.
-RUNTIME_OVERHEAD_BYTES = 96 << 20
+# peak RSS minus the planned parts for SmolLM2 under a budget (71 MiB on 2026-11-29 with a
+# 6-token and a 190-token prompt, 38 MiB of it the imports; 70-80 MiB earlier; numpy 2.4,
+# Linux x86_64), with margin. Every MiB here is taken from the neuron cache, so the margin is
+# kept small; tests/test_memory.py checks peak RSS <= budget.
+RUNTIME_OVERHEAD_BYTES = 84 << 20
+STAGING_RECORDS = 256  # NeuronCache::kStagingRecords
 
 
 @dataclass
@@ -43,15 +46,21 @@ class MemoryPlan:
     kv_cache: int          # float32 keys/values for max_context tokens
     overhead: int          # interpreter and libraries
     cache_capacity: list   # neurons per layer
-    record_bytes: int
+    record_bytes: int      # one neuron on flash (padded to the I/O alignment)
     d_ff: int
     layer_buffer: int = 0  # modes without reuse: one layer's worth of rows, shared by all layers
+    row_bytes: int = 0     # one cached neuron in DRAM (the packed record; 0: record_bytes)
     sketch_record_bytes: int = 0  # eviction="rank" with the sketch: bytes per uncached neuron
     sketch_fixed: int = 0         # and the sketch tier's per-neuron maps (ids, down norms)
 
     @property
     def cache_bytes(self) -> int:
-        return sum(self.cache_capacity) * self.record_bytes + self.layer_buffer
+        return sum(self.cache_capacity) * (self.row_bytes or self.record_bytes) + self.layer_buffer
+
+    @property
+    def ffn_dram_bytes(self) -> int:
+        """The whole FFN as the cache would hold it: L x d_ff x row bytes."""
+        return len(self.cache_capacity) * self.d_ff * (self.row_bytes or self.record_bytes)
 
     @property
     def sketch_bytes(self) -> int:
@@ -144,6 +153,15 @@ def allocate_caps(err: np.ndarray, err_k: np.ndarray, total: int, d_ff: int,
     return [int(c) for c in caps]
 
 
+def cache_row_bytes(manifest: dict) -> int:
+    """DRAM bytes of one cached neuron: its parts, rounded up to 64 (the packed NeuronCache)."""
+    from .format import numpy_storage_dtype
+
+    b = manifest["bundle"]
+    used = len(b["parts"]) * int(b["d_model"]) * numpy_storage_dtype(manifest["dtype"]).itemsize
+    return min(-(-used // 64) * 64, int(b["record_bytes"]))
+
+
 def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
                 predictor_bytes: int = 0, resident_bytes: Optional[int] = None, *,
                 calibration=None, sketch_record_bytes: int = 0) -> MemoryPlan:
@@ -156,6 +174,7 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
     does not fit.
     """
     rec = int(manifest["bundle"]["record_bytes"])
+    row = cache_row_bytes(manifest)  # what a cached neuron takes in DRAM (packed)
     if resident_bytes is None:
         resident_bytes = int(manifest["checksums"][manifest["files"]["dense"]]["bytes"])
     ctx = min(runtime.max_context, args.max_position_embeddings)
@@ -166,6 +185,8 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
         overhead += L * f * 9  # FrequencyPolicy: held flag + float64 score per neuron
     if runtime.eviction == "rank":  # the cached rows' activations and scores, per chunk
         overhead += runtime.prefill_chunk * f * 4
+    if runtime.reuse and row < rec:  # the packed cache's staging buffer
+        overhead += STAGING_RECORDS * rec
     fixed = resident_bytes + predictor_bytes + kv + overhead
     if not runtime.reuse:  # nothing is kept across tokens: one layer's rows at a time
         if runtime.dram_budget is not None and fixed + f * rec > runtime.dram_budget:
@@ -182,10 +203,10 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
     else:
         # neurons cached in all layers: each costs a record, each other one a sketch
         spare = runtime.dram_budget - fixed - sk_fixed - L * f * (sk + 12 if sk else 0)
-        total = max(spare, 0) // (rec - (sk + 12 if sk else 0))
+        total = max(spare, 0) // (row - (sk + 12 if sk else 0))
         minimum = max(16, f // 100)  # below 1% of a layer the model cannot run a token
         if total < minimum * L:
-            need = fixed + sk_fixed + minimum * L * rec + L * (f - minimum) * (sk + 12 if sk else 0)
+            need = fixed + sk_fixed + minimum * L * row + L * (f - minimum) * (sk + 12 if sk else 0)
             sketch = f", the 4-bit sketch {format_bytes(L * f * (sk + 12) + sk_fixed)}" if sk else ""
             raise ValueError(
                 f"dram_budget {format_bytes(runtime.dram_budget)} is too small: the resident part "
@@ -198,7 +219,7 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
         else:
             caps = [int(min(f, total // L))] * L
     return MemoryPlan(runtime.dram_budget, resident_bytes, predictor_bytes, kv,
-                      overhead, [int(c) for c in caps], rec, f,
+                      overhead, [int(c) for c in caps], rec, f, row_bytes=row,
                       sketch_record_bytes=sk, sketch_fixed=sk_fixed)
 
 
@@ -293,7 +314,7 @@ class SparseFFN:
         self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
         self.cache = self.layer_rows = None
         if runtime.reuse:
-            self.cache = NeuronCache(self.reader, self.plan.cache_capacity)
+            self.cache = NeuronCache(self.reader, self.plan.cache_capacity, packed=True)
             for i, b in enumerate(self.bias):
                 if b is not None:
                     self.cache.set_layer_bias(i, b)
@@ -320,7 +341,7 @@ class SparseFFN:
         f, L = a.intermediate_size, a.num_hidden_layers
         caps = self.plan.cache_capacity
         self.max_loads = max(1, int(np.ceil(self.runtime.read_limit * f)))
-        self._h = np.empty((self.runtime.prefill_chunk, max(caps)), np.float32)
+        self._h = np.empty(self.runtime.prefill_chunk * max(caps), np.float32)  # [T, n] views
         if cal is not None:
             self.down_norm = cal.down_norm
         elif self.oracle is not None:
@@ -393,7 +414,7 @@ class SparseFFN:
         rows = cache.rows(layer)
         n = rows.shape[0]
         has_bias = self.bias[layer] is not None
-        h = self._h[:t, :n]
+        h = self._h[:t * n].reshape(t, n)
         out = ffn_on_rows(a, x, rows, cache.bias(layer) if has_bias else None, act_out=h)
         t1 = time.perf_counter_ns()
         ids = cache.ids(layer)
