@@ -138,3 +138,96 @@ def test_window_keeps_its_own_copy_of_the_ids():
     ids[:] = [7, 8, 9]                          # the caller reuses its buffer
     assert w.state(0).tolist() == [1, 2, 3]
     assert w.update(0, [3, 1, 1])[0].tolist() == []  # unsorted with duplicates still works
+
+
+# ---- rank_swaps (eviction="rank") ---------------------------------------------------------
+
+from itertools import combinations  # noqa: E402
+
+from flashinfer_py.window import rank_swaps  # noqa: E402
+
+
+def _swaps(cached, cand_ids, cand_scores, max_swaps, free=0):
+    load, evict = rank_swaps(np.asarray(cached, np.float32), np.asarray(cand_ids, np.int64),
+                             np.asarray(cand_scores, np.float32), max_swaps, free)
+    assert load.dtype == np.int64 and evict.dtype == np.int64
+    return load.tolist(), evict.tolist()
+
+
+# (cached scores by row, candidate ids, their scores, max_swaps, free) -> (load ids, evict rows)
+RANK_CASES = {
+    # free rows only: the best candidates fill them, best first; nothing is replaced
+    "free-only": (([5.0, 6.0], [10, 11, 12, 13], [1.0, 9.0, 3.0, 7.0], 0, 2), ([11, 13], [])),
+    # swaps only: candidates best first against cached rows lowest first, while strictly better
+    "swaps-only": (([5.0, 1.0, 3.0, 8.0], [20, 21, 22, 23], [4.0, 0.5, 2.0, 9.5], 4, 0),
+                   ([23, 20], [1, 2])),
+    # free rows first (the 2 best), then the next best replace cached rows
+    "free-then-swaps": (([2.0, 0.1, 4.0], [7, 8, 9, 30, 31], [6.0, 5.0, 3.0, 1.0, 0.05], 5, 2),
+                        ([7, 8, 9], [1])),
+    # the best remaining candidate only ties the lowest cached row: no swap (ties never swap)
+    "tie": (([3.0, 2.0, 4.0], [40, 41], [2.0, 1.0], 2, 0), ([], [])),
+    "tie-after-a-swap": (([3.0, 1.0, 4.0], [40, 41], [5.0, 3.0], 2, 0), ([40], [1])),
+    # at most max_swaps replacements even when more candidates would win
+    "max-swaps": (([1.0, 1.0, 1.0, 1.0], [50, 51, 52, 53], [9.0, 8.0, 7.0, 6.0], 2, 0),
+                  ([50, 51], [0, 1])),
+    "max-swaps-zero": (([1.0], [50], [9.0], 0, 0), ([], [])),
+    # more winning candidates than cached rows: each row is replaced once at most
+    "short-cache": (([0.0], [60, 61, 62], [3.0, 2.0, 1.0], 5, 0), ([60], [0])),
+    "no-candidates": (([1.0, 2.0], [], [], 3, 1), ([], [])),
+    "empty-cache": (([], [70, 71, 72], [1.0, 3.0, 2.0], 4, 0), ([], [])),
+    "empty-cache-free": (([], [70, 71, 72], [1.0, 3.0, 2.0], 4, 2), ([71, 72], [])),
+    "more-free-than-candidates": (([5.0], [80, 81], [1.0, 2.0], 3, 6), ([81, 80], [])),
+    "negative-limits-mean-none": (([1.0], [90, 91], [5.0, 6.0], -1, -2), ([], [])),
+}
+
+
+@pytest.mark.parametrize("case", list(RANK_CASES))
+def test_rank_swaps_scripted(case):
+    args, (load, evict) = RANK_CASES[case]
+    assert _swaps(*args) == (load, evict)
+
+
+def _best_by_enumeration(cached, cand, max_swaps, free):
+    """Every choice of neurons to load and rows to evict that fills min(free, candidates)
+    empty rows and replaces at most max_swaps rows; the one keeping the largest total score,
+    and among those the one replacing the fewest rows (a tie is not worth a read).
+    Returns (total score gained, rows replaced, candidate indices, rows)."""
+    n_fill = min(max(free, 0), len(cand))
+    best = None
+    for e in range(0, min(max(max_swaps, 0), len(cached), len(cand) - n_fill) + 1):
+        for rows in combinations(range(len(cached)), e):
+            lost = sum(cached[r] for r in rows)
+            for picks in combinations(range(len(cand)), n_fill + e):
+                gain = sum(cand[i] for i in picks) - lost
+                key = (gain, -e)
+                if best is None or key > best[0]:
+                    best = (key, picks, rows)
+    (gain, neg_e), picks, rows = best
+    return gain, -neg_e, set(picks), set(rows)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_rank_swaps_against_enumeration(ties):
+    """Random small cases against the best choice found by trying every one. Continuous scores
+    have one best choice, which must be returned; integer scores tie often, and then any of the
+    best choices will do (same total, same number of reads)."""
+    rng = np.random.default_rng(11 + ties)
+    for _ in range(400):
+        n_cached, n_cand = int(rng.integers(0, 6)), int(rng.integers(0, 7))
+        score = (lambda n: rng.integers(0, 4, n).astype(np.float64)) if ties else rng.random
+        cached, cand = score(n_cached), score(n_cand)
+        ids = rng.choice(1000, n_cand, replace=False)
+        max_swaps, free = int(rng.integers(-1, 5)), int(rng.integers(-1, 4))
+        load, evict = _swaps(cached, ids, cand, max_swaps, free)
+        gain, n_evict, picks, rows = _best_by_enumeration(cached, cand, max_swaps, free)
+        pos = {int(i): k for k, i in enumerate(ids)}
+        got_picks = [pos[i] for i in load]
+        assert len(set(load)) == len(load) and len(set(evict)) == len(evict)
+        assert len(evict) == n_evict and len(load) == n_evict + min(max(free, 0), n_cand)
+        got_gain = cand[got_picks].sum() - cached[evict].sum()
+        assert got_gain == pytest.approx(gain, abs=1e-5)
+        if not ties:
+            assert set(got_picks) == picks and set(evict) == rows
+        # pairwise: each replacement is strictly better than the row it replaces
+        swapped = got_picks[len(load) - len(evict):]
+        assert all(cand[i] > cached[r] for i, r in zip(swapped, evict))
