@@ -456,8 +456,9 @@ class RuntimeConfig:
         sparse: stream the FFN from the bundle file through the neuron cache.
         dram_budget: bytes the model may use (resident tensors + predictors + KV cache + neuron
             cache); sets each layer's cache capacity. None: cache every neuron that is needed.
-        selection: how the neurons a token needs are found. "auto" (default): "sketch" for
-            SwiGLU/GeGLU models whose directory has one, else "predictor". "sketch": a 4-bit
+        selection: how the neurons a token needs are found. "auto" (default): "sketch" when
+            the directory has one, unless the model is ReLU and has low-rank predictors too (the
+            paper's exact path), else "predictor". "sketch": a 4-bit
             copy of every uncached neuron's gate and up rows estimates its activation (built
             by `train-predictors`; needs eviction "rank"). "predictor": the paper's trained
             low-rank predictors. "oracle": the true activations, computed from all weights
@@ -604,9 +605,14 @@ def parse_bytes(text) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def format_bytes(n: float) -> str:
+def format_bytes(n: float, up: bool = False) -> str:
+    """'1.50 MiB'; `up` rounds the shown figure up, for minimums a user will pass back."""
+    import math
+
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(n) if up else n:.0f} {unit}"
+            return f"{math.ceil(n * 100) / 100 if up else n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"

@@ -142,14 +142,19 @@ def allocate_caps(err: np.ndarray, err_k: np.ndarray, total: int, d_ff: int,
         else:
             hi = mid
     caps = caps_at(hi)
+    # What the error levels leave (rounding, flat curves: a ReLU layer's error is exactly 0
+    # past its largest active set) goes out evenly, the layers with the largest error first.
     rest = total - int(caps.sum())
-    at_cap = [float(np.interp(c, ks, e)) for c, e in zip(caps, err)]
-    for layer in np.argsort(at_cap)[::-1]:
-        if rest <= 0:
-            break
-        give = min(rest, d_ff - int(caps[layer]), -(-rest // L) + 1)
-        caps[layer] += give
-        rest -= give
+    while rest > 0:
+        room = [i for i in range(L) if caps[i] < d_ff]
+        at_cap = {i: float(np.interp(caps[i], ks, err[i])) for i in room}
+        share = max(1, rest // len(room))
+        for layer in sorted(room, key=lambda i: -at_cap[i]):
+            give = min(share, d_ff - int(caps[layer]), rest)
+            caps[layer] += give
+            rest -= give
+            if rest == 0:
+                break
     return [int(c) for c in caps]
 
 
@@ -193,7 +198,7 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
             raise ValueError(
                 f"dram_budget {format_bytes(runtime.dram_budget)} is too small: without reuse the "
                 f"runtime needs the resident part ({format_bytes(fixed)}) plus one layer's FFN "
-                f"({format_bytes(f * rec)}). Give at least {format_bytes(fixed + f * rec)}.")
+                f"({format_bytes(f * rec)}). Give at least {format_bytes(fixed + f * rec, up=True)}.")
         return MemoryPlan(runtime.dram_budget, resident_bytes, predictor_bytes, kv,
                           overhead, [0] * L, rec, f, layer_buffer=f * rec)
     sk = sketch_record_bytes
@@ -213,7 +218,7 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
                 f"alone needs {format_bytes(fixed)} (tensors {format_bytes(resident_bytes)}, KV "
                 f"cache {format_bytes(kv)} for {ctx} tokens, predictors "
                 f"{format_bytes(predictor_bytes)}, runtime {format_bytes(overhead)}{sketch}). "
-                f"Give at least {format_bytes(need)}, or lower --max-context.")
+                f"Give at least {format_bytes(need, up=True)}, or lower --max-context.")
         if calibration is not None and runtime.per_layer_cache:
             caps = allocate_caps(calibration.err, calibration.err_k, int(total), f, minimum)
         else:
@@ -296,6 +301,7 @@ class SparseFFN:
         from .cache import NeuronCache
 
         self.args, self.runtime, self.predictors = args, runtime, predictors
+        self.dtype = manifest["dtype"]
         if runtime.selection in ("predictor", "sketch") and predictors is None:
             raise ValueError(f"selection={runtime.selection!r} needs `flashinfer-py "
                              "train-predictors` to have run on this directory")
@@ -347,7 +353,7 @@ class SparseFFN:
         elif self.oracle is not None:
             from .sketch import down_norms
 
-            self.down_norm = down_norms(a, self.oracle.full.rows_by_layer, self.reader.dtype)
+            self.down_norm = down_norms(a, self.oracle.full.rows_by_layer, self.dtype)
         else:
             self.down_norm = None
         t0 = time.perf_counter_ns()

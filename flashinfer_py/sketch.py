@@ -117,6 +117,9 @@ class SketchStore:
              leaving_rows: np.ndarray) -> None:
         """Neurons `entering` go to the cache and `leaving` (their cache rows: rows[leaving_rows])
         come here: each leaving neuron is quantized into the slot an entering one frees."""
+        if len(entering) != len(leaving):
+            raise ValueError(f"layer {layer}: {len(entering)} neurons enter the cache but "
+                             f"{len(leaving)} leave; the two tiers trade slots one for one")
         slots = self.id_slot[layer][entering]
         if (slots < 0).any():
             raise ValueError(f"layer {layer}: neurons {entering[slots < 0][:5]} are not in the "

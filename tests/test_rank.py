@@ -6,8 +6,6 @@
 - the memory plan (per-layer cache sizes, the sketch tier in the budget);
 - the calibration `train-predictors` records;
 - "auto" defaults, refused combinations, and predictor files of format 1.
-
-Bugs found while writing these tests are kept as strict xfails with the reason spelled out.
 """
 from __future__ import annotations
 
@@ -23,7 +21,7 @@ import flashinfer_py as fi
 from conftest import rel_err
 from flashinfer_py import kernels as K
 from flashinfer_py.config import ModelArgs, RuntimeConfig, parse_bytes
-from flashinfer_py.loader import allocate_caps, prepare_sparse
+from flashinfer_py.loader import allocate_caps, cache_row_bytes, prepare_sparse
 from flashinfer_py.predictor import Predictors
 from flashinfer_py.sketch import sketch_record_bytes
 from flashinfer_py.train import TrainConfig, calibrate, record, train_predictors
@@ -167,12 +165,6 @@ def test_a_truncated_sketch_file_is_refused(trained, tmp_path):
         fi.load(bad, dram_budget=rank_budget(d, 0.5))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "SparseFFN._forward_rank passes act_out=self._h[:t, :n] to the FFN kernel: with per-layer "
-    "cache sizes (the default with a calibration) a layer whose cache is smaller than the "
-    "largest has n < max(caps), the slice is not C-contiguous for t > 1 tokens, and ffn_rows "
-    "raises 'act_out must be C-contiguous'. Any prompt longer than one token fails with the "
-    "defaults (prefill_chunk=16) under a budget"))
 def test_default_prefill_chunks_run_under_a_budget(trained, prompt_ids):
     d, _ = trained
     m = fi.load(d, dram_budget=rank_budget(d, 0.5))
@@ -238,15 +230,10 @@ def run_against_reference(m, ref, ids, chunk: int):
     assert worst < 1e-4, worst
 
 
-ON_DEMAND_BUG = pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "selection='oracle' with eviction='rank' and no calibration (no predictors.npz: the "
-    "on-demand first fill) fails at load: SparseFFN._init_rank computes the down-column "
-    "norms with down_norms(a, rows, self.reader.dtype), and BundleReader has no attribute "
-    "'dtype' (the storage dtype is the manifest's 'dtype', or reader.header['dtype'])"))
 
 
 @pytest.mark.parametrize("case,chunk,per_layer", [
-    pytest.param("on-demand", 1, True, marks=ON_DEMAND_BUG),
+    ("on-demand", 1, True),
     ("calibrated", 1, True),
     ("calibrated", 4, False),   # 4 tokens a call: scores are maxima over them, 4x the swaps
 ])
@@ -263,7 +250,8 @@ def test_rank_runtime_matches_the_numpy_reference(case, chunk, per_layer, tiny_h
                                                       per_layer_cache=per_layer)))
     f, L = m.args.intermediate_size, m.args.num_hidden_layers
     caps = m.plan.cache_capacity
-    assert all(c < f for c in caps) and (len(set(caps)) > 1) == per_layer
+    # per-layer sizes need the calibration; without one every layer gets the same
+    assert all(c < f for c in caps) and (len(set(caps)) > 1) == (per_layer and case != "on-demand")
     start = None
     if case == "calibrated":
         hot = trained[1].calibration.hot
@@ -281,7 +269,7 @@ def test_rank_runtime_matches_the_numpy_reference(case, chunk, per_layer, tiny_h
     assert m.ffn.total.loaded > (sum(caps) if start is None else 0)
 
 
-@pytest.mark.parametrize("case", [pytest.param("oracle-on-demand", marks=ON_DEMAND_BUG),
+@pytest.mark.parametrize("case", ["oracle-on-demand",
                                   "oracle-calibrated", "sketch"])
 def test_rank_with_every_neuron_cached_is_dense(case, tiny_flash, trained, prompt_ids):
     """read_limit=1.0 and a budget that holds every neuron: the dense logits (the oracle fills
@@ -359,10 +347,6 @@ def test_allocate_caps_is_uniform_for_equal_curves_and_divisible_totals(total):
     assert allocate_caps(np.repeat(err, 3, axis=0), ks, total, 344, 16) == [total // 3] * 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "allocate_caps hands out what the bisection leaves with give = min(rest, room, "
-    "ceil(rest / L) + 1): with equal curves the first layer in the loop takes 2 of a "
-    "remainder of 2, so 3 equal layers and a total of 302 get [100, 100, 102]"))
 def test_allocate_caps_for_equal_curves_differ_by_at_most_one():
     err, ks = decaying_curves(np.random.default_rng(5), 1, 344)
     for total in (301, 302, 304, 305):
@@ -371,12 +355,6 @@ def test_allocate_caps_for_equal_curves_differ_by_at_most_one():
         assert_errors_equalized(caps, np.repeat(err, 3, axis=0), ks, 16)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "allocate_caps makes one pass over the layers giving each at most ceil(rest / L) + 1 of "
-    "the remainder; when an error curve has a flat segment (a ReLU model's error is exactly 0 "
-    "past its largest active set) the bisection's remainder is large and part of it is never "
-    "handed out: err=[[1, 0, 0], [1, 0, 0]] at k=[0, 50, 100], total 150 gives [63, 76] "
-    "(139 neurons, 11 of the budget's unused)"))
 def test_allocate_caps_spends_the_total_with_flat_curves():
     assert sum(allocate_caps(np.array([[1.0, 0, 0], [1.0, 0, 0]]), np.array([0, 50, 100]),
                              150, 100, 0)) == 150
@@ -391,7 +369,9 @@ def test_plan_with_a_sketch_accounts_for_both_tiers(trained):
     sk = sketch_record_bytes(a)
     caps = plan.cache_capacity
     assert len(set(caps)) > 1 and all(16 <= c < f for c in caps)   # sized per layer
-    assert plan.cache_bytes == sum(caps) * rec
+    row = plan.row_bytes  # the packed cache: the parts without the flash padding
+    assert row < rec and row == cache_row_bytes(m.manifest)
+    assert plan.cache_bytes == sum(caps) * row
     assert plan.sketch_bytes == (L * f - sum(caps)) * (sk + 12) + L * f * 12
     assert plan.total == (plan.resident + plan.predictors + plan.kv_cache + plan.overhead
                           + plan.cache_bytes + plan.sketch_bytes)
@@ -400,15 +380,11 @@ def test_plan_with_a_sketch_accounts_for_both_tiers(trained):
     assert m.ffn.sketch.nbytes == plan.sketch_bytes
     assert [s.shape for s in m.ffn.sketch.data] == [(f - c, sk) for c in caps]
     # the budget is spent: one more cached neuron (a record instead of a sketch) would not fit
-    assert plan.total + rec - (sk + 12) > budget
+    assert plan.total + row - (sk + 12) > budget
     # and the sizes equalize the calibrated errors
     assert_errors_equalized(caps, preds.calibration.err, preds.calibration.err_k, 16)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "plan_memory adds the rank path's per-token buffers (prefill_chunk * d_ff * 4 bytes) to "
-    "`overhead` after `fixed` was computed from it, so the cache is sized as if they cost "
-    "nothing and plan.total exceeds the budget by up to that much (here 16 * 344 * 4 bytes)"))
 @pytest.mark.parametrize("fraction", [0.3, 0.7])
 def test_plan_with_a_sketch_fits_the_budget(trained, fraction):
     d, _ = trained
@@ -422,10 +398,6 @@ def test_a_budget_too_small_for_the_tiers_names_the_smallest_figure(trained):
         fi.load(d, dram_budget="1MB")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "plan_memory's 'Give at least X' prints the smallest budget with format_bytes, which "
-    "rounds to the nearest 0.01 MiB: here the exact figure is just above the printed one "
-    "(98.55 MiB), and loading with the printed figure fails with the same error"))
 def test_the_smallest_figure_named_is_enough(trained):
     d, _ = trained
     with pytest.raises(ValueError) as e:
@@ -580,12 +552,6 @@ def test_format1_predictors_still_load(tiny_flash, tmp_path, prompt_ids):
 # ---- the command line over a directory `train-predictors` made ----------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the CLI was not updated with 893ceb6: `train-predictors` has no --method option (the "
-    "fix-it in prepare_sparse's FlashFormatError names one) and `generate` defaults to "
-    "--selection predictor --eviction window (choices without 'auto', 'sketch', 'rank'), so "
-    "on a SwiGLU model `train-predictors` builds the sketch only and `generate --sparse` "
-    "then fails: what `flashinfer-py demo` runs on a fresh cache"))
 def test_cli_generate_after_cli_train_predictors(tiny_flash, tmp_path):
     from flashinfer_py.cli import main
 
