@@ -178,8 +178,10 @@ def main(argv=None) -> int:
     ap.add_argument("--totals", nargs="+", type=float, default=[0.7, 0.5, 0.3])
     ap.add_argument("--read-limit", type=float, default=0.1)
     ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--lowrank", nargs="*", type=int, default=[64, 128],
-                    help="ranks of the low-rank predictors to train and compare (needs torch)")
+    ap.add_argument("--lowrank", nargs="*", default=["64", "128", "64/256"],
+                    help="low-rank predictors to train and compare (needs torch): a rank, or "
+                         "RANK/LAST for a larger rank in the last 3 layers (the paper's "
+                         "per-layer ranks)")
     ap.add_argument("--write", action="store_true")
     ns = ap.parse_args(argv)
     import flashinfer_py as fi  # noqa: F401
@@ -211,9 +213,10 @@ def main(argv=None) -> int:
         from flashinfer_py.train import TrainConfig, train_predictors
 
         for r in ns.lowrank:
-            p = train_predictors(sim.m, cal_ids, TrainConfig(rank=r, rank_last=r,
-                                                            methods=("lowrank",)),
-                                 progress=False, save=False)
+            rank, _, last = str(r).partition("/")
+            p = train_predictors(sim.m, cal_ids, TrainConfig(
+                rank=int(rank), rank_last=int(last or rank), last_layers=3, methods=("lowrank",)),
+                progress=False, save=False)
             methods[f"low-rank r={r} (the paper's)"] = (
                 (lambda p: lambda l, X, H: p.layers[l].scores(X))(p), p.nbytes / (L * f * rec),
                 False, 0)
