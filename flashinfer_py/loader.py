@@ -431,30 +431,39 @@ class SparseFFN:
         st.predict_ns += t2 - t1
         st.needed += n + len(load)
         st.hits += n
-        if len(load):
-            evict = ids[evict_rows].astype(np.int64)
-            if self.sketch is not None:
-                self.sketch.swap(layer, load, evict, rows, evict_rows)
-            before = cache.stats()["reads"]
-            if len(evict):
-                cache.evict(layer, evict)
-            t3 = time.perf_counter_ns()
-            cache.insert(layer, np.sort(load))
-            t4 = time.perf_counter_ns()
-            r = cache.stats()["reads"]
-            st.mm_ns += t3 - t2
-            st.io_ns += t4 - t3
-            st.bytes_read += r["bytes_read"] - before["bytes_read"]
-            st.reads += r["reads_issued"] - before["reads_issued"]
-            st.direct = st.direct and bool(r["direct"])
-            st.loaded += len(load)
-            st.evicted += len(evict)
+        evict = ids[evict_rows].astype(np.int64)  # ids before the cache changes
+        if len(load) and self.sketch is not None:
+            self.sketch.swap(layer, load, evict, rows, evict_rows)
+        self._swap(layer, np.sort(load), evict, t2)
+        if len(load):  # the newcomers sit in the tail rows: add their part of the output
             k = len(load)
-            new_rows = cache.rows(layer)[-k:]
-            out += ffn_on_rows(a, x, new_rows, cache.bias(layer)[-k:] if has_bias else None)
+            out += ffn_on_rows(a, x, cache.rows(layer)[-k:],
+                               cache.bias(layer)[-k:] if has_bias else None)
+        return out
+
+    def _swap(self, layer: int, load, evict, t_start: int) -> None:
+        """Evict, then read `load` into the layer's cache; their costs go into the token's
+        statistics (memory management from t_start, then I/O)."""
+        st, cache = self.tok, self.cache
+        before = cache.stats()["reads"]
+        if len(evict):
+            cache.evict(layer, evict)
+        t_io = time.perf_counter_ns()
+        if len(load):
+            if self.runtime.bundled:
+                cache.insert(layer, load)
+            else:
+                cache.insert_parts(layer, load)
+        st.io_ns += time.perf_counter_ns() - t_io
+        st.mm_ns += t_io - t_start
+        r = cache.stats()["reads"]
+        st.bytes_read += r["bytes_read"] - before["bytes_read"]
+        st.reads += r["reads_issued"] - before["reads_issued"]
+        st.direct = st.direct and bool(r["direct"])
+        st.loaded += len(load)
+        st.evicted += len(evict)
         st.cached += cache.n_used(layer)
         st.per_layer_loaded.append(len(load))
-        return out
 
     def rows(self, layer: int, x: np.ndarray):
         """(rows, up_bias, row_select) to compute layer `layer`'s FFN for inputs x [T, d]
@@ -467,30 +476,9 @@ class SparseFFN:
         if cache is None:
             return self._rows_streamed(layer, ids, t1)
         load, evict = self.policy.update(layer, ids, cache.capacity(layer))
-        hits = len(ids) - len(load)
-        before = cache.stats()
-        if len(evict):
-            cache.evict(layer, evict)
-        t2 = time.perf_counter_ns()
-        if len(load):
-            if self.runtime.bundled:
-                cache.insert(layer, load)
-            else:
-                cache.insert_parts(layer, load)
-        t3 = time.perf_counter_ns()
-        after = cache.stats()
-        r0, r1 = before["reads"], after["reads"]
-        st.io_ns += t3 - t2
-        st.mm_ns += t2 - t1
-        st.bytes_read += r1["bytes_read"] - r0["bytes_read"]
-        st.reads += r1["reads_issued"] - r0["reads_issued"]
-        st.direct = st.direct and bool(r1["direct"])
-        st.loaded += len(load)
-        st.evicted += len(evict)
         st.needed += len(ids)
-        st.hits += hits
-        st.cached += cache.n_used(layer)
-        st.per_layer_loaded.append(len(load))
+        st.hits += len(ids) - len(load)
+        self._swap(layer, load, evict, t1)
         t4 = time.perf_counter_ns()
         select = None
         if self.runtime.compute == "predicted" and len(ids) < cache.n_used(layer):
