@@ -3,7 +3,7 @@
     python benchmarks/eviction_compare.py [--caches 0.3 0.5 0.85] [--windows 2] [--tokens 192]
 
 Real model, real text: the default SmolLM2 flash directory (float16) with its trained predictors
-(``flashinfer-py train-predictors``, calibrated on the head of the Wikipedia excerpt) reads
+(``flashinfer-py train-predictors --method both``; the low-rank ones are the paper's) reads
 windows of ``--tokens`` tokens from the excerpt's tail (never seen in training), one token per
 forward call (``prefill_chunk=1``), each window from an empty context and an empty neuron cache.
 For each cache size (a fraction of the FFN; the DRAM budget is planned so each layer's cache
@@ -82,7 +82,7 @@ def main() -> None:
     directory = a.dir or default_model_dir()
     if not (directory / "predictors.npz").exists():
         raise SystemExit(f"{directory} has no predictors.npz: run `flashinfer-py "
-                         f"train-predictors {directory}` first")
+                         f"train-predictors {directory} --method both` first")
     dense = load(directory, RuntimeConfig(threads=1))
     ids = dense.tokenizer.encode(wikipedia_excerpt()[-EVAL_CHARS:])
     windows = windows_of(ids, a.tokens, a.windows)

@@ -3,7 +3,7 @@
     python benchmarks/smollm2_table.py [--tokens 32] [--rounds 2] [--json benchmarks/smollm2_table.json]
 
 Real model, real text, real activations: the default SmolLM2 flash directory
-(``default_model_dir()``, float16; its ``predictors.npz`` from ``flashinfer-py train-predictors``,
+(``default_model_dir()``, float16; its ``predictors.npz`` from ``flashinfer-py train-predictors --method both``,
 calibrated on the *head* of the Wikipedia excerpt) decodes text from the excerpt's *tail* (never
 seen in training). For each ablation preset (naive, hybrid, predictor, window, bundling):
 ``RuntimeConfig(ablation=row, max_context=512, threads=1)``, everything else default (window

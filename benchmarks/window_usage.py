@@ -4,7 +4,7 @@ against the sliding-window size, from its trained predictors on real text.
     python benchmarks/window_usage.py [--tokens 256] [--plot benchmarks/figures/window_usage.png]
 
 Runs the default SmolLM2 flash directory (``flashinfer_py.default_model.default_model_dir()``;
-predictors from ``flashinfer-py train-predictors`` must exist) in sparse mode, one token per
+predictors from ``flashinfer-py train-predictors --method both`` must exist) in sparse mode, one token per
 step over the Wikipedia excerpt (``corpora.wikipedia_excerpt``), and records each layer's
 predicted set per token. Then, for window sizes k = 1..12 (offline, on the same sets):
 - aggregated usage: neurons in the union of the last k tokens' sets (what the window holds),

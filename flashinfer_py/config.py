@@ -535,6 +535,8 @@ class RuntimeConfig:
             for k, v in ABLATIONS[self.ablation].items():
                 setattr(self, k, v)
             self.sparse = True
+            if self.eviction == "auto":  # the paper's rows are its window method
+                self.eviction = "window"
         if isinstance(self.dram_budget, str):
             self.dram_budget = parse_bytes(self.dram_budget)
         if self.dram_budget is not None:
