@@ -117,9 +117,10 @@ def eval_windows(directory: Path, n: int, length: int) -> list:
     return [ids[i * length:(i + 1) * length] for i in range(n)]
 
 
-def budget_for(directory: Path, cfg, fraction: float) -> tuple[int, dict]:
+def budget_for(directory: Path, cfg, fraction: float, basis: str = "dram") -> tuple[int, dict]:
     """The DRAM budget at which the FFN's share (cache + sketch + predictors) is `fraction`
-    of the FFN's bytes; and the plan's parts."""
+    of the FFN's bytes (basis "dram"), or at which the neuron cache alone holds `fraction` of
+    the FFN's neurons (basis "cache": what chooses neurons comes on top); and the plan's parts."""
     from flashinfer_py.config import ModelArgs
     from flashinfer_py.format import read_manifest
     from flashinfer_py.loader import prepare_sparse
@@ -128,13 +129,20 @@ def budget_for(directory: Path, cfg, fraction: float) -> tuple[int, dict]:
     args = ModelArgs.from_dict(m["model"])
     rt, _, plan = prepare_sparse(directory, m, args, cfg)
     outside = plan.total - plan.cache_bytes - plan.sketch_bytes - plan.predictors
-    return int(outside + fraction * plan.ffn_dram_bytes), {
+    budget = int(outside + fraction * plan.ffn_dram_bytes)
+    if basis == "cache":
+        n_all = args.num_hidden_layers * args.intermediate_size
+        cached = int(fraction * n_all)
+        sketch = ((n_all - cached) * (plan.sketch_record_bytes + 12) + plan.sketch_fixed
+                  if plan.sketch_record_bytes else 0)
+        budget = outside + cached * plan.row_bytes + sketch + plan.predictors
+    return budget, {
         "ffn_bytes": plan.ffn_dram_bytes,
         "ffn_flash_bytes": args.num_hidden_layers * args.intermediate_size * plan.record_bytes}
 
 
 def run_setting(directory: Path, method: str, fraction: float, read_limit: float, windows,
-                log) -> dict:
+                log, basis: str = "dram") -> dict:
     import flashinfer_py as fi
     from flashinfer_py.sampling import log_softmax
 
@@ -144,14 +152,14 @@ def run_setting(directory: Path, method: str, fraction: float, read_limit: float
     if fraction >= 1.0:  # everything cached: the dense model through the sparse path
         budget, info = None, budget_for(directory, cfg, 1.0)[1]
     else:
-        budget, info = budget_for(directory, cfg, fraction)
+        budget, info = budget_for(directory, cfg, fraction, basis)
     t0 = time.perf_counter()
     try:
         model = fi.load(directory, cfg.replace(dram_budget=budget))
     except ValueError as e:  # a budget below the method's own minimum
         log(f"  {method} {fraction:.0%}: cannot run ({e})")
         return {"method": method, "fraction": fraction, "read_limit": read_limit,
-                "error": str(e)}
+                "basis": basis, "error": str(e)}
     plan, ffn = model.plan, info["ffn_bytes"]
     nll = n = 0
     keys = ("bytes_read", "predict_ns", "io_ns", "mm_ns", "total_ns", "loaded")
@@ -172,7 +180,7 @@ def run_setting(directory: Path, method: str, fraction: float, read_limit: float
     wall = time.perf_counter() - t0
     L, f = model.args.num_hidden_layers, model.args.intermediate_size
     row = {
-        "method": method, "fraction": fraction, "read_limit": read_limit,
+        "method": method, "fraction": fraction, "read_limit": read_limit, "basis": basis,
         "selection": model.runtime.selection, "eviction": model.runtime.eviction,
         "ppl": math.exp(nll / n), "tokens": n,
         "read_frac": acc["bytes_read"] / tokens / info["ffn_flash_bytes"],
@@ -184,7 +192,7 @@ def run_setting(directory: Path, method: str, fraction: float, read_limit: float
         "first_fill_mib": model.ffn.load_stats.bytes_read / 2**20,
         "caps": plan.cache_capacity, "budget": budget, "seconds": round(wall, 1),
     }
-    log(f"  {method:15s} {fraction:4.0%} read_limit {read_limit:.2f}: ppl {row['ppl']:8.3f}  "
+    log(f"  {method:15s} {fraction:4.0%} {basis} read_limit {read_limit:.2f}: ppl {row['ppl']:8.3f}  "
         f"read {row['read_frac']:6.2%}/token  cache {row['cache_frac']:.1%} + sketch "
         f"{row['sketch_frac']:.1%} + predictors {row['predictor_frac']:.1%}  predict "
         f"{row['predict_ms']:.2f} of {row['token_ms']:.1f} ms  ({wall:.0f} s)")
@@ -256,7 +264,8 @@ def plot(results: dict, out_dir: Path) -> list:
     for model, rows in results["rows"].items():
         base = results["dense"][model]
         fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
-        main = [r for r in rows if "error" not in r and r["read_limit"] == results["read_limit"]]
+        main = [r for r in rows if "error" not in r and r["read_limit"] == results["read_limit"]
+                and r.get("basis", "dram") == "dram"]
         for method in METHODS:
             pts = sorted((r["fraction"], r["ppl"]) for r in main if r["method"] == method)
             if pts:
@@ -268,7 +277,8 @@ def plot(results: dict, out_dir: Path) -> list:
         ax[0].set_ylabel("perplexity (Wikipedia, token by token)")
         ax[0].set_title(f"{model}: equal total DRAM, read limit {results['read_limit']:.0%}")
         ax[0].legend(fontsize=7)
-        front = [r for r in rows if "error" not in r and r["method"] in ("exact", "sketch")]
+        front = [r for r in rows if "error" not in r and r["method"] in ("exact", "sketch")
+                 and r.get("basis", "dram") == "dram"]
         for frac in sorted({r["fraction"] for r in front if r["fraction"] < 1}, reverse=True):
             for method, style in (("exact", "-"), ("sketch", "--")):
                 pts = sorted((r["read_frac"], r["ppl"]) for r in front
@@ -296,16 +306,27 @@ def write_results(results: dict, cmd: str) -> None:
     if path.is_file() and "\n## Findings" in path.read_text():
         text = path.read_text()
         keep = text[text.index("\n## Findings"):]
-    main, front = [], []
+    main = [{**r, "model": model} for model, rows in results["rows"].items() for r in rows
+            if r["read_limit"] == results["read_limit"] and r.get("basis", "dram") == "dram"]
+    rk = ["| model | cache (of the FFN's neurons) | exact ranking (ceiling) | sketch (its 4-bit "
+          "copies on top of the cache) | sketch vs ceiling | read / token (exact, sketch) |",
+          "|---|---|---|---|---|---|"]
     for model, rows in results["rows"].items():
-        for r in rows:
-            (main if r["read_limit"] == results["read_limit"] else front).append({**r, "model": model})
+        ok = [r for r in rows if "error" not in r and r["read_limit"] == results["read_limit"]]
+        for r in (r for r in ok if r.get("basis") == "cache"):
+            ex = [e for e in ok if e["method"] == "exact" and e["fraction"] == r["fraction"]
+                  and e.get("basis", "dram") == "dram"]
+            if ex:
+                e = ex[0]
+                rk.append(f"| {model} | {r['fraction']:.0%} | {e['ppl']:.2f} | {r['ppl']:.2f} | "
+                          f"{100 * (r['ppl'] / e['ppl'] - 1):+.1f}% | {e['read_frac']:.1%}, "
+                          f"{r['read_frac']:.1%} |")
     fr = ["| model | method | FFN DRAM | read limit | read / token | perplexity | vs dense |",
           "|---|---|---|---|---|---|---|"]
     for model, rows in results["rows"].items():
         pts = sorted((r for r in rows if "error" not in r and r["method"] in ("exact", "sketch")
-                      and r["fraction"] < 1), key=lambda r: (r["method"], -r["fraction"],
-                                                              r["read_limit"]))
+                      and r["fraction"] < 1 and r.get("basis", "dram") == "dram"),
+                     key=lambda r: (r["method"], -r["fraction"], r["read_limit"]))
         for r in pts:
             base = results["dense"][model]
             fr.append(f"| {model} | {r['method']} | {r['fraction']:.0%} | {r['read_limit']:.2f} | "
@@ -334,6 +355,10 @@ def write_results(results: dict, cmd: str) -> None:
         "for the ranked methods)", "",
         "Figures: " + ", ".join(f"[{m}](figures/sparse_quality_{m}.png)" for m in results["rows"]),
         "", table(main, results["dense"]), "",
+        "## Ranking quality: the sketch against exact ranking at the same cache", "",
+        "The same neuron cache and read limit; the exact ranking's oracle is free, the sketch's "
+        "4-bit copies of the uncached neurons come on top of the cache here.", "",
+        "\n".join(rk), "",
         "## The frontier: perplexity against bytes read per token", "",
         "Exact ranking (the ceiling) and the sketch under the same cache and read limits.", "",
         "\n".join(fr), ""]
@@ -352,6 +377,9 @@ def main(argv=None) -> int:
     ap.add_argument("--frontier", nargs="*", type=float, default=[0.02, 0.05, 0.2],
                     help="other read limits for the exact and sketch frontier")
     ap.add_argument("--frontier-fractions", nargs="*", type=float, default=[0.7, 0.5, 0.3])
+    ap.add_argument("--same-cache", nargs="*", type=float, default=[0.7, 0.5, 0.3],
+                    help="also run the sketch with its cache (not cache + sketch) at these "
+                         "fractions: its ranking against the exact ranking at the same cache")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--window-tokens", type=int, default=256)
     ap.add_argument("--calibration-tokens", type=int, default=4096)
@@ -391,6 +419,9 @@ def main(argv=None) -> int:
                 if frac >= 1.0 and method != "sketch":
                     continue  # everything cached: every method is the dense model
                 rows.append(run_setting(d, method, frac, ns.read_limit, windows, log))
+        for frac in ns.same_cache:  # ranking quality: the sketch at the exact rows' caches
+            if "sketch" in ns.methods:
+                rows.append(run_setting(d, "sketch", frac, ns.read_limit, windows, log, "cache"))
         for frac in ns.frontier_fractions:
             for rl in ns.frontier:
                 for method in ("exact", "sketch"):
@@ -402,7 +433,7 @@ def main(argv=None) -> int:
     RESULTS_JSON.parent.mkdir(exist_ok=True)
     RESULTS_JSON.write_text(json.dumps(results, indent=1))
     main_rows = [{**r, "model": m} for m, rows in results["rows"].items() for r in rows
-                 if r["read_limit"] == ns.read_limit]
+                 if r["read_limit"] == ns.read_limit and r.get("basis", "dram") == "dram"]
     print(table(main_rows, results["dense"]))
     if ns.write:
         write_results(results, cmd.strip())
