@@ -302,10 +302,11 @@ def plot(results: dict, out_dir: Path) -> list:
 
 def write_results(results: dict, cmd: str) -> None:
     path = HERE / "RESULTS_sparse.md"
-    keep = ""
-    if path.is_file() and "\n## Findings" in path.read_text():
-        text = path.read_text()
-        keep = text[text.index("\n## Findings"):]
+    keep = ""  # the simulation's section and the hand-written findings survive a re-run
+    text = path.read_text() if path.is_file() else ""
+    marks = [text.index(m) for m in ("\n## Design exploration", "\n## Findings") if m in text]
+    if marks:
+        keep = text[min(marks):]
     main = [{**r, "model": model} for model, rows in results["rows"].items() for r in rows
             if r["read_limit"] == results["read_limit"] and r.get("basis", "dram") == "dram"]
     rk = ["| model | cache (of the FFN's neurons) | exact ranking (ceiling) | sketch (its 4-bit "
