@@ -26,13 +26,13 @@ import argparse
 import gc
 import json
 import os
-import platform
 import random
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+
+from common import git_commit, machine
 
 from flashinfer_py.config import RuntimeConfig
 from flashinfer_py.corpora import wikipedia_excerpt
@@ -129,30 +129,6 @@ def combine(runs: list[dict]) -> dict:
     return out
 
 
-def git_commit() -> str:
-    try:
-        c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                           capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "flashinfer_py"],
-                               cwd=HERE.parent, text=True, capture_output=True).stdout.strip()
-        return c + (" (+ uncommitted flashinfer_py changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for ln in open("/proc/cpuinfo"):
-            if ln.startswith("model name"):
-                cpu = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.1f} GiB, Linux {platform.release()}"
-
-
 def format_tables(rows: dict, meta: dict) -> str:
     mb = 1e6
     out = [f"{meta['date']}, commit {meta['commit']}, {meta['machine']}; load average "
@@ -219,7 +195,8 @@ def main() -> None:
                   flush=True)
     combined = {r: combine(v) for r, v in runs.items()}
     any_row = next(iter(combined.values()))
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit(), "machine": machine(),
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit("flashinfer_py"),
+            "machine": machine(),
             "load": [load0, os.getloadavg()[0]], "tokens": a.tokens, "rounds": a.rounds,
             "skip": skip, "wall_s": time.time() - t_start, "model_bytes": any_row["model_bytes"],
             "command": "python benchmarks/smollm2_table.py " + " ".join(os.sys.argv[1:])}

@@ -41,13 +41,13 @@ import datetime
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from common import git_commit, machine
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "sparse_quality.json"
@@ -206,30 +206,6 @@ def dense_ppl(directory: Path, windows) -> float:
     model = fi.load(directory)
     ids = [t for w in windows for t in w]
     return perplexity(model.logits, ids, len(windows[0])).perplexity
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                             capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "flashinfer_py", "csrc",
-                                "benchmarks/sparse_quality.py"], cwd=HERE.parent, text=True,
-                               capture_output=True).stdout.strip()
-        return out + (" (+ uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # --------------------------------------------------------------------------- report
@@ -403,7 +379,8 @@ def main(argv=None) -> int:
             log(f"wrote {p}")
         return 0
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    results = {"date": datetime.date.today().isoformat(), "commit": git_commit(),
+    commit = git_commit("flashinfer_py", "csrc", "benchmarks/sparse_quality.py")
+    results = {"date": datetime.date.today().isoformat(), "commit": commit,
                "machine": machine(), "read_limit": ns.read_limit, "windows": ns.windows,
                "window_tokens": ns.window_tokens, "calibration_tokens": ns.calibration_tokens,
                "dense": {}, "rows": {}, "command": cmd.strip()}

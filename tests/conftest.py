@@ -191,3 +191,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(params=["scalar", "avx2"])
+def isa(request):
+    """Run a kernel test on each instruction set the kernels have; skip those this CPU lacks."""
+    from flashinfer_py import kernels
+
+    try:
+        kernels.set_kernel_isa(request.param)
+    except ValueError:
+        pytest.skip(f"{request.param} not supported on this CPU")
+    yield request.param
+    kernels.set_kernel_isa("auto")

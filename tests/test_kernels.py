@@ -14,21 +14,10 @@ import pytest
 from flashinfer_py import kernels as K
 
 DTYPES = ["float32", "float16", "bfloat16"]
-ISAS = ["scalar", "avx2"]
 SEED = 1234
 
 
 # ---- helpers ---------------------------------------------------------------------------
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    try:
-        K.set_kernel_isa(request.param)
-    except ValueError:
-        pytest.skip(f"{request.param} not supported on this CPU")
-    yield request.param
-    K.set_kernel_isa("auto")
 
 
 def to_storage(a: np.ndarray, dtype: str) -> np.ndarray:

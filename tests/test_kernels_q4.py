@@ -25,16 +25,6 @@ ACTS = ["silu", "gelu", "gelu_tanh", "relu", "fatrelu"]
 LIPSCHITZ = 1.2  # max |act'| of every activation above (GELU's is ~1.13)
 
 
-@pytest.fixture(params=["scalar", "avx2"])
-def isa(request):
-    try:
-        K.set_kernel_isa(request.param)
-    except ValueError:
-        pytest.skip(f"{request.param} not supported on this CPU")
-    yield request.param
-    K.set_kernel_isa("auto")
-
-
 # ---- the reference -----------------------------------------------------------------------
 
 
