@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--stats", action="store_true", help="print per-token statistics to stderr")
+    g.add_argument("--summary", action="store_true",
+                   help="print the memory plan and a summary of the statistics to stderr at "
+                        "the end, not a line per token")
     g.add_argument("--json", action="store_true",
                    help="with --stats: one JSON object per token on stderr, and a summary")
     _add_runtime_args(g)
@@ -244,7 +247,7 @@ def cmd_generate(ns) -> int:
 
         prompt = DEFAULT_PROMPT
     model = load(directory, _runtime(ns))
-    if model.sparse and ns.stats:
+    if model.sparse and (ns.stats or ns.summary):
         print("memory plan:\n" + model.plan.describe(), file=sys.stderr)
     print(prompt, end="", flush=True)
     steps = []
@@ -256,7 +259,7 @@ def cmd_generate(ns) -> int:
             row = {"token": step.token, "ms": round(step.seconds * 1e3, 2), **step.stats}
             print(json.dumps(row) if ns.json else _stats_line(len(steps), step), file=sys.stderr)
     print()
-    if ns.stats:
+    if ns.stats or ns.summary:
         summary = _summary(model, steps)
         print(json.dumps(summary) if ns.json else _summary_text(summary), file=sys.stderr)
     return 0

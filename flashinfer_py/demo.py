@@ -2,6 +2,7 @@
 budget smaller than the model, with per-token statistics. What `make demo` runs."""
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 import time
@@ -92,5 +93,5 @@ def _has_sketch(directory, manifest) -> bool:
 
 
 def _run(cmd: list) -> int:
-    print("$ flashinfer-py " + " ".join(cmd[3:]) + " --stats", flush=True)
-    return subprocess.run(cmd + ["--stats"]).returncode
+    print("$ flashinfer-py " + shlex.join(cmd[3:] + ["--summary"]), flush=True)
+    return subprocess.run(cmd + ["--summary"]).returncode
