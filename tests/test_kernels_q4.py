@@ -6,7 +6,8 @@ format, written from the header's description and not from the kernel:
   q = trunc(w / d + 8.5) clamped to [1, 15]; the last block zero padded.
 
 q4_scores is checked against float64 numpy on the dequantized sketch with x quantized the
-documented way (8 bits per 32-block, d = max|x| / 127, round half up), tightly, and against the
+documented way (8 bits per 32-block, d = max|x| / 127, round half away from zero, as llama.cpp
+and every block format's kernels do), tightly, and against the
 exact float activations of the dequantized sketch within the error that quantizing x can cause.
 Every case runs on each instruction set the CPU has.
 """
@@ -25,7 +26,7 @@ ACTS = ["silu", "gelu", "gelu_tanh", "relu", "fatrelu"]
 LIPSCHITZ = 1.2  # max |act'| of every activation above (GELU's is ~1.13)
 
 
-@pytest.fixture(params=["scalar", "avx2"])
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
 def isa(request):
     try:
         K.set_kernel_isa(request.param)
@@ -79,7 +80,8 @@ def ref_quantize_x(x: np.ndarray):
     dx = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)
     inv = np.zeros_like(dx)
     inv[dx > 0] = np.float32(1) / dx[dx > 0]
-    q = np.floor(blocks * inv[..., None] + np.float32(127.5)) - 127   # round half up
+    v = (blocks * inv[..., None]).astype(np.float64)                 # the float32 product
+    q = np.sign(v) * np.floor(np.abs(v) + 0.5)                       # round half away from 0
     deq = (q.astype(np.float64) * dx[..., None].astype(np.float64)).reshape(t, nb * BLOCK)
     return deq[:, :n], dx
 
