@@ -718,9 +718,9 @@ void linear(const float* x, int64_t n, int64_t k, const void* w, DType wdt, int6
   const bool blocks = is_quantized(wdt);
   const KernelTable& kt = table();
   const QuantKernels* qk = blocks ? &quant_kernels(wdt) : nullptr;
-  // Block formats: x in 8 bits once for every row (a reference: the workers share it).
+  // Block formats: x in 16 bits once for every row (a reference: the workers share it).
   thread_local QuantizedX qx_scratch;
-  if (blocks) quantize_x_q8(x, n, k, k, qx_scratch);
+  if (blocks) quantize_x(x, n, k, k, qx_scratch);
   const QuantizedX& qx = qx_scratch;
   const Rows rows{w, wdt, blocks ? int64_t(row_bytes(wdt, k)) : k, 0, nullptr};
   const int nt = resolve_threads(threads, double(n) * double(m) * double(k));
@@ -792,9 +792,9 @@ void ffn_rows(const FfnRowsArgs& args) {
   const Rows up{a.rows, a.dtype, a.row_elems, a.up_off, a.row_select};
   const Rows gate{a.rows, a.dtype, a.row_elems, gated ? a.gate_off : 0, a.row_select};
   const Rows down{a.rows, a.dtype, a.row_elems, a.down_off, a.row_select};
-  // Block formats: x in 8 bits once for all rows (shared by reference with the workers).
+  // Block formats: x in 16 bits once for all rows (shared by reference with the workers).
   thread_local QuantizedX qx_scratch;
-  if (blocks) quantize_x_q8(a.x, n, d, d, qx_scratch);
+  if (blocks) quantize_x(a.x, n, d, d, qx_scratch);
   const QuantizedX& qx = qx_scratch;
 
   // H (n, n_used): u, then h in place. Caller's act_out when given, else scratch owned by

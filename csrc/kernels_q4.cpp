@@ -146,14 +146,14 @@ void quantize_block_part(const void* src, DType dt, int64_t len, uint8_t* dst,
 // Shared by both: 16 bytes of nibbles, byte i = value i (low) | value i + 16 (high).
 struct Q4Codes {
   static constexpr int kCodeBytes = 16;
-  static constexpr bool kSigned = false;
   static int code(const uint8_t* qs, int i) { return i < 16 ? qs[i] & 0xF : qs[i - 16] >> 4; }
 #ifdef FI_HAVE_X86
-  // the 32 codes in value order: low nibbles (values 0..15), then high (16..31)
-  FI_AVX2 static __m256i avx2_codes32(const uint8_t* qs) {
+  // the 32 codes as int16 in value order: low nibbles (values 0..15), then high (16..31)
+  FI_AVX2 static void avx2_codes16(const uint8_t* qs, __m256i* lo, __m256i* hi) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
     const __m128i low = _mm_set1_epi8(0xF);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
+    *lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
+    *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
   }
   // values 8k..8k+7: k = 0, 1 low nibbles of bytes 0-7, 8-15; k = 2, 3 their high nibbles
   FI_AVX2 static __m256 avx2_codes8(const uint8_t* qs, int k) {
@@ -295,9 +295,9 @@ void q4_scores(const float* x, int64_t n_tok, int64_t len, const uint8_t* sk, in
                float* out, int threads) {
   if (n_rec == 0) return;
   const int64_t nb = q4_blocks(len), pb = q4_part_bytes(len);
-  // x in 8 bits: reused by every record (n_tok * nb * 32 bytes; a few KiB for decode)
+  // x in 16 bits: reused by every record (n_tok * nb * 64 bytes; a few KiB for decode)
   thread_local QuantizedX qx;
-  quantize_x_q8(x, n_tok, len, len, qx);
+  quantize_x(x, n_tok, len, len, qx);
   const QuantizedX& xq = qx;
   // a record's parts are two q4_0 rows (the sketch uses the q4_0 block): one R = 2 tile
   const QuantKernels& qk = quant_kernels(DType::Q4_0);

@@ -64,8 +64,8 @@ void dequantize_q4_record(const uint8_t* rec, int n_parts, int64_t len, float* o
 // Estimated contribution of every sketch record j:
 //   u = up~_j . x_t,  h = act(gate~_j . x_t) * u (gated) or act(u)
 //   out[j] = max_t |h| * (scale ? scale[j] : 1)
-// x is quantized to 8 bits per 32-block on the fly (like llama.cpp's Q8_0 activations), so
-// the inner loop is an int8 dot product.
+// x is quantized to 16 bits per 32-block on the fly (kernels_quant.h), so the inner loop is
+// an integer dot product (the q4_0 dot tiles, two parts as one R = 2 tile).
 //   x    (n_tok, len) f32
 //   sk   (n_rec, ld) bytes: part 0 = up, part 1 = gate when gated
 void q4_scores(const float* x, int64_t n_tok, int64_t len, const uint8_t* sk, int64_t n_rec,

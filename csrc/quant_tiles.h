@@ -5,10 +5,10 @@
 //
 // A format's traits (struct F) give:
 //   kType, kBytes (block bytes), kCodesOff (offset of the 32 codes in a block), kCodeBytes
-//   (bytes of 32 codes: 16 nibble bytes or 32 int8), kSigned (q8: codes are int8),
+//   (bytes of 32 codes: 16 nibble bytes or 32 int8),
 //   kCodeShift (q4_0: -8, else 0: the value is d * (code + kCodeShift) [+ m]), kHasMin (q4_1),
-//   d(blk), m(blk), code(qs, i) scalar; avx2_codes32(qs) the 32 codes as bytes in value
-//   order; avx2_codes8(qs, k) values 8k..8k+7 as floats.
+//   d(blk), m(blk), code(qs, i) scalar; avx2_codes16(qs, &lo, &hi) the 32 codes as int16 in
+//   value order; avx2_codes8(qs, k) values 8k..8k+7 as floats.
 // Sections: 1. scalar tiles  2. AVX2 tiles  3. AVX-512 VNNI dot tile  4. table builders.
 #pragma once
 
@@ -55,7 +55,7 @@ void scalar_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int
       const float dw = F::d(blk), ew = block_e<F>(blk, dw);
       const uint8_t* qs = blk + F::kCodesOff;
       for (int t = 0; t < T; ++t) {
-        const int8_t* y = x.qrow(t0 + t) + b * kQBlock;
+        const int16_t* y = x.qrow(t0 + t) + b * kQBlock;
         int32_t p = 0;
         for (int i = 0; i < kQBlock; ++i) p += F::code(qs, i) * y[i];
         acc[t][r] += dw * x.drow(t0 + t)[b] * float(p) + ew * x.srow(t0 + t)[b];
@@ -128,20 +128,9 @@ FI_QAVX2 inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// sum over the block of code * y as 8 int32 lanes: maddubs wants an unsigned first operand,
-// so q8's signed codes go in as |w| with w's sign moved onto y (|w| <= 128, |y| <= 127: the
-// pair sums stay below 2^15); q4's codes are 0..15 already.
-template <class F>
-FI_QAVX2 inline __m256i avx2_block_dot(__m256i w, __m256i wabs, __m256i y) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  if constexpr (F::kSigned)
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(y, w)), ones);
-  else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), ones);
-}
-
-// Each weight block is unpacked once and used for all T inputs; per (t, r) one integer dot,
-// one int->float conversion and one FMA with the product of the two scales.
+// Each weight block is unpacked once (to int16) and used for all T inputs; per (t, r) two
+// pmaddwd (code x 16-bit x pairs -> int32: |sum| < 2^31 for 32 values), one int->float
+// conversion and one FMA with the product of the two scales.
 template <class F, int T, int R>
 FI_QAVX2 void avx2_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
                        float* out, int64_t ldo) {
@@ -152,24 +141,25 @@ FI_QAVX2 void avx2_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* ro
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i w[R], wabs[R];
+    __m256i wlo[R], whi[R];
     float dw[R], ew[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = rows[r] + b * F::kBytes;
       dw[r] = F::d(blk);
       ew[r] = block_e<F>(blk, dw[r]);
-      w[r] = F::avx2_codes32(blk + F::kCodesOff);
-      wabs[r] = F::kSigned ? _mm256_abs_epi8(w[r]) : w[r];
+      F::avx2_codes16(blk + F::kCodesOff, &wlo[r], &whi[r]);
     }
 #pragma GCC unroll 4
     for (int t = 0; t < T; ++t) {
-      const __m256i y =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qrow(t0 + t) + b * kQBlock));
+      const int16_t* yp = x.qrow(t0 + t) + b * kQBlock;
+      const __m256i ylo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp));
+      const __m256i yhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp + 16));
       const float dx = x.drow(t0 + t)[b], sx = x.srow(t0 + t)[b];
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const __m256i p = avx2_block_dot<F>(w[r], wabs[r], y);
+        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(wlo[r], ylo),
+                                           _mm256_madd_epi16(whi[r], yhi));
         acc[t][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), _mm256_cvtepi32_ps(p), acc[t][r]);
         accs[t][r] += ew[r] * sx;
       }
@@ -280,8 +270,8 @@ FI_QAVX2 void avx2_codes_finish(const float* S, int64_t lds, const float* hsum, 
 }
 
 // =======================================================================================
-// 3. AVX-512 VNNI: one vpdpbusd per (t, r) block instead of maddubs + madd (256-bit
-//    vectors: a block is 32 bytes, and Zen 4 splits 512-bit operations in two anyway)
+// 3. AVX-512 VNNI: vpdpwssd accumulates the pairs' products straight into int32 (two per
+//    block instead of two pmaddwd and an add; 256-bit vectors: Zen 4 splits 512-bit ones)
 // =======================================================================================
 
 template <class F, int T, int R>
@@ -294,25 +284,25 @@ FI_QVNNI void vnni_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* ro
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i w[R], wu[R];
+    __m256i wlo[R], whi[R];
     float dw[R], ew[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = rows[r] + b * F::kBytes;
       dw[r] = F::d(blk);
       ew[r] = block_e<F>(blk, dw[r]);
-      w[r] = F::avx2_codes32(blk + F::kCodesOff);
-      wu[r] = F::kSigned ? _mm256_abs_epi8(w[r]) : w[r];  // vpdpbusd: unsigned x signed
+      F::avx2_codes16(blk + F::kCodesOff, &wlo[r], &whi[r]);
     }
 #pragma GCC unroll 4
     for (int t = 0; t < T; ++t) {
-      const __m256i y =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qrow(t0 + t) + b * kQBlock));
+      const int16_t* yp = x.qrow(t0 + t) + b * kQBlock;
+      const __m256i ylo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp));
+      const __m256i yhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp + 16));
       const float dx = x.drow(t0 + t)[b], sx = x.srow(t0 + t)[b];
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const __m256i ys = F::kSigned ? _mm256_sign_epi8(y, w[r]) : y;
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wu[r], ys);
+        const __m256i p = _mm256_dpwssd_epi32(
+            _mm256_dpwssd_epi32(_mm256_setzero_si256(), wlo[r], ylo), whi[r], yhi);
         acc[t][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), _mm256_cvtepi32_ps(p), acc[t][r]);
         accs[t][r] += ew[r] * sx;
       }
