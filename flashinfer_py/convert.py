@@ -262,9 +262,9 @@ class _Notes:
         if self.requantized:
             what = ", ".join(f"{n} tensors {k}" for k, n in sorted(self.requantized.items()))
             warnings.warn(f"{path}: requantized {what}: these were dequantized and quantized "
-                          "again (a second rounding; their GGUF block type is not one this "
-                          "runtime stores). Tensors already in the chosen block format were "
-                          "kept bit for bit.", stacklevel=3)
+                          "again, a second rounding (only tensors already stored in the chosen "
+                          "block format are kept bit for bit; K-quants never are).",
+                          stacklevel=4)
 
 
 def _convert_into(ckpt, out: Path, dtype: Optional[str], resident_dtype: str, progress: bool,
