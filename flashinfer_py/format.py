@@ -42,16 +42,6 @@ TOKENIZER_FILE = "tokenizer.json"
 _HINT = "re-run `flashinfer-py convert` to rebuild the directory"
 
 
-def to_storage(a: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values in a storage format (``dtypes.to_storage``)."""
-    return dtypes.to_storage(a, dtype)
-
-
-def to_float32(a: np.ndarray, dtype: str, length: Optional[int] = None) -> np.ndarray:
-    """Stored values back to float32 (``dtypes.to_float32``; block formats need `length`)."""
-    return dtypes.to_float32(a, dtype, length)
-
-
 # --------------------------------------------------------------------------- dense tensors
 def dense_names(args: ModelArgs, down_scales: bool = False) -> list[tuple[str, str]]:
     """(name, kind) of every resident tensor; kind 'matrix' is stored in a storage format,
