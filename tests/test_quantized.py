@@ -75,7 +75,7 @@ def hf_logits(model, ids) -> np.ndarray:
 # ---- tiny random models in every format ------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["llama-silu", "opt", "qwen3"])
+@pytest.mark.parametrize("name", ["llama-silu", "opt", "opt-350m", "qwen3"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_tiny_model_logits_against_transformers(name, fmt, tiny_hf, tiny_flash, prompt_ids):
     model, _ = tiny_hf(name)
