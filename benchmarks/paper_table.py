@@ -364,7 +364,7 @@ def run_row(row: str, workdir: Path, pred, compute: ComputeModel, warmup: int, t
             if uses_predictor:
                 compute.predictor(layer, x)
             t2 = time.perf_counter_ns()
-            rows, bias, select = ffn.rows(layer, x)
+            rows, bias, select, _ = ffn.rows(layer, x)
             t3 = time.perf_counter_ns()
             kernels.ffn_rows(x, rows, D, up_off=0, down_off=D, activation="relu",
                              up_bias=bias, row_select=select, out=out, threads=a.threads)

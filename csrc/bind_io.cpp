@@ -27,12 +27,10 @@ namespace {
 // conversions
 // ---------------------------------------------------------------------------------------
 
-DType parse_dtype(const std::string& s) {
-  if (s == "float32") return DType::F32;
-  if (s == "float16") return DType::F16;
-  if (s == "bfloat16") return DType::BF16;
-  throw std::invalid_argument("dtype must be \"float32\", \"float16\" or \"bfloat16\", got \"" +
-                              s + "\"");
+DownLayout parse_down_layout(const std::string& s) {
+  if (s == "blocks") return DownLayout::Blocks;
+  if (s == "codes") return DownLayout::Codes;
+  throw std::invalid_argument("down_layout must be \"blocks\" or \"codes\", got \"" + s + "\"");
 }
 
 PartKind parse_part(const std::string& s) {
@@ -51,12 +49,14 @@ const char* part_name(uint32_t k) {
   }
 }
 
-// numpy dtype the records are stored in (bfloat16 has no numpy dtype: raw uint16 bits).
+// numpy dtype the records are stored in (bfloat16 has no numpy dtype: raw uint16 bits;
+// block formats are bytes).
 py::dtype storage_dtype(const BundleHeader& h) {
   switch (static_cast<DType>(h.dtype)) {
     case DType::F32: return py::dtype("float32");
     case DType::F16: return py::dtype("float16");
-    default: return py::dtype("uint16");
+    case DType::BF16: return py::dtype("uint16");
+    default: return py::dtype("uint8");
   }
 }
 
@@ -74,6 +74,15 @@ py::dict header_dict(const BundleHeader& h) {
   py::list parts;
   for (uint32_t i = 0; i < h.n_parts; ++i) parts.append(part_name(h.part_kinds[i]));
   d["parts"] = parts;
+  py::list pbytes, poffs;
+  for (uint32_t i = 0; i < h.n_parts; ++i) {
+    pbytes.append(h.part_bytes[i]);
+    poffs.append(h.part_offset[i]);
+  }
+  d["part_bytes"] = pbytes;
+  d["part_offsets"] = poffs;
+  d["payload_bytes"] = payload_bytes(h);
+  d["down_layout"] = h.down_layout == uint32_t(DownLayout::Codes) ? "codes" : "blocks";
   d["alignment"] = h.alignment;
   d["record_bytes"] = h.record_bytes;
   d["data_offset"] = h.data_offset;
@@ -135,18 +144,24 @@ char* check_out(py::array& out, py::ssize_t n, uint64_t row_bytes, bool aligned,
   return p;
 }
 
-// A [rows, cols] C-contiguous matrix in the storage dtype of `h`.
+// Part `index` of a layer: a C-contiguous [d_ff, part elements] matrix in the storage
+// format of `h` (float dtypes: d_model elements; block formats: part_bytes uint8).
 const void* check_part(const py::array& a, const BundleHeader& h, std::size_t index) {
-  const char* want = dtype_name(static_cast<DType>(h.dtype));
+  const DType dt = static_cast<DType>(h.dtype);
+  const char* want = dtype_name(dt);
   char kind = a.dtype().kind();
   std::string got = py::str(a.dtype());
+  const bool blocks = is_quantized(dt);
   bool ok = a.itemsize() == h.elem_bytes &&
-            (static_cast<DType>(h.dtype) == DType::BF16 ? (kind == 'u' || got == "bfloat16")
-                                                        : kind == 'f');
+            (blocks ? kind == 'u' : dt == DType::BF16 ? (kind == 'u' || got == "bfloat16")
+                                                      : kind == 'f');
   FI_CHECK(ok, "part ", index, " has dtype ", got, " but the bundle stores ", want,
-           static_cast<DType>(h.dtype) == DType::BF16 ? " (pass bfloat16 bits as uint16)" : "");
-  FI_CHECK(a.ndim() == 2 && a.shape(0) == h.d_ff && a.shape(1) == h.d_model, "part ", index,
-           " must have shape (d_ff, d_model) = (", h.d_ff, ", ", h.d_model, "), got ",
+           dt == DType::BF16 ? " (pass bfloat16 bits as uint16)"
+                             : blocks ? " (pass its blocks as uint8 rows)" : "");
+  const uint64_t cols = h.part_bytes[index] / h.elem_bytes;
+  FI_CHECK(a.ndim() == 2 && uint64_t(a.shape(0)) == h.d_ff && uint64_t(a.shape(1)) == cols,
+           "part ", index, " must have shape (d_ff, ", blocks ? "part bytes" : "d_model",
+           ") = (", h.d_ff, ", ", cols, "), got ",
            std::string(py::str(py::tuple(py::cast(std::vector<py::ssize_t>(
                a.shape(), a.shape() + a.ndim()))))),
            " (down must be passed transposed: down_proj.weight.T)");
@@ -192,14 +207,16 @@ void bind_io(py::module_& m) {
   py::class_<BundleWriter>(m, "BundleWriter")
       .def(py::init([](const std::string& path, uint32_t n_layers, uint32_t d_model,
                        uint32_t d_ff, const std::string& dtype,
-                       const std::vector<std::string>& parts, uint32_t alignment) {
+                       const std::vector<std::string>& parts, uint32_t alignment,
+                       const std::string& down_layout) {
              std::vector<PartKind> kinds;
              for (const auto& p : parts) kinds.push_back(parse_part(p));
              return new BundleWriter(path, n_layers, d_model, d_ff, parse_dtype(dtype), kinds,
-                                     alignment);
+                                     alignment, parse_down_layout(down_layout));
            }),
            py::arg("path"), py::arg("n_layers"), py::arg("d_model"), py::arg("d_ff"),
-           py::arg("dtype"), py::arg("parts"), py::arg("alignment") = kIoAlignment)
+           py::arg("dtype"), py::arg("parts"), py::arg("alignment") = kIoAlignment,
+           py::arg("down_layout") = "blocks")
       .def("write_layer",
            [](BundleWriter& w, uint32_t layer, const std::vector<py::array>& parts) {
              std::vector<const void*> ptrs;
@@ -273,8 +290,14 @@ void bind_io(py::module_& m) {
            [](BundleReader& r, uint32_t layer, const py::object& ids_obj,
               const std::vector<uint32_t>& parts, py::array out) {
              auto ids = as_ids(ids_obj);
+             uint64_t need = 0;
+             for (uint32_t p : parts) {
+               FI_CHECK(p < r.header().n_parts, "part index ", p, " out of range [0, ",
+                        r.header().n_parts, ")");
+               need += r.part_bytes(p);
+             }
              py::ssize_t stride = 0;
-             char* dst = check_out(out, ids.size(), parts.size() * r.part_bytes(), false, &stride);
+             char* dst = check_out(out, ids.size(), need, false, &stride);
              const int64_t* ip = ids.data();
              std::size_t n = std::size_t(ids.size());
              py::gil_scoped_release nogil;
@@ -306,7 +329,7 @@ void bind_io(py::module_& m) {
       .def_property_readonly("path", &BundleReader::path)
       .def_property_readonly("params", &BundleReader::params)
       .def_property_readonly("record_bytes", &BundleReader::record_bytes)
-      .def_property_readonly("part_bytes", &BundleReader::part_bytes)
+      .def_property_readonly("payload_bytes", &BundleReader::payload_bytes)
       .def_property_readonly("record_elems", [](const BundleReader& r) {
         return r.record_bytes() / r.header().elem_bytes;
       })

@@ -1,8 +1,10 @@
-// bind_kernels.cpp: Python bindings for kernels.h (linear, ffn_rows, dtype conversion).
+// bind_kernels.cpp: Python bindings for kernels.h (linear, ffn_rows, dtype conversion) and
+// the block formats (kernels_quant.h: quantize, dequantize; kernels_q4.h: the sketch).
 // Only converts and validates: every numpy argument is checked for dtype, ndim,
 // C-contiguity and shape here, with a message naming the argument, so the kernels never
-// see a bad buffer. Compute runs with the GIL released. Weight dtypes: float32, float16,
-// or uint16 holding bfloat16 bits (numpy has no bfloat16).
+// see a bad buffer. Compute runs with the GIL released. Weight arrays: float32, float16,
+// uint16 holding bfloat16 bits (numpy has no bfloat16), or uint8 rows of blocks with the
+// format named by `fmt` ("q8_0", "q4_0", "q4_1").
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -13,6 +15,7 @@
 #include "common.h"
 #include "kernels.h"
 #include "kernels_q4.h"
+#include "kernels_quant.h"
 
 namespace py = pybind11;
 
@@ -65,8 +68,25 @@ DType weight_dtype(const py::array& a, const char* name) {
   if (a.dtype().is(py::dtype("float16"))) return DType::F16;
   if (a.dtype().is(py::dtype::of<uint16_t>())) return DType::BF16;
   FI_CHECK(false, name, " must be float32, float16 or uint16 (bfloat16 bits), got ",
-           dtype_str(a));
+           dtype_str(a), a.dtype().is(py::dtype::of<uint8_t>())
+                             ? " (uint8 rows of blocks need fmt='q8_0', 'q4_0' or 'q4_1')"
+                             : "");
   return DType::F32;
+}
+
+// The format of a weight array: `fmt` when given (the array's numpy dtype must be the one
+// that format is stored in: uint8 for block formats), else inferred from the numpy dtype.
+DType weight_format(const py::array& a, const char* name, const py::object& fmt) {
+  if (fmt.is_none()) return weight_dtype(a, name);
+  const DType dt = parse_dtype(fmt.cast<std::string>());
+  if (!is_quantized(dt)) {
+    FI_CHECK(weight_dtype(a, name) == dt, name, " is ", dtype_str(a), " but fmt is '",
+             dtype_name(dt), "'");
+    return dt;
+  }
+  FI_CHECK(a.dtype().is(py::dtype::of<uint8_t>()), name, " must be uint8 rows of ",
+           dtype_name(dt), " blocks, got ", dtype_str(a));
+  return dt;
 }
 
 // A float32 C-contiguous array of exactly `shape`.
@@ -93,21 +113,13 @@ void check_no_overlap(const py::array& out, const char* oname, const py::array& 
   FI_CHECK(o1 <= i0 || i1 <= o0, oname, " must not share memory with ", iname);
 }
 
-DType parse_dtype(const std::string& s) {
-  if (s == "float32") return DType::F32;
-  if (s == "float16") return DType::F16;
-  if (s == "bfloat16") return DType::BF16;
-  FI_CHECK(false, "dtype must be 'float32', 'float16' or 'bfloat16', got '", s, "'");
-  return DType::F32;
-}
-
 py::dtype numpy_dtype(DType dt) {
   switch (dt) {
     case DType::F32: return py::dtype::of<float>();
     case DType::F16: return py::dtype("float16");
     case DType::BF16: return py::dtype::of<uint16_t>();
+    default: return py::dtype::of<uint8_t>();
   }
-  return py::dtype::of<float>();
 }
 
 std::vector<py::ssize_t> shape_of(const py::array& a) {
@@ -117,14 +129,21 @@ std::vector<py::ssize_t> shape_of(const py::array& a) {
 // ---- bound functions ------------------------------------------------------------------
 
 py::array linear_py(const py::array& x, const py::array& w, const py::object& bias,
-                    py::object out, int threads) {
+                    py::object out, int threads, const py::object& fmt) {
   check_ndim(x, "x", 2);
   check_ndim(w, "w", 2);
-  const DType wdt = weight_dtype(w, "w");
+  const DType wdt = weight_format(w, "w", fmt);
   check_contig(w, "w");
   const int64_t n = x.shape(0), k = x.shape(1), m = w.shape(0);
-  FI_CHECK(w.shape(1) == k, "w has shape ", shape_str(w), " but x has shape ", shape_str(x),
-           ": w must be (m, ", k, ")");
+  if (is_quantized(wdt)) {
+    const int64_t rb = int64_t(row_bytes(wdt, k));
+    FI_CHECK(w.shape(1) == rb, "w has shape ", shape_str(w), " but x has shape ", shape_str(x),
+             ": ", dtype_name(wdt), " rows of ", k, " values are ", rb, " bytes, so w must be (m, ",
+             rb, ")");
+  } else {
+    FI_CHECK(w.shape(1) == k, "w has shape ", shape_str(w), " but x has shape ", shape_str(x),
+             ": w must be (m, ", k, ")");
+  }
   const float* xp = f32_in(x, "x", {n, k});
   const float* bp = nullptr;
   py::array b;
@@ -148,30 +167,37 @@ py::array ffn_rows_py(const py::array& x, const py::array& rows, int64_t d_model
                       int64_t up_off, int64_t gate_off, int64_t down_off,
                       const std::string& activation, float act_param, const py::object& up_bias,
                       py::object out, py::object act_out, const py::object& row_select,
-                      int threads) {
+                      int threads, const py::object& fmt, const py::object& down_scales,
+                      const py::object& row_ids) {
   FfnRowsArgs a;
   a.act = parse_activation(activation);
   a.act_param = act_param;
   a.threads = threads;
 
   check_ndim(rows, "rows", 2);
-  a.dtype = weight_dtype(rows, "rows");
+  a.dtype = weight_format(rows, "rows", fmt);
   check_contig(rows, "rows");
   a.n_rows = rows.shape(0);
   a.row_elems = rows.shape(1);
   a.rows = rows.data();
+  const bool blocks = is_quantized(a.dtype);
+  FI_CHECK(blocks || down_scales.is_none(), "down_scales belong to block formats (fmt='q8_0', "
+           "'q4_0' or 'q4_1'); rows are ", dtype_name(a.dtype));
 
   FI_CHECK(d_model > 0, "d_model must be positive, got ", d_model);
   a.d_model = d_model;
-  auto check_part = [&](const char* name, int64_t off) {
-    FI_CHECK(off >= 0 && off + d_model <= a.row_elems, name, "=", off, " with d_model=",
-             d_model, " does not fit in a row of ", a.row_elems, " elements (rows has shape ",
-             shape_str(rows), ")");
+  // a part's length in row elements: d_model values, or the bytes of its blocks / codes
+  const int64_t part_len = blocks ? int64_t(row_bytes(a.dtype, d_model)) : d_model;
+  const int64_t down_len = down_scales.is_none() ? part_len : int64_t(code_bytes(a.dtype, d_model));
+  auto check_part = [&](const char* name, int64_t off, int64_t len) {
+    FI_CHECK(off >= 0 && off + len <= a.row_elems, name, "=", off, " with d_model=",
+             d_model, " does not fit in a row of ", a.row_elems, " elements (the part takes ",
+             len, "; rows has shape ", shape_str(rows), ")");
   };
-  check_part("up_off", up_off);
-  check_part("down_off", down_off);
+  check_part("up_off", up_off, part_len);
+  check_part("down_off", down_off, down_len);
   FI_CHECK(gate_off >= -1, "gate_off must be -1 (not gated) or an offset, got ", gate_off);
-  if (gate_off >= 0) check_part("gate_off", gate_off);
+  if (gate_off >= 0) check_part("gate_off", gate_off, part_len);
   a.up_off = up_off;
   a.gate_off = gate_off;
   a.down_off = down_off;
@@ -194,6 +220,39 @@ py::array ffn_rows_py(const py::array& x, const py::array& rows, int64_t d_model
                "]=", a.row_select[i], " is out of range for rows with ", a.n_rows, " rows");
   }
   const int64_t n_used = a.row_select ? a.n_select : a.n_rows;
+
+  // The codes layout: the layer's scale table, and which neuron each row holds.
+  py::array sc_arr, id_arr;
+  if (!down_scales.is_none()) {
+    sc_arr = down_scales.cast<py::array>();
+    FI_CHECK(sc_arr.dtype().is(py::dtype("float16")), "down_scales must be float16, got ",
+             dtype_str(sc_arr));
+    check_ndim(sc_arr, "down_scales", 3);
+    check_contig(sc_arr, "down_scales");
+    const int sr = quant_kernels(a.dtype).scale_rows;
+    FI_CHECK(sc_arr.shape(1) == sr && sc_arr.shape(2) == d_model, "down_scales has shape ",
+             shape_str(sc_arr), ", expected (d_ff / 32, ", sr, ", ", d_model, ") for ",
+             dtype_name(a.dtype));
+    a.down_scales = static_cast<const uint16_t*>(sc_arr.data());
+    a.n_scale_blocks = sc_arr.shape(0);
+    const int64_t n_ids = a.n_scale_blocks * 32;
+    if (!row_ids.is_none()) {
+      id_arr = row_ids.cast<py::array>();
+      FI_CHECK(id_arr.dtype().is(py::dtype::of<int32_t>()), "row_ids must be int32, got ",
+               dtype_str(id_arr));
+      check_shape(id_arr, "row_ids", {a.n_rows});
+      check_contig(id_arr, "row_ids");
+      a.row_ids = static_cast<const int32_t*>(id_arr.data());
+      for (int64_t i = 0; i < a.n_rows; ++i)
+        FI_CHECK(a.row_ids[i] >= 0 && a.row_ids[i] < n_ids, "row_ids[", i, "]=", a.row_ids[i],
+                 " is out of range for down_scales of ", n_ids, " neurons");
+    } else {
+      FI_CHECK(a.n_rows <= n_ids, "rows has ", a.n_rows, " rows but down_scales covers ", n_ids,
+               " neurons; pass row_ids (the neuron id of each row)");
+    }
+  } else {
+    FI_CHECK(row_ids.is_none(), "row_ids are only used with down_scales");
+  }
 
   py::array bias_arr;
   if (!up_bias.is_none()) {
@@ -245,6 +304,8 @@ py::array to_float32_py(const py::array& a, py::object out, int threads) {
 py::array from_float32_py(const py::array& a, const std::string& dtype, py::object out,
                           int threads) {
   const DType dt = parse_dtype(dtype);
+  FI_CHECK(!is_quantized(dt), "from_float32 converts to float formats; use quantize(a, '",
+           dtype, "') for block formats");
   FI_CHECK(a.dtype().is(py::dtype::of<float>()), "a must be float32, got ", dtype_str(a));
   check_contig(a, "a");
   py::array o = out.is_none() ? py::array(numpy_dtype(dt), shape_of(a)) : out.cast<py::array>();
@@ -290,12 +351,13 @@ void check_records(const py::array& a, const char* name, int64_t need) {
 
 void quantize_q4_py(const py::array& rows, const py::array& part_offsets, int64_t length,
                     const py::array& src_rows, py::array& out, const py::array& dst_rows,
-                    int threads) {
+                    int threads, const py::object& fmt) {
   check_ndim(rows, "rows", 2);
-  const DType dt = weight_dtype(rows, "rows");
+  const DType dt = weight_format(rows, "rows", fmt);
   check_contig(rows, "rows");
   FI_CHECK(length > 0, "length must be positive, got ", length);
-  const int64_t* offs = index_in(part_offsets, "part_offsets", rows.shape(1) - length + 1);
+  const int64_t span = is_quantized(dt) ? int64_t(row_bytes(dt, length)) : length;
+  const int64_t* offs = index_in(part_offsets, "part_offsets", rows.shape(1) - span + 1);
   const int n_parts = static_cast<int>(part_offsets.shape(0));
   FI_CHECK(n_parts >= 1 && n_parts <= 3, "part_offsets must list 1 to 3 parts, got ", n_parts);
   check_records(out, "out", n_parts * q4_part_bytes(length));
@@ -355,33 +417,107 @@ py::array q4_scores_py(const py::array& x, const py::array& sketch, int64_t leng
   return o;
 }
 
+// ---- block formats (kernels_quant.h) --------------------------------------------------
+
+py::array quantize_py(const py::array& a, const std::string& fmt, int threads) {
+  const DType dt = parse_dtype(fmt);
+  FI_CHECK(is_quantized(dt), "quantize makes block formats (q8_0, q4_0, q4_1); for '", fmt,
+           "' use from_float32");
+  check_ndim(a, "a", 2);
+  const int64_t n = a.shape(0), len = a.shape(1);
+  const float* src = f32_in(a, "a", {n, len});
+  FI_CHECK(len > 0, "a must have at least one column");
+  const int64_t rb = int64_t(row_bytes(dt, len));
+  py::array o(py::dtype::of<uint8_t>(), std::vector<py::ssize_t>{n, rb});
+  uint8_t* dst = static_cast<uint8_t*>(o.mutable_data());
+  {
+    py::gil_scoped_release release;
+    quantize_rows(src, n, len, len, dt, dst, rb, threads);
+  }
+  return o;
+}
+
+py::array dequantize_py(const py::array& a, const std::string& fmt, int64_t length,
+                        int threads) {
+  const DType dt = parse_dtype(fmt);
+  FI_CHECK(is_quantized(dt), "dequantize reads block formats (q8_0, q4_0, q4_1); for '", fmt,
+           "' use to_float32");
+  FI_CHECK(a.dtype().is(py::dtype::of<uint8_t>()), "a must be uint8 rows of ", fmt,
+           " blocks, got ", dtype_str(a));
+  check_ndim(a, "a", 2);
+  check_contig(a, "a");
+  FI_CHECK(length > 0, "length must be positive, got ", length);
+  const int64_t rb = int64_t(row_bytes(dt, length)), n = a.shape(0);
+  FI_CHECK(a.shape(1) >= rb, "a has shape ", shape_str(a), ": ", length, " values of ", fmt,
+           " need rows of at least ", rb, " bytes");
+  py::array o(py::dtype::of<float>(), std::vector<py::ssize_t>{n, length});
+  const uint8_t* src = static_cast<const uint8_t*>(a.data());
+  float* dst = static_cast<float*>(o.mutable_data());
+  const int64_t ld = a.shape(1);
+  {
+    py::gil_scoped_release release;
+    dequantize_rows(src, n, length, ld, dt, dst, length, threads);
+  }
+  return o;
+}
+
+py::list storage_formats_py() {
+  py::list out;
+  for (uint32_t i = 0; i < kNumDTypes; ++i) {
+    const DTypeInfo& f = dtype_info(DType(i));
+    py::dict d;
+    d["name"] = f.name;
+    d["code"] = i;
+    d["block_elems"] = f.block_elems;
+    d["block_bytes"] = f.block_bytes;
+    d["elem_bytes"] = f.elem_bytes;
+    d["code_bits"] = f.code_bits;
+    d["quantized"] = f.quantized;
+    out.append(d);
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_kernels(py::module_& m) {
   m.def("linear", &linear_py, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
-        py::arg("out") = py::none(), py::arg("threads") = 0,
-        "y = x @ w.T + bias. x (n, k) f32; w (m, k) float32/float16/uint16(bf16 bits); "
-        "bias (m,) f32 or None; out (n, m) f32 or None. threads<=0: all OpenMP threads.");
+        py::arg("out") = py::none(), py::arg("threads") = 0, py::arg("fmt") = py::none(),
+        "y = x @ w.T + bias. x (n, k) f32; w (m, k) float32/float16/uint16(bf16 bits), or "
+        "(m, row bytes) uint8 blocks with fmt 'q8_0'/'q4_0'/'q4_1'; bias (m,) f32 or None; "
+        "out (n, m) f32 or None. threads<=0: all OpenMP threads.");
   m.def("ffn_rows", &ffn_rows_py, py::arg("x"), py::arg("rows"), py::arg("d_model"),
         py::arg("up_off"), py::arg("gate_off"), py::arg("down_off"),
         py::arg("activation") = "relu", py::arg("act_param") = 0.0f,
         py::arg("up_bias") = py::none(), py::arg("out") = py::none(),
         py::arg("act_out") = py::none(), py::arg("row_select") = py::none(),
-        py::arg("threads") = 0,
+        py::arg("threads") = 0, py::arg("fmt") = py::none(), py::arg("down_scales") = py::none(),
+        py::arg("row_ids") = py::none(),
         "FFN from neuron-cache rows: out[t] = sum_j h[t, j] * down_j with h = act(up_j.x_t "
         "(+up_bias[j])) or act(gate_j.x_t) * (up_j.x_t) when gate_off >= 0. rows "
-        "(r, record_elems); row_select int32 subset; act_out (n, n_used) receives h.");
+        "(r, record_elems); row_select int32 subset; act_out (n, n_used) receives h. Block "
+        "formats: fmt names it, offsets are bytes; down_scales (d_ff/32, 1|2, d_model) fp16 "
+        "when the down part holds codes, row_ids (r,) int32 the neuron of each row.");
   m.def("to_float32", &to_float32_py, py::arg("a"), py::arg("out") = py::none(),
         py::arg("threads") = 0, "float32 copy of a float32/float16/uint16(bf16 bits) array.");
   m.def("from_float32", &from_float32_py, py::arg("a"), py::arg("dtype"),
         py::arg("out") = py::none(), py::arg("threads") = 0,
         "Convert float32 to 'float32', 'float16' (IEEE RNE) or 'bfloat16' (RNE, returned "
         "as uint16 bits).");
+  m.def("quantize", &quantize_py, py::arg("a"), py::arg("fmt"), py::arg("threads") = 0,
+        "Rows of float32 a (n, len) -> (n, row bytes) uint8 blocks of 'q8_0', 'q4_0' or 'q4_1' "
+        "(llama.cpp's reference rounding; the last block zero padded).");
+  m.def("dequantize", &dequantize_py, py::arg("a"), py::arg("fmt"), py::arg("length"),
+        py::arg("threads") = 0, "float32 (n, length) values of uint8 rows of blocks.");
+  m.def("storage_formats", &storage_formats_py,
+        "The storage formats of csrc/bundle_format.h: name, code, block_elems, block_bytes, "
+        "elem_bytes, code_bits, quantized.");
   m.def("quantize_q4", &quantize_q4_py, py::arg("rows"), py::arg("part_offsets"),
         py::arg("length"), py::arg("src_rows"), py::arg("out"), py::arg("dst_rows"),
-        py::arg("threads") = 0,
+        py::arg("threads") = 0, py::arg("fmt") = py::none(),
         "4-bit blocks (fp16 scale + 32 nibbles, Q4_0 layout) of `length` elements at each "
-        "part offset of rows[src_rows[i]] into out[dst_rows[i]] (uint8 records).");
+        "part offset of rows[src_rows[i]] into out[dst_rows[i]] (uint8 records); rows of a "
+        "block format (fmt) are expanded block by block first.");
   m.def("dequantize_q4", &dequantize_q4_py, py::arg("record"), py::arg("n_parts"),
         py::arg("length"), "float32 values of one 4-bit record (n_parts * length,).");
   m.def("q4_scores", &q4_scores_py, py::arg("x"), py::arg("sketch"), py::arg("length"),
@@ -390,9 +526,10 @@ void bind_kernels(py::module_& m) {
         "Estimated |FFN activation| of every 4-bit sketch record, max over the rows of x, "
         "times scale: records hold up (and gate) parts.");
   m.def("kernel_isa", []() { return std::string(isa_name(kernel_isa())); },
-        "The instruction set the kernels use now: 'avx2' or 'scalar'.");
+        "The instruction set the kernels use now: 'avx512', 'avx2' or 'scalar'.");
   m.def("set_kernel_isa", &set_kernel_isa, py::arg("name"),
-        "Force the kernels' instruction set: 'auto', 'scalar' or 'avx2' (tests, ablations).");
+        "Force the kernels' instruction set: 'auto', 'scalar', 'avx2' or 'avx512' (tests, "
+        "ablations).");
 }
 
 }  // namespace flashinfer

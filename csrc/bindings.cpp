@@ -3,6 +3,7 @@
 // Binding code only converts and forwards; all logic lives in the flashcore library.
 #include <pybind11/pybind11.h>
 
+#include "bundle_format.h"
 #include "common.h"
 #include "kernels.h"
 
@@ -61,8 +62,22 @@ PYBIND11_MODULE(_core, m) {
     d["arch"] = "other";
 #endif
     d["simd"] = flashinfer::isa_name(flashinfer::kernel_isa());
+    // what each kind of kernel runs on now: the block formats' integer dots use VNNI at the
+    // avx512 level, everything else its AVX2 code
+    py::dict k;
+    const flashinfer::Isa isa = flashinfer::kernel_isa();
+    k["float"] = isa == flashinfer::Isa::Scalar ? "scalar" : "avx2";
+    k["block_dot"] = isa == flashinfer::Isa::Avx512 ? "avx512_vnni"
+                     : isa == flashinfer::Isa::Avx2 ? "avx2" : "scalar";
+    k["block_accumulate"] = isa == flashinfer::Isa::Scalar ? "scalar" : "avx2";
+    d["kernels"] = k;
+    py::list fmts;
+    for (uint32_t i = 0; i < flashinfer::kNumDTypes; ++i)
+      fmts.append(flashinfer::dtype_name(flashinfer::DType(i)));
+    d["formats"] = fmts;
     return d;
-  }, "What this build of the native core has: direct I/O flavour, io_uring, OpenMP, compiler.");
+  }, "What this build of the native core has: direct I/O flavour, io_uring, OpenMP, compiler, "
+     "the SIMD level the kernels use and what each kind of kernel runs on, storage formats.");
 
   flashinfer::bind_io(m);
   flashinfer::bind_kernels(m);

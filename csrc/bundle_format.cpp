@@ -4,6 +4,9 @@
 // must produce a FormatError, never a wrapped offset that reads the wrong neuron.
 #include "bundle_format.h"
 
+#include "kernels_q4.h"  // BlockQ4_0, BlockQ4_1
+#include "kernels_q8.h"  // BlockQ8_0
+
 #include <sys/stat.h>
 
 #include <cerrno>
@@ -45,30 +48,75 @@ bool valid_kinds(const uint32_t kinds[4], uint32_t n_parts) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
-// names
+// storage formats: sizes come from the block structs themselves
 // ---------------------------------------------------------------------------------------
 
+const DTypeInfo& dtype_info(DType t) {
+  static const DTypeInfo kInfo[kNumDTypes] = {
+      {"float32", 1, 4, 4, 0, false},
+      {"float16", 1, 2, 2, 0, false},
+      {"bfloat16", 1, 2, 2, 0, false},
+      {"q8_0", kQBlock, sizeof(BlockQ8_0), 1, 8, true},
+      {"q4_0", kQBlock, sizeof(BlockQ4_0), 1, 4, true},
+      {"q4_1", kQBlock, sizeof(BlockQ4_1), 1, 4, true},
+  };
+  const uint32_t i = static_cast<uint32_t>(t);
+  FI_CHECK(i < kNumDTypes, "unknown dtype code ", i);
+  return kInfo[i];
+}
+
 const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::F32: return "float32";
-    case DType::F16: return "float16";
-    case DType::BF16: return "bfloat16";
+  return dtype_valid(static_cast<uint32_t>(t)) ? dtype_info(t).name : "unknown";
+}
+
+DType parse_dtype(const std::string& name) {
+  std::string all;
+  for (uint32_t i = 0; i < kNumDTypes; ++i) {
+    if (name == dtype_info(DType(i)).name) return DType(i);
+    all += (i ? ", " : "") + std::string(dtype_info(DType(i)).name);
   }
-  return "unknown";
+  FI_CHECK(false, "dtype must be one of ", all, "; got '", name, "'");
+  return DType::F32;
 }
 
 // ---------------------------------------------------------------------------------------
 // make_header: the writer's single source of the layout
 // ---------------------------------------------------------------------------------------
 
+namespace {
+
+// Bytes of part `p` of a record of this header (its kind, format and down layout).
+uint64_t expected_part_bytes(const BundleHeader& h, uint32_t p) {
+  const DType dt = static_cast<DType>(h.dtype);
+  const bool codes = static_cast<PartKind>(h.part_kinds[p]) == PartKind::Down &&
+                     static_cast<DownLayout>(h.down_layout) == DownLayout::Codes;
+  return codes ? code_bytes(dt, h.d_model) : row_bytes(dt, h.d_model);
+}
+
+// Version 1 headers: equal parts of d_model elements, down in blocks like the others.
+void fill_version1_fields(BundleHeader& h) {
+  h.down_layout = static_cast<uint32_t>(DownLayout::Blocks);
+  for (uint32_t p = 0; p < 4; ++p) {
+    const bool used = p < h.n_parts && p < 4;
+    h.part_bytes[p] = used ? h.d_model * h.elem_bytes : 0;
+    h.part_offset[p] = used ? p * h.d_model * h.elem_bytes : 0;
+  }
+}
+
+}  // namespace
+
 BundleHeader make_header(uint32_t n_layers, uint32_t d_model, uint32_t d_ff, DType dtype,
                          const std::array<PartKind, 4>& parts, uint32_t n_parts,
-                         uint32_t alignment) {
+                         uint32_t alignment, DownLayout down_layout) {
   FI_CHECK(n_layers > 0 && d_model > 0 && d_ff > 0, "n_layers, d_model and d_ff must be > 0, got ",
            n_layers, ", ", d_model, ", ", d_ff);
-  FI_CHECK(static_cast<uint32_t>(dtype) <= 2, "unknown dtype code ", static_cast<uint32_t>(dtype));
+  FI_CHECK(dtype_valid(static_cast<uint32_t>(dtype)), "unknown dtype code ",
+           static_cast<uint32_t>(dtype));
   FI_CHECK(is_pow2(alignment) && alignment >= 512,
            "alignment must be a power of two >= 512, got ", alignment);
+  FI_CHECK(down_layout == DownLayout::Blocks || (is_quantized(dtype) && d_ff % 32 == 0),
+           "down_layout 'codes' (scales kept resident per 32 neurons) needs a block format "
+           "and d_ff a multiple of 32; got dtype ", dtype_name(dtype), " and d_ff ", d_ff);
   BundleHeader h;
   std::memset(&h, 0, sizeof(h));
   std::memcpy(h.magic, kBundleMagic, sizeof(h.magic));
@@ -83,9 +131,18 @@ BundleHeader make_header(uint32_t n_layers, uint32_t d_model, uint32_t d_ff, DTy
   for (int i = 0; i < 4; ++i) h.part_kinds[i] = static_cast<uint32_t>(parts[i]);
   FI_CHECK(valid_kinds(h.part_kinds, n_parts),
            "parts must be (up, down) or (up, gate, down); got n_parts=", n_parts);
+  h.down_layout = static_cast<uint32_t>(down_layout);
+  uint64_t off = 0;  // < 3 * 2^34: no overflow
+  for (uint32_t p = 0; p < n_parts; ++p) {
+    const uint64_t pb = expected_part_bytes(h, p);
+    FI_CHECK(pb < (uint64_t(1) << 32) && off + pb < (uint64_t(1) << 32),
+             "a record of d_model=", d_model, " does not fit the header's 32-bit part sizes");
+    h.part_bytes[p] = uint32_t(pb);
+    h.part_offset[p] = uint32_t(off);
+    off += pb;
+  }
   h.alignment = alignment;
-  uint64_t payload = uint64_t(n_parts) * d_model * h.elem_bytes;  // < 2^34, no overflow
-  h.record_bytes = align_up(payload, alignment);
+  h.record_bytes = align_up(off, alignment);
   h.data_offset = align_up(kHeaderBytes, alignment);
   uint64_t n_records = uint64_t(n_layers) * d_ff;  // < 2^64
   uint64_t data_bytes = 0;
@@ -93,6 +150,12 @@ BundleHeader make_header(uint32_t n_layers, uint32_t d_model, uint32_t d_ff, DTy
                add_ok(h.data_offset, data_bytes, &h.file_bytes),
            "bundle file size overflows 64 bits");
   return h;
+}
+
+uint64_t payload_bytes(const BundleHeader& h) {
+  uint64_t sum = 0;
+  for (uint32_t p = 0; p < h.n_parts && p < 4; ++p) sum += h.part_bytes[p];
+  return sum;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -110,32 +173,47 @@ uint64_t bundle_offset(const BundleHeader& h, uint32_t layer, uint32_t neuron) {
 // validate_header: everything a reader relies on, checked once on open
 // ---------------------------------------------------------------------------------------
 
-void validate_header(const BundleHeader& h, uint64_t file_size, const std::string& path) {
+void validate_header(BundleHeader& h, uint64_t file_size, const std::string& path) {
   const std::string& p = path;
   FI_FORMAT_CHECK(std::memcmp(h.magic, kBundleMagic, 8) == 0, p,
                   ": not a flashinfer bundle file (bad magic)", kFixHint);
-  FI_FORMAT_CHECK(h.version == kBundleVersion, p, ": bundle format version ", h.version,
-                  " but this build reads version ", kBundleVersion, kFixHint);
+  FI_FORMAT_CHECK(h.version >= kOldestBundleVersion && h.version <= kBundleVersion, p,
+                  ": bundle format version ", h.version, " but this build reads versions ",
+                  kOldestBundleVersion, " to ", kBundleVersion, kFixHint);
   FI_FORMAT_CHECK(h.header_bytes == kHeaderBytes, p, ": header_bytes is ", h.header_bytes,
                   ", expected ", kHeaderBytes, kFixHint);
   FI_FORMAT_CHECK(h.n_layers > 0 && h.d_model > 0 && h.d_ff > 0, p,
                   ": empty dimensions (n_layers=", h.n_layers, ", d_model=", h.d_model,
                   ", d_ff=", h.d_ff, ")", kFixHint);
-  FI_FORMAT_CHECK(h.dtype <= 2, p, ": unknown dtype code ", h.dtype, kFixHint);
-  FI_FORMAT_CHECK(h.elem_bytes == dtype_bytes(static_cast<DType>(h.dtype)), p,
-                  ": elem_bytes ", h.elem_bytes, " does not match dtype ",
-                  dtype_name(static_cast<DType>(h.dtype)), kFixHint);
+  FI_FORMAT_CHECK(dtype_valid(h.dtype) && (h.version >= 2 || h.dtype <= 2), p,
+                  ": unknown dtype code ", h.dtype, kFixHint);
+  const DType dt = static_cast<DType>(h.dtype);
+  FI_FORMAT_CHECK(h.elem_bytes == dtype_bytes(dt), p, ": elem_bytes ", h.elem_bytes,
+                  " does not match dtype ", dtype_name(dt), kFixHint);
   FI_FORMAT_CHECK(valid_kinds(h.part_kinds, h.n_parts), p, ": n_parts=", h.n_parts,
                   " with part kinds [", h.part_kinds[0], ",", h.part_kinds[1], ",",
                   h.part_kinds[2], ",", h.part_kinds[3],
                   "] is not (up, down) or (up, gate, down)", kFixHint);
   FI_FORMAT_CHECK(is_pow2(h.alignment) && h.alignment >= 512, p, ": alignment ", h.alignment,
                   " is not a power of two >= 512", kFixHint);
-  uint64_t payload = uint64_t(h.n_parts) * h.d_model * h.elem_bytes;
+  if (h.version == 1) fill_version1_fields(h);
+  FI_FORMAT_CHECK(h.down_layout <= 1 && (h.down_layout == 0 || (is_quantized(dt) &&
+                                                                 h.d_ff % 32 == 0)),
+                  p, ": down_layout ", h.down_layout, " is not 0 (blocks) or 1 (codes with "
+                  "a block format and d_ff a multiple of 32)", kFixHint);
+  // The parts: each the size its kind and format give, back to back from byte 0.
+  uint64_t payload = 0;
+  for (uint32_t i = 0; i < 4; ++i) {
+    const uint64_t want = i < h.n_parts ? expected_part_bytes(h, i) : 0;
+    FI_FORMAT_CHECK(h.part_bytes[i] == want && h.part_offset[i] == (i < h.n_parts ? payload : 0),
+                    p, ": part ", i, " has ", h.part_bytes[i], " bytes at offset ",
+                    h.part_offset[i], " but ", dtype_name(dt), " parts of d_model=", h.d_model,
+                    " need ", want, " bytes at ", payload, kFixHint);
+    payload += want;
+  }
   FI_FORMAT_CHECK(h.record_bytes >= payload && h.record_bytes % h.alignment == 0, p,
                   ": record_bytes ", h.record_bytes, " must be a multiple of alignment ",
-                  h.alignment, " and >= ", payload, " (n_parts * d_model * elem_bytes)",
-                  kFixHint);
+                  h.alignment, " and >= ", payload, " (the parts' bytes)", kFixHint);
   FI_FORMAT_CHECK(h.data_offset >= h.header_bytes && h.data_offset % h.alignment == 0, p,
                   ": data_offset ", h.data_offset, " must be >= ", h.header_bytes,
                   " and a multiple of alignment ", h.alignment, kFixHint);

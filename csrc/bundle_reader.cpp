@@ -234,12 +234,19 @@ ReadStats BundleReader::read_parts(uint32_t layer, const int64_t* ids, std::size
                                    const uint32_t* parts, std::size_t n_sel, void* dst,
                                    std::size_t dst_stride) {
   check_ids(layer, ids, n);
-  const uint64_t pb = part_bytes();
-  for (std::size_t s = 0; s < n_sel; ++s)
+  // where each selected part starts in the record and in a destination row
+  std::vector<uint64_t> src_off(n_sel), dst_off(n_sel), len(n_sel);
+  uint64_t row_bytes = 0;
+  for (std::size_t s = 0; s < n_sel; ++s) {
     FI_CHECK(parts[s] < header_.n_parts, "part index ", parts[s], " out of range [0, ",
              header_.n_parts, ")");
-  FI_CHECK(n == 0 || n_sel == 0 || dst_stride >= n_sel * pb, "destination row stride ",
-           dst_stride, " is smaller than ", n_sel, " parts of ", pb, " bytes");
+    src_off[s] = part_offset(parts[s]);
+    len[s] = part_bytes(parts[s]);
+    dst_off[s] = row_bytes;
+    row_bytes += len[s];
+  }
+  FI_CHECK(n == 0 || n_sel == 0 || dst_stride >= row_bytes, "destination row stride ",
+           dst_stride, " is smaller than the ", n_sel, " parts' ", row_bytes, " bytes");
   std::vector<int64_t> sorted(ids, ids + n);
   std::sort(sorted.begin(), sorted.end());
   for (std::size_t j = 1; j < n; ++j)
@@ -253,36 +260,38 @@ ReadStats BundleReader::read_parts(uint32_t layer, const int64_t* ids, std::size
   char* out = static_cast<char*>(dst);
 
   // Aligned span of every part; a part that is not aligned on both ends goes via scratch.
-  auto span_of = [&](uint64_t off, uint64_t* lo, uint64_t* hi) {
+  auto span_of = [&](uint64_t off, uint64_t pb, uint64_t* lo, uint64_t* hi) {
     *lo = off / align * align;
     *hi = align_up(off + pb, align);
+  };
+  auto direct = [&](uint64_t off, uint64_t pb, uint64_t lo, uint64_t hi, const char* row) {
+    return lo == off && hi == off + pb && is_aligned(row, align);
   };
   uint64_t scratch_bytes = 0;
   for (std::size_t k = 0; k < n; ++k)
     for (std::size_t s = 0; s < n_sel; ++s) {
-      uint64_t off = bundle_offset(header_, layer, uint32_t(ids[k])) + parts[s] * pb, lo, hi;
-      span_of(off, &lo, &hi);
-      if (lo != off || hi != off + pb || !is_aligned(out + k * dst_stride + s * pb, align))
-        scratch_bytes += hi - lo;
+      uint64_t off = bundle_offset(header_, layer, uint32_t(ids[k])) + src_off[s], lo, hi;
+      span_of(off, len[s], &lo, &hi);
+      if (!direct(off, len[s], lo, hi, out + k * dst_stride + dst_off[s])) scratch_bytes += hi - lo;
     }
   scratch_.reserve(scratch_bytes);
   char* sc = scratch_.as<char>();
   for (std::size_t k = 0; k < n; ++k)
     for (std::size_t s = 0; s < n_sel; ++s) {
-      uint64_t off = bundle_offset(header_, layer, uint32_t(ids[k])) + parts[s] * pb, lo, hi;
-      span_of(off, &lo, &hi);
-      char* row = out + k * dst_stride + s * pb;
-      if (lo == off && hi == off + pb && is_aligned(row, align)) {
-        reqs_.push_back({off, pb, row});
+      uint64_t off = bundle_offset(header_, layer, uint32_t(ids[k])) + src_off[s], lo, hi;
+      span_of(off, len[s], &lo, &hi);
+      char* row = out + k * dst_stride + dst_off[s];
+      if (direct(off, len[s], lo, hi, row)) {
+        reqs_.push_back({off, std::size_t(len[s]), row});
       } else {
-        reqs_.push_back({lo, hi - lo, sc});
-        copies_.push_back({sc + (off - lo), row, pb});
+        reqs_.push_back({lo, std::size_t(hi - lo), sc});
+        copies_.push_back({sc + (off - lo), row, std::size_t(len[s])});
         sc += hi - lo;
       }
     }
   split_long_requests();
 
-  return execute_and_count(uint64_t(n) * n_sel * pb, t0);
+  return execute_and_count(uint64_t(n) * row_bytes, t0);
 }
 
 ReadStats BundleReader::read_ranges(const uint64_t* offsets, std::size_t n, std::size_t len,

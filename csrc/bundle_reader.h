@@ -63,7 +63,7 @@ class BundleReader {
                  std::size_t dst_stride);
 
   // The "unbundled" ablation: each selected part of each neuron is its own read.
-  // Row k of dst = parts[0..n_sel) of ids[k], each d_model*elem_bytes, back to back.
+  // Row k of dst = parts[0..n_sel) of ids[k], each part_bytes(p) bytes, back to back.
   ReadStats read_parts(uint32_t layer, const int64_t* ids, std::size_t n, const uint32_t* parts,
                        std::size_t n_sel, void* dst, std::size_t dst_stride);
 
@@ -79,7 +79,9 @@ class BundleReader {
   const BundleHeader& header() const { return header_; }
   uint64_t offset(uint32_t layer, uint32_t neuron) const;
   uint64_t record_bytes() const { return header_.record_bytes; }
-  uint64_t part_bytes() const { return uint64_t(header_.d_model) * header_.elem_bytes; }
+  uint64_t part_bytes(uint32_t p) const { return header_.part_bytes[p]; }
+  uint64_t part_offset(uint32_t p) const { return header_.part_offset[p]; }
+  uint64_t payload_bytes() const { return flashinfer::payload_bytes(header_); }
   bool is_direct() const { return file_.is_direct(); }
   const std::string& engine() const { return engine_; }
   const std::string& path() const { return file_.path(); }

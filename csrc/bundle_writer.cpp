@@ -23,9 +23,9 @@ std::array<PartKind, 4> part_array(const std::vector<PartKind>& parts) {
 
 BundleWriter::BundleWriter(const std::string& path, uint32_t n_layers, uint32_t d_model,
                            uint32_t d_ff, DType dtype, const std::vector<PartKind>& parts,
-                           uint32_t alignment)
+                           uint32_t alignment, DownLayout down_layout)
     : header_(make_header(n_layers, d_model, d_ff, dtype, part_array(parts),
-                          uint32_t(parts.size()), alignment)),
+                          uint32_t(parts.size()), alignment, down_layout)),
       file_(path),
       written_(n_layers, false) {
   records_per_chunk_ = std::max<std::size_t>(1, kChunkBytes / header_.record_bytes);
@@ -38,7 +38,7 @@ BundleWriter::BundleWriter(const std::string& path, uint32_t n_layers, uint32_t 
 }
 
 // ---------------------------------------------------------------------------------------
-// write_layer: [d_ff, d_model] x n_parts -> d_ff records, chunk by chunk
+// write_layer: [d_ff, part_bytes[p]] x n_parts -> d_ff records, chunk by chunk
 // ---------------------------------------------------------------------------------------
 
 void BundleWriter::write_layer(uint32_t layer, const void* const* part_ptrs,
@@ -48,7 +48,6 @@ void BundleWriter::write_layer(uint32_t layer, const void* const* part_ptrs,
            ")");
   FI_CHECK(!written_[layer], "layer ", layer, " of ", path(), " was already written");
   FI_CHECK(n_parts == header_.n_parts, "expected ", header_.n_parts, " parts, got ", n_parts);
-  const std::size_t pb = std::size_t(header_.d_model) * header_.elem_bytes;  // one part row
   const std::size_t rb = header_.record_bytes;
   char* chunk = chunk_.as<char>();
   for (uint32_t i0 = 0; i0 < header_.d_ff; i0 += uint32_t(records_per_chunk_)) {
@@ -56,9 +55,11 @@ void BundleWriter::write_layer(uint32_t layer, const void* const* part_ptrs,
     // Zero first so the padding after the parts is deterministic (files are reproducible).
     std::memset(chunk, 0, std::size_t(cnt) * rb);
     for (uint32_t k = 0; k < cnt; ++k)
-      for (std::size_t p = 0; p < n_parts; ++p)
-        std::memcpy(chunk + k * rb + p * pb,
+      for (std::size_t p = 0; p < n_parts; ++p) {
+        const std::size_t pb = header_.part_bytes[p];  // one neuron's part
+        std::memcpy(chunk + k * rb + header_.part_offset[p],
                     static_cast<const char*>(part_ptrs[p]) + std::size_t(i0 + k) * pb, pb);
+      }
     file_.write_at(chunk, std::size_t(cnt) * rb, bundle_offset(header_, layer, i0));
   }
   written_[layer] = true;

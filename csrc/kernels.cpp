@@ -1,12 +1,13 @@
-// kernels.cpp: linear, ffn_rows and dtype conversion for f32 / f16 / bf16 weights.
+// kernels.cpp: linear, ffn_rows and dtype conversion for f32 / f16 / bf16 weights, and the
+// drivers of the block formats (q8_0, q4_0, q4_1; their tiles: kernels_quant.h).
 //
 // Layout of this file:
 //   1. scalar dtype conversion (bit exact, portable)
 //   2. Rows: a view of weight rows (strided, optionally indexed) and the per-ISA kernel table
 //   3. scalar kernels (portable fallback; the compiler may vectorize them, e.g. NEON)
 //   4. AVX2+FMA+F16C kernels (x86_64 only, compiled with a target attribute, picked at runtime)
-//   5. ISA selection
-//   6. drivers: threading and blocking, shared by every ISA
+//   5. ISA selection, and the one dispatcher of the block formats' kernels
+//   6. drivers: threading and blocking, shared by every ISA and format
 //
 // Two inner kernels do all the work:
 //   dot_block:   out[t, j] (+)= sum_i x[t, i] * w_j[i]       ("NT" GEMM; matvec when n=1)
@@ -19,6 +20,7 @@
 #include "kernels.h"
 
 #include "half.h"
+#include "kernels_quant.h"
 
 #include <algorithm>
 #include <atomic>
@@ -244,6 +246,7 @@ void scalar_accum_block(const float* h, int64_t ldh, int64_t nt, const int32_t* 
     case DType::F32: return FN<float>(__VA_ARGS__);         \
     case DType::F16: return FN<F16>(__VA_ARGS__);           \
     case DType::BF16: return FN<BF16>(__VA_ARGS__);         \
+    default: break; /* block formats: never reach here */  \
   }
 
 void scalar_dot(const float* x, int64_t ldx, int64_t n, const Rows& w, int64_t j0, int64_t j1,
@@ -272,6 +275,8 @@ void scalar_to_f32(const void* src, DType dt, int64_t count, float* dst) {
       for (int64_t i = 0; i < count; ++i) dst[i] = bf16_to_float(s[i]);
       return;
     }
+    default:  // block formats go through dequantize_rows (the bindings check)
+      return;
   }
 }
 
@@ -290,6 +295,8 @@ void scalar_from_f32(const float* src, int64_t count, DType dt, void* dst) {
       for (int64_t i = 0; i < count; ++i) d[i] = float_to_bf16(src[i]);
       return;
     }
+    default:  // block formats go through quantize_rows (the bindings check)
+      return;
   }
 }
 
@@ -474,15 +481,26 @@ bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 }
+// The block formats' VNNI dots use 256-bit EVEX forms: F, BW, VL and VNNI (and the OS must
+// save zmm state, which __builtin_cpu_supports checks for the AVX-512 features).
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni");
+}
 #else
 bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512() { return false; }
 #endif  // FI_HAVE_X86
 
 // =======================================================================================
 // 5. ISA selection
 // =======================================================================================
 
-Isa best_isa() { return cpu_has_avx2() ? Isa::Avx2 : Isa::Scalar; }
+Isa best_isa() {
+  return cpu_has_avx512() ? Isa::Avx512 : cpu_has_avx2() ? Isa::Avx2 : Isa::Scalar;
+}
 
 std::atomic<int>& isa_state() {
   static std::atomic<int> state{static_cast<int>(best_isa())};
@@ -491,8 +509,8 @@ std::atomic<int>& isa_state() {
 
 const KernelTable& table() {
 #ifdef FI_HAVE_X86
-  if (isa_state().load(std::memory_order_relaxed) == static_cast<int>(Isa::Avx2))
-    return kAvx2Table;
+  if (isa_state().load(std::memory_order_relaxed) >= static_cast<int>(Isa::Avx2))
+    return kAvx2Table;  // Avx512: the float kernels have nothing wider
 #endif
   return kScalarTable;
 }
@@ -556,6 +574,56 @@ void dot_rows(const KernelTable& kt, const float* x, int64_t n, int64_t k, const
   }
 }
 
+// ---- block formats -----------------------------------------------------------------
+
+// Rows [r0, r1) (<= kRowBlock) of a block-format matrix dotted with every quantized input:
+// token tiles outside, row pairs inside, so a tile's x (T x k bytes) stays in L1 while the
+// block's rows (<= 64 rows) come from L2.
+void qdot_rows(const QuantKernels& qk, const QuantizedX& x, int64_t n, const Rows& w,
+               int64_t r0, int64_t r1, float* out, int64_t ldo) {
+  const uint8_t* wp[kQTileR];
+  for (int64_t t = 0; t < n; t += kQTileT) {
+    const int T = static_cast<int>(std::min<int64_t>(kQTileT, n - t));
+    for (int64_t j = r0; j < r1; j += kQTileR) {
+      const int R = static_cast<int>(std::min<int64_t>(kQTileR, r1 - j));
+      for (int r = 0; r < R; ++r) wp[r] = row_ptr<uint8_t>(w, j + r);
+      qk.dot[T - 1][R - 1](x, t, wp, x.nb, out + t * ldo + j, ldo);
+    }
+  }
+}
+
+// The accumulate tiles of a block format, in the shape accum_block_loop takes.
+struct QAccumTable {
+  const QAccumTileFn (&fn)[kQTileT][3];
+};
+
+// Down parts in the codes layout: the rows js[0, nj) of the tile (all in one 32-neuron block
+// `blk` of the resident scale table) add h * code into S (T x (c1 - c0)), then the block's
+// scales are applied once. R rows per codes tile as in accum_block_loop.
+void codes_block(const QuantKernels& qk, const float* h, int64_t ldh, int64_t nt,
+                 const int32_t* js, int64_t nj, const Rows& down, const uint16_t* scales,
+                 int64_t d_model, int64_t c0, int64_t c1, float* S, float* out, int64_t ldo) {
+  const int T = static_cast<int>(nt);
+  const int64_t lds = c1 - c0;
+  std::fill(S, S + nt * lds, 0.f);
+  float hsum[kQTileT] = {};
+  for (int64_t q = 0; q < nj; ++q)
+    for (int t = 0; t < T; ++t) hsum[t] += h[t * ldh + js[q]];
+  const int R = T <= 2 ? 4 : 2;
+  float coef[kQTileT * 4];
+  const uint8_t* cp[4];
+  for (int64_t q = 0; q < nj;) {
+    const int rr = nj - q >= R ? R : 1;
+    for (int r = 0; r < rr; ++r) {
+      cp[r] = row_ptr<uint8_t>(down, js[q + r]);
+      for (int t = 0; t < T; ++t) coef[t * rr + r] = h[t * ldh + js[q + r]];
+    }
+    qk.codes[T - 1][rr == 4 ? 2 : rr - 1](coef, cp, c0, c1, S, lds);
+    q += rr;
+  }
+  qk.codes_finish(S, lds, hsum, nt, scales, d_model, c0, c1, out, ldo);
+}
+
 }  // namespace
 
 // ---- helpers shared with the other kernel files (kernels.h) -------------------------
@@ -590,7 +658,22 @@ float activate(Activation act, float v, float param) {
 
 Isa kernel_isa() { return static_cast<Isa>(isa_state().load()); }
 
-const char* isa_name(Isa isa) { return isa == Isa::Avx2 ? "avx2" : "scalar"; }
+const char* isa_name(Isa isa) {
+  return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "scalar";
+}
+
+// The block formats' kernel tables for the ISA in use (the one dispatcher).
+const QuantKernels& quant_kernels(DType dt) {
+  const Isa isa = kernel_isa();
+  switch (dt) {
+    case DType::Q8_0: return q8_0_kernels(isa);
+    case DType::Q4_0: return q4_0_kernels(isa);
+    case DType::Q4_1: return q4_1_kernels(isa);
+    default: break;
+  }
+  FI_CHECK(false, "no block-format kernels for dtype ", dtype_name(dt));
+  return q8_0_kernels(isa);
+}
 
 void set_kernel_isa(const std::string& name) {
   Isa isa;
@@ -601,8 +684,12 @@ void set_kernel_isa(const std::string& name) {
   } else if (name == "avx2") {
     FI_CHECK(cpu_has_avx2(), "isa 'avx2' is not supported by this CPU (needs AVX2+FMA+F16C)");
     isa = Isa::Avx2;
+  } else if (name == "avx512") {
+    FI_CHECK(cpu_has_avx512(), "isa 'avx512' is not supported by this CPU (needs AVX-512 "
+             "F, BW, VL and VNNI)");
+    isa = Isa::Avx512;
   } else {
-    FI_CHECK(false, "isa must be 'auto', 'scalar' or 'avx2', got '", name, "'");
+    FI_CHECK(false, "isa must be 'auto', 'scalar', 'avx2' or 'avx512', got '", name, "'");
   }
   isa_state().store(static_cast<int>(isa));
 }
@@ -628,8 +715,14 @@ void linear(const float* x, int64_t n, int64_t k, const void* w, DType wdt, int6
       for (int64_t j = 0; j < m; ++j) out[t * m + j] = bias ? bias[j] : 0.f;
     return;
   }
+  const bool blocks = is_quantized(wdt);
   const KernelTable& kt = table();
-  const Rows rows{w, wdt, k, 0, nullptr};
+  const QuantKernels* qk = blocks ? &quant_kernels(wdt) : nullptr;
+  // Block formats: x in 16 bits once for every row (a reference: the workers share it).
+  thread_local QuantizedX qx_scratch;
+  if (blocks) quantize_x(x, n, k, k, qx_scratch);
+  const QuantizedX& qx = qx_scratch;
+  const Rows rows{w, wdt, blocks ? int64_t(row_bytes(wdt, k)) : k, 0, nullptr};
   const int nt = resolve_threads(threads, double(n) * double(m) * double(k));
   const int64_t rb = row_block(m, nt);
   const int64_t n_blocks = (m + rb - 1) / rb;
@@ -638,7 +731,10 @@ void linear(const float* x, int64_t n, int64_t k, const void* w, DType wdt, int6
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t b = 0; b < n_blocks; ++b) {
     const int64_t r0 = b * rb, r1 = std::min(m, r0 + rb);
-    dot_rows(kt, x, n, k, rows, r0, r1, out, m);
+    if (blocks)
+      qdot_rows(*qk, qx, n, rows, r0, r1, out, m);
+    else
+      dot_rows(kt, x, n, k, rows, r0, r1, out, m);
     if (bias)
       for (int64_t t = 0; t < n; ++t)
         for (int64_t j = r0; j < r1; ++j) out[t * m + j] += bias[j];
@@ -647,18 +743,59 @@ void linear(const float* x, int64_t n, int64_t k, const void* w, DType wdt, int6
 
 // ---- ffn_rows -------------------------------------------------------------------------
 
-void ffn_rows(const FfnRowsArgs& a) {
-  const int64_t n = a.n, d = a.d_model;
-  const int64_t n_used = a.row_select ? a.n_select : a.n_rows;
+namespace {
+
+// The used rows in neuron-id order (codes layout): sel[i] = the row, order[i] = its position
+// in the caller's order. Rows of one 32-neuron block become adjacent, so its resident scales
+// are applied once per block and tile rather than once per row.
+void sort_by_neuron(const FfnRowsArgs& a, int64_t n_used, std::vector<int32_t>& sel,
+                    std::vector<int32_t>& order) {
+  auto row_of = [&](int64_t i) { return a.row_select ? a.row_select[i] : int32_t(i); };
+  auto id_of = [&](int32_t row) { return a.row_ids ? a.row_ids[row] : row; };
+  order.resize(static_cast<size_t>(n_used));
+  for (int64_t i = 0; i < n_used; ++i) order[i] = int32_t(i);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t p, int32_t q) {
+    return id_of(row_of(p)) < id_of(row_of(q));
+  });
+  sel.resize(static_cast<size_t>(n_used));
+  for (int64_t i = 0; i < n_used; ++i) sel[i] = row_of(order[i]);
+}
+
+}  // namespace
+
+void ffn_rows(const FfnRowsArgs& args) {
+  const int64_t n = args.n, d = args.d_model;
+  const int64_t n_used = args.row_select ? args.n_select : args.n_rows;
   if (n == 0 || d == 0) return;
-  std::fill(a.out, a.out + n * d, 0.f);
+  std::fill(args.out, args.out + n * d, 0.f);
   if (n_used == 0) return;
 
+  FfnRowsArgs a = args;
+  const bool blocks = is_quantized(a.dtype);
+  const bool codes = blocks && a.down_scales != nullptr;
+  thread_local std::vector<int32_t> sorted_sel, order;
+  if (codes) {  // run on the rows in neuron-id order; act_out is reordered back at the end
+    sort_by_neuron(args, n_used, sorted_sel, order);
+    a.row_select = sorted_sel.data();
+    a.n_select = n_used;
+    a.act_out = nullptr;
+  }
+  const int32_t* sel = a.row_select;
+  auto neuron_of = [&](int64_t j) {  // neuron id of used row j (codes layout)
+    const int32_t row = sel ? sel[j] : int32_t(j);
+    return a.row_ids ? a.row_ids[row] : row;
+  };
+
   const KernelTable& kt = table();
+  const QuantKernels* qk = blocks ? &quant_kernels(a.dtype) : nullptr;
   const bool gated = a.gate_off >= 0;
   const Rows up{a.rows, a.dtype, a.row_elems, a.up_off, a.row_select};
   const Rows gate{a.rows, a.dtype, a.row_elems, gated ? a.gate_off : 0, a.row_select};
   const Rows down{a.rows, a.dtype, a.row_elems, a.down_off, a.row_select};
+  // Block formats: x in 16 bits once for all rows (shared by reference with the workers).
+  thread_local QuantizedX qx_scratch;
+  if (blocks) quantize_x(a.x, n, d, d, qx_scratch);
+  const QuantizedX& qx = qx_scratch;
 
   // H (n, n_used): u, then h in place. Caller's act_out when given, else scratch owned by
   // the calling thread (reused across calls: no allocation in the decode loop).
@@ -697,18 +834,25 @@ void ffn_rows(const FfnRowsArgs& a) {
     if (tid > 0) std::fill(po, po + n * d, 0.f);
     std::vector<int32_t> active;  // rows of the block with any h != 0 in the input tile
     active.reserve(static_cast<size_t>(rb));
+    std::vector<float> S(codes ? static_cast<size_t>(kTileT * dc) : 0);  // codes sums
+    const QAccumTable qacc{qk ? qk->accum : quant_kernels(DType::Q8_0).accum};
 
     // Row blocks handed out dynamically; each block is fused: up (and gate) dots for the
     // block's rows, bias + activation into H, then the down parts of its active rows.
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t b = 0; b < n_blocks; ++b) {
       const int64_t r0 = b * rb, r1 = std::min(n_used, r0 + rb);
-      dot_rows(kt, a.x, n, d, up, r0, r1, H, n_used);
-      if (gated) dot_rows(kt, a.x, n, d, gate, r0, r1, G, n_used);
+      if (blocks) {
+        qdot_rows(*qk, qx, n, up, r0, r1, H, n_used);
+        if (gated) qdot_rows(*qk, qx, n, gate, r0, r1, G, n_used);
+      } else {
+        dot_rows(kt, a.x, n, d, up, r0, r1, H, n_used);
+        if (gated) dot_rows(kt, a.x, n, d, gate, r0, r1, G, n_used);
+      }
       for (int64_t t = 0; t < n; ++t)
         for (int64_t j = r0; j < r1; ++j) {
           float u = H[t * n_used + j];
-          if (a.up_bias) u += a.up_bias[a.row_select ? a.row_select[j] : j];
+          if (a.up_bias) u += a.up_bias[sel ? sel[j] : j];
           H[t * n_used + j] = gated ? activate(a.act, G[t * n_used + j], a.act_param) * u
                                     : activate(a.act, u, a.act_param);
         }
@@ -716,15 +860,34 @@ void ffn_rows(const FfnRowsArgs& a) {
         const int64_t c1 = std::min(d, c0 + dc);
         for (int64_t t = 0; t < n; t += kTileT) {
           const int64_t tn = std::min<int64_t>(kTileT, n - t);
-          active.clear();
-          for (int64_t j = r0; j < r1; ++j) {
-            bool any = false;
-            for (int64_t q = 0; q < tn; ++q) any |= H[(t + q) * n_used + j] != 0.f;
-            if (any) active.push_back(static_cast<int32_t>(j));
+          // active rows of the tile; in the codes layout one 32-neuron block at a time
+          for (int64_t g0 = r0; g0 < r1;) {
+            int64_t g1 = r1;
+            if (codes) {
+              const int32_t blk = neuron_of(g0) / 32;
+              for (g1 = g0 + 1; g1 < r1 && neuron_of(g1) / 32 == blk;) ++g1;
+            }
+            active.clear();
+            for (int64_t j = g0; j < g1; ++j) {
+              bool any = false;
+              for (int64_t q = 0; q < tn; ++q) any |= H[(t + q) * n_used + j] != 0.f;
+              if (any) active.push_back(static_cast<int32_t>(j));
+            }
+            const int64_t na = static_cast<int64_t>(active.size());
+            if (na && codes) {
+              const int64_t blk = neuron_of(g0) / 32;
+              const uint16_t* sc = a.down_scales + blk * qk->scale_rows * d;
+              codes_block(*qk, H + t * n_used, n_used, tn, active.data(), na, down, sc, d, c0,
+                          c1, S.data(), po + t * d, d);
+            } else if (na && blocks) {
+              accum_block_loop<uint8_t>(qacc, H + t * n_used, n_used, tn, active.data(), na,
+                                        down, c0, c1, po + t * d, d);
+            } else if (na) {
+              kt.accum_block(H + t * n_used, n_used, tn, active.data(), na, down, c0, c1,
+                             po + t * d, d);
+            }
+            g0 = g1;
           }
-          if (!active.empty())
-            kt.accum_block(H + t * n_used, n_used, tn, active.data(),
-                           static_cast<int64_t>(active.size()), down, c0, c1, po + t * d, d);
         }
       }
     }
@@ -734,6 +897,31 @@ void ffn_rows(const FfnRowsArgs& a) {
     const float* p = P + (i - 1) * n * d;
     for (int64_t q = 0; q < n * d; ++q) a.out[q] += p[q];
   }
+  // Codes layout: h back into the caller's row order.
+  if (codes && args.act_out)
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t i = 0; i < n_used; ++i)
+        args.act_out[t * n_used + order[i]] = H[t * n_used + i];
+}
+
+// ---- block formats: whole arrays ------------------------------------------------------
+
+void quantize_rows(const float* x, int64_t n, int64_t len, int64_t ldx, DType dt, uint8_t* out,
+                   int64_t ldo, int threads) {
+  const QuantKernels& qk = quant_kernels(dt);
+  const int nt = resolve_threads(threads, double(n) * double(len) * 4);
+  (void)nt;  // unused without OpenMP
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t i = 0; i < n; ++i) qk.quantize_row(x + i * ldx, len, out + i * ldo);
+}
+
+void dequantize_rows(const uint8_t* rows, int64_t n, int64_t len, int64_t ldr, DType dt,
+                     float* out, int64_t ldo, int threads) {
+  const QuantKernels& qk = quant_kernels(dt);
+  const int nt = resolve_threads(threads, double(n) * double(len));
+  (void)nt;  // unused without OpenMP
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t i = 0; i < n; ++i) qk.dequantize_row(rows + i * ldr, len, out + i * ldo);
 }
 
 // ---- conversion -----------------------------------------------------------------------

@@ -1,13 +1,16 @@
-// kernels.h: CPU compute kernels for weights kept in their storage dtype (f32, f16, bf16).
+// kernels.h: CPU compute kernels for weights kept in their storage format: f32, f16, bf16,
+// and the block formats q8_0, q4_0, q4_1 (bundle_format.h; their kernels: kernels_quant.h).
 //
 // Why these exist: numpy has no fast float16 / bfloat16 matmul (f16 matvec runs ~45x
-// slower than f32), so the model keeps weights as stored and every product goes through
-// here. Activations, inputs and outputs are always float32; accumulation is float32.
+// slower than f32) and no quantized one, so the model keeps weights as stored and every
+// product goes through here. Activations, inputs and outputs are always float32;
+// accumulation is float32 (block formats: integer dots inside a block, see kernels_quant.h).
 //
 // Every kernel has a portable scalar path and an AVX2+FMA+F16C path picked at runtime
-// (the library is built without -march so wheels run on any x86_64 / arm64). Threading is
-// OpenMP inside the call; no kernel throws once compute has started, so callers validate
-// arguments first (bind_kernels.cpp does) and may release the GIL around the call.
+// (the library is built without -march so wheels run on any x86_64 / arm64); the block
+// formats' dot products also have an AVX-512 VNNI path. Threading is OpenMP inside the call;
+// no kernel throws once compute has started, so callers validate arguments first
+// (bind_kernels.cpp does) and may release the GIL around the call.
 #pragma once
 
 #include <cstdint>
@@ -19,13 +22,15 @@ namespace flashinfer {
 
 // ---- runtime ISA selection -----------------------------------------------------------
 
-enum class Isa { Scalar = 0, Avx2 = 1 };
+// Ordered: each level has everything below it. Avx512 = AVX-512 F/BW/VL + VNNI (the block
+// formats' integer dots); the float kernels run their AVX2 code there.
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 // The ISA the kernels use now: the best one the CPU supports unless overridden.
 Isa kernel_isa();
-const char* isa_name(Isa isa);  // "scalar", "avx2"
-// Override for tests and ablations: "auto", "scalar" or "avx2" (avx2 only if supported).
-// Throws std::invalid_argument on an unknown name or an unsupported ISA.
+const char* isa_name(Isa isa);  // "scalar", "avx2", "avx512"
+// Override for tests and ablations: "auto", "scalar", "avx2" or "avx512" (only if the CPU
+// has it). Throws std::invalid_argument on an unknown name or an unsupported ISA.
 void set_kernel_isa(const std::string& name);
 
 // ---- activations ----------------------------------------------------------------------
@@ -43,7 +48,7 @@ int resolve_threads(int threads, double work);
 // ---- linear: y = x @ w.T + bias -------------------------------------------------------
 
 // x    (n, k) f32, C-contiguous
-// w    (m, k) dtype, C-contiguous
+// w    (m, k) dtype, C-contiguous; a block format: (m, row_bytes(dtype, k)) bytes
 // bias (m,)   f32 or nullptr
 // out  (n, m) f32, overwritten
 // threads <= 0 means omp_get_max_threads().
@@ -56,6 +61,9 @@ void linear(const float* x, int64_t n, int64_t k, const void* w, DType wdt, int6
 //   u = up_j . x_t (+ up_bias[j]);  gated: h = act(gate_j . x_t) * u, else h = act(u)
 //   out_t = sum_j h * down_j                  (out overwritten)
 // Rows whose h is exactly 0 cost no down traffic (ReLU models: 90-97% of them).
+// Block formats: rows are bytes (element = byte), parts are rows of blocks; with
+// down_scales the down part holds codes only (DownLayout::Codes) and row_ids say which
+// 32-neuron block of the scale table each row belongs to.
 struct FfnRowsArgs {
   const float* x = nullptr;      // (n, d_model) f32
   int64_t n = 0;
@@ -67,6 +75,10 @@ struct FfnRowsArgs {
   int64_t up_off = 0;            // element offset of the up part inside a row
   int64_t gate_off = -1;         // -1: not gated
   int64_t down_off = 0;
+  const uint16_t* down_scales = nullptr;  // (n_scale_blocks, scale_rows, d_model) fp16, or
+                                          // nullptr: the down part is whole blocks
+  int64_t n_scale_blocks = 0;    // d_ff / 32
+  const int32_t* row_ids = nullptr;  // (n_rows,) neuron id of each row; nullptr: the row index
   Activation act = Activation::Relu;
   float act_param = 0.f;         // fatrelu threshold: h = u if u > t else 0
   const float* up_bias = nullptr;     // (n_rows,) f32, indexed by row, or nullptr

@@ -1,11 +1,12 @@
-// kernels_q4.cpp: 4-bit block quantization and the contribution-estimate kernel (see the
-// header for the block layout).
+// kernels_q4.cpp: the 4-bit formats q4_0 and q4_1, the sketch quantizer, and the
+// contribution-estimate kernel (see the header for the block layouts).
 //
 // Layout of this file:
-//   1. quantization (scalar: it runs on evicted rows and at sketch-building time, not per
-//      score)
-//   2. x -> 8-bit blocks, and the Q4 x Q8 block dot product (scalar and AVX2)
-//   3. q4_scores: the driver, threaded over records
+//   1. sketch quantization (scalar and AVX2, identical bytes: it runs on evicted rows and at
+//      sketch-building time, not per score)
+//   2. q4_0 and q4_1: traits for the shared tiles (quant_tiles.h), llama.cpp's reference
+//      quantizers, the kernel tables per instruction set
+//   3. q4_scores: the driver, threaded over records, on the q4_0 dot tiles
 #include "kernels_q4.h"
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "half.h"
+#include "quant_tiles.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -25,7 +27,7 @@ namespace flashinfer {
 namespace {
 
 // =======================================================================================
-// 1. Quantization
+// 1. Sketch quantization
 // =======================================================================================
 
 // n elements of dtype dt -> float32 (the storage types are few: branch once per block)
@@ -122,85 +124,124 @@ using QuantizePartFn = void (*)(const void*, DType, int64_t, uint8_t*);
 
 QuantizePartFn quantize_part_fn() {
 #ifdef FI_HAVE_X86
-  if (kernel_isa() == Isa::Avx2) return &avx2_quantize_part;
+  if (kernel_isa() >= Isa::Avx2) return &avx2_quantize_part;
 #endif
   return &quantize_part;
 }
 
+// A part in a block format: expanded to float32 first (scalar, so the same floats on every
+// ISA), then quantized as a float32 part, so the bytes do not depend on the ISA either.
+void quantize_block_part(const void* src, DType dt, int64_t len, uint8_t* dst,
+                         QuantizePartFn quant) {
+  thread_local std::vector<float> tmp;
+  tmp.resize(static_cast<size_t>(len));
+  quant_kernels(dt).dequantize_row(static_cast<const uint8_t*>(src), len, tmp.data());
+  quant(tmp.data(), DType::F32, len, dst);
+}
+
 // =======================================================================================
-// 2. Block dot products: sum_b d4_b * dx_b * sum_i (q_i - 8) * xq_i
+// 2. q4_0 and q4_1
 // =======================================================================================
 
-// x rows -> int8 blocks (xq: n_tok x nb*32) and their scales (dx: n_tok x nb).
-void quantize_x(const float* x, int64_t n_tok, int64_t len, int8_t* xq, float* dx) {
-  const int64_t nb = q4_blocks(len);
-  for (int64_t t = 0; t < n_tok; ++t)
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t i0 = b * kQ4Block, n = std::min<int64_t>(kQ4Block, len - i0);
-      const float* xs = x + t * len + i0;
-      float amax = 0.f;
-      for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xs[i]));
-      const float d = amax / 127.f;
-      const float inv = d > 0.f ? 1.f / d : 0.f;
-      int8_t* q = xq + (t * nb + b) * kQ4Block;
-      // |xs * inv| <= 127: shift to [0.5, 254.5] and truncate (round half up, no libm call)
-      for (int64_t i = 0; i < kQ4Block; ++i)
-        q[i] = i < n ? static_cast<int8_t>(static_cast<int>(xs[i] * inv + 127.5f) - 127) : 0;
-      dx[t * nb + b] = d;
-    }
-}
-
-float scalar_dot_q4(const uint8_t* part, const int8_t* xq, const float* dx, int64_t nb) {
-  float acc = 0.f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = part + b * kQ4BlockBytes;
-    uint16_t dh;
-    std::memcpy(&dh, blk, 2);
-    const int8_t* y = xq + b * kQ4Block;
-    int32_t s = 0;
-    for (int i = 0; i < 16; ++i) {
-      s += (static_cast<int>(blk[2 + i] & 0xF) - 8) * y[i];
-      s += (static_cast<int>(blk[2 + i] >> 4) - 8) * y[i + 16];
-    }
-    acc += half_to_float(dh) * dx[b] * static_cast<float>(s);
-  }
-  return acc;
-}
-
+// Shared by both: 16 bytes of nibbles, byte i = value i (low) | value i + 16 (high).
+struct Q4Codes {
+  static constexpr int kCodeBytes = 16;
+  static int code(const uint8_t* qs, int i) { return i < 16 ? qs[i] & 0xF : qs[i - 16] >> 4; }
 #ifdef FI_HAVE_X86
-FI_AVX2 float avx2_dot_q4(const uint8_t* part, const int8_t* xq, const float* dx, int64_t nb) {
-  const __m256i low = _mm256_set1_epi8(0xF);
-  const __m256i eight = _mm256_set1_epi8(8);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = part + b * kQ4BlockBytes;
-    uint16_t dh;
-    std::memcpy(&dh, blk, 2);
-    const float d = _cvtsh_ss(dh) * dx[b];
-    // 16 bytes of nibbles -> 32 bytes: low nibbles (elements 0..15), then high (16..31)
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-    __m256i q = _mm256_insertf128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1);
-    q = _mm256_sub_epi8(_mm256_and_si256(q, low), eight);  // -7..7
-    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kQ4Block));
-    // maddubs wants one unsigned operand: |q| times y carrying q's sign (<= 2 * 8 * 127 per pair)
-    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
-    const __m256i p32 = _mm256_madd_epi16(p16, ones);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p32), acc);
+  // the 32 codes as int16 in value order: low nibbles (values 0..15), then high (16..31)
+  FI_AVX2 static void avx2_codes16(const uint8_t* qs, __m256i* lo, __m256i* hi) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i low = _mm_set1_epi8(0xF);
+    *lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
+    *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
   }
-  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+  // values 8k..8k+7: k = 0, 1 low nibbles of bytes 0-7, 8-15; k = 2, 3 their high nibbles
+  FI_AVX2 static __m256 avx2_codes8(const uint8_t* qs, int k) {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * (k & 1)));
+    if (k >= 2) b = _mm_srli_epi16(b, 4);
+    b = _mm_and_si128(b, _mm_set1_epi8(0xF));
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+  }
+#endif
+};
+
+struct FmtQ4_0 : Q4Codes {
+  static constexpr DType kType = DType::Q4_0;
+  static constexpr int kBytes = sizeof(BlockQ4_0);
+  static constexpr int kCodesOff = offsetof(BlockQ4_0, qs);
+  static constexpr int kCodeShift = -8;
+  static constexpr bool kHasMin = false;
+  static float d(const uint8_t* b) { return qtiles::f16(b); }
+  static float m(const uint8_t*) { return 0.f; }
+};
+
+struct FmtQ4_1 : Q4Codes {
+  static constexpr DType kType = DType::Q4_1;
+  static constexpr int kBytes = sizeof(BlockQ4_1);
+  static constexpr int kCodesOff = offsetof(BlockQ4_1, qs);
+  static constexpr int kCodeShift = 0;
+  static constexpr bool kHasMin = true;
+  static float d(const uint8_t* b) { return qtiles::f16(b); }
+  static float m(const uint8_t* b) { return qtiles::f16(b + 2); }
+};
+
+// One block of (up to) 32 values, zero padded.
+inline void load_padded(const float* x, int64_t c, int64_t len, float* v) {
+  const int64_t n = std::min<int64_t>(kQBlock, len - c);
+  std::fill(v, v + kQBlock, 0.f);
+  std::memcpy(v, x + c, sizeof(float) * n);
 }
-#endif
 
-using DotQ4Fn = float (*)(const uint8_t*, const int8_t*, const float*, int64_t);
+inline void pack_nibbles(const int* q, uint8_t* qs) {
+  for (int i = 0; i < 16; ++i) qs[i] = static_cast<uint8_t>(q[i] | (q[i + 16] << 4));
+}
 
-DotQ4Fn dot_q4_fn() {
-#ifdef FI_HAVE_X86
-  if (kernel_isa() == Isa::Avx2) return &avx2_dot_q4;
-#endif
-  return &scalar_dot_q4;
+// llama.cpp's quantize_row_q4_0_ref: w* the value of largest magnitude (the first such),
+// d = w* / -8, q = min(15, trunc(w / d + 8.5)).
+void quantize_row_q4_0(const float* x, int64_t len, uint8_t* row) {
+  float v[kQBlock];
+  int q[kQBlock];
+  for (int64_t c = 0; c < len; c += kQBlock) {
+    load_padded(x, c, len, v);
+    float amax = 0.f, max = 0.f;
+    for (float f : v)
+      if (amax < std::fabs(f)) {
+        amax = std::fabs(f);
+        max = f;
+      }
+    const float d = max / -8.f;
+    const float id = d != 0.f ? 1.f / d : 0.f;
+    for (int i = 0; i < kQBlock; ++i)
+      q[i] = std::min(15, static_cast<int>(static_cast<int8_t>(v[i] * id + 8.5f)));
+    BlockQ4_0 blk;
+    blk.d = float_to_half(d);
+    pack_nibbles(q, blk.qs);
+    std::memcpy(row + c / kQBlock * sizeof(BlockQ4_0), &blk, sizeof(blk));
+  }
+}
+
+// llama.cpp's quantize_row_q4_1_ref: d = (max - min) / 15, m = min,
+// q = min(15, trunc((w - min) / d + 0.5)).
+void quantize_row_q4_1(const float* x, int64_t len, uint8_t* row) {
+  float v[kQBlock];
+  int q[kQBlock];
+  for (int64_t c = 0; c < len; c += kQBlock) {
+    load_padded(x, c, len, v);
+    float mn = v[0], mx = v[0];
+    for (float f : v) {
+      mn = std::min(mn, f);
+      mx = std::max(mx, f);
+    }
+    const float d = (mx - mn) / 15.f;
+    const float id = d != 0.f ? 1.f / d : 0.f;
+    for (int i = 0; i < kQBlock; ++i)
+      q[i] = std::min(15, static_cast<int>(static_cast<int8_t>((v[i] - mn) * id + 0.5f)));
+    BlockQ4_1 blk;
+    blk.d = float_to_half(d);
+    blk.m = float_to_half(mn);
+    pack_nibbles(q, blk.qs);
+    std::memcpy(row + c / kQBlock * sizeof(BlockQ4_1), &blk, sizeof(blk));
+  }
 }
 
 }  // namespace
@@ -214,6 +255,7 @@ void quantize_q4_parts(const void* src, DType dt, int64_t src_ld, const int64_t*
                        uint8_t* dst, int64_t dst_ld, const int64_t* dst_rows, int threads) {
   const size_t eb = dtype_bytes(dt);
   const QuantizePartFn quant = quantize_part_fn();
+  const bool blocks = is_quantized(dt);
   // The runtime quantizes a few hundred evicted rows per layer (~50 us on one core): a
   // fork/join costs more than that on a busy machine, so threads only for whole files.
   const int nt = n < 4096 ? 1 : resolve_threads(threads, double(n) * double(n_parts) * double(len));
@@ -222,8 +264,13 @@ void quantize_q4_parts(const void* src, DType dt, int64_t src_ld, const int64_t*
   for (int64_t i = 0; i < n; ++i) {
     const char* row = static_cast<const char*>(src) + src_rows[i] * src_ld * eb;
     uint8_t* rec = dst + dst_rows[i] * dst_ld;
-    for (int p = 0; p < n_parts; ++p)
-      quant(row + part_off[p] * eb, dt, len, rec + p * q4_part_bytes(len));
+    for (int p = 0; p < n_parts; ++p) {
+      uint8_t* out = rec + p * q4_part_bytes(len);
+      if (blocks)
+        quantize_block_part(row + part_off[p] * eb, dt, len, out, quant);
+      else
+        quant(row + part_off[p] * eb, dt, len, out);
+    }
   }
 }
 
@@ -248,15 +295,13 @@ void q4_scores(const float* x, int64_t n_tok, int64_t len, const uint8_t* sk, in
                float* out, int threads) {
   if (n_rec == 0) return;
   const int64_t nb = q4_blocks(len), pb = q4_part_bytes(len);
-  // x in 8 bits: reused by every record (n_tok * nb * 32 bytes; a few KiB for decode)
-  thread_local std::vector<int8_t> xq;
-  thread_local std::vector<float> dx;
-  xq.resize(static_cast<size_t>(n_tok * nb * kQ4Block));
-  dx.resize(static_cast<size_t>(n_tok * nb));
-  quantize_x(x, n_tok, len, xq.data(), dx.data());
-  const int8_t* xqp = xq.data();
-  const float* dxp = dx.data();
-  const DotQ4Fn dot = dot_q4_fn();
+  // x in 16 bits: reused by every record (n_tok * nb * 64 bytes; a few KiB for decode)
+  thread_local QuantizedX qx;
+  quantize_x(x, n_tok, len, len, qx);
+  const QuantizedX& xq = qx;
+  // a record's parts are two q4_0 rows (the sketch uses the q4_0 block): one R = 2 tile
+  const QuantKernels& qk = quant_kernels(DType::Q4_0);
+  const int R = gated ? 2 : 1;
   // int8 dots run ~20 multiply-adds per ns on one core: a decode step's scores (~1M) take
   // 60 us, less than waking a second thread on a loaded machine (measured 0.06 vs 0.11 ms
   // for 900 SmolLM2 records); prefill chunks are worth splitting.
@@ -265,18 +310,29 @@ void q4_scores(const float* x, int64_t n_tok, int64_t len, const uint8_t* sk, in
   (void)nt;  // unused without OpenMP
 #pragma omp parallel for schedule(dynamic, 64) num_threads(nt)
   for (int64_t j = 0; j < n_rec; ++j) {
-    const uint8_t* rec = sk + j * ld;
+    const uint8_t* parts[2] = {sk + j * ld, sk + j * ld + pb};
     float best = 0.f;
-    for (int64_t t = 0; t < n_tok; ++t) {
-      const int8_t* xt = xqp + t * nb * kQ4Block;
-      const float* dt = dxp + t * nb;
-      const float u = dot(rec, xt, dt, nb);
-      const float h = gated ? activate(act, dot(rec + pb, xt, dt, nb), act_param) * u
-                            : activate(act, u, act_param);
-      best = std::max(best, std::fabs(h));
+    for (int64_t t0 = 0; t0 < n_tok; t0 += kQTileT) {
+      const int T = static_cast<int>(std::min<int64_t>(kQTileT, n_tok - t0));
+      float ug[kQTileT * 2];  // [t][up, gate]
+      qk.dot[T - 1][R - 1](xq, t0, parts, nb, ug, 2);
+      for (int t = 0; t < T; ++t) {
+        const float u = ug[2 * t];
+        const float h = gated ? activate(act, ug[2 * t + 1], act_param) * u
+                              : activate(act, u, act_param);
+        best = std::max(best, std::fabs(h));
+      }
     }
     out[j] = scale ? best * scale[j] : best;
   }
+}
+
+const QuantKernels& q4_0_kernels(Isa isa) {
+  return qtiles::table_for<FmtQ4_0>(isa, &quantize_row_q4_0, &qtiles::dequantize_row<FmtQ4_0>);
+}
+
+const QuantKernels& q4_1_kernels(Isa isa) {
+  return qtiles::table_for<FmtQ4_1>(isa, &quantize_row_q4_1, &qtiles::dequantize_row<FmtQ4_1>);
 }
 
 }  // namespace flashinfer

@@ -16,7 +16,7 @@ NeuronCache::NeuronCache(BundleReader& reader, uint32_t n_layers,
                          const std::vector<uint32_t>& capacity, bool packed)
     : reader_(reader),
       record_bytes_(reader.record_bytes()),
-      row_bytes_(packed ? std::min<uint64_t>(align_up(reader.header().n_parts * reader.part_bytes(), 64),
+      row_bytes_(packed ? std::min<uint64_t>(align_up(reader.payload_bytes(), 64),
                                              reader.record_bytes())
                         : reader.record_bytes()),
       d_ff_(reader.header().d_ff) {
@@ -113,7 +113,7 @@ ReadStats NeuronCache::read_into(uint32_t layer, const int64_t* ids, std::size_t
                                  bool bundled, char* dst) {
   const uint32_t n_parts = reader_.header().n_parts;
   const uint32_t all_parts[4] = {0, 1, 2, 3};
-  const uint64_t used = n_parts * reader_.part_bytes();
+  const uint64_t used = reader_.payload_bytes();
   // Whole records (dst_stride = record_bytes, 4096-aligned rows) into `out`.
   auto read_records = [&](const int64_t* chunk, std::size_t m, char* out) {
     if (bundled) return reader_.read(layer, chunk, m, out, record_bytes_);

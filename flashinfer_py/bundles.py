@@ -5,7 +5,8 @@ row (gated FFNs) and down column back to back in one record of ``record_bytes`` 
 4096), so one direct read fetches one neuron. The layout and the header are defined in
 ``csrc/bundle_format.h``; this module is a thin typed layer over the native classes.
 
-bfloat16 has no numpy dtype: its records travel as raw ``uint16`` bits.
+bfloat16 has no numpy dtype: its records travel as raw ``uint16`` bits; records in a block
+format (q8_0, q4_0, q4_1: ``flashinfer_py.dtypes``) as ``uint8``.
 """
 from __future__ import annotations
 
@@ -21,29 +22,25 @@ from ._core import FlashFormatError, FlashIOError  # noqa: F401  (re-exported)
 from ._core import ReaderParams as _ReaderParams
 from ._core import ReadStats
 from ._core import read_header as _read_header
+from .dtypes import RecordLayout, storage_format
 
 __all__ = ["BundleReader", "BundleWriter", "ReaderParams", "ReadStats", "aligned_empty",
            "read_header", "storage_numpy_dtype", "storage_dtype_name", "FlashFormatError",
            "FlashIOError"]
 
 IO_ALIGNMENT = 4096
-_STORAGE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-            "bfloat16": np.dtype(np.uint16)}
 
 
 # ---- dtype and buffer helpers -------------------------------------------------------------
 
 def storage_numpy_dtype(name: str) -> np.dtype:
-    """numpy dtype holding storage dtype ``name`` ("float32", "float16", "bfloat16" -> uint16)."""
-    try:
-        return _STORAGE[name]
-    except KeyError:
-        raise ValueError(f"storage dtype must be one of {sorted(_STORAGE)}, not {name!r}") from None
+    """numpy dtype holding storage format ``name`` ("bfloat16" -> uint16, blocks -> uint8)."""
+    return storage_format(name, "storage dtype").numpy
 
 
 def storage_dtype_name(dtype) -> str:
-    """Inverse of :func:`storage_numpy_dtype`: float32/float16, and uint16 or ml_dtypes
-    bfloat16 -> "bfloat16"."""
+    """The float storage format of a numpy dtype: float32/float16, and uint16 or ml_dtypes
+    bfloat16 -> "bfloat16" (uint8 rows could be any block format: name it)."""
     dt = np.dtype(dtype)
     if dt == np.float32:
         return "float32"
@@ -73,8 +70,10 @@ def read_header(path) -> dict:
     """Read and validate the header of bundle file `path`.
 
     Returns a dict: magic, version, header_bytes, n_layers, d_model, d_ff, dtype, elem_bytes,
-    n_parts, parts (e.g. ["up", "gate", "down"]), alignment, record_bytes, data_offset,
-    file_bytes. Raises FlashFormatError (naming the path) if the file is not a valid bundle file.
+    n_parts, parts (e.g. ["up", "gate", "down"]), part_bytes and part_offsets (per part),
+    payload_bytes, down_layout ("blocks" or "codes"), alignment, record_bytes, data_offset,
+    file_bytes. A version 1 file reads as its version 2 equivalent (version stays 1).
+    Raises FlashFormatError (naming the path) if the file is not a valid bundle file.
     """
     return _read_header(str(path))
 
@@ -86,10 +85,13 @@ class BundleWriter:
 
     Args:
         path: file to create (truncated if it exists).
-        n_layers, d_model, d_ff: FFN shape; records are ``len(parts) * d_model`` elements.
-        dtype: storage dtype, "float32", "float16" or "bfloat16".
+        n_layers, d_model, d_ff: FFN shape; each part holds d_model values.
+        dtype: storage format: "float32", "float16", "bfloat16", "q8_0", "q4_0" or "q4_1".
         parts: ("up", "down") for plain MLPs or ("up", "gate", "down") for gated ones.
         alignment: record alignment in bytes (power of two >= 512; 4096 suits every SSD).
+        down_layout: "blocks" (every part a row of blocks along d_model), or "codes" (block
+            formats: the down part holds only its codes; the scales stay resident, see
+            ``csrc/bundle_format.h``; d_ff must be a multiple of 32).
 
     Use as a context manager, or call :meth:`finish` after the last layer. The header is
     written last, so an unfinished file is rejected by readers; on an exception inside the
@@ -97,10 +99,11 @@ class BundleWriter:
     """
 
     def __init__(self, path, n_layers: int, d_model: int, d_ff: int, dtype: str = "float16",
-                 parts: Sequence[str] = ("up", "gate", "down"), alignment: int = IO_ALIGNMENT):
+                 parts: Sequence[str] = ("up", "gate", "down"), alignment: int = IO_ALIGNMENT,
+                 down_layout: str = "blocks"):
         storage_numpy_dtype(dtype)
         self._w = _BundleWriter(str(path), n_layers, d_model, d_ff, dtype, list(parts),
-                                alignment)
+                                alignment, down_layout)
 
     def write_layer(self, layer: int, parts: Sequence[np.ndarray]) -> None:
         """Write every neuron of `layer`.
@@ -108,7 +111,8 @@ class BundleWriter:
         `parts` follows the header's part order; each is a C-contiguous ``(d_ff, d_model)``
         array in the storage dtype: up = up_proj.weight, gate = gate_proj.weight,
         down = ``np.ascontiguousarray(down_proj.weight.T)`` (row i = neuron i's down column).
-        bfloat16 parts are passed as uint16 bits (or an ml_dtypes bfloat16 array).
+        bfloat16 parts are passed as uint16 bits (or an ml_dtypes bfloat16 array); block
+        formats as uint8 ``(d_ff, header["part_bytes"][p])`` rows of blocks (or codes).
         """
         mats = [p.view(np.uint16) if p.dtype.name == "bfloat16" else p for p in parts]
         self._w.write_layer(layer, mats)
@@ -211,11 +215,13 @@ class BundleReader:
         """The "unbundled" ablation: each part of each neuron is a separate read.
 
         Row k of `out` = parts ``parts[0], parts[1], ...`` (indices into :attr:`parts`) of
-        neuron ``ids[k]``, each ``d_model`` elements. Unaligned parts go through scratch.
+        neuron ``ids[k]``, each ``header["part_bytes"][p]`` bytes. Unaligned parts go through
+        scratch.
         """
         ids = np.asarray(ids)
         if out is None:
-            out = aligned_empty((len(ids), len(parts) * self.header["d_model"]), self.numpy_dtype)
+            nbytes = sum(self.header["part_bytes"][p] for p in parts)
+            out = aligned_empty((len(ids), nbytes // self.numpy_dtype.itemsize), self.numpy_dtype)
         self.last_stats = self._r.read_parts(layer, ids, list(parts), out)
         return out
 
@@ -290,12 +296,19 @@ class BundleReader:
 
     @property
     def record_elems(self) -> int:
-        """Elements of the storage dtype per record (parts plus padding)."""
+        """Elements of the storage dtype per record (parts plus padding; bytes for blocks)."""
         return self._r.record_elems
 
     @property
+    def layout(self) -> RecordLayout:
+        """Where each part of a record lies (format, part offsets, down layout)."""
+        h = self.header
+        return RecordLayout.build(h["dtype"], h["parts"], h["d_model"], h["down_layout"],
+                                  h["record_bytes"])
+
+    @property
     def numpy_dtype(self) -> np.dtype:
-        """numpy dtype of the records (uint16 for bfloat16)."""
+        """numpy dtype of the records (uint16 for bfloat16, uint8 for block formats)."""
         return self._r.storage_dtype
 
     storage_dtype = numpy_dtype

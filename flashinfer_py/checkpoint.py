@@ -104,6 +104,23 @@ class Checkpoint:
         """
         raise NotImplementedError
 
+    def stored_type(self, name: str) -> str:
+        """How the file stores tensor ``name``: a GGUF tensor type ("Q4_1", "Q6_K", "F32"), or
+        for Hugging Face files the checkpoint's dtype."""
+        self._check_name(name)
+        return self.source_dtype
+
+    def stored_blocks(self, name: str) -> str | None:
+        """The block format ("q8_0", "q4_0", "q4_1") whose bytes are exactly how the file
+        stores ``name``, so :meth:`get_blocks` can copy them; None otherwise."""
+        self._check_name(name)
+        return None
+
+    def get_blocks(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor ``name`` (or some rows) as stored: uint8 [rows, row bytes] of blocks along
+        each row, in the Hugging Face row order. Only when :meth:`stored_blocks` names one."""
+        raise ValueError(f"{self.path}: {name!r} is not stored in a block format")
+
     def close(self) -> None:
         """Release open files. Safe to call twice."""
 
@@ -316,11 +333,12 @@ class _SafetensorsFile:
         return out.reshape(shape)
 
     _RAW = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
-            "U16": np.dtype("<u2")}
+            "U16": np.dtype("<u2"), "U8": np.dtype("u1")}
 
     def read_raw(self, name: str) -> np.ndarray:
-        """Tensor ``name`` in its stored dtype (bfloat16 and U16 as uint16), read with pread into
-        one fresh array: no memory map, so loading never holds the file's pages and a copy."""
+        """Tensor ``name`` in its stored dtype (bfloat16 and U16 as uint16, U8 as uint8: rows of
+        blocks), read with pread into one fresh array: no memory map, so loading never holds
+        the file's pages and a copy."""
         dtype, shape, offset, count = self.entries[name]
         if dtype not in self._RAW:
             raise _fail(self.file, f"stores {name!r} as {dtype}.", "Re-create the file.")
@@ -773,6 +791,31 @@ class GGUFCheckpoint(Checkpoint):
         if not w.flags.writeable or np.may_share_memory(w, t.data):  # a view of the mmap
             w = w.copy()
         return np.ascontiguousarray(w, dtype=np.float32)
+
+    _BLOCKS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+
+    def stored_type(self, name: str) -> str:
+        self._check_name(name)
+        return self._tensors[name].tensor_type.name
+
+    def stored_blocks(self, name: str) -> str | None:
+        return self._BLOCKS.get(self.stored_type(name))
+
+    def get_blocks(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The blocks of a Q8_0/Q4_0/Q4_1 tensor, bit for bit. llama's q/k rows are moved back
+        to the Hugging Face order whole: the permutation is over rows and blocks run along a
+        row, so no value changes."""
+        if self.stored_blocks(name) is None:
+            return super().get_blocks(name, rows)
+        t = self._tensors[name]
+        n_rows = self._shapes[name][0]
+        data = np.asarray(t.data, np.uint8).reshape(n_rows, -1)
+        heads = self._permuted_heads(name)
+        if heads:
+            data = unpermute_qk(data, heads)
+        if rows is not None:
+            data = data[rows[0]:rows[1]]
+        return np.array(data, np.uint8, copy=True, order="C")  # off the memory map
 
     def _permuted_heads(self, name: str) -> int:
         """Heads of a q/k tensor llama.cpp permuted for its rotary layout (llama only), or 0."""

@@ -13,6 +13,7 @@ EPILOG = """examples:
   flashinfer-py train-predictors                                   # for the embedded model
   flashinfer-py generate --dram-budget 300MB --stats               # FFN streamed from flash
   flashinfer-py convert ./Llama-2-7b-hf ./llama2.flash --dtype float16
+  flashinfer-py convert ./Llama-2-7b-hf ./llama2-q4.flash --dtype q4_0 --resident-dtype q8_0
   flashinfer-py generate ./llama2.flash --prompt "Once upon a time" --max-tokens 64 --stats
   flashinfer-py info ./llama2.flash --verify
   flashinfer-py bench-disk /mnt/ssd --plot disk.png               # the paper's Figure 2b
@@ -81,6 +82,8 @@ def _runtime(ns):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .dtypes import FORMATS
+
     ap = argparse.ArgumentParser(
         prog="flashinfer-py",
         description="Run LLMs larger than DRAM by streaming sparse FFN neurons from flash "
@@ -100,8 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="Hugging Face checkpoint directory (config.json + *.safetensors or "
                                "pytorch_model.bin) or a .gguf file")
     c.add_argument("dst", help="flash directory to create (must not exist unless --force)")
-    c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                   help="storage dtype (default: the checkpoint's; float16 for GGUF)")
+    c.add_argument("--dtype", choices=list(FORMATS), default=None, metavar="FORMAT",
+                   help="storage format of the FFN records, the bytes read from flash for "
+                        "every neuron: " + "; ".join(f"{n} ({f.summary})" for n, f in
+                                                     FORMATS.items())
+                        + ". Fewer bits mean fewer bytes read per token and more neurons per "
+                        "GB of DRAM, at some accuracy (q8_0 is close to float16; the 4-bit "
+                        "formats are what llama.cpp users run, q4_1 with less error than q4_0). "
+                        "A GGUF's tensors already in the chosen block format are copied bit for "
+                        "bit; other quantized ones (K-quants) are requantized, with a warning. "
+                        "Default: the checkpoint's dtype (float16 for GGUF).")
+    c.add_argument("--resident-dtype", choices=["auto", *FORMATS], default="auto",
+                   metavar="FORMAT",
+                   help="storage format of the resident matrices (embeddings, attention, LM "
+                        "head), which are read from DRAM for every token: e.g. q8_0 keeps "
+                        "attention at 8 bits while --dtype q4_0 puts the FFN at 4. Norms and "
+                        "biases stay float32. auto (default): the same as --dtype, except that "
+                        "with a block --dtype a GGUF's matrices already in a block format keep "
+                        "theirs (SmolLM2's Q8_0 embeddings and Q4_1 attention: exactly the "
+                        "model llama.cpp runs).")
     c.add_argument("--force", action="store_true",
                    help="replace DST if it exists (only once the new directory is complete)")
     c.add_argument("--alignment", type=int, default=4096,
@@ -224,9 +244,20 @@ def cmd_convert(ns) -> int:
     from .convert import convert
 
     t0 = time.perf_counter()
-    out = convert(ns.src, ns.dst, dtype=ns.dtype, force=ns.force, progress=not ns.quiet,
-                  alignment=ns.alignment)
+    out = convert(ns.src, ns.dst, dtype=ns.dtype, resident_dtype=ns.resident_dtype,
+                  force=ns.force, progress=not ns.quiet, alignment=ns.alignment)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+    from .format import read_manifest
+
+    m = read_manifest(out)
+    res = sorted(set(m.get("resident_formats", {}).values())) or [m["dtype"]]
+    print(f"FFN records: {m['dtype']} ({m['bundle']['record_bytes']} bytes a neuron on flash, "
+          f"down layout {m['bundle'].get('down_layout', 'blocks')}); resident matrices: "
+          f"{', '.join(res)}")
+    notes = m.get("conversion", {})
+    for kind, label in (("kept_bit_for_bit", "kept bit for bit"), ("requantized", "requantized")):
+        if notes.get(kind):
+            print(f"{label}: " + ", ".join(f"{n} x {k}" for k, n in sorted(notes[kind].items())))
     return 0
 
 
@@ -349,6 +380,7 @@ def cmd_info(ns) -> int:
                                                "vocab_size")})
         out["model"]["features"] = args.features()
         out["dtype"] = m["dtype"]
+        out["resident_dtypes"] = sorted(set(m.get("resident_formats", {}).values())) or [m["dtype"]]
         out["bundle"] = m["bundle"]
         out["files"] = {n: v["bytes"] for n, v in m["checksums"].items()}
         out["verified"] = bool(ns.verify)

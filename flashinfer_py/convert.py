@@ -4,6 +4,14 @@ Streams tensor by tensor (peak DRAM: one layer's FFN in float32 plus one residen
 into a temporary directory next to the destination and renames it into place at the end, and
 never replaces an existing directory unless ``force=True`` (and even then only after the new one
 is complete).
+
+Storage formats (``flashinfer_py.dtypes``): ``dtype`` for the FFN records, ``resident_dtype``
+for the resident matrices (embeddings, attention, LM head); norms and biases stay float32. A
+GGUF tensor already stored in the block format it is to be stored in (Q8_0, Q4_0, Q4_1) is
+copied bit for bit; any other quantized GGUF tensor (K-quants) is dequantized and quantized
+again, with a warning. GGUF quantizes down_proj along d_ff, so a neuron's down column has no
+blocks of its own: its codes go into the record and the blocks' scales stay resident
+(``down_layout`` "codes", ``csrc/bundle_format.h``), which keeps the file's weights exactly.
 """
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import errno
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -18,10 +27,10 @@ import numpy as np
 
 from . import __version__
 from .config import ModelArgs
+from .dtypes import FORMATS, RecordLayout, StorageFormat, storage_format, to_storage
 from .errors import ConvertError, UnsupportedModelError
-from .format import (BUNDLE_FILE, DENSE_FILE, FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES,
-                     SafetensorsStreamWriter, dense_names, file_digest, numpy_storage_dtype,
-                     to_storage, write_manifest)
+from .format import (BUNDLE_FILE, DENSE_FILE, FORMAT_NAME, FORMAT_VERSION,
+                     SafetensorsStreamWriter, dense_names, file_digest, write_manifest)
 
 # Our resident-tensor name -> Hugging Face name (with {i} for the layer), per architecture.
 _LLAMA = {
@@ -146,6 +155,17 @@ class _Names:
             x += np.float32(self.norm_offset)
         return x
 
+    def stored(self, ours: str) -> tuple[str, Optional[str]]:
+        """(how the checkpoint stores `ours`, e.g. "Q4_1", and our block format with exactly
+        those bytes, or None)."""
+        hf, _ = self.locate(ours)
+        return self.ckpt.stored_type(hf), self.ckpt.stored_blocks(hf)
+
+    def blocks(self, ours: str) -> np.ndarray:
+        """Tensor `ours` as the checkpoint stores its blocks (uint8 rows), in our layout."""
+        hf, rows = self.locate(ours)
+        return self.ckpt.get_blocks(hf, rows=rows)
+
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
@@ -154,16 +174,19 @@ def _progress(total: int, desc: str, enabled: bool):
                 disable=not enabled, leave=False)
 
 
-def convert(src, dst, *, dtype: Optional[str] = None, force: bool = False,
-            progress: bool = True, alignment: int = 4096) -> Path:
+def convert(src, dst, *, dtype: Optional[str] = None, resident_dtype: Optional[str] = None,
+            force: bool = False, progress: bool = True, alignment: int = 4096) -> Path:
     """Convert a checkpoint (Hugging Face directory or GGUF file) into a flash model directory.
 
     Args:
         src: a Hugging Face checkpoint directory (config.json + *.safetensors or
             pytorch_model.bin, sharded or not) or a ``.gguf`` file.
         dst: the flash directory to create.
-        dtype: storage dtype, "float16", "bfloat16" or "float32"; default: the checkpoint's own
-            (float16 for GGUF, whose quantized weights are dequantized).
+        dtype: storage format of the FFN records: "float32", "float16", "bfloat16", "q8_0",
+            "q4_0" or "q4_1"; default: the checkpoint's own (float16 for GGUF).
+        resident_dtype: storage format of the resident matrices (embeddings, attention, LM
+            head), or "auto" (default): the same as `dtype`, except that with a block format
+            a GGUF's matrices already in a block format keep theirs, bit for bit.
         force: replace ``dst`` if it exists (only after the new directory is complete).
         progress: show progress bars.
         alignment: bundle record alignment in bytes (4096 suits every SSD).
@@ -174,8 +197,12 @@ def convert(src, dst, *, dtype: Optional[str] = None, force: bool = False,
     from .checkpoint import open_checkpoint  # the checkpoint readers pull optional dependencies
 
     dst = Path(dst).expanduser().absolute()
-    if dtype is not None and dtype not in STORAGE_DTYPES:
-        raise ConvertError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(STORAGE_DTYPES)}.")
+    choices = ", ".join(FORMATS)
+    if dtype is not None and dtype not in FORMATS:
+        raise ConvertError(f"--dtype {dtype!r} is not supported; choose one of {choices}.")
+    if resident_dtype not in (None, "auto") and resident_dtype not in FORMATS:
+        raise ConvertError(f"--resident-dtype {resident_dtype!r} is not supported; choose auto "
+                           f"or one of {choices}.")
     if dst.exists() and not force:
         raise ConvertError(f"{dst} already exists; choose another destination or pass --force "
                            "(force=True) to replace it once the new conversion is complete.")
@@ -186,7 +213,7 @@ def convert(src, dst, *, dtype: Optional[str] = None, force: bool = False,
     tmp.mkdir()
     try:
         with open_checkpoint(src) as ckpt:
-            _convert_into(ckpt, tmp, dtype, progress, alignment)
+            _convert_into(ckpt, tmp, dtype, resident_dtype or "auto", progress, alignment)
         _move_into_place(tmp, dst, force)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -213,7 +240,35 @@ def _move_into_place(tmp: Path, dst: Path, force: bool) -> None:
         os.replace(tmp, dst)
 
 
-def _convert_into(ckpt, out: Path, dtype: Optional[str], progress: bool, alignment: int) -> None:
+class _Notes:
+    """What the conversion did with each quantized source tensor (kept or requantized)."""
+
+    def __init__(self):
+        self.kept: dict[str, int] = {}          # GGUF type -> tensors copied bit for bit
+        self.requantized: dict[str, int] = {}   # "Q6_K -> q4_1" -> tensors
+
+    def add(self, stored: str, kept: bool, target: StorageFormat) -> None:
+        if kept:
+            self.kept[stored] = self.kept.get(stored, 0) + 1
+        elif target.quantized and stored.upper() not in ("F32", "F16", "BF16", "F64",
+                                                         "FLOAT32", "FLOAT16", "BFLOAT16"):
+            key = f"{stored} -> {target.name}"
+            self.requantized[key] = self.requantized.get(key, 0) + 1
+
+    def as_dict(self) -> dict:
+        return {"kept_bit_for_bit": self.kept, "requantized": self.requantized}
+
+    def warn(self, path) -> None:
+        if self.requantized:
+            what = ", ".join(f"{n} tensors {k}" for k, n in sorted(self.requantized.items()))
+            warnings.warn(f"{path}: requantized {what}: these were dequantized and quantized "
+                          "again, a second rounding (only tensors already stored in the chosen "
+                          "block format are kept bit for bit; K-quants never are).",
+                          stacklevel=4)
+
+
+def _convert_into(ckpt, out: Path, dtype: Optional[str], resident_dtype: str, progress: bool,
+                  alignment: int) -> None:
     from .bundles import BundleWriter
 
     try:
@@ -221,50 +276,65 @@ def _convert_into(ckpt, out: Path, dtype: Optional[str], progress: bool, alignme
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{ckpt.path}: {e}") from None
     dtype = dtype or ("float16" if ckpt.source_dtype == "float32" and _is_gguf(ckpt) else ckpt.source_dtype)
+    fmt = storage_format(dtype)
     names = _Names(args, ckpt)
+    notes = _Notes()
     t0 = time.perf_counter()
+    parts = args.ffn_parts
+    d, f = args.hidden_size, args.intermediate_size
+    down_layout = _down_layout(args, names, fmt)
+    layout = RecordLayout.build(fmt, parts, d, down_layout, alignment=alignment)
 
     # ---- resident tensors: header planned from shapes, then streamed one by one
-    plan = []
-    for ours, kind in dense_names(args):
-        dt = numpy_storage_dtype(dtype) if kind == "matrix" else np.dtype(np.float32)
-        plan.append((ours, names.hf(ours), dt, names.shape(ours)))
-    _check_shapes(args, plan, ckpt)
-    total = sum(int(np.prod(s)) * dt.itemsize for _, _, dt, s in plan)
-    writer = SafetensorsStreamWriter(out / DENSE_FILE, [(o, dt, s) for o, _, dt, s in plan],
+    plan, formats = [], {}
+    for ours, kind in dense_names(args, down_scales=layout.codes):
+        if kind == "scales":  # written with their layer's FFN below
+            nb, sr = f // 32, 2 if fmt.name == "q4_1" else 1
+            plan.append((ours, None, np.dtype(np.float16), (nb, sr, d), None))
+            continue
+        shape = names.shape(ours)
+        mfmt = _resident_format(names, ours, resident_dtype, fmt) if kind == "matrix" else None
+        if mfmt is not None:
+            formats[ours] = mfmt.name
+            stored_shape = (*shape[:-1], mfmt.row_elems(shape[-1]))
+            plan.append((ours, names.hf(ours), mfmt.numpy, stored_shape, mfmt))
+        else:
+            plan.append((ours, names.hf(ours), np.dtype(np.float32), shape, None))
+    _check_shapes(args, [(o, hf, dt, names.shape(o)) for o, hf, dt, _, m in plan if hf], ckpt)
+    total = sum(int(np.prod(s)) * dt.itemsize for _, _, dt, s, _ in plan)
+    writer = SafetensorsStreamWriter(out / DENSE_FILE, [(o, dt, s) for o, _, dt, s, _ in plan],
                                      {"format": FORMAT_NAME, "dtype": dtype})
     with _progress(total, "resident tensors", progress) as bar:
-        for ours, hf, dt, shape in plan:
-            x = names.read(ours)
-            x = to_storage(x, dtype) if dt != np.float32 else np.asarray(x, np.float32)
+        for ours, hf, dt, shape, mfmt in plan:
+            if hf is None:
+                continue
+            x = (_matrix(names, ours, mfmt, notes) if mfmt is not None
+                 else np.asarray(names.read(ours), np.float32))
             writer.write(ours, x)
             bar.update(x.nbytes)
-    writer.close()
 
-    # ---- FFN bundles: one layer at a time
-    parts = args.ffn_parts
-    bw = BundleWriter(str(out / BUNDLE_FILE), args.num_hidden_layers, args.hidden_size,
-                      args.intermediate_size, dtype, parts, alignment=alignment)
-    d, f = args.hidden_size, args.intermediate_size
+    # ---- FFN bundles: one layer at a time (the codes layout's scales go to dense.safetensors)
+    bw = BundleWriter(str(out / BUNDLE_FILE), args.num_hidden_layers, d, f, fmt.name, parts,
+                      alignment=alignment, down_layout=down_layout)
     with _progress(args.num_hidden_layers, "FFN bundles (layers)", progress) as bar:
         for i in range(args.num_hidden_layers):
             mats = []
             for part in parts:
-                w = names.read(f"layers.{i}.{part}")
-                if part == "down":
-                    w = w.T  # down_proj.weight is [d, f]: neuron i's column becomes a row
-                if w.shape != (f, d):
-                    raise ConvertError(f"{ckpt.path}: layer {i} {part} weight has shape {w.shape}, "
-                                       f"expected {(f, d)} from config.json.")
-                mats.append(to_storage(w, dtype))
+                name = f"layers.{i}.{part}"
+                if part == "down" and layout.codes:
+                    codes, scales = _down_codes(names, name, fmt, d, f, notes)
+                    mats.append(codes)
+                    writer.write(f"layers.{i}.ffn_down_scales", scales)
+                else:
+                    mats.append(_ffn_part(names, name, part, fmt, d, f, notes, ckpt.path, i))
             bw.write_layer(i, mats)
             bar.update(1)
     bw.finish()
+    writer.close()
+    notes.warn(ckpt.path)
 
     tok_files = ckpt.write_tokenizer(out)
     if "tokenizer.json" not in tok_files:
-        import warnings
-
         warnings.warn(f"{ckpt.path}: no tokenizer.json could be produced; the flash directory can "
                       "compute logits but `generate` needs a tokenizer.json copied into it.")
 
@@ -283,15 +353,111 @@ def _convert_into(ckpt, out: Path, dtype: Optional[str], progress: bool, alignme
                    "source_dtype": ckpt.source_dtype},
         "model": args.to_dict(),
         "hf_config": ckpt.config,
-        "dtype": dtype,
+        "dtype": fmt.name,
+        "resident_dtype": resident_dtype,
+        "resident_formats": formats,
+        "conversion": notes.as_dict(),
         "files": {"dense": DENSE_FILE, "bundles": BUNDLE_FILE,
                   "tokenizer": "tokenizer.json" if "tokenizer.json" in tok_files else None},
         "bundle": {"parts": parts, "d_model": d, "d_ff": f, "n_layers": args.num_hidden_layers,
                    "record_bytes": int(hdr["record_bytes"]), "alignment": int(hdr["alignment"]),
-                   "data_offset": int(hdr["data_offset"]), "up_bias": "dense.safetensors" if args.ffn_bias else None},
+                   "data_offset": int(hdr["data_offset"]), "down_layout": hdr["down_layout"],
+                   "part_bytes": [int(b) for b in hdr["part_bytes"]],
+                   "payload_bytes": int(hdr["payload_bytes"]),
+                   "up_bias": "dense.safetensors" if args.ffn_bias else None},
         "checksums": checksums,
         "convert_seconds": round(time.perf_counter() - t0, 2),
     })
+
+
+def _resident_format(names: _Names, ours: str, resident_dtype: str,
+                     ffn: StorageFormat) -> StorageFormat:
+    """The format a resident matrix is stored in (see convert's `resident_dtype`)."""
+    if resident_dtype != "auto":
+        return storage_format(resident_dtype)
+    if ffn.quantized:
+        _, blocks = names.stored(ours)
+        if blocks is not None:
+            return storage_format(blocks)
+    return ffn
+
+
+def _matrix(names: _Names, ours: str, fmt: StorageFormat, notes: _Notes) -> np.ndarray:
+    """A resident matrix in `fmt`: its blocks as stored when they are already in it."""
+    stored, blocks = names.stored(ours)
+    kept = blocks == fmt.name
+    notes.add(stored, kept, fmt)
+    return names.blocks(ours) if kept else to_storage(names.read(ours), fmt)
+
+
+def _down_layout(args: ModelArgs, names: _Names, fmt: StorageFormat) -> str:
+    """"codes" when some layer's down_proj is stored in `fmt`'s blocks along d_ff (a GGUF):
+    keeping those exactly needs the codes layout; "blocks" otherwise."""
+    if not fmt.quantized or args.intermediate_size % 32:
+        return "blocks"
+    held = [names.stored(f"layers.{i}.down")[1] for i in range(args.num_hidden_layers)]
+    return "codes" if fmt.name in held else "blocks"
+
+
+def _ffn_part(names: _Names, name: str, part: str, fmt: StorageFormat, d: int, f: int,
+              notes: _Notes, path, layer: int) -> np.ndarray:
+    """One part of every neuron of a layer, [d_ff, part elements] in `fmt`: up and gate rows
+    as the checkpoint stores them when their blocks are already `fmt` (blocks run along d_model
+    there too), else quantized from float32; down columns always from float32."""
+    stored, blocks = names.stored(name)
+    if part != "down" and blocks == fmt.name:
+        w = names.blocks(name)
+        notes.add(stored, True, fmt)
+        want = (f, fmt.row_elems(d))
+    else:
+        w = names.read(name)
+        if part == "down":
+            w = w.T  # down_proj.weight is [d, f]: neuron i's column becomes a row
+        want = (f, d)
+        notes.add(stored, False, fmt)
+    if w.shape != want:
+        raise ConvertError(f"{path}: layer {layer} {part} weight has shape {w.shape}, "
+                           f"expected {want} from config.json.")
+    return w if w.dtype == np.uint8 else to_storage(w, fmt)
+
+
+def _down_codes(names: _Names, name: str, fmt: StorageFormat, d: int, f: int,
+                notes: _Notes) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's down_proj [d, f] in the codes layout: (codes [f, code bytes] uint8, scales
+    float16 [f / 32, 1 or 2, d]). Blocks already in `fmt` are split exactly; others are
+    quantized along d_ff first, as the GGUF stores them."""
+    stored, blocks = names.stored(name)
+    kept = blocks == fmt.name
+    notes.add(stored, kept, fmt)
+    raw = names.blocks(name) if kept else to_storage(names.read(name), fmt)  # [d, f/32 blocks]
+    if raw.shape != (d, fmt.row_bytes(f)):
+        raise ConvertError(f"{names.ckpt.path}: {name} has {raw.shape} bytes of blocks, expected "
+                           f"{(d, fmt.row_bytes(f))} from config.json.")
+    return split_down_blocks(raw, fmt, d, f)
+
+
+def split_down_blocks(raw: np.ndarray, fmt, d: int, f: int) -> tuple[np.ndarray, np.ndarray]:
+    """down_proj's blocks along d_ff, raw uint8 [d, f / 32 * block bytes], -> (each neuron's
+    codes packed per 32 values of d like a block's quants [f, code bytes], the blocks' scales
+    (and q4_1 minimums) float16 [f / 32, 1 or 2, d]). No value changes."""
+    fmt = storage_format(fmt)
+    nb, bb = f // 32, fmt.block_bytes
+    b = raw.reshape(d, nb, bb)
+    qbytes = 32 * fmt.code_bits // 8
+    n_s = (bb - qbytes) // 2                                  # fp16 fields before the quants
+    scales = np.stack([b[:, :, 2 * k:2 * k + 2].copy().view(np.float16).reshape(d, nb).T
+                       for k in range(n_s)], axis=1)           # [nb, n_s, d]
+    qs = b[:, :, bb - qbytes:]
+    if fmt.code_bits == 8:
+        col = qs.reshape(d, f).T                               # [f, d] int8 bytes
+    else:  # byte i of a block: value i (low nibble), value i + 16 (high)
+        col = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(d, f).T
+    padded = np.zeros((f, -(-d // 32) * 32), np.uint8)
+    padded[:, :d] = col
+    if fmt.code_bits == 4:
+        g = padded.reshape(f, -1, 32)
+        padded = g[:, :, :16] | (g[:, :, 16:] << 4)
+    return np.ascontiguousarray(padded.reshape(f, -1)), np.ascontiguousarray(scales)
 
 
 def _is_gguf(ckpt) -> bool:

@@ -3,15 +3,19 @@
 A flash directory holds:
 
 =====================  ==================================================================
-``manifest.json``      format version, ModelArgs, storage dtype, bundle layout, checksums
+``manifest.json``      format version, ModelArgs, storage formats, bundle layout, checksums
 ``dense.safetensors``  DRAM-resident tensors: embeddings, attention, norms, biases, LM head
 ``ffn_bundles.bin``    FFN neurons, one 4096-aligned record per neuron (csrc/bundle_format.h)
 ``tokenizer.json``     the tokenizer (plus tokenizer_config.json etc. when the source had them)
 ``predictors.npz``     optional: trained activation predictors
 =====================  ==================================================================
 
-bfloat16 tensors are stored with safetensors dtype U16 (numpy has no bfloat16); the manifest's
-``dtype`` says how to read them.
+bfloat16 tensors are stored with safetensors dtype U16 (numpy has no bfloat16), block formats
+(q8_0, q4_0, q4_1) as U8 rows of blocks; the manifest's ``dtype`` (FFN records) and
+``resident_formats`` (each resident matrix) say how to read them. Norms and biases are float32.
+
+Format versions: 1 (float storage only; every resident matrix in ``dtype``) still opens;
+2 added the block formats, ``resident_formats`` and the bundle's ``down_layout``.
 """
 from __future__ import annotations
 
@@ -24,45 +28,26 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from . import kernels
+from . import dtypes
 from .config import ModelArgs
 from .errors import FlashFormatError
 
 FORMAT_NAME = "flashinfer_py"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 BUNDLE_FILE = "ffn_bundles.bin"
 TOKENIZER_FILE = "tokenizer.json"
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 _HINT = "re-run `flashinfer-py convert` to rebuild the directory"
 
 
-def numpy_storage_dtype(dtype: str) -> np.dtype:
-    """numpy dtype that holds a storage dtype (bfloat16 travels as raw uint16 bits)."""
-    try:
-        return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[dtype])
-    except KeyError:
-        raise ValueError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, not {dtype!r}") from None
-
-
-def to_storage(a: np.ndarray, dtype: str) -> np.ndarray:
-    """Cast float32 to the storage dtype (round-to-nearest-even; native kernel)."""
-    if dtype not in STORAGE_DTYPES:
-        numpy_storage_dtype(dtype)  # raises the ValueError naming the accepted dtypes
-    return kernels.from_float32(np.ascontiguousarray(a, dtype=np.float32), dtype)
-
-
-def to_float32(a: np.ndarray, dtype: str) -> np.ndarray:
-    """Exact upcast of stored values (bfloat16 as uint16 bits) to float32 (native kernel)."""
-    return kernels.to_float32(np.ascontiguousarray(a, dtype=numpy_storage_dtype(dtype)))
-
-
 # --------------------------------------------------------------------------- dense tensors
-def dense_names(args: ModelArgs) -> list[tuple[str, str]]:
-    """(name, kind) of every resident tensor; kind 'matrix' is stored in the storage dtype,
-    'vector' (norms, biases) in float32. Norm weights are stored as the factor the model
-    multiplies by (Gemma's ``1 + w`` is added at conversion)."""
+def dense_names(args: ModelArgs, down_scales: bool = False) -> list[tuple[str, str]]:
+    """(name, kind) of every resident tensor; kind 'matrix' is stored in a storage format,
+    'vector' (norms, biases) in float32, 'scales' (the codes layout's down scales, with
+    `down_scales`) in float16. Norm weights are stored as the factor the model multiplies by
+    (Gemma's ``1 + w`` is added at conversion)."""
     names = [("tok_embeddings", "matrix")]
     if not args.uses_rope:
         names.append(("pos_embeddings", "matrix"))
@@ -76,6 +61,8 @@ def dense_names(args: ModelArgs) -> list[tuple[str, str]]:
             names.append(("norm_bias", "vector"))
     if not args.tie_word_embeddings:
         names.append(("lm_head", "matrix"))
+    if down_scales:
+        names += [(f"layers.{i}.ffn_down_scales", "scales") for i in range(args.num_hidden_layers)]
     return names
 
 
@@ -105,7 +92,8 @@ class SafetensorsStreamWriter:
     tensors must then be written in the same order.
     """
 
-    _DT = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint16): "U16"}
+    _DT = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint16): "U16",
+           np.dtype(np.uint8): "U8"}
 
     def __init__(self, path: Path, specs: list[tuple[str, np.dtype, tuple]], metadata: dict):
         self.path = Path(path)
@@ -174,15 +162,29 @@ def read_manifest(directory: Path) -> dict:
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise FlashFormatError(f"{path}: not a {FORMAT_NAME} manifest; {_HINT}.")
     ver = m.get("format_version")
-    if ver != FORMAT_VERSION:
-        raise FlashFormatError(f"{path}: format_version {ver!r}, this flashinfer_py reads version "
-                               f"{FORMAT_VERSION}; {_HINT} with this version.")
+    if ver not in READABLE_VERSIONS:
+        raise FlashFormatError(f"{path}: format_version {ver!r}, this flashinfer_py reads versions "
+                               f"{', '.join(map(str, READABLE_VERSIONS))}; {_HINT} with this "
+                               "version.")
     for key in ("model", "dtype", "files", "bundle", "checksums"):
         if key not in m:
             raise FlashFormatError(f"{path}: field {key!r} missing; {_HINT}.")
-    if m["dtype"] not in STORAGE_DTYPES:
-        raise FlashFormatError(f"{path}: unknown storage dtype {m['dtype']!r}; {_HINT}.")
+    fmts = [m["dtype"], *m.get("resident_formats", {}).values()]
+    bad = [f for f in fmts if f not in dtypes.FORMATS or (ver == 1 and dtypes.FORMATS[f].quantized)]
+    if bad:
+        raise FlashFormatError(f"{path}: unknown storage format {bad[0]!r}; {_HINT}.")
     return m
+
+
+def resident_formats(manifest: dict) -> dict:
+    """Storage format of every resident matrix: the manifest's ``resident_formats`` (version
+    2), or its one ``dtype`` (version 1)."""
+    if "resident_formats" in manifest:
+        return dict(manifest["resident_formats"])
+    from .config import ModelArgs
+
+    args = ModelArgs.from_dict(manifest["model"])
+    return {n: manifest["dtype"] for n, kind in dense_names(args) if kind == "matrix"}
 
 
 def check_files(directory: Path, manifest: dict, verify: bool = False, progress_factory=None) -> None:

@@ -1,13 +1,16 @@
-"""CPU kernels for weights kept in their storage dtype (float32, float16, bfloat16).
+"""CPU kernels for weights kept in their storage format (float32, float16, bfloat16, and the
+block formats q8_0, q4_0, q4_1: ``flashinfer_py.dtypes``).
 
-numpy has no fast float16/bfloat16 matmul, so the model keeps weights as stored and every
-product goes through these native kernels (AVX2+FMA+F16C when the CPU has it, portable
-scalar code otherwise; OpenMP threads). Inputs, activations and outputs are float32;
-accumulation is float32.
+numpy has no fast float16/bfloat16 matmul and no quantized one, so the model keeps weights as
+stored and every product goes through these native kernels (AVX2+FMA+F16C when the CPU has it,
+AVX-512 VNNI for the block formats' integer dots, portable scalar code otherwise; OpenMP
+threads). Inputs, activations and outputs are float32; accumulation is float32. With a block
+format, x is quantized to 8 bits per block of 32 for the dot products (as llama.cpp does).
 
-Weight dtypes: ``np.float32``, ``np.float16``, or ``np.uint16`` holding bfloat16 bits
-(numpy has no bfloat16). Every array must be C-contiguous; bad arguments raise
-``ValueError`` naming the argument. ``threads=0`` uses all OpenMP threads.
+Weight arrays: ``np.float32``, ``np.float16``, ``np.uint16`` holding bfloat16 bits (numpy
+has no bfloat16), or ``np.uint8`` rows of blocks with ``fmt`` naming the format. Every array
+must be C-contiguous; bad arguments raise ``ValueError`` naming the argument. ``threads=0``
+uses all OpenMP threads.
 """
 
 from __future__ import annotations
@@ -16,24 +19,28 @@ from typing import Literal
 
 import numpy as np
 
+from ._core import dequantize as _dequantize
 from ._core import dequantize_q4 as _dequantize_q4
 from ._core import ffn_rows as _ffn_rows
 from ._core import from_float32 as _from_float32
 from ._core import kernel_isa as _kernel_isa
 from ._core import linear as _linear
 from ._core import q4_scores as _q4_scores
+from ._core import quantize as _quantize
 from ._core import quantize_q4 as _quantize_q4
 from ._core import set_kernel_isa as _set_kernel_isa
 from ._core import to_float32 as _to_float32
 
 __all__ = [
     "ACTIVATIONS",
+    "dequantize",
     "dequantize_q4",
     "ffn_rows",
     "from_float32",
     "kernel_isa",
     "linear",
     "q4_scores",
+    "quantize",
     "quantize_q4",
     "set_kernel_isa",
     "to_float32",
@@ -41,6 +48,7 @@ __all__ = [
 
 Activation = Literal["relu", "fatrelu", "silu", "gelu", "gelu_tanh"]
 StorageDType = Literal["float32", "float16", "bfloat16"]
+BlockFormat = Literal["q8_0", "q4_0", "q4_1"]
 ACTIVATIONS: tuple[str, ...] = ("relu", "fatrelu", "silu", "gelu", "gelu_tanh")
 
 
@@ -51,24 +59,29 @@ def linear(
     *,
     out: np.ndarray | None = None,
     threads: int = 0,
+    fmt: str | None = None,
 ) -> np.ndarray:
     """Return ``x @ w.T + bias`` in float32.
 
     Args:
         x: ``(n, k)`` or ``(k,)`` float32 inputs.
-        w: ``(m, k)`` weights: float32, float16 or uint16 (bfloat16 bits).
+        w: ``(m, k)`` weights: float32, float16 or uint16 (bfloat16 bits); or, with ``fmt``
+            a block format, ``(m, row bytes)`` uint8 rows of blocks along k.
         bias: ``(m,)`` float32 or None.
         out: optional ``(n, m)`` (or ``(m,)`` for 1-D ``x``) float32 buffer, overwritten
             and returned; lets the decode loop run without allocation.
         threads: OpenMP threads; 0 means all.
+        fmt: the storage format of ``w`` (needed for block formats; else from its dtype).
+            Several rows of x are a blocked GEMM: each block of w is unpacked once for up
+            to 4 inputs.
 
     Returns:
         ``(n, m)`` float32, or ``(m,)`` when ``x`` is 1-D.
     """
     if x.ndim == 1:
         out2 = None if out is None else out.reshape(1, -1)
-        return _linear(x.reshape(1, -1), w, bias, out2, threads).reshape(-1)
-    return _linear(x, w, bias, out, threads)
+        return _linear(x.reshape(1, -1), w, bias, out2, threads, fmt).reshape(-1)
+    return _linear(x, w, bias, out, threads, fmt)
 
 
 def ffn_rows(
@@ -86,6 +99,9 @@ def ffn_rows(
     out: np.ndarray | None = None,
     act_out: np.ndarray | None = None,
     threads: int = 0,
+    fmt: str | None = None,
+    down_scales: np.ndarray | None = None,
+    row_ids: np.ndarray | None = None,
 ) -> np.ndarray:
     """Feed-forward block computed straight from neuron-cache rows.
 
@@ -115,6 +131,13 @@ def ffn_rows(
         act_out: optional ``(n, n_used)`` float32 buffer that receives ``h``; column ``i``
             belongs to row ``row_select[i]`` (or row ``i``). Use it to find active neurons.
         threads: OpenMP threads; 0 means all.
+        fmt: the rows' storage format; a block format makes ``rows`` uint8 and every offset
+            a byte offset (``dtypes.RecordLayout.offsets``).
+        down_scales: block formats whose down part holds codes only (a GGUF's down_proj
+            kept exactly): the layer's float16 ``(d_ff / 32, 1 or 2, d_model)`` scales (and
+            q4_1 minimums) per 32-neuron block.
+        row_ids: ``(r,)`` int32 neuron id of each row (which block of ``down_scales`` it
+            uses); None when row ``i`` is neuron ``i``.
 
     Returns:
         ``(n, d_model)`` float32, or ``(d_model,)`` when ``x`` is 1-D.
@@ -126,9 +149,25 @@ def ffn_rows(
         act_out = None if act_out is None else act_out.reshape(1, -1)
     y = _ffn_rows(
         x, rows, d_model, up_off, gate_off, down_off, activation, act_param,
-        up_bias, out, act_out, row_select, threads,
+        up_bias, out, act_out, row_select, threads, fmt, down_scales, row_ids,
     )
     return y.reshape(-1) if squeeze else y
+
+
+def quantize(a: np.ndarray, fmt: BlockFormat, *, threads: int = 0) -> np.ndarray:
+    """Rows of float32 ``a`` ``(n, len)`` as uint8 rows of blocks ``(n, row bytes)``.
+
+    llama.cpp's reference quantizers, bit for bit (q8_0: d = max|w| / 127, q = round(w / d);
+    q4_0: d = w* / -8 with w* the value of largest magnitude, q = min(15, trunc(w / d + 8.5));
+    q4_1: d = (max - min) / 15, m = min, q = min(15, trunc((w - m) / d + 0.5))); a last
+    partial block is zero padded first.
+    """
+    return _quantize(np.ascontiguousarray(a, np.float32), fmt, threads)
+
+
+def dequantize(a: np.ndarray, fmt: BlockFormat, length: int, *, threads: int = 0) -> np.ndarray:
+    """float32 ``(n, length)`` values of uint8 rows of blocks ``a`` (at least the row bytes)."""
+    return _dequantize(a, fmt, length, threads)
 
 
 def quantize_q4(
@@ -140,17 +179,19 @@ def quantize_q4(
     dst_rows,
     *,
     threads: int = 0,
+    fmt: str | None = None,
 ) -> None:
     """4-bit block copies (csrc/kernels_q4.h) of parts of bundle records.
 
     For each i, the parts of ``rows[src_rows[i]]`` starting at the element offsets
     ``part_offsets`` (``length`` elements each) are quantized one after the other into the
     uint8 record ``out[dst_rows[i]]`` (blocks of 32: fp16 scale d = max|w| / 7, then 16 bytes
-    of nibbles; value = (q - 8) * d).
+    of nibbles; value = (q - 8) * d). Rows in a block format (``fmt``; offsets in bytes) are
+    expanded to float32 block by block first.
     """
     _quantize_q4(rows, np.asarray(part_offsets, np.int64), length,
                  np.ascontiguousarray(src_rows, np.int64), out,
-                 np.ascontiguousarray(dst_rows, np.int64), threads)
+                 np.ascontiguousarray(dst_rows, np.int64), threads, fmt)
 
 
 def dequantize_q4(record: np.ndarray, n_parts: int, length: int) -> np.ndarray:
@@ -202,10 +243,11 @@ def from_float32(
 
 
 def kernel_isa() -> str:
-    """The instruction set the kernels use now: ``"avx2"`` or ``"scalar"``."""
+    """The instruction set the kernels use now: ``"avx512"`` (AVX-512 F/BW/VL/VNNI: the block
+    formats' dots use VNNI, the rest its AVX2 code), ``"avx2"`` or ``"scalar"``."""
     return _kernel_isa()
 
 
-def set_kernel_isa(name: Literal["auto", "scalar", "avx2"]) -> None:
+def set_kernel_isa(name: Literal["auto", "scalar", "avx2", "avx512"]) -> None:
     """Force the kernels' instruction set (tests and ablations); ``"auto"`` picks the best."""
     _set_kernel_isa(name)

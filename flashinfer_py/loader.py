@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from .config import ModelArgs, RuntimeConfig, format_bytes
-from .model import ffn_on_rows
+from .model import FfnOnRows
 from .window import FrequencyPolicy, SlidingWindow, rank_swaps
 
 # Python, numpy, tokenizers, our module and the working buffers of a forward pass: measured as
@@ -173,11 +173,10 @@ def allocate_caps(err: np.ndarray, err_k: np.ndarray, total: int, d_ff: int,
 
 def cache_row_bytes(manifest: dict) -> int:
     """DRAM bytes of one cached neuron: its parts, rounded up to 64 (the packed NeuronCache)."""
-    from .format import numpy_storage_dtype
+    from .dtypes import RecordLayout
 
-    b = manifest["bundle"]
-    used = len(b["parts"]) * int(b["d_model"]) * numpy_storage_dtype(manifest["dtype"]).itemsize
-    return min(-(-used // 64) * 64, int(b["record_bytes"]))
+    layout = RecordLayout.from_manifest(manifest)
+    return min(-(-layout.payload_bytes // 64) * 64, layout.record_bytes)
 
 
 def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
@@ -324,6 +323,7 @@ class SparseFFN:
         self.reader = BundleReader(str(path), ReaderParams(
             engine=runtime.io_engine, queue_depth=runtime.queue_depth,
             use_direct_io=runtime.use_direct_io))
+        self.kernel = FfnOnRows(args, self.reader.layout, dense)
         self.plan = plan or plan_memory(args, manifest, runtime)
         self.rank = runtime.eviction == "rank"
         # What stays cached: the window policies answer update(layer, ids, capacity) ->
@@ -345,7 +345,8 @@ class SparseFFN:
             self.layer_rows = aligned_empty((args.intermediate_size, self.reader.record_elems),
                                             self.reader.numpy_dtype)
             self._prev_loaded = [0] * args.num_hidden_layers
-        self.oracle = _Oracle(path, args, self.bias, runtime) if runtime.selection == "oracle" else None
+        self.oracle = (_Oracle(path, args, dense, self.bias, runtime)
+                       if runtime.selection == "oracle" else None)
         self.resident_path = Path(directory) / manifest["files"]["dense"]
         self._resident_buf = None
         self.sketch = None
@@ -368,7 +369,7 @@ class SparseFFN:
         elif self.oracle is not None:
             from .sketch import down_norms
 
-            self.down_norm = down_norms(a, self.oracle.full.rows_by_layer, self.dtype)
+            self.down_norm = down_norms(self.kernel, self.oracle.full.rows_by_layer)
         else:
             self.down_norm = None
         t0 = time.perf_counter_ns()
@@ -387,7 +388,7 @@ class SparseFFN:
             path = directory / meta["file"]
             check_sketch(path, a, meta)
             self.sketch = SketchStore(path, a, [self.cache.ids(i) for i in range(L)],
-                                      cal.down_norm)
+                                      cal.down_norm, self.kernel.layout)
 
     # ------------------------------------------------------------------ selection
     def _select(self, layer: int, x: np.ndarray) -> np.ndarray:
@@ -405,8 +406,8 @@ class SparseFFN:
                              "without sparse options")
         if self.rank:
             return self._forward_rank(layer, x)
-        rows, bias, select = self.rows(layer, x)
-        return ffn_on_rows(self.args, x, rows, bias, select)
+        rows, bias, select, ids = self.rows(layer, x)
+        return self.kernel(layer, x, rows, bias, select, row_ids=ids)
 
     def _scores(self, layer: int, x: np.ndarray, h: np.ndarray, ids: np.ndarray):
         """(scores of the cached rows, uncached ids, their scores) for the current tokens."""
@@ -436,7 +437,8 @@ class SparseFFN:
         n = rows.shape[0]
         has_bias = self.bias[layer] is not None
         h = self._h[:t * n].reshape(t, n)
-        out = ffn_on_rows(a, x, rows, cache.bias(layer) if has_bias else None, act_out=h)
+        out = self.kernel(layer, x, rows, cache.bias(layer) if has_bias else None, act_out=h,
+                          row_ids=cache.ids(layer))
         t1 = time.perf_counter_ns()
         ids = cache.ids(layer)
         cached_s, cand_ids, cand_s = self._scores(layer, x, h, ids)
@@ -452,8 +454,9 @@ class SparseFFN:
         self._swap(layer, np.sort(load), evict, t2)
         if len(load):  # the newcomers sit in the tail rows: add their part of the output
             k = len(load)
-            out += ffn_on_rows(a, x, cache.rows(layer)[-k:],
-                               cache.bias(layer)[-k:] if has_bias else None)
+            out += self.kernel(layer, x, cache.rows(layer)[-k:],
+                               cache.bias(layer)[-k:] if has_bias else None,
+                               row_ids=cache.ids(layer)[-k:])
         return out
 
     def _swap(self, layer: int, load, evict, t_start: int) -> None:
@@ -481,8 +484,8 @@ class SparseFFN:
         st.per_layer_loaded.append(len(load))
 
     def rows(self, layer: int, x: np.ndarray):
-        """(rows, up_bias, row_select) to compute layer `layer`'s FFN for inputs x [T, d]
-        (the window and frequency policies)."""
+        """(rows, up_bias, row_select, the rows' neuron ids) to compute layer `layer`'s FFN
+        for inputs x [T, d] (the window and frequency policies)."""
         st, cache = self.tok, self.cache
         t0 = time.perf_counter_ns()
         ids = self._select(layer, x)
@@ -503,7 +506,7 @@ class SparseFFN:
             select = inverse[ids]
         bias = cache.bias(layer) if self.bias[layer] is not None else None
         st.mm_ns += time.perf_counter_ns() - t4
-        return cache.rows(layer), bias, select
+        return cache.rows(layer), bias, select, cache.ids(layer)
 
     def _rows_streamed(self, layer: int, ids: np.ndarray, t1: int):
         """No reuse across tokens (naive, hybrid, +predictor rows): read this token's neurons
@@ -527,7 +530,7 @@ class SparseFFN:
         self._prev_loaded[layer] = n
         bias = self.bias[layer][ids] if self.bias[layer] is not None and n else None
         st.mm_ns += time.perf_counter_ns() - t2
-        return rows, bias, None
+        return rows, bias, None, ids
 
     # ------------------------------------------------------------------ statistics
     def start_token(self) -> None:
@@ -594,19 +597,18 @@ class _Oracle:
     """The true active set, from every neuron's activation (keeps the whole FFN in DRAM: a
     measuring instrument for tests and ablations, not a way to save memory)."""
 
-    def __init__(self, path: Path, args: ModelArgs, bias: list, runtime: RuntimeConfig):
+    def __init__(self, path: Path, args: ModelArgs, dense: dict, bias: list,
+                 runtime: RuntimeConfig):
         from .model import ResidentFFN
 
         self.args, self.bias, self.runtime = args, bias, runtime
-        self.full = ResidentFFN(str(path), args, {f"layers.{i}.ffn_up_bias": b
-                                                  for i, b in enumerate(bias) if b is not None},
+        self.full = ResidentFFN(str(path), args, dense,
                                 runtime.replace(sparse=False, dram_budget=None))
 
     def activations(self, layer: int, x: np.ndarray) -> np.ndarray:
-        a = self.args
         rows = self.full.rows_by_layer[layer]
         h = np.empty((x.shape[0], rows.shape[0]), np.float32)
-        ffn_on_rows(a, x, rows, self.bias[layer], act_out=h)
+        self.full.kernel(layer, x, rows, self.bias[layer], act_out=h)
         return h
 
     def active(self, layer: int, x: np.ndarray, cap: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The transformer forward pass on CPU: numpy for the small ops, the native kernels for every
-product with a stored weight (kept in its storage dtype), and an FFN that reads its neurons
-from bundle records (all resident here; streamed from flash by the sparse runtime).
+product with a stored weight (kept in its storage format: float or blocks of 8 or 4 bits), and
+an FFN that reads its neurons from bundle records (all resident here; streamed from flash by
+the sparse runtime).
 
 Shapes: T = tokens in this call, d = hidden_size, H/Hkv = heads, hd = head_dim.
 """
@@ -13,7 +14,7 @@ import numpy as np
 
 from . import kernels
 from .config import ModelArgs, RuntimeConfig
-from .format import to_float32
+from .dtypes import RecordLayout, storage_format, to_float32
 
 
 class KVCache:
@@ -130,10 +131,13 @@ class Transformer:
     `act_out` [T, d_ff], when given, receives every neuron's activation (dense models only).
     """
 
-    def __init__(self, args: ModelArgs, dense: dict, dtype: str, ffn, runtime: RuntimeConfig):
-        self.args, self.w, self.dtype, self.ffn, self.runtime = args, dense, dtype, ffn, runtime
+    def __init__(self, args: ModelArgs, dense: dict, formats: dict, ffn, runtime: RuntimeConfig):
+        """`formats`: the storage format of each resident matrix (format.resident_formats)."""
+        self.args, self.w, self.ffn, self.runtime = args, dense, ffn, runtime
+        self.formats = {n: storage_format(f).name for n, f in formats.items()}
         self.rope = _Rope(args) if args.uses_rope else None
-        self.lm_head = dense["tok_embeddings"] if args.tie_word_embeddings else dense["lm_head"]
+        head = "tok_embeddings" if args.tie_word_embeddings else "lm_head"
+        self.lm_head, self.lm_head_fmt = dense[head], self.formats[head]
         self.scale = 1.0 / math.sqrt(args.query_pre_attn_scalar or args.head_dim)
         # observer(layer, ffn_input [T, d], activations [T, d_ff], ref_norm [T]): set to
         # record activations (predictor training, dense models); ref_norm is the norm of the
@@ -153,18 +157,23 @@ class Transformer:
 
     def _linear(self, x: np.ndarray, name: str, bias: Optional[str] = None) -> np.ndarray:
         b = self.w[bias] if bias is not None else None
-        return kernels.linear(np.ascontiguousarray(x), self.w[name], bias=b)
+        return kernels.linear(np.ascontiguousarray(x), self.w[name], bias=b,
+                              fmt=self.formats[name])
+
+    def _rows(self, name: str, idx: np.ndarray, width: int) -> np.ndarray:
+        """Rows `idx` (of `width` values) of an embedding matrix as float32."""
+        return to_float32(self.w[name][idx], self.formats[name], width)
 
     def _embed(self, tokens: np.ndarray, pos0: int) -> np.ndarray:
         a = self.args
-        x = to_float32(self.w["tok_embeddings"][tokens], self.dtype)
+        x = self._rows("tok_embeddings", tokens, a.embed_dim)
         if a.embed_scale != 1.0:
             x *= np.float32(a.embed_scale)
         if a.projects_embeddings:  # OPT-350m: embeddings are narrower than the model
             x = self._linear(x, "project_in")
         if not a.uses_rope:
             idx = np.arange(pos0, pos0 + len(tokens)) + a.learned_pos_offset
-            x = x + to_float32(self.w["pos_embeddings"][idx], self.dtype)
+            x = x + self._rows("pos_embeddings", idx, a.hidden_size)
         return np.ascontiguousarray(x, np.float32)
 
     # ------------------------------------------------------------------ blocks
@@ -262,18 +271,40 @@ class Transformer:
             x = self._norm(x, "norm")
         if a.projects_embeddings:
             x = self._linear(x, "project_out")
-        logits = kernels.linear(np.ascontiguousarray(x), self.lm_head)
+        logits = kernels.linear(np.ascontiguousarray(x), self.lm_head, fmt=self.lm_head_fmt)
         return _softcap(logits, a.final_logit_softcapping)
 
 
-def ffn_on_rows(args: ModelArgs, x: np.ndarray, rows: np.ndarray, up_bias=None, row_select=None,
-                act_out=None) -> np.ndarray:
-    """The FFN of inputs x [T, d] over bundle records `rows` (all, or those in row_select)."""
-    off = args.ffn_part_offsets
-    return kernels.ffn_rows(x, rows, args.hidden_size, up_off=off["up"], down_off=off["down"],
-                            gate_off=off.get("gate", -1), activation=args.hidden_act,
-                            act_param=args.act_param, up_bias=up_bias, row_select=row_select,
-                            act_out=act_out)
+class FfnOnRows:
+    """The FFN kernel over bundle records of one flash directory: their format and part
+    offsets, and (the codes layout) each layer's resident down scales. Shared by the dense
+    and the sparse FFN providers."""
+
+    def __init__(self, args: ModelArgs, layout: RecordLayout, dense: dict):
+        self.args, self.layout = args, layout
+        self.down_scales = [dense.get(f"layers.{i}.ffn_down_scales") if layout.codes else None
+                            for i in range(args.num_hidden_layers)]
+        if layout.codes and any(s is None for s in self.down_scales):
+            raise ValueError("the bundle's down parts hold codes but dense.safetensors has no "
+                             "layers.N.ffn_down_scales; re-run `flashinfer-py convert`")
+
+    def __call__(self, layer: int, x: np.ndarray, rows: np.ndarray, up_bias=None,
+                 row_select=None, act_out=None, row_ids=None) -> np.ndarray:
+        """The FFN of inputs x [T, d] over records `rows` (all, or those in row_select) of
+        `layer`; `row_ids` (int32, one per row) name their neurons (default: row i is neuron i)."""
+        a, lay = self.args, self.layout
+        off = lay.offsets
+        scales = self.down_scales[layer]
+        ids = None if scales is None or row_ids is None else np.ascontiguousarray(row_ids, np.int32)
+        return kernels.ffn_rows(x, rows, a.hidden_size, up_off=off["up"], down_off=off["down"],
+                                gate_off=off.get("gate", -1), activation=a.hidden_act,
+                                act_param=a.act_param, up_bias=up_bias, row_select=row_select,
+                                act_out=act_out, fmt=lay.fmt.name, down_scales=scales,
+                                row_ids=ids)
+
+    def part_f32(self, layer: int, rows: np.ndarray, part: str, ids=None) -> np.ndarray:
+        """float32 [n, d] values of one part of records `rows` of `layer` (neuron `ids`)."""
+        return self.layout.part_f32(rows, part, self.down_scales[layer], ids)
 
 
 class ResidentFFN:
@@ -286,6 +317,7 @@ class ResidentFFN:
         reader = BundleReader(bundle_path, ReaderParams(engine=runtime.io_engine,
                                                         queue_depth=runtime.queue_depth,
                                                         use_direct_io=runtime.use_direct_io))
+        self.kernel = FfnOnRows(args, reader.layout, dense)
         self.rows_by_layer = []
         ids = np.arange(args.intermediate_size, dtype=np.int32)
         for layer in range(args.num_hidden_layers):
@@ -298,8 +330,11 @@ class ResidentFFN:
         self.args = args
 
     def forward(self, layer: int, x: np.ndarray, act_out=None) -> np.ndarray:
-        return ffn_on_rows(self.args, x, self.rows_by_layer[layer], self.bias[layer],
-                           act_out=act_out)
+        return self.kernel(layer, x, self.rows_by_layer[layer], self.bias[layer], act_out=act_out)
+
+    def part_f32(self, layer: int, part: str) -> np.ndarray:
+        """float32 [d_ff, d] values of one part ("up", "gate", "down") of every neuron."""
+        return self.kernel.part_f32(layer, self.rows_by_layer[layer], part)
 
     @property
     def nbytes(self) -> int:

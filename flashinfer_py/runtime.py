@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .config import ModelArgs, RuntimeConfig
-from .format import check_files, load_dense, read_manifest
+from .format import check_files, load_dense, read_manifest, resident_formats
 from .generate import StepResult, generate_step
 from .model import KVCache, ResidentFFN, Transformer
 from .sampling import make_sampler
@@ -26,7 +26,8 @@ class FlashModel:
         self.manifest = read_manifest(self.directory)
         check_files(self.directory, self.manifest, verify=verify)
         self.args = ModelArgs.from_dict(self.manifest["model"])
-        self.dtype = self.manifest["dtype"]
+        self.dtype = self.manifest["dtype"]  # the FFN records' storage format
+        self.resident_formats = resident_formats(self.manifest)
         self.runtime = runtime or RuntimeConfig()
         self.max_context = min(self.runtime.max_context, self.args.max_position_embeddings)
         dense = load_dense(self.directory, self.manifest)
@@ -43,7 +44,8 @@ class FlashModel:
                                  self.predictors, self.plan)
         else:
             self.ffn = ResidentFFN(bundle_path, self.args, dense, self.runtime)
-        self.transformer = Transformer(self.args, dense, self.dtype, self.ffn, self.runtime)
+        self.transformer = Transformer(self.args, dense, self.resident_formats, self.ffn,
+                                       self.runtime)
         self._tokenizer = None
 
     # ------------------------------------------------------------------ pieces
@@ -133,7 +135,9 @@ class FlashModel:
         dense = sum(v.nbytes for v in self.transformer.w.values())
         return {"directory": str(self.directory), "arch": a.arch, "layers": a.num_hidden_layers,
                 "hidden_size": a.hidden_size, "ffn_neurons": a.intermediate_size,
-                "activation": a.hidden_act, "dtype": self.dtype, "resident_bytes": dense,
+                "activation": a.hidden_act, "dtype": self.dtype,
+                "resident_dtypes": sorted(set(self.resident_formats.values())),
+                "resident_bytes": dense,
                 "ffn_bytes_in_dram": self.ffn.nbytes,
                 "record_bytes": self.manifest["bundle"]["record_bytes"], "sparse": self.sparse}
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from . import kernels
 from .config import ModelArgs
+from .dtypes import RecordLayout
 from .errors import FlashFormatError
 
 SKETCH_FILE = "ffn_sketch.bin"
@@ -46,14 +47,16 @@ def sketch_record_bytes(args: ModelArgs) -> int:
     return len(sketch_parts(args)) * -(-args.hidden_size // _BLOCK) * _BLOCK_BYTES
 
 
-def quantize_rows(args: ModelArgs, rows: np.ndarray, src_rows, out: np.ndarray, dst_rows) -> None:
-    """Sketch records of bundle records rows[src_rows] into out[dst_rows] (uint8)."""
-    off = args.ffn_part_offsets
+def quantize_rows(args: ModelArgs, layout: RecordLayout, rows: np.ndarray, src_rows,
+                  out: np.ndarray, dst_rows) -> None:
+    """Sketch records of bundle records rows[src_rows] (in `layout`: any storage format; block
+    formats are expanded to float32 first) into out[dst_rows] (uint8)."""
+    off = layout.offsets
     kernels.quantize_q4(rows, [off[p] for p in sketch_parts(args)], args.hidden_size,
-                        src_rows, out, dst_rows)
+                        src_rows, out, dst_rows, fmt=layout.fmt.name)
 
 
-def write_sketch(args: ModelArgs, rows_by_layer, path: Path) -> None:
+def write_sketch(args: ModelArgs, layout: RecordLayout, rows_by_layer, path: Path) -> None:
     """Write ``ffn_sketch.bin`` from every layer's bundle records (a dense model's rows)."""
     rec, f = sketch_record_bytes(args), args.intermediate_size
     ids = np.arange(f, dtype=np.int64)
@@ -61,7 +64,7 @@ def write_sketch(args: ModelArgs, rows_by_layer, path: Path) -> None:
     with open(tmp, "wb") as fh:
         for rows in rows_by_layer:
             out = np.empty((f, rec), np.uint8)
-            quantize_rows(args, rows, ids, out, ids)
+            quantize_rows(args, layout, rows, ids, out, ids)
             fh.write(out.tobytes())
         fh.flush()
         os.fsync(fh.fileno())
@@ -89,8 +92,9 @@ class SketchStore:
     ``scale`` the down-column norm of each slot's neuron (scores are |h| * ||down||).
     """
 
-    def __init__(self, path: Path, args: ModelArgs, cached_ids: list, down_norm: np.ndarray):
-        self.args, self.f = args, args.intermediate_size
+    def __init__(self, path: Path, args: ModelArgs, cached_ids: list, down_norm: np.ndarray,
+                 layout: RecordLayout):
+        self.args, self.f, self.layout = args, args.intermediate_size, layout
         self.rec = sketch_record_bytes(args)
         self.down_norm = np.ascontiguousarray(down_norm, np.float32)  # [L, d_ff]
         self.data, self.slot_id, self.id_slot, self.scale = [], [], [], []
@@ -124,7 +128,8 @@ class SketchStore:
         if (slots < 0).any():
             raise ValueError(f"layer {layer}: neurons {entering[slots < 0][:5]} are not in the "
                              "sketch store (already cached?)")
-        quantize_rows(self.args, rows, np.asarray(leaving_rows, np.int64), self.data[layer], slots)
+        quantize_rows(self.args, self.layout, rows, np.asarray(leaving_rows, np.int64),
+                      self.data[layer], slots)
         self.slot_id[layer][slots] = leaving
         self.id_slot[layer][leaving] = slots
         self.id_slot[layer][entering] = -1
@@ -136,13 +141,11 @@ class SketchStore:
                    zip(self.data, self.slot_id, self.id_slot, self.scale)) + self.down_norm.nbytes
 
 
-def down_norms(args: ModelArgs, rows_by_layer, dtype: str) -> np.ndarray:
-    """||down_j|| of every neuron: [L, d_ff] float32."""
-    from .format import to_float32
-
-    off, d = args.ffn_part_offsets["down"], args.hidden_size
-    return np.stack([np.linalg.norm(to_float32(np.ascontiguousarray(r[:, off:off + d]), dtype),
-                                    axis=1) for r in rows_by_layer]).astype(np.float32)
+def down_norms(kernel, rows_by_layer) -> np.ndarray:
+    """||down_j|| of every neuron: [L, d_ff] float32 (kernel: the model.FfnOnRows that reads
+    these records; rows_by_layer: every neuron's record, in id order)."""
+    return np.stack([np.linalg.norm(kernel.part_f32(i, r, "down"), axis=1)
+                     for i, r in enumerate(rows_by_layer)]).astype(np.float32)
 
 
 def check_sketch(path: Path, args: ModelArgs, meta: Optional[dict]) -> None:

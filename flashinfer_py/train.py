@@ -135,7 +135,7 @@ def calibrate(model, hs, resid_norms, points: int = 64) -> Calibration:
 
     a = model.args
     f = a.intermediate_size
-    dn = down_norms(a, model.ffn.rows_by_layer, model.dtype)
+    dn = down_norms(model.ffn.kernel, model.ffn.rows_by_layer)
     ks = np.unique(np.round(np.linspace(0, f, points + 1)).astype(np.int64))
     hot = np.empty((len(hs), f), np.float32)
     err = np.empty((len(hs), ks.size), np.float32)
@@ -152,12 +152,8 @@ def calibrate(model, hs, resid_norms, points: int = 64) -> Calibration:
 
 def _svd_init(model, layer: int, rank: int):
     """A, B from the truncated SVD of the gate (gated) or up projection: score ~ preactivation."""
-    from .format import to_float32
-
     a = model.args
-    rows = model.ffn.rows_by_layer[layer]
-    part = a.hidden_size if a.gated else 0
-    w = to_float32(rows[:, part:part + a.hidden_size], model.dtype).astype(np.float64)  # [f, d]
+    w = model.ffn.part_f32(layer, "gate" if a.gated else "up").astype(np.float64)  # [f, d]
     # The top right singular vectors from the d x d Gram matrix: ~5x faster than an SVD of w.
     evals, v = np.linalg.eigh(w.T @ w)
     r = min(rank, w.shape[0], w.shape[1])
@@ -309,7 +305,7 @@ def _build_sketch(model, save: bool) -> dict:
             "record_bytes": sketch_record_bytes(a), "sha256": None}
     if save:
         path = model.directory / SKETCH_FILE
-        write_sketch(a, model.ffn.rows_by_layer, path)
+        write_sketch(a, model.ffn.kernel.layout, model.ffn.rows_by_layer, path)
         meta["sha256"] = file_digest(path)["sha256"]
     return meta
 
@@ -326,7 +322,7 @@ def evaluate_sketch(model, xs, hs, down_norm, keep: float = 0.5) -> list[dict]:
     out = []
     for layer, rows in enumerate(model.ffn.rows_by_layer):
         sk = np.empty((f, sketch_record_bytes(a)), np.uint8)
-        quantize_rows(a, rows, ids, sk, ids)
+        quantize_rows(a, model.ffn.kernel.layout, rows, ids, sk, ids)
         got = best = 0.0
         for x, h in zip(np.asarray(xs[layer], np.float32), np.asarray(hs[layer], np.float32)):
             s = h * down_norm[layer]

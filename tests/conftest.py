@@ -193,7 +193,7 @@ def pytest_collection_modifyitems(config, items):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(params=["scalar", "avx2"])
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
 def isa(request):
     """Run a kernel test on each instruction set the kernels have; skip those this CPU lacks."""
     from flashinfer_py import kernels

@@ -50,10 +50,16 @@ def _metadata(writer, arch: str, cfg) -> None:
             getattr(writer, f"add_{key}_token_id")(getattr(cfg, f"{key}_token_id"))
 
 
-def write_gguf(model, path: Path, arch: str, quantize: tuple[str, ...] = ()) -> Path:
+def write_gguf(model, path: Path, arch: str, quantize: tuple[str, ...] = (),
+               qtypes: dict | None = None, raw: dict | None = None) -> Path:
     """Write `model` (a transformers causal LM) to `path`; tensors whose GGUF name contains one
-    of `quantize` are stored as Q8_0 (row length must be a multiple of 32), the rest as F32."""
+    of `quantize` are stored as Q8_0 (row length must be a multiple of 32), the rest as F32.
+    `qtypes` maps more name parts to GGUF types gguf-py can quantize ("Q4_0", "Q4_1", "Q8_0");
+    `raw` maps a GGUF tensor name to (type name, uint8 blocks) written as they are (types
+    gguf-py cannot quantize, e.g. K-quants)."""
     import gguf
+
+    qtypes = {**{q: "Q8_0" for q in quantize}, **(qtypes or {})}
 
     cfg = model.config
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
@@ -75,9 +81,15 @@ def write_gguf(model, path: Path, arch: str, quantize: tuple[str, ...] = ()) -> 
         if arch == "gemma3" and name.endswith("norm"):
             w = w + 1
         name = f"{name}.{suffix}"
-        if any(q in name for q in quantize):
-            q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        qtype = next((t for part, t in qtypes.items() if part in name), None)
+        if raw and name in raw:
+            kind, blocks = raw[name]
+            writer.add_tensor(name, blocks, raw_shape=blocks.shape,
+                              raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+        elif qtype is not None:
+            t = getattr(gguf.GGMLQuantizationType, qtype)
+            q = gguf.quants.quantize(np.ascontiguousarray(w, np.float32), t)
+            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=t)
         else:
             writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
     writer.write_header_to_file()

@@ -14,7 +14,8 @@ from test_packer import pack_random
 # Byte offsets of BundleHeader fields (csrc/bundle_format.h, packed, little-endian).
 OFF = dict(magic=0, version=8, header_bytes=12, n_layers=16, d_model=20, d_ff=24, dtype=28,
            elem_bytes=32, n_parts=36, part_kinds=40, alignment=56, record_bytes=60,
-           data_offset=68, file_bytes=76)
+           data_offset=68, file_bytes=76, down_layout=84, part_bytes=88, part_offsets=104)
+V2_FIELDS = (84, 120)  # down_layout .. part_offsets[3]: zero in version 1 files
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def expect_format_error(path, match):
 def test_header_round_trip(bundle):
     h = read_header(bundle)
     assert h == BundleReader(bundle).header
-    assert h["magic"] == "FIPYBNDL" and h["version"] == 1 and h["header_bytes"] == 4096
+    assert h["magic"] == "FIPYBNDL" and h["version"] == 2 and h["header_bytes"] == 4096
     assert (h["n_layers"], h["d_model"], h["d_ff"]) == (2, 200, 97)
     assert (h["dtype"], h["elem_bytes"], h["n_parts"]) == ("float16", 2, 3)
     assert h["parts"] == ["up", "gate", "down"]
@@ -61,7 +62,8 @@ def test_larger_alignment(tmp_path):
 
 @pytest.mark.parametrize("field,fmt,value,match", [
     ("magic", "8s", b"GGUF\0\0\0\0", "bad magic"),
-    ("version", "I", 2, "version 2"),
+    ("version", "I", 3, "version 3"),
+    ("version", "I", 0, "version 0"),
     ("header_bytes", "I", 512, "header_bytes"),
     ("dtype", "I", 7, "unknown dtype"),
     ("elem_bytes", "I", 4, "elem_bytes 4 does not match dtype float16"),
@@ -77,10 +79,41 @@ def test_larger_alignment(tmp_path):
     ("d_ff", "I", 98, "file_bytes="),          # lies about the shape: sizes disagree
     ("n_layers", "I", 0, "empty dimensions"),
     ("record_bytes", "Q", 1 << 62, "overflow"),  # n_layers*d_ff*record_bytes wraps
+    ("part_bytes", "I", 401, "part 0 has 401 bytes"),       # parts must be what dtype says
+    ("part_offsets", "I", 4, "part 0 has 400 bytes at offset 4"),
+    ("down_layout", "I", 1, "down_layout 1"),                # codes need a block format
+    ("down_layout", "I", 7, "down_layout 7"),
 ])
 def test_lying_header_rejected(bundle, field, fmt, value, match):
     patch(bundle, OFF[field], fmt, value)
     expect_format_error(bundle, match)
+
+
+def test_version_1_files_still_open(tmp_path, bundle):
+    """A version 1 header (float formats, equal parts, zeros after file_bytes) reads as the
+    version 2 header of the same file, and its records as before."""
+    want = read_header(bundle)
+    records = BundleReader(bundle).read(1, [0, 96, 5])
+    patch(bundle, OFF["version"], "I", 1)
+    with open(bundle, "r+b") as f:
+        f.seek(V2_FIELDS[0])
+        f.write(bytes(V2_FIELDS[1] - V2_FIELDS[0]))
+    old = read_header(bundle)
+    assert old["version"] == 1 and {**old, "version": 2} == want
+    assert BundleReader(bundle).read(1, [0, 96, 5]).tobytes() == records.tobytes()
+    patch(bundle, OFF["dtype"], "I", 4)  # block formats came with version 2
+    expect_format_error(bundle, "unknown dtype code 4")
+
+
+def test_lying_block_format_header_rejected(tmp_path):
+    path = tmp_path / "q.bin"
+    pack_random(path, n_layers=1, d_model=200, d_ff=96, dtype="q4_1", down_layout="codes")
+    assert read_header(path)["part_bytes"] == [140, 140, 112]
+    patch(path, OFF["part_bytes"] + 8, "I", 140)  # down as whole blocks, but layout says codes
+    expect_format_error(path, "part 2 has 140 bytes")
+    patch(path, OFF["part_bytes"] + 8, "I", 112)
+    patch(path, OFF["elem_bytes"], "I", 2)
+    expect_format_error(path, "elem_bytes 2 does not match dtype q4_1")
 
 
 def test_truncated_file_rejected(bundle):

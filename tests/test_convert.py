@@ -16,7 +16,10 @@ from flashinfer_py.format import BUNDLE_FILE, DENSE_FILE, MANIFEST, read_manifes
 def test_manifest_describes_the_files(tiny_flash):
     d = tiny_flash("llama-silu")
     m = read_manifest(d)
-    assert m["format_version"] == 1 and m["dtype"] == "float32"
+    assert m["format_version"] == 2 and m["dtype"] == "float32"
+    assert set(m["resident_formats"].values()) == {"float32"} and "wq" not in m["resident_formats"]
+    assert "layers.0.wq" in m["resident_formats"] and "layers.0.attn_norm" not in m["resident_formats"]
+    assert m["bundle"]["down_layout"] == "blocks" and m["bundle"]["part_bytes"] == [800] * 3
     assert m["bundle"]["parts"] == ["up", "gate", "down"]
     assert m["bundle"]["record_bytes"] % 4096 == 0
     assert m["bundle"]["record_bytes"] >= 3 * 200 * 4

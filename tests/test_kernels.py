@@ -336,7 +336,8 @@ def test_ffn_rows_rejects_wrong_x_width_and_bad_rows_dtype():
 
 
 def test_conversion_rejects_bad_arguments():
-    with pytest.raises(ValueError, match=r"dtype must be 'float32', 'float16' or 'bfloat16'"):
+    with pytest.raises(ValueError, match=r"dtype must be one of float32, float16, bfloat16, "
+                                         r"q8_0, q4_0, q4_1"):
         K.from_float32(np.zeros(3, np.float32), "int8")
     with pytest.raises(ValueError, match=r"a must be float32"):
         K.from_float32(np.zeros(3, np.float16), "float16")

@@ -16,44 +16,62 @@ from flashinfer_py.bundles import (BundleReader, BundleWriter, ReaderParams, rea
 
 SEED = 20251125
 DTYPES = ("float32", "float16", "bfloat16")
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # llama.cpp's Q8_0 / Q4_0 / Q4_1 blocks
 PARTS = {2: ("up", "down"), 3: ("up", "gate", "down")}
 
 
 # ---- helpers shared by the I/O tests ----------------------------------------------------------
 
-def random_part(rng, d_ff, d_model, dtype):
-    """A (d_ff, d_model) matrix in storage dtype (bfloat16 as arbitrary uint16 bit patterns)."""
+def part_width(dtype, d_model, codes=False):
+    """Elements of one part in its numpy array: d_model for floats; bytes for block formats
+    (blocks of 32 values, the last one padded; the "codes" down part: 4 or 8 bits a value)."""
+    if dtype not in BLOCK_BYTES:
+        return d_model
+    blocks = -(-d_model // 32)
+    if codes:
+        return blocks * (32 if dtype == "q8_0" else 16)
+    return blocks * BLOCK_BYTES[dtype]
+
+
+def random_part(rng, d_ff, d_model, dtype, codes=False):
+    """A (d_ff, part width) matrix in storage dtype (bfloat16 as arbitrary uint16 bit patterns,
+    block formats as arbitrary bytes: the file format does not look inside a part)."""
     if dtype == "bfloat16":
         return rng.integers(0, 1 << 16, size=(d_ff, d_model), dtype=np.uint16)
+    if dtype in BLOCK_BYTES:
+        return rng.integers(0, 256, size=(d_ff, part_width(dtype, d_model, codes)),
+                            dtype=np.uint8)
     return rng.standard_normal((d_ff, d_model)).astype(storage_numpy_dtype(dtype))
 
 
 def pack_random(path, n_layers=3, d_model=200, d_ff=97, dtype="float16", n_parts=3,
-                seed=SEED, alignment=4096):
-    """Write a random bundle file; returns mats[layer][part] -> (d_ff, d_model) arrays."""
+                seed=SEED, alignment=4096, down_layout="blocks"):
+    """Write a random bundle file; returns mats[layer][part] -> (d_ff, part width) arrays."""
     rng = np.random.default_rng(seed)
-    mats = [[random_part(rng, d_ff, d_model, dtype) for _ in range(n_parts)]
+    codes = [down_layout == "codes" and p == n_parts - 1 for p in range(n_parts)]
+    mats = [[random_part(rng, d_ff, d_model, dtype, codes[p]) for p in range(n_parts)]
             for _ in range(n_layers)]
-    with BundleWriter(path, n_layers, d_model, d_ff, dtype, PARTS[n_parts], alignment) as w:
+    with BundleWriter(path, n_layers, d_model, d_ff, dtype, PARTS[n_parts], alignment,
+                      down_layout=down_layout) as w:
         for layer in reversed(range(n_layers)):  # any order is allowed
             w.write_layer(layer, mats[layer])
     return mats
 
 
 def expected_records(mats, layer, ids, record_elems):
-    """(len(ids), record_elems) records as the file must hold them: parts, then zeros."""
+    """(len(ids), record_elems) records as the file must hold them: parts back to back, then
+    zeros."""
     parts = mats[layer]
     out = np.zeros((len(ids), record_elems), dtype=parts[0].dtype)
-    d = parts[0].shape[1]
     for k, i in enumerate(ids):
-        for p, m in enumerate(parts):
-            out[k, p * d:(p + 1) * d] = m[i]
+        row = np.concatenate([m[i] for m in parts])
+        out[k, :row.size] = row
     return out
 
 
 # ---- round trips ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + tuple(BLOCK_BYTES))
 @pytest.mark.parametrize("n_parts", [2, 3])
 def test_round_trip_bit_exact(tmp_path, dtype, n_parts):
     path = tmp_path / "b.bin"
@@ -96,6 +114,43 @@ def test_offsets_are_the_one_formula(tmp_path):
         r.offset(0, 97)
     with pytest.raises(ValueError, match="layer 3 out of range"):
         r.offset(3, 0)
+
+
+@pytest.mark.parametrize("dtype,d_model,layout,part_bytes", [
+    # 200 values: 7 blocks (the last holds 8 values and 24 zeros)
+    ("q8_0", 200, "blocks", [238, 238, 238]),
+    ("q4_0", 200, "blocks", [126, 126, 126]),
+    ("q4_1", 200, "blocks", [140, 140, 140]),
+    # the codes layout: down holds 4 or 8 bits a value, padded to 32 values (224 here)
+    ("q4_1", 200, "codes", [140, 140, 112]),
+    ("q8_0", 200, "codes", [238, 238, 224]),
+    # d_model 4096 in q4_0: 3 x 2304 bytes, two 4 KiB pages a neuron instead of six in float16
+    ("q4_0", 4096, "blocks", [2304, 2304, 2304]),
+])
+def test_block_format_records(tmp_path, dtype, d_model, layout, part_bytes):
+    path = tmp_path / "b.bin"
+    mats = pack_random(path, n_layers=2, d_model=d_model, d_ff=96, dtype=dtype,
+                       down_layout=layout)
+    h = read_header(path)
+    assert (h["dtype"], h["elem_bytes"], h["down_layout"]) == (dtype, 1, layout)
+    assert h["part_bytes"] == part_bytes and h["payload_bytes"] == sum(part_bytes)
+    assert h["part_offsets"] == [0, part_bytes[0], part_bytes[0] + part_bytes[1]]
+    assert h["record_bytes"] == -(-sum(part_bytes) // 4096) * 4096
+    r = BundleReader(path)
+    assert r.numpy_dtype == np.uint8 and r.record_elems == h["record_bytes"]
+    ids = [95, 0, 31, 32]
+    assert r.read(1, ids).tobytes() == expected_records(mats, 1, ids, r.record_elems).tobytes()
+    out = r.read_parts(1, ids, [2, 0])  # parts of unequal size, back to back
+    assert out.tobytes() == np.concatenate([mats[1][2][ids], mats[1][0][ids]], axis=1).tobytes()
+
+
+def test_codes_layout_needs_a_block_format_and_whole_neuron_blocks(tmp_path):
+    with pytest.raises(ValueError, match="needs a block format"):
+        BundleWriter(tmp_path / "b.bin", 1, 64, 96, "float16", down_layout="codes")
+    with pytest.raises(ValueError, match="d_ff a multiple of 32"):
+        BundleWriter(tmp_path / "b.bin", 1, 64, 97, "q4_1", down_layout="codes")
+    with pytest.raises(ValueError, match='"blocks" or "codes"'):
+        BundleWriter(tmp_path / "b.bin", 1, 64, 96, "q4_1", down_layout="rows")
 
 
 def test_bfloat16_travels_as_uint16(tmp_path):
@@ -148,6 +203,14 @@ def test_writer_rejects_bad_parts(tmp_path):
         BundleWriter(tmp_path / "c.bin", 1, 8, 8, "float16", ("down", "up"))
     with pytest.raises(ValueError, match="dtype"):
         BundleWriter(tmp_path / "c.bin", 1, 8, 8, "int8", ("up", "down"))
+    q = BundleWriter(tmp_path / "d.bin", 1, 200, 97, "q4_0", ("up", "down"))
+    blocks = np.zeros((97, 126), np.uint8)
+    with pytest.raises(ValueError, match=r"dtype float16 but the bundle stores q4_0 \(pass its "
+                                         r"blocks as uint8 rows\)"):
+        q.write_layer(0, [blocks, np.zeros((97, 200), np.float16)])
+    with pytest.raises(ValueError, match=r"shape \(d_ff, part bytes\) = \(97, 126\)"):
+        q.write_layer(0, [blocks, blocks[:, :120].copy()])
+    q.abort()
 
 
 def test_writer_context_manager_removes_partial_file(tmp_path):

@@ -54,7 +54,7 @@ def bundle_rows(d, layer: int) -> np.ndarray:
     """Every record of `layer`, read straight from ffn_bundles.bin as the README lays it out."""
     man = json.loads((d / "manifest.json").read_text())
     b, dt = man["bundle"], {"float32": np.float32, "float16": np.float16,
-                            "bfloat16": np.uint16}[man["dtype"]]
+                            "bfloat16": np.uint16}.get(man["dtype"], np.uint8)  # blocks: bytes
     f, rec = b["d_ff"], b["record_bytes"]
     raw = np.fromfile(d / man["files"]["bundles"], np.uint8, count=f * rec,
                       offset=b["data_offset"] + layer * f * rec)

@@ -1,0 +1,107 @@
+// kernels_quant.h: the interface between the kernel drivers (kernels.cpp: threading,
+// blocking, the FFN's structure) and the per-format kernels on block-quantized weights
+// (kernels_q8.cpp: q8_0; kernels_q4.cpp: q4_0, q4_1). The block layouts themselves are
+// defined in kernels_q8.h and kernels_q4.h; bundle_format.h says how records use them.
+//
+// How a product with quantized weights is computed (llama.cpp's scheme, with x in 16 bits):
+//   - dots along the blocks (y = x @ W.T, the up/gate parts, every resident matrix): x is
+//     quantized once per call to 16 bits per block of 32 (QuantizedX: scale d, int16 q, and
+//     s = d * sum(q)); a block's contribution is  dw * dx * sum(qw * qx) + ew * sx,  an
+//     integer dot product per block, where ew is the format's per-block offset per unit of
+//     code (q4_0: -8 dw, q4_1: the min m, q8_0: 0) and qw its raw codes (q4: 0..15).
+//     Why 16 bits and not llama.cpp's 8: 8-bit x moved SmolLM2's Wikipedia perplexity by
+//     0.4-0.6% from the float model computing the very same weights, and by +-0.1% between
+//     runs whose float sums differed in order (an 8-bit rounding tipped); 16 bits make both
+//     256x smaller. The weights' bytes are the same; the integer dot costs pmaddwd pairs
+//     (vpdpwssd with VNNI) instead of pmaddubsw + pmaddwd.
+//   - accumulation across the blocks (out += h * down, the down parts): each block of the
+//     row is expanded to floats (dw * qw + ew) and added h times, in float.
+//   - down parts in the "codes" layout (GGUF's down_proj kept exactly, bundle_format.h): the
+//     codes of the rows of one 32-neuron block are summed in float, S = sum_j h_j * q_j, and
+//     the block's resident scales applied once: out += d[b] * S + e[b] * sum_j h_j.
+// Accumulation is float32; the only rounding beyond float's is x's to 8 bits.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "bundle_format.h"  // DType
+#include "kernels.h"        // Isa
+
+namespace flashinfer {
+
+constexpr int64_t kQBlock = 32;  // values per block, every block format
+
+inline int64_t q_blocks(int64_t len) { return (len + kQBlock - 1) / kQBlock; }
+
+// ---- x quantized to 16 bits per block of 32 --------------------------------------------
+
+// n rows of nb blocks: q (n, nb * 32) int16, d (n, nb) scales, s (n, nb) = d * sum(q).
+// Per block: d = max|x| / 32767, q = round(x / d) (half away from zero), the tail of the last
+// block zero. Buffers are reused between calls (no allocation in the decode loop).
+constexpr float kXLevels = 32767.f;
+struct QuantizedX {
+  int64_t n = 0, nb = 0;
+  std::vector<int16_t> q;
+  std::vector<float> d, s;
+  const int16_t* qrow(int64_t t) const { return q.data() + t * nb * kQBlock; }
+  const float* drow(int64_t t) const { return d.data() + t * nb; }
+  const float* srow(int64_t t) const { return s.data() + t * nb; }
+};
+// x (n, len) rows with stride ldx floats -> qx.
+void quantize_x(const float* x, int64_t n, int64_t len, int64_t ldx, QuantizedX& qx);
+
+// ---- the per-format kernel table -----------------------------------------------------
+
+constexpr int kQTileT = 4;  // inputs per register tile
+constexpr int kQTileR = 2;  // weight rows per dot tile (4 x 2 accumulators + 2 rows in ymm)
+
+// out[t * ldo + r] = row_r . x_{t0 + t} over nb blocks, t < T, r < R (tile sizes from the table)
+using QDotTileFn = void (*)(const QuantizedX& x, int64_t t0, const uint8_t* const* rows,
+                            int64_t nb, float* out, int64_t ldo);
+// out[t * ldo + c] += sum_r coef[t * R + r] * row_r[c], c in [c0, c1), c0 a multiple of 32
+// (rows point at the part's first block). Same shape as the float kernels' accumulate tile.
+using QAccumTileFn = void (*)(const float* coef, const void* const* rows, int64_t c0,
+                              int64_t c1, float* out, int64_t ldo);
+// S[t * lds + c - c0] += sum_r coef[t * R + r] * code_r[c] (raw codes: q4 0..15, q8 -128..127)
+using QCodesTileFn = void (*)(const float* coef, const uint8_t* const* codes, int64_t c0,
+                              int64_t c1, float* S, int64_t lds);
+// out[t * ldo + c] += d[c] * S[t * lds + c - c0] + e[c] * hsum[t], t < nt, with the resident
+// fp16 scale rows of one 32-neuron block: sc[0] = d, and for q4_1 sc[d_model..] = m
+// (e = m; q4_0: e = -8 d; q8_0: e = 0).
+using QCodesFinishFn = void (*)(const float* S, int64_t lds, const float* hsum, int64_t nt,
+                                const uint16_t* sc, int64_t d_model, int64_t c0, int64_t c1,
+                                float* out, int64_t ldo);
+
+struct QuantKernels {
+  DType dtype;
+  QDotTileFn dot[kQTileT][kQTileR];      // [T - 1][R - 1]
+  QAccumTileFn accum[kQTileT][3];        // [T - 1][R in {1, 2, 4} -> 0, 1, 2]
+  QCodesTileFn codes[kQTileT][3];        // same indexing
+  QCodesFinishFn codes_finish;
+  int scale_rows;                        // rows of the codes layout's scale table: 1 or 2
+  // One row: len values <-> whole blocks (quantize: llama.cpp's reference rounding).
+  void (*quantize_row)(const float* x, int64_t len, uint8_t* row);
+  void (*dequantize_row)(const uint8_t* row, int64_t len, float* out);
+};
+
+// The kernels of block format `dt` for the instruction set the kernels use now
+// (kernel_isa()): the one run-time dispatcher of the block formats (kernels.cpp).
+const QuantKernels& quant_kernels(DType dt);
+
+// Per format and ISA (kernels_q8.cpp, kernels_q4.cpp). Avx512 falls back to Avx2 where a
+// format has nothing wider.
+const QuantKernels& q8_0_kernels(Isa isa);
+const QuantKernels& q4_0_kernels(Isa isa);
+const QuantKernels& q4_1_kernels(Isa isa);
+
+// ---- whole-array helpers (converter, embeddings, tests) ------------------------------
+
+// n rows of len float32 values (stride ldx) -> n rows of row_bytes(dt, len) bytes (stride ldo).
+void quantize_rows(const float* x, int64_t n, int64_t len, int64_t ldx, DType dt, uint8_t* out,
+                   int64_t ldo, int threads);
+// n rows of row_bytes(dt, len) bytes (stride ldr) -> float32 (stride ldo).
+void dequantize_rows(const uint8_t* rows, int64_t n, int64_t len, int64_t ldr, DType dt,
+                     float* out, int64_t ldo, int threads);
+
+}  // namespace flashinfer

@@ -1,0 +1,422 @@
+// quant_tiles.h: the register tiles of the block formats, written once as templates over a
+// format's traits and instantiated by each format's file (kernels_q8.cpp, kernels_q4.cpp).
+// Included only by those files (they are compiled with -ffp-contract=off: the quantizers
+// must round exactly as llama.cpp's reference does; the tiles use explicit FMAs).
+//
+// A format's traits (struct F) give:
+//   kType, kBytes (block bytes), kCodesOff (offset of the 32 codes in a block), kCodeBytes
+//   (bytes of 32 codes: 16 nibble bytes or 32 int8),
+//   kCodeShift (q4_0: -8, else 0: the value is d * (code + kCodeShift) [+ m]), kHasMin (q4_1),
+//   d(blk), m(blk), code(qs, i) scalar; avx2_codes16(qs, &lo, &hi) the 32 codes as int16 in
+//   value order; avx2_codes8(qs, k) values 8k..8k+7 as floats.
+// Sections: 1. scalar tiles  2. AVX2 tiles  3. AVX-512 VNNI dot tile  4. table builders.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+
+#include "half.h"
+#include "kernels_quant.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FI_QX86 1
+#define FI_QAVX2 __attribute__((target("avx2,fma,f16c")))
+#define FI_QVNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#endif
+
+namespace flashinfer {
+namespace qtiles {
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return half_to_float(h);
+}
+
+// The per-block offset per unit of code sum: value = d * code + e.
+template <class F>
+inline float block_e(const uint8_t* blk, float d) {
+  if constexpr (F::kHasMin) return F::m(blk);
+  return float(F::kCodeShift) * d;
+}
+
+// =======================================================================================
+// 1. Scalar tiles (portable; also the reference the SIMD ones are tested against)
+// =======================================================================================
+
+template <class F, int T, int R>
+void scalar_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
+                float* out, int64_t ldo) {
+  float acc[T][R] = {};
+  for (int64_t b = 0; b < nb; ++b)
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = rows[r] + b * F::kBytes;
+      const float dw = F::d(blk), ew = block_e<F>(blk, dw);
+      const uint8_t* qs = blk + F::kCodesOff;
+      for (int t = 0; t < T; ++t) {
+        const int16_t* y = x.qrow(t0 + t) + b * kQBlock;
+        int32_t p = 0;
+        for (int i = 0; i < kQBlock; ++i) p += F::code(qs, i) * y[i];
+        acc[t][r] += dw * x.drow(t0 + t)[b] * float(p) + ew * x.srow(t0 + t)[b];
+      }
+    }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) out[t * ldo + r] = acc[t][r];
+}
+
+// 32 values of a block (d * code + e) as floats.
+template <class F>
+inline void expand_block(const uint8_t* blk, float* w) {
+  const float d = F::d(blk), e = block_e<F>(blk, d);
+  for (int i = 0; i < kQBlock; ++i) w[i] = d * float(F::code(blk + F::kCodesOff, i)) + e;
+}
+
+template <class F, int T, int R>
+void scalar_accum(const float* coef, const void* const* rv, int64_t c0, int64_t c1, float* out,
+                  int64_t ldo) {
+  float w[R][kQBlock];
+  for (int64_t c = c0; c < c1; c += kQBlock) {
+    const int64_t n = std::min<int64_t>(kQBlock, c1 - c);
+    for (int r = 0; r < R; ++r)
+      expand_block<F>(static_cast<const uint8_t*>(rv[r]) + c / kQBlock * F::kBytes, w[r]);
+    for (int t = 0; t < T; ++t)
+      for (int64_t i = 0; i < n; ++i) {
+        float o = out[t * ldo + c + i];
+        for (int r = 0; r < R; ++r) o += coef[t * R + r] * w[r][i];
+        out[t * ldo + c + i] = o;
+      }
+  }
+}
+
+template <class F, int T, int R>
+void scalar_codes(const float* coef, const uint8_t* const* codes, int64_t c0, int64_t c1,
+                  float* S, int64_t lds) {
+  for (int64_t c = c0; c < c1; c += kQBlock) {
+    const int64_t n = std::min<int64_t>(kQBlock, c1 - c);
+    for (int t = 0; t < T; ++t)
+      for (int64_t i = 0; i < n; ++i) {
+        float s = S[t * lds + c - c0 + i];
+        for (int r = 0; r < R; ++r)
+          s += coef[t * R + r] * float(F::code(codes[r] + c / kQBlock * F::kCodeBytes, int(i)));
+        S[t * lds + c - c0 + i] = s;
+      }
+  }
+}
+
+template <class F>
+void scalar_codes_finish(const float* S, int64_t lds, const float* hsum, int64_t nt,
+                         const uint16_t* sc, int64_t d_model, int64_t c0, int64_t c1,
+                         float* out, int64_t ldo) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const float d = half_to_float(sc[c]);
+    const float e = F::kHasMin ? half_to_float(sc[d_model + c]) : float(F::kCodeShift) * d;
+    for (int64_t t = 0; t < nt; ++t)
+      out[t * ldo + c] += d * S[t * lds + c - c0] + e * hsum[t];
+  }
+}
+
+#ifdef FI_QX86
+// =======================================================================================
+// 2. AVX2 tiles
+// =======================================================================================
+
+// A block's fp16 scale (offset 0) and q4_1's min (offset 2) with one F16C instruction each
+// (half_to_float's portable bit twiddling was a third of a decode block's instructions).
+FI_QAVX2 inline float f16c(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+template <class F>
+FI_QAVX2 inline float f16c_e(const uint8_t* blk, float d) {
+  if constexpr (F::kHasMin) return f16c(blk + 2);
+  return float(F::kCodeShift) * d;
+}
+
+FI_QAVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Each weight block is unpacked once (to int16) and used for all T inputs; per (t, r) two
+// pmaddwd (code x 16-bit x pairs -> int32: |sum| < 2^31 for 32 values), one int->float
+// conversion and one FMA with the product of the two scales.
+template <class F, int T, int R>
+FI_QAVX2 void avx2_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
+                       float* out, int64_t ldo) {
+  __m256 acc[T][R];
+  float accs[T][R] = {};
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i wlo[R], whi[R];
+    float dw[R], ew[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = rows[r] + b * F::kBytes;
+      dw[r] = f16c(blk);
+      ew[r] = f16c_e<F>(blk, dw[r]);
+      F::avx2_codes16(blk + F::kCodesOff, &wlo[r], &whi[r]);
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      const int16_t* yp = x.qrow(t0 + t) + b * kQBlock;
+      const __m256i ylo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp));
+      const __m256i yhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp + 16));
+      const float dx = x.drow(t0 + t)[b], sx = x.srow(t0 + t)[b];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(wlo[r], ylo),
+                                           _mm256_madd_epi16(whi[r], yhi));
+        acc[t][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), _mm256_cvtepi32_ps(p), acc[t][r]);
+        accs[t][r] += ew[r] * sx;
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) out[t * ldo + r] = hsum8(acc[t][r]) + accs[t][r];
+}
+
+// out[t, c] += sum_r coef[t, r] * (d_r * code + e_r) block by block: for each 8 values the
+// R expanded weight vectors are reused by all T inputs, each out vector loaded once.
+template <class F, int T, int R>
+FI_QAVX2 void avx2_accum(const float* coef, const void* const* rv, int64_t c0, int64_t c1,
+                         float* out, int64_t ldo) {
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = static_cast<const uint8_t*>(rv[r]);
+  __m256 cb[T][R];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) cb[t][r] = _mm256_set1_ps(coef[t * R + r]);
+  int64_t c = c0;
+  for (; c + kQBlock <= c1; c += kQBlock) {
+    __m256 d[R], e[R];
+    const uint8_t* qs[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = rows[r] + c / kQBlock * F::kBytes;
+      const float dr = f16c(blk);
+      d[r] = _mm256_set1_ps(dr);
+      e[r] = _mm256_set1_ps(f16c_e<F>(blk, dr));
+      qs[r] = blk + F::kCodesOff;
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      __m256 wf[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) wf[r] = _mm256_fmadd_ps(d[r], F::avx2_codes8(qs[r], k), e[r]);
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) {
+        float* o = out + t * ldo + c + 8 * k;
+        __m256 v = _mm256_loadu_ps(o);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) v = _mm256_fmadd_ps(cb[t][r], wf[r], v);
+        _mm256_storeu_ps(o, v);
+      }
+    }
+  }
+  if (c < c1) scalar_accum<F, T, R>(coef, rv, c, c1, out, ldo);  // the partial last block
+}
+
+template <class F, int T, int R>
+FI_QAVX2 void avx2_codes(const float* coef, const uint8_t* const* codes, int64_t c0, int64_t c1,
+                         float* S, int64_t lds) {
+  __m256 cb[T][R];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) cb[t][r] = _mm256_set1_ps(coef[t * R + r]);
+  int64_t c = c0;
+  for (; c + kQBlock <= c1; c += kQBlock) {
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      __m256 q[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) q[r] = F::avx2_codes8(codes[r] + c / kQBlock * F::kCodeBytes, k);
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) {
+        float* s = S + t * lds + c - c0 + 8 * k;
+        __m256 v = _mm256_loadu_ps(s);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) v = _mm256_fmadd_ps(cb[t][r], q[r], v);
+        _mm256_storeu_ps(s, v);
+      }
+    }
+  }
+  if (c < c1) {  // the partial last block, S's offset kept
+    for (int t = 0; t < T; ++t)
+      for (int64_t i = c; i < c1; ++i) {
+        float s = S[t * lds + i - c0];
+        for (int r = 0; r < R; ++r)
+          s += coef[t * R + r] *
+               float(F::code(codes[r] + c / kQBlock * F::kCodeBytes, int(i - c)));
+        S[t * lds + i - c0] = s;
+      }
+  }
+}
+
+template <class F>
+FI_QAVX2 void avx2_codes_finish(const float* S, int64_t lds, const float* hsum, int64_t nt,
+                                const uint16_t* sc, int64_t d_model, int64_t c0, int64_t c1,
+                                float* out, int64_t ldo) {
+  int64_t c = c0;
+  for (; c + 8 <= c1; c += 8) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + c)));
+    __m256 e;
+    if constexpr (F::kHasMin)
+      e = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + d_model + c)));
+    else
+      e = _mm256_mul_ps(_mm256_set1_ps(float(F::kCodeShift)), d);
+    for (int64_t t = 0; t < nt; ++t) {
+      float* o = out + t * ldo + c;
+      __m256 v = _mm256_fmadd_ps(d, _mm256_loadu_ps(S + t * lds + c - c0), _mm256_loadu_ps(o));
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(e, _mm256_set1_ps(hsum[t]), v));
+    }
+  }
+  if (c < c1) scalar_codes_finish<F>(S + (c - c0), lds, hsum, nt, sc, d_model, c, c1, out, ldo);
+}
+
+// =======================================================================================
+// 3. AVX-512 VNNI: vpdpwssd accumulates the pairs' products straight into int32 (two per
+//    block instead of two pmaddwd and an add; 256-bit vectors: Zen 4 splits 512-bit ones)
+// =======================================================================================
+
+template <class F, int T, int R>
+FI_QVNNI void vnni_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
+                       float* out, int64_t ldo) {
+  __m256 acc[T][R];
+  float accs[T][R] = {};
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i wlo[R], whi[R];
+    float dw[R], ew[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = rows[r] + b * F::kBytes;
+      dw[r] = f16c(blk);
+      ew[r] = f16c_e<F>(blk, dw[r]);
+      F::avx2_codes16(blk + F::kCodesOff, &wlo[r], &whi[r]);
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      const int16_t* yp = x.qrow(t0 + t) + b * kQBlock;
+      const __m256i ylo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp));
+      const __m256i yhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp + 16));
+      const float dx = x.drow(t0 + t)[b], sx = x.srow(t0 + t)[b];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256i p = _mm256_dpwssd_epi32(
+            _mm256_dpwssd_epi32(_mm256_setzero_si256(), wlo[r], ylo), whi[r], yhi);
+        acc[t][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), _mm256_cvtepi32_ps(p), acc[t][r]);
+        accs[t][r] += ew[r] * sx;
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) out[t * ldo + r] = hsum8(acc[t][r]) + accs[t][r];
+}
+#endif  // FI_QX86
+
+// =======================================================================================
+// 4. Table builders: fn[T - 1][R - 1] (dot) and fn[T - 1][{1, 2, 4} -> 0, 1, 2] (the rest)
+// =======================================================================================
+
+enum class Level { Scalar, Avx2, Vnni };
+
+template <class F, Level L, int T, int R>
+constexpr QDotTileFn dot_fn() {
+#ifdef FI_QX86
+  if constexpr (L == Level::Vnni) return &vnni_dot<F, T, R>;
+  if constexpr (L == Level::Avx2) return &avx2_dot<F, T, R>;
+#endif
+  return &scalar_dot<F, T, R>;
+}
+template <class F, Level L, int T, int R>
+constexpr QAccumTileFn accum_fn() {
+#ifdef FI_QX86
+  if constexpr (L != Level::Scalar) return &avx2_accum<F, T, R>;
+#endif
+  return &scalar_accum<F, T, R>;
+}
+template <class F, Level L, int T, int R>
+constexpr QCodesTileFn codes_fn() {
+#ifdef FI_QX86
+  if constexpr (L != Level::Scalar) return &avx2_codes<F, T, R>;
+#endif
+  return &scalar_codes<F, T, R>;
+}
+
+template <class F, Level L, int T>
+void fill_row(QuantKernels& k) {
+  k.dot[T - 1][0] = dot_fn<F, L, T, 1>();
+  k.dot[T - 1][1] = dot_fn<F, L, T, 2>();
+  k.accum[T - 1][0] = accum_fn<F, L, T, 1>();
+  k.accum[T - 1][1] = accum_fn<F, L, T, 2>();
+  k.accum[T - 1][2] = accum_fn<F, L, T, 4>();
+  k.codes[T - 1][0] = codes_fn<F, L, T, 1>();
+  k.codes[T - 1][1] = codes_fn<F, L, T, 2>();
+  k.codes[T - 1][2] = codes_fn<F, L, T, 4>();
+}
+
+template <class F, Level L>
+QuantKernels make_table(void (*quantize_row)(const float*, int64_t, uint8_t*),
+                        void (*dequantize_row)(const uint8_t*, int64_t, float*)) {
+  static_assert(kQTileT == 4 && kQTileR == 2, "fill_row covers T <= 4, R <= 2");
+  QuantKernels k{};
+  k.dtype = F::kType;
+  fill_row<F, L, 1>(k);
+  fill_row<F, L, 2>(k);
+  fill_row<F, L, 3>(k);
+  fill_row<F, L, 4>(k);
+#ifdef FI_QX86
+  k.codes_finish = L == Level::Scalar ? &scalar_codes_finish<F> : &avx2_codes_finish<F>;
+#else
+  k.codes_finish = &scalar_codes_finish<F>;
+#endif
+  k.scale_rows = F::kHasMin ? 2 : 1;
+  k.quantize_row = quantize_row;
+  k.dequantize_row = dequantize_row;
+  return k;
+}
+
+// The table of format F for `isa` (built once per level).
+template <class F>
+const QuantKernels& table_for(Isa isa, void (*q)(const float*, int64_t, uint8_t*),
+                              void (*dq)(const uint8_t*, int64_t, float*)) {
+  static const QuantKernels scalar = make_table<F, Level::Scalar>(q, dq);
+#ifdef FI_QX86
+  static const QuantKernels avx2 = make_table<F, Level::Avx2>(q, dq);
+  static const QuantKernels vnni = make_table<F, Level::Vnni>(q, dq);
+  if (isa == Isa::Avx512) return vnni;
+  if (isa == Isa::Avx2) return avx2;
+#endif
+  return scalar;
+}
+
+// Scalar dequantization of whole rows (embeddings, sketches of quantized records, tests):
+// value = d * code + e, multiplied then added (no fused rounding), as llama.cpp's reference.
+template <class F>
+void dequantize_row(const uint8_t* row, int64_t len, float* out) {
+  float w[kQBlock];
+  for (int64_t c = 0; c < len; c += kQBlock) {
+    const uint8_t* blk = row + c / kQBlock * F::kBytes;
+    const float d = F::d(blk);
+    for (int i = 0; i < kQBlock; ++i) {
+      const float q = float(F::code(blk + F::kCodesOff, i));
+      w[i] = F::kHasMin ? d * q + F::m(blk) : d * (q + float(F::kCodeShift));
+    }
+    std::memcpy(out + c, w, sizeof(float) * std::min<int64_t>(kQBlock, len - c));
+  }
+}
+
+}  // namespace qtiles
+}  // namespace flashinfer
