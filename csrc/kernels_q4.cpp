@@ -17,11 +17,7 @@
 #include "half.h"
 #include "quant_tiles.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define FI_HAVE_X86 1
-#define FI_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
+#include "simd.h"
 
 namespace flashinfer {
 namespace {

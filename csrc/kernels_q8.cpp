@@ -42,9 +42,9 @@ void scalar_quantize_block(const float* x, int64_t n, int16_t* q, float* d_out, 
   *s_out = d * static_cast<float>(sum);
 }
 
-#ifdef FI_QX86
+#ifdef FI_HAVE_X86
 // Whole blocks with the scalar arithmetic (mul, then add of +-kHalfDown, truncate).
-FI_QAVX2 void avx2_quantize_block(const float* x, int16_t* q, float* d_out, float* s_out) {
+FI_AVX2 void avx2_quantize_block(const float* x, int16_t* q, float* d_out, float* s_out) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 signmask = _mm256_castsi256_ps(_mm256_set1_epi32(int(0x80000000u)));
   __m256 v[4];
@@ -91,13 +91,13 @@ struct FmtQ8_0 {
   static float d(const uint8_t* b) { return qtiles::f16(b); }
   static float m(const uint8_t*) { return 0.f; }
   static int code(const uint8_t* qs, int i) { return static_cast<int8_t>(qs[i]); }
-#ifdef FI_QX86
+#ifdef FI_HAVE_X86
   // the 32 codes as int16: values 0..15, then 16..31
-  FI_QAVX2 static void avx2_codes16(const uint8_t* qs, __m256i* lo, __m256i* hi) {
+  FI_AVX2 static void avx2_codes16(const uint8_t* qs, __m256i* lo, __m256i* hi) {
     *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
     *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16)));
   }
-  FI_QAVX2 static __m256 avx2_codes8(const uint8_t* qs, int k) {
+  FI_AVX2 static __m256 avx2_codes8(const uint8_t* qs, int k) {
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * k));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
   }
@@ -130,7 +130,7 @@ void quantize_x(const float* x, int64_t n, int64_t len, int64_t ldx, QuantizedX&
   qx.q.resize(static_cast<size_t>(n * qx.nb * kQBlock));
   qx.d.resize(static_cast<size_t>(n * qx.nb));
   qx.s.resize(static_cast<size_t>(n * qx.nb));
-#ifdef FI_QX86
+#ifdef FI_HAVE_X86
   const bool simd = kernel_isa() != Isa::Scalar;
 #endif
   for (int64_t t = 0; t < n; ++t)
@@ -140,7 +140,7 @@ void quantize_x(const float* x, int64_t n, int64_t len, int64_t ldx, QuantizedX&
       float* d = qx.d.data() + t * qx.nb + b;
       float* s = qx.s.data() + t * qx.nb + b;
       const int64_t m = std::min<int64_t>(kQBlock, len - b * kQBlock);
-#ifdef FI_QX86
+#ifdef FI_HAVE_X86
       if (simd && m == kQBlock) {
         avx2_quantize_block(xs, q, d, s);
         continue;

@@ -18,12 +18,7 @@
 #include "half.h"
 #include "kernels_quant.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define FI_QX86 1
-#define FI_QAVX2 __attribute__((target("avx2,fma,f16c")))
-#define FI_QVNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
-#endif
+#include "simd.h"
 
 namespace flashinfer {
 namespace qtiles {
@@ -116,25 +111,25 @@ void scalar_codes_finish(const float* S, int64_t lds, const float* hsum, int64_t
   }
 }
 
-#ifdef FI_QX86
+#ifdef FI_HAVE_X86
 // =======================================================================================
 // 2. AVX2 tiles
 // =======================================================================================
 
 // A block's fp16 scale (offset 0) and q4_1's min (offset 2) with one F16C instruction each
 // (half_to_float's portable bit twiddling was a third of a decode block's instructions).
-FI_QAVX2 inline float f16c(const uint8_t* p) {
+FI_AVX2 inline float f16c(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
   return _cvtsh_ss(h);
 }
 template <class F>
-FI_QAVX2 inline float f16c_e(const uint8_t* blk, float d) {
+FI_AVX2 inline float f16c_e(const uint8_t* blk, float d) {
   if constexpr (F::kHasMin) return f16c(blk + 2);
   return float(F::kCodeShift) * d;
 }
 
-FI_QAVX2 inline float hsum8(__m256 v) {
+FI_AVX2 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -145,7 +140,7 @@ FI_QAVX2 inline float hsum8(__m256 v) {
 // pmaddwd (code x 16-bit x pairs -> int32: |sum| < 2^31 for 32 values), one int->float
 // conversion and one FMA with the product of the two scales.
 template <class F, int T, int R>
-FI_QAVX2 void avx2_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
+FI_AVX2 void avx2_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
                        float* out, int64_t ldo) {
   __m256 acc[T][R];
   float accs[T][R] = {};
@@ -185,7 +180,7 @@ FI_QAVX2 void avx2_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* ro
 // out[t, c] += sum_r coef[t, r] * (d_r * code + e_r) block by block: for each 8 values the
 // R expanded weight vectors are reused by all T inputs, each out vector loaded once.
 template <class F, int T, int R>
-FI_QAVX2 void avx2_accum(const float* coef, const void* const* rv, int64_t c0, int64_t c1,
+FI_AVX2 void avx2_accum(const float* coef, const void* const* rv, int64_t c0, int64_t c1,
                          float* out, int64_t ldo) {
   const uint8_t* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = static_cast<const uint8_t*>(rv[r]);
@@ -225,7 +220,7 @@ FI_QAVX2 void avx2_accum(const float* coef, const void* const* rv, int64_t c0, i
 }
 
 template <class F, int T, int R>
-FI_QAVX2 void avx2_codes(const float* coef, const uint8_t* const* codes, int64_t c0, int64_t c1,
+FI_AVX2 void avx2_codes(const float* coef, const uint8_t* const* codes, int64_t c0, int64_t c1,
                          float* S, int64_t lds) {
   __m256 cb[T][R];
 #pragma GCC unroll 4
@@ -262,7 +257,7 @@ FI_QAVX2 void avx2_codes(const float* coef, const uint8_t* const* codes, int64_t
 }
 
 template <class F>
-FI_QAVX2 void avx2_codes_finish(const float* S, int64_t lds, const float* hsum, int64_t nt,
+FI_AVX2 void avx2_codes_finish(const float* S, int64_t lds, const float* hsum, int64_t nt,
                                 const uint16_t* sc, int64_t d_model, int64_t c0, int64_t c1,
                                 float* out, int64_t ldo) {
   int64_t c = c0;
@@ -288,7 +283,7 @@ FI_QAVX2 void avx2_codes_finish(const float* S, int64_t lds, const float* hsum, 
 // =======================================================================================
 
 template <class F, int T, int R>
-FI_QVNNI void vnni_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
+FI_AVX512VNNI void vnni_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
                        float* out, int64_t ldo) {
   __m256 acc[T][R];
   float accs[T][R] = {};
@@ -324,7 +319,7 @@ FI_QVNNI void vnni_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* ro
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) out[t * ldo + r] = hsum8(acc[t][r]) + accs[t][r];
 }
-#endif  // FI_QX86
+#endif  // FI_HAVE_X86
 
 // =======================================================================================
 // 4. Table builders: fn[T - 1][R - 1] (dot) and fn[T - 1][{1, 2, 4} -> 0, 1, 2] (the rest)
@@ -334,7 +329,7 @@ enum class Level { Scalar, Avx2, Vnni };
 
 template <class F, Level L, int T, int R>
 constexpr QDotTileFn dot_fn() {
-#ifdef FI_QX86
+#ifdef FI_HAVE_X86
   if constexpr (L == Level::Vnni) return &vnni_dot<F, T, R>;
   if constexpr (L == Level::Avx2) return &avx2_dot<F, T, R>;
 #endif
@@ -342,14 +337,14 @@ constexpr QDotTileFn dot_fn() {
 }
 template <class F, Level L, int T, int R>
 constexpr QAccumTileFn accum_fn() {
-#ifdef FI_QX86
+#ifdef FI_HAVE_X86
   if constexpr (L != Level::Scalar) return &avx2_accum<F, T, R>;
 #endif
   return &scalar_accum<F, T, R>;
 }
 template <class F, Level L, int T, int R>
 constexpr QCodesTileFn codes_fn() {
-#ifdef FI_QX86
+#ifdef FI_HAVE_X86
   if constexpr (L != Level::Scalar) return &avx2_codes<F, T, R>;
 #endif
   return &scalar_codes<F, T, R>;
@@ -377,7 +372,7 @@ QuantKernels make_table(void (*quantize_row)(const float*, int64_t, uint8_t*),
   fill_row<F, L, 2>(k);
   fill_row<F, L, 3>(k);
   fill_row<F, L, 4>(k);
-#ifdef FI_QX86
+#ifdef FI_HAVE_X86
   k.codes_finish = L == Level::Scalar ? &scalar_codes_finish<F> : &avx2_codes_finish<F>;
 #else
   k.codes_finish = &scalar_codes_finish<F>;
@@ -393,7 +388,7 @@ template <class F>
 const QuantKernels& table_for(Isa isa, void (*q)(const float*, int64_t, uint8_t*),
                               void (*dq)(const uint8_t*, int64_t, float*)) {
   static const QuantKernels scalar = make_table<F, Level::Scalar>(q, dq);
-#ifdef FI_QX86
+#ifdef FI_HAVE_X86
   static const QuantKernels avx2 = make_table<F, Level::Avx2>(q, dq);
   static const QuantKernels vnni = make_table<F, Level::Vnni>(q, dq);
   if (isa == Isa::Avx512) return vnni;
