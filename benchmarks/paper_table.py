@@ -48,11 +48,13 @@ from flashinfer_py import kernels
 from flashinfer_py.bundles import BundleWriter, read_header
 from flashinfer_py.config import ModelArgs, RuntimeConfig
 from flashinfer_py.default_model import cache_root
-from flashinfer_py.loader import SparseFFN, plan_memory
+from flashinfer_py.dtypes import RecordLayout, storage_format
+from flashinfer_py.loader import SparseFFN, cache_row_bytes, plan_memory
 
 # ---- the shape: OPT-6.7B ------------------------------------------------------------------
 L, D, F = 32, 4096, 16384
 VOCAB, MAX_POS = 50272, 2048
+DTYPE = "float16"                         # records and resident matrices (set_format)
 RECORD = 2 * D * 2                        # up + down, float16: 16 KiB
 FFN_BYTES = L * F * RECORD                # 8.59e9
 # attention (q,k,v,o weights + biases), 2 layer norms, fc1/fc2 biases per layer; token and
@@ -63,16 +65,38 @@ RESIDENT_BYTES = -(-RESIDENT_PARAMS * 2 // 4096) * 4096   # 4.73e9
 BUNDLE_NAME, RESIDENT_NAME = "ffn_bundles.bin", "resident.bin"
 
 
+def layout() -> RecordLayout:
+    """The record of the current shape and format (4 KiB aligned, as the converter writes)."""
+    return RecordLayout.build(DTYPE, ("up", "down"), D)
+
+
+def _resident_bytes() -> int:
+    f = storage_format(DTYPE)
+    return -(-RESIDENT_PARAMS * f.row_bytes(D) // D // 4096) * 4096
+
+
+def set_format(dtype: str) -> None:
+    """Switch records and resident matrices to another storage format (float16, q8_0, q4_0,
+    q4_1: issue 11). A 4-bit OPT-6.7B neuron (up row + down column, 2 x 128 blocks) is 4608
+    (q4_0) or 5120 (q4_1) bytes of parts: two 4 KiB pages instead of float16's four. Each
+    format has its own files (``ffn_bundles-q4_0.bin``; float16 keeps the old names)."""
+    global DTYPE, RECORD, FFN_BYTES, RESIDENT_BYTES, BUNDLE_NAME, RESIDENT_NAME
+    DTYPE = storage_format(dtype).name
+    RECORD = layout().record_bytes
+    FFN_BYTES = L * F * RECORD
+    RESIDENT_BYTES = _resident_bytes()
+    tag = "" if DTYPE == "float16" else f"-{DTYPE}"
+    BUNDLE_NAME, RESIDENT_NAME = f"ffn_bundles{tag}.bin", f"resident{tag}.bin"
+
+
 def set_shape(n_layers: int, d_model: int, d_ff: int) -> None:
     """Switch the module to another OPT shape (benchmarks/scaling_model_size.py); the defaults
     above are OPT-6.7B. Recomputes the derived sizes; everything below reads these globals."""
     global L, D, F, RECORD, FFN_BYTES, RESIDENT_PARAMS, RESIDENT_BYTES
     L, D, F = n_layers, d_model, d_ff
-    RECORD = 2 * D * 2
-    FFN_BYTES = L * F * RECORD
     RESIDENT_PARAMS = (L * (4 * (D * D + D) + 2 * 2 * D + F + D)
                        + VOCAB * D + (MAX_POS + 2) * D + 2 * D)
-    RESIDENT_BYTES = -(-RESIDENT_PARAMS * 2 // 4096) * 4096
+    set_format(DTYPE)
 
 HEADROOM = 2 << 30
 
@@ -111,7 +135,7 @@ def _bundle_ok(path: Path) -> bool:
     except (OSError, ValueError, RuntimeError):
         return False
     return (h["n_layers"], h["d_model"], h["d_ff"], h["dtype"], h["record_bytes"],
-            list(h["parts"])) == (L, D, F, "float16", RECORD, ["up", "down"])
+            list(h["parts"])) == (L, D, F, DTYPE, RECORD, ["up", "down"])
 
 
 def build_files(workdir: Path) -> tuple[Path, Path]:
@@ -134,7 +158,18 @@ def build_files(workdir: Path) -> tuple[Path, Path]:
     if need:
         block = 32 << 20  # float16 elements: a 64 MiB block
         base = (rng.standard_normal(block, dtype=np.float32) * 0.02).astype(np.float16)
-    if need_b:
+    if need_b and DTYPE != "float16":
+        t0 = time.time()
+        # the 64 MiB block as rows of blocks, each layer's part a different rotation of them
+        q = kernels.quantize(base.reshape(-1, D).astype(np.float32), DTYPE)
+        with BundleWriter(bundle, L, D, F, DTYPE, ("up", "down")) as w:
+            for layer in range(L):
+                parts = [q[(np.arange(F) + (layer * 2 + p) * 7919) % q.shape[0]]
+                         for p in range(2)]
+                w.write_layer(layer, parts)
+                print(f"\rwriting {bundle.name}: layer {layer + 1}/{L}", end="", file=sys.stderr)
+        print(f" ({time.time() - t0:.0f} s)", file=sys.stderr)
+    elif need_b:
         t0 = time.time()
         m = base.size
         parts = [np.empty(F * D, np.float16) for _ in range(2)]
@@ -283,6 +318,9 @@ class ComputeModel:
         # 8 distinct (4*4096, 4096) float16 matrices = 1 GiB, cycled over the layers.
         blk = (rng.standard_normal(4 * D * D // 8, dtype=np.float32) * 0.02).astype(np.float16)
         self.attn = [np.tile(np.roll(blk, i * 7919), 8).reshape(4 * D, D) for i in range(8)]
+        self.fmt = None if DTYPE == "float16" else DTYPE
+        if self.fmt:  # resident matrices in the records' format (1 GiB of float16 -> less)
+            self.attn = [kernels.quantize(a.astype(np.float32), DTYPE) for a in self.attn]
         self.pred = []
         for layer in range(L):
             r = 1024 if layer >= L - 4 else 128
@@ -290,7 +328,8 @@ class ComputeModel:
         self.pred_bytes = sum(a.nbytes + b.nbytes for a, b in self.pred)
 
     def attention(self, layer: int, x: np.ndarray) -> None:
-        kernels.linear(x, self.attn[layer % len(self.attn)], threads=self.threads)
+        kernels.linear(x, self.attn[layer % len(self.attn)], threads=self.threads,
+                       fmt=self.fmt)
 
     def predictor(self, layer: int, x: np.ndarray) -> None:
         a, b = self.pred[layer]
@@ -334,8 +373,8 @@ def run_row(row: str, workdir: Path, pred, compute: ComputeModel, warmup: int, t
                      num_hidden_layers=L, num_attention_heads=32, hidden_act="relu",
                      gated=False, norm="layernorm", attention_bias=True, ffn_bias=True,
                      learned_pos_offset=2, max_position_embeddings=MAX_POS)
-    manifest = {"files": {"bundles": BUNDLE_NAME, "dense": RESIDENT_NAME},
-                "bundle": {"record_bytes": RECORD}}
+    manifest = {"files": {"bundles": BUNDLE_NAME, "dense": RESIDENT_NAME}, "dtype": DTYPE,
+                "bundle": {"record_bytes": RECORD, "parts": ["up", "down"], "d_model": D}}
     ours = row == "frequency"
     rt = RuntimeConfig(ablation="bundling" if ours else row, window=WINDOW, compute="predicted",
                        threads=a.threads, queue_depth=a.queue_depth, io_engine=a.engine,
@@ -351,6 +390,9 @@ def run_row(row: str, workdir: Path, pred, compute: ComputeModel, warmup: int, t
     cold = _drop_caches([workdir / BUNDLE_NAME, workdir / RESIDENT_NAME])
     x = (np.random.default_rng(3).standard_normal((1, D)) * 0.1).astype(np.float32)
     out = np.empty((1, D), np.float32)
+    lay = layout()
+    off = lay.offsets
+    fmt = None if DTYPE == "float16" else DTYPE
     uses_predictor = rt.selection == "predictor"
     per_tok = []
     for t in range(warmup + tokens):
@@ -366,8 +408,9 @@ def run_row(row: str, workdir: Path, pred, compute: ComputeModel, warmup: int, t
             t2 = time.perf_counter_ns()
             rows, bias, select, _ = ffn.rows(layer, x)
             t3 = time.perf_counter_ns()
-            kernels.ffn_rows(x, rows, D, up_off=0, down_off=D, activation="relu",
-                             up_bias=bias, row_select=select, out=out, threads=a.threads)
+            kernels.ffn_rows(x, rows, D, up_off=off["up"], down_off=off["down"],
+                             activation="relu", up_bias=bias, row_select=select, out=out,
+                             threads=a.threads, fmt=fmt)
             t4 = time.perf_counter_ns()
             c_att += t1 - t0
             c_pred += t2 - t1
@@ -399,7 +442,7 @@ def run_row(row: str, workdir: Path, pred, compute: ComputeModel, warmup: int, t
     total = np.array([p["io_ms"] + p["mm_ms"] + p["lookup_ms"] + p["ffn_ms"] + p["attn_ms"]
                       + p["pred_ms"] for p in per_tok])
     resident = 0 if rt.reread_resident else RESIDENT_BYTES
-    cache_peak = max(p["cached_rows"] for p in per_tok) * RECORD
+    cache_peak = max(p["cached_rows"] for p in per_tok) * cache_row_bytes(manifest)
     needed = sum(p["needed"] for p in per_tok)
     return {
         "row": row, "warmup_tokens": warmup, "tokens": tokens, "cold": cold, "direct": direct,
@@ -482,17 +525,27 @@ def environment(workdir: Path) -> dict:
             "device": dev, "kernel": platform.release(), "build": build_info()}
 
 
+def key(row: str, dtype: str) -> str:
+    """Results of float16 rows keep the row's name; other formats are "row@q4_0"."""
+    return row if dtype == "float16" else f"{row}@{dtype}"
+
+
+def _keys(res: dict):
+    for k, r in res.items():
+        if isinstance(r, dict) and "row" in r:
+            yield k, r
+
+
 def format_table2(res: dict) -> str:
-    out = ["| hybrid pred window bundle | tokens | DRAM | flash->DRAM /token | reads/token "
-           "(mean size) | throughput | I/O latency | paper: DRAM, /token, GB/s, I/O |",
-           "|---|---|---|---|---|---|---|---|"]
-    for row in ROWS:
-        r = res.get(row)
-        if r is None:
-            continue
+    out = ["| hybrid pred window bundle | records | tokens | DRAM | flash->DRAM /token | "
+           "reads/token (mean size) | throughput | I/O latency | paper: DRAM, /token, GB/s, I/O |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for k, r in _keys(res):
+        row = r["row"]
         p = PAPER_T2.get(row)
         out.append(
-            f"| {row} ({FLAGS[row]}) | {r['warmup_tokens']}+{r['tokens']} | "
+            f"| {row} ({FLAGS[row]}) | {r.get('dtype', 'float16')} | "
+            f"{r['warmup_tokens']}+{r['tokens']} | "
             f"{gb(r['dram_bytes']):.2f} GB | {gb(r['bytes_per_token']):.3f} GB | "
             f"{r['reads_per_token']:.0f} ({r['mean_read_bytes'] / 1024:.0f} KiB) | "
             f"{r['gbps_mean']:.2f} ± {r['gbps_sd']:.2f} GB/s | "
@@ -504,18 +557,17 @@ def format_table2(res: dict) -> str:
 
 def format_table3(res: dict) -> str:
     paper = {"naive": "3182 total (I/O 2196)", "bundling": "669 = 105 + 58 + 506"}
-    out = ["| config | I/O ms | memory mgmt ms | compute ms (FFN + attention + predictor) | "
-           "total ms | mgmt share | paper CPU, ms |", "|---|---|---|---|---|---|---|"]
-    for row in ROWS:
-        r = res.get(row)
-        if r is None:
-            continue
+    out = ["| config | records | I/O ms | memory mgmt ms | compute ms (FFN + attention + "
+           "predictor) | total ms | mgmt share | paper CPU, ms |", "|---|---|---|---|---|---|---|---|"]
+    for k, r in _keys(res):
+        row = r["row"]
         out.append(
-            f"| {row} | {r['io_ms']:.0f} | {r['mm_ms'] + r['lookup_ms']:.1f} | "
+            f"| {row} | {r.get('dtype', 'float16')} | {r['io_ms']:.0f} | "
+            f"{r['mm_ms'] + r['lookup_ms']:.1f} | "
             f"{r['compute_ms']:.0f} ({r['ffn_ms']:.0f} + {r['attn_ms']:.0f} + {r['pred_ms']:.0f}) | "
             f"{r['total_ms']:.0f} ± {r['total_ms_sd']:.0f} | "
             f"{100 * (r['mm_ms'] + r['lookup_ms']) / r['total_ms']:.1f}% | "
-            f"{paper.get(row, '')} |")
+            f"{paper.get(row, '') if k == row else ''} |")
     return "\n".join(out)
 
 
@@ -545,6 +597,17 @@ def format_targets(res: dict, fio: dict) -> str:
                              f"{v:.3f} GB/s): {r['gbps_mean']:.3f} / {v:.3f} = "
                              f"**{r['gbps_mean'] / v:.2f}** (target >= 0.80): "
                              f"{'met' if r['gbps_mean'] / v >= 0.8 else 'NOT met'}")
+    for k, r in _keys(res):  # issue 11: the same rows with block-format records
+        if r["row"] != "bundling" or k == "bundling":
+            continue
+        b = gb(r["bytes_per_token"])
+        lines.append(f"- bytes per token with window + bundling, {r['dtype']} records: "
+                     f"**{b:.3f} GB** (target <= 0.1 GB): {'met' if b <= 0.1 else 'NOT met'}")
+        if "naive" in res:
+            f = res["naive"]["io_ms"] / r["io_ms"]
+            lines.append(f"- I/O latency naive (float16) -> everything on with {r['dtype']} "
+                         f"records: {res['naive']['io_ms']:.0f} -> {r['io_ms']:.0f} ms = "
+                         f"**{f:.1f}x** (target >= 40x): {'met' if f >= 40 else 'NOT met'}")
     return "\n".join(lines)
 
 
@@ -554,6 +617,12 @@ def main() -> None:
                     help="where the 13.4 GB of files live (default: %(default)s -> "
                          "<cache>/bench/opt-6.7b-shape)")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--dtypes", nargs="+", default=["float16"],
+                    choices=["float16", "q8_0", "q4_0", "q4_1"],
+                    help="record (and resident) formats; each runs --rows, or "
+                         "--quant-rows for the block formats (issue 11)")
+    ap.add_argument("--quant-rows", nargs="+", default=None, choices=ROWS,
+                    help="rows for the block formats (default: --rows)")
     ap.add_argument("--big-tokens", type=int, default=2,
                     help="measured tokens for naive and hybrid (13.4 / 8.6 GB each)")
     ap.add_argument("--tokens", type=int, default=20, help="measured tokens, the other rows")
@@ -568,7 +637,10 @@ def main() -> None:
     a = ap.parse_args()
     workdir = a.workdir or default_workdir()
     load0 = os.getloadavg()
-    bundle, _ = build_files(workdir)
+    for dt in a.dtypes:
+        set_format(dt)
+        build_files(workdir)
+    set_format("float16")
     env = environment(workdir)
 
     n_tok = max(a.warmup + a.tokens, 1 + a.big_tokens, WINDOW + 1)
@@ -578,19 +650,26 @@ def main() -> None:
     print(f"\n## Trace ({n_tok} tokens, {time.time() - t0:.1f} s to generate)\n")
     print(format_trace_stats(stats), flush=True)
 
-    compute = ComputeModel(a.threads)
     res, fio = {}, {}
-    for row in a.rows:
-        big = row in ("naive", "hybrid")
-        warm = 1 if row in ("naive", "hybrid", "predictor") else a.warmup
-        toks = a.big_tokens if big else a.tokens
-        if row == "bundling" and a.fio_seconds > 0:
-            fio = fio_pair(bundle, a.fio_seconds)
-        res[row] = run_row(row, workdir, pred, compute, warm, toks, a)
-        if row == "bundling" and a.fio_seconds > 0 and fio:
-            after = fio_pair(bundle, a.fio_seconds)
-            res["fio_samples"] = {k: [fio[k], after.get(k)] for k in fio}
-            fio = {k: (fio[k] + after[k]) / 2 for k in fio if k in after}
+    for dt in a.dtypes:
+        set_format(dt)
+        compute = ComputeModel(a.threads)
+        bundle = workdir / BUNDLE_NAME
+        fio_here = dt == "float16" and a.fio_seconds > 0
+        for row in (a.rows if dt == "float16" else a.quant_rows or a.rows):
+            big = row in ("naive", "hybrid")
+            warm = 1 if row in ("naive", "hybrid", "predictor") else a.warmup
+            toks = a.big_tokens if big else a.tokens
+            if row == "bundling" and fio_here:
+                fio = fio_pair(bundle, a.fio_seconds)
+            res[key(row, dt)] = {**run_row(row, workdir, pred, compute, warm, toks, a),
+                                 "dtype": dt, "record_bytes": RECORD}
+            if row == "bundling" and fio_here and fio:
+                after = fio_pair(bundle, a.fio_seconds)
+                res["fio_samples"] = {k: [fio[k], after.get(k)] for k in fio}
+                fio = {k: (fio[k] + after[k]) / 2 for k in fio if k in after}
+        del compute
+        gc.collect()
     load1 = os.getloadavg()
 
     print(f"\n## {env['date']}, commit {env['git']}, load average {load0[0]:.1f} -> "
@@ -606,9 +685,8 @@ def main() -> None:
         print(f"\nfio samples (before, after): {res['fio_samples']}")
     if a.json:
         with open(a.json, "a") as f:
-            for row in ROWS:
-                if row in res:
-                    f.write(json.dumps({**env, "trace": stats, "fio": fio, **res[row]}) + "\n")
+            for _, r in _keys(res):
+                f.write(json.dumps({**env, "trace": stats, "fio": fio, **r}) + "\n")
 
 
 if __name__ == "__main__":
