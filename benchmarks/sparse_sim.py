@@ -14,7 +14,8 @@ plus those read for it, as the runtime computes), and the FFN is one masked matr
 Equivalent to the runtime up to float rounding in the FFN sums.
 
 Compared, at equal total DRAM (cache + what chooses neurons, as a fraction of the FFN's
-padded records), all with the same swap rule and read limit:
+packed cache rows, as the runtime's memory plan counts them), all with the same swap rule
+and read limit:
 - exact: every neuron's true contribution |h_j| * ||down_j|| (the ceiling);
 - q4/q3/q2 sketches of gate and up (symmetric per-32 groups), one tier (a sketch of every
   neuron in DRAM) or two tiers (sketches of the uncached neurons only; the cached ones are
@@ -56,18 +57,13 @@ class Sim:
 
     def __init__(self, directory):
         import flashinfer_py as fi
-        from flashinfer_py.format import to_float32
 
         self.m = fi.load(directory)
         a = self.m.args
         if not a.gated:
             raise SystemExit("this simulation is for gated (SwiGLU/GeGLU) models")
-        d, off = a.hidden_size, a.ffn_part_offsets
-        self.W = []
-        for rows in self.m.ffn.rows_by_layer:
-            r = to_float32(rows, self.m.dtype)
-            self.W.append(tuple(np.ascontiguousarray(r[:, off[p]:off[p] + d])
-                                for p in ("up", "gate", "down")))
+        self.W = [tuple(self.m.ffn.part_f32(layer, p) for p in ("up", "gate", "down"))
+                  for layer in range(a.num_hidden_layers)]
         self.dn = [np.linalg.norm(w[2], axis=1) for w in self.W]
         self.L, self.f = a.num_hidden_layers, a.intermediate_size
         from flashinfer_py.kernels import ACTIVATIONS  # noqa: F401 (documents the names)
@@ -187,7 +183,7 @@ def main(argv=None) -> int:
     import flashinfer_py as fi  # noqa: F401
     from flashinfer_py.corpora import calibration_text, wikipedia_excerpt
     from flashinfer_py.default_model import default_model_dir
-    from flashinfer_py.loader import allocate_caps
+    from flashinfer_py.loader import allocate_caps, cache_row_bytes
     from flashinfer_py.sketch import sketch_record_bytes
 
     sim = Sim(default_model_dir())
@@ -199,7 +195,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     cal = calibrate(sim, calw)
     base = math.exp(sim.run(evw))
-    rec = int(sim.m.manifest["bundle"]["record_bytes"])
+    rec = cache_row_bytes(sim.m.manifest)  # a cached neuron's DRAM, as the runtime plans it
     L, f, d = sim.L, sim.f, a.hidden_size
     methods = {"exact (ceiling)": (None, 0.0, False, 0)}
     for bits in (4, 3, 2):
