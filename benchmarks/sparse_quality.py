@@ -41,6 +41,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -205,6 +206,45 @@ def run_setting(directory: Path, method: str, fraction: float, read_limit: float
     return row
 
 
+LOG_ROW = re.compile(
+    r"^  (?P<method>\S+)\s+(?P<frac>\d+)% (?P<basis>\w+) read_limit (?P<rl>[\d.]+): ppl\s+"
+    r"(?P<ppl>[\d.]+)\s+read\s+(?P<read>[\d.]+)%/token\s+cache (?P<cache>[\d.]+)% \+ sketch "
+    r"(?P<sketch>[\d.]+)% \+ predictors (?P<pred>[\d.]+)%\s+predict (?P<pms>[\d.]+) of "
+    r"(?P<tms>[\d.]+) ms\s+\((?P<sec>\d+) s\)")
+LOG_ERROR = re.compile(r"^  (?P<method>\S+) (?P<frac>\d+)%: cannot run \((?P<error>.*)\)$")
+
+
+def rows_from_log(path: Path, directory: Path, tokens: int) -> tuple[float, list]:
+    """A stopped run's rows, from what it printed (the figures run_setting logs, rounded as
+    printed; the caps and budget are not in the log): (dense perplexity, rows)."""
+    from flashinfer_py.format import read_manifest
+
+    m = read_manifest(directory)
+    b = m["bundle"]
+    flash_mib = b["n_layers"] * b["d_ff"] * b["record_bytes"] / 2**20
+    dense, rows = None, []
+    for line in path.read_text().splitlines():
+        if line.startswith("  dense perplexity"):
+            dense = float(line.split()[-1])
+        elif (g := LOG_ROW.match(line)):
+            c, sk, pr = (float(g[k]) / 100 for k in ("cache", "sketch", "pred"))
+            rows.append({"method": g["method"], "fraction": int(g["frac"]) / 100,
+                         "read_limit": float(g["rl"]), "basis": g["basis"],
+                         **{k: v for k, v in METHODS[g["method"]].items()
+                            if k in ("selection", "eviction")},
+                         "ppl": float(g["ppl"]), "tokens": tokens,
+                         "read_frac": float(g["read"]) / 100,
+                         "read_mib": float(g["read"]) / 100 * flash_mib, "cache_frac": c,
+                         "sketch_frac": sk, "predictor_frac": pr, "ffn_dram_frac": c + sk + pr,
+                         "predict_ms": float(g["pms"]), "token_ms": float(g["tms"]),
+                         "seconds": float(g["sec"]), "from_log": True})
+        elif (g := LOG_ERROR.match(line)):
+            rows.append({"method": g["method"], "fraction": int(g["frac"]) / 100,
+                         "read_limit": None, "basis": "dram", "error": g["error"],
+                         "from_log": True})
+    return dense, rows
+
+
 def dense_ppl(directory: Path, windows) -> float:
     import flashinfer_py as fi
     from flashinfer_py.evaluate import perplexity
@@ -234,6 +274,29 @@ def table(rows: list, dense: dict) -> str:
             f"({r['read_mib']:.2f} MiB) | {r['predict_ms']:.1f} ms of {r['token_ms']:.0f} ms "
             f"({100 * r['predict_ms'] / r['token_ms']:.0f}%) |")
     return "\n".join(out)
+
+
+def readme_table(results: dict) -> str:
+    """The README's compact table: perplexity vs dense per method and FFN DRAM share, at the
+    default read limit (each cell: the change, and the FFN read per token)."""
+    fracs = [0.7, 0.5, 0.3, 0.2]
+    models = list(results["rows"])
+    head = ["| method | " + " | ".join(f"{m} {f:.0%}" for m in models for f in fracs) + " |",
+            "|---|" + "---|" * (len(models) * len(fracs))]
+    for method in METHODS:
+        cells = []
+        for m in models:
+            base = results["dense"][m]
+            for f in fracs:
+                r = next((r for r in results["rows"][m] if r["method"] == method
+                          and r["fraction"] == f and r["read_limit"] == results["read_limit"]
+                          and r.get("basis", "dram") == "dram"), None)
+                x = None if r is None or "error" in r else r["ppl"] / base
+                cells.append("" if r is None else "does not fit" if x is None else
+                             f"{100 * (x - 1):+.0f}%" if x < 2 else
+                             f"x{x:.1f}" if x < 10 else f"x{x:,.0f}")
+        head.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(head)
 
 
 def plot(results: dict, out_dir: Path) -> list:
@@ -322,6 +385,8 @@ def write_results(results: dict, cmd: str) -> None:
         f"- machine: {results['machine']}; load average {results['load'][0]:.1f} at the start, "
         f"{results['load'][1]:.1f} at the end",
         f"- command: `{cmd}` ({results['seconds'] / 60:.0f} min)",
+        *[f"- {m}: measured {r['date']} at commit {r['commit']} by `{r['command']}`"
+          for m, r in results.get("runs", {}).items() if r.get("command") != cmd],
         f"- text: calibration on {results['calibration_tokens']} tokens of Shakespeare's plays; "
         f"evaluation on {results['windows']} windows x {results['window_tokens']} tokens from "
         f"the tail of the Wikipedia excerpt, decoded token by token with the real runtime "
@@ -370,6 +435,11 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", action="store_true", help="write benchmarks/figures/*.png")
     ap.add_argument("--replot", action="store_true",
                     help="only redraw the figures and tables from benchmarks/results/")
+    ap.add_argument("--readme", action="store_true",
+                    help="with --replot: print the README's compact table")
+    ap.add_argument("--from-log", type=Path, metavar="LOG",
+                    help="with --replot and one --models: take that model's rows from the "
+                         "stderr of a stopped run (what it printed) into the results")
     ns = ap.parse_args(argv)
     cmd = "python benchmarks/sparse_quality.py " + " ".join(argv if argv is not None
                                                            else sys.argv[1:])
@@ -379,6 +449,20 @@ def main(argv=None) -> int:
 
     if ns.replot:
         results = json.loads(RESULTS_JSON.read_text())
+        if ns.from_log:
+            name = ns.models[0]
+            dense, rows = rows_from_log(ns.from_log, model_dir(name),
+                                        results["windows"] * (results["window_tokens"] - 1))
+            for r in rows:  # an error line does not print its read limit: the main one's
+                if r.get("read_limit") is None:
+                    r["read_limit"] = results["read_limit"]
+            results["dense"][name], results["rows"][name] = dense, rows
+            results.setdefault("runs", {})[name] = {
+                "date": datetime.date.today().isoformat(), "commit": results["commit"],
+                "command": f"rows read from the log of a stopped run ({ns.from_log.name})"}
+            RESULTS_JSON.write_text(json.dumps(results, indent=1))
+        if ns.readme:
+            print(readme_table(results))
         if ns.write:
             write_results(results, results["command"])
         for p in plot(results, HERE / "figures"):
@@ -390,6 +474,16 @@ def main(argv=None) -> int:
                "machine": machine(), "read_limit": ns.read_limit, "windows": ns.windows,
                "window_tokens": ns.window_tokens, "calibration_tokens": ns.calibration_tokens,
                "dense": {}, "rows": {}, "command": cmd.strip()}
+    if RESULTS_JSON.exists():  # keep the models not run now, if measured the same way
+        old = json.loads(RESULTS_JSON.read_text())
+        same = all(old.get(k) == results[k] for k in
+                   ("read_limit", "windows", "window_tokens", "calibration_tokens"))
+        for name in old.get("rows", {}):
+            if same and name not in ns.models:
+                results["rows"][name] = old["rows"][name]
+                results["dense"][name] = old["dense"][name]
+                results.setdefault("runs", {})[name] = old.get("runs", {}).get(
+                    name, {k: old.get(k) for k in ("date", "commit", "command")})
     for name in ns.models:
         log(f"{name}:")
         d = model_dir(name)
@@ -412,6 +506,8 @@ def main(argv=None) -> int:
                     if method in ns.methods:
                         rows.append(run_setting(d, method, frac, rl, windows, log))
         results["rows"][name] = rows
+        results.setdefault("runs", {})[name] = {"date": results["date"], "commit": commit,
+                                                "command": cmd.strip()}
         results["seconds"] = time.perf_counter() - t0
         results["load"] = [load0, os.getloadavg()[0]]
         RESULTS_JSON.parent.mkdir(exist_ok=True)
