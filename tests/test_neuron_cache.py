@@ -1,5 +1,5 @@
-"""NeuronCache driven by scripted and randomized insert/evict sequences, checked after every
-step against a dict reference model: slot<->id bijection, row bytes, bias."""
+"""NeuronCache driven by scripted and randomized insert/evict/replace sequences, checked after
+every step against a dict reference model: slot<->id bijection, row bytes, bias."""
 from __future__ import annotations
 
 import gc
@@ -189,3 +189,51 @@ def test_insert_parts_rows_equal_bundled_rows(bundle, direct):
     cache.evict(0, [1])
     cache.insert(0, [1, 2])
     check(cache, 0, [8, 96, 1, 2], mats)
+
+
+def test_replace_moves_only_what_must(bundle):
+    """Entering neurons take the freed slots: no row moves while as many enter as leave;
+    with more leaving, only the live rows past the new end move, each once."""
+    path, mats = bundle
+    cache = NeuronCache(BundleReader(path), capacity=10, n_layers=1)
+    rb = cache.row_bytes
+    cache.insert(0, [1, 2, 3, 4, 5, 6])
+    cache.replace(0, [2, 5], [7, 8])              # equal numbers: 7, 8 land in slots 1, 4
+    check(cache, 0, [1, 7, 3, 4, 8, 6], mats)
+    assert cache.ids(0).tolist() == [1, 7, 3, 4, 8, 6] and cache.stats()["moved_bytes"] == 0
+    cache.replace(0, [1, 4], [9, 10, 11])          # one more enters: the tail
+    assert cache.ids(0).tolist() == [9, 7, 3, 10, 8, 6, 11]
+    assert cache.stats()["moved_bytes"] == 0
+    cache.replace(0, [9, 3, 8, 11], [12])          # 3 more leave: 12 in slot 0, row 6 -> 2
+    assert cache.ids(0).tolist() == [12, 7, 6, 10]
+    assert cache.stats()["moved_bytes"] == rb       # slot 4 (was 8) is past the end: no move
+    check(cache, 0, [12, 7, 6, 10], mats)
+    cache.replace(0, [], [])
+    with pytest.raises(ValueError, match="not in the cache"):
+        cache.replace(0, [2], [13])
+    with pytest.raises(ValueError, match="already cached"):
+        cache.replace(0, [12], [7])
+    with pytest.raises(ValueError, match="4 of 10 slots are in use, 11 would be"):
+        cache.replace(0, [], [20, 21, 22, 23, 24, 25, 26])
+    check(cache, 0, [12, 7, 6, 10], mats)           # refused calls changed nothing
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_replace_randomized_against_dict_model(bundle, seed):
+    path, mats = bundle
+    rng = np.random.default_rng(seed)
+    cache = NeuronCache(BundleReader(path), capacity=[20, 40, D_FF], packed=bool(seed))
+    models = [set() for _ in range(N_LAYERS)]
+    for _ in range(60):
+        layer = int(rng.integers(N_LAYERS))
+        m = models[layer]
+        leave = rng.choice(sorted(m), int(rng.integers(0, len(m) + 1)), replace=False) if m \
+            else np.empty(0, np.int64)
+        room = cache.capacity(layer) - len(m) + len(leave)
+        absent = sorted(set(range(D_FF)) - m)
+        enter = rng.choice(absent, int(rng.integers(0, min(room, len(absent)) + 1)), replace=False)
+        moved0 = cache.stats()["moved_bytes"]
+        cache.replace(layer, leave, np.sort(enter))
+        models[layer] = (m - set(leave.tolist())) | set(enter.tolist())
+        check(cache, layer, list(models[layer]), mats)
+        assert cache.stats()["moved_bytes"] - moved0 <= max(0, len(leave) - len(enter)) * cache.row_bytes
