@@ -64,6 +64,7 @@ class NeuronCache {
   void set_layer_bias(uint32_t layer, const float* bias_all_d_ff);
 
   uint32_t n_layers() const { return uint32_t(layers_.size()); }
+  uint32_t d_ff() const { return d_ff_; }
   uint32_t n_used(uint32_t layer) const { return at(layer).n_used; }
   uint32_t capacity(uint32_t layer) const { return at(layer).capacity; }
   bool contains(uint32_t layer, int64_t id) const { return slot_of(layer, id) >= 0; }
@@ -77,6 +78,7 @@ class NeuronCache {
   // Raw views for the bindings (valid until the next insert/evict/clear of that layer).
   char* rows(uint32_t layer) { return at(layer).rows.as<char>(); }
   const int32_t* slot_ids(uint32_t layer) const { return at(layer).slot_to_id.data(); }
+  const int32_t* id_slots(uint32_t layer) const { return at(layer).id_to_slot.data(); }  // (d_ff,)
   const float* bias(uint32_t layer) const { return at(layer).bias.data(); }
 
   CacheStats stats() const { return stats_; }

@@ -88,9 +88,10 @@ cdef extern from "neuron_cache.h" namespace "flashinfer" nogil:
         void replace(uint32_t layer, const int64_t* evict, size_t n_evict, const int64_t* load,
                      size_t n_load, cbool bundled) except +fi_raise
         void clear(uint32_t layer) except +fi_raise
+        uint32_t d_ff()
         uint32_t n_used(uint32_t layer) except +fi_raise
         uint32_t capacity(uint32_t layer) except +fi_raise
-        int32_t slot_of(uint32_t layer, int64_t id) except +fi_raise
+        const int32_t* id_slots(uint32_t layer) except +fi_raise
         CacheStats stats()
 
 
@@ -405,6 +406,7 @@ cdef class CacheDriver:
     """
     cdef NeuronCache* _c
     cdef object _owner
+    cdef int32_t _d_ff
     cdef _Policy _policy
     cdef cbool _bundled
     cdef vector[int32_t] _ids
@@ -417,6 +419,7 @@ cdef class CacheDriver:
         owner = getattr(cache, "_c", cache)
         self._c = <NeuronCache*>PyCapsule_GetPointer(owner._capsule(), "flashinfer::NeuronCache")
         self._owner = owner
+        self._d_ff = self._c.d_ff()
         if policy is not None and not isinstance(policy, _Policy):
             raise TypeError(f"policy must be a SlidingWindow or FrequencyPolicy, got "
                             f"{type(policy).__name__}")
@@ -496,14 +499,20 @@ cdef class CacheDriver:
         self._count(layer, before, t1 - t0, t2 - t1, 0, 0)
 
     def rows_of(self, int layer, ids):
-        """int32 cache row of each of `ids` (all cached), in their order: the row selection
-        of compute="predicted"."""
-        cdef const int32_t[::1] v = np.ascontiguousarray(ids, dtype=np.int32)
+        """int32 cache row of each of `ids` (in [0, d_ff); -1 for one not cached), in their
+        order: the row selection of compute="predicted"."""
+        cdef const int32_t[::1] v = np.ascontiguousarray(ids, dtype=np.int32).reshape(-1)
         out = np.empty(v.shape[0], np.int32)
         cdef int32_t[::1] o = out
+        cdef const int32_t* slot = self._c.id_slots(layer)
+        cdef int32_t d_ff = self._d_ff
         cdef Py_ssize_t i
         for i in range(v.shape[0]):
-            o[i] = self._c.slot_of(layer, v[i])
+            if v[i] < 0 or v[i] >= d_ff:
+                raise ValueError(f"neuron id {v[i]} out of range [0, {d_ff})")
+        with nogil:
+            for i in range(v.shape[0]):
+                o[i] = slot[v[i]]
         return out
 
     def flush(self, tok) -> None:
