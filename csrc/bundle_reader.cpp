@@ -9,7 +9,9 @@
 #include "bundle_reader.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 
 #ifdef FLASHINFER_HAVE_IO_URING
@@ -50,6 +52,16 @@ struct BundleReader::Uring {};
 // open: validate params and header, pick the engine
 // ---------------------------------------------------------------------------------------
 
+// A kernel or container that refuses io_uring (seccomp: Docker's default profile; the
+// io_uring_disabled sysctl; no file descriptor left) gets the thread pool under engine
+// "auto", and the user one line saying so, once per process.
+[[maybe_unused]] static void note_io_uring_refused(const char* why) {
+  static std::atomic<bool> said{false};
+  if (!said.exchange(true))
+    std::fprintf(stderr, "flashinfer_py: note: io_uring is unavailable (%s); reading with a "
+                 "pool of threads instead\n", why);
+}
+
 BundleReader::BundleReader(const std::string& path, const ReaderParams& params)
     : params_(params), file_(path, params.use_direct_io) {
   FI_CHECK(params_.queue_depth >= 1 && params_.queue_depth <= 1024,
@@ -82,8 +94,9 @@ BundleReader::BundleReader(const std::string& path, const ReaderParams& params)
     try {
       uring_ = std::make_unique<Uring>(static_cast<unsigned>(params_.queue_depth));
       engine_ = "io_uring";
-    } catch (const IoError&) {
+    } catch (const IoError& e) {
       if (params_.engine == "io_uring") throw;  // asked for it explicitly: say why not
+      note_io_uring_refused(e.what());
     }
   }
 #else
