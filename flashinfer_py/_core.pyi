@@ -13,7 +13,8 @@ _Ids = Union[npt.ArrayLike, Sequence[int]]
 
 def build_info() -> dict[str, Any]:
     """version, compiler, build_type, direct_io ("O_DIRECT"/"F_NOCACHE"/"none"), io_uring,
-    openmp, arch, simd (the kernels' ISA now), kernels (what each kind runs on), formats."""
+    io_uring_link ("static"/"shared"/None), openmp, arch, isa_dispatch (the kernel levels built
+    in), simd (the one in use now), kernels (what each kind runs on), formats, cython."""
 
 class FlashFormatError(ValueError):
     """A file is not what it claims to be (bad magic, sizes, alignment)."""
