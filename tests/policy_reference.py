@@ -12,19 +12,20 @@ class WindowReference:
         self.k, self.sets = k, []
         self.forgotten = 0  # sets dropped early because the union did not fit
 
-    def union(self) -> set:
+    def held(self) -> set:
+        """The window's union: what the cache holds."""
         return set().union(*self.sets)
 
     def update(self, ids, capacity=None) -> tuple[list, list]:
         ids = set(ids)
         if capacity is not None and len(ids) > capacity:
             raise ValueError("the set alone exceeds the capacity")
-        before = self.union()
+        before = self.held()
         self.sets = (self.sets + [ids])[-self.k:]
-        while capacity is not None and len(self.union()) > capacity:
+        while capacity is not None and len(self.held()) > capacity:
             self.sets.pop(0)
             self.forgotten += 1
-        after = self.union()
+        after = self.held()
         return sorted(after - before), sorted(before - after)
 
 
@@ -34,7 +35,7 @@ class FrequencyReference:
 
     def __init__(self, d_ff: int, halflife: float = 64.0):
         self.growth, self.weight = 2.0 ** (1.0 / halflife), 1.0
-        self.score, self.held = [0.0] * d_ff, set()
+        self.score, self._held = [0.0] * d_ff, set()
 
     def update(self, ids, capacity: int) -> tuple[list, list]:
         ids = set(ids)
@@ -48,9 +49,12 @@ class FrequencyReference:
         self.weight = w
         for i in ids:
             self.score[i] += w
-        enter = ids - self.held
-        excess = len(self.held) + len(enter) - capacity
-        spare = sorted(self.held - ids, key=lambda i: (self.score[i], i))
+        enter = ids - self._held
+        excess = len(self._held) + len(enter) - capacity
+        spare = sorted(self._held - ids, key=lambda i: (self.score[i], i))
         leave = set(spare[:max(excess, 0)])
-        self.held = (self.held - leave) | enter
+        self._held = (self._held - leave) | enter
         return sorted(enter), sorted(leave)
+
+    def held(self) -> set:
+        return set(self._held)

@@ -271,8 +271,7 @@ def test_driver_follows_the_reference(bundle, policy, packed, bundled):
         held = set(cache.ids(layer).tolist())
         enter, leave = refs[layer].update(ids.tolist(), caps[layer])
         driver.step(layer, ids)
-        model = refs[layer].union() if policy == "window" else refs[layer].held
-        check(cache, layer, list(model), mats, biases[layer])
+        check(cache, layer, list(refs[layer].held()), mats, biases[layer])
         assert set(cache.ids(layer).tolist()) == (held - set(leave)) | set(enter)
         assert driver.loaded == len(enter) and driver.evicted == len(leave)
         assert driver.needed == len(ids) and driver.hits == len(ids) - len(enter)

@@ -38,30 +38,38 @@ def _random_sets(rng, d_ff, n, max_size):
             for _ in range(n)]
 
 
+def _compare(policy, refs, rng, sets, capacity):
+    """Feed a policy and its references the same stream (each set to a random layer, shuffled
+    for the policy): every enter/leave list and the state after it must agree, and a set the
+    reference refuses must be refused. Returns (sets refused, ids evicted)."""
+    refused = evicted = 0
+    for ids in sets:
+        layer = int(rng.integers(len(refs)))
+        try:
+            want = refs[layer].update(ids.tolist(), capacity)
+        except ValueError:
+            with pytest.raises(ValueError, match="exceed"):
+                policy.update(layer, ids, capacity)
+            refused += 1
+            continue
+        load, evict = policy.update(layer, rng.permutation(ids), capacity)
+        assert (load.tolist(), evict.tolist()) == want
+        assert load.dtype == evict.dtype == np.int32
+        held = refs[layer].held()
+        assert policy.state(layer).tolist() == sorted(held) and policy.size(layer) == len(held)
+        evicted += len(evict)
+    return refused, evicted
+
+
 @pytest.mark.parametrize("k,capacity", [(1, None), (2, None), (5, None), (3, 25), (5, 28),
                                         (4, 20), (8, 29)])
 def test_window_against_set_reference(k, capacity):
     """Random streams; with a capacity below the window's union (its oldest sets are then
     forgotten), and sets larger than the capacity (refused, nothing changes)."""
     rng = np.random.default_rng(7 + k)
-    d_ff, layers = 97, 2
-    w = SlidingWindow(layers, d_ff, k)
-    refs = [WindowReference(k) for _ in range(layers)]
-    refused = 0
-    for ids in _random_sets(rng, d_ff, 300, 30):
-        layer = int(rng.integers(layers))
-        try:
-            want = refs[layer].update(ids.tolist(), capacity)
-        except ValueError:
-            with pytest.raises(ValueError, match="raise the DRAM budget"):
-                w.update(layer, ids, capacity)
-            refused += 1
-            continue
-        load, evict = w.update(layer, rng.permutation(ids), capacity)  # any order in
-        assert (load.tolist(), evict.tolist()) == want
-        assert load.dtype == evict.dtype == np.int32
-        after = refs[layer].union()
-        assert w.state(layer).tolist() == sorted(after) and w.size(layer) == len(after)
+    refs = [WindowReference(k) for _ in range(2)]
+    refused, _ = _compare(SlidingWindow(2, 97, k), refs, rng, _random_sets(rng, 97, 300, 30),
+                          capacity)
     if capacity is not None:  # the streams did reach both cases
         assert refused > 0 and sum(r.forgotten for r in refs) > 0
 
@@ -115,25 +123,10 @@ def test_frequency_against_set_reference(halflife):
     """Random streams at a capacity the sets overflow; halflife 1e9 gives plain counts (many
     ties: the lower id leaves first), 0.01 rescales the weights every few tokens."""
     rng = np.random.default_rng(3)
-    d_ff, cap, layers = 97, 40, 2
-    p = FrequencyPolicy(layers, d_ff, halflife)
-    refs = [FrequencyReference(d_ff, halflife) for _ in range(layers)]
-    evictions = refused = 0
-    for ids in _random_sets(rng, d_ff, 300, 45):
-        layer = int(rng.integers(layers))
-        try:
-            want = refs[layer].update(ids.tolist(), cap)
-        except ValueError:
-            with pytest.raises(ValueError, match="exceed"):
-                p.update(layer, ids, cap)
-            refused += 1
-            continue
-        load, evict = p.update(layer, ids, cap)
-        assert (load.tolist(), evict.tolist()) == want
-        assert p.state(layer).tolist() == sorted(refs[layer].held)
-        assert p.size(layer) == len(refs[layer].held) <= cap
-        evictions += len(evict)
-    assert evictions > 0 and refused > 0
+    refs = [FrequencyReference(97, halflife) for _ in range(2)]
+    refused, evicted = _compare(FrequencyPolicy(2, 97, halflife), refs, rng,
+                                _random_sets(rng, 97, 300, 45), 40)
+    assert evicted > 0 and refused > 0
 
 
 def test_frequency_reads_fewer_than_window_when_some_neurons_are_hot():
