@@ -579,6 +579,15 @@ def format_targets(res: dict, fio: dict) -> str:
         share = (r["mm_ms"] + r["lookup_ms"]) / r["total_ms"]
         lines.append(f"- memory management share of the token (everything on): "
                      f"**{100 * share:.1f}%** (target <= 10%): {'met' if share <= 0.10 else 'NOT met'}")
+        if r.get("memcpy_gbps"):
+            swap = r["evicted_bytes"] / r["memcpy_gbps"] / 1e6
+            mm = r["mm_ms"] + r["lookup_ms"]
+            lines.append(f"- memory management vs the floor of swap-with-last compaction (one row "
+                         f"moved per evicted neuron: {r['evicted_bytes'] / 1e6:.0f} MB at "
+                         f"{r['memcpy_gbps']:.1f} GB/s = {swap:.1f} ms; issue 12): {mm:.1f} ms = "
+                         f"**{mm / swap:.2f}x** (target <= 1.5x): "
+                         f"{'met' if mm <= 1.5 * swap else 'NOT met'}; the cache moved "
+                         f"{r['moved_bytes'] / 1e6:.0f} MB ({r['compaction_ms']:.1f} ms)")
         if fio:
             for k, v in fio.items():
                 lines.append(f"- bundled reads vs {k} (16 KiB, QD32, mean of before/after the row: "
