@@ -89,6 +89,7 @@ cdef extern from "neuron_cache.h" namespace "flashinfer" nogil:
                      size_t n_load, cbool bundled) except +fi_raise
         void clear(uint32_t layer) except +fi_raise
         uint32_t d_ff()
+        uint32_t n_layers()
         uint32_t n_used(uint32_t layer) except +fi_raise
         uint32_t capacity(uint32_t layer) except +fi_raise
         const int32_t* id_slots(uint32_t layer) except +fi_raise
@@ -399,10 +400,10 @@ cdef class CacheDriver:
         bundled: read each neuron's record in one request (False: the "no bundling" ablation,
             each part its own read).
 
-    Counters (since the last `flush`): io_ns (reading and landing the records), mm_ns (the
-    policy, freeing slots and moving rows, and everything else in these calls), bytes_read,
-    reads, loaded, evicted, needed, hits, cached (rows held after each call, summed), direct,
-    per_layer_loaded.
+    Counters (since the last `flush`): io_ns (checking, reading and landing the records),
+    mm_ns (the policy and the rows the cache moves; in `swap`, the whole eviction),
+    bytes_read, reads, loaded, evicted, needed, hits, cached (rows held after each call,
+    summed), direct, per_layer_loaded.
     """
     cdef NeuronCache* _c
     cdef object _owner
@@ -423,6 +424,11 @@ cdef class CacheDriver:
         if policy is not None and not isinstance(policy, _Policy):
             raise TypeError(f"policy must be a SlidingWindow or FrequencyPolicy, got "
                             f"{type(policy).__name__}")
+        if policy is not None and (policy.d_ff != self._d_ff or
+                                   policy.n_layers < self._c.n_layers()):
+            raise ValueError(f"the policy is for {policy.n_layers} layers of {policy.d_ff} "
+                             f"neurons, the cache has {self._c.n_layers()} layers of "
+                             f"{self._d_ff}")
         self._policy = policy
         self._bundled = bundled
         self._clear()

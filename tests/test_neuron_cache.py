@@ -309,3 +309,14 @@ def test_failed_read_starts_the_layer_over(bundle):
     driver.step(last, np.array([2, 3], np.int32))
     check(cache, last, [2, 3], mats)
     assert w.state(last).tolist() == [2, 3]
+
+
+def test_driver_refuses_a_policy_of_another_shape(bundle):
+    path, _ = bundle
+    cache = NeuronCache(BundleReader(path), capacity=10)
+    with pytest.raises(ValueError, match=f"2 layers of {D_FF} neurons, the cache has 3 layers"):
+        CacheDriver(cache, SlidingWindow(2, D_FF, 3))
+    with pytest.raises(ValueError, match="96 neurons"):
+        CacheDriver(cache, FrequencyPolicy(N_LAYERS, D_FF - 1))
+    with pytest.raises(TypeError, match="SlidingWindow or FrequencyPolicy"):
+        CacheDriver(cache, object())
