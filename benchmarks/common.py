@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,3 +36,20 @@ def machine() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cpu}, {os.cpu_count()} cores, {mem:.1f} GiB, {platform.system()} {platform.release()}"
+
+
+def memcpy_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """One thread's memcpy bandwidth, DRAM to DRAM (buffers 4x a large L3): the median of
+    `repeats` copies of `nbytes`, after one untimed copy that faults the pages in. What the
+    neuron cache's row moves are held against (their physical floor)."""
+    import numpy as np
+
+    src = np.ones(nbytes, np.uint8)
+    dst = np.zeros(nbytes, np.uint8)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        np.copyto(dst, src)
+        times.append(time.perf_counter_ns() - t0)
+    return nbytes / sorted(times)[len(times) // 2]

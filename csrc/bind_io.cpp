@@ -366,7 +366,23 @@ void bind_io(py::module_& m) {
              c.evict(layer, ip, n);
            },
            py::arg("layer"), py::arg("ids"))
+      .def("replace",
+           [](NeuronCache& c, uint32_t layer, const py::object& evict_obj,
+              const py::object& load_obj, bool bundled) {
+             auto ev = as_ids(evict_obj);
+             auto ld = as_ids(load_obj);
+             const int64_t* ep = ev.data();
+             const int64_t* lp = ld.data();
+             std::size_t ne = std::size_t(ev.size()), nl = std::size_t(ld.size());
+             py::gil_scoped_release nogil;
+             c.replace(layer, ep, ne, lp, nl, bundled);
+           },
+           py::arg("layer"), py::arg("evict"), py::arg("load"), py::arg("bundled") = true)
       .def("clear", &NeuronCache::clear, py::arg("layer"))
+      // The C++ object for flashinfer_py._bookkeeping, which drives the cache through
+      // neuron_cache.h (no pybind11 on its per-layer path); valid while this object lives.
+      .def("_capsule",
+           [](NeuronCache& c) { return py::capsule(&c, "flashinfer::NeuronCache"); })
       .def("set_layer_bias",
            [](NeuronCache& c, uint32_t layer, const py::array& bias) {
              uint32_t d_ff = c.reader().header().d_ff;

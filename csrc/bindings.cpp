@@ -34,7 +34,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("build_info", []() {
     py::dict d;
-    d["version"] = "0.1.0";
+    d["version"] = FLASHINFER_VERSION;  // flashinfer_py/__init__.py's, through CMake
     d["compiler"] = FLASHINFER_COMPILER;
     d["build_type"] = FLASHINFER_BUILD_TYPE;
 #if defined(__linux__)
@@ -46,8 +46,10 @@ PYBIND11_MODULE(_core, m) {
 #endif
 #ifdef FLASHINFER_HAVE_IO_URING
     d["io_uring"] = true;
+    d["io_uring_link"] = FLASHINFER_URING_LINK;  // "static": the wheel needs no liburing
 #else
     d["io_uring"] = false;
+    d["io_uring_link"] = py::none();
 #endif
 #ifdef FLASHINFER_HAVE_OPENMP
     d["openmp"] = true;
@@ -60,6 +62,13 @@ PYBIND11_MODULE(_core, m) {
     d["arch"] = "aarch64";
 #else
     d["arch"] = "other";
+#endif
+    // the kernel levels built in (chosen at run time by the CPU; no -march at build time)
+    // and the one in use now
+#if defined(__x86_64__) || defined(_M_X64)
+    d["isa_dispatch"] = py::make_tuple("scalar", "avx2", "avx512");
+#else
+    d["isa_dispatch"] = py::make_tuple("scalar");
 #endif
     d["simd"] = flashinfer::isa_name(flashinfer::kernel_isa());
     // what each kind of kernel runs on now: the block formats' integer dots use VNNI at the
@@ -75,9 +84,11 @@ PYBIND11_MODULE(_core, m) {
     for (uint32_t i = 0; i < flashinfer::kNumDTypes; ++i)
       fmts.append(flashinfer::dtype_name(flashinfer::DType(i)));
     d["formats"] = fmts;
+    d["cython"] = FLASHINFER_CYTHON;  // wrote the bookkeeping module (_bookkeeping.pyx)
     return d;
-  }, "What this build of the native core has: direct I/O flavour, io_uring, OpenMP, compiler, "
-     "the SIMD level the kernels use and what each kind of kernel runs on, storage formats.");
+  }, "What this build of the native core has: version, compiler, direct I/O flavour, io_uring "
+     "(and whether liburing is linked statically), OpenMP, the SIMD levels built in and the one "
+     "the kernels use with what each kind of kernel runs on, storage formats, Cython.");
 
   flashinfer::bind_io(m);
   flashinfer::bind_kernels(m);

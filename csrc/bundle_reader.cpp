@@ -9,7 +9,9 @@
 #include "bundle_reader.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 
 #ifdef FLASHINFER_HAVE_IO_URING
@@ -50,6 +52,16 @@ struct BundleReader::Uring {};
 // open: validate params and header, pick the engine
 // ---------------------------------------------------------------------------------------
 
+// A kernel or container that refuses io_uring (seccomp: Docker's default profile; the
+// io_uring_disabled sysctl; no file descriptor left) gets the thread pool under engine
+// "auto", and the user one line saying so, once per process.
+[[maybe_unused]] static void note_io_uring_refused(const char* why) {
+  static std::atomic<bool> said{false};
+  if (!said.exchange(true))
+    std::fprintf(stderr, "flashinfer_py: note: io_uring is unavailable (%s); reading with a "
+                 "pool of threads instead\n", why);
+}
+
 BundleReader::BundleReader(const std::string& path, const ReaderParams& params)
     : params_(params), file_(path, params.use_direct_io) {
   FI_CHECK(params_.queue_depth >= 1 && params_.queue_depth <= 1024,
@@ -82,8 +94,9 @@ BundleReader::BundleReader(const std::string& path, const ReaderParams& params)
     try {
       uring_ = std::make_unique<Uring>(static_cast<unsigned>(params_.queue_depth));
       engine_ = "io_uring";
-    } catch (const IoError&) {
+    } catch (const IoError& e) {
       if (params_.engine == "io_uring") throw;  // asked for it explicitly: say why not
+      note_io_uring_refused(e.what());
     }
   }
 #else
@@ -131,8 +144,8 @@ void BundleReader::check_ids(uint32_t layer, const int64_t* ids, std::size_t n) 
 // step 2: plan (sort, coalesce into runs, direct-or-scratch per run)
 // ---------------------------------------------------------------------------------------
 
-void BundleReader::plan_read(uint32_t layer, const int64_t* ids, std::size_t n, char* dst,
-                             std::size_t stride) {
+void BundleReader::plan_read(uint32_t layer, const int64_t* ids, std::size_t n,
+                             char* const* rows) {
   const uint64_t rb = header_.record_bytes;
   const std::size_t align = file_.alignment();
   order_.resize(n);
@@ -158,13 +171,13 @@ void BundleReader::plan_read(uint32_t layer, const int64_t* ids, std::size_t n, 
       if (gap > params_.coalesce_gap_bytes || span > cap) break;
       ++b;
     }
-    // Straight into dst when the run has no gaps, its rows are consecutive in dst in the
-    // same order (stride == rb, positions k, k+1, ...), and dst satisfies the alignment.
-    bool direct = is_aligned(dst + order_[a].second * stride, align) &&
-                  (b - a == 1 || (stride == rb && is_aligned(stride, align)));
+    // Straight into the rows when the run has no gaps, its rows are adjacent in memory in
+    // the same order (each rb after the previous), and the first satisfies the alignment.
+    bool direct = is_aligned(rows[order_[a].second], align) &&
+                  (b - a == 1 || is_aligned(rb, align));
     for (std::size_t j = a + 1; j < b && direct; ++j)
       direct = order_[j].first == order_[j - 1].first + 1 &&
-               order_[j].second == order_[j - 1].second + 1;
+               rows[order_[j].second] == rows[order_[j - 1].second] + rb;
     runs.push_back({a, b, !direct});
     a = b;
   }
@@ -179,13 +192,13 @@ void BundleReader::plan_read(uint32_t layer, const int64_t* ids, std::size_t n, 
     uint64_t off = bundle_offset(header_, layer, uint32_t(order_[r.a].first));
     uint64_t span = uint64_t(order_[r.b - 1].first - order_[r.a].first + 1) * rb;
     if (!r.to_scratch) {
-      reqs_.push_back({off, span, dst + order_[r.a].second * stride});
+      reqs_.push_back({off, span, rows[order_[r.a].second]});
       continue;
     }
     reqs_.push_back({off, span, s});
     for (std::size_t j = r.a; j < r.b; ++j)
       copies_.push_back({s + uint64_t(order_[j].first - order_[r.a].first) * rb,
-                         dst + order_[j].second * stride, rb});
+                         rows[order_[j].second], rb});
     s += span;
   }
 }
@@ -215,16 +228,33 @@ void BundleReader::split_long_requests() {
 // public entry points
 // ---------------------------------------------------------------------------------------
 
+char* const* BundleReader::strided_rows(void* dst, std::size_t stride, std::size_t n) {
+  strided_.resize(n);
+  for (std::size_t k = 0; k < n; ++k) strided_[k] = static_cast<char*>(dst) + k * stride;
+  return strided_.data();
+}
+
 ReadStats BundleReader::read(uint32_t layer, const int64_t* ids, std::size_t n, void* dst,
                              std::size_t dst_stride) {
-  check_ids(layer, ids, n);
   FI_CHECK(n == 0 || dst_stride >= header_.record_bytes, "destination row stride ", dst_stride,
            " is smaller than record_bytes ", header_.record_bytes);
   std::lock_guard<std::mutex> lk(mu_);
+  return read_rows_locked(layer, ids, n, strided_rows(dst, dst_stride, n));
+}
+
+ReadStats BundleReader::read_rows(uint32_t layer, const int64_t* ids, std::size_t n,
+                                  char* const* rows) {
+  std::lock_guard<std::mutex> lk(mu_);
+  return read_rows_locked(layer, ids, n, rows);
+}
+
+ReadStats BundleReader::read_rows_locked(uint32_t layer, const int64_t* ids, std::size_t n,
+                                         char* const* rows) {
+  check_ids(layer, ids, n);
   uint64_t t0 = now_ns();
   reqs_.clear();
   copies_.clear();
-  plan_read(layer, ids, n, static_cast<char*>(dst), dst_stride);
+  plan_read(layer, ids, n, rows);
   split_long_requests();
 
   return execute_and_count(uint64_t(n) * header_.record_bytes, t0);
@@ -233,6 +263,23 @@ ReadStats BundleReader::read(uint32_t layer, const int64_t* ids, std::size_t n, 
 ReadStats BundleReader::read_parts(uint32_t layer, const int64_t* ids, std::size_t n,
                                    const uint32_t* parts, std::size_t n_sel, void* dst,
                                    std::size_t dst_stride) {
+  std::lock_guard<std::mutex> lk(mu_);
+  return read_parts_locked(layer, ids, n, parts, n_sel, strided_rows(dst, dst_stride, n),
+                           dst_stride);
+}
+
+ReadStats BundleReader::read_parts_rows(uint32_t layer, const int64_t* ids, std::size_t n,
+                                        const uint32_t* parts, std::size_t n_sel,
+                                        char* const* rows) {
+  std::lock_guard<std::mutex> lk(mu_);
+  return read_parts_locked(layer, ids, n, parts, n_sel, rows, SIZE_MAX);
+}
+
+// rows[k] receives the selected parts of ids[k] back to back; dst_stride is only checked
+// (SIZE_MAX: rows of the caller's own size).
+ReadStats BundleReader::read_parts_locked(uint32_t layer, const int64_t* ids, std::size_t n,
+                                          const uint32_t* parts, std::size_t n_sel,
+                                          char* const* rows, std::size_t dst_stride) {
   check_ids(layer, ids, n);
   // where each selected part starts in the record and in a destination row
   std::vector<uint64_t> src_off(n_sel), dst_off(n_sel), len(n_sel);
@@ -252,12 +299,10 @@ ReadStats BundleReader::read_parts(uint32_t layer, const int64_t* ids, std::size
   for (std::size_t j = 1; j < n; ++j)
     FI_CHECK(sorted[j] != sorted[j - 1], "duplicate neuron id ", sorted[j], " in ids");
 
-  std::lock_guard<std::mutex> lk(mu_);
   uint64_t t0 = now_ns();
   reqs_.clear();
   copies_.clear();
   const uint64_t align = file_.alignment();
-  char* out = static_cast<char*>(dst);
 
   // Aligned span of every part; a part that is not aligned on both ends goes via scratch.
   auto span_of = [&](uint64_t off, uint64_t pb, uint64_t* lo, uint64_t* hi) {
@@ -272,7 +317,7 @@ ReadStats BundleReader::read_parts(uint32_t layer, const int64_t* ids, std::size
     for (std::size_t s = 0; s < n_sel; ++s) {
       uint64_t off = bundle_offset(header_, layer, uint32_t(ids[k])) + src_off[s], lo, hi;
       span_of(off, len[s], &lo, &hi);
-      if (!direct(off, len[s], lo, hi, out + k * dst_stride + dst_off[s])) scratch_bytes += hi - lo;
+      if (!direct(off, len[s], lo, hi, rows[k] + dst_off[s])) scratch_bytes += hi - lo;
     }
   scratch_.reserve(scratch_bytes);
   char* sc = scratch_.as<char>();
@@ -280,7 +325,7 @@ ReadStats BundleReader::read_parts(uint32_t layer, const int64_t* ids, std::size
     for (std::size_t s = 0; s < n_sel; ++s) {
       uint64_t off = bundle_offset(header_, layer, uint32_t(ids[k])) + src_off[s], lo, hi;
       span_of(off, len[s], &lo, &hi);
-      char* row = out + k * dst_stride + dst_off[s];
+      char* row = rows[k] + dst_off[s];
       if (direct(off, len[s], lo, hi, row)) {
         reqs_.push_back({off, std::size_t(len[s]), row});
       } else {

@@ -2,6 +2,7 @@
 //
 //   BundleReader r(path, params);          // opens (O_DIRECT if possible), validates header
 //   r.read(layer, ids, n, dst, stride);    // record of ids[k] -> dst + k*stride
+//   r.read_rows(layer, ids, n, rows);      // record of ids[k] -> rows[k] (scattered rows)
 //
 // A read call sorts the ids, merges neighbours whose gap is <= coalesce_gap_bytes into one
 // request (capped at max_read_bytes), and keeps queue_depth requests in flight with either a
@@ -61,11 +62,17 @@ class BundleReader {
   // 4096) are read into directly; others are bounced through scratch. Serialised per reader.
   ReadStats read(uint32_t layer, const int64_t* ids, std::size_t n, void* dst,
                  std::size_t dst_stride);
+  // The same with a destination per record: record of ids[k] -> rows[k] (the neuron cache
+  // reads into the slots evicted neurons freed). Runs of consecutive ids whose rows are
+  // adjacent (rows[j] == rows[i] + record_bytes) are still one request.
+  ReadStats read_rows(uint32_t layer, const int64_t* ids, std::size_t n, char* const* rows);
 
   // The "unbundled" ablation: each selected part of each neuron is its own read.
   // Row k of dst = parts[0..n_sel) of ids[k], each part_bytes(p) bytes, back to back.
   ReadStats read_parts(uint32_t layer, const int64_t* ids, std::size_t n, const uint32_t* parts,
                        std::size_t n_sel, void* dst, std::size_t dst_stride);
+  ReadStats read_parts_rows(uint32_t layer, const int64_t* ids, std::size_t n,
+                            const uint32_t* parts, std::size_t n_sel, char* const* rows);
 
   // Raw ranges through the same engine, for disk benchmarks (bench-disk, the fio comparison):
   // n reads of `len` bytes, offsets[k] -> slot k % (dst_bytes / len) of dst, one request each,
@@ -105,8 +112,15 @@ class BundleReader {
   };
 
   void check_ids(uint32_t layer, const int64_t* ids, std::size_t n) const;
-  void plan_read(uint32_t layer, const int64_t* ids, std::size_t n, char* dst,
-                 std::size_t stride);
+  // The entry points' bodies (caller holds mu_).
+  ReadStats read_rows_locked(uint32_t layer, const int64_t* ids, std::size_t n,
+                             char* const* rows);
+  ReadStats read_parts_locked(uint32_t layer, const int64_t* ids, std::size_t n,
+                              const uint32_t* parts, std::size_t n_sel, char* const* rows,
+                              std::size_t dst_stride);
+  void plan_read(uint32_t layer, const int64_t* ids, std::size_t n, char* const* rows);
+  // rows[k] = dst + k*stride, for the strided entry points
+  char* const* strided_rows(void* dst, std::size_t stride, std::size_t n);
   void split_long_requests();
   void execute();  // issue reqs_ through the engine, then run copies_
   ReadStats execute_and_count(uint64_t bytes_requested, uint64_t t0);
@@ -126,6 +140,7 @@ class BundleReader {
   std::vector<Request> reqs_;
   std::vector<Copy> copies_;
   std::vector<std::pair<int64_t, std::size_t>> order_;  // (id, position in caller's ids)
+  std::vector<char*> strided_;        // (n,) destination rows of a strided call
   mutable std::mutex stats_mu_;
   ReadStats total_;
 };

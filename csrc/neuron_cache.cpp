@@ -1,4 +1,5 @@
-// neuron_cache.cpp: insert (read into the tail) and evict (swap-with-last compaction).
+// neuron_cache.cpp: insert (read into the tail), evict (the last rows fill the freed slots)
+// and replace (new records read into the freed slots).
 #include "neuron_cache.h"
 
 #include <algorithm>
@@ -95,32 +96,33 @@ void NeuronCache::insert(uint32_t layer, const int64_t* ids, std::size_t n, bool
            layer, ": ", L.n_used, " of ", L.capacity,
            " slots are in use; evict first or build the cache with a larger capacity");
   if (n == 0) return;
-  char* tail = L.rows.as<char>() + uint64_t(L.n_used) * row_bytes_;
-  ReadStats rs = read_into(layer, ids, n, bundled, tail);  // throws -> no change
-  for (std::size_t k = 0; k < n; ++k) {
-    uint32_t slot = L.n_used + uint32_t(k);
-    int32_t id = int32_t(ids[k]);
-    L.slot_to_id[slot] = id;
-    L.id_to_slot[std::size_t(id)] = int32_t(slot);
-    L.bias[slot] = L.bias_all.empty() ? 0.0f : L.bias_all[std::size_t(id)];
-  }
+  dst_.resize(n);
+  for (std::size_t k = 0; k < n; ++k)
+    dst_[k] = L.rows.as<char>() + uint64_t(L.n_used + k) * row_bytes_;
+  ReadStats rs = read_into(layer, ids, n, bundled, dst_.data());  // throws -> no change
+  for (std::size_t k = 0; k < n; ++k) map_row(L, L.n_used + uint32_t(k), ids[k]);
   L.n_used += uint32_t(n);
   stats_.inserted += n;
   stats_.reads.add(rs);
 }
 
+void NeuronCache::map_row(Layer& L, uint32_t slot, int64_t id) {
+  L.slot_to_id[slot] = int32_t(id);
+  L.id_to_slot[std::size_t(id)] = int32_t(slot);
+  L.bias[slot] = L.bias_all.empty() ? 0.0f : L.bias_all[std::size_t(id)];
+}
+
 ReadStats NeuronCache::read_into(uint32_t layer, const int64_t* ids, std::size_t n,
-                                 bool bundled, char* dst) {
+                                 bool bundled, char* const* dst) {
   const uint32_t n_parts = reader_.header().n_parts;
   const uint32_t all_parts[4] = {0, 1, 2, 3};
   const uint64_t used = reader_.payload_bytes();
-  // Whole records (dst_stride = record_bytes, 4096-aligned rows) into `out`.
-  auto read_records = [&](const int64_t* chunk, std::size_t m, char* out) {
-    if (bundled) return reader_.read(layer, chunk, m, out, record_bytes_);
-    ReadStats r = reader_.read_parts(layer, chunk, m, all_parts, n_parts, out, record_bytes_);
+  // Whole records into rows out[0, m) (record_bytes each).
+  auto read_records = [&](const int64_t* chunk, std::size_t m, char* const* out) {
+    if (bundled) return reader_.read_rows(layer, chunk, m, out);
+    ReadStats r = reader_.read_parts_rows(layer, chunk, m, all_parts, n_parts, out);
     // read_parts fills the parts only: zero the padding so rows equal the records.
-    for (std::size_t k = 0; k < m; ++k)
-      std::memset(out + k * record_bytes_ + used, 0, record_bytes_ - used);
+    for (std::size_t k = 0; k < m; ++k) std::memset(out[k] + used, 0, record_bytes_ - used);
     return r;
   };
   // rows are 4096-aligned and record_bytes % 4096 == 0: the reader lands data in place.
@@ -128,44 +130,105 @@ ReadStats NeuronCache::read_into(uint32_t layer, const int64_t* ids, std::size_t
   // Packed rows: stage whole records, keep the first row_bytes of each. The rows change only
   // after every read succeeded, so a failed read leaves the cache as it was.
   ReadStats total;
+  char* stage[kStagingRecords];
+  for (std::size_t k = 0; k < kStagingRecords; ++k)
+    stage[k] = staging_.as<char>() + k * record_bytes_;
   for (std::size_t k0 = 0; k0 < n; k0 += kStagingRecords) {
     const std::size_t m = std::min(kStagingRecords, n - k0);
-    total.add(read_records(ids + k0, m, staging_.as<char>()));
-    for (std::size_t k = 0; k < m; ++k)
-      std::memcpy(dst + (k0 + k) * row_bytes_, staging_.as<char>() + k * record_bytes_,
-                  row_bytes_);
+    total.add(read_records(ids + k0, m, stage));
+    for (std::size_t k = 0; k < m; ++k) std::memcpy(dst[k0 + k], stage[k], row_bytes_);
   }
   return total;
 }
 
 // ---------------------------------------------------------------------------------------
-// evict: swap-with-last compaction, O(n * row_bytes)
+// evict and replace: freed slots are refilled by the last live rows, O(n * row_bytes)
 // ---------------------------------------------------------------------------------------
+
+void NeuronCache::collect_holes(const Layer& L, const int64_t* ids, std::size_t n) {
+  holes_.resize(n);
+  for (std::size_t k = 0; k < n; ++k) holes_[k] = uint32_t(L.id_to_slot[std::size_t(ids[k])]);
+  std::sort(holes_.begin(), holes_.end());
+}
+
+void NeuronCache::move_row(Layer& L, uint32_t from, uint32_t to) {
+  char* rows = L.rows.as<char>();
+  std::memcpy(rows + uint64_t(to) * row_bytes_, rows + uint64_t(from) * row_bytes_, row_bytes_);
+  int32_t id = L.slot_to_id[from];
+  L.slot_to_id[to] = id;
+  L.bias[to] = L.bias[from];
+  L.id_to_slot[std::size_t(id)] = int32_t(to);
+  L.slot_to_id[from] = -1;
+  stats_.moved_bytes += row_bytes_;
+}
+
+void NeuronCache::fill_holes(Layer& L, const uint32_t* holes, std::size_t n) {
+  uint64_t t0 = now_ns();
+  // Walk the rows down from the last: a free one is a hole at the top (dropped with the
+  // shrinking end), a live one moves into the lowest hole left. Stops when every hole is
+  // either filled or past the end.
+  uint32_t src = L.n_used;
+  std::size_t lo = 0, hi = n;
+  while (lo < hi) {
+    --src;
+    if (holes[hi - 1] == src) {
+      --hi;
+      continue;
+    }
+    move_row(L, src, holes[lo++]);
+  }
+  L.n_used -= uint32_t(n);
+  stats_.compaction_ns += now_ns() - t0;
+}
 
 void NeuronCache::evict(uint32_t layer, const int64_t* ids, std::size_t n) {
   Layer& L = at(layer);
   check_ids(L, layer, ids, n, /*want_present=*/true);
-  uint64_t t0 = now_ns();
-  char* rows = L.rows.as<char>();
+  collect_holes(L, ids, n);
   for (std::size_t k = 0; k < n; ++k) {
-    int32_t slot = L.id_to_slot[std::size_t(ids[k])];
-    uint32_t last = L.n_used - 1;
-    if (uint32_t(slot) != last) {
-      // The last live row takes the freed slot: record bytes, bias and both maps.
-      std::memcpy(rows + uint64_t(slot) * row_bytes_, rows + uint64_t(last) * row_bytes_,
-                  row_bytes_);
-      int32_t moved = L.slot_to_id[last];
-      L.slot_to_id[slot] = moved;
-      L.bias[slot] = L.bias[last];
-      L.id_to_slot[std::size_t(moved)] = slot;
-      stats_.moved_bytes += row_bytes_;
-    }
     L.id_to_slot[std::size_t(ids[k])] = -1;
-    L.slot_to_id[last] = -1;
-    L.n_used = last;
+    L.slot_to_id[holes_[k]] = -1;
   }
+  fill_holes(L, holes_.data(), n);
   stats_.evicted += n;
-  stats_.compaction_ns += now_ns() - t0;
+}
+
+void NeuronCache::replace(uint32_t layer, const int64_t* evict, std::size_t n_evict,
+                          const int64_t* load, std::size_t n_load, bool bundled) {
+  Layer& L = at(layer);
+  check_ids(L, layer, evict, n_evict, /*want_present=*/true);
+  check_ids(L, layer, load, n_load, /*want_present=*/false);
+  const uint64_t n_after = uint64_t(L.n_used) - n_evict + n_load;
+  FI_CHECK(n_after <= L.capacity, "cannot replace ", n_evict, " neurons by ", n_load,
+           " in layer ", layer, ": ", L.n_used, " of ", L.capacity, " slots are in use, ",
+           n_after, " would be; build the cache with a larger capacity");
+  collect_holes(L, evict, n_evict);
+  // load[k] -> the k-th lowest freed slot, then the tail. The k-th lowest of n_evict freed
+  // slots is below n_used - n_evict + k + 1 <= n_after: every loaded row is live afterwards.
+  dst_.resize(n_load);
+  for (std::size_t k = 0; k < n_load; ++k) {
+    uint32_t slot = k < n_evict ? holes_[k] : L.n_used + uint32_t(k - n_evict);
+    dst_[k] = L.rows.as<char>() + uint64_t(slot) * row_bytes_;
+  }
+  for (std::size_t k = 0; k < n_evict; ++k) L.id_to_slot[std::size_t(evict[k])] = -1;
+  ReadStats rs;
+  try {
+    rs = read_into(layer, load, n_load, bundled, dst_.data());
+  } catch (...) {  // the evicted neurons are gone (their rows may hold parts of new ones)
+    for (std::size_t k = 0; k < n_evict; ++k) L.slot_to_id[holes_[k]] = -1;
+    fill_holes(L, holes_.data(), n_evict);
+    stats_.evicted += n_evict;
+    throw;
+  }
+  const std::size_t filled = std::min(n_load, n_evict);
+  for (std::size_t k = 0; k < n_load; ++k)
+    map_row(L, k < n_evict ? holes_[k] : L.n_used + uint32_t(k - n_evict), load[k]);
+  if (n_load > n_evict) L.n_used += uint32_t(n_load - n_evict);
+  for (std::size_t k = filled; k < n_evict; ++k) L.slot_to_id[holes_[k]] = -1;
+  fill_holes(L, holes_.data() + filled, n_evict - filled);
+  stats_.inserted += n_load;
+  stats_.evicted += n_evict;
+  stats_.reads.add(rs);
 }
 
 void NeuronCache::clear(uint32_t layer) {

@@ -5,8 +5,12 @@
 //   slot_to_id (capacity,) int32     neuron id held by each slot
 //   id_to_slot (d_ff,)     int32     slot of each neuron, -1 = absent
 //   bias       (capacity,) float32   per-slot bias (from set_layer_bias; 0 otherwise)
-// evict() moves the LAST live row into each freed slot (O(rows deleted), rows stay dense);
-// insert() reads new records straight from the bundle file into rows n_used.. (no bounce).
+// evict() moves the LAST live rows into the freed slots (O(rows deleted), rows stay dense);
+// insert() reads new records straight from the bundle file into rows n_used.. (no bounce);
+// replace() does one token's change in one call: the entering neurons are read into the
+// slots the leaving ones free, so rows move only when more neurons leave than enter (the
+// paper's window at steady state moves almost nothing; swap-with-last moved one row per
+// eviction: OPT-6.7B's 206 MB per token, benchmarks/RESULTS.md section 11).
 //
 // Row size. On flash a record is padded to a multiple of 4096 bytes so that one direct read
 // fetches one neuron. In DRAM the padding is waste (SmolLM2: 3456 of 4096 bytes are weights),
@@ -29,8 +33,8 @@ namespace flashinfer {
 struct CacheStats {
   uint64_t inserted = 0;        // rows loaded
   uint64_t evicted = 0;         // rows dropped
-  uint64_t moved_bytes = 0;     // bytes copied by swap-with-last compaction
-  uint64_t compaction_ns = 0;   // time spent in evict()
+  uint64_t moved_bytes = 0;     // bytes copied by compaction (last rows into freed slots)
+  uint64_t compaction_ns = 0;   // time spent compacting (evict, replace)
   ReadStats reads;              // reads done by insert()
 };
 
@@ -48,11 +52,19 @@ class NeuronCache {
   void insert(uint32_t layer, const int64_t* ids, std::size_t n, bool bundled = true);
   // Drop ids (present, no duplicates) by moving the last live rows into their slots.
   void evict(uint32_t layer, const int64_t* ids, std::size_t n);
+  // Drop `evict` (present) and load `load` (absent): the loaded records land in the freed
+  // slots, lowest slot first, then in the tail; the live rows past the new end fill what
+  // freed slots remain. Sorted `load` keeps neighbouring records one read. Checked as insert
+  // and evict are before anything changes; if a read fails, the evicted neurons are gone
+  // and none of `load` is cached.
+  void replace(uint32_t layer, const int64_t* evict, std::size_t n_evict, const int64_t* load,
+               std::size_t n_load, bool bundled = true);
   void clear(uint32_t layer);
   // Per-neuron bias of the layer, d_ff floats; copied, and applied to live and future rows.
   void set_layer_bias(uint32_t layer, const float* bias_all_d_ff);
 
   uint32_t n_layers() const { return uint32_t(layers_.size()); }
+  uint32_t d_ff() const { return d_ff_; }
   uint32_t n_used(uint32_t layer) const { return at(layer).n_used; }
   uint32_t capacity(uint32_t layer) const { return at(layer).capacity; }
   bool contains(uint32_t layer, int64_t id) const { return slot_of(layer, id) >= 0; }
@@ -66,6 +78,7 @@ class NeuronCache {
   // Raw views for the bindings (valid until the next insert/evict/clear of that layer).
   char* rows(uint32_t layer) { return at(layer).rows.as<char>(); }
   const int32_t* slot_ids(uint32_t layer) const { return at(layer).slot_to_id.data(); }
+  const int32_t* id_slots(uint32_t layer) const { return at(layer).id_to_slot.data(); }  // (d_ff,)
   const float* bias(uint32_t layer) const { return at(layer).bias.data(); }
 
   CacheStats stats() const { return stats_; }
@@ -86,15 +99,24 @@ class NeuronCache {
   void check_ids(const Layer& L, uint32_t layer, const int64_t* ids, std::size_t n,
                  bool want_present) const;
 
-  // Read ids[0, n) as whole records into dst rows of dst_stride bytes (staged when packed).
+  // Read ids[0, n) as whole records into rows dst[0, n) (staged when packed).
   ReadStats read_into(uint32_t layer, const int64_t* ids, std::size_t n, bool bundled,
-                      char* dst);
+                      char* const* dst);
+  // Slots of ids (present) into holes_, ascending.
+  void collect_holes(const Layer& L, const int64_t* ids, std::size_t n);
+  // holes[0, n): free slots of [0, n_used), ascending. Moves the last live rows into those
+  // below the new end (each such row moves once), then n_used -= n.
+  void fill_holes(Layer& L, const uint32_t* holes, std::size_t n);
+  void move_row(Layer& L, uint32_t from, uint32_t to);
+  void map_row(Layer& L, uint32_t slot, int64_t id);  // slot holds id now (maps, bias)
 
   BundleReader& reader_;
   uint64_t record_bytes_;
   uint64_t row_bytes_;
   uint32_t d_ff_;
   AlignedBuffer staging_;  // (kStagingRecords, record_bytes) when packed, else empty
+  std::vector<uint32_t> holes_;  // (n_evict,) freed slots of the current call, ascending
+  std::vector<char*> dst_;       // (n_load,) destination row of each record read
   std::vector<Layer> layers_;
   CacheStats stats_;
 };

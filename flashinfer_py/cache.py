@@ -57,8 +57,17 @@ class NeuronCache:
         self._c.insert(layer, np.asarray(ids), bundled=False)
 
     def evict(self, layer: int, ids) -> None:
-        """Drop cached neurons `ids`; the last rows move into their slots (O(len(ids)) copies)."""
+        """Drop cached neurons `ids`; the last live rows move into the freed slots below the
+        new end, each at most once (at most len(ids) row copies)."""
         self._c.evict(layer, np.asarray(ids))
+
+    def replace(self, layer: int, evict, load) -> None:
+        """Drop cached neurons `evict` and read neurons `load` (absent) into the rows they
+        free, then into the tail: rows move only when more neurons leave than enter (at most
+        len(evict) - len(load) of them). Checked like :meth:`evict` and :meth:`insert` before
+        anything changes; if a read fails (FlashIOError), `evict` is gone and no `load` is
+        cached."""
+        self._c.replace(layer, np.asarray(evict), np.asarray(load))
 
     def clear(self, layer: int) -> None:
         """Drop every neuron of `layer` (no copying)."""

@@ -440,7 +440,7 @@ class TorchCheckpoint(Checkpoint):
             import torch
         except ImportError:
             raise _fail(path, "holds pytorch_model.bin weights, which need torch to read.",
-                        'Run `pip install "flashinfer_py[torch]"`, or convert the checkpoint to '
+                        'Run `pip install "flashinfer_py[train]"`, or convert the checkpoint to '
                         "safetensors.") from None
         self._torch = torch
         self.path, self.config = path, config

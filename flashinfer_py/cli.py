@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--method, the 4-bit sketch (DIR/ffn_sketch.bin: the default for "
                        "SwiGLU/GeGLU models, no training, no torch) and/or the paper's low-rank "
                        "predictors (the default for ReLU models; trained with the balanced loss, "
-                       "needs torch: pip install 'flashinfer_py[torch]'). Saves "
+                       "needs torch: pip install 'flashinfer_py[train]'). Saves "
                        "DIR/predictors.npz and prints how well each ranks the neurons on held-out "
                        "tokens. Re-run after fine-tuning.")
     t.add_argument("dir", nargs="?", default=None, help="flash directory (default: embedded SmolLM2)")

@@ -25,6 +25,7 @@ import numpy as np
 
 from .config import ModelArgs, RuntimeConfig, format_bytes
 from .model import FfnOnRows
+from ._bookkeeping import CacheDriver
 from .window import FrequencyPolicy, SlidingWindow, rank_swaps
 
 # Python, numpy, tokenizers, our module and the working buffers of a forward pass: measured as
@@ -333,12 +334,14 @@ class SparseFFN:
                        if runtime.eviction == "frequency" else
                        SlidingWindow(args.num_hidden_layers, args.intermediate_size, runtime.window))
         self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
-        self.cache = self.layer_rows = None
+        self.cache = self.layer_rows = self.driver = None
         if runtime.reuse:
             self.cache = NeuronCache(self.reader, self.plan.cache_capacity, packed=True)
             for i, b in enumerate(self.bias):
                 if b is not None:
                     self.cache.set_layer_bias(i, b)
+            # the per-layer calls into the cache, compiled, counting into the token's stats
+            self.driver = CacheDriver(self.cache, self.policy, bundled=runtime.bundled)
         else:  # the paper's rows without a window: one layer's rows, refilled for every layer
             from .bundles import aligned_empty
 
@@ -431,7 +434,7 @@ class SparseFFN:
         """The FFN on every cached neuron, then the best uncached neurons swapped in for the
         cached ones that matter least to these tokens (at most max_loads per token), read,
         and added to the output."""
-        st, cache, a = self.tok, self.cache, self.args
+        st, cache = self.tok, self.cache
         t = x.shape[0]
         rows = cache.rows(layer)
         n = rows.shape[0]
@@ -451,37 +454,13 @@ class SparseFFN:
         evict = ids[evict_rows].astype(np.int64)  # ids before the cache changes
         if len(load) and self.sketch is not None:
             self.sketch.swap(layer, load, evict, rows, evict_rows)
-        self._swap(layer, np.sort(load), evict, t2)
+        self.driver.swap(layer, np.sort(load), evict)
         if len(load):  # the newcomers sit in the tail rows: add their part of the output
             k = len(load)
             out += self.kernel(layer, x, cache.rows(layer)[-k:],
                                cache.bias(layer)[-k:] if has_bias else None,
                                row_ids=cache.ids(layer)[-k:])
         return out
-
-    def _swap(self, layer: int, load, evict, t_start: int) -> None:
-        """Evict, then read `load` into the layer's cache; their costs go into the token's
-        statistics (memory management from t_start, then I/O)."""
-        st, cache = self.tok, self.cache
-        before = cache.stats()["reads"]
-        if len(evict):
-            cache.evict(layer, evict)
-        t_io = time.perf_counter_ns()
-        if len(load):
-            if self.runtime.bundled:
-                cache.insert(layer, load)
-            else:
-                cache.insert_parts(layer, load)
-        st.io_ns += time.perf_counter_ns() - t_io
-        st.mm_ns += t_io - t_start
-        r = cache.stats()["reads"]
-        st.bytes_read += r["bytes_read"] - before["bytes_read"]
-        st.reads += r["reads_issued"] - before["reads_issued"]
-        st.direct = st.direct and bool(r["direct"])
-        st.loaded += len(load)
-        st.evicted += len(evict)
-        st.cached += cache.n_used(layer)
-        st.per_layer_loaded.append(len(load))
 
     def rows(self, layer: int, x: np.ndarray):
         """(rows, up_bias, row_select, the rows' neuron ids) to compute layer `layer`'s FFN
@@ -493,17 +472,11 @@ class SparseFFN:
         st.predict_ns += t1 - t0
         if cache is None:
             return self._rows_streamed(layer, ids, t1)
-        load, evict = self.policy.update(layer, ids, cache.capacity(layer))
-        st.needed += len(ids)
-        st.hits += len(ids) - len(load)
-        self._swap(layer, load, evict, t1)
+        self.driver.step(layer, ids)  # policy, then evict + read into the freed rows
         t4 = time.perf_counter_ns()
         select = None
         if self.runtime.compute == "predicted" and len(ids) < cache.n_used(layer):
-            inverse = np.full(self.args.intermediate_size, -1, np.int32)
-            cached = cache.ids(layer)
-            inverse[cached] = np.arange(len(cached), dtype=np.int32)
-            select = inverse[ids]
+            select = self.driver.rows_of(layer, ids)
         bias = cache.bias(layer) if self.bias[layer] is not None else None
         st.mm_ns += time.perf_counter_ns() - t4
         return cache.rows(layer), bias, select, cache.ids(layer)
@@ -535,6 +508,8 @@ class SparseFFN:
     # ------------------------------------------------------------------ statistics
     def start_token(self) -> None:
         self.tok = TokenStats()
+        if self.driver is not None:
+            self.driver.flush(TokenStats())  # nothing counted between tokens carries over
         if self.runtime.reread_resident:
             self._reread_resident()
 
@@ -567,6 +542,8 @@ class SparseFFN:
         self.tok.bytes_read += off
 
     def end_token(self) -> TokenStats:
+        if self.driver is not None:
+            self.driver.flush(self.tok)
         self.total.add(self.tok)
         return self.tok
 

@@ -239,7 +239,7 @@ def train_predictors(model, token_ids: Sequence[int], cfg: Optional[TrainConfig]
             import torch
         except ImportError:
             raise ImportError('training the low-rank predictors needs torch: pip install '
-                              '"flashinfer_py[torch]" (the default for SwiGLU/GeGLU models, '
+                              '"flashinfer_py[train]" (the default for SwiGLU/GeGLU models, '
                               'the 4-bit sketch, needs no torch)') from None
         torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()

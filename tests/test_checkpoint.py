@@ -144,7 +144,7 @@ def test_missing_torch_says_what_to_install(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     monkeypatch.setitem(__import__("sys").modules, "torch", None)
-    with pytest.raises(CheckpointError, match=r"flashinfer_py\[torch\]"):
+    with pytest.raises(CheckpointError, match=r"flashinfer_py\[train\]"):
         open_checkpoint(tmp_path)
 
 

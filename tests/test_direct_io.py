@@ -1,9 +1,12 @@
 """The read engines: O_DIRECT vs buffered, fallback on tmpfs, buffer validation, coalescing,
-both engines, and worker errors surfacing on the caller."""
+both engines, a kernel that refuses io_uring (the thread pool, with a note), and worker errors
+surfacing on the caller."""
 from __future__ import annotations
 
+import io
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -230,3 +233,55 @@ def test_thread_pool_rethrows_first_worker_error():
     with pytest.raises(FlashIOError, match="injected failure at item 5"):
         testing.parallel_for_fail(8, 1000, 5)
     assert testing.parallel_for_fail(8, 1000, 10**6) == 1000  # no failure: every item runs
+
+
+REFUSED = r"""
+import os, resource, sys
+import numpy as np
+from flashinfer_py.bundles import BundleReader, ReaderParams
+from flashinfer_py.errors import FlashIOError
+path, engine = sys.argv[1], sys.argv[2]
+
+def is_open(fd):
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+# Leave exactly one free file descriptor: the bundle file takes it, and io_uring_setup, which
+# needs one of its own, is refused by the kernel (EMFILE), as a container's seccomp would.
+free = [fd for fd in range(4096) if not is_open(fd)][:2]
+limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (free[1], limits[1]))
+try:
+    r = BundleReader(path, ReaderParams(engine=engine))
+except FlashIOError as e:
+    print("refused:", e)
+    sys.exit(0)
+finally:
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+print("engine:", r.engine)
+sys.stdout.flush()
+np.save(sys.stdout.buffer, r.read(0, [5, 1, 2]))
+"""
+
+
+@pytest.mark.skipif(not build_info()["io_uring"], reason="built without io_uring")
+def test_refused_io_uring_falls_back_to_threads_with_a_note(bundle, tmp_path):
+    path, mats = bundle
+    script = tmp_path / "refused.py"
+    script.write_text(REFUSED)
+    run = subprocess.run([sys.executable, str(script), str(path), "auto"], capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+    out = run.stdout
+    assert out.startswith(b"engine: threads\n")
+    rows = np.load(io.BytesIO(out[len(b"engine: threads\n"):]))
+    assert rows.tobytes() == expected_records(mats, 0, [5, 1, 2], rows.shape[1]).tobytes()
+    note = [ln for ln in run.stderr.decode().splitlines() if "io_uring" in ln]
+    assert len(note) == 1 and "thread" in note[0] and "Too many open files" in note[0], note
+    # asked for io_uring explicitly: an error that says why, not a silent fallback
+    run = subprocess.run([sys.executable, str(script), str(path), "io_uring"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("refused:")
+    assert "io_uring_queue_init" in run.stdout and "Too many open files" in run.stdout

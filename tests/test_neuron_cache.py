@@ -1,14 +1,21 @@
-"""NeuronCache driven by scripted and randomized insert/evict sequences, checked after every
-step against a dict reference model: slot<->id bijection, row bytes, bias."""
+"""NeuronCache driven by scripted and randomized insert/evict/replace sequences, and by the
+compiled CacheDriver following the set-based reference policies, checked after every step
+against a dict reference model: slot<->id bijection, row bytes, bias."""
 from __future__ import annotations
 
 import gc
+import os
 
 import numpy as np
 import pytest
 
+from flashinfer_py._bookkeeping import CacheDriver
 from flashinfer_py.bundles import BundleReader, ReaderParams
 from flashinfer_py.cache import NeuronCache
+from flashinfer_py.errors import FlashIOError
+from flashinfer_py.loader import TokenStats
+from flashinfer_py.window import FrequencyPolicy, SlidingWindow
+from policy_reference import FrequencyReference, WindowReference
 from test_packer import expected_records, pack_random
 
 D_FF, D_MODEL, N_LAYERS = 97, 200, 3
@@ -189,3 +196,127 @@ def test_insert_parts_rows_equal_bundled_rows(bundle, direct):
     cache.evict(0, [1])
     cache.insert(0, [1, 2])
     check(cache, 0, [8, 96, 1, 2], mats)
+
+
+def test_replace_moves_only_what_must(bundle):
+    """Entering neurons take the freed slots: no row moves while as many enter as leave;
+    with more leaving, only the live rows past the new end move, each once."""
+    path, mats = bundle
+    cache = NeuronCache(BundleReader(path), capacity=10, n_layers=1)
+    rb = cache.row_bytes
+    cache.insert(0, [1, 2, 3, 4, 5, 6])
+    cache.replace(0, [2, 5], [7, 8])              # equal numbers: 7, 8 land in slots 1, 4
+    check(cache, 0, [1, 7, 3, 4, 8, 6], mats)
+    assert cache.ids(0).tolist() == [1, 7, 3, 4, 8, 6] and cache.stats()["moved_bytes"] == 0
+    cache.replace(0, [1, 4], [9, 10, 11])          # one more enters: the tail
+    assert cache.ids(0).tolist() == [9, 7, 3, 10, 8, 6, 11]
+    assert cache.stats()["moved_bytes"] == 0
+    cache.replace(0, [9, 3, 8, 11], [12])          # 3 more leave: 12 in slot 0, row 6 -> 2
+    assert cache.ids(0).tolist() == [12, 7, 6, 10]
+    assert cache.stats()["moved_bytes"] == rb       # slot 4 (was 8) is past the end: no move
+    check(cache, 0, [12, 7, 6, 10], mats)
+    cache.replace(0, [], [])
+    with pytest.raises(ValueError, match="not in the cache"):
+        cache.replace(0, [2], [13])
+    with pytest.raises(ValueError, match="already cached"):
+        cache.replace(0, [12], [7])
+    with pytest.raises(ValueError, match="4 of 10 slots are in use, 11 would be"):
+        cache.replace(0, [], [20, 21, 22, 23, 24, 25, 26])
+    check(cache, 0, [12, 7, 6, 10], mats)           # refused calls changed nothing
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_replace_randomized_against_dict_model(bundle, seed):
+    path, mats = bundle
+    rng = np.random.default_rng(seed)
+    cache = NeuronCache(BundleReader(path), capacity=[20, 40, D_FF], packed=bool(seed))
+    models = [set() for _ in range(N_LAYERS)]
+    for _ in range(60):
+        layer = int(rng.integers(N_LAYERS))
+        m = models[layer]
+        leave = rng.choice(sorted(m), int(rng.integers(0, len(m) + 1)), replace=False) if m \
+            else np.empty(0, np.int64)
+        room = cache.capacity(layer) - len(m) + len(leave)
+        absent = sorted(set(range(D_FF)) - m)
+        enter = rng.choice(absent, int(rng.integers(0, min(room, len(absent)) + 1)), replace=False)
+        moved0 = cache.stats()["moved_bytes"]
+        cache.replace(layer, leave, np.sort(enter))
+        models[layer] = (m - set(leave.tolist())) | set(enter.tolist())
+        check(cache, layer, list(models[layer]), mats)
+        assert cache.stats()["moved_bytes"] - moved0 <= max(0, len(leave) - len(enter)) * cache.row_bytes
+
+
+# ---- CacheDriver: the compiled per-layer step ------------------------------------------
+
+@pytest.mark.parametrize("policy", ["window", "frequency"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bundled", [True, False])
+def test_driver_follows_the_reference(bundle, policy, packed, bundled):
+    path, mats = bundle
+    rng = np.random.default_rng(11)
+    caps = [30, 45, D_FF]
+    cache = NeuronCache(BundleReader(path), capacity=caps, packed=packed)
+    biases = [rng.standard_normal(D_FF).astype(np.float32) for _ in range(N_LAYERS)]
+    for layer, b in enumerate(biases):
+        cache.set_layer_bias(layer, b)
+    if policy == "window":
+        pol, refs = SlidingWindow(N_LAYERS, D_FF, 3), [WindowReference(3) for _ in caps]
+    else:
+        pol, refs = FrequencyPolicy(N_LAYERS, D_FF), [FrequencyReference(D_FF) for _ in caps]
+    driver = CacheDriver(cache, pol, bundled=bundled)
+    total = TokenStats()
+    for _ in range(80):
+        layer = int(rng.integers(N_LAYERS))
+        ids = np.sort(rng.choice(D_FF, int(rng.integers(0, 28)), replace=False)).astype(np.int32)
+        held = set(cache.ids(layer).tolist())
+        enter, leave = refs[layer].update(ids.tolist(), caps[layer])
+        driver.step(layer, ids)
+        check(cache, layer, list(refs[layer].held()), mats, biases[layer])
+        assert set(cache.ids(layer).tolist()) == (held - set(leave)) | set(enter)
+        assert driver.loaded == len(enter) and driver.evicted == len(leave)
+        assert driver.needed == len(ids) and driver.hits == len(ids) - len(enter)
+        assert driver.cached == cache.n_used(layer)
+        rows = driver.rows_of(layer, ids)
+        assert cache.ids(layer)[rows].tolist() == ids.tolist()
+        tok = TokenStats()
+        driver.flush(tok)
+        assert tok.per_layer_loaded == [len(enter)] and driver.loaded == 0
+        total.add(tok)
+    st = cache.stats()
+    assert total.loaded == st["inserted"] and total.evicted == st["evicted"]
+    assert total.bytes_read == st["reads"]["bytes_read"] and total.reads == st["reads"]["reads_issued"]
+    assert total.io_ns > 0 and total.mm_ns > 0
+
+
+def test_failed_read_starts_the_layer_over(bundle):
+    """A record past the end of a truncated file: FlashIOError through the compiled driver;
+    the layer's cache and policy start over (empty, consistent), the other layers keep theirs,
+    and the next token reads what it needs again."""
+    path, mats = bundle
+    cache = NeuronCache(BundleReader(path), capacity=10, n_layers=N_LAYERS)
+    w = SlidingWindow(N_LAYERS, D_FF, 2)
+    driver = CacheDriver(cache, w)
+    last = N_LAYERS - 1
+    driver.step(0, np.array([4, 5], np.int32))
+    driver.step(last, np.array([1, 2, 3], np.int32))
+    with open(path, "r+b") as f:  # cut the file inside the last layer's records
+        f.truncate(os.path.getsize(path) - 60 * cache.reader.record_bytes)
+    with pytest.raises(FlashIOError, match="end of file"):
+        driver.step(last, np.array([2, 90, 91], np.int32))
+    assert cache.n_used(last) == 0 and w.size(last) == 0
+    check(cache, 0, [4, 5], mats)
+    assert w.state(0).tolist() == [4, 5]
+    driver.step(last, np.array([2, 3], np.int32))
+    check(cache, last, [2, 3], mats)
+    assert w.state(last).tolist() == [2, 3]
+
+
+def test_driver_refuses_a_policy_of_another_shape(bundle):
+    path, _ = bundle
+    cache = NeuronCache(BundleReader(path), capacity=10)
+    with pytest.raises(ValueError, match=f"2 layers of {D_FF} neurons, the cache has 3 layers"):
+        CacheDriver(cache, SlidingWindow(2, D_FF, 3))
+    with pytest.raises(ValueError, match="96 neurons"):
+        CacheDriver(cache, FrequencyPolicy(N_LAYERS, D_FF - 1))
+    with pytest.raises(TypeError, match="SlidingWindow or FrequencyPolicy"):
+        CacheDriver(cache, object())

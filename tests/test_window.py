@@ -1,9 +1,11 @@
-"""SlidingWindow: exact (to_load, to_evict) over scripted sequences, and a randomized check
-against a plain set-based reference."""
+"""The eviction policies (compiled, flashinfer_py._bookkeeping): exact (to_load, to_evict) over
+scripted sequences, and every enter/leave list against the plain set-based references of
+policy_reference.py on random streams, with and without capacity overflow."""
 import numpy as np
 import pytest
 
 from flashinfer_py.window import SlidingWindow
+from policy_reference import FrequencyReference, WindowReference
 
 
 def test_scripted_sequence_with_wraparound():
@@ -31,21 +33,45 @@ def test_duplicates_and_range():
         w.update(0, [8])
 
 
-@pytest.mark.parametrize("k", [1, 2, 5])
-def test_random_against_set_reference(k):
-    rng = np.random.default_rng(7)
-    d_ff = 97
-    w = SlidingWindow(1, d_ff, k)
-    history = []
-    for _ in range(200):
-        active = set(rng.choice(d_ff, size=rng.integers(0, 30), replace=False).tolist())
-        before = set().union(*history[-k:]) if history else set()
-        history.append(active)
-        after = set().union(*history[-k:])
-        load, evict = w.update(0, sorted(active))
-        assert set(load.tolist()) == after - before
-        assert set(evict.tolist()) == before - after
-        assert set(w.state(0).tolist()) == after and w.size(0) == len(after)
+def _random_sets(rng, d_ff, n, max_size):
+    return [rng.choice(d_ff, size=rng.integers(0, max_size + 1), replace=False)
+            for _ in range(n)]
+
+
+def _compare(policy, refs, rng, sets, capacity):
+    """Feed a policy and its references the same stream (each set to a random layer, shuffled
+    for the policy): every enter/leave list and the state after it must agree, and a set the
+    reference refuses must be refused. Returns (sets refused, ids evicted)."""
+    refused = evicted = 0
+    for ids in sets:
+        layer = int(rng.integers(len(refs)))
+        try:
+            want = refs[layer].update(ids.tolist(), capacity)
+        except ValueError:
+            with pytest.raises(ValueError, match="exceed"):
+                policy.update(layer, ids, capacity)
+            refused += 1
+            continue
+        load, evict = policy.update(layer, rng.permutation(ids), capacity)
+        assert (load.tolist(), evict.tolist()) == want
+        assert load.dtype == evict.dtype == np.int32
+        held = refs[layer].held()
+        assert policy.state(layer).tolist() == sorted(held) and policy.size(layer) == len(held)
+        evicted += len(evict)
+    return refused, evicted
+
+
+@pytest.mark.parametrize("k,capacity", [(1, None), (2, None), (5, None), (3, 25), (5, 28),
+                                        (4, 20), (8, 29)])
+def test_window_against_set_reference(k, capacity):
+    """Random streams; with a capacity below the window's union (its oldest sets are then
+    forgotten), and sets larger than the capacity (refused, nothing changes)."""
+    rng = np.random.default_rng(7 + k)
+    refs = [WindowReference(k) for _ in range(2)]
+    refused, _ = _compare(SlidingWindow(2, 97, k), refs, rng, _random_sets(rng, 97, 300, 30),
+                          capacity)
+    if capacity is not None:  # the streams did reach both cases
+        assert refused > 0 and sum(r.forgotten for r in refs) > 0
 
 
 def test_capacity_forgets_the_oldest_tokens_first():
@@ -75,7 +101,7 @@ def test_frequency_keeps_until_full_then_evicts_least_used():
     assert [a.tolist() for a in p.update(0, [1, 4], capacity=4)] == [[4], []]  # room: nothing goes
     assert [a.tolist() for a in p.update(0, [1, 2], capacity=4)] == [[], []]   # hits
     # full (1,2,3,4 held): 5 needs a row; 3 and 4 were used once, 1 three times, 2 twice;
-    # ties go to either, but never to a neuron this token needs
+    # a tie goes to the lower id, but never to a neuron this token needs
     load, evict = p.update(0, [5, 4], capacity=4)
     assert load.tolist() == [5] and evict.tolist() == [3]
     assert p.state(0).tolist() == [1, 2, 4, 5] and p.size(0) == 4
@@ -92,20 +118,15 @@ def test_frequency_decay_prefers_recent_use():
     assert p.state(0).tolist() == [2, 3, 4]
 
 
-def test_frequency_random_invariants():
+@pytest.mark.parametrize("halflife", [64.0, 1e9, 0.01])
+def test_frequency_against_set_reference(halflife):
+    """Random streams at a capacity the sets overflow; halflife 1e9 gives plain counts (many
+    ties: the lower id leaves first), 0.01 rescales the weights every few tokens."""
     rng = np.random.default_rng(3)
-    d_ff, cap = 97, 40
-    p = FrequencyPolicy(1, d_ff)
-    held = set()
-    for _ in range(300):
-        active = set(rng.choice(d_ff, size=rng.integers(0, 30), replace=False).tolist())
-        load, evict = p.update(0, sorted(active), capacity=cap)
-        assert set(load.tolist()) == active - held           # reads only what is missing
-        assert not (set(evict.tolist()) & active)            # never drops what is needed now
-        assert set(evict.tolist()) <= held
-        held = (held - set(evict.tolist())) | set(load.tolist())
-        assert len(held) <= cap and set(p.state(0).tolist()) == held
-        assert active <= held
+    refs = [FrequencyReference(97, halflife) for _ in range(2)]
+    refused, evicted = _compare(FrequencyPolicy(2, 97, halflife), refs, rng,
+                                _random_sets(rng, 97, 300, 45), 40)
+    assert evicted > 0 and refused > 0
 
 
 def test_frequency_reads_fewer_than_window_when_some_neurons_are_hot():
@@ -129,6 +150,22 @@ def test_frequency_reads_fewer_than_window_when_some_neurons_are_hot():
 def test_frequency_refuses_a_set_larger_than_the_cache():
     with pytest.raises(ValueError, match="exceed"):
         FrequencyPolicy(1, 10).update(0, [1, 2, 3], capacity=2)
+
+
+def test_ids_are_checked_and_named():
+    w, f = SlidingWindow(2, 10, 2), FrequencyPolicy(2, 10)
+    for pol, cap in ((w, None), (f, 5)):
+        with pytest.raises(ValueError, match=r"in \[0, 10\); got -1\.\.3"):
+            pol.update(0, [3, -1], cap)
+        with pytest.raises(ValueError, match="integers"):
+            pol.update(0, np.array([1.5]), cap)
+        with pytest.raises(ValueError, match=r"layer 2 out of range \[0, 2\)"):
+            pol.update(2, [1], cap)
+        assert pol.size(0) == 0  # nothing was recorded
+    with pytest.raises(ValueError, match="capacity"):
+        f.update(0, [1], None)
+    with pytest.raises(ValueError, match="halflife"):
+        FrequencyPolicy(1, 10, halflife=0)
 
 
 def test_window_keeps_its_own_copy_of_the_ids():
