@@ -18,6 +18,36 @@ from .model import KVCache, ResidentFFN, Transformer
 from .sampling import make_sampler
 
 
+class PromptCache:
+    """A KV cache and the token ids whose keys and values it holds: a conversation's context.
+
+    Pass the same one to successive ``generate_step`` calls (``model.new_prompt_cache()``):
+    each call keeps the longest prefix its prompt shares with the ids already run and runs only
+    the rest, so the turns of a chat, or requests that share a system prompt, do not recompute
+    what came before (llama.cpp's server calls this ``cache_prompt``).
+    """
+
+    def __init__(self, kv: KVCache):
+        self.kv = kv
+        self.tokens: list[int] = []  # ids run so far, in order; the last sampled id is not
+
+    def reuse(self, ids: list[int]) -> int:
+        """Keep the longest prefix of the cached ids that `ids` starts with, leaving at least
+        one id of `ids` to run (its logits are needed); return how many are kept."""
+        n, limit = 0, min(len(self.tokens), len(ids) - 1)
+        while n < limit and self.tokens[n] == ids[n]:
+            n += 1
+        self.truncate(n)
+        return n
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+        self.kv.truncate(n)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
 class FlashModel:
     """A model opened from a flash directory."""
 
@@ -59,6 +89,10 @@ class FlashModel:
 
     def new_cache(self) -> KVCache:
         return KVCache(self.args, self.max_context)
+
+    def new_prompt_cache(self) -> PromptCache:
+        """An empty conversation context to pass to `generate_step(prompt_cache=...)`."""
+        return PromptCache(self.new_cache())
 
     # ------------------------------------------------------------------ API
     def reset(self) -> None:
@@ -103,24 +137,45 @@ class FlashModel:
 
     def generate_step(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
-                      stop_at_eos: bool = True) -> Iterator[StepResult]:
-        """Yield a StepResult per generated token; `prompt` is text or a list of token ids."""
+                      stop_at_eos: bool = True,
+                      prompt_cache: Optional[PromptCache] = None) -> Iterator[StepResult]:
+        """Yield a StepResult per generated token; `prompt` is text or a list of token ids.
+
+        Without `prompt_cache` the prompt starts from an empty context. With one, the prompt
+        continues it: the ids it shares with the cache's start are not run again, and the ids
+        run (prompt and generated) are added to it as they go.
+        """
         from .tokenizer import StreamingDetokenizer
 
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         has_tok = isinstance(prompt, str) or (self.directory / "tokenizer.json").is_file()
         if len(ids) + max_new_tokens > self.max_context:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"the context limit {self.max_context}; shorten one or raise max_context")
-        cache = self.new_cache()
-        self.reset()
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")
+        pc = prompt_cache if prompt_cache is not None else self.new_prompt_cache()
+        kept = pc.reuse(ids)
+        if kept == 0:
+            self.reset()
+
+        def forward(feed):
+            try:
+                out = self.forward(feed, pc.kv, last_only=True)
+            except BaseException:  # a failed read: the cache holds only what ran completely
+                pc.truncate(len(pc.tokens))
+                raise
+            pc.tokens.extend(int(t) for t in feed)
+            return out
+
         detok = StreamingDetokenizer(self.tokenizer) if has_tok else None
-        yield from generate_step(
-            lambda feed: self.forward(feed, cache, last_only=True), ids,
-            make_sampler(temperature, top_k, top_p, seed), max_new_tokens,
-            stop_ids=self.args.eos_token_ids if stop_at_eos else (),
-            on_token=detok.add if detok is not None else None,
-            stats=(lambda: dict(self.last_stats)) if self.sparse else None)
+        for step in generate_step(
+                forward, ids[kept:], make_sampler(temperature, top_k, top_p, seed),
+                max_new_tokens, stop_ids=self.args.eos_token_ids if stop_at_eos else (),
+                on_token=detok.add if detok is not None else None,
+                stats=(lambda: dict(self.last_stats)) if self.sparse else None):
+            step.prompt_tokens, step.cached_tokens = len(ids), kept
+            yield step
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None) -> Iterator[str]:
