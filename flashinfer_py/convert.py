@@ -217,7 +217,7 @@ def convert(src, dst, *, dtype: Optional[str] = None, resident_dtype: Optional[s
         _move_into_place(tmp, dst, force)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC or "No space left" in str(e):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # FlashIOError carries errno too
             raise ConvertError(f"{dst.parent}: no space left on the device while converting {src}. "
                                "Free space or pick a destination on another disk; nothing was changed "
                                "at the destination.") from None
