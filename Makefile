@@ -33,7 +33,7 @@ demo: install
 
 test: install
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q $(EDITABLE) -e ".[test]"
+	$(PIP) install -q $(EDITABLE) -Ccmake.define.FLASHINFER_FAILPOINTS=ON -e ".[test]"
 	$(PYTHON) -m pytest -q tests
 
 bench: install
