@@ -16,6 +16,7 @@ What "active" means is stored with the predictors (``label``):
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -118,7 +119,10 @@ class Predictors:
                   "meta": self.meta, "sketch": self.sketch}
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
+        with open(tmp, "wb") as f:  # complete on disk before it replaces the previous file
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(path)
         return path
 
