@@ -262,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "flash under a DRAM budget below the model's size, printing per-token "
                         "statistics and the peak memory, and finally measure what that budget "
                         "costs in perplexity on held-out text.")
-    dm.add_argument("--prompt", "-p", default=None, help="prompt text")
+    dm.add_argument("--prompt", "-p", default=None,
+                    help="the question, sent through SmolLM2's chat template (default: \"What "
+                         "is the capital of France?\")")
     dm.add_argument("--max-tokens", "-n", type=int, default=32, help="tokens to generate (default 32)")
 
     b = sub.add_parser("bench-disk", help="measure random-read throughput of a disk (Figure 2b)",
@@ -600,10 +602,10 @@ def cmd_info(ns) -> int:
 
 
 def cmd_demo(ns) -> int:
-    from .default_model import DEFAULT_PROMPT
+    from .default_model import DEFAULT_CHAT_PROMPT
     from .demo import run
 
-    return run(ns.prompt or DEFAULT_PROMPT, ns.max_tokens)
+    return run(ns.prompt or DEFAULT_CHAT_PROMPT, ns.max_tokens)
 
 
 def cmd_train(ns) -> int:
