@@ -5,6 +5,7 @@ This is the object developers embed: ``model = flashinfer_py.load(DIR)``, then
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -12,10 +13,25 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .config import ModelArgs, RuntimeConfig
+from .errors import FlashFormatError, FlashIOError, UnsupportedModelError
 from .format import check_files, load_dense, read_manifest, resident_formats
 from .generate import StepResult, generate_step
 from .model import KVCache, ResidentFFN, Transformer
 from .sampling import make_sampler
+
+
+@contextlib.contextmanager
+def _manifest_errors(directory: Path, what: str):
+    """Errors of a manifest that parses but does not describe the files (a field of the wrong
+    type, a shape that disagrees) as FlashFormatError, not as whatever the code using it hit."""
+    try:
+        yield
+    except (FlashFormatError, UnsupportedModelError, FlashIOError):
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
+        raise FlashFormatError(f"{directory / 'manifest.json'}: does not match {what} "
+                               f"({type(e).__name__}: {e}); re-run `flashinfer-py convert` to "
+                               "rebuild the directory.") from None
 
 
 class PromptCache:
@@ -55,12 +71,14 @@ class FlashModel:
         self.directory = Path(directory).expanduser()
         self.manifest = read_manifest(self.directory)
         check_files(self.directory, self.manifest, verify=verify)
-        self.args = ModelArgs.from_dict(self.manifest["model"])
+        with _manifest_errors(self.directory, "its model configuration"):
+            self.args = ModelArgs.from_dict(self.manifest["model"])
+            self.resident_formats = resident_formats(self.manifest)
         self.dtype = self.manifest["dtype"]  # the FFN records' storage format
-        self.resident_formats = resident_formats(self.manifest)
         self.runtime = runtime or RuntimeConfig()
         self.max_context = min(self.runtime.max_context, self.args.max_position_embeddings)
-        dense = load_dense(self.directory, self.manifest)
+        with _manifest_errors(self.directory, "the resident tensors"):
+            dense = load_dense(self.directory, self.manifest)
         bundle_path = str(self.directory / self.manifest["files"]["bundles"])
         self.sparse = self.runtime.sparse
         self.predictors = None
@@ -73,9 +91,11 @@ class FlashModel:
             self.ffn = SparseFFN(self.directory, self.manifest, self.args, dense, self.runtime,
                                  self.predictors, self.plan)
         else:
-            self.ffn = ResidentFFN(bundle_path, self.args, dense, self.runtime)
-        self.transformer = Transformer(self.args, dense, self.resident_formats, self.ffn,
-                                       self.runtime)
+            with _manifest_errors(self.directory, "the FFN bundle file"):
+                self.ffn = ResidentFFN(bundle_path, self.args, dense, self.runtime)
+        with _manifest_errors(self.directory, "the resident tensors"):
+            self.transformer = Transformer(self.args, dense, self.resident_formats, self.ffn,
+                                           self.runtime)
         self._tokenizer = None
 
     # ------------------------------------------------------------------ pieces
