@@ -11,7 +11,7 @@ PIP = $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 EDITABLE = --no-build-isolation -Ceditable.rebuild=true -Ceditable.verbose=false
 
-.PHONY: demo test install system-deps bench clean
+.PHONY: demo test install system-deps test-system-deps bench clean
 
 system-deps:
 	@if [ "$$(uname)" = Linux ] && [ ! -e /usr/include/liburing.h ]; then \
@@ -19,6 +19,15 @@ system-deps:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq liburing-dev >/dev/null) \
 	      || echo "warning: could not install liburing-dev; building without the io_uring engine"; \
 	  else echo "note: liburing-dev not found; building without the io_uring engine (thread pool only)"; fi; \
+	fi
+
+# The failing-disk tests mount a FUSE file system (tests/faultyfs.py): libfuse3 and fusermount3.
+test-system-deps:
+	@if [ "$$(uname)" = Linux ] && ! command -v fusermount3 >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 >/dev/null) \
+	      || echo "warning: could not install fuse3; the failing-disk tests will be skipped"; \
+	  else echo "note: fuse3 not found; the failing-disk tests will be skipped"; fi; \
 	fi
 
 install: system-deps
@@ -31,7 +40,7 @@ demo: install
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m flashinfer_py demo
 
-test: install
+test: install test-system-deps
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q $(EDITABLE) -Ccmake.define.FLASHINFER_FAILPOINTS=ON -e ".[test]"
 	$(PYTHON) -m pytest -q tests

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import io_error
+
 __all__ = ["Checkpoint", "CheckpointError", "open_checkpoint"]
 
 # Files that make up a tokenizer in a Hugging Face directory, copied as they are.
@@ -258,12 +260,12 @@ class _SafetensorsFile:
         broken = "The file is truncated or not a safetensors file; download or convert it again."
         if size < 8:
             raise _fail(self.file, f"is {size} bytes, too short for a safetensors header.", broken)
-        n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+        n = int.from_bytes(self._pread(8, 0), "little")
         if n < 2 or n > _MAX_HEADER or 8 + n > size:
             raise _fail(self.file, f"declares a {n}-byte header but the file is {size} bytes.",
                         broken)
         try:
-            header = json.loads(os.pread(self._fd, n, 8).decode("utf-8"))
+            header = json.loads(self._pread(n, 8).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _fail(self.file, f"has a corrupt JSON header ({e}).", broken) from None
         if not isinstance(header, dict):
@@ -346,10 +348,19 @@ class _SafetensorsFile:
         self._pread_into(out, offset, name)
         return out.reshape(shape)
 
+    def _pread(self, n: int, offset: int) -> bytes:
+        try:
+            return os.pread(self._fd, n, offset)
+        except OSError as e:  # a failing disk: say which file and where
+            raise io_error(e, "reading", self.file, offset) from None
+
     def _pread_into(self, arr: np.ndarray, offset: int, name: str) -> None:
         view, done = memoryview(arr).cast("B"), 0
         while done < len(view):  # pread may return short counts
-            got = os.preadv(self._fd, [view[done:]], offset + done)
+            try:
+                got = os.preadv(self._fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise io_error(e, f"reading {name!r} from", self.file, offset + done) from None
             if got == 0:
                 raise _fail(self.file, f"ended while reading {name!r}.", "The file was truncated "
                             "after it was opened; download it again.")
