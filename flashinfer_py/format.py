@@ -184,7 +184,8 @@ def read_manifest(directory: Path) -> dict:
     if not isinstance(m.get("resident_formats", {}), dict):
         raise FlashFormatError(f"{path}: resident_formats is not an object; {_HINT}.")
     fmts = [m["dtype"], *m.get("resident_formats", {}).values()]
-    bad = [f for f in fmts if f not in dtypes.FORMATS or (ver == 1 and dtypes.FORMATS[f].quantized)]
+    bad = [f for f in fmts if not isinstance(f, str) or f not in dtypes.FORMATS
+           or (ver == 1 and dtypes.FORMATS[f].quantized)]
     if bad:
         raise FlashFormatError(f"{path}: unknown storage format {bad[0]!r}; {_HINT}.")
     return m
