@@ -184,8 +184,10 @@ def _check_sizes(z) -> None:
     for name in z.files:
         info = z.zip.getinfo(name + ".npy")
         with z.zip.open(info) as f:
-            version = np.lib.format.read_magic(f)
-            shape, _, dtype = np.lib.format._read_array_header(f, version)
+            fmt = np.lib.format
+            read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else \
+                fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
         if dtype.hasobject or int(np.prod(shape, dtype=object)) * dtype.itemsize > info.file_size:
             raise ValueError(f"{name}: shape {shape} of {dtype} does not fit its "
                              f"{info.file_size} bytes")

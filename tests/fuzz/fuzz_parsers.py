@@ -272,6 +272,9 @@ def main(argv: list) -> None:
         if Path(c).is_dir() and not any(Path(c).iterdir()):
             write_seeds(target, Path(c))
     fn = TARGETS[target]
+    for c in corpora:  # the valid file must pass: a reader that refuses everything is no pass
+        if (Path(c) / "seed").is_file():
+            fn((Path(c) / "seed").read_bytes())
 
     def one(data: bytes) -> None:
         try:
