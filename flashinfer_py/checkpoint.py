@@ -794,6 +794,11 @@ class GGUFCheckpoint(Checkpoint):
             shape = (rows[1] - rows[0], *shape[1:])
         w = w.reshape(shape)
         if heads:
+            if heads <= 0 or shape[0] % (2 * heads):
+                raise _fail(self.path, f"stores {t.name} with {shape[0]} rows, which "
+                            f"{heads} attention heads of an even head size cannot make.",
+                            "The metadata's head counts and the tensors disagree: the file is "
+                            "damaged; download or convert it again.")
             w = unpermute_qk(w, heads)
             if rows is not None:
                 w = w[rows[0]:rows[1]]

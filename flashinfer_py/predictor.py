@@ -157,8 +157,8 @@ class Predictors:
                 raise ValueError("header.sketch is not an object")
         # what a damaged zip, npy or JSON header raises (the fuzzer found each of these)
         except (KeyError, ValueError, TypeError, AttributeError, IndexError, OSError, EOFError,
-                NotImplementedError, zipfile.BadZipFile, zlib.error, json.JSONDecodeError,
-                UnicodeDecodeError) as e:
+                NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error,
+                json.JSONDecodeError, UnicodeDecodeError) as e:  # RuntimeError: "encrypted"
             raise FlashFormatError(f"{path}: unreadable predictor file ({type(e).__name__}: "
                                    f"{e}); retrain with `flashinfer-py train-predictors`.") from None
         m = manifest["model"]
