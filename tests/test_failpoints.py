@@ -16,14 +16,20 @@ import pytest
 import flashinfer_py as fi
 from flashinfer_py._core import FlashIOError, build_info, testing
 from flashinfer_py.bundles import BundleReader, ReaderParams
-from test_direct_io import D_FF, ENGINES, bundle  # noqa: F401  (the fixture)
-from test_packer import expected_records
+from test_direct_io import D_FF, ENGINES
+from test_packer import expected_records, pack_random
 
 pytestmark = pytest.mark.skipif(not build_info()["failpoints"],
                                 reason="built without -DFLASHINFER_FAILPOINTS=ON (make test has it)")
 URING = pytest.mark.skipif("io_uring" not in ENGINES, reason="built without io_uring")
 ERROR_POINT = {"threads": "pread_error", "io_uring": "uring_cqe_error"}
 SHORT_POINT = {"threads": "pread_short", "io_uring": "uring_short"}
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    path = tmp_path / "ffn_bundles.bin"
+    return path, pack_random(path, n_layers=3, d_model=200, d_ff=D_FF, dtype="float16", n_parts=3)
 
 
 @pytest.fixture(autouse=True)
