@@ -34,6 +34,20 @@ def _manifest_errors(directory: Path, what: str):
                                "rebuild the directory.") from None
 
 
+def _check_against_bundles(directory: Path, manifest: dict, args: ModelArgs) -> None:
+    """The manifest's shape is the bundle file's (whose header is checked against the file's
+    length): a damaged manifest must not make the loader plan for a billion layers."""
+    from .bundles import read_header
+
+    h = read_header(str(directory / manifest["files"]["bundles"]))
+    ours = (args.num_hidden_layers, args.hidden_size, args.intermediate_size)
+    if ours != (h["n_layers"], h["d_model"], h["d_ff"]):
+        raise FlashFormatError(
+            f"{directory / 'manifest.json'}: layers, hidden size and FFN size {ours} disagree "
+            f"with {manifest['files']['bundles']} ({h['n_layers']}, {h['d_model']}, "
+            f"{h['d_ff']}); re-run `flashinfer-py convert` to rebuild the directory.")
+
+
 class PromptCache:
     """A KV cache and the token ids whose keys and values it holds: a conversation's context.
 
@@ -73,6 +87,7 @@ class FlashModel:
         check_files(self.directory, self.manifest, verify=verify)
         with _manifest_errors(self.directory, "its model configuration"):
             self.args = ModelArgs.from_dict(self.manifest["model"])
+            _check_against_bundles(self.directory, self.manifest, self.args)
             self.resident_formats = resident_formats(self.manifest)
         self.dtype = self.manifest["dtype"]  # the FFN records' storage format
         self.runtime = runtime or RuntimeConfig()
