@@ -637,6 +637,66 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+# GGUF metadata value types (gguf-py's GGUFValueType): fixed sizes; 8 = string, 9 = array
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _check_gguf_counts(path: pathlib.Path) -> None:
+    """Walk a GGUF's header and metadata with every count checked against the bytes left.
+
+    gguf's reader builds one view per array element before it checks anything, so a 100-byte
+    file whose header declares an array of 2^60 strings keeps it busy for ever (the fuzzer
+    found it). Here each count must fit the file first; a real file passes in milliseconds.
+    """
+    data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    end, pos = len(data), 0
+
+    def take(n: int) -> int:
+        nonlocal pos
+        if n < 0 or pos + n > end:
+            raise _fail(path, f"declares more data than its {end} bytes hold (at byte {pos}).",
+                        "The file is truncated or corrupt; download it again.")
+        pos += n
+        return pos - n
+
+    def u(n: int) -> int:
+        at = take(n)
+        return int.from_bytes(data[at:at + n].tobytes(), "little")
+
+    def value(kind: int, depth: int = 0) -> None:
+        if kind in _GGUF_SIZES:
+            take(_GGUF_SIZES[kind])
+        elif kind == 8:  # a string: u64 length, bytes
+            take(u(8))
+        elif kind == 9 and depth < 4:  # an array: u32 element type, u64 count, elements
+            elem, count = u(4), u(8)
+            if elem in _GGUF_SIZES:
+                take(_GGUF_SIZES[elem] * count)
+                return
+            least = 8 if elem == 8 else 12  # a string's length; a nested array's type, count
+            if count * least > end - pos:
+                take(count * least)  # raises, naming the file
+            for _ in range(count):
+                value(elem, depth + 1)
+        else:
+            raise _fail(path, f"has a metadata value of unknown type {kind} (at byte {pos}).",
+                        "The file is corrupt or from a newer GGUF version; download it again.")
+
+    if u(4) != 0x46554747:  # "GGUF"
+        raise _fail(path, "does not start with the GGUF magic.", "Pass a .gguf file.")
+    version = u(4)
+    if version not in (2, 3):
+        raise _fail(path, f"is GGUF version {version}; this reader knows 2 and 3.",
+                    "Convert it again with a recent llama.cpp.")
+    n_tensors, n_kv = u(8), u(8)
+    if n_kv * 13 > end - pos or n_tensors * 28 > end - pos:  # the least each can take
+        raise _fail(path, f"declares {n_kv} metadata entries and {n_tensors} tensors, more than "
+                    f"its {end} bytes can hold.", "The file is corrupt; download it again.")
+    for _ in range(n_kv):
+        take(u(8))  # key
+        value(u(4))
+
+
 class GGUFCheckpoint(Checkpoint):
     """A llama.cpp GGUF file. Tensors are dequantized to float32 when read and given the
     Hugging Face names and layout that transformers' own GGUF loader gives them: llama's q/k
@@ -651,7 +711,10 @@ class GGUFCheckpoint(Checkpoint):
         self.path, self.source_dtype = path, "float32"
         self._dequantize = gguf.quants.dequantize
         try:
+            _check_gguf_counts(path)
             self._reader = gguf.GGUFReader(path, "r")
+        except CheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001 - the gguf parser raises many types
             raise _fail(path, f"is not a readable GGUF file ({type(e).__name__}: {e}).",
                         "The file is truncated or corrupt; download it again.") from None
