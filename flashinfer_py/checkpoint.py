@@ -651,11 +651,13 @@ def _check_gguf_counts(path: pathlib.Path) -> None:
     data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
     end, pos = len(data), 0
 
+    def bad(detail: str, fix: str = "The file is truncated or corrupt; download it again."):
+        return _fail(path, f"is not a readable GGUF file ({detail}).", fix)
+
     def take(n: int) -> int:
         nonlocal pos
         if n < 0 or pos + n > end:
-            raise _fail(path, f"declares more data than its {end} bytes hold (at byte {pos}).",
-                        "The file is truncated or corrupt; download it again.")
+            raise bad(f"it declares more data than its {end} bytes hold, at byte {pos}")
         pos += n
         return pos - n
 
@@ -679,19 +681,19 @@ def _check_gguf_counts(path: pathlib.Path) -> None:
             for _ in range(count):
                 value(elem, depth + 1)
         else:
-            raise _fail(path, f"has a metadata value of unknown type {kind} (at byte {pos}).",
-                        "The file is corrupt or from a newer GGUF version; download it again.")
+            raise bad(f"a metadata value of unknown type {kind} at byte {pos}", "The file is "
+                      "corrupt or from a newer GGUF version; download or convert it again.")
 
     if u(4) != 0x46554747:  # "GGUF"
-        raise _fail(path, "does not start with the GGUF magic.", "Pass a .gguf file.")
+        raise bad("no GGUF magic", "Pass a .gguf file.")
     version = u(4)
     if version not in (2, 3):
-        raise _fail(path, f"is GGUF version {version}; this reader knows 2 and 3.",
-                    "Convert it again with a recent llama.cpp.")
+        raise bad(f"GGUF version {version}; this reader knows 2 and 3",
+                  "Convert it again with a recent llama.cpp.")
     n_tensors, n_kv = u(8), u(8)
     if n_kv * 13 > end - pos or n_tensors * 28 > end - pos:  # the least each can take
-        raise _fail(path, f"declares {n_kv} metadata entries and {n_tensors} tensors, more than "
-                    f"its {end} bytes can hold.", "The file is corrupt; download it again.")
+        raise bad(f"{n_kv} metadata entries and {n_tensors} tensors declared, more than its "
+                  f"{end} bytes can hold")
     for _ in range(n_kv):
         take(u(8))  # key
         value(u(4))
