@@ -28,7 +28,7 @@ def _manifest_errors(directory: Path, what: str):
         yield
     except (FlashFormatError, UnsupportedModelError, FlashIOError):
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as e:
         raise FlashFormatError(f"{directory / 'manifest.json'}: does not match {what} "
                                f"({type(e).__name__}: {e}); re-run `flashinfer-py convert` to "
                                "rebuild the directory.") from None
