@@ -52,29 +52,9 @@ print(json.dumps({"tokens": n, "peak_rss": peak, "plan": m.plan.total, "budget":
 
 
 def _tiny_llama(root):
-    from safetensors.numpy import save_file
+    from numpy_llama import llama_config, write_llama
 
-    rng = np.random.default_rng(0)
-    kv = D // HEADS * 2
-    shapes = {"model.embed_tokens.weight": (VOCAB, D), "model.norm.weight": (D,),
-              "lm_head.weight": (VOCAB, D)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (D, D), p + "self_attn.k_proj.weight": (kv, D),
-                       p + "self_attn.v_proj.weight": (kv, D), p + "self_attn.o_proj.weight": (D, D),
-                       p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-                       p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
-                       p + "mlp.down_proj.weight": (D, F)})
-    src = root / "hf"
-    src.mkdir()
-    save_file({k: (0.2 * rng.standard_normal(s)).astype(np.float16) for k, s in shapes.items()},
-              str(src / "model.safetensors"))
-    (src / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D,
-        "intermediate_size": F, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-        "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 16384,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-        "tie_word_embeddings": False, "torch_dtype": "float16"}))
+    src = write_llama(root / "hf", llama_config(D, F, LAYERS, HEADS, 2, VOCAB, 16384), scale=0.2)
     with pytest.warns(UserWarning, match="no tokenizer.json"):  # token ids are all it needs
         return fi.convert(src, root / "m.flash", progress=False)
 

@@ -29,6 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for numpy_llama
+from numpy_llama import llama_config, llama_weights, write_llama  # noqa: E402
+
 D, F, LAYERS, HEADS, VOCAB = 32, 48, 1, 2, 24  # small enough that a seed is a few KB
 # scratch files of every run (a RAM disk where there is one); FLASHINFER_FUZZ_WORK moves it
 SCRATCH = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
@@ -41,38 +44,16 @@ WORK = Path(os.environ.get("FLASHINFER_FUZZ_WORK") or SCRATCH / f"flashinfer-fuz
 
 
 def _config() -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D,
-            "intermediate_size": F, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-            "num_key_value_heads": 1, "vocab_size": VOCAB, "max_position_embeddings": 256,
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-            "tie_word_embeddings": False, "torch_dtype": "float16", "bos_token_id": 1,
-            "eos_token_id": 2}
+    return llama_config(D, F, LAYERS, HEADS, 1, VOCAB, 256)
 
 
 def _weights() -> dict:
-    rng = np.random.default_rng(0)
-    kv = D // HEADS
-    w = {"model.embed_tokens.weight": (VOCAB, D), "model.norm.weight": (D,),
-         "lm_head.weight": (VOCAB, D)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        w.update({p + "self_attn.q_proj.weight": (D, D), p + "self_attn.k_proj.weight": (kv, D),
-                  p + "self_attn.v_proj.weight": (kv, D), p + "self_attn.o_proj.weight": (D, D),
-                  p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-                  p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
-                  p + "mlp.down_proj.weight": (D, F)})
-    return {k: (0.1 * rng.standard_normal(s)).astype(np.float16) for k, s in w.items()}
+    return llama_weights(_config())
 
 
 def _hf_dir(root: Path) -> Path:
-    from safetensors.numpy import save_file
-
     d = root / "hf"
-    if not d.exists():
-        d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps(_config()))
-        save_file(_weights(), str(d / "model.safetensors"))
-    return d
+    return d if d.exists() else write_llama(d, _config())
 
 
 def _flash_dir(root: Path) -> Path:
