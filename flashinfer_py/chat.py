@@ -146,13 +146,14 @@ def _read_override(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"--chat-template {path}: no such file")
     if path.suffix == ".gguf":
-        import gguf
+        from .checkpoint import GGUFCheckpoint
 
-        field = gguf.GGUFReader(path, "r").fields.get("tokenizer.chat_template")
-        if field is None:
+        with GGUFCheckpoint(path) as ckpt:  # the checked reader: a damaged file is refused
+            source = ckpt._field("tokenizer.chat_template")
+        if not isinstance(source, str):
             raise FlashFormatError(f"{path}: this GGUF has no tokenizer.chat_template in its "
                                    "metadata.")
-        return field.contents()
+        return source
     if path.suffix == ".json":
         source = _read_json_template(path)
         if not source:

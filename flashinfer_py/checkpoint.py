@@ -745,7 +745,14 @@ class GGUFCheckpoint(Checkpoint):
 
     def _field(self, key: str, default: Any = None) -> Any:
         field = self._reader.fields.get(key)
-        return default if field is None else field.contents()
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:  # the fuzzer's
+            raise _fail(self.path, f"has an unreadable metadata value {key!r} "
+                        f"({type(e).__name__}: {e}).", "The file is corrupt; download it "
+                        "again.") from None
 
     def _arch_field(self, key: str, default: Any = None, required: bool = True) -> Any:
         value = self._field(f"{self.arch}.{key}", default)

@@ -170,3 +170,17 @@ def test_stream_reports_why_it_stopped(tiny_flash):
     by_text = list(stream(model, ids, 6, stop=[word]))
     assert by_text[-1].finish_reason == "stop"
     assert "".join(d.text for d in by_text) == text[:text.index(word)]
+
+
+@pytest.mark.slow
+def test_the_template_of_a_source_gguf_can_be_given(tiny_flash, tmp_path):
+    """For a directory converted before templates were kept: --chat-template model.gguf."""
+    from flashinfer_py.default_model import default_gguf_path
+
+    try:
+        gguf = default_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    t = ChatTemplate.from_dir(tiny_flash("llama-silu"), override=str(gguf))
+    text = t.render([{"role": "user", "content": "Hi"}])
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
