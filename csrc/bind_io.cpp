@@ -14,6 +14,7 @@
 #include "bundle_format.h"
 #include "bundle_reader.h"
 #include "bundle_writer.h"
+#include "failpoints.h"
 #include "neuron_cache.h"
 #include "thread_pool.h"
 
@@ -235,30 +236,35 @@ void bind_io(py::module_& m) {
   // ---- reader ----------------------------------------------------------------------
   py::class_<ReaderParams>(m, "ReaderParams")
       .def(py::init([](const std::string& engine, int queue_depth, bool use_direct_io,
-                       uint64_t coalesce_gap_bytes, uint64_t max_read_bytes) {
+                       uint64_t coalesce_gap_bytes, uint64_t max_read_bytes,
+                       int64_t read_timeout_ms) {
              ReaderParams p;
              p.engine = engine;
              p.queue_depth = queue_depth;
              p.use_direct_io = use_direct_io;
              p.coalesce_gap_bytes = coalesce_gap_bytes;
              p.max_read_bytes = max_read_bytes;
+             p.read_timeout_ms = read_timeout_ms;
              return p;
            }),
            py::kw_only(), py::arg("engine") = ReaderParams{}.engine,
            py::arg("queue_depth") = ReaderParams{}.queue_depth,
            py::arg("use_direct_io") = ReaderParams{}.use_direct_io,
            py::arg("coalesce_gap_bytes") = ReaderParams{}.coalesce_gap_bytes,
-           py::arg("max_read_bytes") = ReaderParams{}.max_read_bytes)
+           py::arg("max_read_bytes") = ReaderParams{}.max_read_bytes,
+           py::arg("read_timeout_ms") = ReaderParams{}.read_timeout_ms)
       .def_readwrite("engine", &ReaderParams::engine)
       .def_readwrite("queue_depth", &ReaderParams::queue_depth)
       .def_readwrite("use_direct_io", &ReaderParams::use_direct_io)
       .def_readwrite("coalesce_gap_bytes", &ReaderParams::coalesce_gap_bytes)
       .def_readwrite("max_read_bytes", &ReaderParams::max_read_bytes)
+      .def_readwrite("read_timeout_ms", &ReaderParams::read_timeout_ms)
       .def("__repr__", [](const ReaderParams& p) {
         return detail::concat("ReaderParams(engine='", p.engine, "', queue_depth=", p.queue_depth,
                               ", use_direct_io=", p.use_direct_io ? "True" : "False",
                               ", coalesce_gap_bytes=", p.coalesce_gap_bytes,
-                              ", max_read_bytes=", p.max_read_bytes, ")");
+                              ", max_read_bytes=", p.max_read_bytes,
+                              ", read_timeout_ms=", p.read_timeout_ms, ")");
       });
 
   // Registered before BundleReader so its signatures name the Python type.
@@ -452,6 +458,31 @@ void bind_io(py::module_& m) {
           return ran.load();
         },
         py::arg("n_threads"), py::arg("n"), py::arg("fail_at"));
+
+  // Failpoints (csrc/failpoints.h): only in builds with FLASHINFER_FAILPOINTS.
+  t.def("failpoint_names", [] {
+    py::list names;
+    for (const char* name : failpoints::kNames) names.append(name);
+    return names;
+  });
+  t.def("arm_failpoint",
+        [](const std::string& name, long skip, long count, int value) {
+#ifndef FLASHINFER_FAILPOINTS
+          throw std::invalid_argument("this build has no failpoints: rebuild with "
+                                      "-DFLASHINFER_FAILPOINTS=ON (make test does)");
+#endif
+          for (int p = 0; p < failpoints::kCount; ++p)
+            if (name == failpoints::kNames[p]) return failpoints::arm(p, skip, count, value);
+          throw std::invalid_argument(detail::concat("no failpoint named '", name, "'"));
+        },
+        py::arg("name"), py::arg("skip") = 0, py::arg("count") = 1, py::arg("value") = 0,
+        "Arm a failpoint: let `skip` evaluations pass, then fire `count` times (-1: until "
+        "disarmed) with `value`. count=0 disarms it.");
+  t.def("failpoint_fired", [](const std::string& name) -> long {
+    for (int p = 0; p < failpoints::kCount; ++p)
+      if (name == failpoints::kNames[p]) return failpoints::state(p).fired.load();
+    throw std::invalid_argument(detail::concat("no failpoint named '", name, "'"));
+  });
 }
 
 }  // namespace flashinfer

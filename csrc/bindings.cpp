@@ -28,7 +28,13 @@ PYBIND11_MODULE(_core, m) {
     } catch (const flashinfer::FormatError& e) {
       py::set_error(format_error, e.what());
     } catch (const flashinfer::IoError& e) {
-      py::set_error(io_error, e.what());
+      // OSError(errno, message) sets .errno and .strerror like the OS's own errors; .path and
+      // .offset are ours (.filename is left unset: OSError's str() would repeat the path).
+      py::handle type = io_error;
+      py::object exc = e.error_code() != 0 ? type(e.error_code(), e.what()) : type(e.what());
+      exc.attr("path") = e.path().empty() ? py::object(py::none()) : py::str(e.path());
+      exc.attr("offset") = e.offset() < 0 ? py::object(py::none()) : py::int_(e.offset());
+      PyErr_SetObject(io_error.ptr(), exc.ptr());
     }
   });
 
@@ -50,6 +56,11 @@ PYBIND11_MODULE(_core, m) {
 #else
     d["io_uring"] = false;
     d["io_uring_link"] = py::none();
+#endif
+#ifdef FLASHINFER_FAILPOINTS
+    d["failpoints"] = true;
+#else
+    d["failpoints"] = false;
 #endif
 #ifdef FLASHINFER_HAVE_OPENMP
     d["openmp"] = true;

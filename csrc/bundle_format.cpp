@@ -233,10 +233,10 @@ void validate_header(BundleHeader& h, uint64_t file_size, const std::string& pat
 
 BundleHeader read_header(const std::string& path) {
   std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
-  if (!f) throw IoError(detail::concat("cannot open ", path, ": ", std::strerror(errno)));
+  if (!f) throw IoError(detail::concat("cannot open ", path, ": ", std::strerror(errno)), errno, path);
   struct stat st;
   if (fstat(fileno(f.get()), &st) != 0)
-    throw IoError(detail::concat("cannot stat ", path, ": ", std::strerror(errno)));
+    throw IoError(detail::concat("cannot stat ", path, ": ", std::strerror(errno)), errno, path);
   BundleHeader h;
   std::memset(&h, 0, sizeof(h));
   std::size_t got = std::fread(&h, 1, sizeof(h), f.get());

@@ -10,9 +10,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+
+#include "failpoints.h"
 
 #ifdef FLASHINFER_HAVE_IO_URING
 #include <liburing.h>
@@ -40,7 +43,7 @@ struct BundleReader::Uring {
   explicit Uring(unsigned depth) {
     int rc = io_uring_queue_init(depth, &ring, 0);
     if (rc < 0) throw IoError(detail::concat("io_uring_queue_init(", depth, ") failed: ",
-                                             std::strerror(-rc)));
+                                             std::strerror(-rc)), -rc);
   }
   ~Uring() { io_uring_queue_exit(&ring); }
 };
@@ -397,15 +400,44 @@ void BundleReader::execute_threads() {
 }
 
 #ifdef FLASHINFER_HAVE_IO_URING
-// io_uring engine: keep up to queue_depth SQEs in flight on one thread. A short read is
+namespace {
+
+constexpr uint64_t kCancelTag = uint64_t(1) << 63;  // user_data of our cancel requests
+
+// The first error of a call; later ones are dropped (the first names the cause).
+struct Failure {
+  std::string msg;
+  int err = 0;
+  int64_t off = -1;
+  bool empty() const { return msg.empty(); }
+  void set(std::string m, int e, int64_t o) {
+    if (empty()) msg = std::move(m), err = e, off = o;
+  }
+};
+
+}  // namespace
+
+// io_uring engine: keep up to queue_depth reads in flight on one thread. A short read is
 // resubmitted for the rest; -EAGAIN / -EINTR are retried; the first hard error stops new
-// submissions, the ring is drained, and the error is thrown.
+// submissions and the reads already submitted are drained.
+//
+// The invariant: this function never returns, throws, or lets the ring go while the kernel
+// still holds one of its reads, since each of them writes into a caller's row or into
+// scratch_. The two ways a ring can fail keep it:
+//   - the ring refuses a submission: keep reaping what it already holds, then replace it;
+//   - nothing completes within read_timeout_ms: cancel every outstanding read and wait once
+//     more; a read that even cancelling does not end (a hung device) is abandoned with its
+//     ring and the scratch buffer, which are leaked on purpose, and a fresh ring is made.
+//     (The caller's rows such a read targets cannot be protected: the error says so.)
 void BundleReader::execute_uring() {
   io_uring* ring = &uring_->ring;
   const std::size_t n = reqs_.size(), depth = std::size_t(params_.queue_depth);
   std::vector<std::size_t> done(n, 0);  // bytes landed per request
-  std::size_t next = 0, inflight = 0, pending = 0;
-  std::string error;
+  std::vector<char> held(n, 0);         // 1 while request i is prepared or in the kernel
+  std::size_t next = 0, inflight = 0;
+  int refusals = 0;
+  bool cancelled = false, replace = false;
+  Failure fail;
 
   auto prep = [&](std::size_t i) {
     io_uring_sqe* sqe = io_uring_get_sqe(ring);  // never null: inflight <= depth = ring size
@@ -413,58 +445,133 @@ void BundleReader::execute_uring() {
     io_uring_prep_read(sqe, file_.fd(), r.buf + done[i], unsigned(r.len - done[i]),
                        r.off + done[i]);
     io_uring_sqe_set_data64(sqe, i);
-    ++pending;
+    held[i] = 1;
+  };
+  auto finish = [&](std::size_t i) {
+    held[i] = 0;
+    --inflight;
+  };
+  auto where = [&](std::size_t i) {
+    return detail::concat("reading ", path(), " at offset ", reqs_[i].off + done[i], " (",
+                          reqs_[i].len - done[i], " bytes)");
+  };
+  auto first_held = [&]() {
+    return std::size_t(std::find(held.begin(), held.end(), 1) - held.begin());
   };
 
-  while (inflight > 0 || (error.empty() && next < n)) {
-    while (error.empty() && next < n && inflight < depth) {
+  while (inflight > 0 || (fail.empty() && next < n)) {
+    while (fail.empty() && next < n && inflight < depth) {
       prep(next++);
       ++inflight;
     }
     // One syscall: submit what is prepared and wait for at least one completion.
-    int rc = io_uring_submit_and_wait(ring, 1);
-    if (rc >= 0) pending -= std::min<std::size_t>(pending, std::size_t(rc));
-    else if (rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
-      // The ring itself is broken (not one read): give it up for the threads engine.
-      std::string msg = detail::concat("io_uring_submit on ", path(), " failed: ",
-                                       std::strerror(-rc), "; this reader now uses threads");
-      uring_.reset();
-      engine_ = "threads";
-      pool_ = std::make_unique<ThreadPool>(depth);
-      throw IoError(msg);
+    int rc;
+    if (params_.read_timeout_ms > 0) {
+      __kernel_timespec ts{params_.read_timeout_ms / 1000,
+                           (params_.read_timeout_ms % 1000) * 1000000LL};
+      io_uring_cqe* unused = nullptr;
+      rc = io_uring_submit_and_wait_timeout(ring, &unused, 1, &ts, nullptr);
+    } else {
+      rc = io_uring_submit_and_wait(ring, 1);
     }
+    int fp = 0;
+    if (rc >= 0 && FI_FAILPOINT(failpoints::kUringSubmit, &fp)) rc = -fp;
+
+    if (rc == -ETIME && io_uring_cq_ready(ring) == 0) {
+      std::size_t i = first_held();
+      if (cancelled || i == n) {  // cancelling did not end them: abandon ring and scratch
+        fail.set(detail::concat(where(i < n ? i : 0), " did not complete within ",
+                                params_.read_timeout_ms, " ms and could not be cancelled: the "
+                                "device may be failing; the read was abandoned"),
+                 ETIMEDOUT, i < n ? int64_t(reqs_[i].off + done[i]) : -1);
+        abandon_ring();
+        throw IoError(fail.msg, fail.err, path(), fail.off);
+      }
+      fail.set(detail::concat(where(i), " did not complete within ", params_.read_timeout_ms,
+                              " ms (ReaderParams.read_timeout_ms); cancelled"),
+               ETIMEDOUT, int64_t(reqs_[i].off + done[i]));
+      for (std::size_t k = 0; k < n; ++k) {
+        if (!held[k]) continue;
+        io_uring_sqe* sqe = io_uring_get_sqe(ring);
+        if (sqe == nullptr) {  // the ring is full of cancels: send these first
+          io_uring_submit(ring);
+          sqe = io_uring_get_sqe(ring);
+        }
+        if (sqe == nullptr) break;
+        io_uring_prep_cancel64(sqe, k, 0);
+        io_uring_sqe_set_data64(sqe, kCancelTag | k);
+      }
+      cancelled = true;
+      continue;
+    }
+    if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
+      // The ring refused (not one read): what it already holds still lands in our buffers,
+      // so keep reaping; the ring is replaced once it holds nothing.
+      fail.set(detail::concat("io_uring_submit on ", path(), " failed: ", std::strerror(-rc)),
+               -rc, -1);
+      replace = true;
+      if (++refusals > 3) {  // it will not even wait: give it up without freeing anything
+        abandon_ring();
+        throw IoError(fail.msg + "; the ring was abandoned", fail.err, path());
+      }
+    }
+
     io_uring_cqe* cqe = nullptr;
     unsigned head, seen = 0;
     io_uring_for_each_cqe(ring, head, cqe) {
       ++seen;
-      std::size_t i = std::size_t(io_uring_cqe_get_data64(cqe));
+      uint64_t tag = io_uring_cqe_get_data64(cqe);
+      if (tag & kCancelTag) continue;  // a cancel's own completion (also liburing's timeouts)
+      std::size_t i = std::size_t(tag);
       int res = cqe->res;
+      if (FI_FAILPOINT(failpoints::kUringLost, &fp)) continue;  // never arrives: stays held
+      if (FI_FAILPOINT(failpoints::kUringCqeError, &fp)) res = -fp;
+      if (res > 0 && FI_FAILPOINT(failpoints::kUringShort, &fp)) res = std::min(res, fp);
       const Request& r = reqs_[i];
-      if (res == -EAGAIN || res == -EINTR) {
+      if ((res == -EAGAIN || res == -EINTR) && fail.empty()) {
         prep(i);  // transient: same range again
       } else if (res < 0) {
-        if (error.empty())
-          error = detail::concat("reading ", path(), " at offset ", r.off + done[i], " (",
-                                 r.len - done[i], " bytes) failed: ", std::strerror(-res));
-        --inflight;
+        fail.set(detail::concat(where(i), " failed: ", std::strerror(-res)), -res,
+                 int64_t(r.off + done[i]));
+        finish(i);
       } else if (res == 0) {
-        if (error.empty())
-          error = detail::concat("reading ", path(), " at offset ", r.off + done[i], " (",
-                                 r.len - done[i], " bytes) hit end of file (was the file ",
-                                 "truncated or replaced while open?)");
-        --inflight;
+        fail.set(detail::concat(where(i), " hit end of file (was the file truncated or "
+                                "replaced while open?)"), 0, int64_t(r.off + done[i]));
+        finish(i);
       } else {
         done[i] += std::size_t(res);
-        if (done[i] < r.len) prep(i);  // short read: ask for the rest
-        else --inflight;
+        if (done[i] < r.len && fail.empty()) prep(i);  // short read: ask for the rest
+        else finish(i);
       }
     }
     io_uring_cq_advance(ring, seen);
   }
-  if (!error.empty()) throw IoError(error);
+  if (replace) new_ring();  // drained: closing the old ring frees nothing in use
+  if (!fail.empty()) throw IoError(fail.msg, fail.err, path(), fail.off);
+}
+
+// A ring the kernel may still write through: leak it and the scratch buffer (never freed,
+// never reused), then continue on a fresh ring.
+void BundleReader::abandon_ring() {
+  (void)uring_.release();
+  (void)new AlignedBuffer(std::move(scratch_));
+  new_ring();
+}
+
+// A fresh ring of queue_depth entries; the thread pool when the kernel refuses one.
+void BundleReader::new_ring() {
+  uring_.reset();
+  try {
+    uring_ = std::make_unique<Uring>(static_cast<unsigned>(params_.queue_depth));
+  } catch (const IoError&) {
+    engine_ = "threads";
+    pool_ = std::make_unique<ThreadPool>(std::size_t(params_.queue_depth));
+  }
 }
 #else
 void BundleReader::execute_uring() {}
+void BundleReader::abandon_ring() {}
+void BundleReader::new_ring() {}
 #endif
 
 }  // namespace flashinfer

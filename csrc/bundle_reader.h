@@ -36,6 +36,10 @@ struct ReaderParams {
   uint64_t coalesce_gap_bytes = 0;
   // Upper bound on one request (bytes); longer runs are split.
   uint64_t max_read_bytes = 1u << 20;
+  // io_uring: a read call whose reads all stay silent this long (ms) cancels them and fails
+  // with ETIMEDOUT instead of hanging on a failing device. 0 = wait forever. (The threads
+  // engine cannot interrupt a blocked pread.)
+  int64_t read_timeout_ms = 60000;
 };
 
 // What one read call (or the sum of calls) did.
@@ -126,6 +130,8 @@ class BundleReader {
   ReadStats execute_and_count(uint64_t bytes_requested, uint64_t t0);
   void execute_threads();
   void execute_uring();
+  void abandon_ring();  // io_uring: leak a ring the kernel may still write through
+  void new_ring();      // io_uring: a fresh ring, or the thread pool when refused
 
   ReaderParams params_;
   DirectFile file_;

@@ -7,6 +7,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace flashinfer {
 
@@ -17,11 +18,22 @@ class FormatError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// An operating-system I/O failure (open, pread, io_uring). Carries path, offset, errno text.
-// Surfaces in Python as FlashIOError(OSError).
+// An operating-system I/O failure (open, pread, io_uring). The message carries path, offset
+// and errno text; the fields carry them too, so callers test errno == ENOSPC instead of
+// matching text. Surfaces in Python as FlashIOError(OSError) with .errno, .path, .offset.
 class IoError : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit IoError(const std::string& msg, int err = 0, std::string path = {},
+                   int64_t offset = -1)
+      : std::runtime_error(msg), err_(err), path_(std::move(path)), offset_(offset) {}
+  int error_code() const noexcept { return err_; }        // errno; 0: none (e.g. end of file)
+  const std::string& path() const noexcept { return path_; }  // empty: not about one file
+  int64_t offset() const noexcept { return offset_; }     // -1: not about one offset
+
+ private:
+  int err_;
+  std::string path_;
+  int64_t offset_;
 };
 
 // Default direct-I/O alignment: 4096 covers every NVMe / APFS device (512 would do on

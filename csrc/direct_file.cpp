@@ -5,9 +5,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+
+#include "failpoints.h"
 
 namespace flashinfer {
 
@@ -18,7 +21,8 @@ std::string errno_text(int err) { return std::strerror(err); }
 [[noreturn]] void throw_io(const std::string& what, const std::string& path, uint64_t off,
                            std::size_t len, int err) {
   throw IoError(detail::concat(what, " ", path, " at offset ", off, " (", len,
-                               " bytes) failed: ", errno_text(err)));
+                               " bytes) failed: ", errno_text(err)),
+                err, path, int64_t(off));
 }
 
 }  // namespace
@@ -38,12 +42,13 @@ DirectFile::DirectFile(const std::string& path, bool want_direct) : path_(path) 
     // EINVAL: this filesystem does not support O_DIRECT (tmpfs, some FUSE/overlay mounts).
     if (fd_ >= 0) direct_ = true;
     else if (errno != EINVAL)
-      throw IoError(detail::concat("cannot open ", path, ": ", errno_text(errno)));
+      throw IoError(detail::concat("cannot open ", path, ": ", errno_text(errno)), errno, path);
   }
 #endif
   if (fd_ < 0) {
     fd_ = ::open(path.c_str(), flags);
-    if (fd_ < 0) throw IoError(detail::concat("cannot open ", path, ": ", errno_text(errno)));
+    if (fd_ < 0)
+      throw IoError(detail::concat("cannot open ", path, ": ", errno_text(errno)), errno, path);
 #if defined(__APPLE__)
     // macOS has no O_DIRECT; F_NOCACHE asks the unified buffer cache to keep out of the way.
     if (want_direct && fcntl(fd_, F_NOCACHE, 1) == 0) direct_ = true;
@@ -65,7 +70,16 @@ void DirectFile::read_at(void* dst, std::size_t len, uint64_t off) const {
   char* p = static_cast<char*>(dst);
   std::size_t done = 0;
   while (done < len) {
-    ssize_t r = ::pread(fd_, p + done, len - done, static_cast<off_t>(off + done));
+    std::size_t want = len - done;
+    int fp = 0;
+    ssize_t r;
+    if (FI_FAILPOINT(failpoints::kPreadError, &fp)) {
+      r = -1;
+      errno = fp;
+    } else {
+      if (FI_FAILPOINT(failpoints::kPreadShort, &fp)) want = std::min(want, std::size_t(fp));
+      r = ::pread(fd_, p + done, want, static_cast<off_t>(off + done));
+    }
     if (r < 0) {
       if (errno == EINTR) continue;
       throw_io("reading", path_, off + done, len - done, errno);
@@ -73,7 +87,8 @@ void DirectFile::read_at(void* dst, std::size_t len, uint64_t off) const {
     if (r == 0) {
       throw IoError(detail::concat("reading ", path_, " at offset ", off + done, " (",
                                    len - done, " bytes) hit end of file: the file is ", size(),
-                                   " bytes (was it truncated or replaced while open?)"));
+                                   " bytes (was it truncated or replaced while open?)"),
+                    0, path_, int64_t(off + done));
     }
     done += static_cast<std::size_t>(r);
   }
@@ -81,8 +96,8 @@ void DirectFile::read_at(void* dst, std::size_t len, uint64_t off) const {
 
 uint64_t DirectFile::size() const {
   struct stat st;
-  if (fstat(fd_, &st) != 0) throw IoError(detail::concat("cannot stat ", path_, ": ",
-                                                        errno_text(errno)));
+  if (fstat(fd_, &st) != 0)
+    throw IoError(detail::concat("cannot stat ", path_, ": ", errno_text(errno)), errno, path_);
   return static_cast<uint64_t>(st.st_size);
 }
 
@@ -102,7 +117,8 @@ WritableFile::WritableFile(const std::string& path) : path_(path) {
   flags |= O_CLOEXEC;
 #endif
   fd_ = ::open(path.c_str(), flags, 0644);
-  if (fd_ < 0) throw IoError(detail::concat("cannot create ", path, ": ", errno_text(errno)));
+  if (fd_ < 0)
+    throw IoError(detail::concat("cannot create ", path, ": ", errno_text(errno)), errno, path);
 }
 
 WritableFile::~WritableFile() {
@@ -122,7 +138,8 @@ void WritableFile::write_at(const void* src, std::size_t len, uint64_t off) {
         throw IoError(detail::concat("writing ", path_, " at offset ", off + done, " (",
                                      len - done, " bytes) failed: ", errno_text(err),
                                      ": the disk is full; free space or write the bundle "
-                                     "file to another disk"));
+                                     "file to another disk"),
+                    err, path_, int64_t(off + done));
       throw_io("writing", path_, off + done, len - done, err);
     }
     done += static_cast<std::size_t>(r);
@@ -134,7 +151,8 @@ void WritableFile::sync() {
   if (::fsync(fd_) != 0) {
     int err = errno;
     throw IoError(detail::concat("fsync of ", path_, " failed: ", errno_text(err),
-                                 err == ENOSPC ? ": the disk is full" : ""));
+                                 err == ENOSPC ? ": the disk is full" : ""),
+                  err, path_);
   }
 }
 
@@ -143,7 +161,7 @@ void WritableFile::close() {
   int fd = fd_;
   fd_ = -1;
   if (::close(fd) != 0)
-    throw IoError(detail::concat("closing ", path_, " failed: ", errno_text(errno)));
+    throw IoError(detail::concat("closing ", path_, " failed: ", errno_text(errno)), errno, path_);
 }
 
 }  // namespace flashinfer

@@ -26,8 +26,8 @@ from .errors import ConvertError, FlashFormatError, FlashIOError, UnsupportedMod
 # (the submodule stays reachable as `flashinfer_py.convert` in sys.modules).
 from .checkpoint import CheckpointError  # noqa: E402
 from .convert import convert  # noqa: E402
-from .runtime import FlashModel, load  # noqa: E402
+from .runtime import FlashModel, PromptCache, load  # noqa: E402
 
-__all__ = ["__version__", "build_info", "convert", "load", "FlashModel", "ModelArgs",
+__all__ = ["__version__", "build_info", "convert", "load", "FlashModel", "PromptCache", "ModelArgs",
            "RuntimeConfig", "CheckpointError", "ConvertError", "FlashFormatError", "FlashIOError",
            "UnsupportedModelError"]

@@ -20,7 +20,11 @@ class FlashFormatError(ValueError):
     """A file is not what it claims to be (bad magic, sizes, alignment)."""
 
 class FlashIOError(OSError):
-    """The operating system failed a read or write (path, offset, length, strerror)."""
+    """The operating system failed a read or write. ``errno`` is the OS error (None when there
+    is none, e.g. a file shorter than its header says); ``path`` and ``offset`` say where
+    (None when not about one file or offset)."""
+    path: Optional[str]
+    offset: Optional[int]
 
 def read_header(path: str) -> dict[str, Any]: ...
 
@@ -32,9 +36,10 @@ class ReaderParams:
     use_direct_io: bool
     coalesce_gap_bytes: int
     max_read_bytes: int
+    read_timeout_ms: int
     def __init__(self, *, engine: str = "auto", queue_depth: int = 32,
                  use_direct_io: bool = True, coalesce_gap_bytes: int = 0,
-                 max_read_bytes: int = 1048576) -> None: ...
+                 max_read_bytes: int = 1048576, read_timeout_ms: int = 60000) -> None: ...
 
 class ReadStats:
     @property
@@ -159,3 +164,9 @@ def set_kernel_isa(name: str) -> None: ...
 class testing:  # a submodule at runtime
     @staticmethod
     def parallel_for_fail(n_threads: int, n: int, fail_at: int) -> int: ...
+    @staticmethod
+    def failpoint_names() -> list[str]: ...
+    @staticmethod
+    def arm_failpoint(name: str, skip: int = 0, count: int = 1, value: int = 0) -> None: ...
+    @staticmethod
+    def failpoint_fired(name: str) -> int: ...

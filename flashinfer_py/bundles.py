@@ -162,6 +162,9 @@ class ReaderParams:
         coalesce_gap_bytes: merge two requested neurons into one read when the bytes between
             their records are at most this (0 = merge only adjacent records).
         max_read_bytes: upper bound on one read request; longer runs are split.
+        read_timeout_ms: io_uring engine: a read call none of whose reads completes for this
+            long cancels them and raises FlashIOError (errno ETIMEDOUT) instead of hanging on
+            a failing device; 0 waits forever. The threads engine cannot interrupt a pread.
     """
 
     engine: str = _DEFAULTS.engine
@@ -169,6 +172,7 @@ class ReaderParams:
     use_direct_io: bool = _DEFAULTS.use_direct_io
     coalesce_gap_bytes: int = _DEFAULTS.coalesce_gap_bytes
     max_read_bytes: int = _DEFAULTS.max_read_bytes
+    read_timeout_ms: int = _DEFAULTS.read_timeout_ms
 
     def _native(self) -> _ReaderParams:
         return _ReaderParams(**dataclasses.asdict(self))

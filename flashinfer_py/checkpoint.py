@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import io_error
+
 __all__ = ["Checkpoint", "CheckpointError", "open_checkpoint"]
 
 # Files that make up a tokenizer in a Hugging Face directory, copied as they are.
@@ -258,12 +260,12 @@ class _SafetensorsFile:
         broken = "The file is truncated or not a safetensors file; download or convert it again."
         if size < 8:
             raise _fail(self.file, f"is {size} bytes, too short for a safetensors header.", broken)
-        n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+        n = int.from_bytes(self._pread(8, 0), "little")
         if n < 2 or n > _MAX_HEADER or 8 + n > size:
             raise _fail(self.file, f"declares a {n}-byte header but the file is {size} bytes.",
                         broken)
         try:
-            header = json.loads(os.pread(self._fd, n, 8).decode("utf-8"))
+            header = json.loads(self._pread(n, 8).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _fail(self.file, f"has a corrupt JSON header ({e}).", broken) from None
         if not isinstance(header, dict):
@@ -346,10 +348,19 @@ class _SafetensorsFile:
         self._pread_into(out, offset, name)
         return out.reshape(shape)
 
+    def _pread(self, n: int, offset: int) -> bytes:
+        try:
+            return os.pread(self._fd, n, offset)
+        except OSError as e:  # a failing disk: say which file and where
+            raise io_error(e, "reading", self.file, offset) from None
+
     def _pread_into(self, arr: np.ndarray, offset: int, name: str) -> None:
         view, done = memoryview(arr).cast("B"), 0
         while done < len(view):  # pread may return short counts
-            got = os.preadv(self._fd, [view[done:]], offset + done)
+            try:
+                got = os.preadv(self._fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise io_error(e, f"reading {name!r} from", self.file, offset + done) from None
             if got == 0:
                 raise _fail(self.file, f"ended while reading {name!r}.", "The file was truncated "
                             "after it was opened; download it again.")
@@ -626,6 +637,68 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+# GGUF metadata value types (gguf-py's GGUFValueType): fixed sizes; 8 = string, 9 = array
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _check_gguf_counts(path: pathlib.Path) -> None:
+    """Walk a GGUF's header and metadata with every count checked against the bytes left.
+
+    gguf's reader builds one view per array element before it checks anything, so a 100-byte
+    file whose header declares an array of 2^60 strings keeps it busy for ever (the fuzzer
+    found it). Here each count must fit the file first; a real file passes in milliseconds.
+    """
+    data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    end, pos = len(data), 0
+
+    def bad(detail: str, fix: str = "The file is truncated or corrupt; download it again."):
+        return _fail(path, f"is not a readable GGUF file ({detail}).", fix)
+
+    def take(n: int) -> int:
+        nonlocal pos
+        if n < 0 or pos + n > end:
+            raise bad(f"it declares more data than its {end} bytes hold, at byte {pos}")
+        pos += n
+        return pos - n
+
+    def u(n: int) -> int:
+        at = take(n)
+        return int.from_bytes(data[at:at + n].tobytes(), "little")
+
+    def value(kind: int, depth: int = 0) -> None:
+        if kind in _GGUF_SIZES:
+            take(_GGUF_SIZES[kind])
+        elif kind == 8:  # a string: u64 length, bytes
+            take(u(8))
+        elif kind == 9 and depth < 4:  # an array: u32 element type, u64 count, elements
+            elem, count = u(4), u(8)
+            if elem in _GGUF_SIZES:
+                take(_GGUF_SIZES[elem] * count)
+                return
+            least = 8 if elem == 8 else 12  # a string's length; a nested array's type, count
+            if count * least > end - pos:
+                take(count * least)  # raises, naming the file
+            for _ in range(count):
+                value(elem, depth + 1)
+        else:
+            raise bad(f"a metadata value of unknown type {kind} at byte {pos}", "The file is "
+                      "corrupt or from a newer GGUF version; download or convert it again.")
+
+    if u(4) != 0x46554747:  # "GGUF"
+        raise bad("no GGUF magic", "Pass a .gguf file.")
+    version = u(4)
+    if version not in (2, 3):
+        raise bad(f"GGUF version {version}; this reader knows 2 and 3",
+                  "Convert it again with a recent llama.cpp.")
+    n_tensors, n_kv = u(8), u(8)
+    if n_kv * 13 > end - pos or n_tensors * 28 > end - pos:  # the least each can take
+        raise bad(f"{n_kv} metadata entries and {n_tensors} tensors declared, more than its "
+                  f"{end} bytes can hold")
+    for _ in range(n_kv):
+        take(u(8))  # key
+        value(u(4))
+
+
 class GGUFCheckpoint(Checkpoint):
     """A llama.cpp GGUF file. Tensors are dequantized to float32 when read and given the
     Hugging Face names and layout that transformers' own GGUF loader gives them: llama's q/k
@@ -640,7 +713,10 @@ class GGUFCheckpoint(Checkpoint):
         self.path, self.source_dtype = path, "float32"
         self._dequantize = gguf.quants.dequantize
         try:
+            _check_gguf_counts(path)
             self._reader = gguf.GGUFReader(path, "r")
+        except CheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001 - the gguf parser raises many types
             raise _fail(path, f"is not a readable GGUF file ({type(e).__name__}: {e}).",
                         "The file is truncated or corrupt; download it again.") from None
@@ -669,7 +745,14 @@ class GGUFCheckpoint(Checkpoint):
 
     def _field(self, key: str, default: Any = None) -> Any:
         field = self._reader.fields.get(key)
-        return default if field is None else field.contents()
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:  # the fuzzer's
+            raise _fail(self.path, f"has an unreadable metadata value {key!r} "
+                        f"({type(e).__name__}: {e}).", "The file is corrupt; download it "
+                        "again.") from None
 
     def _arch_field(self, key: str, default: Any = None, required: bool = True) -> Any:
         value = self._field(f"{self.arch}.{key}", default)
@@ -783,6 +866,11 @@ class GGUFCheckpoint(Checkpoint):
             shape = (rows[1] - rows[0], *shape[1:])
         w = w.reshape(shape)
         if heads:
+            if heads <= 0 or shape[0] % (2 * heads):
+                raise _fail(self.path, f"stores {t.name} with {shape[0]} rows, which "
+                            f"{heads} attention heads of an even head size cannot make.",
+                            "The metadata's head counts and the tensors disagree: the file is "
+                            "damaged; download or convert it again.")
             w = unpermute_qk(w, heads)
             if rows is not None:
                 w = w[rows[0]:rows[1]]

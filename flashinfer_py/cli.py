@@ -10,6 +10,9 @@ from typing import Optional
 
 EPILOG = """examples:
   flashinfer-py generate --prompt "The capital of France is"      # embedded SmolLM2-135M
+  flashinfer-py generate --chat --prompt "What is the capital of France?"
+  flashinfer-py chat                                               # talk to it
+  flashinfer-py serve --port 8000                                  # OpenAI-compatible API
   flashinfer-py train-predictors                                   # for the embedded model
   flashinfer-py generate --dram-budget 300MB --stats               # FFN streamed from flash
   flashinfer-py convert ./Llama-2-7b-hf ./llama2.flash --dtype float16
@@ -66,6 +69,27 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="reload every needed neuron each token (ablation: no window)")
     s.add_argument("--unbundled", action="store_true",
                    help="read up/gate/down as separate requests (ablation: no bundling)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, tokens_help: str, default_tokens) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", "-n", type=int, default=default_tokens, help=tokens_help)
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def _add_chat_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("chat template")
+    g.add_argument("--system", default=None, metavar="TEXT",
+                   help="a system message to start the conversation with (default: none; "
+                        "the template may add its own, SmolLM2's does)")
+    g.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="the chat template to use instead of the model's own: a jinja file, a "
+                        "tokenizer_config.json, or a .gguf whose metadata holds one (e.g. the "
+                        "GGUF an older directory was converted from). Default: DIR's "
+                        "chat_template.jinja or tokenizer_config.json")
 
 
 def _runtime(ns):
@@ -130,14 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a flash directory",
                        description="Stream generated text to the terminal. Without DIR, uses the "
-                       "embedded default model (SmolLM2-135M-Instruct, converted once and cached).")
+                       "embedded default model (SmolLM2-135M-Instruct, converted once and "
+                       "cached). With --chat, the prompt is one user message in the model's "
+                       "chat template and only the answer is printed.")
     g.add_argument("dir", nargs="?", default=None, help="flash directory (default: embedded SmolLM2)")
     g.add_argument("--prompt", "-p", default=None, help="prompt text (default: a fixed demo prompt)")
-    g.add_argument("--max-tokens", "-n", type=int, default=64, help="tokens to generate (default 64)")
-    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the model's chat template "
+                        "(instruct models), and stop at the end of the answer")
+    _add_sampling_args(g, "tokens to generate (default 64)", 64)
+    _add_chat_args(g)
     g.add_argument("--stats", action="store_true", help="print per-token statistics to stderr")
     g.add_argument("--summary", action="store_true",
                    help="print the memory plan and a summary of the statistics to stderr at "
@@ -145,6 +171,55 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="with --stats: one JSON object per token on stderr, and a summary")
     _add_runtime_args(g)
+
+    ch = sub.add_parser("chat", help="talk to a model in the terminal, through its chat template",
+                        description="An interactive chat: each line you type is a user message, "
+                        "rendered with the model's own chat template; the answer streams as it "
+                        "is generated. The conversation's KV cache is kept between turns, so a "
+                        "turn runs only its new tokens. Commands: /reset starts a new "
+                        "conversation, /exit (or Ctrl-D) leaves, \"\"\" starts and ends a "
+                        "message of several lines; Ctrl-C stops an answer. Without a terminal, "
+                        "reads one message per line from standard input.",
+                        epilog='example: flashinfer-py chat --system "Answer in one sentence." '
+                        "--dram-budget 300MB")
+    ch.add_argument("dir", nargs="?", default=None, help="flash directory (default: embedded SmolLM2)")
+    _add_sampling_args(ch, "most tokens an answer may have (default: the context left)", None)
+    _add_chat_args(ch)
+    ch.add_argument("--stats", action="store_true",
+                    help="after each answer, print its tokens, speed and the prompt tokens the "
+                         "cache already held, to stderr")
+    _add_runtime_args(ch)
+
+    sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                        description="Serve one model over HTTP with the OpenAI API: GET /health, "
+                        "GET /v1/models, POST /v1/completions and POST /v1/chat/completions "
+                        "(stream: true for server-sent events; temperature, top_p, top_k, "
+                        "max_tokens, stop, seed). One generation runs at a time; up to "
+                        "--queue-size requests wait, and more are refused with 429 and "
+                        "Retry-After. A client that disconnects cancels its generation. No "
+                        "authentication: it listens on loopback unless --host says otherwise. "
+                        "Needs pip install 'flashinfer_py[serve]'.",
+                        epilog="example: flashinfer-py serve ./llama2.flash --port 8000 "
+                        "--dram-budget 4GB, then: curl http://127.0.0.1:8000/v1/chat/completions "
+                        "-H 'Content-Type: application/json' -d '{\"messages\": [{\"role\": "
+                        "\"user\", \"content\": \"Hello\"}]}'")
+    sv.add_argument("dir", nargs="?", default=None, help="flash directory (default: embedded SmolLM2)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 "
+                         "exposes the model to the network, without authentication)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    sv.add_argument("--queue-size", type=int, default=8,
+                    help="requests that may wait while one generates (default 8); more get 429")
+    sv.add_argument("--name", default=None,
+                    help="the model id clients see and send (default: DIR's name)")
+    sv.add_argument("--chat-template", default=None, metavar="FILE",
+                    help="chat template instead of the model's own (a jinja file, a "
+                         "tokenizer_config.json or a .gguf); without any, /v1/chat/completions "
+                         "answers 400 and /v1/completions still works")
+    sv.add_argument("--log-level", default="info",
+                    choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (default info: a line per request)")
+    _add_runtime_args(sv)
 
     i = sub.add_parser("info", help="describe a flash directory and this build",
                        description="Print the model's configuration, file layout and DRAM needs, "
@@ -187,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "flash under a DRAM budget below the model's size, printing per-token "
                         "statistics and the peak memory, and finally measure what that budget "
                         "costs in perplexity on held-out text.")
-    dm.add_argument("--prompt", "-p", default=None, help="prompt text")
+    dm.add_argument("--prompt", "-p", default=None,
+                    help="the question, sent through SmolLM2's chat template (default: \"What "
+                         "is the capital of France?\")")
     dm.add_argument("--max-tokens", "-n", type=int, default=32, help="tokens to generate (default 32)")
 
     b = sub.add_parser("bench-disk", help="measure random-read throughput of a disk (Figure 2b)",
@@ -274,25 +351,138 @@ def cmd_generate(ns) -> int:
     directory = ns.dir or _default_dir()
     prompt = ns.prompt
     if prompt is None:
-        from .default_model import DEFAULT_PROMPT
+        from .default_model import DEFAULT_CHAT_PROMPT, DEFAULT_PROMPT
 
-        prompt = DEFAULT_PROMPT
+        prompt = DEFAULT_CHAT_PROMPT if ns.chat else DEFAULT_PROMPT
     model = load(directory, _runtime(ns))
+    ends = set(model.args.eos_token_ids)
+    if ns.chat:
+        from .chat import ChatTemplate
+
+        template = ChatTemplate.from_dir(directory, ns.chat_template)
+        messages = ([{"role": "system", "content": ns.system}] if ns.system else []) + [
+            {"role": "user", "content": prompt}]
+        feed = template.encode(model.tokenizer, messages)
+        ends.update(template.stop_token_ids(model.tokenizer))
+    else:
+        feed = prompt
+        print(prompt, end="", flush=True)
     if model.sparse and (ns.stats or ns.summary):
         print("memory plan:\n" + model.plan.describe(), file=sys.stderr)
-    print(prompt, end="", flush=True)
     steps = []
-    for step in model.generate_step(prompt, ns.max_tokens, ns.temperature, ns.top_k, ns.top_p, ns.seed):
-        if step.token not in model.args.eos_token_ids:
+    for step in model.generate_step(feed, ns.max_tokens, ns.temperature, ns.top_k, ns.top_p,
+                                    ns.seed, stop_at_eos=False):
+        if step.token not in ends:
             print(step.text, end="", flush=True)
         steps.append(step)
         if ns.stats:
             row = {"token": step.token, "ms": round(step.seconds * 1e3, 2), **step.stats}
             print(json.dumps(row) if ns.json else _stats_line(len(steps), step), file=sys.stderr)
+        if step.token in ends:
+            break
     print()
     if ns.stats or ns.summary:
         summary = _summary(model, steps)
         print(json.dumps(summary) if ns.json else _summary_text(summary), file=sys.stderr)
+    return 0
+
+
+CHAT_HELP = """commands: /reset (new conversation), /exit or Ctrl-D (leave), \"\"\" (a message of
+several lines, ended by another \"\"\"), /help; Ctrl-C stops an answer"""
+
+
+def cmd_chat(ns) -> int:
+    from .chat import ChatTemplate, Conversation
+    from .runtime import load
+
+    directory = ns.dir or _default_dir()
+    model = load(directory, _runtime(ns))
+    conv = Conversation(model, ChatTemplate.from_dir(directory, ns.chat_template), ns.system)
+    tty = sys.stdin.isatty()
+    if tty:
+        import readline  # noqa: F401 - line editing and history for input()
+
+        print(f"chatting with {model.directory.name} ({model.max_context} tokens of context)"
+              f"\n{CHAT_HELP}", file=sys.stderr)
+    sampling = dict(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed)
+    while True:
+        try:
+            text = _read_message(">>> " if tty else "", "... " if tty else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /exit leaves)", file=sys.stderr)
+            continue
+        if text is None:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            break
+        if text in ("/reset", "/clear"):
+            conv.reset()
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if text in ("/help", "/?"):
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        try:
+            for piece in conv.say(text, ns.max_tokens, **sampling):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print("\n(stopped)", end="", file=sys.stderr)
+        except ValueError as e:  # the conversation outgrew the context: say so, keep going
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print(flush=True)
+        if ns.stats and conv.last is not None:
+            d = conv.last
+            print(f"[{d.completion_tokens} tokens in {d.seconds:.2f} s "
+                  f"({d.completion_tokens / max(d.seconds, 1e-9):.1f} tokens/s); prompt "
+                  f"{d.prompt_tokens} tokens, {d.cached_tokens} of them cached]", file=sys.stderr)
+    return 0
+
+
+def _read_message(prompt: str, more: str) -> Optional[str]:
+    """One message from the user: a line, or the lines between two \"\"\"; None if blank."""
+    line = input(prompt).strip()
+    if not line.startswith('"""'):
+        return line or None
+    body, lines = line[3:], []
+    while not body.rstrip().endswith('"""'):
+        lines.append(body)
+        body = input(more)
+    lines.append(body.rstrip()[:-3])
+    return "\n".join(lines).strip() or None
+
+
+def cmd_serve(ns) -> int:
+    from . import server as srv
+    from .chat import ChatTemplate
+    from .errors import FlashFormatError
+    from .runtime import load
+
+    directory = ns.dir or _default_dir()
+    model = load(directory, _runtime(ns))
+    try:
+        template = ChatTemplate.from_dir(directory, ns.chat_template)
+    except FlashFormatError as e:
+        if ns.chat_template:
+            raise
+        template = None
+        print(f"warning: {e} /v1/chat/completions will answer 400.", file=sys.stderr)
+    if ns.host not in ("127.0.0.1", "localhost", "::1") and not ns.host.startswith("127."):
+        print(f"warning: listening on {ns.host}: anyone who can reach this address can use the "
+              "model; there is no authentication", file=sys.stderr)
+    name = ns.name
+    if name is None:
+        from .default_model import DEFAULT_MODEL_NAME
+
+        name = model.directory.name if ns.dir else DEFAULT_MODEL_NAME
+    server = srv.Server(model, name, template, queue_size=ns.queue_size)
+    try:
+        srv.run(server, ns.host, ns.port, ns.log_level,
+                announce=lambda line: print(line, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: the normal way out
+        print("stopped", file=sys.stderr)
     return 0
 
 
@@ -412,10 +602,10 @@ def cmd_info(ns) -> int:
 
 
 def cmd_demo(ns) -> int:
-    from .default_model import DEFAULT_PROMPT
+    from .default_model import DEFAULT_CHAT_PROMPT
     from .demo import run
 
-    return run(ns.prompt or DEFAULT_PROMPT, ns.max_tokens)
+    return run(ns.prompt or DEFAULT_CHAT_PROMPT, ns.max_tokens)
 
 
 def cmd_train(ns) -> int:
@@ -457,7 +647,7 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     handler = {"convert": cmd_convert, "generate": cmd_generate, "info": cmd_info,
                "train-predictors": cmd_train, "bench-disk": cmd_bench_disk,
-               "demo": cmd_demo}[ns.command]
+               "demo": cmd_demo, "chat": cmd_chat, "serve": cmd_serve}[ns.command]
     try:
         return handler(ns)
     except KeyboardInterrupt:

@@ -207,6 +207,7 @@ def convert(src, dst, *, dtype: Optional[str] = None, resident_dtype: Optional[s
         raise ConvertError(f"{dst} already exists; choose another destination or pass --force "
                            "(force=True) to replace it once the new conversion is complete.")
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(dst)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -217,7 +218,7 @@ def convert(src, dst, *, dtype: Optional[str] = None, resident_dtype: Optional[s
         _move_into_place(tmp, dst, force)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC or "No space left" in str(e):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # FlashIOError carries errno too
             raise ConvertError(f"{dst.parent}: no space left on the device while converting {src}. "
                                "Free space or pick a destination on another disk; nothing was changed "
                                "at the destination.") from None
@@ -229,15 +230,58 @@ def convert(src, dst, *, dtype: Optional[str] = None, resident_dtype: Optional[s
 
 
 def _move_into_place(tmp: Path, dst: Path, force: bool) -> None:
-    if dst.exists():
-        if not force:  # appeared while we were converting
-            raise ConvertError(f"{dst} appeared during conversion; not replacing it without --force.")
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, old)
+    """Rename the finished directory to dst. Replacing one is a single atomic exchange where
+    the kernel has it (Linux renameat2), so a kill at any moment leaves dst complete, old or
+    new; elsewhere dst is missing for the moment between two renames."""
+    if not dst.exists():
         os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
+        return
+    if not force:  # appeared while we were converting
+        raise ConvertError(f"{dst} appeared during conversion; not replacing it without --force.")
+    if _exchange(tmp, dst):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
+        return
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the file system cannot
+        return False
+    raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}")
+
+
+def _remove_stale(dst: Path) -> None:
+    """Remove what killed conversions to dst left beside it (.dst.tmp-PID, .dst.old-PID of
+    processes that no longer run); never a directory `load` accepts, which needs dst's name."""
+    for p in dst.parent.glob(f".{dst.name}.*-*"):
+        kind, _, pid = p.name[len(dst.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _Notes:

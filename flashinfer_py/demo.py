@@ -1,11 +1,13 @@
 """`flashinfer-py demo`: the embedded SmolLM2 run dense, then streamed from flash under a DRAM
-budget smaller than the model, with per-token statistics. What `make demo` runs."""
+budget smaller than the model, with per-token statistics. What `make demo` runs.
+
+SmolLM2-135M-Instruct is an instruct model: the question goes through its own chat template
+(`generate --chat`), as a user of a chat model would ask it."""
 from __future__ import annotations
 
 import shlex
 import subprocess
 import sys
-import time
 
 from .config import format_bytes
 
@@ -28,10 +30,15 @@ def run(prompt: str, max_tokens: int, budget_fraction: float = 0.95,
           f"(resident part {format_bytes(dense.info()['resident_bytes'])}, "
           f"FFN {format_bytes(model_bytes - dense.info()['resident_bytes'])})")
 
-    _say("dense (everything in DRAM)")
-    t0 = time.perf_counter()
-    print(prompt + "".join(dense.generate(prompt, max_new_tokens=max_tokens)), flush=True)
-    print(f"[{max_tokens / (time.perf_counter() - t0):.1f} tokens/s]")
+    _say("dense (everything in DRAM), the question in SmolLM2's chat template")
+    from .chat import ChatTemplate, stream
+
+    template = ChatTemplate.from_dir(directory)
+    ids = template.encode(dense.tokenizer, [{"role": "user", "content": prompt}])
+    print(f"user: {prompt}\nassistant: ", end="", flush=True)
+    for d in stream(dense, ids, max_tokens, stop_ids=template.stop_token_ids(dense.tokenizer)):
+        print(d.text, end="", flush=True)
+    print(f"\n[{d.completion_tokens} tokens, {d.completion_tokens / d.seconds:.1f} tokens/s]")
     dense_manifest, dense_args = dense.manifest, dense.args
     del dense
 
@@ -62,7 +69,8 @@ def run(prompt: str, max_tokens: int, budget_fraction: float = 0.95,
          f"its size in DRAM, a neuron cache of {plan.cache_line()} plus 4-bit sketches of the "
          "others; per token, the uncached neurons the sketch ranks highest replace the cached "
          f"ones that matter least, up to {100 * rt.read_limit:.0f}% of a layer")
-    base = [sys.executable, "-m", "flashinfer_py", "generate", str(directory), "--prompt", prompt,
+    base = [sys.executable, "-m", "flashinfer_py", "generate", str(directory), "--chat",
+            "--prompt", prompt,
             "-n", str(max_tokens), "--max-context", "128", "--dram-budget", str(budget)]
     rc = _run(base)
     _say("what that budget costs in quality: perplexity on held-out Wikipedia text "

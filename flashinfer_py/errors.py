@@ -8,6 +8,15 @@
 from ._core import FlashFormatError, FlashIOError  # registered by the native module
 
 
+def io_error(e: OSError, what: str, path, offset=None) -> FlashIOError:
+    """A FlashIOError for an OSError that Python code hit, shaped as the native ones: errno,
+    the message naming the file and offset, .path and .offset."""
+    where = f" at offset {offset}" if offset is not None else ""
+    err = FlashIOError(e.errno, f"{what} {path}{where} failed: {e.strerror or e}")
+    err.path, err.offset = str(path), offset
+    return err
+
+
 class UnsupportedModelError(ValueError):
     """The checkpoint's architecture or an option in its config is not supported."""
 
@@ -16,4 +25,5 @@ class ConvertError(ValueError):
     """The converter refused to run or found an inconsistent checkpoint."""
 
 
-__all__ = ["FlashFormatError", "FlashIOError", "UnsupportedModelError", "ConvertError"]
+__all__ = ["FlashFormatError", "FlashIOError", "UnsupportedModelError", "ConvertError",
+           "io_error"]

@@ -166,11 +166,26 @@ def read_manifest(directory: Path) -> dict:
         raise FlashFormatError(f"{path}: format_version {ver!r}, this flashinfer_py reads versions "
                                f"{', '.join(map(str, READABLE_VERSIONS))}; {_HINT} with this "
                                "version.")
-    for key in ("model", "dtype", "files", "bundle", "checksums"):
-        if key not in m:
-            raise FlashFormatError(f"{path}: field {key!r} missing; {_HINT}.")
+    for key, kind in (("model", dict), ("dtype", str), ("files", dict), ("bundle", dict),
+                      ("checksums", dict)):
+        if not isinstance(m.get(key), kind):
+            raise FlashFormatError(f"{path}: field {key!r} missing or not a {kind.__name__}; "
+                                   f"{_HINT}.")
+    for name, meta in m["checksums"].items():
+        if (Path(name).name != name or not isinstance(meta, dict)
+                or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str)):
+            raise FlashFormatError(f"{path}: checksums entry {name!r} is not a file name with "
+                                   f"bytes and sha256; {_HINT}.")
+    files = m["files"]
+    for key in ("dense", "bundles"):
+        if not isinstance(files.get(key), str) or files[key] not in m["checksums"]:
+            raise FlashFormatError(f"{path}: files.{key} must name a file listed in checksums; "
+                                   f"{_HINT}.")
+    if not isinstance(m.get("resident_formats", {}), dict):
+        raise FlashFormatError(f"{path}: resident_formats is not an object; {_HINT}.")
     fmts = [m["dtype"], *m.get("resident_formats", {}).values()]
-    bad = [f for f in fmts if f not in dtypes.FORMATS or (ver == 1 and dtypes.FORMATS[f].quantized)]
+    bad = [f for f in fmts if not isinstance(f, str) or f not in dtypes.FORMATS
+           or (ver == 1 and dtypes.FORMATS[f].quantized)]
     if bad:
         raise FlashFormatError(f"{path}: unknown storage format {bad[0]!r}; {_HINT}.")
     return m

@@ -19,6 +19,7 @@ class StepResult:
     text: str = ""                   # the decoded piece this token added ("" while incomplete)
     seconds: float = 0.0             # wall time of this step (the prompt's forward for step 0)
     prompt_tokens: int = 0
+    cached_tokens: int = 0           # of the prompt, taken from a PromptCache rather than run
     stats: dict = field(default_factory=dict)  # per-token runtime statistics (I/O, cache, ...)
 
 
@@ -54,3 +55,34 @@ def generate_step(forward: Callable[[np.ndarray], np.ndarray], prompt_ids: Itera
         if tok in stop:
             return
         feed = np.array([tok], dtype=np.int64)
+
+
+class StopStrings:
+    """Finds stop strings in streamed text, as OpenAI's ``stop`` does.
+
+    ``add(piece)`` returns the text that is safe to show: text that may be the start of a stop
+    string is held back until the next pieces decide. When a stop string appears, ``hit`` is
+    set, and the stop string and anything after it are dropped. ``flush()`` returns what is
+    held back once generation ends without one.
+    """
+
+    def __init__(self, stops: Iterable[str] = ()):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.hit: Optional[str] = None
+
+    def add(self, piece: str) -> str:
+        text = self.pending + piece
+        found = [(text.find(s), s) for s in self.stops if s in text]
+        if found:
+            at, self.hit = min(found)
+            self.pending = ""
+            return text[:at]
+        hold = max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:n])), default=0)
+        self.pending = text[len(text) - hold:]
+        return text[:len(text) - hold]
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

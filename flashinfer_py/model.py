@@ -50,6 +50,12 @@ class KVCache:
     def reset(self) -> None:
         self.size = 0
 
+    def truncate(self, size: int) -> None:
+        """Forget every position from `size` on (the next append writes there)."""
+        if not 0 <= size <= self.size:
+            raise ValueError(f"cannot truncate a cache of {self.size} positions to {size}")
+        self.size = size
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k + self.v)

@@ -16,6 +16,9 @@ What "active" means is stored with the predictors (``label``):
 from __future__ import annotations
 
 import json
+import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -118,7 +121,10 @@ class Predictors:
                   "meta": self.meta, "sketch": self.sketch}
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
+        with open(tmp, "wb") as f:  # complete on disk before it replaces the previous file
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(path)
         return path
 
@@ -132,6 +138,7 @@ class Predictors:
                 f"{directory} --text FILE` (or use --selection oracle/all).")
         try:
             with np.load(path, allow_pickle=False) as z:
+                _check_sizes(z)
                 header = json.loads(bytes(z["header"]).decode())
                 if header.get("format") not in (1, PREDICTOR_FORMAT):
                     raise ValueError(f"format {header.get('format')!r}, this version reads "
@@ -144,14 +151,21 @@ class Predictors:
                     cal = Calibration(*(z[k].astype(np.float32 if k != "cal_err_k" else np.int64)
                                         for k in ("cal_hot", "cal_err_k", "cal_err",
                                                   "cal_down_norm")))
-        except (KeyError, ValueError, OSError, json.JSONDecodeError) as e:
-            raise FlashFormatError(f"{path}: unreadable predictor file ({e}); retrain with "
-                                   "`flashinfer-py train-predictors`.") from None
+            label, thresholds = str(header["label"]), [float(t) for t in header["act_thresholds"]]
+            meta, sketch = dict(header.get("meta") or {}), header.get("sketch")
+            if sketch is not None and not isinstance(sketch, dict):
+                raise ValueError("header.sketch is not an object")
+        # what a damaged zip, npy or JSON header raises (the fuzzer found each of these)
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError, OSError, EOFError,
+                NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error,
+                json.JSONDecodeError, UnicodeDecodeError) as e:  # RuntimeError: "encrypted"
+            raise FlashFormatError(f"{path}: unreadable predictor file ({type(e).__name__}: "
+                                   f"{e}); retrain with `flashinfer-py train-predictors`.") from None
         m = manifest["model"]
         d, f, L = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"]
-        if (n not in (0, L) or any(p.A.shape[0] != d or p.B.shape[1] != f
-                                   or p.A.shape[1] != p.B.shape[0] or p.b.shape != (f,)
-                                   for p in layers)
+        if (n not in (0, L) or any(p.A.ndim != 2 or p.B.ndim != 2 or p.A.shape[0] != d
+                                   or p.B.shape[1] != f or p.A.shape[1] != p.B.shape[0]
+                                   or p.b.shape != (f,) for p in layers)
                 or (cal is not None and not _calibration_fits(cal, L, f))):
             raise FlashFormatError(f"{path}: predictor shapes do not match this model "
                                    f"({L} layers, d={d}, d_ff={f}); retrain them.")
@@ -161,12 +175,26 @@ class Predictors:
                 f"{path}: these predictors were trained on other weights (the FFN bundle checksum "
                 f"differs): stale after a fine-tune or re-conversion. Retrain with "
                 f"`flashinfer-py train-predictors {directory} --text FILE`.")
-        return cls(layers, header["label"], list(header["act_thresholds"]),
-                   header["weights_sha256"], header.get("meta", {}), cal, header.get("sketch"))
+        return cls(layers, label, thresholds, header["weights_sha256"], meta, cal, sketch)
+
+
+def _check_sizes(z) -> None:
+    """Every array's declared size fits its zip member: numpy allocates an array before it
+    reads it, so a damaged header must not make it allocate terabytes."""
+    for name in z.files:
+        info = z.zip.getinfo(name + ".npy")
+        with z.zip.open(info) as f:
+            fmt = np.lib.format
+            read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else \
+                fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+        if dtype.hasobject or int(np.prod(shape, dtype=object)) * dtype.itemsize > info.file_size:
+            raise ValueError(f"{name}: shape {shape} of {dtype} does not fit its "
+                             f"{info.file_size} bytes")
 
 
 def _calibration_fits(cal: Calibration, L: int, f: int) -> bool:
     k = cal.err_k
-    return (cal.hot.shape == (L, f) and cal.down_norm.shape == (L, f) and k.ndim == 1
+    return (k.ndim == 1 and k.size >= 2 and cal.hot.shape == (L, f) and cal.down_norm.shape == (L, f) and k.ndim == 1
             and cal.err.shape == (L, k.size) and k.size >= 2 and k[0] == 0 and k[-1] == f
             and bool((np.diff(k) > 0).all()) and bool(np.isfinite(cal.err).all()))

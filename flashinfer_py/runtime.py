@@ -5,6 +5,7 @@ This is the object developers embed: ``model = flashinfer_py.load(DIR)``, then
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -12,10 +13,69 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .config import ModelArgs, RuntimeConfig
+from .errors import FlashFormatError, FlashIOError, UnsupportedModelError
 from .format import check_files, load_dense, read_manifest, resident_formats
 from .generate import StepResult, generate_step
 from .model import KVCache, ResidentFFN, Transformer
 from .sampling import make_sampler
+
+
+@contextlib.contextmanager
+def _manifest_errors(directory: Path, what: str):
+    """Errors of a manifest that parses but does not describe the files (a field of the wrong
+    type, a shape that disagrees) as FlashFormatError, not as whatever the code using it hit."""
+    try:
+        yield
+    except (FlashFormatError, UnsupportedModelError, FlashIOError):
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as e:
+        raise FlashFormatError(f"{directory / 'manifest.json'}: does not match {what} "
+                               f"({type(e).__name__}: {e}); re-run `flashinfer-py convert` to "
+                               "rebuild the directory.") from None
+
+
+def _check_against_bundles(directory: Path, manifest: dict, args: ModelArgs) -> None:
+    """The manifest's shape is the bundle file's (whose header is checked against the file's
+    length): a damaged manifest must not make the loader plan for a billion layers."""
+    from .bundles import read_header
+
+    h = read_header(str(directory / manifest["files"]["bundles"]))
+    ours = (args.num_hidden_layers, args.hidden_size, args.intermediate_size)
+    if ours != (h["n_layers"], h["d_model"], h["d_ff"]):
+        raise FlashFormatError(
+            f"{directory / 'manifest.json'}: layers, hidden size and FFN size {ours} disagree "
+            f"with {manifest['files']['bundles']} ({h['n_layers']}, {h['d_model']}, "
+            f"{h['d_ff']}); re-run `flashinfer-py convert` to rebuild the directory.")
+
+
+class PromptCache:
+    """A KV cache and the token ids whose keys and values it holds: a conversation's context.
+
+    Pass the same one to successive ``generate_step`` calls (``model.new_prompt_cache()``):
+    each call keeps the longest prefix its prompt shares with the ids already run and runs only
+    the rest, so the turns of a chat, or requests that share a system prompt, do not recompute
+    what came before (llama.cpp's server calls this ``cache_prompt``).
+    """
+
+    def __init__(self, kv: KVCache):
+        self.kv = kv
+        self.tokens: list[int] = []  # ids run so far, in order; the last sampled id is not
+
+    def reuse(self, ids: list[int]) -> int:
+        """Keep the longest prefix of the cached ids that `ids` starts with, leaving at least
+        one id of `ids` to run (its logits are needed); return how many are kept."""
+        n, limit = 0, min(len(self.tokens), len(ids) - 1)
+        while n < limit and self.tokens[n] == ids[n]:
+            n += 1
+        self.truncate(n)
+        return n
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+        self.kv.truncate(n)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 class FlashModel:
@@ -25,12 +85,15 @@ class FlashModel:
         self.directory = Path(directory).expanduser()
         self.manifest = read_manifest(self.directory)
         check_files(self.directory, self.manifest, verify=verify)
-        self.args = ModelArgs.from_dict(self.manifest["model"])
+        with _manifest_errors(self.directory, "its model configuration"):
+            self.args = ModelArgs.from_dict(self.manifest["model"])
+            _check_against_bundles(self.directory, self.manifest, self.args)
+            self.resident_formats = resident_formats(self.manifest)
         self.dtype = self.manifest["dtype"]  # the FFN records' storage format
-        self.resident_formats = resident_formats(self.manifest)
         self.runtime = runtime or RuntimeConfig()
         self.max_context = min(self.runtime.max_context, self.args.max_position_embeddings)
-        dense = load_dense(self.directory, self.manifest)
+        with _manifest_errors(self.directory, "the resident tensors"):
+            dense = load_dense(self.directory, self.manifest)
         bundle_path = str(self.directory / self.manifest["files"]["bundles"])
         self.sparse = self.runtime.sparse
         self.predictors = None
@@ -43,9 +106,11 @@ class FlashModel:
             self.ffn = SparseFFN(self.directory, self.manifest, self.args, dense, self.runtime,
                                  self.predictors, self.plan)
         else:
-            self.ffn = ResidentFFN(bundle_path, self.args, dense, self.runtime)
-        self.transformer = Transformer(self.args, dense, self.resident_formats, self.ffn,
-                                       self.runtime)
+            with _manifest_errors(self.directory, "the FFN bundle file"):
+                self.ffn = ResidentFFN(bundle_path, self.args, dense, self.runtime)
+        with _manifest_errors(self.directory, "the resident tensors"):
+            self.transformer = Transformer(self.args, dense, self.resident_formats, self.ffn,
+                                           self.runtime)
         self._tokenizer = None
 
     # ------------------------------------------------------------------ pieces
@@ -59,6 +124,10 @@ class FlashModel:
 
     def new_cache(self) -> KVCache:
         return KVCache(self.args, self.max_context)
+
+    def new_prompt_cache(self) -> PromptCache:
+        """An empty conversation context to pass to `generate_step(prompt_cache=...)`."""
+        return PromptCache(self.new_cache())
 
     # ------------------------------------------------------------------ API
     def reset(self) -> None:
@@ -103,24 +172,45 @@ class FlashModel:
 
     def generate_step(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
-                      stop_at_eos: bool = True) -> Iterator[StepResult]:
-        """Yield a StepResult per generated token; `prompt` is text or a list of token ids."""
+                      stop_at_eos: bool = True,
+                      prompt_cache: Optional[PromptCache] = None) -> Iterator[StepResult]:
+        """Yield a StepResult per generated token; `prompt` is text or a list of token ids.
+
+        Without `prompt_cache` the prompt starts from an empty context. With one, the prompt
+        continues it: the ids it shares with the cache's start are not run again, and the ids
+        run (prompt and generated) are added to it as they go.
+        """
         from .tokenizer import StreamingDetokenizer
 
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         has_tok = isinstance(prompt, str) or (self.directory / "tokenizer.json").is_file()
         if len(ids) + max_new_tokens > self.max_context:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"the context limit {self.max_context}; shorten one or raise max_context")
-        cache = self.new_cache()
-        self.reset()
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")
+        pc = prompt_cache if prompt_cache is not None else self.new_prompt_cache()
+        kept = pc.reuse(ids)
+        if kept == 0:
+            self.reset()
+
+        def forward(feed):
+            try:
+                out = self.forward(feed, pc.kv, last_only=True)
+            except BaseException:  # a failed read: the cache holds only what ran completely
+                pc.truncate(len(pc.tokens))
+                raise
+            pc.tokens.extend(int(t) for t in feed)
+            return out
+
         detok = StreamingDetokenizer(self.tokenizer) if has_tok else None
-        yield from generate_step(
-            lambda feed: self.forward(feed, cache, last_only=True), ids,
-            make_sampler(temperature, top_k, top_p, seed), max_new_tokens,
-            stop_ids=self.args.eos_token_ids if stop_at_eos else (),
-            on_token=detok.add if detok is not None else None,
-            stats=(lambda: dict(self.last_stats)) if self.sparse else None)
+        for step in generate_step(
+                forward, ids[kept:], make_sampler(temperature, top_k, top_p, seed),
+                max_new_tokens, stop_ids=self.args.eos_token_ids if stop_at_eos else (),
+                on_token=detok.add if detok is not None else None,
+                stats=(lambda: dict(self.last_stats)) if self.sparse else None):
+            step.prompt_tokens, step.cached_tokens = len(ids), kept
+            yield step
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None) -> Iterator[str]:

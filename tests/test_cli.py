@@ -78,3 +78,56 @@ def test_demo_help_describes_the_budget(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "budget" in capsys.readouterr().out
+
+
+TEMPLATE = ("{% for m in messages %}w{{ 4 if m.role == 'user' else 8 }} {{ m.content }} w9 "
+            "{% endfor %}{% if add_generation_prompt %}w8{% endif %}")
+
+
+def test_chat_reads_messages_and_keeps_the_conversation(tiny_flash, tmp_path, monkeypatch, capsys):
+    import io
+
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text(TEMPLATE)
+    d = tiny_flash("llama-silu")
+    lines = 'w5 w6\n\n"""\nw7\nw8\n"""\n/reset\nw5 w6\n/exit\nw9\n'
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert main(["chat", str(d), "--chat-template", str(tpl), "-n", "3", "--stats"]) == 0
+    out, err = capsys.readouterr()
+    answers = out.splitlines()
+    stats = [line for line in err.splitlines() if line.startswith("[")]
+    assert len(answers) == len(stats) == 3  # the blank line is no message; /exit ends it
+    assert answers[0] == answers[2]  # after /reset, the same message gets the same answer
+    cached = [int(s.split(", ")[-1].split()[0]) for s in stats]
+    assert cached[0] == 0 and cached[1] > 0  # turn 2 reuses turn 1's keys and values
+    assert "(new conversation)" in err
+
+
+def test_generate_chat_prints_only_the_answer(tiny_flash, tmp_path, capsys):
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text(TEMPLATE)
+    d = tiny_flash("llama-silu")
+    assert main(["generate", str(d), "--chat", "--chat-template", str(tpl), "-p", "w5 w6",
+                 "-n", "4"]) == 0
+    out = capsys.readouterr().out
+    import flashinfer_py as fi
+    from flashinfer_py.chat import ChatTemplate, stream
+
+    model = fi.load(d)
+    ids = ChatTemplate(TEMPLATE, "t").encode(model.tokenizer, [{"role": "user", "content": "w5 w6"}])
+    assert out == "".join(x.text for x in stream(model, ids, 4)) + "\n"
+
+
+def test_chat_without_a_template_says_where_it_looked(tiny_flash, capsys):
+    d = tiny_flash("llama-silu")
+    assert main(["chat", str(d)]) == 1
+    err = capsys.readouterr().err
+    assert str(d) in err and "chat_template.jinja" in err and "--chat-template" in err
+
+
+def test_serve_help_names_the_endpoints_and_the_queue(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for word in ("/v1/chat/completions", "/v1/completions", "429", "--queue-size", "127.0.0.1"):
+        assert word in out

@@ -225,13 +225,16 @@ def test_truncated_after_open_raises_from_worker(bundle, engine):
     with pytest.raises(FlashIOError, match="end of file") as ei:
         r.read(1, ids)
     assert str(path) in str(ei.value)
+    assert ei.value.errno is None  # no OS error: the file is shorter than its header says
+    assert ei.value.path == str(path) and ei.value.offset >= keep
     # The engine is still usable afterwards.
     assert r.read(0, [1, 50]).tobytes() == expected_records(mats, 0, [1, 50], 2048).tobytes()
 
 
 def test_thread_pool_rethrows_first_worker_error():
-    with pytest.raises(FlashIOError, match="injected failure at item 5"):
+    with pytest.raises(FlashIOError, match="injected failure at item 5") as ei:
         testing.parallel_for_fail(8, 1000, 5)
+    assert ei.value.path is None and ei.value.offset is None
     assert testing.parallel_for_fail(8, 1000, 10**6) == 1000  # no failure: every item runs
 
 

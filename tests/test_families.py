@@ -94,7 +94,8 @@ def test_sparse_with_every_neuron_is_dense(name, selection, tiny_flash, prompt_i
     assert m.ffn.total.loaded > 0
 
 
-@pytest.mark.parametrize("mode", [dict(window=1), dict(reuse=False), dict(window=3, bundled=False)])
+@pytest.mark.parametrize("mode", [dict(window=1), dict(reuse=False), dict(window=3, bundled=False),
+                                  dict(window=3, compute="predicted")])
 def test_opt350m_relu_oracle_is_exact(mode, tiny_flash, prompt_ids):
     """OPT-350m's shape is ReLU: its true active set is sparse and gives the dense logits."""
     d = tiny_flash("opt-350m")
@@ -105,6 +106,31 @@ def test_opt350m_relu_oracle_is_exact(mode, tiny_flash, prompt_ids):
     assert rel_err(got, ref) < 1e-5
     f = m.args.intermediate_size * m.args.num_hidden_layers
     assert 0 < m.ffn.total.needed < 0.8 * f * len(prompt_ids)  # ReLU: about half fire
+
+
+@pytest.mark.parametrize("name", ["llama-relu", "opt"])
+def test_compute_predicted_with_the_true_active_set_is_dense(name, tiny_flash, prompt_ids):
+    """compute="predicted": each token runs with its own neurons only, not the window's union
+    the cache holds. With ReLU's exact active set (the oracle) the rest are zero, so the
+    logits are the dense ones, in prompt chunks and token by token; and fewer neurons are
+    computed than the cache holds."""
+    d = tiny_flash(name)
+    ref = fi.load(d).logits(prompt_ids)
+    m = fi.load(d, fi.RuntimeConfig(sparse=True, selection="oracle", window=4,
+                                    compute="predicted", prefill_chunk=4))
+    calls = []
+    rows = m.ffn.rows
+
+    def count(layer, x):  # (cache rows, bias, the token's rows among them, ids)
+        out = rows(layer, x)
+        calls.append((out[2] is not None and len(out[2]) < len(out[3])))
+        return out
+
+    m.ffn.rows = count
+    cache = m.new_cache()
+    got = [m.forward(prompt_ids[:9], cache)] + [m.forward([t], cache) for t in prompt_ids[9:]]
+    assert rel_err(np.concatenate(got), ref) < 1e-5
+    assert any(calls)  # the subset path ran: the window held more than a token needed
 
 
 def test_gemma3_sparse_geglu_matches_transformers_on_the_same_neurons(tiny_hf, tiny_flash,

