@@ -90,7 +90,10 @@ def test_sparse_with_every_neuron_is_dense(name, selection, tiny_flash, prompt_i
     assert m.sparse
     cache = m.new_cache()
     got = [m.forward(prompt_ids[:9], cache)] + [m.forward([t], cache) for t in prompt_ids[9:]]
-    assert rel_err(np.concatenate(got), ref) < 1e-5
+    # token by token against the whole prompt at once: other kernels (GEMV vs blocked GEMM)
+    # and thread splits sum in other orders; Gemma 3's reached 1.05e-5 under load. A missing
+    # or wrong neuron moves the logits by 1e-3 or more.
+    assert rel_err(np.concatenate(got), ref) < 3e-5
     assert m.ffn.total.loaded > 0
 
 
@@ -129,7 +132,10 @@ def test_compute_predicted_with_the_true_active_set_is_dense(name, tiny_flash, p
     m.ffn.rows = count
     cache = m.new_cache()
     got = [m.forward(prompt_ids[:9], cache)] + [m.forward([t], cache) for t in prompt_ids[9:]]
-    assert rel_err(np.concatenate(got), ref) < 1e-5
+    # token by token against the whole prompt at once: other kernels (GEMV vs blocked GEMM)
+    # and thread splits sum in other orders; Gemma 3's reached 1.05e-5 under load. A missing
+    # or wrong neuron moves the logits by 1e-3 or more.
+    assert rel_err(np.concatenate(got), ref) < 3e-5
     assert any(calls)  # the subset path ran: the window held more than a token needed
 
 
