@@ -478,6 +478,9 @@ void bind_io(py::module_& m) {
         py::arg("name"), py::arg("skip") = 0, py::arg("count") = 1, py::arg("value") = 0,
         "Arm a failpoint: let `skip` evaluations pass, then fire `count` times (-1: until "
         "disarmed) with `value`. count=0 disarms it.");
+  t.def("_failpoint_states", [] {  // for _bookkeeping's copy of the read path (failpoints.h)
+    return py::capsule(static_cast<void*>(failpoints::own_states()), failpoints::kCapsule);
+  });
   t.def("failpoint_fired", [](const std::string& name) -> long {
     for (int p = 0; p < failpoints::kCount; ++p)
       if (name == failpoints::kNames[p]) return failpoints::state(p).fired.load();

@@ -33,9 +33,25 @@ struct State {
   std::atomic<int> value{0};
 };
 
-inline State& state(int p) {
+// Each extension module links its own copy of the core (_core, and _bookkeeping, whose
+// NeuronCache::replace reads through its own copy of the reader's code), so each would have its
+// own states. The states are _core's: _bookkeeping points at them when it is imported
+// (_core.testing._failpoint_states() hands them over in a capsule named kCapsule).
+inline constexpr const char* kCapsule = "flashinfer.failpoints";
+
+inline State*& shared_states() {
+  static State* shared = nullptr;
+  return shared;
+}
+
+inline State* own_states() {
   static State states[kCount];
-  return states[p];
+  return states;
+}
+
+inline State& state(int p) {
+  State* s = shared_states();
+  return (s ? s : own_states())[p];
 }
 
 // True when point `p` fires now; then *value holds the armed value. Thread-safe.

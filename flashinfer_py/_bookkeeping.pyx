@@ -37,6 +37,7 @@ cdef extern from *:
     #include <new>
     #include <stdexcept>
     #include "common.h"
+    #include "failpoints.h"
     static PyObject* fi_format_error = NULL;
     static PyObject* fi_io_error = NULL;
     static void fi_set_errors(PyObject* fmt, PyObject* io) {
@@ -51,7 +52,22 @@ cdef extern from *:
       } catch (const flashinfer::FormatError& e) {
         PyErr_SetString(fi_format_error, e.what());
       } catch (const flashinfer::IoError& e) {
-        PyErr_SetString(fi_io_error, e.what());
+        // as _core's translator: OSError(errno, message) when there is an errno, and the
+        // file and offset as .path and .offset (None when the error is not about one)
+        PyObject* exc = e.error_code() != 0
+            ? PyObject_CallFunction(fi_io_error, "is", e.error_code(), e.what())
+            : PyObject_CallFunction(fi_io_error, "s", e.what());
+        if (exc == NULL) return;  // the constructor's own error stands
+        PyObject* path = e.path().empty() ? (Py_INCREF(Py_None), Py_None)
+                                          : PyUnicode_DecodeFSDefault(e.path().c_str());
+        PyObject* offset = e.offset() < 0 ? (Py_INCREF(Py_None), Py_None)
+                                          : PyLong_FromLongLong(e.offset());
+        if (path != NULL && offset != NULL && PyObject_SetAttrString(exc, "path", path) == 0
+            && PyObject_SetAttrString(exc, "offset", offset) == 0)
+          PyErr_SetObject(fi_io_error, exc);
+        Py_XDECREF(path);
+        Py_XDECREF(offset);
+        Py_DECREF(exc);
       } catch (const std::invalid_argument& e) {
         PyErr_SetString(PyExc_ValueError, e.what());
       } catch (const std::bad_alloc&) {
@@ -62,9 +78,14 @@ cdef extern from *:
         PyErr_SetString(PyExc_RuntimeError, "unknown C++ exception in flashinfer_py._bookkeeping");
       }
     }
+    static void fi_share_failpoints(void* states) {
+      flashinfer::failpoints::shared_states() =
+          static_cast<flashinfer::failpoints::State*>(states);
+    }
     """
     void fi_set_errors(object fmt, object io)
     void fi_raise()
+    void fi_share_failpoints(void* states)
     uint64_t now_ns "flashinfer::now_ns"() nogil
 
 
@@ -97,6 +118,9 @@ cdef extern from "neuron_cache.h" namespace "flashinfer" nogil:
 
 
 fi_set_errors(FlashFormatError, FlashIOError)
+from ._core import testing as _testing  # noqa: E402
+# the read path's failpoints are _core's (csrc/failpoints.h)
+fi_share_failpoints(PyCapsule_GetPointer(_testing._failpoint_states(), b"flashinfer.failpoints"))
 
 
 # ---------------------------------------------------------------------------------------
