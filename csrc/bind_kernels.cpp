@@ -326,6 +326,15 @@ py::array from_float32_py(const py::array& a, const std::string& dtype, py::obje
   return o;
 }
 
+double stream_sum_py(const py::array& a, int threads) {
+  FI_CHECK(a.dtype().is(py::dtype::of<float>()), "a must be float32, got ", dtype_str(a));
+  check_contig(a, "a");
+  const float* p = static_cast<const float*>(a.data());
+  const int64_t count = a.size();
+  py::gil_scoped_release release;
+  return stream_sum(p, count, threads);
+}
+
 // ---- 4-bit sketches (kernels_q4.h) -----------------------------------------------------
 
 // A C-contiguous 1-D int64 array of indices, each in [0, bound).
@@ -525,6 +534,9 @@ void bind_kernels(py::module_& m) {
         py::arg("scale") = py::none(), py::arg("out") = py::none(), py::arg("threads") = 0,
         "Estimated |FFN activation| of every 4-bit sketch record, max over the rows of x, "
         "times scale: records hold up (and gate) parts.");
+  m.def("stream_sum", &stream_sum_py, py::arg("a"), py::arg("threads") = 0,
+        "Sum of a float32 array, read once on the kernels' threads (AVX-512 loads where the "
+        "CPU has them): the memory read bandwidth a kernel can reach (benchmarks).");
   m.def("kernel_isa", []() { return std::string(isa_name(kernel_isa())); },
         "The instruction set the kernels use now: 'avx512', 'avx2' or 'scalar'.");
   m.def("set_kernel_isa", &set_kernel_isa, py::arg("name"),

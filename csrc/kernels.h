@@ -8,8 +8,11 @@
 //
 // Every kernel has a portable scalar path and an AVX2+FMA+F16C path picked at runtime
 // (the library is built without -march so wheels run on any x86_64 / arm64); the block
-// formats' dot products also have an AVX-512 VNNI path. Threading is OpenMP inside the call;
-// no kernel throws once compute has started, so callers validate arguments first
+// formats' dot products also have an AVX-512 VNNI path, and their decode accumulation a
+// 512-bit one. One input (decode) runs each weight row whole, one after the other (a
+// contiguous matrix is then one sequential stream for the prefetchers). Threading: the
+// kernel pool (thread_pool.h: the caller takes work items too, workers spin briefly between
+// calls); no kernel throws once compute has started, so callers validate arguments first
 // (bind_kernels.cpp does) and may release the GIL around the call.
 #pragma once
 
@@ -41,8 +44,8 @@ Activation parse_activation(const std::string& name);
 // The activation of one pre-activation value (param: the fatrelu threshold).
 float activate(Activation act, float v, float param);
 
-// OpenMP threads for a call of `work` multiply-adds: `threads` (<= 0: all), or 1 when the
-// work is too small to pay for a fork/join.
+// Threads for a call of `work` multiply-adds: `threads` (<= 0: OpenMP's count, all cores
+// unless OMP_NUM_THREADS says otherwise), or 1 when the work is too small to share.
 int resolve_threads(int threads, double work);
 
 // ---- linear: y = x @ w.T + bias -------------------------------------------------------
@@ -90,6 +93,14 @@ struct FfnRowsArgs {
   int threads = 0;
 };
 void ffn_rows(const FfnRowsArgs& a);
+
+// ---- memory read reference -------------------------------------------------------------
+
+// Sum of count float32 values, read once, on the kernels' threads and pool in blocks of
+// 256 KiB (AVX-512 loads where the CPU has them, else AVX2, else scalar). The benchmarks'
+// measure of this machine's memory read bandwidth as a kernel can see it: nothing but loads
+// and adds, so any kernel's GB/s compares with it directly.
+double stream_sum(const float* p, int64_t count, int threads);
 
 // ---- dtype conversion -----------------------------------------------------------------
 

@@ -345,3 +345,41 @@ def test_conversion_rejects_bad_arguments():
         K.to_float32(np.zeros((4, 4), np.float16)[:, ::2])
     with pytest.raises(ValueError, match=r"isa must be"):
         K.set_kernel_isa("neon9000")
+
+
+# ---- the kernels' thread pool and the read reference ----------------------------------------
+
+
+def test_compute_pool_runs_every_item_and_rethrows_the_first_error():
+    from flashinfer_py._core import FlashIOError, testing
+
+    ran, slots = testing.compute_pool_fail(2, 1000, -1)
+    assert ran == 1000 and 1 <= slots <= 2
+    with pytest.raises(FlashIOError, match="injected failure at item 7"):
+        testing.compute_pool_fail(2, 1000, 7)
+    # the other items still ran, and the pool serves the next call
+    assert testing.compute_pool_fail(2, 1000, -1)[0] == 1000
+    assert testing.compute_pool_fail(1, 50, -1) == (50, 1)  # one thread: the caller alone
+
+
+def test_kernels_from_concurrent_python_threads():
+    """The GIL is released in the kernels: calls from several threads at once share the pool
+    (a caller that finds it busy runs its call alone) and each gets its own result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(SEED + 9)
+    ws = [to_storage(rng.standard_normal((300, 256)), "float16") for _ in range(4)]
+    xs = [rng.standard_normal((1, 256)).astype(np.float32) for _ in range(4)]
+    want = [K.linear(x, w, threads=1) for x, w in zip(xs, ws)]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda i: [K.linear(xs[i], ws[i], threads=2) for _ in range(50)],
+                          range(4)))
+    for i in range(4):
+        for y in got[i]:
+            np.testing.assert_allclose(y, want[i], rtol=1e-6, atol=1e-6)
+
+
+def test_stream_sum(isa):
+    a = np.arange(1 << 20, dtype=np.float32) % 7 - 3
+    assert K.stream_sum(a) == pytest.approx(float(a.astype(np.float64).sum()), abs=1e-3)
+    assert K.stream_sum(a[:37], threads=1) == pytest.approx(float(a[:37].sum()))
