@@ -455,6 +455,15 @@ void bind_io(py::module_& m) {
           return std::make_pair(ran.load(), seen);
         },
         py::arg("threads"), py::arg("n"), py::arg("fail_at"));
+  t.def("compute_pool_stats", []() {
+    const ComputePool::Stats s = ComputePool::instance().stats();
+    py::dict d;
+    d["shared"] = s.shared;
+    d["solo"] = s.solo;
+    d["stalls"] = s.stalls;
+    d["workers"] = ComputePool::instance().workers();
+    return d;
+  }, "Calls the kernel pool shared with workers, ran alone after a stall, and stalls.");
 }
 
 }  // namespace flashinfer

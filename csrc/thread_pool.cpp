@@ -111,6 +111,12 @@ namespace {
 // machine. Spinning longer than the gaps only burns a core that another process could use.
 constexpr uint64_t kSpinNs = 200'000;
 
+// A caller that waits this long for a worker's item after finishing its own: the worker lost
+// its core mid-item (an item is ~32 KiB of weights, a few us). On a machine with more
+// runnable threads than cores a second thread then costs more than it gives.
+constexpr uint64_t kStallNs = 50'000;
+constexpr int64_t kMaxSolo = 4096;  // calls (about 30 decode steps of a small model)
+
 constexpr int kTicketBits = 28;
 constexpr uint64_t kTicketMask = (uint64_t(1) << kTicketBits) - 1;
 
@@ -187,7 +193,11 @@ void ComputePool::worker_loop(int index) {
     uint32_t spins = 0;
     while (gen_.load(std::memory_order_acquire) == seen && !stop_.load(std::memory_order_relaxed)) {
       FI_PAUSE();
-      if (++spins % 256 == 0 && now_ns() - t0 > kSpinNs) {
+      // Yield now and then: on an idle core that returns at once, on a shared one it hands
+      // the core to whoever waits for it (the caller's Python, another process) instead of
+      // burning this thread's share of it.
+      if (++spins % 16 == 0) std::this_thread::yield();
+      if (spins % 256 == 0 && now_ns() - t0 > kSpinNs) {
         std::unique_lock<std::mutex> lk(mu_);
         sleepers_.fetch_add(1);  // seq_cst: pairs with the caller's gen_ bump, then check
         cv_.wait(lk, [&] { return gen_.load() != seen || stop_.load(); });
@@ -205,10 +215,12 @@ void ComputePool::run_erased(int64_t n, int threads, Call call, void* ctx) {
   if (n <= 0) return;
   threads = std::min(threads, kMaxWorkers + 1);
   std::unique_lock<std::mutex> busy(call_mu_, std::defer_lock);
-  if (threads <= 1 || n <= 1 || !busy.try_lock()) {
+  if (threads <= 1 || n <= 1 || !busy.try_lock() || (solo_calls_ > 0 && solo_calls_--)) {
+    if (busy.owns_lock()) solo_.fetch_add(1, std::memory_order_relaxed);
     for (int64_t i = 0; i < n; ++i) call(ctx, i, 0);
     return;
   }
+  shared_.fetch_add(1, std::memory_order_relaxed);
   FI_CHECK(n <= static_cast<int64_t>(kTicketMask), "too many work items: ", n);
   grow(threads - 1);
   call_.store(call, std::memory_order_relaxed);
@@ -224,9 +236,25 @@ void ComputePool::run_erased(int64_t n, int threads, Call call, void* ctx) {
   // Every item is claimed; wait for those still running on workers (a worker that has not
   // claimed one by now never will).
   uint32_t spins = 0;
+  uint64_t wait0 = 0;
+  bool stalled = false;
   while (done_.load(std::memory_order_acquire) < n) {
     FI_PAUSE();
-    if (++spins % 4096 == 0) std::this_thread::yield();  // its core went to someone else
+    if (++spins % 64 == 0) {
+      const uint64_t now = now_ns();
+      if (!wait0) wait0 = now;
+      if (now - wait0 > kStallNs) {  // its core went to someone else: let it have ours
+        stalled = true;
+        std::this_thread::yield();
+      }
+    }
+  }
+  if (stalled) {
+    stalls_.fetch_add(1, std::memory_order_relaxed);
+    backoff_ = std::min(kMaxSolo, std::max<int64_t>(16, 2 * backoff_));
+    solo_calls_ = backoff_;
+  } else {
+    backoff_ /= 2;
   }
   std::exception_ptr err;
   {

@@ -87,6 +87,13 @@ class ComputePool {
   // Workers now started (grown on demand up to threads - 1 of the largest call).
   int workers() const { return static_cast<int>(n_workers_.load()); }
 
+  // Calls shared with workers, calls run on the caller alone because of a recent stall,
+  // and stalls (diagnostics for benchmarks and tests).
+  struct Stats {
+    int64_t shared = 0, solo = 0, stalls = 0;
+  };
+  Stats stats() const { return {shared_.load(), solo_.load(), stalls_.load()}; }
+
   ~ComputePool();
 
  private:
@@ -118,6 +125,12 @@ class ComputePool {
   std::mutex mu_;
   std::condition_variable cv_;
 
+  // Oversubscribed machine: when the caller had to wait for a worker that lost its core in
+  // the middle of an item (kStallNs), the next solo_calls_ calls run on the caller alone;
+  // the count doubles with every further stall (up to kMaxSolo) and halves after a call
+  // whose workers kept up. Guarded by call_mu_.
+  int64_t solo_calls_ = 0, backoff_ = 0;
+  std::atomic<int64_t> shared_{0}, solo_{0}, stalls_{0};
   std::mutex call_mu_;  // one job at a time; a second concurrent caller runs inline
   std::mutex grow_mu_;
   std::atomic<std::size_t> n_workers_{0};
