@@ -73,6 +73,22 @@ inline const E* row_ptr(const Rows& w, int64_t j) {
   return static_cast<const E*>(w.data) + (w.idx ? w.idx[j] : j) * w.stride + w.off;
 }
 
+// One input's FFN over float records (KernelTable::ffn1): offsets in elements.
+struct Ffn1 {
+  const float* x;
+  int64_t d;
+  const void* rows;
+  DType dt;
+  int64_t row_elems;
+  const int32_t* sel;
+  int64_t up_off, gate_off, down_off;
+  Activation act;
+  float act_param;
+  const float* up_bias;
+  float* H;
+  float* out;
+};
+
 struct KernelTable {
   // out[t*ldo + j] (+)= sum_{i in [k0,k1)} x[t*ldx + i] * w_j[i], t < n, j in [j0, j1)
   void (*dot_block)(const float* x, int64_t ldx, int64_t n, const Rows& w, int64_t j0,
@@ -88,6 +104,9 @@ struct KernelTable {
   // reads three short streams at once, which the hardware prefetchers follow poorly: k=576
   // rows streamed at half the rate).
   void (*dot1)(const float* x, int64_t k, const Rows& w, int64_t j0, int64_t j1, float* out);
+  // The FFN of one input on used rows [r0, r1), fused per neuron (Ffn1: every record read
+  // once, front to back; see QFfn1Args for the block formats' twin).
+  void (*ffn1)(const struct Ffn1& a, int64_t r0, int64_t r1);
   void (*to_f32)(const void* src, DType dt, int64_t count, float* dst);
   void (*from_f32)(const float* src, int64_t count, DType dt, void* dst);
 };
@@ -277,6 +296,33 @@ void scalar_dot1(const float* x, int64_t k, const Rows& w, int64_t j0, int64_t j
   FI_DISPATCH_DTYPE(w.dt, scalar_dot1_rows, x, k, w, j0, j1, out);
 }
 
+template <typename E>
+void scalar_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
+  for (int64_t j = r0; j < r1; ++j) {
+    const int64_t row = a.sel ? a.sel[j] : j;
+    const E* rec = static_cast<const E*>(a.rows) + row * a.row_elems;
+    const void* up = rec + a.up_off;
+    float u, g = 0.f;
+    scalar_dot_tile<E, 1, 1>(a.x, a.d, &up, a.d, &u, 1, false);
+    if (a.up_bias) u += a.up_bias[row];
+    if (a.gate_off >= 0) {
+      const void* gp = rec + a.gate_off;
+      scalar_dot_tile<E, 1, 1>(a.x, a.d, &gp, a.d, &g, 1, false);
+    }
+    const float h = a.gate_off >= 0 ? activate(a.act, g, a.act_param) * u
+                                    : activate(a.act, u, a.act_param);
+    a.H[j] = h;
+    if (h != 0.f) {
+      const void* dp = rec + a.down_off;
+      scalar_accum_tile<E, 1, 1>(&h, &dp, 0, a.d, a.out, a.d);
+    }
+  }
+}
+
+void scalar_ffn1(const Ffn1& a, int64_t r0, int64_t r1) {
+  FI_DISPATCH_DTYPE(a.dt, scalar_ffn1_rows, a, r0, r1);
+}
+
 void scalar_to_f32(const void* src, DType dt, int64_t count, float* dst) {
   switch (dt) {
     case DType::F32:
@@ -317,8 +363,8 @@ void scalar_from_f32(const float* src, int64_t count, DType dt, void* dst) {
   }
 }
 
-const KernelTable kScalarTable = {&scalar_dot, &scalar_accum, &scalar_dot1, &scalar_to_f32,
-                                  &scalar_from_f32};
+const KernelTable kScalarTable = {&scalar_dot, &scalar_accum, &scalar_dot1, &scalar_ffn1,
+                                  &scalar_to_f32, &scalar_from_f32};
 
 // =======================================================================================
 // 4. AVX2 + FMA + F16C kernels
@@ -441,23 +487,53 @@ void avx2_accum_block(const float* h, int64_t ldh, int64_t nt, const int32_t* js
 // latency; measured on the dev VM at k=576, f16, one thread: 13-23 GB/s vs 7-9 GB/s for
 // the 3-row tile. (512-bit vectors gave no more: this is memory bound.)
 template <typename E>
+FI_AVX2 inline float avx2_row_dot(const float* x, const E* wr, int64_t k) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(wr + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), load8(wr + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), load8(wr + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), load8(wr + i + 24), a3);
+  }
+  for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(wr + i), a0);
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < k; ++i) s += x[i] * to_f(wr[i]);
+  return s;
+}
+
+template <typename E>
 FI_AVX2 void avx2_dot1_rows(const float* x, int64_t k, const Rows& w, int64_t j0, int64_t j1,
                             float* out) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const E* wr = row_ptr<E>(w, j);
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 32 <= k; i += 32) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(wr + i), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), load8(wr + i + 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), load8(wr + i + 16), a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), load8(wr + i + 24), a3);
-    }
-    for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(wr + i), a0);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < k; ++i) s += x[i] * to_f(wr[i]);
-    out[j] = s;
+  for (int64_t j = j0; j < j1; ++j) out[j] = avx2_row_dot(x, row_ptr<E>(w, j), k);
+}
+
+// Ffn1 (one input, per neuron): up and gate dots, activation, out += h * down (in order,
+// each out vector rounded once per row, as the accumulate tile does).
+template <typename E>
+FI_AVX2 void avx2_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
+  const int64_t d = a.d;
+  for (int64_t j = r0; j < r1; ++j) {
+    const int64_t row = a.sel ? a.sel[j] : j;
+    const E* rec = static_cast<const E*>(a.rows) + row * a.row_elems;
+    float u = avx2_row_dot(a.x, rec + a.up_off, d);
+    if (a.up_bias) u += a.up_bias[row];
+    const float h = a.gate_off >= 0
+                        ? activate(a.act, avx2_row_dot(a.x, rec + a.gate_off, d), a.act_param) * u
+                        : activate(a.act, u, a.act_param);
+    a.H[j] = h;
+    if (h == 0.f) continue;
+    const E* w = rec + a.down_off;
+    const __m256 hv = _mm256_set1_ps(h);
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8)
+      _mm256_storeu_ps(a.out + c, _mm256_fmadd_ps(hv, load8(w + c), _mm256_loadu_ps(a.out + c)));
+    for (; c < d; ++c) a.out[c] += h * to_f(w[c]);
   }
+}
+
+void avx2_ffn1(const Ffn1& a, int64_t r0, int64_t r1) {
+  FI_DISPATCH_DTYPE(a.dt, avx2_ffn1_rows, a, r0, r1);
 }
 
 void avx2_dot1(const float* x, int64_t k, const Rows& w, int64_t j0, int64_t j1, float* out) {
@@ -518,7 +594,7 @@ FI_AVX2 void avx2_from_f32(const float* src, int64_t count, DType dt, void* dst)
   scalar_from_f32(src + i, count - i, dt, static_cast<char*>(dst) + i * eb);
 }
 
-const KernelTable kAvx2Table = {&avx2_dot, &avx2_accum, &avx2_dot1, &avx2_to_f32,
+const KernelTable kAvx2Table = {&avx2_dot, &avx2_accum, &avx2_dot1, &avx2_ffn1, &avx2_to_f32,
                                 &avx2_from_f32};
 
 bool cpu_has_avx2() {
@@ -907,13 +983,34 @@ void ffn_rows(const FfnRowsArgs& args) {
     thread_local std::vector<float> S;         // codes sums
     if (codes) S.resize(static_cast<size_t>(kTileT * dc));
     const int64_t r0 = b * rb, r1 = std::min(n_used, r0 + rb);
-    if (n == 1 && blocks) {
-      qk->dot1(qx, 0, rows_b + a.up_off, a.row_elems, sel, r0, r1, H);
-      if (gated) qk->dot1(qx, 0, rows_b + a.gate_off, a.row_elems, sel, r0, r1, G);
-    } else if (n == 1) {
-      kt.dot1(a.x, d, up, r0, r1, H);
-      if (gated) kt.dot1(a.x, d, gate, r0, r1, G);
-    } else if (blocks) {
+    if (n == 1) {  // decode: fused per neuron, each record read once front to back
+      if (blocks) {
+        QFfn1Args f;
+        f.x = &qx;
+        f.d = d;
+        f.rows = rows_b;
+        f.row_bytes = a.row_elems;
+        f.sel = sel;
+        f.row_ids = a.row_ids;
+        f.up_off = a.up_off;
+        f.gate_off = a.gate_off;
+        f.down_off = a.down_off;
+        f.act = a.act;
+        f.act_param = a.act_param;
+        f.up_bias = a.up_bias;
+        f.down_scales = a.down_scales;
+        f.H = H;
+        f.out = po;
+        f.S = S.data();
+        qk->ffn1(f, r0, r1);
+      } else {
+        const Ffn1 f{a.x, d, a.rows, a.dtype, a.row_elems, sel, a.up_off, a.gate_off,
+                     a.down_off, a.act, a.act_param, a.up_bias, H, po};
+        kt.ffn1(f, r0, r1);
+      }
+      return;
+    }
+    if (blocks) {
       qdot_rows(*qk, qx, n, up, r0, r1, H, n_used);
       if (gated) qdot_rows(*qk, qx, n, gate, r0, r1, G, n_used);
     } else {

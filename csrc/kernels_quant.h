@@ -85,6 +85,29 @@ using QCodesFinishFn = void (*)(const float* S, int64_t lds, const float* hsum, 
                                 const uint16_t* sc, int64_t d_model, int64_t c0, int64_t c1,
                                 float* out, int64_t ldo);
 
+// The FFN of one input (decode) on used rows [r0, r1), fused per neuron: its up (and gate)
+// dot, the activation, then its down part added into out (h != 0 only), one record after
+// the other, so the records are read as one sequential stream. The codes layout
+// (down_scales): rows in neuron-id order, each 32-neuron block's codes summed into S, its
+// scales applied when the block ends.
+struct QFfn1Args {
+  const QuantizedX* x = nullptr;  // (1, d) quantized
+  int64_t d = 0;
+  const uint8_t* rows = nullptr;
+  int64_t row_bytes = 0;
+  const int32_t* sel = nullptr;     // used row j -> row (nullptr: j)
+  const int32_t* row_ids = nullptr;  // row -> neuron id (codes layout; nullptr: the row)
+  int64_t up_off = 0, gate_off = -1, down_off = 0;  // bytes
+  Activation act = Activation::Relu;
+  float act_param = 0.f;
+  const float* up_bias = nullptr;    // by row
+  const uint16_t* down_scales = nullptr;  // codes layout: (d_ff / 32, scale_rows, d)
+  float* H = nullptr;    // h of used row j
+  float* out = nullptr;  // (d,) accumulated
+  float* S = nullptr;    // (d,) scratch (codes layout)
+};
+using QFfn1Fn = void (*)(const QFfn1Args& a, int64_t r0, int64_t r1);
+
 struct QuantKernels {
   DType dtype;
   QDotTileFn dot[kQTileT][kQTileR];      // [T - 1][R - 1]
@@ -92,6 +115,7 @@ struct QuantKernels {
   QAccumTileFn accum[kQTileT][3];        // [T - 1][R in {1, 2, 4} -> 0, 1, 2]
   QCodesTileFn codes[kQTileT][3];        // same indexing
   QCodesFinishFn codes_finish;
+  QFfn1Fn ffn1;
   int scale_rows;                        // rows of the codes layout's scale table: 1 or 2
   // One row: len values <-> whole blocks (quantize: llama.cpp's reference rounding).
   void (*quantize_row)(const float* x, int64_t len, uint8_t* row);

@@ -537,6 +537,75 @@ constexpr QDot1Fn dot1_fn() {
   return &rows_dot1<dot_fn<F, L, 1, 1>()>;
 }
 
+template <class F, Level L>
+constexpr QCodesFinishFn finish_fn() {
+#ifdef FI_HAVE_X86
+  if constexpr (L != Level::Scalar) return &avx2_codes_finish<F>;
+#endif
+  return &scalar_codes_finish<F>;
+}
+
+// One row's dot with one input at level L: the VNNI one-row loop inline, else the level's
+// T = 1, R = 1 tile.
+template <class F, Level L>
+inline float row_dot1(const QuantizedX& x, const uint8_t* row) {
+  float v;
+#ifdef FI_HAVE_X86
+  if constexpr (L == Level::Vnni) {
+    vnni_dot1<F>(x, 0, row, 0, nullptr, 0, 1, &v);
+    return v;
+  }
+#endif
+  dot_fn<F, L, 1, 1>()(x, 0, &row, x.nb, &v, 1);
+  return v;
+}
+
+// QFfn1Fn (kernels_quant.h): every record of [r0, r1) read once, front to back.
+template <class F, Level L>
+void ffn1(const QFfn1Args& a, int64_t r0, int64_t r1) {
+  const bool gated = a.gate_off >= 0, codes = a.down_scales != nullptr;
+  const QAccumTileFn accum = accum_fn<F, L, 1, 1>();
+  const QCodesTileFn code = codes_fn<F, L, 1, 1>();
+  constexpr int kScaleRows = F::kHasMin ? 2 : 1;
+  int64_t blk = -1;   // codes layout: the 32-neuron block summed into S
+  float hsum = 0.f;
+  bool any = false;   // a row of the block had h != 0 (else S is 0: nothing to add)
+  auto finish = [&] {
+    if (blk >= 0 && any)
+      finish_fn<F, L>()(a.S, a.d, &hsum, 1, a.down_scales + blk * kScaleRows * a.d, a.d, 0,
+                        a.d, a.out, a.d);
+  };
+  for (int64_t j = r0; j < r1; ++j) {
+    const int64_t row = a.sel ? a.sel[j] : j;
+    const uint8_t* rec = a.rows + row * a.row_bytes;
+    float u = row_dot1<F, L>(*a.x, rec + a.up_off);
+    if (a.up_bias) u += a.up_bias[row];
+    const float h = gated ? activate(a.act, row_dot1<F, L>(*a.x, rec + a.gate_off), a.act_param) * u
+                          : activate(a.act, u, a.act_param);
+    a.H[j] = h;
+    const uint8_t* down = rec + a.down_off;
+    if (codes) {
+      const int64_t b = (a.row_ids ? a.row_ids[row] : row) / 32;
+      if (b != blk) {
+        finish();
+        blk = b;
+        hsum = 0.f;
+        any = false;
+        std::fill(a.S, a.S + a.d, 0.f);
+      }
+      if (h != 0.f) {
+        code(&h, &down, 0, a.d, a.S, a.d);
+        hsum += h;
+        any = true;
+      }
+    } else if (h != 0.f) {
+      const void* dp = down;
+      accum(&h, &dp, 0, a.d, a.out, a.d);
+    }
+  }
+  if (codes) finish();
+}
+
 template <class F, Level L, int T>
 void fill_row(QuantKernels& k) {
   k.dot[T - 1][0] = dot_fn<F, L, T, 1>();
@@ -560,11 +629,8 @@ QuantKernels make_table(void (*quantize_row)(const float*, int64_t, uint8_t*),
   fill_row<F, L, 3>(k);
   fill_row<F, L, 4>(k);
   k.dot1 = dot1_fn<F, L>();
-#ifdef FI_HAVE_X86
-  k.codes_finish = L == Level::Scalar ? &scalar_codes_finish<F> : &avx2_codes_finish<F>;
-#else
-  k.codes_finish = &scalar_codes_finish<F>;
-#endif
+  k.codes_finish = finish_fn<F, L>();
+  k.ffn1 = &ffn1<F, L>;
   k.scale_rows = F::kHasMin ? 2 : 1;
   k.quantize_row = quantize_row;
   k.dequantize_row = dequantize_row;
