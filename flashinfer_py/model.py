@@ -309,7 +309,10 @@ class FfnOnRows:
 
 class ResidentFFN:
     """Every neuron resident in DRAM: the dense model. Rows are read once from the bundle file
-    (direct I/O) into one aligned matrix per layer."""
+    (direct I/O) and kept packed, one aligned matrix per layer: a record's parts rounded up to
+    64 bytes, without its padding to 4 KiB pages (as the neuron cache packs them). For a 4-bit
+    SmolLM2 that is 1024 of 4096 bytes a neuron: a quarter of the DRAM, and the FFN kernel
+    streams its rows back to back instead of skipping 3 KiB after each."""
 
     def __init__(self, bundle_path: str, args: ModelArgs, dense: dict, runtime: RuntimeConfig):
         from .bundles import BundleReader, ReaderParams, aligned_empty
@@ -319,10 +322,18 @@ class ResidentFFN:
                                                         use_direct_io=runtime.use_direct_io))
         self.kernel = FfnOnRows(args, reader.layout, dense)
         self.rows_by_layer = []
-        ids = np.arange(args.intermediate_size, dtype=np.int32)
+        f = args.intermediate_size
+        eb = np.dtype(reader.numpy_dtype).itemsize
+        packed = min(reader.record_elems, -(-reader.layout.payload_bytes // 64) * 64 // eb)
+        # whole records are read into a staging buffer of at most ~64 MiB, then packed
+        chunk = max(1, min(f, (64 << 20) // (reader.record_elems * eb)))
+        staging = aligned_empty((chunk, reader.record_elems), reader.numpy_dtype)
         for layer in range(args.num_hidden_layers):
-            rows = aligned_empty((args.intermediate_size, reader.record_elems), reader.numpy_dtype)
-            reader.read(layer, ids, rows)
+            rows = aligned_empty((f, packed), reader.numpy_dtype)
+            for i in range(0, f, chunk):
+                ids = np.arange(i, min(f, i + chunk), dtype=np.int32)
+                reader.read(layer, ids, staging[:len(ids)])
+                rows[i:i + len(ids)] = staging[:len(ids), :packed]
             self.rows_by_layer.append(rows)
         self.io_stats = reader.stats()
         self.is_direct = reader.is_direct
