@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -486,8 +487,18 @@ void avx2_accum_block(const float* h, int64_t ldh, int64_t nt, const int32_t* js
 // One row at a time, four independent accumulators (32 elements a step) to cover the FMA
 // latency; measured on the dev VM at k=576, f16, one thread: 13-23 GB/s vs 7-9 GB/s for
 // the 3-row tile. (512-bit vectors gave no more: this is memory bound.)
+// float32 rows: one accumulator, the dot tile's order, so a token alone gets exactly what it
+// gets among others (the tests compare token-by-token with whole prompts to 1e-5; 8 bytes a
+// cycle is memory speed for f32 anyway). 16-bit rows: four accumulators, as one chain of
+// FMAs would cap them at ~4 bytes a cycle, below what one core can stream.
 template <typename E>
 FI_AVX2 inline float avx2_row_dot(const float* x, const E* wr, int64_t k) {
+  if constexpr (std::is_same_v<E, float>) {
+    const void* wp = wr;
+    float s;
+    avx2_dot_tile<float, 1, 1>(x, k, &wp, k, &s, 1, false);
+    return s;
+  }
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t i = 0;
   for (; i + 32 <= k; i += 32) {

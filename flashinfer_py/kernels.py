@@ -22,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from ._core import attend1 as _attend1
 from ._core import dequantize as _dequantize
 from ._core import dequantize_q4 as _dequantize_q4
 from ._core import ffn_rows as _ffn_rows
@@ -31,12 +32,15 @@ from ._core import linear as _linear
 from ._core import q4_scores as _q4_scores
 from ._core import quantize as _quantize
 from ._core import quantize_q4 as _quantize_q4
+from ._core import rms_norm as _rms_norm
+from ._core import rope as _rope
 from ._core import set_kernel_isa as _set_kernel_isa
 from ._core import stream_sum as _stream_sum
 from ._core import to_float32 as _to_float32
 
 __all__ = [
     "ACTIVATIONS",
+    "attend1",
     "dequantize",
     "dequantize_q4",
     "ffn_rows",
@@ -46,6 +50,8 @@ __all__ = [
     "q4_scores",
     "quantize",
     "quantize_q4",
+    "rms_norm",
+    "rope",
     "set_kernel_isa",
     "stream_sum",
     "to_float32",
@@ -245,6 +251,31 @@ def from_float32(
     ``bfloat16`` rounds to nearest even (like torch) and is returned as uint16 bits.
     """
     return _from_float32(a, dtype, out, threads)
+
+
+# ---- the small ops of a decode step (csrc/ops.h) ----------------------------------------
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, *,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """RMSNorm over the last axis: ``x / sqrt(mean(x**2) + eps) * w`` (float32, C-contiguous;
+    ``out`` may be ``x`` itself)."""
+    return _rms_norm(x, w, eps, out)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Rotate-half RoPE in place on the first ``len(cos)`` values of every row of ``x``
+    (Hugging Face's convention; ``cos``/``sin``: one position's table row, float32)."""
+    _rope(x, cos, sin)
+
+
+def attend1(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: int, end: int,
+            scale: float, softcap: float = 0.0, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Softmax attention of one token: ``q`` ``(heads, hd)`` over ``keys``/``values``
+    ``(kv_heads, cap, hd)`` (a KV cache) at positions ``[first, end)``, grouped-query (head h
+    reads kv head ``h // (heads // kv_heads)``), scores ``scale * q.k`` soft-capped at
+    ``softcap`` when > 0. Returns ``(heads, hd)`` float32."""
+    return _attend1(q, keys, values, first, end, scale, softcap, out)
 
 
 def stream_sum(a: np.ndarray, *, threads: int = 0) -> float:

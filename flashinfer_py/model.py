@@ -104,6 +104,7 @@ class _Rope:
         self.gain = float(s["attention_factor"]) if longrope else 1.0
         self.short = self._per_layer(a, long=False)
         self.long = self._per_layer(a, long=True) if longrope else self.short
+        self._tables: dict = {}  # id(inverse frequencies) -> (cos, sin) [positions, dim]
 
     @staticmethod
     def _per_layer(a: ModelArgs, long: bool) -> list[np.ndarray]:
@@ -117,9 +118,25 @@ class _Rope:
         """cos, sin [T, rotary_dim] float32 for positions pos0..pos0+t-1."""
         end = pos0 + t
         long = self.long_after is not None and end > self.long_after
-        ang = np.arange(pos0, end, dtype=np.float64)[:, None] * (self.long if long else self.short)[layer]
+        return self._angles((self.long if long else self.short)[layer], pos0, end)
+
+    def _angles(self, inv: np.ndarray, pos0: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        ang = np.arange(pos0, end, dtype=np.float64)[:, None] * inv
         ang = np.concatenate([ang, ang], axis=-1)
         return (np.cos(ang) * self.gain).astype(np.float32), (np.sin(ang) * self.gain).astype(np.float32)
+
+    def row(self, layer: int, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [rotary_dim] of one position (decode): rows of a table per frequency set,
+        computed as cos_sin computes them and grown by doubling, so a token does not pay for
+        a dozen numpy calls per layer."""
+        long = self.long_after is not None and pos + 1 > self.long_after
+        inv = (self.long if long else self.short)[layer]
+        tab = self._tables.get(id(inv))
+        if tab is None or pos >= len(tab[0]):
+            n = max(256, 2 * (pos + 1), 0 if tab is None else 2 * len(tab[0]))
+            tab = self._angles(inv, 0, n)
+            self._tables[id(inv)] = tab
+        return tab[0][pos], tab[1][pos]
 
 
 class Transformer:
@@ -138,17 +155,42 @@ class Transformer:
         self.rope = _Rope(args) if args.uses_rope else None
         head = "tok_embeddings" if args.tie_word_embeddings else "lm_head"
         self.lm_head, self.lm_head_fmt = dense[head], self.formats[head]
+        self._fuse_qkv()
         self.scale = 1.0 / math.sqrt(args.query_pre_attn_scalar or args.head_dim)
         # observer(layer, ffn_input [T, d], activations [T, d_ff], ref_norm [T]): set to
         # record activations (predictor training, dense models); ref_norm is the norm of the
         # residual stream the FFN output joins, in units of the FFN's own output.
         self.observer = None
 
+    def _fuse_qkv(self) -> None:
+        """Each layer's q, k and v projections as one matrix (rows stacked; their biases too),
+        so a token makes one kernel call instead of three: SmolLM2's k and v are 192 x 576,
+        too small to stream well on their own. The dict's wq/wk/wv become views of it."""
+        self.qkv = []
+        for i in range(self.args.num_hidden_layers):
+            p = f"layers.{i}."
+            names = [p + "wq", p + "wk", p + "wv"]
+            ws = [self.w[n] for n in names]
+            fmt = self.formats[names[0]]
+            if any(self.formats[n] != fmt for n in names) or len({w.shape[1] for w in ws}) != 1:
+                self.qkv.append(None)  # mixed formats: three calls
+                continue
+            w = np.concatenate(ws, axis=0)
+            rows = np.cumsum([0] + [x.shape[0] for x in ws])
+            for n, a, b in zip(names, rows[:-1], rows[1:]):
+                self.w[n] = w[a:b]
+            bias = None
+            if self.args.attention_bias:
+                bias = np.concatenate([self.w[p + "bq"], self.w[p + "bk"], self.w[p + "bv"]])
+            self.qkv.append((w, fmt, bias))
+
     # ------------------------------------------------------------------ small ops
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
         """RMSNorm or LayerNorm over the last axis (q/k norms: per head, x [H, T, hd])."""
         w = self.w[name]
         if self.args.norm == "rmsnorm":
+            if x.flags.c_contiguous and x.dtype == np.float32:
+                return kernels.rms_norm(x, w, self.args.norm_eps)
             var = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
             return (x / np.sqrt(var + self.args.norm_eps)) * w
         mu = x.mean(-1, keepdims=True)
@@ -181,9 +223,18 @@ class Transformer:
         a, p = self.args, f"layers.{layer}."
         t, pos0 = x.shape[0], cache.size
         bias = a.attention_bias
-        q = self._linear(x, p + "wq", p + "bq" if bias else None)
-        k = self._linear(x, p + "wk", p + "bk" if bias else None)
-        v = self._linear(x, p + "wv", p + "bv" if bias else None)
+        fused = self.qkv[layer]
+        if fused is not None:
+            w, fmt, b = fused
+            qkv = kernels.linear(np.ascontiguousarray(x), w, bias=b, fmt=fmt)
+            qd, kd = a.q_dim, a.num_key_value_heads * a.head_dim
+            if t == 1:
+                return self._attention1(layer, qkv[0], cache)
+            q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
+        else:
+            q = self._linear(x, p + "wq", p + "bq" if bias else None)
+            k = self._linear(x, p + "wk", p + "bk" if bias else None)
+            v = self._linear(x, p + "wv", p + "bv" if bias else None)
         q = q.reshape(t, a.num_attention_heads, a.head_dim).transpose(1, 0, 2)  # [H, T, hd]
         k = k.reshape(t, a.num_key_value_heads, a.head_dim).transpose(1, 0, 2)
         v = v.reshape(t, a.num_key_value_heads, a.head_dim).transpose(1, 0, 2)
@@ -195,6 +246,30 @@ class Transformer:
         keys, values = cache.append(layer, k, v)  # [Hkv, S, hd], S = pos0 + T
         out = self._attend(layer, q, keys, values, pos0)  # [T, H * hd]
         return self._linear(out, p + "wo", p + "bo" if a.attention_out_bias else None)
+
+    def _attention1(self, layer: int, qkv: np.ndarray, cache: KVCache) -> np.ndarray:
+        """_attention for one token (decode), on the fused q/k/v output qkv [q_dim + 2 kv_dim]:
+        the norms, RoPE and attention in native code (ops.h), in place on qkv."""
+        a, p = self.args, f"layers.{layer}."
+        hd, h, hkv, pos = a.head_dim, a.num_attention_heads, a.num_key_value_heads, cache.size
+        qd, kd = a.q_dim, hkv * hd
+        q = qkv[:qd].reshape(h, hd)
+        k = qkv[qd:qd + kd].reshape(hkv, hd)
+        v = qkv[qd + kd:].reshape(hkv, 1, hd)
+        if a.qk_norm:
+            kernels.rms_norm(q, self.w[p + "q_norm"], a.norm_eps, out=q)
+            kernels.rms_norm(k, self.w[p + "k_norm"], a.norm_eps, out=k)
+        if self.rope is not None:
+            cos, sin = self.rope.row(layer, pos)
+            kernels.rope(q, cos, sin)
+            kernels.rope(k, cos, sin)
+        cache.append(layer, k.reshape(hkv, 1, hd), v)
+        window = a.window(layer)
+        first = max(0, pos - window + 1) if window else 0
+        out = kernels.attend1(q, cache.k[layer], cache.v[layer], first, pos + 1, self.scale,
+                              a.attn_logit_softcapping or 0.0)
+        return self._linear(out.reshape(1, a.q_dim), p + "wo",
+                            p + "bo" if a.attention_out_bias else None)
 
     def _attend(self, layer: int, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
                 pos0: int) -> np.ndarray:

@@ -383,3 +383,54 @@ def test_stream_sum(isa):
     a = np.arange(1 << 20, dtype=np.float32) % 7 - 3
     assert K.stream_sum(a) == pytest.approx(float(a.astype(np.float64).sum()), abs=1e-3)
     assert K.stream_sum(a[:37], threads=1) == pytest.approx(float(a[:37].sum()))
+
+
+# ---- the small ops of a decode step ----------------------------------------------------------
+
+
+def test_rms_norm_matches_numpy():
+    rng = np.random.default_rng(SEED + 10)
+    x = rng.standard_normal((3, 5, 37)).astype(np.float32) * 3
+    w = rng.standard_normal(37).astype(np.float32)
+    ref = x / np.sqrt(np.mean(np.square(x, dtype=np.float64), -1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(K.rms_norm(x, w, 1e-6), ref, rtol=1e-5, atol=1e-6)
+    y = x.copy()
+    assert K.rms_norm(y, w, 1e-6, out=y) is not None  # in place
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="last axis"):
+        K.rms_norm(x[..., :36].copy(), w, 1e-6)
+
+
+def test_rope_is_rotate_half_on_the_rotated_part():
+    rng = np.random.default_rng(SEED + 11)
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    ang = rng.standard_normal(3)
+    cos = np.cos(np.concatenate([ang, ang])).astype(np.float32)
+    sin = np.sin(np.concatenate([ang, ang])).astype(np.float32)
+    rot = x[:, :6]
+    ref = x.copy()
+    ref[:, :6] = rot * cos + np.concatenate([-rot[:, 3:], rot[:, :3]], axis=1) * sin
+    y = x.copy()
+    K.rope(y, cos, sin)  # partial rotary: the last 4 values of each row stay
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_attend1_matches_softmax_attention(isa, softcap):
+    rng = np.random.default_rng(SEED + 12)
+    h, hkv, hd, cap = 6, 2, 40, 50
+    q = rng.standard_normal((h, hd)).astype(np.float32)
+    keys = rng.standard_normal((hkv, cap, hd)).astype(np.float32)
+    values = rng.standard_normal((hkv, cap, hd)).astype(np.float32)
+    for first, end in ((0, 1), (3, 20), (0, 50)):
+        got = K.attend1(q, keys, values, first, end, 0.3, softcap)
+        k = keys[:, first:end].astype(np.float64)
+        s = (q.astype(np.float64).reshape(hkv, h // hkv, hd) @ k.transpose(0, 2, 1)) * 0.3
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        ref = (p @ values[:, first:end].astype(np.float64)).reshape(h, hd)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not within"):
+        K.attend1(q, keys, values, 10, 60, 0.3)
