@@ -13,7 +13,7 @@ on neuron-cache rows at the paper's sparsity (OPT-style up+down records, 10% of 
 rows active). Records are packed as the neuron cache packs them (parts rounded to 64 bytes).
 
 The reference, ``read``: ``kernels.stream_sum`` over 1 GiB, nothing but loads and adds on
-the kernels' own threads (AVX-512 where the CPU has it). Each round runs every (case,
+the kernels' own threads and pool (AVX2 loads). Each round runs every (case,
 threads) pair once in shuffled order, so a kernel and the read bandwidth it is compared with
 are measured in the same minutes; the table gives the median and best over rounds, and each
 kernel's 2-thread median as a share of the 2-thread read median.

@@ -612,8 +612,8 @@ void bind_kernels(py::module_& m) {
         "Attention of one token: q (heads, hd) over the cache's keys/values (kv_heads, cap, "
         "hd) at positions [first, end); softcap <= 0: none. Returns (heads, hd) float32.");
   m.def("stream_sum", &stream_sum_py, py::arg("a"), py::arg("threads") = 0,
-        "Sum of a float32 array, read once on the kernels' threads (AVX-512 loads where the "
-        "CPU has them): the memory read bandwidth a kernel can reach (benchmarks).");
+        "Sum of a float32 array, read once on the kernels' threads (AVX2 loads where the CPU "
+        "has them): the memory read bandwidth a kernel can reach (benchmarks).");
   m.def("kernel_isa", []() { return std::string(isa_name(kernel_isa())); },
         "The instruction set the kernels use now: 'avx512', 'avx2' or 'scalar'.");
   m.def("set_kernel_isa", &set_kernel_isa, py::arg("name"),

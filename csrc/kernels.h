@@ -97,9 +97,9 @@ void ffn_rows(const FfnRowsArgs& a);
 // ---- memory read reference -------------------------------------------------------------
 
 // Sum of count float32 values, read once, on the kernels' threads and pool in blocks of
-// 256 KiB (AVX-512 loads where the CPU has them, else AVX2, else scalar). The benchmarks'
-// measure of this machine's memory read bandwidth as a kernel can see it: nothing but loads
-// and adds, so any kernel's GB/s compares with it directly.
+// 256 KiB (AVX2 loads where the CPU has them, else scalar). The benchmarks' measure of this
+// machine's memory read bandwidth as a kernel can see it: nothing but loads and adds, so
+// any kernel's GB/s compares with it directly.
 double stream_sum(const float* p, int64_t count, int threads);
 
 // ---- dtype conversion -----------------------------------------------------------------

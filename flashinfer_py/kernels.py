@@ -281,7 +281,7 @@ def attend1(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: int, end
 def stream_sum(a: np.ndarray, *, threads: int = 0) -> float:
     """Sum of a float32 array (any shape, C-contiguous), read once on the kernels' threads.
 
-    Nothing but loads and adds (AVX-512 where the CPU has it): the memory read bandwidth a
+    Nothing but loads and adds (AVX2 where the CPU has it): the memory read bandwidth a
     kernel can reach on this machine, the reference ``benchmarks/bench_kernels.py`` compares
     every kernel with.
     """
