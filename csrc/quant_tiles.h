@@ -434,12 +434,15 @@ FI_AVX512VNNI void vnni_accum1(const float* coef, const void* const* rv, int64_t
     cv[r] = _mm_setr_ps(coef[r], e, 0.f, 0.f);
   }
   int64_t c = c0;
+  // block pointers advance with c (c0 is a multiple of 32: no division in the loop)
+  for (int r = 0; r < R; ++r) rows[r] += c0 / kQBlock * F::kBytes;
   for (; c + kQBlock <= c1; c += kQBlock) {
     __m512 o0 = _mm512_loadu_ps(out + c), o1 = _mm512_loadu_ps(out + c + 16);
     __m128 esum = _mm_setzero_ps();
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = rows[r] + c / kQBlock * F::kBytes;
+      const uint8_t* blk = rows[r];
+      rows[r] += F::kBytes;
       uint32_t dm;
       if constexpr (F::kHasMin) {
         std::memcpy(&dm, blk, 4);
@@ -465,6 +468,7 @@ FI_AVX512VNNI void vnni_accum1(const float* coef, const void* const* rv, int64_t
     _mm512_storeu_ps(out + c + 16, o1);
   }
   if (c < c1) scalar_accum<F, 1, R>(coef, rv, c, c1, out, ldo);  // the partial last block
+  (void)ldo;
 }
 
 template <class F, int R>
@@ -473,13 +477,16 @@ FI_AVX512VNNI void vnni_codes1(const float* coef, const uint8_t* const* codes, i
   __m512 cb[R];
   for (int r = 0; r < R; ++r) cb[r] = _mm512_set1_ps(coef[r]);
   int64_t c = c0;
+  const uint8_t* cp[R];
+  for (int r = 0; r < R; ++r) cp[r] = codes[r] + c0 / kQBlock * F::kCodeBytes;
   for (; c + kQBlock <= c1; c += kQBlock) {
     float* s = S + c - c0;
     __m512 o0 = _mm512_loadu_ps(s), o1 = _mm512_loadu_ps(s + 16);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       __m512 lo, hi;
-      vnni_codes32<F>(codes[r] + c / kQBlock * F::kCodeBytes, &lo, &hi);
+      vnni_codes32<F>(cp[r], &lo, &hi);
+      cp[r] += F::kCodeBytes;
       o0 = _mm512_fmadd_ps(lo, cb[r], o0);
       o1 = _mm512_fmadd_ps(hi, cb[r], o1);
     }
