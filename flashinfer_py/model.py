@@ -44,6 +44,15 @@ class KVCache:
         self.v[layer][:, start:end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
+    def append1(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Store one position's k, v [Hkv, hd] (append for a single token, decode)."""
+        pos = self.size
+        if pos + 1 > self.k[layer].shape[1]:
+            self.append(layer, k[:, None], v[:, None])
+            return
+        self.k[layer][:, pos] = k
+        self.v[layer][:, pos] = v
+
     def advance(self, t: int) -> None:
         self.size += t
 
@@ -156,6 +165,17 @@ class Transformer:
         head = "tok_embeddings" if args.tie_word_embeddings else "lm_head"
         self.lm_head, self.lm_head_fmt = dense[head], self.formats[head]
         self._fuse_qkv()
+        # each layer's constants of the one-token attention (_attention1), looked up once
+        a = args
+        dims = (a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.q_dim, a.kv_dim,
+                a.norm_eps, a.attn_logit_softcapping or 0.0)
+        self._dec = []
+        for i in range(a.num_hidden_layers):
+            p = f"layers.{i}."
+            self._dec.append((dims, a.window(i), dense.get(p + "q_norm") if a.qk_norm else None,
+                              dense.get(p + "k_norm") if a.qk_norm else None,
+                              (dense[p + "wo"], self.formats[p + "wo"],
+                               dense.get(p + "bo") if a.attention_out_bias else None)))
         self.scale = 1.0 / math.sqrt(args.query_pre_attn_scalar or args.head_dim)
         # observer(layer, ffn_input [T, d], activations [T, d_ff], ref_norm [T]): set to
         # record activations (predictor training, dense models); ref_norm is the norm of the
@@ -227,9 +247,9 @@ class Transformer:
         if fused is not None:
             w, fmt, b = fused
             qkv = kernels.linear(np.ascontiguousarray(x), w, bias=b, fmt=fmt)
-            qd, kd = a.q_dim, a.num_key_value_heads * a.head_dim
             if t == 1:
                 return self._attention1(layer, qkv[0], cache)
+            qd, kd = a.q_dim, a.kv_dim
             q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
         else:
             q = self._linear(x, p + "wq", p + "bq" if bias else None)
@@ -250,26 +270,23 @@ class Transformer:
     def _attention1(self, layer: int, qkv: np.ndarray, cache: KVCache) -> np.ndarray:
         """_attention for one token (decode), on the fused q/k/v output qkv [q_dim + 2 kv_dim]:
         the norms, RoPE and attention in native code (ops.h), in place on qkv."""
-        a, p = self.args, f"layers.{layer}."
-        hd, h, hkv, pos = a.head_dim, a.num_attention_heads, a.num_key_value_heads, cache.size
-        qd, kd = a.q_dim, hkv * hd
+        a, pos = self.args, cache.size
+        (h, hkv, hd, qd, kd, eps, softcap), window, q_norm, k_norm, wo = self._dec[layer]
         q = qkv[:qd].reshape(h, hd)
         k = qkv[qd:qd + kd].reshape(hkv, hd)
-        v = qkv[qd + kd:].reshape(hkv, 1, hd)
-        if a.qk_norm:
-            kernels.rms_norm(q, self.w[p + "q_norm"], a.norm_eps, out=q)
-            kernels.rms_norm(k, self.w[p + "k_norm"], a.norm_eps, out=k)
+        v = qkv[qd + kd:].reshape(hkv, hd)
+        if q_norm is not None:
+            kernels.rms_norm(q, q_norm, eps, out=q)
+            kernels.rms_norm(k, k_norm, eps, out=k)
         if self.rope is not None:
             cos, sin = self.rope.row(layer, pos)
             kernels.rope(q, cos, sin)
             kernels.rope(k, cos, sin)
-        cache.append(layer, k.reshape(hkv, 1, hd), v)
-        window = a.window(layer)
+        cache.append1(layer, k, v)
         first = max(0, pos - window + 1) if window else 0
         out = kernels.attend1(q, cache.k[layer], cache.v[layer], first, pos + 1, self.scale,
-                              a.attn_logit_softcapping or 0.0)
-        return self._linear(out.reshape(1, a.q_dim), p + "wo",
-                            p + "bo" if a.attention_out_bias else None)
+                              softcap)
+        return kernels.linear(out.reshape(1, qd), wo[0], bias=wo[2], fmt=wo[1])
 
     def _attend(self, layer: int, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
                 pos0: int) -> np.ndarray:
@@ -362,20 +379,21 @@ class FfnOnRows:
         if layout.codes and any(s is None for s in self.down_scales):
             raise ValueError("the bundle's down parts hold codes but dense.safetensors has no "
                              "layers.N.ffn_down_scales; re-run `flashinfer-py convert`")
+        off = layout.offsets
+        self._offs = (off["up"], off.get("gate", -1), off["down"])
 
     def __call__(self, layer: int, x: np.ndarray, rows: np.ndarray, up_bias=None,
                  row_select=None, act_out=None, row_ids=None) -> np.ndarray:
         """The FFN of inputs x [T, d] over records `rows` (all, or those in row_select) of
         `layer`; `row_ids` (int32, one per row) name their neurons (default: row i is neuron i)."""
-        a, lay = self.args, self.layout
-        off = lay.offsets
+        a = self.args
+        up, gate, down = self._offs
         scales = self.down_scales[layer]
         ids = None if scales is None or row_ids is None else np.ascontiguousarray(row_ids, np.int32)
-        return kernels.ffn_rows(x, rows, a.hidden_size, up_off=off["up"], down_off=off["down"],
-                                gate_off=off.get("gate", -1), activation=a.hidden_act,
-                                act_param=a.act_param, up_bias=up_bias, row_select=row_select,
-                                act_out=act_out, fmt=lay.fmt.name, down_scales=scales,
-                                row_ids=ids)
+        return kernels.ffn_rows(x, rows, a.hidden_size, up_off=up, down_off=down, gate_off=gate,
+                                activation=a.hidden_act, act_param=a.act_param, up_bias=up_bias,
+                                row_select=row_select, act_out=act_out, fmt=self.layout.fmt.name,
+                                down_scales=scales, row_ids=ids)
 
     def part_f32(self, layer: int, rows: np.ndarray, part: str, ids=None) -> np.ndarray:
         """float32 [n, d] values of one part of records `rows` of `layer` (neuron `ids`)."""
