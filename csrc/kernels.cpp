@@ -919,7 +919,17 @@ void ffn_rows(const FfnRowsArgs& args) {
   const bool blocks = is_quantized(a.dtype);
   const bool codes = blocks && a.down_scales != nullptr;
   thread_local std::vector<int32_t> sorted_sel, order;
-  if (codes) {  // run on the rows in neuron-id order; act_out is reordered back at the end
+  bool in_order = true;  // the used rows' neuron ids never decrease (a dense layer's rows)
+  if (codes) {
+    int32_t prev = -1;
+    for (int64_t i = 0; i < n_used && in_order; ++i) {
+      const int32_t row = args.row_select ? args.row_select[i] : int32_t(i);
+      const int32_t id = args.row_ids ? args.row_ids[row] : row;
+      in_order = id >= prev;
+      prev = id;
+    }
+  }
+  if (codes && !in_order) {  // run on the rows in neuron-id order; act_out reordered at the end
     sort_by_neuron(args, n_used, sorted_sel, order);
     a.row_select = sorted_sel.data();
     a.n_select = n_used;
@@ -1077,7 +1087,7 @@ void ffn_rows(const FfnRowsArgs& args) {
     for (int64_t q = 0; q < n * d; ++q) a.out[q] += p[q];
   }
   // Codes layout: h back into the caller's row order.
-  if (codes && args.act_out)
+  if (codes && !in_order && args.act_out)
     for (int64_t t = 0; t < n; ++t)
       for (int64_t i = 0; i < n_used; ++i)
         args.act_out[t * n_used + order[i]] = H[t * n_used + i];
