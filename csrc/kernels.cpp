@@ -694,10 +694,13 @@ inline int64_t row_block(int64_t rows, int nt) {
   return std::min<int64_t>(kRowBlock, std::max<int64_t>(kDotR, (want + kDotR - 1) / kDotR * kDotR));
 }
 
-// Rows per block for one input (decode): ~32 KiB of weights (a claim per 32 KiB costs
-// nothing next to streaming it), at least 4 blocks per thread when the matrix allows.
+// Rows per block for one input (decode): ~256 KiB of weights, at least 4 blocks per thread
+// when the matrix allows. A thread streams each block front to back; every new block is a new
+// stream for the prefetchers to find (~1-2 us), so blocks of 32 KiB (~2 us of reading) lost a
+// good part of their time to it (SmolLM2's 576 x 576 o projection, two threads: 15-16 GB/s
+// with 32 KiB blocks, 20-22 with 256 KiB, same run).
 inline int64_t decode_rows(int64_t rows, int64_t row_bytes, int nt) {
-  const int64_t by_bytes = std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(1, row_bytes));
+  const int64_t by_bytes = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, row_bytes));
   const int64_t by_threads = std::max<int64_t>(1, rows / (4 * int64_t(nt)));
   return std::min(by_bytes, by_threads);
 }
@@ -968,23 +971,24 @@ void ffn_rows(const FfnRowsArgs& args) {
 
   const double work = double(n) * double(n_used) * double(d) * (gated ? 3 : 2);
   const int nt = resolve_threads(a.threads, work);
-  // Per-thread partial outputs (n, d): slot 0 (the caller) accumulates into out, slot i > 0
-  // into partial[i - 1] (zeroed by its first block), summed after the call. No barrier
-  // inside: a barrier between an "all h" phase and a "down" phase stalls badly when a
-  // thread loses its core on a loaded machine (measured 0.6 vs 7.9 GB/s with 2 threads on 2
-  // busy cores).
+  // The used rows in n_ranges contiguous ranges, each summed into its own partial output
+  // (n, d) (range 0 into out), the partials added in range order after the call. The ranges
+  // depend on n_used only, so the sums are grouped the same whatever the threads did and
+  // however many inputs there are (a token alone gets what it gets in a prompt, and a call
+  // gives the same result every time: rows handed out one block at a time made the sums vary
+  // with the split, enough to move a 7-layer model's logits by 3e-6 between runs). Ranges
+  // are taken one at a time (up to 8 for load balance) and each is streamed front to back.
+  // No barrier inside: a barrier between an "all h" phase and a "down" phase stalls badly
+  // when a thread loses its core on a loaded machine (0.6 vs 7.9 GB/s, 2 busy cores).
+  const int64_t n_ranges = std::clamp<int64_t>(n_used / 64, 1, 8);
   thread_local std::vector<float> partial;
-  thread_local std::vector<char> slot_used;
-  partial.resize(static_cast<size_t>((nt - 1) * n * d));
-  slot_used.assign(static_cast<size_t>(nt), 0);
+  partial.resize(static_cast<size_t>((n_ranges - 1) * n * d));
   float* P = partial.data();
-  char* used = slot_used.data();
 
-  // One input (decode): blocks of ~32 KiB of records (each part's rows streamed whole);
-  // several: ~8 blocks per thread.
-  const int64_t rec_bytes = a.row_elems * (blocks ? 1 : int64_t(dtype_bytes(a.dtype)));
-  const int64_t rb = n == 1 ? decode_rows(n_used, rec_bytes, nt) : row_block(n_used, nt);
-  const int64_t n_blocks = (n_used + rb - 1) / rb;
+  // Rows per block inside a range: one input (decode) runs a range in one pass, record
+  // after record; several inputs in blocks of up to 64 rows (the GEMM tiles' unit). Neither
+  // depends on the thread count: the same sums.
+  const int64_t rb = n == 1 ? n_used : row_block(n_used, 1);
   // Column chunk of the down accumulation: one input tile takes whole down parts (each
   // record is then read front to back); several input tiles reuse a 256-column chunk of the
   // block's active down rows from L1 across tiles.
@@ -993,17 +997,11 @@ void ffn_rows(const FfnRowsArgs& args) {
   const uint8_t* rows_b = static_cast<const uint8_t*>(a.rows);
 
   // Each block is fused: up (and gate) dots for the block's rows, bias + activation into H,
-  // then the down parts of its active rows.
-  ComputePool::instance().run(n_blocks, nt, [&](int64_t b, int slot) {
-    float* po = slot == 0 ? a.out : P + (slot - 1) * n * d;  // (n, d) this thread's sum
-    if (!used[slot]) {
-      used[slot] = 1;
-      if (slot > 0) std::fill(po, po + n * d, 0.f);
-    }
+  // then the down parts of its active rows, added into po.
+  auto process = [&](int64_t r0, int64_t r1, float* po) {
     thread_local std::vector<int32_t> active;  // rows of the block with any h != 0
     thread_local std::vector<float> S;         // codes sums
     if (codes) S.resize(static_cast<size_t>(kTileT * dc));
-    const int64_t r0 = b * rb, r1 = std::min(n_used, r0 + rb);
     if (n == 1) {  // decode: fused per neuron, each record read once front to back
       if (blocks) {
         QFfn1Args f;
@@ -1079,10 +1077,15 @@ void ffn_rows(const FfnRowsArgs& args) {
         }
       }
     }
+  };
+  ComputePool::instance().run(n_ranges, nt, [&](int64_t r, int) {
+    const int64_t lo = n_used * r / n_ranges, hi = n_used * (r + 1) / n_ranges;
+    float* po = r == 0 ? a.out : P + (r - 1) * n * d;
+    if (r > 0) std::fill(po, po + n * d, 0.f);
+    for (int64_t r0 = lo; r0 < hi; r0 += rb) process(r0, std::min(hi, r0 + rb), po);
   });
-  // Reduce the partial outputs (n * d adds per thread that took a block: 576 for decode).
-  for (int i = 1; i < nt; ++i) {
-    if (!used[i]) continue;
+  // Reduce the partial outputs in range order (n * d adds a range: 576 for decode).
+  for (int64_t i = 1; i < n_ranges; ++i) {
     const float* p = P + (i - 1) * n * d;
     for (int64_t q = 0; q < n * d; ++q) a.out[q] += p[q];
   }

@@ -165,8 +165,17 @@ class Transformer:
         head = "tok_embeddings" if args.tie_word_embeddings else "lm_head"
         self.lm_head, self.lm_head_fmt = dense[head], self.formats[head]
         self._fuse_qkv()
-        # each layer's constants of the one-token attention (_attention1), looked up once
+        # each layer's norm weights for the one-token block (_block1): pre-norm RMSNorm models
         a = args
+        self._norms1 = None
+        if a.pre_norm and a.norm == "rmsnorm":
+            self._norms1 = [
+                (dense[f"layers.{i}.attn_norm"], dense[f"layers.{i}.ffn_norm"],
+                 dense.get(f"layers.{i}.attn_post_norm") if a.post_norms else None,
+                 dense.get(f"layers.{i}.ffn_post_norm") if a.post_norms else None,
+                 dense.get(f"layers.{i}.ffn_down_bias") if a.ffn_bias else None)
+                for i in range(a.num_hidden_layers)]
+        # each layer's constants of the one-token attention (_attention1), looked up once
         dims = (a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.q_dim, a.kv_dim,
                 a.norm_eps, a.attn_logit_softcapping or 0.0)
         self._dec = []
@@ -343,6 +352,24 @@ class Transformer:
         return x + self._ffn(layer, self._norm(x, p + "ffn_norm"), x,
                              p + "ffn_post_norm" if a.post_norms else None)
 
+    def _block1(self, layer: int, x: np.ndarray, cache: KVCache) -> np.ndarray:
+        """_block for one token of a pre-norm RMSNorm model (every family but OPT): the same
+        operations with the layer's norm weights looked up once, the residual added in place
+        (x is this forward's own array), no observer."""
+        attn_norm, ffn_norm, attn_post, ffn_post, ffn_bias = self._norms1[layer]
+        eps = self.args.norm_eps
+        h = self._attention(layer, kernels.rms_norm(x, attn_norm, eps), cache)
+        if attn_post is not None:
+            kernels.rms_norm(h, attn_post, eps, out=h)
+        x += h
+        f = self.ffn.forward(layer, kernels.rms_norm(x, ffn_norm, eps), None)
+        if ffn_bias is not None:
+            f += ffn_bias
+        if ffn_post is not None:
+            kernels.rms_norm(f, ffn_post, eps, out=f)
+        x += f
+        return x
+
     def forward(self, tokens, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """Run `tokens` (continuing the sequence in `cache`) and return float32 logits
         [T, vocab] (or [1, vocab] with last_only)."""
@@ -354,8 +381,10 @@ class Transformer:
             raise ValueError(f"token ids must be in [0, {a.vocab_size}); got "
                              f"{tokens.min()}..{tokens.max()}")
         x = self._embed(tokens, cache.size)
+        block = (self._block1 if len(tokens) == 1 and self._norms1 is not None
+                 and self.observer is None else self._block)
         for i in range(a.num_hidden_layers):
-            x = self._block(i, x, cache)
+            x = block(i, x, cache)
         cache.advance(len(tokens))
         if last_only:
             x = x[-1:]
