@@ -19,9 +19,10 @@ installed (``pip install llama-cpp-python==0.3.36``: it builds llama.cpp, ~12 mi
   SmolLM2, the 1B's F16 and its Q8_0/Q4_1 quantized by llama.cpp; SmolLM2's Q4_1 is the
   original file).
 
-``run`` loads every model once (dense: ``fi.load(dir)``; llama.cpp: n_threads=2, mmap, no
-repacking), then per round, in shuffled order, decodes with each: a 16-token prompt, 8
-warm-up tokens, then ``--tokens`` greedy tokens one by one, each timed. Per (model, format,
+``run`` starts one measuring process per tool (llama.cpp's without our OMP_WAIT_POLICY, see
+``serve``), which loads every model once (dense: ``fi.load(dir)``; llama.cpp: n_threads=2,
+mmap, no repacking); then per round, in shuffled order, each model decodes: a 16-token
+prompt, 8 warm-up tokens, then ``--tokens`` greedy tokens one by one, each timed. Per (model, format,
 tool) the median ms/token of each round, and over rounds the median; tokens/s = 1000 /
 that. Synthetic weights give meaningless text; the bytes and the compute are real.
 """
@@ -168,55 +169,96 @@ class LlamaCpp:
         low.llama_model_default_params = defaults
         self.vocab = self.llm.n_vocab()
 
+    def _next(self) -> int:
+        # the last token's logits (Llama.scores keeps them only with logits_all)
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,))
+        return int(np.argmax(logits))
+
     def decode(self, prompt: list, n: int) -> list:
         llm = self.llm
         llm.reset()
         llm.eval(prompt)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = self._next()
         out = []
         for _ in range(n):
             t0 = time.perf_counter()
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = self._next()
             out.append(time.perf_counter() - t0)
         return out
 
 
-def cmd_run(a) -> None:
-    wd = workdir()
+def serve(tool: str) -> None:
+    """A measuring process for one tool: reads "load KEY PATH" and "decode KEY N" lines on
+    stdin, answers one JSON line each. llama.cpp gets a process of its own: importing
+    flashinfer_py sets OMP_WAIT_POLICY=passive, which would put llama.cpp's OpenMP threads to
+    sleep between its ops (measured: SmolLM2 F16 29 ms a token in our process, 10.5 alone)."""
     runners = {}
+    for line in sys.stdin:
+        cmd, key, arg = line.split()
+        if cmd == "load":
+            runners[key] = (Ours if tool == "ours" else LlamaCpp)(Path(arg))
+            out = {"vocab": runners[key].vocab}
+        else:
+            run = runners[key]
+            rng = random.Random(0)
+            prompt = [1] + [rng.randrange(100, 30000) % run.vocab for _ in range(PROMPT - 1)]
+            run.decode(prompt, WARMUP)
+            out = {"s": run.decode(prompt, int(arg))}
+        print(json.dumps(out), flush=True)
+
+
+def cmd_run(a) -> None:
+    import subprocess
+
+    from flashinfer_py import kernels
+    from flashinfer_py.default_model import default_gguf_path
+
+    wd = workdir()
+    paths = {}  # (model, format, tool) -> the directory or GGUF it loads
     for model in a.models.split(","):
         for f in a.formats.split(","):
             d = wd / f"{model}-{f}"
             if (d / "manifest.json").exists():
-                runners[(model, f, "ours")] = lambda d=d: Ours(d)
-            g = wd / f"{model}-{LLAMA_GGUF[f]}.gguf"
-            if model == "smollm2" and f == "q4_1":  # the original file
-                from flashinfer_py.default_model import default_gguf_path
+                paths[(model, f, "ours")] = d
+            if a.llama and have_llama():
+                g = wd / f"{model}-{LLAMA_GGUF[f]}.gguf"
+                if model == "smollm2" and f == "q4_1":  # the original file
+                    g = default_gguf_path()
+                if g.exists():
+                    paths[(model, f, "llama.cpp")] = g
+    procs = {}
+    for tool in sorted({k[2] for k in paths}):
+        env = dict(os.environ)
+        env.pop("OMP_WAIT_POLICY", None)  # each tool's own default
+        procs[tool] = subprocess.Popen([sys.executable, __file__, "serve", tool], env=env,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-                g = default_gguf_path()
-            if a.llama and have_llama() and g.exists():
-                runners[(model, f, "llama.cpp")] = lambda g=g: LlamaCpp(g)
-    loaded = {k: make() for k, make in runners.items()}
+    def ask(tool: str, line: str) -> dict:
+        p = procs[tool]
+        p.stdin.write(line + "\n")
+        p.stdin.flush()
+        return json.loads(p.stdout.readline())
+
+    for k, path in paths.items():
+        ask(k[2], f"load {'|'.join(k)} {path}")
     rng = random.Random(0)
-    prompt = [1] + [rng.randrange(100, 30000) for _ in range(PROMPT - 1)]
-    ms: dict = {k: [] for k in loaded}
-    keys = list(loaded)
+    ms: dict = {k: [] for k in paths}
+    keys = list(paths)
     load0 = os.getloadavg()[0]
     for r in range(a.rounds):
         rng.shuffle(keys)
         for k in keys:
-            run = loaded[k]
-            p = [t % run.vocab for t in prompt]
-            run.decode(p, WARMUP)
-            ts = run.decode(p, a.tokens)
+            ts = ask(k[2], f"decode {'|'.join(k)} {a.tokens}")["s"]
             ms[k].append(1e3 * statistics.median(ts))
             print(f"round {r} {k}: {ms[k][-1]:.2f} ms/token", file=sys.stderr, flush=True)
     load1 = os.getloadavg()[0]
-    from flashinfer_py import kernels
-
+    for p in procs.values():
+        p.stdin.close()
+        p.wait()
     print(f"# {machine()}; isa={kernels.kernel_isa()}; commit {git_commit()}; load average "
-          f"{load0:.2f} -> {load1:.2f}; {a.rounds} rounds x {a.tokens} tokens")
+          f"{load0:.2f} -> {load1:.2f}; {a.rounds} rounds x {a.tokens} tokens, each tool in its "
+          "own process")
     print("| model | format | tool | ms/token (median of rounds; each round) | tokens/s |"
           " vs our float16 | vs llama.cpp |")
     print("|---|---|---|---|---|---|---|")
@@ -247,8 +289,13 @@ def main() -> None:
     r.add_argument("--no-llama", dest="llama", action="store_false",
                    help="only our runtime, even when llama-cpp-python is installed")
     r.add_argument("--json", default="", help="write every round's ms/token here")
+    sv = sub.add_parser("serve", help="internal: one tool's measuring process")
+    sv.add_argument("tool", choices=["ours", "llama.cpp"])
     a = ap.parse_args()
-    {"build": cmd_build, "run": cmd_run}[a.cmd](a)
+    if a.cmd == "serve":
+        serve(a.tool)
+    else:
+        {"build": cmd_build, "run": cmd_run}[a.cmd](a)
 
 
 if __name__ == "__main__":
