@@ -783,19 +783,6 @@ int resolve_threads(int threads, double work) {
   return std::max(1, t);
 }
 
-float activate(Activation act, float v, float param) {
-  switch (act) {
-    case Activation::Relu: return v > 0.f ? v : 0.f;
-    case Activation::FatRelu: return v > param ? v : 0.f;
-    case Activation::Silu: return v / (1.f + std::exp(-v));
-    case Activation::Gelu: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
-    case Activation::GeluTanh: {
-      const float c = 0.7978845608028654f;  // sqrt(2/pi)
-      return 0.5f * v * (1.f + std::tanh(c * (v + 0.044715f * v * v * v)));
-    }
-  }
-  return v;
-}
 
 // ---- ISA API --------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@
 // (bind_kernels.cpp does) and may release the GIL around the call.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -41,8 +42,21 @@ void set_kernel_isa(const std::string& name);
 enum class Activation { Relu, FatRelu, Silu, Gelu, GeluTanh };
 // "relu", "fatrelu", "silu", "gelu" (exact erf), "gelu_tanh"; throws std::invalid_argument.
 Activation parse_activation(const std::string& name);
-// The activation of one pre-activation value (param: the fatrelu threshold).
-float activate(Activation act, float v, float param);
+// The activation of one pre-activation value (param: the fatrelu threshold). Inline: the
+// decode FFN calls it once a neuron.
+inline float activate(Activation act, float v, float param) {
+  switch (act) {
+    case Activation::Relu: return v > 0.f ? v : 0.f;
+    case Activation::FatRelu: return v > param ? v : 0.f;
+    case Activation::Silu: return v / (1.f + std::exp(-v));
+    case Activation::Gelu: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+    case Activation::GeluTanh: {
+      const float c = 0.7978845608028654f;  // sqrt(2/pi)
+      return 0.5f * v * (1.f + std::tanh(c * (v + 0.044715f * v * v * v)));
+    }
+  }
+  return v;
+}
 
 // Threads for a call of `work` multiply-adds: `threads` (<= 0: OpenMP's count, all cores
 // unless OMP_NUM_THREADS says otherwise), or 1 when the work is too small to share.
