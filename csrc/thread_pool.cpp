@@ -5,6 +5,8 @@
 
 #include <pthread.h>
 
+#include <algorithm>
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define FI_PAUSE() _mm_pause()
@@ -111,8 +113,8 @@ namespace {
 // machine. Spinning longer than the gaps only burns a core that another process could use.
 constexpr uint64_t kSpinNs = 200'000;
 
-// A caller that waits this long for a worker's item after finishing its own: the worker lost
-// its core mid-item (an item is ~32 KiB of weights, a few us). On a machine with more
+// A caller that waits this long (and three times its own items' mean time) for a worker's
+// item after finishing its own: the worker lost its core mid-item. On a machine with more
 // runnable threads than cores a second thread then costs more than it gives.
 constexpr uint64_t kStallNs = 50'000;
 constexpr int64_t kMaxSolo = 4096;  // calls (about 30 decode steps of a small model)
@@ -162,14 +164,15 @@ void ComputePool::grow(int n_workers) {
   n_workers_.store(threads_.size());
 }
 
-void ComputePool::run_items(int slot) {
+int64_t ComputePool::run_items(int slot) {
+  int64_t ran = 0;
   for (;;) {
     uint64_t t = ticket_.load(std::memory_order_acquire);
     for (;;) {
       const int threads = static_cast<int>(t >> (2 * kTicketBits));
       const int64_t n = static_cast<int64_t>((t >> kTicketBits) & kTicketMask);
       const int64_t next = static_cast<int64_t>(t & kTicketMask);
-      if (slot >= threads || next >= n) return;
+      if (slot >= threads || next >= n) return ran;
       if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel,
                                         std::memory_order_acquire))
         break;
@@ -182,6 +185,7 @@ void ComputePool::run_items(int slot) {
       if (!error_) error_ = std::current_exception();
     }
     done_.fetch_add(1, std::memory_order_acq_rel);
+    ++ran;
   }
 }
 
@@ -232,9 +236,14 @@ void ComputePool::run_erased(int64_t n, int threads, Call call, void* ctx) {
     std::lock_guard<std::mutex> lk(mu_);
     cv_.notify_all();
   }
-  run_items(0);
+  const uint64_t t0 = now_ns();
+  const int64_t mine = run_items(0);
   // Every item is claimed; wait for those still running on workers (a worker that has not
-  // claimed one by now never will).
+  // claimed one by now never will). A stall: waiting longer than kStallNs and than three of
+  // the caller's own items took (a worker may well be mid-way through a long one).
+  const uint64_t t1 = now_ns();
+  const uint64_t stall_ns =
+      std::max<uint64_t>(kStallNs, mine ? 3 * (t1 - t0) / uint64_t(mine) : 0);
   uint32_t spins = 0;
   uint64_t wait0 = 0;
   bool stalled = false;
@@ -243,7 +252,7 @@ void ComputePool::run_erased(int64_t n, int threads, Call call, void* ctx) {
     if (++spins % 64 == 0) {
       const uint64_t now = now_ns();
       if (!wait0) wait0 = now;
-      if (now - wait0 > kStallNs) {  // its core went to someone else: let it have ours
+      if (now - wait0 > stall_ns) {  // its core went to someone else: let it have ours
         stalled = true;
         std::this_thread::yield();
       }

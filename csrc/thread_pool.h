@@ -104,8 +104,9 @@ class ComputePool {
   void run_erased(int64_t n, int threads, Call call, void* ctx);
   void grow(int n_workers);
   void worker_loop(int index);
-  // Claim and run items of the current job as `slot` until none is left for it.
-  void run_items(int slot);
+  // Claim and run items of the current job as `slot` until none is left for it; returns how
+  // many it ran.
+  int64_t run_items(int slot);
 
   // The current job. ticket_ packs (threads:8 | n:28 | next:28): a thread claims item
   // `next` with one compare-exchange, only while next < n and its slot < threads, and reads
