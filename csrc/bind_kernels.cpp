@@ -354,7 +354,11 @@ py::array rms_norm_py(const py::array& x, const py::array& w, float eps, py::obj
   FI_CHECK(shape_of(o) == shape_of(x), "out has shape ", shape_str(o), ", expected ",
            shape_str(x));
   if (o.data() != x.data()) check_no_overlap(o, "out", x, "x");  // x itself is fine
-  rms_norm(static_cast<const float*>(x.data()), n, d, wp, eps, op);
+  const float* xp = static_cast<const float*>(x.data());
+  {
+    py::gil_scoped_release release;  // a prompt's norms: a few ms
+    rms_norm(xp, n, d, wp, eps, op);
+  }
   return o;
 }
 
@@ -388,7 +392,10 @@ py::array attend1_py(const py::array& q, const py::array& keys, const py::array&
                               : out.cast<py::array>();
   float* op = f32_out(o, "out", {h, hd});
   check_no_overlap(o, "out", q, "q");
-  attend1(qp, h, hd, kp, vp, n_kv, cap, first, end, scale, softcap, op);
+  {
+    py::gil_scoped_release release;  // long contexts: milliseconds
+    attend1(qp, h, hd, kp, vp, n_kv, cap, first, end, scale, softcap, op);
+  }
   return o;
 }
 
