@@ -1,13 +1,26 @@
-"""Kernel throughput: linear (matvec / small GEMM) and ffn_rows, reported as achieved GB/s.
+"""Kernel throughput against this machine's memory read bandwidth, measured in the same run.
 
 Not part of the tests. Two ways to run the same case table:
 
-    python -m pytest benchmarks/bench_kernels.py --benchmark-only -q   # pytest-benchmark
-    python benchmarks/bench_kernels.py [--threads N]                   # markdown table
+    python benchmarks/bench_kernels.py [--threads 1,2] [--rounds 7] [--only TEXT]  # markdown
+    python -m pytest benchmarks/bench_kernels.py --benchmark-only -q               # pytest-benchmark
 
-Weights are cycled through enough copies to exceed the 32 MiB L3, so the numbers are DRAM
-streaming rates, not cache hits. GB/s = weight bytes touched / time (for ffn_rows: every
-row's up part + the down parts of active rows).
+Every matrix kernel of a decode step is here, one input (n = 1) unless the case says
+otherwise: the dense GEMV of resident matrices (SmolLM2's attention projections, q/k/v fused,
+and its 49152 x 576 tied LM head; a 1B Llama's), in 16 bits and in the block formats; the
+FFN on bundle records (``ffn_rows``): a dense SwiGLU layer (every neuron) and the sparse FFN
+on neuron-cache rows at the paper's sparsity (OPT-style up+down records, 10% of the cached
+rows active). Records are packed as the neuron cache packs them (parts rounded to 64 bytes).
+
+The reference, ``read``: ``kernels.stream_sum`` over 1 GiB, nothing but loads and adds on
+the kernels' own threads and pool (AVX2 loads). Each round runs every (case,
+threads) pair once in shuffled order, so a kernel and the read bandwidth it is compared with
+are measured in the same minutes; the table gives the median and best over rounds, and each
+kernel's 2-thread median as a share of the 2-thread read median.
+
+Weights are cycled through copies totalling >= 96 MiB (3x the L3), so these are DRAM rates.
+GB/s = weight bytes a call must read / time (ffn_rows: every used row's up and gate parts,
+and the down parts of the rows whose activation is not zero).
 """
 
 from __future__ import annotations
@@ -15,10 +28,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
+import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -26,100 +41,120 @@ import pytest
 
 from flashinfer_py import kernels as K
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import git_commit, machine  # noqa: E402
+
 COLD_BYTES = 96 << 20  # cycle copies until this many bytes: 3x the L3
+READ_BYTES = 1 << 30   # the read reference's buffer
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
-    kind: str  # "linear", "numpy", "ffn"
-    dtype: str
-    m: int  # linear: out features; ffn: rows used
-    k: int  # linear: in features; ffn: d_model
-    n: int = 1
-    active: float = 0.1  # ffn: target fraction of rows with h != 0
+    kind: str  # "read", "linear", "ffn"
+    fmt: str = "float32"
+    m: int = 0  # linear: out features; ffn: rows
+    k: int = 0  # linear: in features; ffn: d_model
+    n: int = 1  # inputs
+    active: float = 1.0  # ffn: fraction of rows with h != 0 (< 1: fatrelu threshold)
+    gated: bool = True   # ffn: up, gate, down parts (else up, down)
 
 
+def _linears(tag: str, shapes, fmts) -> list[Case]:
+    return [Case(f"linear {tag} {m}x{k}", "linear", f, m, k) for (m, k) in shapes for f in fmts]
+
+
+FMTS = ("float16", "q8_0", "q4_0", "q4_1")
 CASES = [
-    *(Case(f"linear 4096x4096 {dt}", "linear", dt, 4096, 4096) for dt in
-      ("float32", "float16", "bfloat16")),
-    Case("numpy 4096x4096 float32", "numpy", "float32", 4096, 4096),
-    *(Case(f"linear 576x1536 {dt}", "linear", dt, 576, 1536) for dt in
-      ("float32", "float16", "bfloat16")),
-    Case("numpy 576x1536 float32", "numpy", "float32", 576, 1536),
-    Case("linear n=64 4096x4096 float16", "linear", "float16", 4096, 4096, n=64),
-    Case("ffn_rows d=4096 r=1600 float16", "ffn", "float16", 1600, 4096),
+    Case("read 1 GiB", "read"),
+    *_linears("SmolLM2 o", [(576, 576)], FMTS),
+    *_linears("SmolLM2 qkv", [(960, 576)], FMTS),
+    *_linears("SmolLM2 head", [(49152, 576)], ("float16", "bfloat16", "q8_0", "q4_1")),
+    *_linears("1B o", [(2048, 2048)], FMTS),
+    *_linears("1B qkv", [(2560, 2048)], ("float16", "q4_1")),
+    *_linears("1B head", [(32000, 2048)], ("float16", "q8_0", "q4_1")),
+    *_linears("7B", [(4096, 4096)], ("float32", "float16", "bfloat16", "q4_1")),
+    Case("linear prefill n=64 4096x4096", "linear", "float16", 4096, 4096, n=64),
+    *(Case(f"ffn_rows SmolLM2 dense d=576 r=1536", "ffn", f, 1536, 576) for f in FMTS),
+    *(Case(f"ffn_rows 1B dense d=2048 r=5632", "ffn", f, 5632, 2048) for f in
+      ("float16", "q8_0", "q4_1")),
+    *(Case(f"ffn_rows sparse d=4096 r=1600 10% active", "ffn", f, 1600, 4096, active=0.1,
+           gated=False) for f in ("float16", "q8_0", "q4_0", "q4_1")),
 ]
 
 
-def _storage(a: np.ndarray, dtype: str) -> np.ndarray:
-    return a if dtype == "float32" else K.from_float32(a, dtype)
+def _store(a: np.ndarray, fmt: str) -> np.ndarray:
+    if fmt == "float32":
+        return np.ascontiguousarray(a, np.float32)
+    if fmt in ("float16", "bfloat16"):
+        return K.from_float32(np.ascontiguousarray(a, np.float32), fmt)
+    return K.quantize(a, fmt)
 
 
-def make_runner(case: Case, threads: int = 0) -> tuple[Callable[[], None], float, float, int]:
-    """(fn, bytes, flops, copies): fn runs the case once over every weight copy."""
+def _copies(a: np.ndarray) -> list[np.ndarray]:
+    return [a] + [a.copy() for _ in range(max(1, math.ceil(COLD_BYTES / a.nbytes)) - 1)]
+
+
+def make_runner(case: Case) -> tuple[Callable[[int], None], float, int]:
+    """(fn(threads), bytes, copies): fn runs the case once over every weight copy."""
     rng = np.random.default_rng(0)
-    if case.kind in ("linear", "numpy"):
-        base = (rng.standard_normal((case.m, case.k)) * 0.02).astype(np.float32)
-        w0 = _storage(base, case.dtype)
-        copies = [w0] + [w0.copy() for _ in range(max(1, math.ceil(COLD_BYTES / w0.nbytes)) - 1)]
+    if case.kind == "read":
+        buf = np.ones(READ_BYTES // 4, np.float32)
+        return (lambda threads: K.stream_sum(buf, threads=threads)), float(buf.nbytes), 1
+    fmt = None if case.fmt in ("float32", "float16", "bfloat16") else case.fmt
+    if case.kind == "linear":
+        w0 = _store(rng.standard_normal((case.m, case.k)) * 0.02, case.fmt)
+        copies = _copies(w0)
         x = rng.standard_normal((case.n, case.k)).astype(np.float32)
         out = np.empty((case.n, case.m), np.float32)
-        if case.kind == "numpy":
-            def fn():
-                for w in copies:
-                    np.matmul(x, w.T, out=out)
-        else:
-            def fn():
-                for w in copies:
-                    K.linear(x, w, out=out, threads=threads)
-        nbytes = w0.nbytes * len(copies)
-        return fn, nbytes, 2.0 * case.n * case.m * case.k * len(copies), len(copies)
 
+        def fn(threads: int) -> None:
+            for w in copies:
+                K.linear(x, w, out=out, threads=threads, fmt=fmt)
+
+        return fn, float(w0.nbytes * len(copies)), len(copies)
+
+    # ffn_rows: records of parts (up, [gate,] down), each rounded up to 64 bytes
     d, r = case.k, case.m
-    base = (rng.standard_normal((r, 2 * d)) * 0.02).astype(np.float32)
-    rows0 = _storage(base, case.dtype)
+    names = ("up", "gate", "down") if case.gated else ("up", "down")
+    parts = [_store(rng.standard_normal((r, d)) * 0.05, case.fmt) for _ in names]
+    eb = parts[0].itemsize
+    part_elems = -(-parts[0].shape[1] * eb // 64) * 64 // eb
+    rows0 = np.zeros((r, part_elems * len(names)), parts[0].dtype)
+    for i, p in enumerate(parts):
+        rows0[:, i * part_elems:i * part_elems + p.shape[1]] = p
+    off = {nm: i * part_elems for i, nm in enumerate(names)}
     x = rng.standard_normal((1, d)).astype(np.float32)
-    # fatrelu threshold at the (1 - active) quantile of u gives the target sparsity.
-    u = x[0] @ base[:, :d].T
-    thr = float(np.quantile(u, 1.0 - case.active))
-    copies = [rows0] + [rows0.copy() for _ in range(max(1, math.ceil(COLD_BYTES / rows0.nbytes)) - 1)]
+    kw = dict(up_off=off["up"], down_off=off["down"], gate_off=off.get("gate", -1), fmt=fmt)
+    if case.active < 1.0:  # a fatrelu threshold at the (1 - active) quantile of u
+        u = K.linear(x, np.ascontiguousarray(rows0[:, :part_elems]), fmt=fmt, threads=1)[0]
+        kw.update(activation="fatrelu", act_param=float(np.quantile(u, 1.0 - case.active)))
+    else:
+        kw.update(activation="silu")
+    copies = _copies(rows0)
     out = np.empty((1, d), np.float32)
     act = np.empty((1, r), np.float32)
 
-    def fn():
+    def fn(threads: int) -> None:
         for rows in copies:
-            K.ffn_rows(x, rows, d, up_off=0, down_off=d, activation="fatrelu", act_param=thr,
-                       out=out, act_out=act, threads=threads)
+            K.ffn_rows(x, rows, d, out=out, act_out=act, threads=threads, **kw)
 
-    fn()
+    fn(1)
     n_active = int((act != 0).sum())
-    eb = rows0.itemsize
-    nbytes = (r * d * eb + n_active * d * eb) * len(copies)
-    return fn, nbytes, 2.0 * (r + n_active) * d * len(copies), len(copies)
-
-
-def measure(fn: Callable[[], None], trials: int = 7) -> tuple[float, float, float]:
-    """One warm-up, then `trials` timed runs: (mean, stdev, best) seconds."""
-    fn()
-    ts = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.mean(ts), statistics.stdev(ts), min(ts)
+    part_bytes = parts[0].shape[1] * eb
+    nbytes = (r * part_bytes * (len(names) - 1) + n_active * part_bytes) * len(copies)
+    return fn, float(nbytes), len(copies)
 
 
 # ---- pytest-benchmark -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name.replace(" ", "-"))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.name}-{c.fmt}".replace(" ", "-"))
 def test_kernel_throughput(benchmark, case):
-    fn, nbytes, flops, _ = make_runner(case)
-    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    fn, nbytes, _ = make_runner(case)
+    benchmark.pedantic(fn, args=(0,), rounds=5, warmup_rounds=1)
     t = benchmark.stats.stats.median
     benchmark.extra_info["GB/s"] = round(nbytes / t / 1e9, 2)
-    benchmark.extra_info["GFLOP/s"] = round(flops / t / 1e9, 2)
     benchmark.extra_info["isa"] = K.kernel_isa()
 
 
@@ -128,23 +163,46 @@ def test_kernel_throughput(benchmark, case):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=0, help="OpenMP threads (0: all)")
-    ap.add_argument("--trials", type=int, default=7)
-    ap.add_argument("--only", default="", help="substring filter on case names")
+    ap.add_argument("--threads", default="1,2", help="thread counts to compare (default 1,2)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--only", default="", help="substring filter on case names and formats "
+                    "(the read reference always runs)")
+    ap.add_argument("--seed", type=int, default=0, help="shuffle seed")
     args = ap.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"isa={K.kernel_isa()}, threads={args.threads or 'all'}, "
-          f"load={os.getloadavg()[0]:.2f}")
-    print("| case | ms per matrix (mean ± sd) | GB/s mean | GB/s best | GFLOP/s best |")
-    print("|---|---|---|---|---|")
-    for case in CASES:
-        if args.only not in case.name:
-            continue
-        fn, nbytes, flops, copies = make_runner(case, args.threads)
-        mean, std, best = measure(fn, args.trials)
-        print(f"| {case.name} | {mean / copies * 1e3:.3f} ± {std / copies * 1e3:.3f} | "
-              f"{nbytes / mean / 1e9:.1f} | {nbytes / best / 1e9:.1f} | "
-              f"{flops / best / 1e9:.1f} |", flush=True)
+    threads = [int(t) for t in args.threads.split(",")]
+    cases = [c for c in CASES if c.kind == "read" or args.only in f"{c.name} {c.fmt}"]
+    runners = {c: make_runner(c) for c in cases}
+    load0 = os.getloadavg()[0]
+    gbs: dict[tuple[Case, int], list[float]] = {(c, t): [] for c in cases for t in threads}
+    pairs = list(gbs)
+    rnd = random.Random(args.seed)
+    for c, t in pairs:  # warm-up: page faults, pool threads
+        runners[c][0](t)
+    for _ in range(args.rounds):
+        rnd.shuffle(pairs)
+        for c, t in pairs:
+            fn, nbytes, _ = runners[c]
+            t0 = time.perf_counter()
+            fn(t)
+            gbs[(c, t)].append(nbytes / (time.perf_counter() - t0) / 1e9)
+    load1 = os.getloadavg()[0]
+    read = next(c for c in cases if c.kind == "read")
+    ref = {t: statistics.median(gbs[(read, t)]) for t in threads}
+    tmax = max(threads)
+    print(f"# {machine()}; isa={K.kernel_isa()}; commit {git_commit()}; "
+          f"load average {load0:.2f} -> {load1:.2f}; {args.rounds} rounds")
+    head = " | ".join(f"{t} thr GB/s median (best)" for t in threads)
+    print(f"| case | format | MB a call | {head} | {tmax} thr % of read |")
+    print("|---|---|---|" + "---|" * len(threads) + "---|")
+    for c in cases:
+        fn, nbytes, copies = runners[c]
+        cols = " | ".join(f"{statistics.median(gbs[(c, t)]):.1f} ({max(gbs[(c, t)]):.1f})"
+                          for t in threads)
+        mb = nbytes / 1e6 / copies
+        pct = 100 * statistics.median(gbs[(c, tmax)]) / ref[tmax]
+        fmt = "" if c.kind == "read" else c.fmt
+        print(f"| {c.name} | {fmt} | {mb:.2f} | {cols} | {pct:.0f}% |", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -46,6 +46,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,23 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 L, D, F, H, VOCAB, CTX = 32, 4096, 11008, 32, 32000, 2048
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-architecture shape for the synthetic GGUF (the default: Llama-2-7B's)."""
+
+    name: str = "synthetic-llama-7b-shape"
+    layers: int = L
+    d: int = D
+    ffn: int = F
+    heads: int = H
+    kv_heads: int = H
+    vocab: int = VOCAB
+    ctx: int = CTX
+
+
+SHAPE_7B = Shape()
 NAME_GGUF, NAME_FLASH = "model-f16.gguf", "flash"
 MARGIN = 256 << 20        # our dram_budget = cap - MARGIN (page cache of reads, numpy temporaries)
 RA_PATH = "/sys/block/vda/queue/read_ahead_kb"
@@ -74,50 +92,54 @@ def read_bytes() -> int:
 
 # ---- build --------------------------------------------------------------------------------
 
-def tensor_plan():
+def tensor_plan(sh: Shape = SHAPE_7B):
     """(name, numpy shape, dtype) in file order, llama.cpp's names."""
-    out = [("token_embd.weight", (VOCAB, D), np.float16)]
-    for i in range(L):
-        out += [(f"blk.{i}.attn_norm.weight", (D,), np.float32)]
-        out += [(f"blk.{i}.attn_{p}.weight", (D, D), np.float16) for p in ("q", "k", "v")]
-        out += [(f"blk.{i}.attn_output.weight", (D, D), np.float16),
-                (f"blk.{i}.ffn_norm.weight", (D,), np.float32),
-                (f"blk.{i}.ffn_gate.weight", (F, D), np.float16),
-                (f"blk.{i}.ffn_up.weight", (F, D), np.float16),
-                (f"blk.{i}.ffn_down.weight", (D, F), np.float16)]
-    out += [("output_norm.weight", (D,), np.float32), ("output.weight", (VOCAB, D), np.float16)]
+    kv = sh.d // sh.heads * sh.kv_heads
+    out = [("token_embd.weight", (sh.vocab, sh.d), np.float16)]
+    for i in range(sh.layers):
+        out += [(f"blk.{i}.attn_norm.weight", (sh.d,), np.float32),
+                (f"blk.{i}.attn_q.weight", (sh.d, sh.d), np.float16),
+                (f"blk.{i}.attn_k.weight", (kv, sh.d), np.float16),
+                (f"blk.{i}.attn_v.weight", (kv, sh.d), np.float16)]
+        out += [(f"blk.{i}.attn_output.weight", (sh.d, sh.d), np.float16),
+                (f"blk.{i}.ffn_norm.weight", (sh.d,), np.float32),
+                (f"blk.{i}.ffn_gate.weight", (sh.ffn, sh.d), np.float16),
+                (f"blk.{i}.ffn_up.weight", (sh.ffn, sh.d), np.float16),
+                (f"blk.{i}.ffn_down.weight", (sh.d, sh.ffn), np.float16)]
+    out += [("output_norm.weight", (sh.d,), np.float32),
+            ("output.weight", (sh.vocab, sh.d), np.float16)]
     return out
 
 
-def build_gguf(path: Path) -> None:
+def build_gguf(path: Path, sh: Shape = SHAPE_7B) -> None:
     import gguf
 
     tmp = path.with_suffix(".partial")
     w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name("synthetic-llama-7b-shape")
-    w.add_context_length(CTX)
-    w.add_embedding_length(D)
-    w.add_feed_forward_length(F)
-    w.add_block_count(L)
-    w.add_head_count(H)
-    w.add_head_count_kv(H)
-    w.add_rope_dimension_count(D // H)
+    w.add_name(sh.name)
+    w.add_context_length(sh.ctx)
+    w.add_embedding_length(sh.d)
+    w.add_feed_forward_length(sh.ffn)
+    w.add_block_count(sh.layers)
+    w.add_head_count(sh.heads)
+    w.add_head_count_kv(sh.kv_heads)
+    w.add_rope_dimension_count(sh.d // sh.heads)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    w.add_vocab_size(VOCAB)
+    w.add_vocab_size(sh.vocab)
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    tokens += [f"\u2581t{i}" for i in range(VOCAB - len(tokens))]
+    tokens += [f"\u2581t{i}" for i in range(sh.vocab - len(tokens))]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (VOCAB - 259)
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (sh.vocab - 259)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
-    w.add_token_scores([-float(i) for i in range(VOCAB)])
+    w.add_token_scores([-float(i) for i in range(sh.vocab)])
     w.add_token_types(types)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
-    plan = tensor_plan()
+    plan = tensor_plan(sh)
     for name, shape, dt in plan:
         w.add_tensor_info(name, shape, np.dtype(dt), int(np.prod(shape)) * np.dtype(dt).itemsize)
     w.write_header_to_file()

@@ -486,6 +486,34 @@ void bind_io(py::module_& m) {
       if (name == failpoints::kNames[p]) return failpoints::state(p).fired.load();
     throw std::invalid_argument(detail::concat("no failpoint named '", name, "'"));
   });
+  t.def("compute_pool_fail",
+        [](int threads, int64_t n, int64_t fail_at) {
+          // Runs n items on the kernels' pool; item fail_at throws IoError on whichever
+          // thread takes it. Returns (items that ran, distinct slots seen).
+          std::atomic<int64_t> ran{0};
+          std::vector<std::atomic<int>> slots(static_cast<size_t>(std::max(threads, 1)));
+          py::gil_scoped_release nogil;
+          ComputePool::instance().run(n, threads, [&](int64_t i, int slot) {
+            slots.at(static_cast<size_t>(slot)).store(1);
+            for (volatile int spin = 0; spin < 2000; ++spin) {
+            }
+            if (i == fail_at) throw IoError(detail::concat("injected failure at item ", i));
+            ++ran;
+          });
+          int seen = 0;
+          for (auto& v : slots) seen += v.load();
+          return std::make_pair(ran.load(), seen);
+        },
+        py::arg("threads"), py::arg("n"), py::arg("fail_at"));
+  t.def("compute_pool_stats", []() {
+    const ComputePool::Stats s = ComputePool::instance().stats();
+    py::dict d;
+    d["shared"] = s.shared;
+    d["solo"] = s.solo;
+    d["stalls"] = s.stalls;
+    d["workers"] = ComputePool::instance().workers();
+    return d;
+  }, "Calls the kernel pool shared with workers, ran alone after a stall, and stalls.");
 }
 
 }  // namespace flashinfer

@@ -16,6 +16,7 @@
 #include "kernels.h"
 #include "kernels_q4.h"
 #include "kernels_quant.h"
+#include "ops.h"
 
 namespace py = pybind11;
 
@@ -326,6 +327,87 @@ py::array from_float32_py(const py::array& a, const std::string& dtype, py::obje
   return o;
 }
 
+// ---- decode-step ops (ops.h) -----------------------------------------------------------
+
+float* f32_rows_inout(py::array& a, const char* name, int64_t* n, int64_t d) {
+  FI_CHECK(a.dtype().is(py::dtype::of<float>()), name, " must be float32, got ", dtype_str(a));
+  check_contig(a, name);
+  FI_CHECK(a.writeable(), name, " must be writeable");
+  FI_CHECK(a.ndim() >= 1 && a.shape(a.ndim() - 1) == d, name, " has shape ", shape_str(a),
+           ": its last axis must be ", d);
+  *n = d ? a.size() / d : 0;
+  return static_cast<float*>(a.mutable_data());
+}
+
+py::array rms_norm_py(const py::array& x, const py::array& w, float eps, py::object out) {
+  check_ndim(w, "w", 1);
+  const int64_t d = w.shape(0);
+  const float* wp = f32_in(w, "w", {d});
+  FI_CHECK(x.dtype().is(py::dtype::of<float>()), "x must be float32, got ", dtype_str(x));
+  check_contig(x, "x");
+  FI_CHECK(x.ndim() >= 1 && x.shape(x.ndim() - 1) == d, "x has shape ", shape_str(x),
+           ": its last axis must be ", d, " (the size of w)");
+  py::array o = out.is_none() ? py::array(py::dtype::of<float>(), shape_of(x))
+                              : out.cast<py::array>();
+  int64_t n = 0;
+  float* op = f32_rows_inout(o, "out", &n, d);
+  FI_CHECK(shape_of(o) == shape_of(x), "out has shape ", shape_str(o), ", expected ",
+           shape_str(x));
+  if (o.data() != x.data()) check_no_overlap(o, "out", x, "x");  // x itself is fine
+  const float* xp = static_cast<const float*>(x.data());
+  {
+    py::gil_scoped_release release;  // a prompt's norms: a few ms
+    rms_norm(xp, n, d, wp, eps, op);
+  }
+  return o;
+}
+
+void rope_py(py::array& x, const py::array& cos, const py::array& sin) {
+  check_ndim(cos, "cos", 1);
+  const int64_t r = cos.shape(0);
+  FI_CHECK(r % 2 == 0 && r > 0, "cos must hold an even number of values, got ", r);
+  const float* cp = f32_in(cos, "cos", {r});
+  const float* sp = f32_in(sin, "sin", {r});
+  FI_CHECK(x.ndim() >= 1 && x.shape(x.ndim() - 1) >= r, "x has shape ", shape_str(x),
+           ": its last axis must hold at least ", r, " values");
+  const int64_t ld = x.shape(x.ndim() - 1);
+  int64_t n = 0;
+  float* xp = f32_rows_inout(x, "x", &n, ld);
+  rope_rows(xp, n, ld, r / 2, cp, sp);
+}
+
+py::array attend1_py(const py::array& q, const py::array& keys, const py::array& values,
+                     int64_t first, int64_t end, float scale, float softcap, py::object out) {
+  check_ndim(q, "q", 2);
+  check_ndim(keys, "keys", 3);
+  const int64_t h = q.shape(0), hd = q.shape(1), n_kv = keys.shape(0), cap = keys.shape(1);
+  const float* qp = f32_in(q, "q", {h, hd});
+  const float* kp = f32_in(keys, "keys", {n_kv, cap, hd});
+  const float* vp = f32_in(values, "values", {n_kv, cap, hd});
+  FI_CHECK(n_kv > 0 && h % n_kv == 0, "q has ", h, " heads, not a multiple of the ", n_kv,
+           " key/value heads");
+  FI_CHECK(0 <= first && first < end && end <= cap, "keys [", first, ", ", end,
+           ") are not within the cache's ", cap, " positions");
+  py::array o = out.is_none() ? py::array(py::dtype::of<float>(), std::vector<py::ssize_t>{h, hd})
+                              : out.cast<py::array>();
+  float* op = f32_out(o, "out", {h, hd});
+  check_no_overlap(o, "out", q, "q");
+  {
+    py::gil_scoped_release release;  // long contexts: milliseconds
+    attend1(qp, h, hd, kp, vp, n_kv, cap, first, end, scale, softcap, op);
+  }
+  return o;
+}
+
+double stream_sum_py(const py::array& a, int threads) {
+  FI_CHECK(a.dtype().is(py::dtype::of<float>()), "a must be float32, got ", dtype_str(a));
+  check_contig(a, "a");
+  const float* p = static_cast<const float*>(a.data());
+  const int64_t count = a.size();
+  py::gil_scoped_release release;
+  return stream_sum(p, count, threads);
+}
+
 // ---- 4-bit sketches (kernels_q4.h) -----------------------------------------------------
 
 // A C-contiguous 1-D int64 array of indices, each in [0, bound).
@@ -525,6 +607,20 @@ void bind_kernels(py::module_& m) {
         py::arg("scale") = py::none(), py::arg("out") = py::none(), py::arg("threads") = 0,
         "Estimated |FFN activation| of every 4-bit sketch record, max over the rows of x, "
         "times scale: records hold up (and gate) parts.");
+  m.def("rms_norm", &rms_norm_py, py::arg("x"), py::arg("w"), py::arg("eps"),
+        py::arg("out") = py::none(),
+        "RMSNorm over the last axis of float32 x: x / sqrt(mean(x^2) + eps) * w; out may be x.");
+  m.def("rope", &rope_py, py::arg("x"), py::arg("cos"), py::arg("sin"),
+        "Rotate-half RoPE in place on the first len(cos) values of every row (last axis) of "
+        "float32 x; cos, sin hold the table's values for one position.");
+  m.def("attend1", &attend1_py, py::arg("q"), py::arg("keys"), py::arg("values"),
+        py::arg("first"), py::arg("end"), py::arg("scale"), py::arg("softcap") = 0.0f,
+        py::arg("out") = py::none(),
+        "Attention of one token: q (heads, hd) over the cache's keys/values (kv_heads, cap, "
+        "hd) at positions [first, end); softcap <= 0: none. Returns (heads, hd) float32.");
+  m.def("stream_sum", &stream_sum_py, py::arg("a"), py::arg("threads") = 0,
+        "Sum of a float32 array, read once on the kernels' threads (AVX2 loads where the CPU "
+        "has them): the memory read bandwidth a kernel can reach (benchmarks).");
   m.def("kernel_isa", []() { return std::string(isa_name(kernel_isa())); },
         "The instruction set the kernels use now: 'avx512', 'avx2' or 'scalar'.");
   m.def("set_kernel_isa", &set_kernel_isa, py::arg("name"),

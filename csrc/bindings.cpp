@@ -83,13 +83,16 @@ PYBIND11_MODULE(_core, m) {
 #endif
     d["simd"] = flashinfer::isa_name(flashinfer::kernel_isa());
     // what each kind of kernel runs on now: the block formats' integer dots use VNNI at the
-    // avx512 level, everything else its AVX2 code
+    // avx512 level and their accumulation of one input 512-bit vectors; the float kernels
+    // and the block formats' accumulation of several inputs run their AVX2 code there
     py::dict k;
     const flashinfer::Isa isa = flashinfer::kernel_isa();
     k["float"] = isa == flashinfer::Isa::Scalar ? "scalar" : "avx2";
     k["block_dot"] = isa == flashinfer::Isa::Avx512 ? "avx512_vnni"
                      : isa == flashinfer::Isa::Avx2 ? "avx2" : "scalar";
-    k["block_accumulate"] = isa == flashinfer::Isa::Scalar ? "scalar" : "avx2";
+    k["block_accumulate"] = isa == flashinfer::Isa::Avx512 ? "avx512 (one input), avx2"
+                            : isa == flashinfer::Isa::Avx2 ? "avx2" : "scalar";
+    k["threads"] = "a spinning pool, the caller included (csrc/thread_pool.h)";
     d["kernels"] = k;
     py::list fmts;
     for (uint32_t i = 0; i < flashinfer::kNumDTypes; ++i)

@@ -7,12 +7,14 @@
 //   3. scalar kernels (portable fallback; the compiler may vectorize them, e.g. NEON)
 //   4. AVX2+FMA+F16C kernels (x86_64 only, compiled with a target attribute, picked at runtime)
 //   5. ISA selection, and the one dispatcher of the block formats' kernels
-//   6. drivers: threading and blocking, shared by every ISA and format
+//   6. drivers: threading (the kernel pool, thread_pool.h) and blocking, shared by every ISA
+//      and format
 //
-// Two inner kernels do all the work:
-//   dot_block:   out[t, j] (+)= sum_i x[t, i] * w_j[i]       ("NT" GEMM; matvec when n=1)
+// Three inner kernels do all the work:
+//   dot_block:   out[t, j] (+)= sum_i x[t, i] * w_j[i]       ("NT" GEMM, several inputs)
 //                register tile of T<=4 inputs x R<=3 rows: each weight vector is loaded and
 //                converted once and used T times; each x vector is used R times.
+//   dot1:        out[j] = x . w_j, one input (decode): rows whole, one after the other.
 //   accum_block: out[t, c] += sum_{j in list} h[t, j] * w_j[c]  (sparse "NN" GEMM)
 //                R rows per pass so each out vector is loaded/stored once per R rows.
 // Both read weights in their storage dtype and convert in registers: no f32 copy of the
@@ -21,12 +23,14 @@
 
 #include "half.h"
 #include "kernels_quant.h"
+#include "thread_pool.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -70,6 +74,22 @@ inline const E* row_ptr(const Rows& w, int64_t j) {
   return static_cast<const E*>(w.data) + (w.idx ? w.idx[j] : j) * w.stride + w.off;
 }
 
+// One input's FFN over float records (KernelTable::ffn1): offsets in elements.
+struct Ffn1 {
+  const float* x;
+  int64_t d;
+  const void* rows;
+  DType dt;
+  int64_t row_elems;
+  const int32_t* sel;
+  int64_t up_off, gate_off, down_off;
+  Activation act;
+  float act_param;
+  const float* up_bias;
+  float* H;
+  float* out;
+};
+
 struct KernelTable {
   // out[t*ldo + j] (+)= sum_{i in [k0,k1)} x[t*ldx + i] * w_j[i], t < n, j in [j0, j1)
   void (*dot_block)(const float* x, int64_t ldx, int64_t n, const Rows& w, int64_t j0,
@@ -80,6 +100,14 @@ struct KernelTable {
   void (*accum_block)(const float* h, int64_t ldh, int64_t nt, const int32_t* js,
                       int64_t nj, const Rows& w, int64_t c0, int64_t c1, float* out,
                       int64_t ldo);
+  // out[j] = x . w_j for j in [j0, j1), one input (decode): whole rows one after the other,
+  // so a contiguous matrix is read as one sequential stream (the 3-row tile of dot_block
+  // reads three short streams at once, which the hardware prefetchers follow poorly: k=576
+  // rows streamed at half the rate).
+  void (*dot1)(const float* x, int64_t k, const Rows& w, int64_t j0, int64_t j1, float* out);
+  // The FFN of one input on used rows [r0, r1), fused per neuron (Ffn1: every record read
+  // once, front to back; see QFfn1Args for the block formats' twin).
+  void (*ffn1)(const struct Ffn1& a, int64_t r0, int64_t r1);
   void (*to_f32)(const void* src, DType dt, int64_t count, float* dst);
   void (*from_f32)(const float* src, int64_t count, DType dt, void* dst);
 };
@@ -256,6 +284,46 @@ void scalar_accum(const float* h, int64_t ldh, int64_t nt, const int32_t* js, in
   FI_DISPATCH_DTYPE(w.dt, scalar_accum_block, h, ldh, nt, js, nj, w, c0, c1, out, ldo);
 }
 
+template <typename E>
+void scalar_dot1_rows(const float* x, int64_t k, const Rows& w, int64_t j0, int64_t j1,
+                      float* out) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const void* wp = row_ptr<E>(w, j);
+    scalar_dot_tile<E, 1, 1>(x, k, &wp, k, out + j, 1, false);
+  }
+}
+
+void scalar_dot1(const float* x, int64_t k, const Rows& w, int64_t j0, int64_t j1, float* out) {
+  FI_DISPATCH_DTYPE(w.dt, scalar_dot1_rows, x, k, w, j0, j1, out);
+}
+
+template <typename E>
+void scalar_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
+  for (int64_t j = r0; j < r1; ++j) {
+    const int64_t row = a.sel ? a.sel[j] : j;
+    const E* rec = static_cast<const E*>(a.rows) + row * a.row_elems;
+    const void* up = rec + a.up_off;
+    float u, g = 0.f;
+    scalar_dot_tile<E, 1, 1>(a.x, a.d, &up, a.d, &u, 1, false);
+    if (a.up_bias) u += a.up_bias[row];
+    if (a.gate_off >= 0) {
+      const void* gp = rec + a.gate_off;
+      scalar_dot_tile<E, 1, 1>(a.x, a.d, &gp, a.d, &g, 1, false);
+    }
+    const float h = a.gate_off >= 0 ? activate(a.act, g, a.act_param) * u
+                                    : activate(a.act, u, a.act_param);
+    a.H[j] = h;
+    if (h != 0.f) {
+      const void* dp = rec + a.down_off;
+      scalar_accum_tile<E, 1, 1>(&h, &dp, 0, a.d, a.out, a.d);
+    }
+  }
+}
+
+void scalar_ffn1(const Ffn1& a, int64_t r0, int64_t r1) {
+  FI_DISPATCH_DTYPE(a.dt, scalar_ffn1_rows, a, r0, r1);
+}
+
 void scalar_to_f32(const void* src, DType dt, int64_t count, float* dst) {
   switch (dt) {
     case DType::F32:
@@ -296,8 +364,8 @@ void scalar_from_f32(const float* src, int64_t count, DType dt, void* dst) {
   }
 }
 
-const KernelTable kScalarTable = {&scalar_dot, &scalar_accum, &scalar_to_f32,
-                                  &scalar_from_f32};
+const KernelTable kScalarTable = {&scalar_dot, &scalar_accum, &scalar_dot1, &scalar_ffn1,
+                                  &scalar_to_f32, &scalar_from_f32};
 
 // =======================================================================================
 // 4. AVX2 + FMA + F16C kernels
@@ -416,6 +484,73 @@ void avx2_accum_block(const float* h, int64_t ldh, int64_t nt, const int32_t* js
   accum_block_loop<E>(tiles, h, ldh, nt, js, nj, w, c0, c1, out, ldo);
 }
 
+// One row at a time, four independent accumulators (32 elements a step) to cover the FMA
+// latency; measured on the dev VM at k=576, f16, one thread: 13-23 GB/s vs 7-9 GB/s for
+// the 3-row tile. (512-bit vectors gave no more: this is memory bound.)
+// float32 rows: one accumulator, the dot tile's order, so a token alone gets exactly what it
+// gets among others (the tests compare token-by-token with whole prompts to 1e-5; 8 bytes a
+// cycle is memory speed for f32 anyway). 16-bit rows: four accumulators, as one chain of
+// FMAs would cap them at ~4 bytes a cycle, below what one core can stream.
+template <typename E>
+FI_AVX2 inline float avx2_row_dot(const float* x, const E* wr, int64_t k) {
+  if constexpr (std::is_same_v<E, float>) {
+    const void* wp = wr;
+    float s;
+    avx2_dot_tile<float, 1, 1>(x, k, &wp, k, &s, 1, false);
+    return s;
+  }
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(wr + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), load8(wr + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), load8(wr + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), load8(wr + i + 24), a3);
+  }
+  for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(wr + i), a0);
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < k; ++i) s += x[i] * to_f(wr[i]);
+  return s;
+}
+
+template <typename E>
+FI_AVX2 void avx2_dot1_rows(const float* x, int64_t k, const Rows& w, int64_t j0, int64_t j1,
+                            float* out) {
+  for (int64_t j = j0; j < j1; ++j) out[j] = avx2_row_dot(x, row_ptr<E>(w, j), k);
+}
+
+// Ffn1 (one input, per neuron): up and gate dots, activation, out += h * down (in order,
+// each out vector rounded once per row, as the accumulate tile does).
+template <typename E>
+FI_AVX2 void avx2_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
+  const int64_t d = a.d;
+  for (int64_t j = r0; j < r1; ++j) {
+    const int64_t row = a.sel ? a.sel[j] : j;
+    const E* rec = static_cast<const E*>(a.rows) + row * a.row_elems;
+    float u = avx2_row_dot(a.x, rec + a.up_off, d);
+    if (a.up_bias) u += a.up_bias[row];
+    const float h = a.gate_off >= 0
+                        ? activate(a.act, avx2_row_dot(a.x, rec + a.gate_off, d), a.act_param) * u
+                        : activate(a.act, u, a.act_param);
+    a.H[j] = h;
+    if (h == 0.f) continue;
+    const E* w = rec + a.down_off;
+    const __m256 hv = _mm256_set1_ps(h);
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8)
+      _mm256_storeu_ps(a.out + c, _mm256_fmadd_ps(hv, load8(w + c), _mm256_loadu_ps(a.out + c)));
+    for (; c < d; ++c) a.out[c] += h * to_f(w[c]);
+  }
+}
+
+void avx2_ffn1(const Ffn1& a, int64_t r0, int64_t r1) {
+  FI_DISPATCH_DTYPE(a.dt, avx2_ffn1_rows, a, r0, r1);
+}
+
+void avx2_dot1(const float* x, int64_t k, const Rows& w, int64_t j0, int64_t j1, float* out) {
+  FI_DISPATCH_DTYPE(w.dt, avx2_dot1_rows, x, k, w, j0, j1, out);
+}
+
 void avx2_dot(const float* x, int64_t ldx, int64_t n, const Rows& w, int64_t j0, int64_t j1,
               int64_t k0, int64_t k1, float* out, int64_t ldo, bool accumulate) {
   FI_DISPATCH_DTYPE(w.dt, avx2_dot_block, x, ldx, n, w, j0, j1, k0, k1, out, ldo,
@@ -470,7 +605,8 @@ FI_AVX2 void avx2_from_f32(const float* src, int64_t count, DType dt, void* dst)
   scalar_from_f32(src + i, count - i, dt, static_cast<char*>(dst) + i * eb);
 }
 
-const KernelTable kAvx2Table = {&avx2_dot, &avx2_accum, &avx2_to_f32, &avx2_from_f32};
+const KernelTable kAvx2Table = {&avx2_dot, &avx2_accum, &avx2_dot1, &avx2_ffn1, &avx2_to_f32,
+                                &avx2_from_f32};
 
 bool cpu_has_avx2() {
   __builtin_cpu_init();
@@ -558,6 +694,17 @@ inline int64_t row_block(int64_t rows, int nt) {
   return std::min<int64_t>(kRowBlock, std::max<int64_t>(kDotR, (want + kDotR - 1) / kDotR * kDotR));
 }
 
+// Rows per block for one input (decode): ~256 KiB of weights, at least 4 blocks per thread
+// when the matrix allows. A thread streams each block front to back; every new block is a new
+// stream for the prefetchers to find (~1-2 us), so blocks of 32 KiB (~2 us of reading) lost a
+// good part of their time to it (SmolLM2's 576 x 576 o projection, two threads: 15-16 GB/s
+// with 32 KiB blocks, 20-22 with 256 KiB, same run).
+inline int64_t decode_rows(int64_t rows, int64_t row_bytes, int nt) {
+  const int64_t by_bytes = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, row_bytes));
+  const int64_t by_threads = std::max<int64_t>(1, rows / (4 * int64_t(nt)));
+  return std::min(by_bytes, by_threads);
+}
+
 // Phase-1 style sweep shared by linear and ffn_rows: rows [r0, r1) of `w` dotted with
 // every input, written into out[t*ldo + j].
 void dot_rows(const KernelTable& kt, const float* x, int64_t n, int64_t k, const Rows& w,
@@ -636,19 +783,6 @@ int resolve_threads(int threads, double work) {
   return std::max(1, t);
 }
 
-float activate(Activation act, float v, float param) {
-  switch (act) {
-    case Activation::Relu: return v > 0.f ? v : 0.f;
-    case Activation::FatRelu: return v > param ? v : 0.f;
-    case Activation::Silu: return v / (1.f + std::exp(-v));
-    case Activation::Gelu: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
-    case Activation::GeluTanh: {
-      const float c = 0.7978845608028654f;  // sqrt(2/pi)
-      return 0.5f * v * (1.f + std::tanh(c * (v + 0.044715f * v * v * v)));
-    }
-  }
-  return v;
-}
 
 // ---- ISA API --------------------------------------------------------------------------
 
@@ -718,23 +852,28 @@ void linear(const float* x, int64_t n, int64_t k, const void* w, DType wdt, int6
   thread_local QuantizedX qx_scratch;
   if (blocks) quantize_x(x, n, k, k, qx_scratch);
   const QuantizedX& qx = qx_scratch;
-  const Rows rows{w, wdt, blocks ? int64_t(row_bytes(wdt, k)) : k, 0, nullptr};
+  const int64_t rbytes = blocks ? int64_t(row_bytes(wdt, k)) : k * int64_t(dtype_bytes(wdt));
+  const Rows rows{w, wdt, blocks ? rbytes : k, 0, nullptr};
   const int nt = resolve_threads(threads, double(n) * double(m) * double(k));
-  const int64_t rb = row_block(m, nt);
+  // Row blocks handed out one at a time: each weight byte is read by one thread, once, and a
+  // thread that loses its core (shared machine) does not hold the others back. One input
+  // (decode): blocks of ~32 KiB of weights, rows streamed whole one after the other.
+  const int64_t rb = n == 1 ? decode_rows(m, rbytes, nt) : row_block(m, nt);
   const int64_t n_blocks = (m + rb - 1) / rb;
-  // Row blocks handed out dynamically: each weight byte is read by one thread, once, and a
-  // thread that loses its core (shared machine) does not hold the others back.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-  for (int64_t b = 0; b < n_blocks; ++b) {
+  ComputePool::instance().run(n_blocks, nt, [&](int64_t b, int) {
     const int64_t r0 = b * rb, r1 = std::min(m, r0 + rb);
-    if (blocks)
+    if (n == 1 && blocks)
+      qk->dot1(qx, 0, static_cast<const uint8_t*>(w), rbytes, nullptr, r0, r1, out);
+    else if (n == 1)
+      kt.dot1(x, k, rows, r0, r1, out);
+    else if (blocks)
       qdot_rows(*qk, qx, n, rows, r0, r1, out, m);
     else
       dot_rows(kt, x, n, k, rows, r0, r1, out, m);
     if (bias)
       for (int64_t t = 0; t < n; ++t)
         for (int64_t j = r0; j < r1; ++j) out[t * m + j] += bias[j];
-  }
+  });
 }
 
 // ---- ffn_rows -------------------------------------------------------------------------
@@ -770,7 +909,17 @@ void ffn_rows(const FfnRowsArgs& args) {
   const bool blocks = is_quantized(a.dtype);
   const bool codes = blocks && a.down_scales != nullptr;
   thread_local std::vector<int32_t> sorted_sel, order;
-  if (codes) {  // run on the rows in neuron-id order; act_out is reordered back at the end
+  bool in_order = true;  // the used rows' neuron ids never decrease (a dense layer's rows)
+  if (codes) {
+    int32_t prev = -1;
+    for (int64_t i = 0; i < n_used && in_order; ++i) {
+      const int32_t row = args.row_select ? args.row_select[i] : int32_t(i);
+      const int32_t id = args.row_ids ? args.row_ids[row] : row;
+      in_order = id >= prev;
+      prev = id;
+    }
+  }
+  if (codes && !in_order) {  // run on the rows in neuron-id order; act_out reordered at the end
     sort_by_neuron(args, n_used, sorted_sel, order);
     a.row_select = sorted_sel.data();
     a.n_select = n_used;
@@ -809,95 +958,190 @@ void ffn_rows(const FfnRowsArgs& args) {
 
   const double work = double(n) * double(n_used) * double(d) * (gated ? 3 : 2);
   const int nt = resolve_threads(a.threads, work);
-  // Per-thread partial outputs (n, d): thread 0 accumulates into out, thread i > 0 into
-  // partial[i - 1]; summed after the join. One fork/join per call and no barrier inside:
-  // a barrier between an "all h" phase and a "down" phase stalls badly when a thread loses
-  // its core on a loaded machine (measured 0.6 vs 7.9 GB/s with 2 threads on 2 busy cores).
+  // The used rows in n_ranges contiguous ranges, each summed into its own partial output
+  // (n, d) (range 0 into out), the partials added in range order after the call. The ranges
+  // depend on n_used only, so the sums are grouped the same whatever the threads did and
+  // however many inputs there are (a token alone gets what it gets in a prompt, and a call
+  // gives the same result every time: rows handed out one block at a time made the sums vary
+  // with the split, enough to move a 7-layer model's logits by 3e-6 between runs). Ranges
+  // are taken one at a time (up to 8 for load balance) and each is streamed front to back.
+  // No barrier inside: a barrier between an "all h" phase and a "down" phase stalls badly
+  // when a thread loses its core on a loaded machine (0.6 vs 7.9 GB/s, 2 busy cores).
+  const int64_t n_ranges = std::clamp<int64_t>(n_used / 64, 1, 8);
   thread_local std::vector<float> partial;
-  partial.resize(static_cast<size_t>((nt - 1) * n * d));
+  partial.resize(static_cast<size_t>((n_ranges - 1) * n * d));
   float* P = partial.data();
 
-  const int64_t rb = row_block(n_used, nt);
-  const int64_t n_blocks = (n_used + rb - 1) / rb;
+  // Rows per block inside a range: one input (decode) runs a range in one pass, record
+  // after record; several inputs in blocks of up to 64 rows (the GEMM tiles' unit). Neither
+  // depends on the thread count: the same sums.
+  // One input with an activation that is not zero by design (SiLU, GELU: every down part is
+  // read) runs fused per neuron; with ReLU / FATReLU (most down parts skipped: the sparse
+  // FFN on cache rows) the block passes stay: up (and gate) dots of a block of rows with the
+  // register tiles (several rows streamed at once), then the active rows' down parts. Same
+  // quiet machine, one thread, the sparse case of bench_kernels (d 4096, 10% active): 15.1
+  // GB/s with the passes, 9.4 fused; the dense SmolLM2 layer: 9.9 with the passes, 25.2 fused.
+  const bool fused = n == 1 && a.act != Activation::Relu && a.act != Activation::FatRelu;
+  const int64_t rb = fused ? n_used : row_block(n_used, 1);
   // Column chunk of the down accumulation: one input tile takes whole down parts (each
   // record is then read front to back); several input tiles reuse a 256-column chunk of the
   // block's active down rows from L1 across tiles.
   const int64_t dc = n <= kTileT ? d : 256;
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = thread_id();
-    float* po = tid == 0 ? a.out : P + (tid - 1) * n * d;  // (n, d) this thread's sum
-    if (tid > 0) std::fill(po, po + n * d, 0.f);
-    std::vector<int32_t> active;  // rows of the block with any h != 0 in the input tile
-    active.reserve(static_cast<size_t>(rb));
-    std::vector<float> S(codes ? static_cast<size_t>(kTileT * dc) : 0);  // codes sums
-    const QAccumTable qacc{qk ? qk->accum : quant_kernels(DType::Q8_0).accum};
+  const QAccumTable qacc{qk ? qk->accum : quant_kernels(DType::Q8_0).accum};
+  const uint8_t* rows_b = static_cast<const uint8_t*>(a.rows);
 
-    // Row blocks handed out dynamically; each block is fused: up (and gate) dots for the
-    // block's rows, bias + activation into H, then the down parts of its active rows.
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      const int64_t r0 = b * rb, r1 = std::min(n_used, r0 + rb);
+  // Each block is fused: up (and gate) dots for the block's rows, bias + activation into H,
+  // then the down parts of its active rows, added into po.
+  auto process = [&](int64_t r0, int64_t r1, float* po) {
+    thread_local std::vector<int32_t> active;  // rows of the block with any h != 0
+    thread_local std::vector<float> S;         // codes sums
+    if (codes) S.resize(static_cast<size_t>(kTileT * dc));
+    if (fused) {  // decode: fused per neuron, each record read once front to back
       if (blocks) {
-        qdot_rows(*qk, qx, n, up, r0, r1, H, n_used);
-        if (gated) qdot_rows(*qk, qx, n, gate, r0, r1, G, n_used);
+        QFfn1Args f;
+        f.x = &qx;
+        f.d = d;
+        f.rows = rows_b;
+        f.row_bytes = a.row_elems;
+        f.sel = sel;
+        f.row_ids = a.row_ids;
+        f.up_off = a.up_off;
+        f.gate_off = a.gate_off;
+        f.down_off = a.down_off;
+        f.act = a.act;
+        f.act_param = a.act_param;
+        f.up_bias = a.up_bias;
+        f.down_scales = a.down_scales;
+        f.H = H;
+        f.out = po;
+        f.S = S.data();
+        qk->ffn1(f, r0, r1);
       } else {
-        dot_rows(kt, a.x, n, d, up, r0, r1, H, n_used);
-        if (gated) dot_rows(kt, a.x, n, d, gate, r0, r1, G, n_used);
+        const Ffn1 f{a.x, d, a.rows, a.dtype, a.row_elems, sel, a.up_off, a.gate_off,
+                     a.down_off, a.act, a.act_param, a.up_bias, H, po};
+        kt.ffn1(f, r0, r1);
       }
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = r0; j < r1; ++j) {
-          float u = H[t * n_used + j];
-          if (a.up_bias) u += a.up_bias[sel ? sel[j] : j];
-          H[t * n_used + j] = gated ? activate(a.act, G[t * n_used + j], a.act_param) * u
-                                    : activate(a.act, u, a.act_param);
-        }
-      for (int64_t c0 = 0; c0 < d; c0 += dc) {
-        const int64_t c1 = std::min(d, c0 + dc);
-        for (int64_t t = 0; t < n; t += kTileT) {
-          const int64_t tn = std::min<int64_t>(kTileT, n - t);
-          // active rows of the tile; in the codes layout one 32-neuron block at a time
-          for (int64_t g0 = r0; g0 < r1;) {
-            int64_t g1 = r1;
-            if (codes) {
-              const int32_t blk = neuron_of(g0) / 32;
-              for (g1 = g0 + 1; g1 < r1 && neuron_of(g1) / 32 == blk;) ++g1;
-            }
-            active.clear();
-            for (int64_t j = g0; j < g1; ++j) {
-              bool any = false;
-              for (int64_t q = 0; q < tn; ++q) any |= H[(t + q) * n_used + j] != 0.f;
-              if (any) active.push_back(static_cast<int32_t>(j));
-            }
-            const int64_t na = static_cast<int64_t>(active.size());
-            if (na && codes) {
-              const int64_t blk = neuron_of(g0) / 32;
-              const uint16_t* sc = a.down_scales + blk * qk->scale_rows * d;
-              codes_block(*qk, H + t * n_used, n_used, tn, active.data(), na, down, sc, d, c0,
-                          c1, S.data(), po + t * d, d);
-            } else if (na && blocks) {
-              accum_block_loop<uint8_t>(qacc, H + t * n_used, n_used, tn, active.data(), na,
-                                        down, c0, c1, po + t * d, d);
-            } else if (na) {
-              kt.accum_block(H + t * n_used, n_used, tn, active.data(), na, down, c0, c1,
-                             po + t * d, d);
-            }
-            g0 = g1;
+      return;
+    }
+    if (blocks) {
+      qdot_rows(*qk, qx, n, up, r0, r1, H, n_used);
+      if (gated) qdot_rows(*qk, qx, n, gate, r0, r1, G, n_used);
+    } else {
+      dot_rows(kt, a.x, n, d, up, r0, r1, H, n_used);
+      if (gated) dot_rows(kt, a.x, n, d, gate, r0, r1, G, n_used);
+    }
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = r0; j < r1; ++j) {
+        float u = H[t * n_used + j];
+        if (a.up_bias) u += a.up_bias[sel ? sel[j] : j];
+        H[t * n_used + j] = gated ? activate(a.act, G[t * n_used + j], a.act_param) * u
+                                  : activate(a.act, u, a.act_param);
+      }
+    for (int64_t c0 = 0; c0 < d; c0 += dc) {
+      const int64_t c1 = std::min(d, c0 + dc);
+      for (int64_t t = 0; t < n; t += kTileT) {
+        const int64_t tn = std::min<int64_t>(kTileT, n - t);
+        // active rows of the tile; in the codes layout one 32-neuron block at a time
+        for (int64_t g0 = r0; g0 < r1;) {
+          int64_t g1 = r1;
+          if (codes) {
+            const int32_t blk = neuron_of(g0) / 32;
+            for (g1 = g0 + 1; g1 < r1 && neuron_of(g1) / 32 == blk;) ++g1;
           }
+          active.clear();
+          for (int64_t j = g0; j < g1; ++j) {
+            bool any = false;
+            for (int64_t q = 0; q < tn; ++q) any |= H[(t + q) * n_used + j] != 0.f;
+            if (any) active.push_back(static_cast<int32_t>(j));
+          }
+          const int64_t na = static_cast<int64_t>(active.size());
+          if (na && codes) {
+            const int64_t blk = neuron_of(g0) / 32;
+            const uint16_t* sc = a.down_scales + blk * qk->scale_rows * d;
+            codes_block(*qk, H + t * n_used, n_used, tn, active.data(), na, down, sc, d, c0,
+                        c1, S.data(), po + t * d, d);
+          } else if (na && blocks) {
+            accum_block_loop<uint8_t>(qacc, H + t * n_used, n_used, tn, active.data(), na,
+                                      down, c0, c1, po + t * d, d);
+          } else if (na) {
+            kt.accum_block(H + t * n_used, n_used, tn, active.data(), na, down, c0, c1,
+                           po + t * d, d);
+          }
+          g0 = g1;
         }
       }
     }
-  }
-  // Reduce the partial outputs (n * d * (nt - 1) adds: 4096 for decode).
-  for (int i = 1; i < nt; ++i) {
+  };
+  ComputePool::instance().run(n_ranges, nt, [&](int64_t r, int) {
+    const int64_t lo = n_used * r / n_ranges, hi = n_used * (r + 1) / n_ranges;
+    float* po = r == 0 ? a.out : P + (r - 1) * n * d;
+    if (r > 0) std::fill(po, po + n * d, 0.f);
+    for (int64_t r0 = lo; r0 < hi; r0 += rb) process(r0, std::min(hi, r0 + rb), po);
+  });
+  // Reduce the partial outputs in range order (n * d adds a range: 576 for decode).
+  for (int64_t i = 1; i < n_ranges; ++i) {
     const float* p = P + (i - 1) * n * d;
     for (int64_t q = 0; q < n * d; ++q) a.out[q] += p[q];
   }
   // Codes layout: h back into the caller's row order.
-  if (codes && args.act_out)
+  if (codes && !in_order && args.act_out)
     for (int64_t t = 0; t < n; ++t)
       for (int64_t i = 0; i < n_used; ++i)
         args.act_out[t * n_used + order[i]] = H[t * n_used + i];
+}
+
+// ---- memory read reference ---------------------------------------------------------------
+
+namespace {
+
+#ifdef FI_HAVE_X86
+// 256-bit loads: a core issues two a cycle, far above what DRAM gives it, so 512-bit ones
+// read no faster (Zen 4 splits them in two anyway).
+FI_AVX2 double avx2_sum(const float* p, int64_t count) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= count; i += 32) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+  }
+  double s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < count; ++i) s += p[i];
+  return s;
+}
+#endif
+
+double scalar_sum(const float* p, int64_t count) {
+  float acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += p[i + l];
+  double s = 0;
+  for (float v : acc) s += v;
+  for (; i < count; ++i) s += p[i];
+  return s;
+}
+
+}  // namespace
+
+double stream_sum(const float* p, int64_t count, int threads) {
+  if (count <= 0) return 0.0;
+  double (*sum)(const float*, int64_t) = &scalar_sum;
+#ifdef FI_HAVE_X86
+  if (kernel_isa() >= Isa::Avx2) sum = &avx2_sum;
+#endif
+  const int64_t chunk = 64 << 10;  // floats: 256 KiB
+  const int64_t n_chunks = (count + chunk - 1) / chunk;
+  const int nt = resolve_threads(threads, double(count));
+  std::vector<double> part(static_cast<size_t>(n_chunks));
+  ComputePool::instance().run(n_chunks, nt, [&](int64_t c, int) {
+    const int64_t b = c * chunk;
+    part[c] = sum(p + b, std::min(chunk, count - b));
+  });
+  double s = 0;
+  for (double v : part) s += v;
+  return s;
 }
 
 // ---- block formats: whole arrays ------------------------------------------------------

@@ -8,11 +8,15 @@
 //
 // Every kernel has a portable scalar path and an AVX2+FMA+F16C path picked at runtime
 // (the library is built without -march so wheels run on any x86_64 / arm64); the block
-// formats' dot products also have an AVX-512 VNNI path. Threading is OpenMP inside the call;
-// no kernel throws once compute has started, so callers validate arguments first
+// formats' dot products also have an AVX-512 VNNI path, and their decode accumulation a
+// 512-bit one. One input (decode) runs each weight row whole, one after the other (a
+// contiguous matrix is then one sequential stream for the prefetchers). Threading: the
+// kernel pool (thread_pool.h: the caller takes work items too, workers spin briefly between
+// calls); no kernel throws once compute has started, so callers validate arguments first
 // (bind_kernels.cpp does) and may release the GIL around the call.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -38,11 +42,24 @@ void set_kernel_isa(const std::string& name);
 enum class Activation { Relu, FatRelu, Silu, Gelu, GeluTanh };
 // "relu", "fatrelu", "silu", "gelu" (exact erf), "gelu_tanh"; throws std::invalid_argument.
 Activation parse_activation(const std::string& name);
-// The activation of one pre-activation value (param: the fatrelu threshold).
-float activate(Activation act, float v, float param);
+// The activation of one pre-activation value (param: the fatrelu threshold). Inline: the
+// decode FFN calls it once a neuron.
+inline float activate(Activation act, float v, float param) {
+  switch (act) {
+    case Activation::Relu: return v > 0.f ? v : 0.f;
+    case Activation::FatRelu: return v > param ? v : 0.f;
+    case Activation::Silu: return v / (1.f + std::exp(-v));
+    case Activation::Gelu: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+    case Activation::GeluTanh: {
+      const float c = 0.7978845608028654f;  // sqrt(2/pi)
+      return 0.5f * v * (1.f + std::tanh(c * (v + 0.044715f * v * v * v)));
+    }
+  }
+  return v;
+}
 
-// OpenMP threads for a call of `work` multiply-adds: `threads` (<= 0: all), or 1 when the
-// work is too small to pay for a fork/join.
+// Threads for a call of `work` multiply-adds: `threads` (<= 0: OpenMP's count, all cores
+// unless OMP_NUM_THREADS says otherwise), or 1 when the work is too small to share.
 int resolve_threads(int threads, double work);
 
 // ---- linear: y = x @ w.T + bias -------------------------------------------------------
@@ -90,6 +107,14 @@ struct FfnRowsArgs {
   int threads = 0;
 };
 void ffn_rows(const FfnRowsArgs& a);
+
+// ---- memory read reference -------------------------------------------------------------
+
+// Sum of count float32 values, read once, on the kernels' threads and pool in blocks of
+// 256 KiB (AVX2 loads where the CPU has them, else scalar). The benchmarks' measure of this
+// machine's memory read bandwidth as a kernel can see it: nothing but loads and adds, so
+// any kernel's GB/s compares with it directly.
+double stream_sum(const float* p, int64_t count, int threads);
 
 // ---- dtype conversion -----------------------------------------------------------------
 

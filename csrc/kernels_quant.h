@@ -19,7 +19,7 @@
 //   - down parts in the "codes" layout (GGUF's down_proj kept exactly, bundle_format.h): the
 //     codes of the rows of one 32-neuron block are summed in float, S = sum_j h_j * q_j, and
 //     the block's resident scales applied once: out += d[b] * S + e[b] * sum_j h_j.
-// Accumulation is float32; the only rounding beyond float's is x's to 8 bits.
+// Accumulation is float32; the only rounding beyond float's is x's to 16 bits.
 #pragma once
 
 #include <cstdint>
@@ -40,13 +40,20 @@ inline int64_t q_blocks(int64_t len) { return (len + kQBlock - 1) / kQBlock; }
 // Per block: d = max|x| / 32767, q = round(x / d) (half away from zero), the tail of the last
 // block zero. Buffers are reused between calls (no allocation in the decode loop).
 constexpr float kXLevels = 32767.f;
+// Also, for the one-row kernels of the 4-bit formats: qp, each block's q in the order in
+// which a block's nibbles come out of its 16 bytes read as 8 little-endian 16-bit words
+// (word k holds values 2k, 2k+16, 2k+1, 2k+17 in its 4 nibbles): values 0, 2, .., 14,
+// 16, 18, .., 30, then 1, 3, .., 15, 17, .., 31; and ds, the pairs (d, s) of each block.
+// Integer dots do not depend on the order: the results are the same.
 struct QuantizedX {
   int64_t n = 0, nb = 0;
-  std::vector<int16_t> q;
-  std::vector<float> d, s;
+  std::vector<int16_t> q, qp;
+  std::vector<float> d, s, ds;
   const int16_t* qrow(int64_t t) const { return q.data() + t * nb * kQBlock; }
+  const int16_t* qprow(int64_t t) const { return qp.data() + t * nb * kQBlock; }
   const float* drow(int64_t t) const { return d.data() + t * nb; }
   const float* srow(int64_t t) const { return s.data() + t * nb; }
+  const float* dsrow(int64_t t) const { return ds.data() + t * nb * 2; }
 };
 // x (n, len) rows with stride ldx floats -> qx.
 void quantize_x(const float* x, int64_t n, int64_t len, int64_t ldx, QuantizedX& qx);
@@ -59,6 +66,11 @@ constexpr int kQTileR = 2;  // weight rows per dot tile (4 x 2 accumulators + 2 
 // out[t * ldo + r] = row_r . x_{t0 + t} over nb blocks, t < T, r < R (tile sizes from the table)
 using QDotTileFn = void (*)(const QuantizedX& x, int64_t t0, const uint8_t* const* rows,
                             int64_t nb, float* out, int64_t ldo);
+// out[j] = row_j . x_t for j in [j0, j1), row_j = base + (idx ? idx[j] : j) * stride bytes:
+// one input (decode), whole rows one after the other, so a contiguous matrix is one
+// sequential stream.
+using QDot1Fn = void (*)(const QuantizedX& x, int64_t t, const uint8_t* base, int64_t stride,
+                         const int32_t* idx, int64_t j0, int64_t j1, float* out);
 // out[t * ldo + c] += sum_r coef[t * R + r] * row_r[c], c in [c0, c1), c0 a multiple of 32
 // (rows point at the part's first block). Same shape as the float kernels' accumulate tile.
 using QAccumTileFn = void (*)(const float* coef, const void* const* rows, int64_t c0,
@@ -73,12 +85,37 @@ using QCodesFinishFn = void (*)(const float* S, int64_t lds, const float* hsum, 
                                 const uint16_t* sc, int64_t d_model, int64_t c0, int64_t c1,
                                 float* out, int64_t ldo);
 
+// The FFN of one input (decode) on used rows [r0, r1), fused per neuron: its up (and gate)
+// dot, the activation, then its down part added into out (h != 0 only), one record after
+// the other, so the records are read as one sequential stream. The codes layout
+// (down_scales): rows in neuron-id order, each 32-neuron block's codes summed into S, its
+// scales applied when the block ends.
+struct QFfn1Args {
+  const QuantizedX* x = nullptr;  // (1, d) quantized
+  int64_t d = 0;
+  const uint8_t* rows = nullptr;
+  int64_t row_bytes = 0;
+  const int32_t* sel = nullptr;     // used row j -> row (nullptr: j)
+  const int32_t* row_ids = nullptr;  // row -> neuron id (codes layout; nullptr: the row)
+  int64_t up_off = 0, gate_off = -1, down_off = 0;  // bytes
+  Activation act = Activation::Relu;
+  float act_param = 0.f;
+  const float* up_bias = nullptr;    // by row
+  const uint16_t* down_scales = nullptr;  // codes layout: (d_ff / 32, scale_rows, d)
+  float* H = nullptr;    // h of used row j
+  float* out = nullptr;  // (d,) accumulated
+  float* S = nullptr;    // (d,) scratch (codes layout)
+};
+using QFfn1Fn = void (*)(const QFfn1Args& a, int64_t r0, int64_t r1);
+
 struct QuantKernels {
   DType dtype;
   QDotTileFn dot[kQTileT][kQTileR];      // [T - 1][R - 1]
+  QDot1Fn dot1;
   QAccumTileFn accum[kQTileT][3];        // [T - 1][R in {1, 2, 4} -> 0, 1, 2]
   QCodesTileFn codes[kQTileT][3];        // same indexing
   QCodesFinishFn codes_finish;
+  QFfn1Fn ffn1;
   int scale_rows;                        // rows of the codes layout's scale table: 1 or 2
   // One row: len values <-> whole blocks (quantize: llama.cpp's reference rounding).
   void (*quantize_row)(const float* x, int64_t len, uint8_t* row);

@@ -60,6 +60,16 @@ void scalar_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int
     for (int r = 0; r < R; ++r) out[t * ldo + r] = acc[t][r];
 }
 
+// The one-row kernel from a level's T = 1, R = 1 dot tile (every level without its own).
+template <QDotTileFn Tile>
+void rows_dot1(const QuantizedX& x, int64_t t, const uint8_t* base, int64_t stride,
+               const int32_t* idx, int64_t j0, int64_t j1, float* out) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint8_t* row = base + (idx ? idx[j] : j) * stride;
+    Tile(x, t, &row, x.nb, out + j, 1);
+  }
+}
+
 // 32 values of a block (d * code + e) as floats.
 template <class F>
 inline void expand_block(const uint8_t* blk, float* w) {
@@ -282,6 +292,29 @@ FI_AVX2 void avx2_codes_finish(const float* S, int64_t lds, const float* hsum, i
 //    block instead of two pmaddwd and an add; 256-bit vectors: Zen 4 splits 512-bit ones)
 // =======================================================================================
 
+// A block's 32 codes as int16 in the order this level's x rows use: the 4-bit formats
+// unpack their 16 bytes as 8 words with two variable shifts and two ands (no widening),
+// giving values 0, 2, .., 30 and 1, 3, .., 31 in QuantizedX::qp's order; q8_0 in value
+// order. Both the tiles and the one-row kernel use it, so a token alone gets exactly the
+// sums it gets among others.
+template <class F>
+FI_AVX512VNNI inline void vnni_codes16(const uint8_t* qs, __m256i* c1, __m256i* c2) {
+  if constexpr (F::kCodeBytes == 16) {
+    const __m256i sh1 = _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+    const __m256i sh2 = _mm256_setr_epi16(8, 8, 8, 8, 8, 8, 8, 8, 12, 12, 12, 12, 12, 12, 12, 12);
+    const __m256i mask = _mm256_set1_epi16(0xF);
+    const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+    *c1 = _mm256_and_si256(_mm256_srlv_epi16(raw, sh1), mask);
+    *c2 = _mm256_and_si256(_mm256_srlv_epi16(raw, sh2), mask);
+  } else {
+    F::avx2_codes16(qs, c1, c2);
+  }
+}
+template <class F>
+inline const int16_t* vnni_xrow(const QuantizedX& x, int64_t t) {
+  return F::kCodeBytes == 16 ? x.qprow(t) : x.qrow(t);
+}
+
 template <class F, int T, int R>
 FI_AVX512VNNI void vnni_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
                        float* out, int64_t ldo) {
@@ -299,11 +332,11 @@ FI_AVX512VNNI void vnni_dot(const QuantizedX& x, int64_t t0, const uint8_t* cons
       const uint8_t* blk = rows[r] + b * F::kBytes;
       dw[r] = f16c(blk);
       ew[r] = f16c_e<F>(blk, dw[r]);
-      F::avx2_codes16(blk + F::kCodesOff, &wlo[r], &whi[r]);
+      vnni_codes16<F>(blk + F::kCodesOff, &wlo[r], &whi[r]);
     }
 #pragma GCC unroll 4
     for (int t = 0; t < T; ++t) {
-      const int16_t* yp = x.qrow(t0 + t) + b * kQBlock;
+      const int16_t* yp = vnni_xrow<F>(x, t0 + t) + b * kQBlock;
       const __m256i ylo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp));
       const __m256i yhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp + 16));
       const float dx = x.drow(t0 + t)[b], sx = x.srow(t0 + t)[b];
@@ -318,6 +351,157 @@ FI_AVX512VNNI void vnni_dot(const QuantizedX& x, int64_t t0, const uint8_t* cons
   }
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) out[t * ldo + r] = hsum8(acc[t][r]) + accs[t][r];
+}
+
+// One row at a time (decode, kernels_quant.h's QDot1Fn), the blocks in order into one
+// accumulator, as the T = 1 tile sums them (so a token alone gets exactly what it gets in a
+// GEMM; a second accumulator measured no faster). Per block: the integer dot (two VNNI/madd instructions), one conversion and
+// one FMA with d_w * d_x; the offset term (q4_1: m * s_x, q4_0: -8 d_w * s_x) rides in the
+// second lane of the scales' own 128-bit product, summed once per row. Measured on the dev VM
+// (q4_1, one thread, weights in cache): 15-18 GB/s vs 11-14 for the T = 1, R = 1 tile.
+template <class F>
+FI_AVX512VNNI inline void vnni_block1(const uint8_t* blk, const int16_t* xq, const float* xds,
+                                      __m256& acc, __m128& accm) {
+  __m256i c1, c2;
+  vnni_codes16<F>(blk + F::kCodesOff, &c1, &c2);
+  const __m256i p = _mm256_dpwssd_epi32(
+      _mm256_madd_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))), c2,
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16)));
+  uint32_t dm;  // fp16 d (and q4_1's m)
+  if constexpr (F::kHasMin) {
+    std::memcpy(&dm, blk, 4);
+  } else {
+    uint16_t d16;
+    std::memcpy(&d16, blk, 2);
+    dm = uint32_t(d16) * 0x10001u;  // d twice
+  }
+  // (d_w, m or d_w) * (d_x, s_x): lane 0 scales the integer dot, lane 1 is the offset term
+  const __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(int(dm))),
+                              _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xds))));
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(f), acc);
+  accm = _mm_add_ps(accm, f);
+}
+
+template <class F>
+FI_AVX512VNNI void vnni_dot1(const QuantizedX& x, int64_t t, const uint8_t* base,
+                             int64_t stride, const int32_t* idx, int64_t j0, int64_t j1,
+                             float* out) {
+  const int64_t nb = x.nb;
+  const int16_t* xq = vnni_xrow<F>(x, t);
+  const float* xds = x.dsrow(t);
+  // the offset term per unit of lane 1: q4_1 m * s_x; q4_0 -8 * d_w * s_x; q8_0 none
+  const float e = F::kHasMin ? 1.f : float(F::kCodeShift);
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint8_t* row = base + (idx ? idx[j] : j) * stride;
+    __m256 acc = _mm256_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b)
+      vnni_block1<F>(row + b * F::kBytes, xq + b * kQBlock, xds + 2 * b, acc, accm);
+    out[j] = hsum8(acc) + e * _mm_cvtss_f32(_mm_movehdup_ps(accm));
+  }
+}
+
+// The accumulate and codes tiles for one input (decode) at this level. A block's 32 codes
+// are widened once, 16 bytes to 16 dwords in one zmm (a 4-bit byte's low nibble is value i,
+// its high one value i + 16: an and and a shift give both halves; q8_0: two sign
+// extensions), converted, and multiplied into out with h folded into the scales:
+// out += sum_r (h_r d_r) q_r + sum_r h_r e_r, one FMA per 16 values and row, the offsets
+// added once per block. The AVX2 tiles expand every 8 values to d q + e first, then
+// multiply by h: about twice the instructions.
+template <class F>
+FI_AVX512VNNI inline void vnni_codes32(const uint8_t* qs, __m512* lo, __m512* hi) {
+  if constexpr (F::kCodeBytes == 16) {
+    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(z, _mm512_set1_epi32(0xF)));
+    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(z, 4));
+  } else {
+    *lo = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs))));
+    *hi = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16))));
+  }
+}
+
+template <class F, int R>
+FI_AVX512VNNI void vnni_accum1(const float* coef, const void* const* rv, int64_t c0, int64_t c1,
+                               float* out, int64_t ldo) {
+  const uint8_t* rows[R];
+  __m128 cv[R];  // (h, the factor of lane 1): (d, m) * (h, h) = (h d, h m) for q4_1;
+                 // (d, d) * (h, -8 h) for q4_0; (d, d) * (h, 0) for q8_0
+  for (int r = 0; r < R; ++r) {
+    rows[r] = static_cast<const uint8_t*>(rv[r]);
+    const float e = F::kHasMin ? coef[r] : float(F::kCodeShift) * coef[r];
+    cv[r] = _mm_setr_ps(coef[r], e, 0.f, 0.f);
+  }
+  int64_t c = c0;
+  // block pointers advance with c (c0 is a multiple of 32: no division in the loop)
+  for (int r = 0; r < R; ++r) rows[r] += c0 / kQBlock * F::kBytes;
+  for (; c + kQBlock <= c1; c += kQBlock) {
+    __m512 o0 = _mm512_loadu_ps(out + c), o1 = _mm512_loadu_ps(out + c + 16);
+    __m128 esum = _mm_setzero_ps();
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = rows[r];
+      rows[r] += F::kBytes;
+      uint32_t dm;
+      if constexpr (F::kHasMin) {
+        std::memcpy(&dm, blk, 4);
+      } else {
+        uint16_t d16;
+        std::memcpy(&d16, blk, 2);
+        dm = uint32_t(d16) * 0x10001u;
+      }
+      const __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(int(dm))), cv[r]);
+      __m512 lo, hi;
+      vnni_codes32<F>(blk + F::kCodesOff, &lo, &hi);
+      const __m512 hd = _mm512_broadcastss_ps(f);
+      o0 = _mm512_fmadd_ps(lo, hd, o0);
+      o1 = _mm512_fmadd_ps(hi, hd, o1);
+      esum = _mm_add_ps(esum, f);
+    }
+    if constexpr (F::kHasMin || F::kCodeShift != 0) {
+      const __m512 e = _mm512_broadcastss_ps(_mm_movehdup_ps(esum));
+      o0 = _mm512_add_ps(o0, e);
+      o1 = _mm512_add_ps(o1, e);
+    }
+    _mm512_storeu_ps(out + c, o0);
+    _mm512_storeu_ps(out + c + 16, o1);
+  }
+  if (c < c1) scalar_accum<F, 1, R>(coef, rv, c, c1, out, ldo);  // the partial last block
+  (void)ldo;
+}
+
+template <class F, int R>
+FI_AVX512VNNI void vnni_codes1(const float* coef, const uint8_t* const* codes, int64_t c0,
+                               int64_t c1, float* S, int64_t lds) {
+  __m512 cb[R];
+  for (int r = 0; r < R; ++r) cb[r] = _mm512_set1_ps(coef[r]);
+  int64_t c = c0;
+  const uint8_t* cp[R];
+  for (int r = 0; r < R; ++r) cp[r] = codes[r] + c0 / kQBlock * F::kCodeBytes;
+  for (; c + kQBlock <= c1; c += kQBlock) {
+    float* s = S + c - c0;
+    __m512 o0 = _mm512_loadu_ps(s), o1 = _mm512_loadu_ps(s + 16);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      __m512 lo, hi;
+      vnni_codes32<F>(cp[r], &lo, &hi);
+      cp[r] += F::kCodeBytes;
+      o0 = _mm512_fmadd_ps(lo, cb[r], o0);
+      o1 = _mm512_fmadd_ps(hi, cb[r], o1);
+    }
+    _mm512_storeu_ps(s, o0);
+    _mm512_storeu_ps(s + 16, o1);
+  }
+  if (c < c1) {  // the partial last block, S's offset kept
+    for (int64_t i = c; i < c1; ++i) {
+      float v = S[i - c0];
+      for (int r = 0; r < R; ++r)
+        v += coef[r] * float(F::code(codes[r] + c / kQBlock * F::kCodeBytes, int(i - c)));
+      S[i - c0] = v;
+    }
+  }
+  (void)lds;
 }
 #endif  // FI_HAVE_X86
 
@@ -338,6 +522,7 @@ constexpr QDotTileFn dot_fn() {
 template <class F, Level L, int T, int R>
 constexpr QAccumTileFn accum_fn() {
 #ifdef FI_HAVE_X86
+  if constexpr (L == Level::Vnni && T == 1) return &vnni_accum1<F, R>;
   if constexpr (L != Level::Scalar) return &avx2_accum<F, T, R>;
 #endif
   return &scalar_accum<F, T, R>;
@@ -345,9 +530,87 @@ constexpr QAccumTileFn accum_fn() {
 template <class F, Level L, int T, int R>
 constexpr QCodesTileFn codes_fn() {
 #ifdef FI_HAVE_X86
+  if constexpr (L == Level::Vnni && T == 1) return &vnni_codes1<F, R>;
   if constexpr (L != Level::Scalar) return &avx2_codes<F, T, R>;
 #endif
   return &scalar_codes<F, T, R>;
+}
+
+template <class F, Level L>
+constexpr QDot1Fn dot1_fn() {
+#ifdef FI_HAVE_X86
+  if constexpr (L == Level::Vnni) return &vnni_dot1<F>;
+#endif
+  return &rows_dot1<dot_fn<F, L, 1, 1>()>;
+}
+
+template <class F, Level L>
+constexpr QCodesFinishFn finish_fn() {
+#ifdef FI_HAVE_X86
+  if constexpr (L != Level::Scalar) return &avx2_codes_finish<F>;
+#endif
+  return &scalar_codes_finish<F>;
+}
+
+// One row's dot with one input at level L: the VNNI one-row loop inline, else the level's
+// T = 1, R = 1 tile.
+template <class F, Level L>
+inline float row_dot1(const QuantizedX& x, const uint8_t* row) {
+  float v;
+#ifdef FI_HAVE_X86
+  if constexpr (L == Level::Vnni) {
+    vnni_dot1<F>(x, 0, row, 0, nullptr, 0, 1, &v);
+    return v;
+  }
+#endif
+  dot_fn<F, L, 1, 1>()(x, 0, &row, x.nb, &v, 1);
+  return v;
+}
+
+// QFfn1Fn (kernels_quant.h): every record of [r0, r1) read once, front to back.
+template <class F, Level L>
+void ffn1(const QFfn1Args& a, int64_t r0, int64_t r1) {
+  const bool gated = a.gate_off >= 0, codes = a.down_scales != nullptr;
+  const QAccumTileFn accum = accum_fn<F, L, 1, 1>();
+  const QCodesTileFn code = codes_fn<F, L, 1, 1>();
+  constexpr int kScaleRows = F::kHasMin ? 2 : 1;
+  int64_t blk = -1;   // codes layout: the 32-neuron block summed into S
+  float hsum = 0.f;
+  bool any = false;   // a row of the block had h != 0 (else S is 0: nothing to add)
+  auto finish = [&] {
+    if (blk >= 0 && any)
+      finish_fn<F, L>()(a.S, a.d, &hsum, 1, a.down_scales + blk * kScaleRows * a.d, a.d, 0,
+                        a.d, a.out, a.d);
+  };
+  for (int64_t j = r0; j < r1; ++j) {
+    const int64_t row = a.sel ? a.sel[j] : j;
+    const uint8_t* rec = a.rows + row * a.row_bytes;
+    float u = row_dot1<F, L>(*a.x, rec + a.up_off);
+    if (a.up_bias) u += a.up_bias[row];
+    const float h = gated ? activate(a.act, row_dot1<F, L>(*a.x, rec + a.gate_off), a.act_param) * u
+                          : activate(a.act, u, a.act_param);
+    a.H[j] = h;
+    const uint8_t* down = rec + a.down_off;
+    if (codes) {
+      const int64_t b = (a.row_ids ? a.row_ids[row] : row) / 32;
+      if (b != blk) {
+        finish();
+        blk = b;
+        hsum = 0.f;
+        any = false;
+        std::fill(a.S, a.S + a.d, 0.f);
+      }
+      if (h != 0.f) {
+        code(&h, &down, 0, a.d, a.S, a.d);
+        hsum += h;
+        any = true;
+      }
+    } else if (h != 0.f) {
+      const void* dp = down;
+      accum(&h, &dp, 0, a.d, a.out, a.d);
+    }
+  }
+  if (codes) finish();
 }
 
 template <class F, Level L, int T>
@@ -372,11 +635,9 @@ QuantKernels make_table(void (*quantize_row)(const float*, int64_t, uint8_t*),
   fill_row<F, L, 2>(k);
   fill_row<F, L, 3>(k);
   fill_row<F, L, 4>(k);
-#ifdef FI_HAVE_X86
-  k.codes_finish = L == Level::Scalar ? &scalar_codes_finish<F> : &avx2_codes_finish<F>;
-#else
-  k.codes_finish = &scalar_codes_finish<F>;
-#endif
+  k.dot1 = dot1_fn<F, L>();
+  k.codes_finish = finish_fn<F, L>();
+  k.ffn1 = &ffn1<F, L>;
   k.scale_rows = F::kHasMin ? 2 : 1;
   k.quantize_row = quantize_row;
   k.dequantize_row = dequantize_row;

@@ -3,14 +3,17 @@ block formats q8_0, q4_0, q4_1: ``flashinfer_py.dtypes``).
 
 numpy has no fast float16/bfloat16 matmul and no quantized one, so the model keeps weights as
 stored and every product goes through these native kernels (AVX2+FMA+F16C when the CPU has it,
-AVX-512 VNNI for the block formats' integer dots, portable scalar code otherwise; OpenMP
-threads). Inputs, activations and outputs are float32; accumulation is float32. With a block
-format, x is quantized to 8 bits per block of 32 for the dot products (as llama.cpp does).
+AVX-512 VNNI for the block formats' integer dots and 512-bit vectors for their decode
+accumulation, portable scalar code otherwise). Threads: the process's kernel pool
+(csrc/thread_pool.h), whose workers spin briefly between calls and whose caller takes work
+items itself, so a decode step's ~150 small calls pay no thread wake-up each. Inputs,
+activations and outputs are float32; accumulation is float32. With a block format, x is
+quantized to 16 bits per block of 32 for the dot products (kernels_quant.h says why not 8).
 
 Weight arrays: ``np.float32``, ``np.float16``, ``np.uint16`` holding bfloat16 bits (numpy
 has no bfloat16), or ``np.uint8`` rows of blocks with ``fmt`` naming the format. Every array
 must be C-contiguous; bad arguments raise ``ValueError`` naming the argument. ``threads=0``
-uses all OpenMP threads.
+uses as many threads as OpenMP would (``OMP_NUM_THREADS``, else every core).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from ._core import attend1 as _attend1
 from ._core import dequantize as _dequantize
 from ._core import dequantize_q4 as _dequantize_q4
 from ._core import ffn_rows as _ffn_rows
@@ -28,11 +32,15 @@ from ._core import linear as _linear
 from ._core import q4_scores as _q4_scores
 from ._core import quantize as _quantize
 from ._core import quantize_q4 as _quantize_q4
+from ._core import rms_norm as _rms_norm
+from ._core import rope as _rope
 from ._core import set_kernel_isa as _set_kernel_isa
+from ._core import stream_sum as _stream_sum
 from ._core import to_float32 as _to_float32
 
 __all__ = [
     "ACTIVATIONS",
+    "attend1",
     "dequantize",
     "dequantize_q4",
     "ffn_rows",
@@ -42,7 +50,10 @@ __all__ = [
     "q4_scores",
     "quantize",
     "quantize_q4",
+    "rms_norm",
+    "rope",
     "set_kernel_isa",
+    "stream_sum",
     "to_float32",
 ]
 
@@ -70,7 +81,7 @@ def linear(
         bias: ``(m,)`` float32 or None.
         out: optional ``(n, m)`` (or ``(m,)`` for 1-D ``x``) float32 buffer, overwritten
             and returned; lets the decode loop run without allocation.
-        threads: OpenMP threads; 0 means all.
+        threads: threads (the caller and pool workers); 0 means all.
         fmt: the storage format of ``w`` (needed for block formats; else from its dtype).
             Several rows of x are a blocked GEMM: each block of w is unpacked once for up
             to 4 inputs.
@@ -130,7 +141,7 @@ def ffn_rows(
         out: optional ``(n, d_model)`` float32 buffer, overwritten and returned.
         act_out: optional ``(n, n_used)`` float32 buffer that receives ``h``; column ``i``
             belongs to row ``row_select[i]`` (or row ``i``). Use it to find active neurons.
-        threads: OpenMP threads; 0 means all.
+        threads: threads (the caller and pool workers); 0 means all.
         fmt: the rows' storage format; a block format makes ``rows`` uint8 and every offset
             a byte offset (``dtypes.RecordLayout.offsets``).
         down_scales: block formats whose down part holds codes only (a GGUF's down_proj
@@ -214,7 +225,7 @@ def q4_scores(
     """Estimated ``max_t |h_t| * scale`` of every 4-bit record (``(n_rec,)`` float32).
 
     ``h = act(gate~ . x_t) * (up~ . x_t)`` (gated: records hold up then gate) or
-    ``act(up~ . x_t)``, with x quantized to 8 bits per block of 32 on the fly.
+    ``act(up~ . x_t)``, with x quantized to 16 bits per block of 32 on the fly.
     """
     x = np.ascontiguousarray(np.atleast_2d(x), np.float32)
     return _q4_scores(x, sketch, length, gated, activation, act_param, scale, out, threads)
@@ -240,6 +251,41 @@ def from_float32(
     ``bfloat16`` rounds to nearest even (like torch) and is returned as uint16 bits.
     """
     return _from_float32(a, dtype, out, threads)
+
+
+# ---- the small ops of a decode step (csrc/ops.h) ----------------------------------------
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, *,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """RMSNorm over the last axis: ``x / sqrt(mean(x**2) + eps) * w`` (float32, C-contiguous;
+    ``out`` may be ``x`` itself)."""
+    return _rms_norm(x, w, eps, out)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Rotate-half RoPE in place on the first ``len(cos)`` values of every row of ``x``
+    (Hugging Face's convention; ``cos``/``sin``: one position's table row, float32)."""
+    _rope(x, cos, sin)
+
+
+def attend1(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: int, end: int,
+            scale: float, softcap: float = 0.0, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Softmax attention of one token: ``q`` ``(heads, hd)`` over ``keys``/``values``
+    ``(kv_heads, cap, hd)`` (a KV cache) at positions ``[first, end)``, grouped-query (head h
+    reads kv head ``h // (heads // kv_heads)``), scores ``scale * q.k`` soft-capped at
+    ``softcap`` when > 0. Returns ``(heads, hd)`` float32."""
+    return _attend1(q, keys, values, first, end, scale, softcap, out)
+
+
+def stream_sum(a: np.ndarray, *, threads: int = 0) -> float:
+    """Sum of a float32 array (any shape, C-contiguous), read once on the kernels' threads.
+
+    Nothing but loads and adds (AVX2 where the CPU has it): the memory read bandwidth a
+    kernel can reach on this machine, the reference ``benchmarks/bench_kernels.py`` compares
+    every kernel with.
+    """
+    return _stream_sum(a, threads)
 
 
 def kernel_isa() -> str:

@@ -44,6 +44,15 @@ class KVCache:
         self.v[layer][:, start:end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
+    def append1(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Store one position's k, v [Hkv, hd] (append for a single token, decode)."""
+        pos = self.size
+        if pos + 1 > self.k[layer].shape[1]:
+            self.append(layer, k[:, None], v[:, None])
+            return
+        self.k[layer][:, pos] = k
+        self.v[layer][:, pos] = v
+
     def advance(self, t: int) -> None:
         self.size += t
 
@@ -110,6 +119,7 @@ class _Rope:
         self.gain = float(s["attention_factor"]) if longrope else 1.0
         self.short = self._per_layer(a, long=False)
         self.long = self._per_layer(a, long=True) if longrope else self.short
+        self._tables: dict = {}  # id(inverse frequencies) -> (cos, sin) [positions, dim]
 
     @staticmethod
     def _per_layer(a: ModelArgs, long: bool) -> list[np.ndarray]:
@@ -123,9 +133,25 @@ class _Rope:
         """cos, sin [T, rotary_dim] float32 for positions pos0..pos0+t-1."""
         end = pos0 + t
         long = self.long_after is not None and end > self.long_after
-        ang = np.arange(pos0, end, dtype=np.float64)[:, None] * (self.long if long else self.short)[layer]
+        return self._angles((self.long if long else self.short)[layer], pos0, end)
+
+    def _angles(self, inv: np.ndarray, pos0: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        ang = np.arange(pos0, end, dtype=np.float64)[:, None] * inv
         ang = np.concatenate([ang, ang], axis=-1)
         return (np.cos(ang) * self.gain).astype(np.float32), (np.sin(ang) * self.gain).astype(np.float32)
+
+    def row(self, layer: int, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [rotary_dim] of one position (decode): rows of a table per frequency set,
+        computed as cos_sin computes them and grown by doubling, so a token does not pay for
+        a dozen numpy calls per layer."""
+        long = self.long_after is not None and pos + 1 > self.long_after
+        inv = (self.long if long else self.short)[layer]
+        tab = self._tables.get(id(inv))
+        if tab is None or pos >= len(tab[0]):
+            n = max(256, 2 * (pos + 1), 0 if tab is None else 2 * len(tab[0]))
+            tab = self._angles(inv, 0, n)
+            self._tables[id(inv)] = tab
+        return tab[0][pos], tab[1][pos]
 
 
 class Transformer:
@@ -144,17 +170,62 @@ class Transformer:
         self.rope = _Rope(args) if args.uses_rope else None
         head = "tok_embeddings" if args.tie_word_embeddings else "lm_head"
         self.lm_head, self.lm_head_fmt = dense[head], self.formats[head]
+        self._fuse_qkv()
+        # each layer's norm weights for the one-token block (_block1): pre-norm RMSNorm models
+        a = args
+        self._norms1 = None
+        if a.pre_norm and a.norm == "rmsnorm":
+            self._norms1 = [
+                (dense[f"layers.{i}.attn_norm"], dense[f"layers.{i}.ffn_norm"],
+                 dense.get(f"layers.{i}.attn_post_norm") if a.post_norms else None,
+                 dense.get(f"layers.{i}.ffn_post_norm") if a.post_norms else None,
+                 dense.get(f"layers.{i}.ffn_down_bias") if a.ffn_bias else None)
+                for i in range(a.num_hidden_layers)]
+        # each layer's constants of the one-token attention (_attention1), looked up once
+        dims = (a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.q_dim, a.kv_dim,
+                a.norm_eps, a.attn_logit_softcapping or 0.0)
+        self._dec = []
+        for i in range(a.num_hidden_layers):
+            p = f"layers.{i}."
+            self._dec.append((dims, a.window(i), dense.get(p + "q_norm") if a.qk_norm else None,
+                              dense.get(p + "k_norm") if a.qk_norm else None,
+                              (dense[p + "wo"], self.formats[p + "wo"],
+                               dense.get(p + "bo") if a.attention_out_bias else None)))
         self.scale = 1.0 / math.sqrt(args.query_pre_attn_scalar or args.head_dim)
         # observer(layer, ffn_input [T, d], activations [T, d_ff], ref_norm [T]): set to
         # record activations (predictor training, dense models); ref_norm is the norm of the
         # residual stream the FFN output joins, in units of the FFN's own output.
         self.observer = None
 
+    def _fuse_qkv(self) -> None:
+        """Each layer's q, k and v projections as one matrix (rows stacked; their biases too),
+        so a token makes one kernel call instead of three: SmolLM2's k and v are 192 x 576,
+        too small to stream well on their own. The dict's wq/wk/wv become views of it."""
+        self.qkv = []
+        for i in range(self.args.num_hidden_layers):
+            p = f"layers.{i}."
+            names = [p + "wq", p + "wk", p + "wv"]
+            ws = [self.w[n] for n in names]
+            fmt = self.formats[names[0]]
+            if any(self.formats[n] != fmt for n in names) or len({w.shape[1] for w in ws}) != 1:
+                self.qkv.append(None)  # mixed formats: three calls
+                continue
+            w = np.concatenate(ws, axis=0)
+            rows = np.cumsum([0] + [x.shape[0] for x in ws])
+            for n, a, b in zip(names, rows[:-1], rows[1:]):
+                self.w[n] = w[a:b]
+            bias = None
+            if self.args.attention_bias:
+                bias = np.concatenate([self.w[p + "bq"], self.w[p + "bk"], self.w[p + "bv"]])
+            self.qkv.append((w, fmt, bias))
+
     # ------------------------------------------------------------------ small ops
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
         """RMSNorm or LayerNorm over the last axis (q/k norms: per head, x [H, T, hd])."""
         w = self.w[name]
         if self.args.norm == "rmsnorm":
+            if x.flags.c_contiguous and x.dtype == np.float32:
+                return kernels.rms_norm(x, w, self.args.norm_eps)
             var = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
             return (x / np.sqrt(var + self.args.norm_eps)) * w
         mu = x.mean(-1, keepdims=True)
@@ -187,9 +258,18 @@ class Transformer:
         a, p = self.args, f"layers.{layer}."
         t, pos0 = x.shape[0], cache.size
         bias = a.attention_bias
-        q = self._linear(x, p + "wq", p + "bq" if bias else None)
-        k = self._linear(x, p + "wk", p + "bk" if bias else None)
-        v = self._linear(x, p + "wv", p + "bv" if bias else None)
+        fused = self.qkv[layer]
+        if fused is not None:
+            w, fmt, b = fused
+            qkv = kernels.linear(np.ascontiguousarray(x), w, bias=b, fmt=fmt)
+            if t == 1:
+                return self._attention1(layer, qkv[0], cache)
+            qd, kd = a.q_dim, a.kv_dim
+            q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
+        else:
+            q = self._linear(x, p + "wq", p + "bq" if bias else None)
+            k = self._linear(x, p + "wk", p + "bk" if bias else None)
+            v = self._linear(x, p + "wv", p + "bv" if bias else None)
         q = q.reshape(t, a.num_attention_heads, a.head_dim).transpose(1, 0, 2)  # [H, T, hd]
         k = k.reshape(t, a.num_key_value_heads, a.head_dim).transpose(1, 0, 2)
         v = v.reshape(t, a.num_key_value_heads, a.head_dim).transpose(1, 0, 2)
@@ -201,6 +281,27 @@ class Transformer:
         keys, values = cache.append(layer, k, v)  # [Hkv, S, hd], S = pos0 + T
         out = self._attend(layer, q, keys, values, pos0)  # [T, H * hd]
         return self._linear(out, p + "wo", p + "bo" if a.attention_out_bias else None)
+
+    def _attention1(self, layer: int, qkv: np.ndarray, cache: KVCache) -> np.ndarray:
+        """_attention for one token (decode), on the fused q/k/v output qkv [q_dim + 2 kv_dim]:
+        the norms, RoPE and attention in native code (ops.h), in place on qkv."""
+        a, pos = self.args, cache.size
+        (h, hkv, hd, qd, kd, eps, softcap), window, q_norm, k_norm, wo = self._dec[layer]
+        q = qkv[:qd].reshape(h, hd)
+        k = qkv[qd:qd + kd].reshape(hkv, hd)
+        v = qkv[qd + kd:].reshape(hkv, hd)
+        if q_norm is not None:
+            kernels.rms_norm(q, q_norm, eps, out=q)
+            kernels.rms_norm(k, k_norm, eps, out=k)
+        if self.rope is not None:
+            cos, sin = self.rope.row(layer, pos)
+            kernels.rope(q, cos, sin)
+            kernels.rope(k, cos, sin)
+        cache.append1(layer, k, v)
+        first = max(0, pos - window + 1) if window else 0
+        out = kernels.attend1(q, cache.k[layer], cache.v[layer], first, pos + 1, self.scale,
+                              softcap)
+        return kernels.linear(out.reshape(1, qd), wo[0], bias=wo[2], fmt=wo[1])
 
     def _attend(self, layer: int, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
                 pos0: int) -> np.ndarray:
@@ -257,6 +358,24 @@ class Transformer:
         return x + self._ffn(layer, self._norm(x, p + "ffn_norm"), x,
                              p + "ffn_post_norm" if a.post_norms else None)
 
+    def _block1(self, layer: int, x: np.ndarray, cache: KVCache) -> np.ndarray:
+        """_block for one token of a pre-norm RMSNorm model (every family but OPT): the same
+        operations with the layer's norm weights looked up once, the residual added in place
+        (x is this forward's own array), no observer."""
+        attn_norm, ffn_norm, attn_post, ffn_post, ffn_bias = self._norms1[layer]
+        eps = self.args.norm_eps
+        h = self._attention(layer, kernels.rms_norm(x, attn_norm, eps), cache)
+        if attn_post is not None:
+            kernels.rms_norm(h, attn_post, eps, out=h)
+        x += h
+        f = self.ffn.forward(layer, kernels.rms_norm(x, ffn_norm, eps), None)
+        if ffn_bias is not None:
+            f += ffn_bias
+        if ffn_post is not None:
+            kernels.rms_norm(f, ffn_post, eps, out=f)
+        x += f
+        return x
+
     def forward(self, tokens, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """Run `tokens` (continuing the sequence in `cache`) and return float32 logits
         [T, vocab] (or [1, vocab] with last_only)."""
@@ -268,8 +387,10 @@ class Transformer:
             raise ValueError(f"token ids must be in [0, {a.vocab_size}); got "
                              f"{tokens.min()}..{tokens.max()}")
         x = self._embed(tokens, cache.size)
+        block = (self._block1 if len(tokens) == 1 and self._norms1 is not None
+                 and self.observer is None else self._block)
         for i in range(a.num_hidden_layers):
-            x = self._block(i, x, cache)
+            x = block(i, x, cache)
         cache.advance(len(tokens))
         if last_only:
             x = x[-1:]
@@ -293,20 +414,21 @@ class FfnOnRows:
         if layout.codes and any(s is None for s in self.down_scales):
             raise ValueError("the bundle's down parts hold codes but dense.safetensors has no "
                              "layers.N.ffn_down_scales; re-run `flashinfer-py convert`")
+        off = layout.offsets
+        self._offs = (off["up"], off.get("gate", -1), off["down"])
 
     def __call__(self, layer: int, x: np.ndarray, rows: np.ndarray, up_bias=None,
                  row_select=None, act_out=None, row_ids=None) -> np.ndarray:
         """The FFN of inputs x [T, d] over records `rows` (all, or those in row_select) of
         `layer`; `row_ids` (int32, one per row) name their neurons (default: row i is neuron i)."""
-        a, lay = self.args, self.layout
-        off = lay.offsets
+        a = self.args
+        up, gate, down = self._offs
         scales = self.down_scales[layer]
         ids = None if scales is None or row_ids is None else np.ascontiguousarray(row_ids, np.int32)
-        return kernels.ffn_rows(x, rows, a.hidden_size, up_off=off["up"], down_off=off["down"],
-                                gate_off=off.get("gate", -1), activation=a.hidden_act,
-                                act_param=a.act_param, up_bias=up_bias, row_select=row_select,
-                                act_out=act_out, fmt=lay.fmt.name, down_scales=scales,
-                                row_ids=ids)
+        return kernels.ffn_rows(x, rows, a.hidden_size, up_off=up, down_off=down, gate_off=gate,
+                                activation=a.hidden_act, act_param=a.act_param, up_bias=up_bias,
+                                row_select=row_select, act_out=act_out, fmt=self.layout.fmt.name,
+                                down_scales=scales, row_ids=ids)
 
     def part_f32(self, layer: int, rows: np.ndarray, part: str, ids=None) -> np.ndarray:
         """float32 [n, d] values of one part of records `rows` of `layer` (neuron `ids`)."""
@@ -315,7 +437,10 @@ class FfnOnRows:
 
 class ResidentFFN:
     """Every neuron resident in DRAM: the dense model. Rows are read once from the bundle file
-    (direct I/O) into one aligned matrix per layer."""
+    (direct I/O) and kept packed, one aligned matrix per layer: a record's parts rounded up to
+    64 bytes, without its padding to 4 KiB pages (as the neuron cache packs them). For a 4-bit
+    SmolLM2 that is 1024 of 4096 bytes a neuron: a quarter of the DRAM, and the FFN kernel
+    streams its rows back to back instead of skipping 3 KiB after each."""
 
     def __init__(self, bundle_path: str, args: ModelArgs, dense: dict, runtime: RuntimeConfig):
         from .bundles import BundleReader, ReaderParams, aligned_empty
@@ -325,10 +450,18 @@ class ResidentFFN:
                                                         use_direct_io=runtime.use_direct_io))
         self.kernel = FfnOnRows(args, reader.layout, dense)
         self.rows_by_layer = []
-        ids = np.arange(args.intermediate_size, dtype=np.int32)
+        f = args.intermediate_size
+        eb = np.dtype(reader.numpy_dtype).itemsize
+        packed = min(reader.record_elems, -(-reader.layout.payload_bytes // 64) * 64 // eb)
+        # whole records are read into a staging buffer of at most ~64 MiB, then packed
+        chunk = max(1, min(f, (64 << 20) // (reader.record_elems * eb)))
+        staging = aligned_empty((chunk, reader.record_elems), reader.numpy_dtype)
         for layer in range(args.num_hidden_layers):
-            rows = aligned_empty((args.intermediate_size, reader.record_elems), reader.numpy_dtype)
-            reader.read(layer, ids, rows)
+            rows = aligned_empty((f, packed), reader.numpy_dtype)
+            for i in range(0, f, chunk):
+                ids = np.arange(i, min(f, i + chunk), dtype=np.int32)
+                reader.read(layer, ids, staging[:len(ids)])
+                rows[i:i + len(ids)] = staging[:len(ids), :packed]
             self.rows_by_layer.append(rows)
         self.io_stats = reader.stats()
         self.is_direct = reader.is_direct

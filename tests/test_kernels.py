@@ -345,3 +345,92 @@ def test_conversion_rejects_bad_arguments():
         K.to_float32(np.zeros((4, 4), np.float16)[:, ::2])
     with pytest.raises(ValueError, match=r"isa must be"):
         K.set_kernel_isa("neon9000")
+
+
+# ---- the kernels' thread pool and the read reference ----------------------------------------
+
+
+def test_compute_pool_runs_every_item_and_rethrows_the_first_error():
+    from flashinfer_py._core import FlashIOError, testing
+
+    ran, slots = testing.compute_pool_fail(2, 1000, -1)
+    assert ran == 1000 and 1 <= slots <= 2
+    with pytest.raises(FlashIOError, match="injected failure at item 7"):
+        testing.compute_pool_fail(2, 1000, 7)
+    # the other items still ran, and the pool serves the next call
+    assert testing.compute_pool_fail(2, 1000, -1)[0] == 1000
+    assert testing.compute_pool_fail(1, 50, -1) == (50, 1)  # one thread: the caller alone
+
+
+def test_kernels_from_concurrent_python_threads():
+    """The GIL is released in the kernels: calls from several threads at once share the pool
+    (a caller that finds it busy runs its call alone) and each gets its own result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(SEED + 9)
+    ws = [to_storage(rng.standard_normal((300, 256)), "float16") for _ in range(4)]
+    xs = [rng.standard_normal((1, 256)).astype(np.float32) for _ in range(4)]
+    want = [K.linear(x, w, threads=1) for x, w in zip(xs, ws)]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda i: [K.linear(xs[i], ws[i], threads=2) for _ in range(50)],
+                          range(4)))
+    for i in range(4):
+        for y in got[i]:
+            np.testing.assert_allclose(y, want[i], rtol=1e-6, atol=1e-6)
+
+
+def test_stream_sum(isa):
+    a = np.arange(1 << 20, dtype=np.float32) % 7 - 3
+    assert K.stream_sum(a) == pytest.approx(float(a.astype(np.float64).sum()), abs=1e-3)
+    assert K.stream_sum(a[:37], threads=1) == pytest.approx(float(a[:37].sum()))
+
+
+# ---- the small ops of a decode step ----------------------------------------------------------
+
+
+def test_rms_norm_matches_numpy():
+    rng = np.random.default_rng(SEED + 10)
+    x = rng.standard_normal((3, 5, 37)).astype(np.float32) * 3
+    w = rng.standard_normal(37).astype(np.float32)
+    ref = x / np.sqrt(np.mean(np.square(x, dtype=np.float64), -1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(K.rms_norm(x, w, 1e-6), ref, rtol=1e-5, atol=1e-6)
+    y = x.copy()
+    assert K.rms_norm(y, w, 1e-6, out=y) is not None  # in place
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="last axis"):
+        K.rms_norm(x[..., :36].copy(), w, 1e-6)
+
+
+def test_rope_is_rotate_half_on_the_rotated_part():
+    rng = np.random.default_rng(SEED + 11)
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    ang = rng.standard_normal(3)
+    cos = np.cos(np.concatenate([ang, ang])).astype(np.float32)
+    sin = np.sin(np.concatenate([ang, ang])).astype(np.float32)
+    rot = x[:, :6]
+    ref = x.copy()
+    ref[:, :6] = rot * cos + np.concatenate([-rot[:, 3:], rot[:, :3]], axis=1) * sin
+    y = x.copy()
+    K.rope(y, cos, sin)  # partial rotary: the last 4 values of each row stay
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_attend1_matches_softmax_attention(isa, softcap):
+    rng = np.random.default_rng(SEED + 12)
+    h, hkv, hd, cap = 6, 2, 40, 50
+    q = rng.standard_normal((h, hd)).astype(np.float32)
+    keys = rng.standard_normal((hkv, cap, hd)).astype(np.float32)
+    values = rng.standard_normal((hkv, cap, hd)).astype(np.float32)
+    for first, end in ((0, 1), (3, 20), (0, 50)):
+        got = K.attend1(q, keys, values, first, end, 0.3, softcap)
+        k = keys[:, first:end].astype(np.float64)
+        s = (q.astype(np.float64).reshape(hkv, h // hkv, hd) @ k.transpose(0, 2, 1)) * 0.3
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        ref = (p @ values[:, first:end].astype(np.float64)).reshape(h, hd)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not within"):
+        K.attend1(q, keys, values, 10, 60, 0.3)
