@@ -383,13 +383,6 @@ FI_AVX2 inline __m256 load8(const BF16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
 }
 
-FI_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // The hot loop for decode (T=1) and prompt processing (T=4): per 8 elements, R weight
 // loads+converts, T x loads, T*R FMAs. Conversions run on other ports than the FMAs.
 template <typename E, int T, int R>
@@ -416,7 +409,7 @@ FI_AVX2 void avx2_dot_tile(const float* x, int64_t ldx, const void* const* wv, i
   }
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) {
-      float s = hsum(acc[t][r]);
+      float s = fi_hsum8(acc[t][r]);
       for (int64_t q = i; q < len; ++q) s += x[t * ldx + q] * to_f(w[r][q]);
       out[t * ldo + r] = accumulate ? out[t * ldo + r] + s : s;
     }
@@ -508,7 +501,7 @@ FI_AVX2 inline float avx2_row_dot(const float* x, const E* wr, int64_t k) {
     a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), load8(wr + i + 24), a3);
   }
   for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(wr + i), a0);
-  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  float s = fi_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   for (; i < k; ++i) s += x[i] * to_f(wr[i]);
   return s;
 }
@@ -1106,7 +1099,7 @@ FI_AVX2 double avx2_sum(const float* p, int64_t count) {
     a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
     a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
   }
-  double s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  double s = fi_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   for (; i < count; ++i) s += p[i];
   return s;
 }

@@ -71,13 +71,6 @@ void scalar_head(const float* qh, const float* kg, const float* vg, int64_t s_n,
 }
 
 #ifdef FI_HAVE_X86
-FI_AVX2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // exp of 8 floats <= 0 (Cephes' expf: range reduction by ln 2 in two parts, a degree-5
 // polynomial; within 2 ulp of expf, 0 below -87).
 FI_AVX2 inline __m256 exp8(__m256 x) {
@@ -111,7 +104,7 @@ FI_AVX2 void avx2_head(const float* qh, const float* kg, const float* vg, int64_
       a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i + 8), _mm256_loadu_ps(k + i + 8), a1);
     }
     if (i < hd) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(k + i), a0);
-    float v = hsum8(_mm256_add_ps(a0, a1)) * scale;
+    float v = fi_hsum8(_mm256_add_ps(a0, a1)) * scale;
     if (softcap > 0.f) v = softcap * std::tanh(v / softcap);
     p[s] = v;
     mx = std::max(mx, v);
@@ -124,7 +117,7 @@ FI_AVX2 void avx2_head(const float* qh, const float* kg, const float* vg, int64_
     _mm256_storeu_ps(p + s, e);
     acc = _mm256_add_ps(acc, e);
   }
-  float sum = hsum8(acc);
+  float sum = fi_hsum8(acc);
   if (s < s_n) {
     alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t q = s; q < s_n; ++q) t[q - s] = p[q] - mx;

@@ -139,13 +139,6 @@ FI_AVX2 inline float f16c_e(const uint8_t* blk, float d) {
   return float(F::kCodeShift) * d;
 }
 
-FI_AVX2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // Each weight block is unpacked once (to int16) and used for all T inputs; per (t, r) two
 // pmaddwd (code x 16-bit x pairs -> int32: |sum| < 2^31 for 32 values), one int->float
 // conversion and one FMA with the product of the two scales.
@@ -184,7 +177,7 @@ FI_AVX2 void avx2_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* row
     }
   }
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) out[t * ldo + r] = hsum8(acc[t][r]) + accs[t][r];
+    for (int r = 0; r < R; ++r) out[t * ldo + r] = fi_hsum8(acc[t][r]) + accs[t][r];
 }
 
 // out[t, c] += sum_r coef[t, r] * (d_r * code + e_r) block by block: for each 8 values the
@@ -350,7 +343,7 @@ FI_AVX512VNNI void vnni_dot(const QuantizedX& x, int64_t t0, const uint8_t* cons
     }
   }
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) out[t * ldo + r] = hsum8(acc[t][r]) + accs[t][r];
+    for (int r = 0; r < R; ++r) out[t * ldo + r] = fi_hsum8(acc[t][r]) + accs[t][r];
 }
 
 // One row at a time (decode, kernels_quant.h's QDot1Fn), the blocks in order into one
@@ -397,7 +390,7 @@ FI_AVX512VNNI void vnni_dot1(const QuantizedX& x, int64_t t, const uint8_t* base
     __m128 accm = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; ++b)
       vnni_block1<F>(row + b * F::kBytes, xq + b * kQBlock, xds + 2 * b, acc, accm);
-    out[j] = hsum8(acc) + e * _mm_cvtss_f32(_mm_movehdup_ps(accm));
+    out[j] = fi_hsum8(acc) + e * _mm_cvtss_f32(_mm_movehdup_ps(accm));
   }
 }
 
