@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "async_reads.h"
 #include "bundle_format.h"
 #include "bundle_reader.h"
 #include "bundle_writer.h"
@@ -345,6 +346,41 @@ void bind_io(py::module_& m) {
       .def("reset_stats", &BundleReader::reset_stats)
       .def("drop_page_cache", &BundleReader::drop_page_cache);
 
+  // ---- reads ahead (issue 16) -----------------------------------------------------------
+  py::class_<AsyncReads>(m, "AsyncReads")
+      .def(py::init<const std::string&, const ReaderParams&, std::size_t, uint32_t>(),
+           py::arg("path"), py::arg("params") = ReaderParams{}, py::arg("max_records"),
+           py::arg("n_slots") = 2, py::call_guard<py::gil_scoped_release>())
+      .def("start",
+           [](AsyncReads& a, uint32_t slot, uint32_t layer, const py::object& ids_obj) {
+             auto ids = as_ids(ids_obj);
+             const int64_t* ip = ids.data();
+             std::size_t n = std::size_t(ids.size());
+             py::gil_scoped_release nogil;
+             a.start(slot, layer, ip, n);
+           },
+           py::arg("slot"), py::arg("layer"), py::arg("ids"))
+      .def("wait", &AsyncReads::wait, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
+      .def("release", &AsyncReads::release, py::arg("slot"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("busy_ns", &AsyncReads::busy_ns, py::arg("slot"))
+      .def("holds", &AsyncReads::holds, py::arg("slot"), py::arg("layer"), py::arg("id"))
+      .def("record",
+           [](py::object self, uint32_t layer, int64_t id) -> py::object {
+             const AsyncReads& a = self.cast<const AsyncReads&>();
+             const char* p = a.find(layer, id);
+             if (p == nullptr) return py::none();
+             // a read-only copy: the slot's memory is reused by its next job
+             return py::bytes(p, a.record_bytes());
+           },
+           py::arg("layer"), py::arg("id"))
+      .def_property_readonly("n_slots", &AsyncReads::n_slots)
+      .def_property_readonly("max_records", &AsyncReads::max_records)
+      .def_property_readonly("record_bytes", &AsyncReads::record_bytes)
+      .def_property_readonly("engine", [](const AsyncReads& a) { return a.reader().engine(); })
+      .def_property_readonly("is_direct", [](const AsyncReads& a) { return a.reader().is_direct(); })
+      .def("nbytes", &AsyncReads::nbytes);
+
   // ---- neuron cache ----------------------------------------------------------------
   py::class_<NeuronCache>(m, "NeuronCache")
       .def(py::init([](BundleReader& r, uint32_t n_layers, const py::object& capacity,
@@ -385,6 +421,11 @@ void bind_io(py::module_& m) {
            },
            py::arg("layer"), py::arg("evict"), py::arg("load"), py::arg("bundled") = true)
       .def("clear", &NeuronCache::clear, py::arg("layer"))
+      .def("set_source",
+           [](NeuronCache& c, py::object source) {
+             c.set_source(source.is_none() ? nullptr : &source.cast<const AsyncReads&>());
+           },
+           py::arg("source"), py::keep_alive<1, 2>())  // the cache keeps its source alive
       // The C++ object for flashinfer_py._bookkeeping, which drives the cache through
       // neuron_cache.h (no pybind11 on its per-layer path); valid while this object lives.
       .def("_capsule",
@@ -438,6 +479,7 @@ void bind_io(py::module_& m) {
              d["evicted"] = s.evicted;
              d["moved_bytes"] = s.moved_bytes;
              d["compaction_ns"] = s.compaction_ns;
+             d["from_source"] = s.from_source;
              d["reads"] = stats_dict(s.reads);
              return d;
            })

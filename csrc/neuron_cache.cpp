@@ -114,6 +114,30 @@ void NeuronCache::map_row(Layer& L, uint32_t slot, int64_t id) {
 
 ReadStats NeuronCache::read_into(uint32_t layer, const int64_t* ids, std::size_t n,
                                  bool bundled, char* const* dst) {
+  if (source_ != nullptr && n > 0) {
+    // Copy what was read ahead, read the rest. A read failing after some copies leaves rows
+    // that replace/insert treat as not loaded (the same as a failed read of all of them).
+    rest_ids_.clear();
+    rest_dst_.clear();
+    for (std::size_t k = 0; k < n; ++k) {
+      if (const char* src = source_->find(layer, ids[k])) {
+        std::memcpy(dst[k], src, row_bytes_);
+        ++stats_.from_source;
+      } else {
+        rest_ids_.push_back(ids[k]);
+        rest_dst_.push_back(dst[k]);
+      }
+    }
+    if (rest_ids_.size() == n) return read_into_direct(layer, ids, n, bundled, dst);
+    return read_into_direct(layer, rest_ids_.data(), rest_ids_.size(), bundled,
+                            rest_dst_.data());
+  }
+  return read_into_direct(layer, ids, n, bundled, dst);
+}
+
+ReadStats NeuronCache::read_into_direct(uint32_t layer, const int64_t* ids, std::size_t n,
+                                        bool bundled, char* const* dst) {
+  if (n == 0) return ReadStats{};
   const uint32_t n_parts = reader_.header().n_parts;
   const uint32_t all_parts[4] = {0, 1, 2, 3};
   const uint64_t used = reader_.payload_bytes();

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "aligned_buffer.h"
+#include "async_reads.h"
 #include "bundle_reader.h"
 
 namespace flashinfer {
@@ -35,6 +36,7 @@ struct CacheStats {
   uint64_t evicted = 0;         // rows dropped
   uint64_t moved_bytes = 0;     // bytes copied by compaction (last rows into freed slots)
   uint64_t compaction_ns = 0;   // time spent compacting (evict, replace)
+  uint64_t from_source = 0;     // rows copied from the read-ahead source (set_source)
   ReadStats reads;              // reads done by insert()
 };
 
@@ -60,6 +62,10 @@ class NeuronCache {
   void replace(uint32_t layer, const int64_t* evict, std::size_t n_evict, const int64_t* load,
                std::size_t n_load, bool bundled = true);
   void clear(uint32_t layer);
+  // Records read ahead (issue 16): insert/replace copy each loaded neuron that `source` holds
+  // in a waited slot from there (one memcpy of row_bytes) and read only the others. nullptr
+  // (the default) reads everything. Not owned; must outlive its use here.
+  void set_source(const AsyncReads* source) { source_ = source; }
   // Per-neuron bias of the layer, d_ff floats; copied, and applied to live and future rows.
   void set_layer_bias(uint32_t layer, const float* bias_all_d_ff);
 
@@ -102,6 +108,9 @@ class NeuronCache {
   // Read ids[0, n) as whole records into rows dst[0, n) (staged when packed).
   ReadStats read_into(uint32_t layer, const int64_t* ids, std::size_t n, bool bundled,
                       char* const* dst);
+  // read_into without the source: every record from flash.
+  ReadStats read_into_direct(uint32_t layer, const int64_t* ids, std::size_t n, bool bundled,
+                             char* const* dst);
   // Slots of ids (present) into holes_, ascending.
   void collect_holes(const Layer& L, const int64_t* ids, std::size_t n);
   // holes[0, n): free slots of [0, n_used), ascending. Moves the last live rows into those
@@ -111,12 +120,15 @@ class NeuronCache {
   void map_row(Layer& L, uint32_t slot, int64_t id);  // slot holds id now (maps, bias)
 
   BundleReader& reader_;
+  const AsyncReads* source_ = nullptr;
   uint64_t record_bytes_;
   uint64_t row_bytes_;
   uint32_t d_ff_;
   AlignedBuffer staging_;  // (kStagingRecords, record_bytes) when packed, else empty
   std::vector<uint32_t> holes_;  // (n_evict,) freed slots of the current call, ascending
   std::vector<char*> dst_;       // (n_load,) destination row of each record read
+  std::vector<int64_t> rest_ids_;  // the loads the source lacks, and their rows
+  std::vector<char*> rest_dst_;
   std::vector<Layer> layers_;
   CacheStats stats_;
 };

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ._core import AsyncReads as _AsyncReads
 from ._core import BundleReader as _BundleReader
 from ._core import BundleWriter as _BundleWriter
 from ._core import FlashFormatError, FlashIOError  # noqa: F401  (re-exported)
@@ -322,3 +323,62 @@ class BundleReader:
         return (f"BundleReader({self.path!r}, layers={h['n_layers']}, d_ff={h['d_ff']}, "
                 f"d_model={h['d_model']}, dtype={h['dtype']}, parts={h['parts']}, "
                 f"engine={self.engine!r}, direct={self.is_direct})")
+
+
+class ReadAhead:
+    """Reads of neuron records that run on a worker thread while the caller computes.
+
+    ``start(slot, layer, ids)`` returns at once; the records land in the slot's own staging
+    matrix (never in the neuron cache's rows, which a kernel may be reading meanwhile);
+    ``wait(slot)`` blocks until they are there and raises what the reads raised
+    (FlashIOError). A :class:`~flashinfer_py.cache.NeuronCache` given this object with
+    ``set_source`` copies the waited records it loads from here instead of reading them.
+
+    Args:
+        path: the bundle file (opened again: the worker has its own descriptor and engine).
+        params: a :class:`ReaderParams`, as for :class:`BundleReader`.
+        max_records: records per slot (at most a layer's neurons).
+        n_slots: independent slots (jobs run one at a time, in start order).
+    """
+
+    def __init__(self, path, params: Optional[ReaderParams] = None, max_records: int = 1,
+                 n_slots: int = 2):
+        self.params = params or ReaderParams()
+        self._a = _AsyncReads(str(path), self.params._native(), int(max_records), int(n_slots))
+
+    def start(self, slot: int, layer: int, ids) -> None:
+        """Queue reading `ids` (distinct) of `layer` into `slot`, forgetting what it held."""
+        self._a.start(slot, layer, np.asarray(ids))
+
+    def wait(self, slot: int) -> ReadStats:
+        """Block until `slot`'s reads landed; their ReadStats (zeros for an idle slot)."""
+        return self._a.wait(slot)
+
+    def release(self, slot: int) -> None:
+        """Forget `slot`'s records (after its reads finish, if they are in flight)."""
+        self._a.release(slot)
+
+    def busy_ns(self, slot: int) -> int:
+        """Nanoseconds the worker spent on `slot`'s last job (after wait)."""
+        return self._a.busy_ns(slot)
+
+    def record(self, layer: int, neuron: int) -> Optional[bytes]:
+        """A copy of the record of `neuron` held by a waited slot, or None."""
+        return self._a.record(layer, neuron)
+
+    @property
+    def max_records(self) -> int:
+        return self._a.max_records
+
+    @property
+    def engine(self) -> str:
+        return self._a.engine
+
+    @property
+    def is_direct(self) -> bool:
+        return self._a.is_direct
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the staging matrices and maps."""
+        return self._a.nbytes()

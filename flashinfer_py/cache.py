@@ -69,6 +69,12 @@ class NeuronCache:
         cached."""
         self._c.replace(layer, np.asarray(evict), np.asarray(load))
 
+    def set_source(self, source) -> None:
+        """Records read ahead (a :class:`~flashinfer_py.bundles.ReadAhead`, or None): insert
+        and replace copy each loaded neuron that a waited slot of `source` holds from there
+        and read only the others. The rows are byte-identical either way."""
+        self._c.set_source(None if source is None else source._a)
+
     def clear(self, layer: int) -> None:
         """Drop every neuron of `layer` (no copying)."""
         self._c.clear(layer)
@@ -125,7 +131,8 @@ class NeuronCache:
 
     def stats(self) -> dict:
         """Cumulative counters: inserted, evicted, moved_bytes and compaction_ns (evict's
-        swap-with-last copies), reads (the reader's ReadStats for insert)."""
+        swap-with-last copies), from_source (rows copied from the set_source), reads (the
+        reader's ReadStats for insert)."""
         return self._c.stats()
 
     def reset_stats(self) -> None:

@@ -62,6 +62,26 @@ def test_a_failed_read_names_errno_file_and_offset_and_the_reader_recovers(bundl
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_read_ahead_that_fails_raises_at_wait_and_the_worker_goes_on(bundle, engine):
+    """The worker thread's error travels to the caller as the same FlashIOError (issue 16)."""
+    from flashinfer_py.bundles import ReadAhead
+
+    path, mats = bundle
+    ra = ReadAhead(path, ReaderParams(engine=engine, queue_depth=4), max_records=D_FF)
+    ids = np.arange(0, D_FF, 2)
+    testing.arm_failpoint(ERROR_POINT[engine], skip=5, count=1, value=errno.EIO)
+    ra.start(0, 1, ids)
+    with pytest.raises(FlashIOError) as ei:
+        ra.wait(0)
+    assert ei.value.errno == errno.EIO and ei.value.path == str(path)
+    assert ra.record(1, 0) is None  # a failed slot holds nothing
+    ra.start(0, 1, ids)
+    ra.wait(0)
+    rec = BundleReader(path).record_elems
+    assert ra.record(1, 4) == expected_records(mats, 1, [4], rec)[0].tobytes()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_short_reads_are_resumed_to_the_last_byte(bundle, engine):
     path, mats = bundle
     r = BundleReader(path, ReaderParams(engine=engine, queue_depth=4))
