@@ -439,6 +439,7 @@ cdef class CacheDriver:
     cdef readonly uint64_t io_ns, mm_ns, bytes_read, reads, loaded, evicted, needed, hits, cached
     cdef readonly cbool direct
     cdef list _per_layer
+    cdef int _plan_layer
 
     def __init__(self, cache, policy=None, bint bundled=True):
         owner = getattr(cache, "_c", cache)
@@ -455,6 +456,7 @@ cdef class CacheDriver:
                              f"{self._d_ff}")
         self._policy = policy
         self._bundled = bundled
+        self._plan_layer = -1
         self._clear()
 
     cdef void _clear(self):
@@ -485,13 +487,46 @@ cdef class CacheDriver:
     def step(self, int layer, ids) -> None:
         """One token (or prefill chunk) at one layer: the policy decides which of `ids` (the
         selected neurons) enter and which held neurons leave, and the cache reads the entering
-        records into the rows the leaving ones free."""
+        records into the rows the leaving ones free (`plan`, then `commit`)."""
+        self._plan(layer, ids)
+        self._commit(layer)
+
+    def plan(self, int layer, ids):
+        """The policy's decision for `ids` at `layer`, without touching the cache: (enter,
+        leave) int64 arrays (sorted). `commit(layer)` applies it; in between the caller may
+        read the entering records ahead (issue 16) and compute on the rows that stay. Until
+        the commit the policy counts the plan done: `abort(layer)` if it is not committed."""
+        self._plan(layer, ids)
+        return (np.asarray(<int64_t[:self._enter.size()]>self._enter.data()).copy()
+                if self._enter.size() else np.empty(0, np.int64),
+                np.asarray(<int64_t[:self._leave.size()]>self._leave.data()).copy()
+                if self._leave.size() else np.empty(0, np.int64))
+
+    def commit(self, int layer) -> None:
+        """Apply the last `plan` (of this layer) to the cache."""
+        self._commit(layer)
+
+    def abort(self, int layer) -> None:
+        """Start `layer` over on both sides (cache and policy), as after a failed read."""
+        self._c.clear(layer)
+        self._policy.forget_layer(layer)
+        self._plan_layer = -1
+
+    cdef int _plan(self, int layer, ids) except -1:
         if self._policy is None:
             raise ValueError("this CacheDriver has no policy: use swap()")
         cdef uint64_t t0 = now_ns()
-        cdef CacheStats before = self._c.stats()
         _sorted_ids(ids, self._policy.d_ff, self._ids)
         self._policy.decide(layer, self._ids, self._c.capacity(layer), self._enter, self._leave)
+        self.mm_ns += now_ns() - t0
+        self._plan_layer = layer
+        return 0
+
+    cdef int _commit(self, int layer) except -1:
+        if self._plan_layer != layer:
+            raise ValueError(f"commit({layer}) without a plan for layer {layer}")
+        self._plan_layer = -1
+        cdef CacheStats before = self._c.stats()
         cdef uint64_t t1 = now_ns()
         try:
             with nogil:
@@ -505,11 +540,12 @@ cdef class CacheDriver:
             self._policy.forget_layer(layer)
             raise
         cdef uint64_t t2 = now_ns()
-        # memory management: the policy and the rows replace moves; I/O: the rest of replace
-        # (checks, reading and landing the records), as insert was before
+        # memory management: the policy (counted in _plan) and the rows replace moves; I/O:
+        # the rest of replace (checks, reading and landing the records)
         cdef uint64_t moving = self._c.stats().compaction_ns - before.compaction_ns
-        self._count(layer, before, (t1 - t0) + moving, (t2 - t1) - moving, self._ids.size(),
+        self._count(layer, before, moving, (t2 - t1) - moving, self._ids.size(),
                     self._ids.size() - self._enter.size())
+        return 0
 
     def swap(self, int layer, load, evict) -> None:
         """Evict `evict`, then read `load` into the tail rows (eviction="rank": its newcomers

@@ -65,6 +65,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--compute", choices=["predicted", "cached"], default="cached",
                    help="compute each token with every cached neuron (the window's union; "
                         "default) or only with its own predicted neurons")
+    s.add_argument("--overlap", choices=["off", "layer", "ahead"], default="off",
+                   help="read while computing: off (read, then compute; default), layer (a "
+                        "layer's reads run while its FFN computes on the rows already "
+                        "cached), ahead (also start them before its attention, from a guess "
+                        "on the attention's input; the selection is unchanged, so a wrong "
+                        "guess costs reads, not quality)")
     s.add_argument("--no-reuse", action="store_true",
                    help="reload every needed neuron each token (ablation: no window)")
     s.add_argument("--unbundled", action="store_true",
@@ -102,7 +108,7 @@ def _runtime(ns):
                          eviction=ns.eviction, read_limit=ns.read_limit,
                          per_layer_cache=not ns.uniform_cache,
                          predictor_threshold=ns.threshold, compute=ns.compute,
-                         reuse=not ns.no_reuse, bundled=not ns.unbundled)
+                         reuse=not ns.no_reuse, bundled=not ns.unbundled, overlap=ns.overlap)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -494,8 +500,8 @@ def _summary(model, steps) -> dict:
            "tokens_per_s": round(len(decode) / t, 2) if t > 0 else None}
     if model.sparse and decode:
         n = len(decode)
-        for key in ("bytes_read", "reads", "loaded", "evicted", "io_ns", "mm_ns", "compute_ns",
-                    "hit_rate"):
+        for key in ("bytes_read", "reads", "loaded", "evicted", "io_ns", "io_wait_ns", "mm_ns",
+                    "compute_ns", "total_ns", "hit_rate"):
             out[f"avg_{key}"] = sum(s.stats[key] for s in decode) / n
         ffn = model.args.num_hidden_layers * model.args.intermediate_size * model.plan.record_bytes
         out["ffn_fraction_read_per_token"] = out["avg_bytes_read"] / ffn
@@ -524,8 +530,12 @@ def _summary_text(s: dict) -> str:
     if "avg_bytes_read" in s:
         text += (f"\nper generated token: read {s['avg_bytes_read'] / 2**20:.2f} MiB "
                  f"({100 * s['ffn_fraction_read_per_token']:.1f}% of the FFN) in "
-                 f"{s['avg_reads']:.0f} reads; I/O {s['avg_io_ns'] / 1e6:.1f} ms, memory management "
-                 f"{s['avg_mm_ns'] / 1e6:.1f} ms, compute {s['avg_compute_ns'] / 1e6:.1f} ms; "
+                 f"{s['avg_reads']:.0f} reads; I/O {s['avg_io_ns'] / 1e6:.1f} ms"
+                 + (f" (waited {s['avg_io_wait_ns'] / 1e6:.1f} ms: the rest overlapped compute)"
+                    if s['avg_io_wait_ns'] < s['avg_io_ns'] - 1e5 else "")
+                 + f", memory management "
+                 f"{s['avg_mm_ns'] / 1e6:.1f} ms, compute {s['avg_compute_ns'] / 1e6:.1f} ms, "
+                 f"token {s['avg_total_ns'] / 1e6:.1f} ms; "
                  f"cache hit rate {100 * s['avg_hit_rate']:.0f}%; direct I/O {s['direct_io']}")
     if s.get("peak_rss"):
         text += f"\npeak memory (RSS) of this process: {s['peak_rss'] / 2**20:.1f} MiB"
@@ -539,7 +549,9 @@ def _stats_line(n: int, step) -> str:
     s = step.stats
     line = f"[token {n}: id {step.token}, {step.seconds * 1e3:.1f} ms"
     if s:
-        line += (f"; io {s['io_ns'] / 1e6:.1f} ms, mem {s['mm_ns'] / 1e6:.1f} ms, compute "
+        waited = (f" (waited {s['io_wait_ns'] / 1e6:.1f})"
+                  if s.get("io_wait_ns", s["io_ns"]) != s["io_ns"] else "")
+        line += (f"; io {s['io_ns'] / 1e6:.1f} ms{waited}, mem {s['mm_ns'] / 1e6:.1f} ms, compute "
                  f"{s['compute_ns'] / 1e6:.1f} ms; read {s['bytes_read'] / 2**20:.2f} MiB in "
                  f"{s['reads']} reads, {s['loaded']} neurons in / {s['evicted']} out, hit rate "
                  f"{100 * s['hit_rate']:.0f}%")

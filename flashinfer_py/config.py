@@ -429,6 +429,7 @@ _FAMILIES = {"llama": _from_llama, "mistral": _from_llama, "qwen2": _from_qwen2,
 
 SELECTIONS = ("auto", "sketch", "predictor", "oracle", "all")
 EVICTIONS = ("auto", "rank", "window", "frequency")
+OVERLAPS = ("off", "layer", "ahead")
 
 # The rows of the paper's Table 2, as runtime settings. "predictor" keeps the caller's
 # selection (a trained predictor, or the oracle for measurements).
@@ -495,6 +496,14 @@ class RuntimeConfig:
             (smallest |activation|) treated as inactive.
         reread_resident: also read the whole resident file from flash every token (the paper's
             "naive" row: nothing stays in DRAM between tokens).
+        overlap: reads that run while the CPU computes (issue 16; needs the neuron cache and
+            bundled reads). "off": a layer reads what it needs, then computes. "layer": the
+            reads a layer's selection asks for run on a worker thread while the FFN computes
+            on the rows already cached, and only the rest waits for them. "ahead": also start
+            each layer's reads before its attention, from a guess made on the attention's
+            input (Deja Vu's look-ahead); the selection itself still comes from the FFN's true
+            input, so a wrong guess costs reads, never quality. Logits equal "off"'s within
+            float rounding (the cached and the arriving rows are summed in two groups).
         ablation: a preset reproducing a row of the paper's Table 2, applied over the fields
             above: "naive", "hybrid", "predictor", "window", "bundling" (= everything on).
     """
@@ -518,6 +527,7 @@ class RuntimeConfig:
     prefill_chunk: int = 16
     oracle_sparsity: float = 0.5
     reread_resident: bool = False
+    overlap: str = "off"
     ablation: Optional[str] = None
 
     def __post_init__(self):
@@ -558,6 +568,9 @@ class RuntimeConfig:
         if not 0.0 < self.read_limit <= 1.0:
             raise ValueError(f"read_limit must be in (0, 1] (a fraction of each layer's "
                              f"neurons), got {self.read_limit}")
+        if self.overlap not in OVERLAPS:
+            raise ValueError(f"overlap must be one of {', '.join(map(repr, OVERLAPS))}, "
+                             f"not {self.overlap!r}")
         if self.compute not in ("predicted", "cached"):
             raise ValueError(f"compute must be 'predicted' or 'cached', not {self.compute!r}")
         if self.window < 1:

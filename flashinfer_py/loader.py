@@ -273,11 +273,20 @@ def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: Ru
     return rt, preds, plan
 
 
+# overlap="ahead": the share of a guessed layer's likely loads read ahead (the most confident
+# first); the rest waits for the layer's own selection. Measured on SmolLM2 (benchmarks/
+# RESULTS.md section 14).
+AHEAD_SHARE = 0.25
+REST_SLOT = 2  # the ReadAhead slot of what a layer's own selection lacks
+
+
 @dataclass
 class TokenStats:
     """What one forward call cost in the FFN streaming path (summed over layers)."""
 
-    io_ns: int = 0            # reading neurons from flash
+    io_ns: int = 0            # reading neurons from flash (on the caller's thread or ahead)
+    io_wait_ns: int = 0       # of the token's wall time, waiting for reads (= io_ns unless
+                              # reads overlap compute: RuntimeConfig.overlap)
     mm_ns: int = 0            # memory management: window, eviction/compaction, bookkeeping
     predict_ns: int = 0       # running the predictors
     bytes_read: int = 0
@@ -287,11 +296,13 @@ class TokenStats:
     needed: int = 0           # neurons the tokens needed (summed over layers)
     hits: int = 0             # of those, already cached
     cached: int = 0           # neurons held after the call (summed over layers)
+    ahead_bytes: int = 0      # of bytes_read, read ahead by the worker (overlap)
+    ahead_used: int = 0       # neurons read ahead that the cache took (the rest was wasted)
     direct: bool = True
     per_layer_loaded: list = field(default_factory=list)
 
-    _SUMMED = ("io_ns", "mm_ns", "predict_ns", "bytes_read", "reads", "loaded", "evicted",
-               "needed", "hits")
+    _SUMMED = ("io_ns", "io_wait_ns", "mm_ns", "predict_ns", "bytes_read", "reads", "loaded",
+               "evicted", "needed", "hits", "ahead_bytes", "ahead_used")
 
     def add(self, other: "TokenStats") -> "TokenStats":
         """Accumulate `other` (a later call) into self; `cached` is the latest count."""
@@ -350,6 +361,26 @@ class SparseFFN:
             self._prev_loaded = [0] * args.num_hidden_layers
         self.oracle = (_Oracle(path, args, dense, self.bias, runtime)
                        if runtime.selection == "oracle" else None)
+        # Reads overlapping compute (issue 16): a worker reads into two staging slots, slot 0
+        # ahead of the layer (from its attention input), slot 1 what the layer's own selection
+        # lacks, while the caller runs attention and the FFN on the rows already cached.
+        self.ahead = None
+        if runtime.overlap != "off":
+            if self.cache is None or not runtime.bundled:
+                raise ValueError(f"overlap={runtime.overlap!r} needs the neuron cache and "
+                                 "bundled reads (reuse=True, bundled=True); the paper's rows "
+                                 "without them have nothing to overlap with")
+            from .bundles import ReadAhead
+
+            n = max(1, min(args.intermediate_size,
+                           int(np.ceil(runtime.read_limit * args.intermediate_size))
+                           * runtime.prefill_chunk))
+            # slots 0 and 1: guesses for even and odd layers; REST_SLOT: what a layer's own
+            # selection lacks
+            self.ahead = ReadAhead(path, self.reader.params, max_records=n, n_slots=3)
+            self.cache.set_source(self.ahead)
+            self._ahead: dict = {}  # layer -> (slot, ids) of the guesses in flight
+            self._is_ahead = np.zeros((2, args.intermediate_size), bool)
         self.resident_path = Path(directory) / manifest["files"]["dense"]
         self._resident_buf = None
         self.sketch = None
@@ -409,33 +440,216 @@ class SparseFFN:
                              "without sparse options")
         if self.rank:
             return self._forward_rank(layer, x)
+        if self.ahead is not None:
+            return self._forward_overlapped(layer, x)
         rows, bias, select, ids = self.rows(layer, x)
         return self.kernel(layer, x, rows, bias, select, row_ids=ids)
 
-    def _scores(self, layer: int, x: np.ndarray, h: np.ndarray, ids: np.ndarray):
-        """(scores of the cached rows, uncached ids, their scores) for the current tokens."""
+    # ------------------------------------------------------------------ overlap (issue 16)
+    @property
+    def wants_prefetch(self) -> bool:
+        """Whether the transformer should call `prefetch` before each layer's attention."""
+        return self.ahead is not None and self.runtime.overlap == "ahead"
+
+    def prefetch(self, layer: int, x: np.ndarray) -> None:
+        """Start reading, on the worker, part of what layer `layer` will probably load: called
+        with the layer's attention input (normalized as its FFN input will be) before the
+        attention runs, unless the previous layer already guessed for it (see _guess)."""
+        if not self.wants_prefetch or layer in self._ahead:
+            return
+        t0 = time.perf_counter_ns()
+        self._guess(layer, x)
+        self.tok.predict_ns += time.perf_counter_ns() - t0
+
+    def _guess(self, layer: int, x: np.ndarray) -> None:
+        """Read ahead the neurons `layer` is most likely to load, judged from x (its own
+        attention input, or the previous layer's FFN input): under eviction "rank" the
+        uncached neurons whose sketch scores best, otherwise the predicted ones the cache
+        lacks; the most confident AHEAD_SHARE of them, so that a wrong guess costs few reads.
+        What the layer loads is still decided from its true FFN input: never quality."""
+        if self.rank:
+            cand_ids, cand_s = self._candidates(layer, x)
+            want = self._top(cand_ids, cand_s, int(self._rank_want(layer, x.shape[0])
+                                                   * AHEAD_SHARE), ordered=True)
+        else:
+            want = np.asarray(self._select_ahead(layer, x), np.int64)
+            if want.size:
+                want = want[self.driver.rows_of(layer, want) < 0]
+        want = np.sort(want[:self.ahead.max_records])
+        slot = layer % 2
+        self._finish_ahead(slot)  # an older guess nobody used: its reads are counted, wasted
+        self.ahead.start(slot, layer, want)
+        self._ahead[layer] = (slot, want)
+        self._is_ahead[slot][want] = True
+
+    def _select_ahead(self, layer: int, x: np.ndarray) -> np.ndarray:
+        la = getattr(self.predictors, "lookahead", None)  # a benchmark's own look-ahead
+        if la is not None:
+            return la[layer].predict(x, self.runtime.predictor_threshold,
+                                     self.cache.capacity(layer))
+        return self._select(layer, x)
+
+    def _finish_ahead(self, slot: int) -> None:
+        """Wait for an ahead slot and account for it."""
+        for layer, (sl, ids) in list(self._ahead.items()):
+            if sl != slot:
+                continue
+            del self._ahead[layer]
+            self._is_ahead[slot][ids] = False
+            t0 = time.perf_counter_ns()
+            try:
+                rs = self.ahead.wait(slot)
+            finally:
+                self.tok.io_wait_ns += time.perf_counter_ns() - t0
+            self._count_ahead(rs, slot)
+
+    def _count_ahead(self, rs, slot: int) -> None:
+        st = self.tok
+        st.io_ns += self.ahead.busy_ns(slot)
+        st.bytes_read += rs.bytes_read
+        st.ahead_bytes += rs.bytes_read
+        st.reads += rs.reads_issued
+        if rs.reads_issued:
+            st.direct = st.direct and bool(rs.direct)
+
+    def _read_rest(self, layer: int, load: np.ndarray, x: np.ndarray) -> bool:
+        """Start the rest slot on the neurons of `load` no ahead slot is reading for this
+        layer; then (overlap "ahead") guess for the next layer from x, so the disk does not
+        idle between this layer's last read and the next layer's attention."""
+        if layer in self._ahead:
+            load = load[~self._is_ahead[self._ahead[layer][0]][load]]
+        load = load[:self.ahead.max_records]
+        if load.size:
+            self.ahead.start(REST_SLOT, layer, load)
+        nxt = layer + 1
+        if self.wants_prefetch and nxt < self.args.num_hidden_layers and nxt not in self._ahead:
+            self._guess(nxt, x)
+        return bool(load.size)
+
+    def _land(self, layer: int, rest: bool, apply) -> None:
+        """Wait for this layer's reads, let `apply` put them in the cache, free the slots."""
+        st = self.tok
+        c0 = self.cache._c.stats()["from_source"]
+        mine = self._ahead.get(layer, (None,))[0]
+        try:
+            t0 = time.perf_counter_ns()
+            rs = self.ahead.wait(REST_SLOT) if rest else None
+            st.io_wait_ns += time.perf_counter_ns() - t0
+            if rs is not None:
+                self._count_ahead(rs, REST_SLOT)
+            if mine is not None:
+                self._finish_ahead(mine)
+            apply()
+        finally:
+            st.ahead_used += self.cache._c.stats()["from_source"] - c0
+            self.ahead.release(REST_SLOT)
+            if mine is not None:
+                self.ahead.release(mine)
+
+    def _forward_overlapped(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """The window/frequency step with the reads in flight while the FFN runs on the rows
+        that stay: plan, start what is missing, compute on the staying rows, land the
+        newcomers, add their part. The same rows as the sequential step, summed in two
+        groups: equal within float rounding (tests/test_overlap.py)."""
+        st, cache, drv = self.tok, self.cache, self.driver
+        t0 = time.perf_counter_ns()
+        ids = np.asarray(self._select(layer, x), np.int64)
+        t1 = time.perf_counter_ns()
+        st.predict_ns += t1 - t0
+        try:
+            enter, leave = drv.plan(layer, ids)
+            rest = self._read_rest(layer, enter, x)
+        except BaseException:
+            drv.abort(layer)
+            raise
+        t2 = time.perf_counter_ns()
+        has_bias = self.bias[layer] is not None
+        rows = cache.rows(layer)
+        if self.runtime.compute == "predicted":
+            stay = drv.rows_of(layer, ids)
+            stay = stay[stay >= 0]
+        elif leave.size:
+            keep = np.ones(rows.shape[0], bool)
+            keep[drv.rows_of(layer, leave)] = False
+            stay = np.flatnonzero(keep).astype(np.int32)
+        else:
+            stay = None
+        st.mm_ns += time.perf_counter_ns() - t2
+        out = self._ffn_on(layer, x, rows, stay, has_bias)
+        try:
+            self._land(layer, rest, lambda: drv.commit(layer))
+        except BaseException:
+            drv.abort(layer)  # the plan is not applied: start the layer over
+            raise
+        if enter.size:
+            t3 = time.perf_counter_ns()
+            new = drv.rows_of(layer, enter)
+            st.mm_ns += time.perf_counter_ns() - t3
+            out += self._ffn_on(layer, x, cache.rows(layer), new, has_bias)
+        return out
+
+    def _ffn_on(self, layer, x, rows, select, has_bias) -> np.ndarray:
+        if select is not None and select.size == 0:
+            return np.zeros((x.shape[0], self.args.hidden_size), np.float32)
+        return self.kernel(layer, x, rows, self.cache.bias(layer) if has_bias else None,
+                           select, row_ids=self.cache.ids(layer))
+
+    def _candidates(self, layer: int, x: np.ndarray):
+        """(uncached ids, their scores) for the tokens x: what rank_swaps chooses from."""
         sel = self.runtime.selection
         if sel == "sketch":
-            cand_ids, cand = self.sketch.scores(layer, x)
-            return np.abs(h).max(axis=0) * self.down_norm[layer][ids], cand_ids, cand
-        if sel == "oracle":
-            s = np.abs(self.oracle.activations(layer, x)).max(axis=0) * self.down_norm[layer]
-        elif sel == "predictor":
-            s = self.predictors.layers[layer].scores(x).max(axis=0)
-        else:
-            raise ValueError(f"eviction='rank' ranks neurons by a score; selection={sel!r} has "
-                             "none (use 'sketch', 'predictor' or 'oracle')")
+            return self.sketch.scores(layer, x)
+        s = self._full_scores(layer, x)
         held = np.zeros(s.size, bool)
-        held[ids] = True
+        held[self.cache.ids(layer)] = True
         cand_ids = np.flatnonzero(~held)
-        return s[ids], cand_ids, s[cand_ids]
+        return cand_ids, s[cand_ids]
+
+    def _full_scores(self, layer: int, x: np.ndarray) -> np.ndarray:
+        sel = self.runtime.selection
+        if sel == "oracle":
+            return np.abs(self.oracle.activations(layer, x)).max(axis=0) * self.down_norm[layer]
+        if sel == "predictor":
+            return self.predictors.layers[layer].scores(x).max(axis=0)
+        raise ValueError(f"eviction='rank' ranks neurons by a score; selection={sel!r} has "
+                         "none (use 'sketch', 'predictor' or 'oracle')")
+
+    def _cached_scores(self, layer: int, x: np.ndarray, h: np.ndarray, ids: np.ndarray):
+        if self.runtime.selection == "sketch":
+            return np.abs(h).max(axis=0) * self.down_norm[layer][ids]
+        return self._full_scores(layer, x)[ids]
+
+    def _rank_want(self, layer: int, t: int) -> int:
+        """How many candidates rank_swaps may take for t tokens: the free rows + max_loads."""
+        return self.cache.capacity(layer) - self.cache.n_used(layer) + self.max_loads * t
+
+    @staticmethod
+    def _top(cand_ids: np.ndarray, cand_s: np.ndarray, want: int,
+             ordered: bool = False) -> np.ndarray:
+        """The `want` best-scoring candidates (best first if `ordered`): with want from
+        _rank_want, a superset of what rank_swaps loads."""
+        if want <= 0:
+            return np.empty(0, np.int64)
+        top = (np.argpartition(-cand_s, want - 1)[:want] if want < cand_ids.size
+               else np.arange(cand_ids.size))
+        if ordered:
+            top = top[np.argsort(-cand_s[top], kind="stable")]
+        return np.asarray(cand_ids[top], np.int64)
 
     def _forward_rank(self, layer: int, x: np.ndarray) -> np.ndarray:
         """The FFN on every cached neuron, then the best uncached neurons swapped in for the
         cached ones that matter least to these tokens (at most max_loads per token), read,
-        and added to the output."""
+        and added to the output. With overlap, the best candidates' reads start before the
+        FFN on the cached rows (they do not depend on it); the loads are a subset of them."""
         st, cache = self.tok, self.cache
         t = x.shape[0]
+        t0 = time.perf_counter_ns()
+        cand_ids, cand_s = self._candidates(layer, x)
+        rest = False
+        if self.ahead is not None:
+            top = self._top(cand_ids, cand_s, self._rank_want(layer, t))
+            rest = self._read_rest(layer, np.sort(top), x)
+        st.predict_ns += time.perf_counter_ns() - t0
         rows = cache.rows(layer)
         n = rows.shape[0]
         has_bias = self.bias[layer] is not None
@@ -444,7 +658,7 @@ class SparseFFN:
                           row_ids=cache.ids(layer))
         t1 = time.perf_counter_ns()
         ids = cache.ids(layer)
-        cached_s, cand_ids, cand_s = self._scores(layer, x, h, ids)
+        cached_s = self._cached_scores(layer, x, h, ids)
         load, evict_rows = rank_swaps(cached_s, cand_ids, cand_s, self.max_loads * t,
                                       cache.capacity(layer) - n)
         t2 = time.perf_counter_ns()
@@ -452,9 +666,16 @@ class SparseFFN:
         st.needed += n + len(load)
         st.hits += n
         evict = ids[evict_rows].astype(np.int64)  # ids before the cache changes
-        if len(load) and self.sketch is not None:
-            self.sketch.swap(layer, load, evict, rows, evict_rows)
-        self.driver.swap(layer, np.sort(load), evict)
+
+        def apply():
+            if len(load) and self.sketch is not None:
+                self.sketch.swap(layer, load, evict, rows, evict_rows)
+            self.driver.swap(layer, np.sort(load), evict)
+
+        if self.ahead is not None:
+            self._land(layer, rest, apply)  # the reads first: a failed one changes nothing
+        else:
+            apply()
         if len(load):  # the newcomers sit in the tail rows: add their part of the output
             k = len(load)
             out += self.kernel(layer, x, cache.rows(layer)[-k:],
@@ -497,6 +718,7 @@ class SparseFFN:
             st.direct = st.direct and bool(r.direct)
         t2 = time.perf_counter_ns()
         st.io_ns += t2 - t1
+        st.io_wait_ns += t2 - t1
         st.loaded += n
         st.needed += n
         st.evicted += self._prev_loaded[layer]
@@ -510,6 +732,11 @@ class SparseFFN:
         self.tok = TokenStats()
         if self.driver is not None:
             self.driver.flush(TokenStats())  # nothing counted between tokens carries over
+        if self.ahead is not None:  # a token that failed half-way may have left reads ahead
+            self._ahead.clear()
+            for slot in range(3):
+                self._is_ahead[slot % 2][:] = False
+                self.ahead.release(slot)
         if self.runtime.reread_resident:
             self._reread_resident()
 
@@ -539,11 +766,14 @@ class SparseFFN:
         finally:
             os.close(fd)
         self.tok.io_ns += time.perf_counter_ns() - t0
+        self.tok.io_wait_ns += time.perf_counter_ns() - t0
         self.tok.bytes_read += off
 
     def end_token(self) -> TokenStats:
         if self.driver is not None:
+            io0 = self.tok.io_ns
             self.driver.flush(self.tok)
+            self.tok.io_wait_ns += self.tok.io_ns - io0  # the cache's own reads: the caller waits
         self.total.add(self.tok)
         return self.tok
 
@@ -567,6 +797,8 @@ class SparseFFN:
             held += self.policy.nbytes
         if self.sketch is not None:
             held += self.sketch.nbytes
+        if self.ahead is not None:
+            held += self.ahead.nbytes
         return held + (self.predictors.nbytes if self.predictors else 0)
 
 

@@ -196,6 +196,10 @@ class Transformer:
         # record activations (predictor training, dense models); ref_norm is the norm of the
         # residual stream the FFN output joins, in units of the FFN's own output.
         self.observer = None
+        # ffn.prefetch(layer, guess [T, d]): the FFN provider starts reading what the layer
+        # will probably need from the attention's input, normalized as the FFN's input will
+        # be, before the attention runs (RuntimeConfig.overlap="ahead")
+        self._ahead = ffn.prefetch if getattr(ffn, "wants_prefetch", False) else None
 
     def _fuse_qkv(self) -> None:
         """Each layer's q, k and v projections as one matrix (rows stacked; their biases too),
@@ -348,6 +352,8 @@ class Transformer:
 
     def _block(self, layer: int, x: np.ndarray, cache: KVCache) -> np.ndarray:
         a, p = self.args, f"layers.{layer}."
+        if self._ahead is not None:
+            self._ahead(layer, self._norm(x, p + "ffn_norm") if a.pre_norm else x)
         if not a.pre_norm:  # OPT's post-LayerNorm (opt-350m)
             x = self._norm(x + self._attention(layer, x, cache), p + "attn_norm")
             return self._norm(x + self._ffn(layer, x, x), p + "ffn_norm")
@@ -364,6 +370,8 @@ class Transformer:
         (x is this forward's own array), no observer."""
         attn_norm, ffn_norm, attn_post, ffn_post, ffn_bias = self._norms1[layer]
         eps = self.args.norm_eps
+        if self._ahead is not None:
+            self._ahead(layer, kernels.rms_norm(x, ffn_norm, eps))
         h = self._attention(layer, kernels.rms_norm(x, attn_norm, eps), cache)
         if attn_post is not None:
             kernels.rms_norm(h, attn_post, eps, out=h)

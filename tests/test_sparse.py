@@ -19,6 +19,11 @@ MODES = {
     "tiny-budget": dict(window=5, dram_budget="tight", prefill_chunk=1),
     "unbundled": dict(window=2, bundled=False),
     "frequency-budget": dict(eviction="frequency", dram_budget="tight", prefill_chunk=1),
+    # reads overlapping compute (issue 16): the same neurons, summed in two groups
+    "overlap-layer": dict(window=3, overlap="layer"),
+    "overlap-ahead-cached": dict(window=4, compute="cached", overlap="ahead"),
+    "overlap-ahead-budget": dict(eviction="frequency", dram_budget="tight", prefill_chunk=1,
+                                 overlap="ahead"),
 }
 
 

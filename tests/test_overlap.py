@@ -1,0 +1,116 @@
+"""Reads overlapping compute (RuntimeConfig.overlap, issue 16): the neurons a layer uses and
+the bytes it reads into the cache are those of the sequential order; only when they arrive
+changes. Under eviction "rank" the logits are bit-identical (the sequential path already sums
+the cached rows, then the newcomers); under the window they equal within float rounding.
+A guess made ahead that turns out wrong costs reads, never quality."""
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+
+import flashinfer_py as fi
+from flashinfer_py._core import build_info, testing
+from flashinfer_py.errors import FlashIOError
+from test_direct_io import ENGINES
+from test_rank import rank_budget, sketch_dir
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_flash, tmp_path_factory):
+    return sketch_dir(tiny_flash, tmp_path_factory)
+
+
+def _decode(m, ids, n_gen=8):
+    """Prompt token by token, then greedy: the logits of every step and the stats."""
+    cache = m.new_cache()
+    m.reset()
+    out, stats, tok = [], [], ids[0]
+    for step in range(len(ids) + n_gen - 1):
+        lg = m.forward([tok], cache)
+        out.append(lg[-1])
+        stats.append(dict(m.last_stats))
+        tok = ids[step + 1] if step + 1 < len(ids) else int(np.argmax(lg[-1]))
+    return np.array(out), stats
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("overlap", ["layer", "ahead"])
+def test_rank_with_overlap_is_bit_identical_and_reads_what_it_used(trained, prompt_ids,
+                                                                   engine, overlap):
+    d, _ = trained
+    budget = rank_budget(d, 0.5)
+    ref, ref_st = _decode(fi.load(d, dram_budget=budget, io_engine=engine), prompt_ids[:10])
+    m = fi.load(d, dram_budget=budget, io_engine=engine, overlap=overlap)
+    assert m.ffn.ahead.engine == engine
+    got, st = _decode(m, prompt_ids[:10])
+    np.testing.assert_array_equal(got, ref)
+    for a, b in zip(st, ref_st):
+        assert a["loaded"] == b["loaded"] and a["evicted"] == b["evicted"]
+        # every loaded neuron came through the worker; it read a superset (the best
+        # candidates before the ranking), all of it counted
+        assert a["ahead_used"] == a["loaded"]
+        assert a["bytes_read"] == a["ahead_bytes"] >= b["bytes_read"]
+        assert a["io_wait_ns"] <= a["total_ns"]
+        assert a["compute_ns"] == a["total_ns"] - a["io_wait_ns"] - a["mm_ns"] - a["predict_ns"]
+    assert sum(s["loaded"] for s in st) > 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("compute", ["predicted", "cached"])
+def test_window_with_overlap_equals_sequential_within_rounding(tiny_flash, prompt_ids, engine,
+                                                               compute):
+    d = tiny_flash("llama-relu")
+    kw = dict(sparse=True, selection="oracle", window=3, compute=compute, io_engine=engine,
+              prefill_chunk=4)
+    ref, ref_st = _decode(fi.load(d, **kw), prompt_ids[:12])
+    for overlap in ("layer", "ahead"):
+        m = fi.load(d, **kw, overlap=overlap)
+        got, st = _decode(m, prompt_ids[:12])
+        scale = np.abs(ref).max()
+        assert np.abs(got - ref).max() <= 1e-5 * scale
+        assert (got.argmax(-1) == ref.argmax(-1)).all()
+        for a, b in zip(st, ref_st):
+            assert (a["loaded"], a["evicted"], a["hits"]) == (b["loaded"], b["evicted"], b["hits"])
+            assert a["ahead_used"] <= a["loaded"]
+        if overlap == "layer":  # the layer's own misses only: nothing wasted
+            assert [a["bytes_read"] for a in st] == [b["bytes_read"] for b in ref_st]
+            # all through the worker once the cache is warm (the first token's loads exceed
+            # the slot, read_limit x d_ff x prefill_chunk records: the cache reads the rest)
+            assert [a["ahead_used"] for a in st[1:]] == [a["loaded"] for a in st[1:]]
+
+
+def test_overlap_needs_the_cache_and_says_so(tiny_flash):
+    d = tiny_flash("llama-relu")
+    with pytest.raises(ValueError, match="overlap='layer' needs the neuron cache"):
+        fi.load(d, sparse=True, selection="oracle", reuse=False, overlap="layer")
+    with pytest.raises(ValueError, match="overlap must be one of"):
+        fi.RuntimeConfig(overlap="sometimes")
+
+
+@pytest.mark.skipif(not build_info()["failpoints"], reason="built without failpoints")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_read_failing_on_the_worker_raises_and_the_next_token_works(trained, prompt_ids,
+                                                                     engine):
+    d, _ = trained
+    point = {"threads": "pread_error", "io_uring": "uring_cqe_error"}[engine]
+    m = fi.load(d, dram_budget=rank_budget(d, 0.5), io_engine=engine, overlap="ahead")
+    ref = fi.load(d, dram_budget=rank_budget(d, 0.5), io_engine=engine)
+    cache, rcache = m.new_cache(), ref.new_cache()
+    for t in prompt_ids[:4]:
+        m.forward([t], cache)
+        ref.forward([t], rcache)
+    testing.arm_failpoint(point, count=-1, value=errno.EIO)
+    try:
+        with pytest.raises(FlashIOError):
+            for t in prompt_ids[4:8]:
+                m.forward([t], cache)
+    finally:
+        testing.arm_failpoint(point, count=0)
+    # the same model goes on (its slots were released; the failed layer starts over), and a
+    # fresh one still gives the sequential runtime's logits
+    assert np.isfinite(m.logits(prompt_ids[:6])).all()
+    m2 = fi.load(d, dram_budget=rank_budget(d, 0.5), io_engine=engine, overlap="ahead")
+    ref2 = fi.load(d, dram_budget=rank_budget(d, 0.5), io_engine=engine)
+    np.testing.assert_array_equal(m2.logits(prompt_ids[:6]), ref2.logits(prompt_ids[:6]))
