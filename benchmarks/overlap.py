@@ -1,0 +1,111 @@
+"""Reads overlapping compute (issue 16) on SmolLM2-135M under a DRAM budget, side by side.
+
+    python benchmarks/overlap.py [--budget 340MB] [--rounds 3] [--tokens 40]
+
+Runs the same Wikipedia text, token by token (decode steps), through the real runtime with
+overlap "off", "layer" and "ahead", interleaved round by round so that a change of machine
+load hits each alike, and reports per token: the wall time, the reads' busy time (I/O), the
+part of the token spent waiting for them, memory management, the predictor (sketch scores,
+ranking), compute, bytes read, and the issue's ratio token / max(I/O, compute + management).
+It also checks that each mode's logits equal "off"'s (rank: bit for bit).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+import flashinfer_py as fi
+from flashinfer_py.corpora import wikipedia_excerpt
+from flashinfer_py.default_model import default_model_dir
+
+MODES = ("off", "layer", "ahead")
+KEYS = ("total_ns", "io_ns", "io_wait_ns", "mm_ns", "predict_ns", "compute_ns", "bytes_read",
+        "ahead_bytes", "loaded", "reads")
+
+
+def run(directory, budget: str, mode: str, ids: list, warm: int) -> tuple[dict, np.ndarray]:
+    m = fi.load(directory, dram_budget=budget, overlap=mode)
+    cache = m.new_cache()
+    m.reset()
+    acc = {k: [] for k in KEYS}
+    logits = []
+    for i, t in enumerate(ids):
+        logits.append(m.forward([t], cache, last_only=True)[0])
+        if i >= warm:
+            for k in KEYS:
+                acc[k].append(m.last_stats[k])
+    rt = m.runtime
+    del m
+    return ({k: np.asarray(v, np.float64) for k, v in acc.items()}
+            | {"selection": rt.selection, "eviction": rt.eviction}), np.asarray(logits)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget", default="340MB", help="DRAM budget (default %(default)s: the "
+                    "neuron cache holds about half the FFN)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=40, help="measured tokens per round")
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    directory = default_model_dir()
+    tok = fi.load(directory).tokenizer
+    text = wikipedia_excerpt()[:20000]
+    ids = tok.encode(text)[1000:1000 + a.warmup + a.tokens]
+    load0 = os.getloadavg()
+    res = {m: [] for m in MODES}
+    same = {m: True for m in MODES}
+    for r in range(a.rounds):
+        ref = None
+        for mode in MODES:
+            st, lg = run(directory, a.budget, mode, ids, a.warmup)
+            res[mode].append(st)
+            if ref is None:
+                ref = lg
+            else:
+                same[mode] &= bool(np.array_equal(lg, ref))
+            print(f"round {r} {mode}: {np.mean(st['total_ns']) / 1e6:.1f} ms/token", flush=True)
+    load1 = os.getloadavg()
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, commit {git}, load average {load0[0]:.1f} -> "
+          f"{load1[0]:.1f}, {platform.processor() or platform.machine()}, {os.cpu_count()} "
+          f"cores; SmolLM2-135M float16 records, budget {a.budget}, "
+          f"{res['off'][0]['selection']} + {res['off'][0]['eviction']}, {a.rounds} rounds x "
+          f"{a.tokens} tokens (after {a.warmup})\n")
+    print("| overlap | token ms | I/O (reads busy) ms | waited ms | memory mgmt ms | predictor "
+          "ms | compute ms | MB read / token | of which read ahead | token / max(I/O, CPU) | "
+          "logits = off |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    out = []
+    for mode in MODES:
+        cat = {k: np.concatenate([s[k] for s in res[mode]]) for k in KEYS}
+        mean = {k: float(v.mean()) for k, v in cat.items()}
+        per_round = [float(s["total_ns"].mean()) / 1e6 for s in res[mode]]
+        cpu = mean["compute_ns"] + mean["mm_ns"] + mean["predict_ns"]
+        ratio = mean["total_ns"] / max(mean["io_ns"], cpu)
+        print(f"| {mode} | {mean['total_ns'] / 1e6:.1f} ({', '.join(f'{x:.1f}' for x in per_round)})"
+              f" | {mean['io_ns'] / 1e6:.1f} | {mean['io_wait_ns'] / 1e6:.1f} | "
+              f"{mean['mm_ns'] / 1e6:.1f} | {mean['predict_ns'] / 1e6:.1f} | "
+              f"{mean['compute_ns'] / 1e6:.1f} | {mean['bytes_read'] / 1e6:.2f} | "
+              f"{mean['ahead_bytes'] / 1e6:.2f} | {ratio:.2f} | "
+              f"{'bit-identical' if same[mode] else 'NO'} |")
+        out.append({"mode": mode, **mean, "per_round_ms": per_round, "ratio": ratio,
+                    "io_share": mean["io_wait_ns"] / mean["total_ns"],
+                    "identical": same[mode]})
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "commit": git,
+                                "load": [load0, load1], "budget": a.budget, "rows": out}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
