@@ -31,6 +31,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--io-engine", choices=["auto", "threads", "io_uring"], default="auto",
                    help="read engine (default: io_uring when available, else a thread pool)")
     g.add_argument("--queue-depth", type=int, default=32, help="reads in flight (default: 32)")
+    g.add_argument("--read-timeout-ms", type=int, default=60000, metavar="MS",
+                   help="io_uring engine: a read that makes no progress for this long fails "
+                        "with a FlashIOError instead of hanging on a failing disk (default "
+                        "60000; 0 waits forever). The threads engine cannot interrupt a read")
     g.add_argument("--max-context", type=int, default=2048,
                    help="prompt + generated tokens the KV cache is sized for (default: 2048)")
     s = p.add_argument_group("sparse inference from flash (the paper's method)")
@@ -97,7 +101,8 @@ def _runtime(ns):
 
     return RuntimeConfig(threads=ns.threads, use_direct_io=not ns.no_direct_io,
                          io_engine=ns.io_engine, queue_depth=ns.queue_depth,
-                         max_context=ns.max_context, sparse=ns.sparse,
+                         read_timeout_ms=ns.read_timeout_ms, max_context=ns.max_context,
+                         sparse=ns.sparse,
                          dram_budget=ns.dram_budget, selection=ns.selection, window=ns.window,
                          eviction=ns.eviction, read_limit=ns.read_limit,
                          per_layer_cache=not ns.uniform_cache,
