@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -211,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("dir", nargs="?", default=None, help="flash directory (default: embedded SmolLM2)")
     sv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 "
-                         "exposes the model to the network, without authentication)")
+                         "exposes the model to the network: give it an --api-key)")
+    sv.add_argument("--api-key", default=None, metavar="KEY",
+                    help="require 'Authorization: Bearer KEY' on every request but /health "
+                         "(401 otherwise). Default: $FLASHINFER_PY_API_KEY, else no key; the "
+                         "variable keeps the key out of the process list")
     sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     sv.add_argument("--queue-size", type=int, default=8,
                     help="requests that may wait while one generates (default 8); more get 429")
@@ -465,6 +470,7 @@ def cmd_serve(ns) -> int:
     from .errors import FlashFormatError
     from .runtime import load
 
+    api_key = _api_key(ns)  # before the model loads: a bad key fails at once
     directory = ns.dir or _default_dir()
     model = load(directory, _runtime(ns))
     try:
@@ -474,21 +480,31 @@ def cmd_serve(ns) -> int:
             raise
         template = None
         print(f"warning: {e} /v1/chat/completions will answer 400.", file=sys.stderr)
-    if ns.host not in ("127.0.0.1", "localhost", "::1") and not ns.host.startswith("127."):
+    if (api_key is None and ns.host not in ("127.0.0.1", "localhost", "::1")
+            and not ns.host.startswith("127.")):
         print(f"warning: listening on {ns.host}: anyone who can reach this address can use the "
-              "model; there is no authentication", file=sys.stderr)
+              "model; there is no authentication (give --api-key)", file=sys.stderr)
     name = ns.name
     if name is None:
         from .default_model import DEFAULT_MODEL_NAME
 
         name = model.directory.name if ns.dir else DEFAULT_MODEL_NAME
-    server = srv.Server(model, name, template, queue_size=ns.queue_size)
+    server = srv.Server(model, name, template, queue_size=ns.queue_size, api_key=api_key)
     try:
         srv.run(server, ns.host, ns.port, ns.log_level,
                 announce=lambda line: print(line, file=sys.stderr, flush=True))
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: the normal way out
         print("stopped", file=sys.stderr)
     return 0
+
+
+def _api_key(ns) -> Optional[str]:
+    """--api-key, else $FLASHINFER_PY_API_KEY (an empty variable counts as unset), else None."""
+    if ns.api_key is not None:
+        if not ns.api_key:
+            raise ValueError("--api-key is empty; give a key, or leave the option out")
+        return ns.api_key
+    return os.environ.get("FLASHINFER_PY_API_KEY") or None
 
 
 def _summary(model, steps) -> dict:

@@ -8,11 +8,15 @@ beyond that is refused at once with 429 and ``Retry-After``. A client that disco
 its generation (or its place in the queue). Errors have OpenAI's body: ``{"error": {"message",
 "type", "param", "code"}}``.
 
+With an API key, every request but ``/health`` must carry ``Authorization: Bearer KEY``
+(compared in constant time), else 401.
+
 Needs the ``serve`` extra (FastAPI, uvicorn, jinja2): ``pip install 'flashinfer_py[serve]'``.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import threading
 import time
@@ -81,7 +85,8 @@ class _ApiError(Exception):
         self.headers = headers
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+                429: "rate_limit_error"}
 
 
 def _error_body(status: int, message: str, param=None, code=None) -> dict:
@@ -103,11 +108,13 @@ class Server:
     """
 
     def __init__(self, model, name: str, template: Optional[ChatTemplate] = None,
-                 queue_size: int = 8):
+                 queue_size: int = 8, api_key: Optional[str] = None):
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
+        if api_key is not None and not api_key:
+            raise ValueError("the API key is empty; give a non-empty key or none")
         self.model, self.name, self.template = model, name, template
-        self.queue_size = queue_size
+        self.queue_size, self.api_key = queue_size, api_key
         self.created = int(time.time())
         self.prompt_cache = model.new_prompt_cache()  # shared prefixes are not recomputed
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="flashinfer-generate")
@@ -197,6 +204,8 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="flashinfer_py", description="OpenAI-compatible API over one model "
                   "streamed from flash", version="1")
     app.state.server = server
+    if server.api_key is not None:
+        app.add_middleware(_BearerAuth, key=server.api_key)
 
     @app.exception_handler(_ApiError)
     async def api_error(_: Request, e: _ApiError):
@@ -367,6 +376,30 @@ def _usage(d: Optional[Delta]) -> dict:
     p, c, k = (d.prompt_tokens, d.completion_tokens, d.cached_tokens) if d else (0, 0, 0)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
             "prompt_tokens_details": {"cached_tokens": k}}
+
+
+class _BearerAuth:
+    """ASGI middleware: every HTTP request but ``/health`` needs ``Authorization: Bearer
+    KEY``, else 401 with OpenAI's error body. The key is compared in constant time. (A plain
+    ASGI class, not BaseHTTPMiddleware, so streaming and disconnect detection pass through.)"""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode("utf-8")
+
+    def _authorized(self, scope) -> bool:
+        value = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+        scheme, _, token = value.partition(b" ")
+        ok = hmac.compare_digest(token.strip(), self.key)  # constant time, whatever the scheme
+        return ok and scheme.lower() == b"bearer"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health" or self._authorized(scope):
+            return await self.app(scope, receive, send)
+        message = ("a valid API key is needed: send the header 'Authorization: Bearer KEY' "
+                   "with the key the server was started with (--api-key)")
+        response = JSONResponse(_error_body(401, message, None, "invalid_api_key"), 401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
 
 
 def _generation_error(e: Exception) -> _ApiError:

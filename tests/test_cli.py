@@ -161,3 +161,18 @@ def test_read_timeout_is_checked_parsed_and_reaches_the_readers(tiny_flash, monk
     assert sparse.ffn.reader in readers  # streamed: the reader it keeps
     assert all(r.params.read_timeout_ms == 1234 == r._r.params.read_timeout_ms for r in readers)
 
+
+def test_serve_api_key_comes_from_the_option_or_the_environment(monkeypatch):
+    import flashinfer_py.cli as cli
+
+    parse = cli.build_parser().parse_args
+    monkeypatch.delenv("FLASHINFER_PY_API_KEY", raising=False)
+    assert cli._api_key(parse(["serve"])) is None
+    assert cli._api_key(parse(["serve", "--api-key", "k1"])) == "k1"
+    monkeypatch.setenv("FLASHINFER_PY_API_KEY", "k2")
+    assert cli._api_key(parse(["serve"])) == "k2"
+    assert cli._api_key(parse(["serve", "--api-key", "k1"])) == "k1"  # the option wins
+    monkeypatch.setenv("FLASHINFER_PY_API_KEY", "")
+    assert cli._api_key(parse(["serve"])) is None
+    with pytest.raises(ValueError, match="--api-key is empty"):
+        cli._api_key(parse(["serve", "--api-key", ""]))

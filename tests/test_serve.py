@@ -1,7 +1,8 @@
 """`flashinfer-py serve`, a real server on loopback, driven by the official openai client.
 
-One server process serves the embedded SmolLM2 for the whole module (queue of 2). Greedy
-answers are checked against generation in this process from the ids transformers'
+One server process serves the embedded SmolLM2 for the whole module (queue of 2), with an
+API key from the environment, so every test also goes through the key check. Greedy answers
+are checked against generation in this process from the ids transformers'
 apply_chat_template gives, so the template, the tokenization and the HTTP layer are all
 under test.
 """
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 QUEUE = 2
+KEY = "sk-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,8 @@ def served(smol, tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "flashinfer_py", "serve", str(smol), "--port", "0",
              "--queue-size", str(QUEUE), "--max-context", "512", "--name", "smol",
-             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=err)
+             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=err,
+            env={**os.environ, "FLASHINFER_PY_API_KEY": KEY})
     deadline, url = time.monotonic() + 120, None
     while url is None and time.monotonic() < deadline and proc.poll() is None:
         found = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", log.read_text())
@@ -55,7 +59,7 @@ def served(smol, tmp_path_factory):
         pytest.fail(f"the server did not start:\n{log.read_text()}")
     while True:  # the announcement precedes uvicorn's first accept by a moment
         try:
-            httpx.get(f"{url}/health", timeout=5)
+            httpx.get(f"{url}/health", timeout=5)  # no key needed
             break
         except httpx.TransportError:
             time.sleep(0.1)
@@ -75,7 +79,7 @@ def server(served):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +198,7 @@ def test_a_client_that_disconnects_cancels_its_generation(client, server, refere
 
 def test_malformed_requests_get_400_with_an_openai_error(client, server):
     r = httpx.post(f"{server}/v1/chat/completions", content=b'{"messages": [',
-                   headers={"Content-Type": "application/json"})
+                   headers={"Content-Type": "application/json", **AUTH})
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and "JSON" in err["message"]
@@ -208,7 +212,25 @@ def test_malformed_requests_get_400_with_an_openai_error(client, server):
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError, match="token ids"):
         client.completions.create(model="smol", prompt=[10**9], max_tokens=2)
-    assert httpx.get(f"{server}/v1/models/other").status_code == 404
+    assert httpx.get(f"{server}/v1/models/other", headers=AUTH).status_code == 404
+
+
+def test_an_api_key_is_needed_except_for_health(client, server):
+    body = {"model": "smol", "prompt": "Hi", "max_tokens": 1}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                    {"Authorization": KEY}):
+        r = httpx.post(f"{server}/v1/completions", json=body, headers=headers)
+        assert r.status_code == 401, headers
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+    assert httpx.get(f"{server}/health").status_code == 200
+    wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    r = httpx.post(f"{server}/v1/completions", json=body,
+                   headers={"Authorization": f"bearer {KEY}"})  # the scheme is case-blind
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
 
 
 def test_sequential_requests_keep_memory_flat(client, served):
