@@ -202,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(stream: true for server-sent events; temperature, top_p, top_k, "
                         "max_tokens, stop, seed). One generation runs at a time; up to "
                         "--queue-size requests wait, and more are refused with 429 and "
-                        "Retry-After. A client that disconnects cancels its generation. No "
-                        "authentication: it listens on loopback unless --host says otherwise. "
+                        "Retry-After. A client that disconnects cancels its generation. n "
+                        "asks for several choices, logprobs (chat: logprobs, top_logprobs) "
+                        "for each token's log-probability. It listens on loopback unless "
+                        "--host says otherwise, and asks for no key unless --api-key gives one. "
                         "Needs pip install 'flashinfer_py[serve]'.",
                         epilog="example: flashinfer-py serve ./llama2.flash --port 8000 "
                         "--dram-budget 4GB, then: curl http://127.0.0.1:8000/v1/chat/completions "
