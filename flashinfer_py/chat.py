@@ -18,10 +18,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+import numpy as np
+
 from .errors import FlashFormatError
 from .generate import StopStrings
+from .sampling import log_softmax
 
-__all__ = ["ChatTemplate", "Conversation", "Delta", "normalize_messages", "stream"]
+__all__ = ["ChatTemplate", "Conversation", "Delta", "TokenLogprob", "normalize_messages",
+           "stream", "token_logprob"]
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -209,37 +213,77 @@ class Delta:
     completion_tokens: int = 0
     cached_tokens: int = 0     # prompt tokens whose keys and values were already cached
     seconds: float = 0.0       # the whole generation, prompt included
+    logprobs: Optional[list] = None  # TokenLogprobs of the tokens since the last Delta (asked)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability and its `top` most likely alternatives
+    ([(token, logprob)], most likely first), under the model's own distribution: the
+    log-softmax of its float32 logits, before temperature, top-k and top-p."""
+
+    token: int
+    logprob: float
+    top: list
+
+
+def token_logprob(step, n_top: int) -> TokenLogprob:
+    """`step`'s token and the `n_top` most likely tokens of its logits (a StepResult that is
+    still the current step: it has its logits)."""
+    if n_top == 0:
+        return TokenLogprob(step.token, step.logprob, [])
+    lp = log_softmax(step.logits)
+    n_top = min(n_top, lp.size)
+    best = np.argpartition(-lp, n_top - 1)[:n_top]
+    best = best[np.argsort(-lp[best], kind="stable")]
+    return TokenLogprob(step.token, step.logprob, [(int(i), float(lp[i])) for i in best])
 
 
 def stream(model, prompt_ids: list, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
            top_p: float = 1.0, seed: Optional[int] = None, stop: Iterable[str] = (),
            stop_ids: Iterable[int] = (), ignore_eos: bool = False,
-           prompt_cache=None) -> Iterator[Delta]:
+           prompt_cache=None, logprobs: Optional[int] = None) -> Iterator[Delta]:
     """Generate text for `prompt_ids`, one Delta per piece, then a last Delta that says why it
     ended. Stop strings are cut from the text (the OpenAI API's semantics); the EOS and
     `stop_ids` tokens end generation and are not shown. Closing the iterator stops generating.
+
+    `logprobs`: None (default) computes nothing; a number N gives each Delta the
+    TokenLogprobs of the tokens generated since the previous one (the last Delta has any
+    whose text was held back or cut by a stop string), each with its N most likely
+    alternatives. The ending EOS or stop token is not listed, as its text is not shown.
     """
     stops = StopStrings(stop)
     ends = set() if ignore_eos else set(model.args.eos_token_ids) | set(stop_ids)
     n, reason, cached, t0 = 0, "length", 0, time.perf_counter()
+    listed = [] if logprobs is not None else None
+
+    def taken() -> Optional[list]:
+        if listed is None:
+            return None
+        out = listed[:]
+        listed.clear()
+        return out
+
     for step in model.generate_step(prompt_ids, max_tokens, temperature, top_k, top_p, seed,
                                     stop_at_eos=False, prompt_cache=prompt_cache):
         n, cached = n + 1, step.cached_tokens
         if step.token in ends:
             reason = "stop"
             break
+        if listed is not None:
+            listed.append(token_logprob(step, logprobs))
         text = stops.add(step.text)
         if text:
-            yield Delta(text)
+            yield Delta(text, logprobs=taken())
         if stops.hit is not None:
             reason = "stop"
             break
     if stops.hit is None:
         tail = stops.flush()
         if tail:
-            yield Delta(tail)
+            yield Delta(tail, logprobs=taken())
     yield Delta("", reason, prompt_tokens=len(prompt_ids), completion_tokens=n,
-                cached_tokens=cached, seconds=time.perf_counter() - t0)
+                cached_tokens=cached, seconds=time.perf_counter() - t0, logprobs=taken())
 
 
 class Conversation:

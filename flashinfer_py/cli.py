@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--io-engine", choices=["auto", "threads", "io_uring"], default="auto",
                    help="read engine (default: io_uring when available, else a thread pool)")
     g.add_argument("--queue-depth", type=int, default=32, help="reads in flight (default: 32)")
+    g.add_argument("--read-timeout-ms", type=int, default=60000, metavar="MS",
+                   help="io_uring engine: a read that makes no progress for this long fails "
+                        "with a FlashIOError instead of hanging on a failing disk (default "
+                        "60000; 0 waits forever). The threads engine cannot interrupt a read")
     g.add_argument("--max-context", type=int, default=2048,
                    help="prompt + generated tokens the KV cache is sized for (default: 2048)")
     s = p.add_argument_group("sparse inference from flash (the paper's method)")
@@ -103,7 +108,8 @@ def _runtime(ns):
 
     return RuntimeConfig(threads=ns.threads, use_direct_io=not ns.no_direct_io,
                          io_engine=ns.io_engine, queue_depth=ns.queue_depth,
-                         max_context=ns.max_context, sparse=ns.sparse,
+                         read_timeout_ms=ns.read_timeout_ms, max_context=ns.max_context,
+                         sparse=ns.sparse,
                          dram_budget=ns.dram_budget, selection=ns.selection, window=ns.window,
                          eviction=ns.eviction, read_limit=ns.read_limit,
                          per_layer_cache=not ns.uniform_cache,
@@ -202,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(stream: true for server-sent events; temperature, top_p, top_k, "
                         "max_tokens, stop, seed). One generation runs at a time; up to "
                         "--queue-size requests wait, and more are refused with 429 and "
-                        "Retry-After. A client that disconnects cancels its generation. No "
-                        "authentication: it listens on loopback unless --host says otherwise. "
+                        "Retry-After. A client that disconnects cancels its generation. n "
+                        "asks for several choices, logprobs (chat: logprobs, top_logprobs) "
+                        "for each token's log-probability. It listens on loopback unless "
+                        "--host says otherwise, and asks for no key unless --api-key gives one. "
                         "Needs pip install 'flashinfer_py[serve]'.",
                         epilog="example: flashinfer-py serve ./llama2.flash --port 8000 "
                         "--dram-budget 4GB, then: curl http://127.0.0.1:8000/v1/chat/completions "
@@ -212,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("dir", nargs="?", default=None, help="flash directory (default: embedded SmolLM2)")
     sv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 "
-                         "exposes the model to the network, without authentication)")
+                         "exposes the model to the network: give it an --api-key)")
+    sv.add_argument("--api-key", default=None, metavar="KEY",
+                    help="require 'Authorization: Bearer KEY' on every request but /health "
+                         "(401 otherwise). Default: $FLASHINFER_PY_API_KEY, else no key; the "
+                         "variable keeps the key out of the process list")
     sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     sv.add_argument("--queue-size", type=int, default=8,
                     help="requests that may wait while one generates (default 8); more get 429")
@@ -466,6 +478,7 @@ def cmd_serve(ns) -> int:
     from .errors import FlashFormatError
     from .runtime import load
 
+    api_key = _api_key(ns)  # before the model loads: a bad key fails at once
     directory = ns.dir or _default_dir()
     model = load(directory, _runtime(ns))
     try:
@@ -475,21 +488,31 @@ def cmd_serve(ns) -> int:
             raise
         template = None
         print(f"warning: {e} /v1/chat/completions will answer 400.", file=sys.stderr)
-    if ns.host not in ("127.0.0.1", "localhost", "::1") and not ns.host.startswith("127."):
+    if (api_key is None and ns.host not in ("127.0.0.1", "localhost", "::1")
+            and not ns.host.startswith("127.")):
         print(f"warning: listening on {ns.host}: anyone who can reach this address can use the "
-              "model; there is no authentication", file=sys.stderr)
+              "model; there is no authentication (give --api-key)", file=sys.stderr)
     name = ns.name
     if name is None:
         from .default_model import DEFAULT_MODEL_NAME
 
         name = model.directory.name if ns.dir else DEFAULT_MODEL_NAME
-    server = srv.Server(model, name, template, queue_size=ns.queue_size)
+    server = srv.Server(model, name, template, queue_size=ns.queue_size, api_key=api_key)
     try:
         srv.run(server, ns.host, ns.port, ns.log_level,
                 announce=lambda line: print(line, file=sys.stderr, flush=True))
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: the normal way out
         print("stopped", file=sys.stderr)
     return 0
+
+
+def _api_key(ns) -> Optional[str]:
+    """--api-key, else $FLASHINFER_PY_API_KEY (an empty variable counts as unset), else None."""
+    if ns.api_key is not None:
+        if not ns.api_key:
+            raise ValueError("--api-key is empty; give a key, or leave the option out")
+        return ns.api_key
+    return os.environ.get("FLASHINFER_PY_API_KEY") or None
 
 
 def _summary(model, steps) -> dict:

@@ -451,6 +451,11 @@ class RuntimeConfig:
         use_direct_io: bypass the page cache (O_DIRECT / F_NOCACHE); falls back with a warning.
         io_engine: "auto" (io_uring when built and usable, else threads), "threads", "io_uring".
         queue_depth: reads in flight (this disk needs 16-64; the paper used 32 threads).
+        read_timeout_ms: a read call none of whose reads completes for this long (ms) cancels
+            them and raises FlashIOError (errno ETIMEDOUT) instead of hanging on a failing
+            device; 0 waits forever. Default 60000. The io_uring engine only: the threads
+            engine cannot interrupt a pread that the device never answers, so a hung read
+            there hangs the generation (use io_engine "io_uring" where that matters).
         max_context: tokens the KV cache is sized for (prompt + generated).
 
     Sparse inference from flash (the paper's method; off unless `sparse` or `dram_budget`):
@@ -512,6 +517,7 @@ class RuntimeConfig:
     use_direct_io: bool = True
     io_engine: str = "auto"
     queue_depth: int = 32
+    read_timeout_ms: int = 60000
     max_context: int = 2048
     sparse: bool = False
     dram_budget: Optional[int] = None
@@ -535,6 +541,9 @@ class RuntimeConfig:
             raise ValueError(f"io_engine must be 'auto', 'threads' or 'io_uring', not {self.io_engine!r}")
         if self.queue_depth < 1:
             raise ValueError(f"queue_depth must be >= 1, got {self.queue_depth}")
+        if self.read_timeout_ms < 0:
+            raise ValueError(f"read_timeout_ms must be >= 0 milliseconds (0 = wait forever), "
+                             f"got {self.read_timeout_ms}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = all cores), got {self.threads}")
         if self.max_context < 1:

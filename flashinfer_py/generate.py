@@ -12,7 +12,15 @@ from .sampling import log_softmax
 
 @dataclass
 class StepResult:
-    """One generated token and what it cost."""
+    """One generated token and what it cost.
+
+    `logprob` is the token's log-probability under the model's own distribution: the
+    log-softmax of the float32 logits, before temperature, top-k and top-p (what OpenAI's
+    ``logprobs`` report). `logits` are those logits ([vocab], float32), for a caller that wants
+    more (the top alternatives): nothing is computed from them unless it asks, and they are
+    set only while this step is the current one (the generator drops them when it moves on,
+    so a list of StepResults holds no vocab-sized arrays); copy them to keep them.
+    """
 
     token: int
     logprob: float
@@ -21,6 +29,7 @@ class StepResult:
     prompt_tokens: int = 0
     cached_tokens: int = 0           # of the prompt, taken from a PromptCache rather than run
     stats: dict = field(default_factory=dict)  # per-token runtime statistics (I/O, cache, ...)
+    logits: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
 
 def generate_step(forward: Callable[[np.ndarray], np.ndarray], prompt_ids: Iterable[int],
@@ -46,12 +55,14 @@ def generate_step(forward: Callable[[np.ndarray], np.ndarray], prompt_ids: Itera
         logits = forward(feed)[-1]
         tok = sampler(logits)
         res = StepResult(token=tok, logprob=float(log_softmax(logits)[tok]),
-                         seconds=time.perf_counter() - t0, prompt_tokens=len(ids))
+                         seconds=time.perf_counter() - t0, prompt_tokens=len(ids),
+                         logits=logits)
         if stats is not None:
             res.stats = stats()
         if on_token is not None:
             res.text = on_token(tok)
         yield res
+        res.logits = None
         if tok in stop:
             return
         feed = np.array([tok], dtype=np.int64)

@@ -455,7 +455,7 @@ class ResidentFFN:
 
         reader = BundleReader(bundle_path, ReaderParams(engine=runtime.io_engine,
                                                         queue_depth=runtime.queue_depth,
-                                                        use_direct_io=runtime.use_direct_io))
+                                                        use_direct_io=runtime.use_direct_io, read_timeout_ms=runtime.read_timeout_ms))
         self.kernel = FfnOnRows(args, reader.layout, dense)
         self.rows_by_layer = []
         f = args.intermediate_size

@@ -8,11 +8,20 @@ beyond that is refused at once with 429 and ``Retry-After``. A client that disco
 its generation (or its place in the queue). Errors have OpenAI's body: ``{"error": {"message",
 "type", "param", "code"}}``.
 
+With an API key, every request but ``/health`` must carry ``Authorization: Bearer KEY``
+(compared in constant time), else 401. ``n`` (1 to 8) asks for several choices: they are
+generated one after another in the request's turn, each sampled on its own (choice i with
+``seed + i`` when a seed is given). ``logprobs`` (chat: ``logprobs: true`` and
+``top_logprobs`` 0-20; completions: ``logprobs`` 0-20) report each token's log-probability
+under the model's own distribution, the log-softmax of its logits before temperature, top-k
+and top-p, as OpenAI reports them.
+
 Needs the ``serve`` extra (FastAPI, uvicorn, jinja2): ``pip install 'flashinfer_py[serve]'``.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import threading
 import time
@@ -41,6 +50,10 @@ __all__ = ["Server", "create_app", "run"]
 # ------------------------------------------------------------------------------------------------
 
 
+MAX_CHOICES = 8        # n: choices per request
+MAX_TOP_LOGPROBS = 20  # top_logprobs (chat) and logprobs (completions), as OpenAI allows
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -51,7 +64,7 @@ class _Sampling(BaseModel):
     top_k: int = Field(0, ge=0)             # llama.cpp's and vLLM's extension
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
-    n: int = Field(1, ge=1, le=1)           # one choice per request
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices, generated one after another
     stream: bool = False
     stream_options: Optional[dict] = None
     ignore_eos: bool = False                # vLLM's and llama.cpp's extension
@@ -66,11 +79,20 @@ class _Sampling(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[dict[str, Any]]
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def n_top(self) -> Optional[int]:
+        """Alternatives to list per token; None: no logprobs."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int]]
     max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token
 
 
 class _ApiError(Exception):
@@ -81,7 +103,8 @@ class _ApiError(Exception):
         self.headers = headers
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+                429: "rate_limit_error"}
 
 
 def _error_body(status: int, message: str, param=None, code=None) -> dict:
@@ -103,11 +126,13 @@ class Server:
     """
 
     def __init__(self, model, name: str, template: Optional[ChatTemplate] = None,
-                 queue_size: int = 8):
+                 queue_size: int = 8, api_key: Optional[str] = None):
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
+        if api_key is not None and not api_key:
+            raise ValueError("the API key is empty; give a non-empty key or none")
         self.model, self.name, self.template = model, name, template
-        self.queue_size = queue_size
+        self.queue_size, self.api_key = queue_size, api_key
         self.created = int(time.time())
         self.prompt_cache = model.new_prompt_cache()  # shared prefixes are not recomputed
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="flashinfer-generate")
@@ -134,8 +159,9 @@ class Server:
 
     # -- generation (worker thread) ---------------------------------------------------------------
     def submit(self, prompt_ids: list, params: dict, loop: asyncio.AbstractEventLoop,
-               out: asyncio.Queue, cancel: threading.Event):
-        """Queue a generation; its Deltas (then None, or an exception) arrive on `out`."""
+               out: asyncio.Queue, cancel: threading.Event, n: int = 1):
+        """Queue a generation of `n` choices, one after another (choice i seeded seed + i);
+        their (choice index, Delta) pairs, then None (or an exception), arrive on `out`."""
         def put(item):
             loop.call_soon_threadsafe(out.put_nowait, item)
 
@@ -144,20 +170,25 @@ class Server:
                 self.counts["cancelled"] += 1
                 return
             self.generating = True
-            gen = stream(self.model, prompt_ids, prompt_cache=self.prompt_cache, **params)
             try:
-                for delta in gen:
-                    if cancel.is_set():
-                        self.counts["cancelled"] += 1
-                        return
-                    put(delta)
+                for i in range(n):
+                    seed = params.get("seed")
+                    choice = {**params, "seed": None if seed is None else seed + i}
+                    gen = stream(self.model, prompt_ids, prompt_cache=self.prompt_cache, **choice)
+                    try:
+                        for delta in gen:
+                            if cancel.is_set():
+                                self.counts["cancelled"] += 1
+                                return
+                            put((i, delta))
+                    finally:
+                        gen.close()
                 self.counts["completed"] += 1
                 put(None)
             except Exception as e:  # noqa: BLE001 - reported to the client as a 500
                 self.counts["failed"] += 1
                 put(e)
             finally:
-                gen.close()
                 self.generating = False
 
         fut = self._worker.submit(job)
@@ -168,10 +199,10 @@ class Server:
         self._worker.shutdown(wait=True, cancel_futures=True)
 
 
-def _sampling(req: _Sampling, max_tokens: int, stop_ids=()) -> dict:
+def _sampling(req: _Sampling, max_tokens: int, n_top: Optional[int], stop_ids=()) -> dict:
     return dict(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
                 top_p=req.top_p, seed=req.seed, stop=req.stops(), stop_ids=stop_ids,
-                ignore_eos=req.ignore_eos)
+                ignore_eos=req.ignore_eos, logprobs=n_top)
 
 
 def _fit(server: Server, ids: list, max_tokens: Optional[int]) -> int:
@@ -197,6 +228,8 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="flashinfer_py", description="OpenAI-compatible API over one model "
                   "streamed from flash", version="1")
     app.state.server = server
+    if server.api_key is not None:
+        app.add_middleware(_BearerAuth, key=server.api_key)
 
     @app.exception_handler(_ApiError)
     async def api_error(_: Request, e: _ApiError):
@@ -242,8 +275,8 @@ def create_app(server: Server) -> FastAPI:
             raise _ApiError(400, str(e), "messages") from None
         stop_ids = server.template.stop_token_ids(server.model.tokenizer)
         max_tokens = _fit(server, ids, req.max_completion_tokens or req.max_tokens)
-        return await _respond(server, request, req, ids, _sampling(req, max_tokens, stop_ids),
-                              chat=True)
+        params = _sampling(req, max_tokens, req.n_top(), stop_ids)
+        return await _respond(server, request, req, ids, params, chat=True)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -261,7 +294,8 @@ def create_app(server: Server) -> FastAPI:
                 raise _ApiError(400, f"prompt: token ids must be in [0, {vocab})", "prompt")
             ids = list(p)
         max_tokens = _fit(server, ids, req.max_tokens)
-        return await _respond(server, request, req, ids, _sampling(req, max_tokens), chat=False)
+        params = _sampling(req, max_tokens, req.logprobs)
+        return await _respond(server, request, req, ids, params, chat=False)
 
     return app
 
@@ -277,16 +311,19 @@ async def _respond(server: Server, request: Request, req: _Sampling, ids: list, 
     loop = asyncio.get_running_loop()
     out: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
-    server.submit(ids, params, loop, out, cancel)
+    server.submit(ids, params, loop, out, cancel, n=req.n)
     kind = "chat.completion" if chat else "text_completion"
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     head = {"id": rid, "object": kind, "created": int(time.time()), "model": server.name}
+    fmt = _Logprobs(server.model.tokenizer, chat) if params["logprobs"] is not None else None
     if req.stream:
         usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_events(request, out, cancel, head, chat, usage),
+        return StreamingResponse(_events(request, out, cancel, head, chat, usage, req.n, fmt),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    pieces, last = [], None
+    pieces = [[] for _ in range(req.n)]
+    tokens = [[] for _ in range(req.n)]
+    last: list[Optional[Delta]] = [None] * req.n
     try:
         while True:
             item = await _next(request, out, cancel)
@@ -296,15 +333,21 @@ async def _respond(server: Server, request: Request, req: _Sampling, ids: list, 
                 raise _generation_error(item)
             if item is None:
                 break
-            pieces.append(item.text)
-            last = item if item.finish_reason else last
+            i, delta = item
+            pieces[i].append(delta.text)
+            tokens[i].extend(delta.logprobs or ())
+            last[i] = delta if delta.finish_reason else last[i]
     finally:
         cancel.set()  # a no-op once done; stops the worker if this handler was cancelled
-    text = "".join(pieces)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}}
-              if chat else {"index": 0, "text": text})
-    choice.update(finish_reason=last.finish_reason, logprobs=None)
-    return {**head, "choices": [choice], "usage": _usage(last)}
+    choices = []
+    for i in range(req.n):
+        text = "".join(pieces[i])
+        choice = ({"index": i, "message": {"role": "assistant", "content": text}}
+                  if chat else {"index": i, "text": text})
+        choice.update(finish_reason=last[i].finish_reason,
+                      logprobs=fmt.block(tokens[i], 0) if fmt else None)
+        choices.append(choice)
+    return {**head, "choices": choices, "usage": _usage(last)}
 
 
 _GONE = object()  # the client disconnected
@@ -323,8 +366,10 @@ async def _next(request: Request, out: asyncio.Queue, cancel: threading.Event):
 
 
 async def _events(request: Request, out: asyncio.Queue, cancel: threading.Event, head: dict,
-                  chat: bool, include_usage: bool):
+                  chat: bool, include_usage: bool, n: int, fmt: Optional["_Logprobs"]):
     kind = head["object"] + (".chunk" if chat else "")
+    offsets = [0] * n  # completions: text_offset of each choice's next token
+    last: list[Optional[Delta]] = [None] * n
 
     def event(choice: Optional[dict], usage=None) -> str:
         body = {**head, "object": kind, "choices": [choice] if choice else []}
@@ -332,16 +377,21 @@ async def _events(request: Request, out: asyncio.Queue, cancel: threading.Event,
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
-    def choice(text: str, finish: Optional[str], first: bool = False) -> dict:
+    def choice(i: int, text: str, finish: Optional[str], tokens=None, first=False) -> dict:
+        logprobs = None
+        if fmt is not None and tokens is not None:
+            logprobs = fmt.block(tokens, offsets[i])
+            offsets[i] += sum(len(fmt.text(t.token)) for t in tokens)
         if chat:
             delta = {"role": "assistant", "content": text} if first else (
                 {"content": text} if text else {})
-            return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        return {"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}
 
     try:
         if chat:
-            yield event(choice("", None, first=True))
+            for i in range(n):
+                yield event(choice(i, "", None, first=True))
         while True:
             item = await _next(request, out, cancel)
             if item is _GONE:
@@ -352,21 +402,91 @@ async def _events(request: Request, out: asyncio.Queue, cancel: threading.Event,
                 e = _generation_error(item)
                 yield f"data: {json.dumps(_error_body(e.status, e.message, e.param, e.code))}\n\n"
                 return
-            if item.finish_reason:
-                yield event(choice(item.text, item.finish_reason))
-                if include_usage:
-                    yield event(None, _usage(item))
-            elif item.text:
-                yield event(choice(item.text, None))
+            i, delta = item
+            if delta.finish_reason:
+                last[i] = delta
+                yield event(choice(i, delta.text, delta.finish_reason, delta.logprobs))
+            elif delta.text:
+                yield event(choice(i, delta.text, None, delta.logprobs))
+        if include_usage:
+            yield event(None, _usage(last))
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # the client went away (or we are done): stop generating
 
 
-def _usage(d: Optional[Delta]) -> dict:
-    p, c, k = (d.prompt_tokens, d.completion_tokens, d.cached_tokens) if d else (0, 0, 0)
+def _usage(ends: list) -> dict:
+    """Usage of a request from its choices' last Deltas: the prompt counted once."""
+    first = ends[0]
+    p, k = (first.prompt_tokens, first.cached_tokens) if first else (0, 0)
+    c = sum(d.completion_tokens for d in ends if d)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
             "prompt_tokens_details": {"cached_tokens": k}}
+
+
+class _Logprobs:
+    """TokenLogprobs in OpenAI's shapes: chat's ``{"content": [{token, logprob, bytes,
+    top_logprobs}]}`` or completions' ``{tokens, token_logprobs, top_logprobs, text_offset}``.
+    A token's text is its own bytes decoded (U+FFFD for a piece of a character)."""
+
+    def __init__(self, tokenizer, chat: bool):
+        self.tokenizer, self.chat = tokenizer, chat
+        self._text: dict[int, tuple[str, list]] = {}
+
+    def _entry(self, token: int) -> tuple[str, list]:
+        if token not in self._text:
+            raw = self.tokenizer.token_bytes(token)
+            self._text[token] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return self._text[token]
+
+    def text(self, token: int) -> str:
+        return self._entry(token)[0]
+
+    def block(self, tokens: list, offset: int) -> dict:
+        if self.chat:
+            return {"content": [self._chat(t) for t in tokens], "refusal": None}
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                "text_offset": []}
+        for t in tokens:
+            text = self.text(t.token)
+            top = {self.text(i): lp for i, lp in t.top}
+            top.setdefault(text, t.logprob)  # the sampled token is always listed (OpenAI)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(t.logprob)
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    def _chat(self, t) -> dict:
+        text, raw = self._entry(t.token)
+        top = [{"token": self.text(i), "logprob": lp, "bytes": self._entry(i)[1]}
+               for i, lp in t.top]
+        return {"token": text, "logprob": t.logprob, "bytes": raw, "top_logprobs": top}
+
+
+class _BearerAuth:
+    """ASGI middleware: every HTTP request but ``/health`` needs ``Authorization: Bearer
+    KEY``, else 401 with OpenAI's error body. The key is compared in constant time. (A plain
+    ASGI class, not BaseHTTPMiddleware, so streaming and disconnect detection pass through.)"""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode("utf-8")
+
+    def _authorized(self, scope) -> bool:
+        value = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+        scheme, _, token = value.partition(b" ")
+        ok = hmac.compare_digest(token.strip(), self.key)  # constant time, whatever the scheme
+        return ok and scheme.lower() == b"bearer"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health" or self._authorized(scope):
+            return await self.app(scope, receive, send)
+        message = ("a valid API key is needed: send the header 'Authorization: Bearer KEY' "
+                   "with the key the server was started with (--api-key)")
+        response = JSONResponse(_error_body(401, message, None, "invalid_api_key"), 401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
 
 
 def _generation_error(e: Exception) -> _ApiError:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +27,8 @@ class Tokenizer:
             raise FlashFormatError(f"{path}: cannot be read by `tokenizers` ({e}).") from None
         cfg_path = Path(directory) / "tokenizer_config.json"
         self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self._byte_level = _uses_byte_level(json.loads(self._tok.to_str()).get("decoder"))
+        self._added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -35,9 +39,55 @@ class Tokenizer:
     def token_id(self, token: str) -> Optional[int]:
         return self._tok.token_to_id(token)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for, on its own (a piece of a multi-byte character is
+        its bytes, where ``decode`` would give U+FFFD): byte-level BPE's vocabulary mapped
+        back to bytes, SentencePiece's ``<0xNN>`` byte tokens and its "▁" as a space."""
+        token = int(token)
+        if token in self._added:
+            return self._added[token].encode("utf-8")
+        piece = self._tok.id_to_token(token)
+        if piece is None:
+            return b""
+        if self._byte_level:
+            table = _unicode_to_byte()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        m = _BYTE_TOKEN.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _uses_byte_level(decoder: Optional[dict]) -> bool:
+    if not decoder:
+        return False
+    if decoder.get("type") == "Sequence":
+        return any(_uses_byte_level(d) for d in decoder.get("decoders", []))
+    return decoder.get("type") == "ByteLevel"
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict:
+    """GPT-2's byte-level alphabet, reversed: the printable character each byte is written as
+    in a byte-level BPE vocabulary -> the byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+            *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 class StreamingDetokenizer:

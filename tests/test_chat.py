@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 import flashinfer_py as fi
@@ -184,3 +185,43 @@ def test_the_template_of_a_source_gguf_can_be_given(tiny_flash, tmp_path):
     t = ChatTemplate.from_dir(tiny_flash("llama-silu"), override=str(gguf))
     text = t.render([{"role": "user", "content": "Hi"}])
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_stream_lists_logprobs_only_when_asked(tiny_flash):
+    from flashinfer_py.sampling import log_softmax
+
+    model = fi.load(tiny_flash("llama-silu"))
+    ids = list(range(5, 15))
+    assert all(d.logprobs is None for d in stream(model, ids, 4, ignore_eos=True))
+    deltas = list(stream(model, ids, 4, ignore_eos=True, logprobs=3))
+    listed = [t for d in deltas for t in d.logprobs]
+    steps = list(model.generate_step(ids, 4, stop_at_eos=False))
+    assert [t.token for t in listed] == [s.token for s in steps]
+    ref = np.array([log_softmax(row) for row in
+                    model.logits(ids + [s.token for s in steps[:-1]])[len(ids) - 1:]])
+    for k, t in enumerate(listed):
+        assert t.logprob == pytest.approx(ref[k, t.token], abs=1e-4) and t.logprob <= 0
+        assert [i for i, _ in t.top] == list(np.argsort(-ref[k], kind="stable")[:3])
+        assert [lp for _, lp in t.top] == pytest.approx(np.sort(ref[k])[::-1][:3], abs=1e-4)
+    assert all(not t.top for d in stream(model, ids, 2, logprobs=0) for t in d.logprobs)
+
+
+def test_token_bytes_of_byte_level_and_sentencepiece_vocabularies(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    from flashinfer_py.tokenizer import Tokenizer
+
+    sp = HFTokenizer(models.BPE(vocab={"<unk>": 0, "\u2581hi": 1, "<0xE2>": 2, "\u00e9": 3},
+                                merges=[], byte_fallback=True, unk_token="<unk>"))
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                    decoders.Fuse()])
+    bl = HFTokenizer(models.BPE(vocab={"\u0120hi": 0, "\u00c3\u00a9": 1, "\u00c3": 2},
+                                merges=[]))
+    bl.decoder = decoders.ByteLevel()
+    for name, tok, want in (("sp", sp, {1: b" hi", 2: b"\xe2", 3: "\u00e9".encode()}),
+                            ("bl", bl, {0: b" hi", 1: "\u00e9".encode(), 2: b"\xc3"})):
+        (tmp_path / name).mkdir()
+        tok.save(str(tmp_path / name / "tokenizer.json"))
+        t = Tokenizer(tmp_path / name)
+        assert {i: t.token_bytes(i) for i in want} == want, name

@@ -131,3 +131,48 @@ def test_serve_help_names_the_endpoints_and_the_queue(capsys):
     out = capsys.readouterr().out
     for word in ("/v1/chat/completions", "/v1/completions", "429", "--queue-size", "127.0.0.1"):
         assert word in out
+
+
+def test_read_timeout_is_checked_parsed_and_reaches_the_readers(tiny_flash, monkeypatch):
+    import flashinfer_py as fi
+    import flashinfer_py.bundles as bundles
+    import flashinfer_py.cli as cli
+    from flashinfer_py.config import RuntimeConfig
+
+    with pytest.raises(ValueError, match="read_timeout_ms must be >= 0"):
+        RuntimeConfig(read_timeout_ms=-1)
+    assert RuntimeConfig().read_timeout_ms == 60000 == bundles.ReaderParams().read_timeout_ms
+    ns = cli.build_parser().parse_args(["generate", "--read-timeout-ms", "1234"])
+    assert cli._runtime(ns).read_timeout_ms == 1234
+    ns = cli.build_parser().parse_args(["serve", "--read-timeout-ms", "0"])
+    assert cli._runtime(ns).read_timeout_ms == 0  # 0 = wait forever
+    readers = []
+    real = bundles.BundleReader.__init__
+
+    def spy(self, path, params=None):
+        real(self, path, params)
+        readers.append(self)
+
+    monkeypatch.setattr(bundles.BundleReader, "__init__", spy)
+    d = tiny_flash("llama-relu")
+    fi.load(d, read_timeout_ms=1234)  # dense: the FFN is read once, at load
+    assert len(readers) == 1
+    sparse = fi.load(d, read_timeout_ms=1234, sparse=True, selection="oracle")
+    assert sparse.ffn.reader in readers  # streamed: the reader it keeps
+    assert all(r.params.read_timeout_ms == 1234 == r._r.params.read_timeout_ms for r in readers)
+
+
+def test_serve_api_key_comes_from_the_option_or_the_environment(monkeypatch):
+    import flashinfer_py.cli as cli
+
+    parse = cli.build_parser().parse_args
+    monkeypatch.delenv("FLASHINFER_PY_API_KEY", raising=False)
+    assert cli._api_key(parse(["serve"])) is None
+    assert cli._api_key(parse(["serve", "--api-key", "k1"])) == "k1"
+    monkeypatch.setenv("FLASHINFER_PY_API_KEY", "k2")
+    assert cli._api_key(parse(["serve"])) == "k2"
+    assert cli._api_key(parse(["serve", "--api-key", "k1"])) == "k1"  # the option wins
+    monkeypatch.setenv("FLASHINFER_PY_API_KEY", "")
+    assert cli._api_key(parse(["serve"])) is None
+    with pytest.raises(ValueError, match="--api-key is empty"):
+        cli._api_key(parse(["serve", "--api-key", ""]))
