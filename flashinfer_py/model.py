@@ -289,7 +289,7 @@ class Transformer:
     def _attention1(self, layer: int, qkv: np.ndarray, cache: KVCache) -> np.ndarray:
         """_attention for one token (decode), on the fused q/k/v output qkv [q_dim + 2 kv_dim]:
         the norms, RoPE and attention in native code (ops.h), in place on qkv."""
-        a, pos = self.args, cache.size
+        pos = cache.size
         (h, hkv, hd, qd, kd, eps, softcap), window, q_norm, k_norm, wo = self._dec[layer]
         q = qkv[:qd].reshape(h, hd)
         k = qkv[qd:qd + kd].reshape(hkv, hd)
@@ -455,7 +455,8 @@ class ResidentFFN:
 
         reader = BundleReader(bundle_path, ReaderParams(engine=runtime.io_engine,
                                                         queue_depth=runtime.queue_depth,
-                                                        use_direct_io=runtime.use_direct_io, read_timeout_ms=runtime.read_timeout_ms))
+                                                        use_direct_io=runtime.use_direct_io,
+                                                        read_timeout_ms=runtime.read_timeout_ms))
         self.kernel = FfnOnRows(args, reader.layout, dense)
         self.rows_by_layer = []
         f = args.intermediate_size
