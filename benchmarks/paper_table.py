@@ -12,7 +12,7 @@
      (4.73 GB); only its bytes matter (the naive row reads it every token).
 2. Generates a trace of *predicted* active sets with the paper's statistics (see
    :func:`make_trace` for the process) and prints its statistics next to the paper's.
-3. Runs each Table 2 row through the real runtime (``loader.SparseFFN`` with
+3. Runs each Table 2 row through the real runtime (``ffn.SparseFFN`` with
    ``RuntimeConfig(ablation=...)``, i.e. BundleReader + NeuronCache + SlidingWindow, O_DIRECT,
    queue depth 32), with a trace-replaying predictor in place of the trained one and no
    attention compute inside the I/O path. The page cache is dropped (posix_fadvise DONTNEED on
@@ -51,7 +51,8 @@ from flashinfer_py.bundles import BundleWriter, read_header
 from flashinfer_py.config import ModelArgs, RuntimeConfig
 from flashinfer_py.default_model import cache_root
 from flashinfer_py.dtypes import RecordLayout, storage_format
-from flashinfer_py.loader import SparseFFN, cache_row_bytes, plan_memory
+from flashinfer_py.ffn import SparseFFN
+from flashinfer_py.loader import cache_row_bytes, plan_memory
 
 # ---- the shape: OPT-6.7B ------------------------------------------------------------------
 L, D, F = 32, 4096, 16384

@@ -7,7 +7,7 @@ Reuses ``paper_table.py``'s machinery with its shape switched by ``paper_table.s
 per shape, a float16 up+down bundle file and a resident file of the shape's attention,
 embeddings and norms, under ``<cache>/bench/opt-<size>-shape`` (the 6.7B files are the ones
 ``paper_table.py`` built), a trace with the paper's statistics (``make_trace``, same process
-and parameters for every shape), and ``paper_table.run_row`` (loader.SparseFFN, O_DIRECT,
+and parameters for every shape), and ``paper_table.run_row`` (ffn.SparseFFN, O_DIRECT,
 QD32, cold page cache per row, threads=1) for the everything-on row (window 5, bundled:
 ``--warmup`` tokens to fill the window, then ``--tokens`` measured) and, unless
 ``--naive-tokens 0``, the naive row (1 warm-up + that many measured tokens).

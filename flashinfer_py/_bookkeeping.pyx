@@ -582,7 +582,7 @@ cdef class CacheDriver:
         return out
 
     def flush(self, tok) -> None:
-        """Add the counters into `tok` (loader.TokenStats) and restart them."""
+        """Add the counters into `tok` (ffn.TokenStats) and restart them."""
         tok.io_ns += self.io_ns
         tok.mm_ns += self.mm_ns
         tok.bytes_read += self.bytes_read

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import kernels
 from .config import ModelArgs, RuntimeConfig
-from .dtypes import RecordLayout, storage_format, to_float32
+from .dtypes import storage_format, to_float32
 
 
 class KVCache:
@@ -408,82 +408,3 @@ class Transformer:
             x = self._linear(x, "project_out")
         logits = kernels.linear(np.ascontiguousarray(x), self.lm_head, fmt=self.lm_head_fmt)
         return _softcap(logits, a.final_logit_softcapping)
-
-
-class FfnOnRows:
-    """The FFN kernel over bundle records of one flash directory: their format and part
-    offsets, and (the codes layout) each layer's resident down scales. Shared by the dense
-    and the sparse FFN providers."""
-
-    def __init__(self, args: ModelArgs, layout: RecordLayout, dense: dict):
-        self.args, self.layout = args, layout
-        self.down_scales = [dense.get(f"layers.{i}.ffn_down_scales") if layout.codes else None
-                            for i in range(args.num_hidden_layers)]
-        if layout.codes and any(s is None for s in self.down_scales):
-            raise ValueError("the bundle's down parts hold codes but dense.safetensors has no "
-                             "layers.N.ffn_down_scales; re-run `flashinfer-py convert`")
-        off = layout.offsets
-        self._offs = (off["up"], off.get("gate", -1), off["down"])
-
-    def __call__(self, layer: int, x: np.ndarray, rows: np.ndarray, up_bias=None,
-                 row_select=None, act_out=None, row_ids=None) -> np.ndarray:
-        """The FFN of inputs x [T, d] over records `rows` (all, or those in row_select) of
-        `layer`; `row_ids` (int32, one per row) name their neurons (default: row i is neuron i)."""
-        a = self.args
-        up, gate, down = self._offs
-        scales = self.down_scales[layer]
-        ids = None if scales is None or row_ids is None else np.ascontiguousarray(row_ids, np.int32)
-        return kernels.ffn_rows(x, rows, a.hidden_size, up_off=up, down_off=down, gate_off=gate,
-                                activation=a.hidden_act, act_param=a.act_param, up_bias=up_bias,
-                                row_select=row_select, act_out=act_out, fmt=self.layout.fmt.name,
-                                down_scales=scales, row_ids=ids)
-
-    def part_f32(self, layer: int, rows: np.ndarray, part: str, ids=None) -> np.ndarray:
-        """float32 [n, d] values of one part of records `rows` of `layer` (neuron `ids`)."""
-        return self.layout.part_f32(rows, part, self.down_scales[layer], ids)
-
-
-class ResidentFFN:
-    """Every neuron resident in DRAM: the dense model. Rows are read once from the bundle file
-    (direct I/O) and kept packed, one aligned matrix per layer: a record's parts rounded up to
-    64 bytes, without its padding to 4 KiB pages (as the neuron cache packs them). For a 4-bit
-    SmolLM2 that is 1024 of 4096 bytes a neuron: a quarter of the DRAM, and the FFN kernel
-    streams its rows back to back instead of skipping 3 KiB after each."""
-
-    def __init__(self, bundle_path: str, args: ModelArgs, dense: dict, runtime: RuntimeConfig):
-        from .bundles import BundleReader, ReaderParams, aligned_empty
-
-        reader = BundleReader(bundle_path, ReaderParams(engine=runtime.io_engine,
-                                                        queue_depth=runtime.queue_depth,
-                                                        use_direct_io=runtime.use_direct_io,
-                                                        read_timeout_ms=runtime.read_timeout_ms))
-        self.kernel = FfnOnRows(args, reader.layout, dense)
-        self.rows_by_layer = []
-        f = args.intermediate_size
-        eb = np.dtype(reader.numpy_dtype).itemsize
-        packed = min(reader.record_elems, -(-reader.layout.payload_bytes // 64) * 64 // eb)
-        # whole records are read into a staging buffer of at most ~64 MiB, then packed
-        chunk = max(1, min(f, (64 << 20) // (reader.record_elems * eb)))
-        staging = aligned_empty((chunk, reader.record_elems), reader.numpy_dtype)
-        for layer in range(args.num_hidden_layers):
-            rows = aligned_empty((f, packed), reader.numpy_dtype)
-            for i in range(0, f, chunk):
-                ids = np.arange(i, min(f, i + chunk), dtype=np.int32)
-                reader.read(layer, ids, staging[:len(ids)])
-                rows[i:i + len(ids)] = staging[:len(ids), :packed]
-            self.rows_by_layer.append(rows)
-        self.io_stats = reader.stats()
-        self.is_direct = reader.is_direct
-        self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
-        self.args = args
-
-    def forward(self, layer: int, x: np.ndarray, act_out=None) -> np.ndarray:
-        return self.kernel(layer, x, self.rows_by_layer[layer], self.bias[layer], act_out=act_out)
-
-    def part_f32(self, layer: int, part: str) -> np.ndarray:
-        """float32 [d_ff, d] values of one part ("up", "gate", "down") of every neuron."""
-        return self.kernel.part_f32(layer, self.rows_by_layer[layer], part)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.rows_by_layer)

@@ -16,7 +16,8 @@ from .config import ModelArgs, RuntimeConfig
 from .errors import FlashFormatError, FlashIOError, UnsupportedModelError
 from .format import check_files, load_dense, read_manifest, resident_formats
 from .generate import StepResult, generate_step
-from .model import KVCache, ResidentFFN, Transformer
+from .ffn import ResidentFFN
+from .model import KVCache, Transformer
 from .sampling import make_sampler
 
 
@@ -99,7 +100,8 @@ class FlashModel:
         self.predictors = None
         self.last_stats: dict = {}
         if self.sparse:
-            from .loader import SparseFFN, prepare_sparse
+            from .ffn import SparseFFN
+            from .loader import prepare_sparse
 
             self.runtime, self.predictors, self.plan = prepare_sparse(
                 self.directory, self.manifest, self.args, self.runtime)

@@ -142,7 +142,7 @@ class SketchStore:
 
 
 def down_norms(kernel, rows_by_layer) -> np.ndarray:
-    """||down_j|| of every neuron: [L, d_ff] float32 (kernel: the model.FfnOnRows that reads
+    """||down_j|| of every neuron: [L, d_ff] float32 (kernel: the ffn.FfnOnRows that reads
     these records; rows_by_layer: every neuron's record, in id order)."""
     return np.stack([np.linalg.norm(kernel.part_f32(i, r, "down"), axis=1)
                      for i, r in enumerate(rows_by_layer)]).astype(np.float32)

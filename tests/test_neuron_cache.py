@@ -13,7 +13,7 @@ from flashinfer_py._bookkeeping import CacheDriver
 from flashinfer_py.bundles import BundleReader, ReaderParams
 from flashinfer_py.cache import NeuronCache
 from flashinfer_py.errors import FlashIOError
-from flashinfer_py.loader import TokenStats
+from flashinfer_py.ffn import TokenStats
 from flashinfer_py.window import FrequencyPolicy, SlidingWindow
 from policy_reference import FrequencyReference, WindowReference
 from test_packer import expected_records, pack_random
