@@ -511,6 +511,14 @@ class RuntimeConfig:
             float rounding (the cached and the arriving rows are summed in two groups).
         ablation: a preset reproducing a row of the paper's Table 2, applied over the fields
             above: "naive", "hybrid", "predictor", "window", "bundling" (= everything on).
+
+    Where the forward pass runs (``flashinfer_py.backends``):
+        backend: "native" (default: numpy and the C++ kernels on the CPU), "torch" (PyTorch
+            on `device`; ``pip install flashinfer_py[torch]``), or "auto" (torch when it is
+            installed and `device` is a GPU, else native).
+        device: the torch device: "cpu" (default), "cuda", "cuda:N" or "mps".
+        compute_dtype: the torch backend's compute dtype: "float32" (default), "float16" or
+            "bfloat16" (weights are dequantized to it; norms, softmax and logits stay float32).
     """
 
     threads: int = 0
@@ -535,8 +543,12 @@ class RuntimeConfig:
     reread_resident: bool = False
     overlap: str = "off"
     ablation: Optional[str] = None
+    backend: str = "native"
+    device: Optional[str] = None
+    compute_dtype: Optional[str] = None
 
     def __post_init__(self):
+        self._check_backend()
         if self.io_engine not in ("auto", "threads", "io_uring"):
             raise ValueError(f"io_engine must be 'auto', 'threads' or 'io_uring', not {self.io_engine!r}")
         if self.queue_depth < 1:
@@ -590,6 +602,26 @@ class RuntimeConfig:
             raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if not 0.0 <= self.oracle_sparsity < 1.0:
             raise ValueError(f"oracle_sparsity must be in [0, 1), got {self.oracle_sparsity}")
+
+    def _check_backend(self) -> None:
+        from .backends import BACKENDS, COMPUTE_DTYPES
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
+                             f"not {self.backend!r}")
+        if self.device is not None and (not isinstance(self.device, str) or not self.device):
+            raise ValueError(f"device must be a device name such as 'cpu', 'cuda', 'cuda:1' "
+                             f"or 'mps', not {self.device!r}")
+        kind = (self.device or "cpu").split(":", 1)[0]
+        if self.backend == "native" and kind != "cpu":
+            raise ValueError(f"device={self.device!r} needs backend='torch' (or 'auto'); the "
+                             "native backend runs on the CPU")
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(map(repr, COMPUTE_DTYPES))}, "
+                             f"not {self.compute_dtype!r}")
+        if self.backend == "native" and self.compute_dtype not in (None, "float32"):
+            raise ValueError(f"compute_dtype={self.compute_dtype!r} needs backend='torch'; the "
+                             "native backend computes in float32")
 
     def resolved(self, args: "ModelArgs", kinds) -> "RuntimeConfig":
         """"auto" selection and eviction made concrete for a model whose `train-predictors`

@@ -100,19 +100,31 @@ class FlashModel:
         self.predictors = None
         self.last_stats: dict = {}
         if self.sparse:
-            from .ffn import SparseFFN
             from .loader import prepare_sparse
 
             self.runtime, self.predictors, self.plan = prepare_sparse(
                 self.directory, self.manifest, self.args, self.runtime)
-            self.ffn = SparseFFN(self.directory, self.manifest, self.args, dense, self.runtime,
-                                 self.predictors, self.plan)
+        # where the forward pass runs (flashinfer_py.backends): "auto" made concrete
+        from .backends import resolve_backend
+
+        self.backend = resolve_backend(self.runtime.backend, self.runtime.device)
+        if self.backend == "torch":
+            from .backends import open_model
+
+            with _manifest_errors(self.directory, "the resident tensors"):
+                self.ffn, self.transformer = open_model(self, dense)
         else:
-            with _manifest_errors(self.directory, "the FFN bundle file"):
-                self.ffn = ResidentFFN(bundle_path, self.args, dense, self.runtime)
-        with _manifest_errors(self.directory, "the resident tensors"):
-            self.transformer = Transformer(self.args, dense, self.resident_formats, self.ffn,
-                                           self.runtime)
+            if self.sparse:
+                from .ffn import SparseFFN
+
+                self.ffn = SparseFFN(self.directory, self.manifest, self.args, dense,
+                                     self.runtime, self.predictors, self.plan)
+            else:
+                with _manifest_errors(self.directory, "the FFN bundle file"):
+                    self.ffn = ResidentFFN(bundle_path, self.args, dense, self.runtime)
+            with _manifest_errors(self.directory, "the resident tensors"):
+                self.transformer = Transformer(self.args, dense, self.resident_formats,
+                                               self.ffn, self.runtime)
         self._tokenizer = None
 
     # ------------------------------------------------------------------ pieces
@@ -125,6 +137,8 @@ class FlashModel:
         return self._tokenizer
 
     def new_cache(self) -> KVCache:
+        if self.backend != "native":  # keys and values on the backend's device
+            return self.transformer.new_cache(self.max_context)
         return KVCache(self.args, self.max_context)
 
     def new_prompt_cache(self) -> PromptCache:
@@ -160,7 +174,8 @@ class FlashModel:
         d = total.as_dict()
         d["total_ns"] = wall
         # what the token did besides waiting for reads, managing the cache and predicting
-        d["compute_ns"] = wall - total.io_wait_ns - total.mm_ns - total.predict_ns
+        d["compute_ns"] = (wall - total.io_wait_ns - total.mm_ns - total.predict_ns
+                           - d.get("transfer_ns", 0))  # a device backend's copies of new rows
         self.last_stats = d
         return outs[-1] if last_only else np.concatenate(outs)
 
@@ -226,13 +241,17 @@ class FlashModel:
         """What this model is and what it keeps in DRAM."""
         a = self.args
         dense = sum(v.nbytes for v in self.transformer.w.values())
+        rt = self.runtime
         return {"directory": str(self.directory), "arch": a.arch, "layers": a.num_hidden_layers,
                 "hidden_size": a.hidden_size, "ffn_neurons": a.intermediate_size,
                 "activation": a.hidden_act, "dtype": self.dtype,
                 "resident_dtypes": sorted(set(self.resident_formats.values())),
                 "resident_bytes": dense,
                 "ffn_bytes_in_dram": self.ffn.nbytes,
-                "record_bytes": self.manifest["bundle"]["record_bytes"], "sparse": self.sparse}
+                "record_bytes": self.manifest["bundle"]["record_bytes"], "sparse": self.sparse,
+                "backend": self.backend,
+                "device": str(self.transformer.device) if self.backend != "native" else "cpu",
+                "compute_dtype": rt.compute_dtype or "float32"}
 
 
 def load(directory, runtime: Optional[RuntimeConfig] = None, verify: bool = False,

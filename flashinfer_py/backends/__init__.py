@@ -1,0 +1,116 @@
+"""Where the forward pass runs: the backend, chosen once at load (``RuntimeConfig.backend``).
+
+=========  ==========================================================================
+native     numpy and the C++ kernels on the CPU, every weight in its storage format
+           (the default; ``flashinfer_py.model``)
+torch      PyTorch on ``cpu``, ``cuda`` or ``mps``: the resident matrices and the FFN
+           rows dequantized to the compute dtype on the device
+           (``backends/torch_model.py``, ``backends/torch_ffn.py``); the native reader and
+           neuron cache still stream the FFN from flash into host memory
+auto       torch when it is importable and a ``cuda``/``mps`` device was asked for,
+           else native
+=========  ==========================================================================
+
+Nothing here imports torch at module level: a numpy-only install never loads it, and
+choosing ``backend="torch"`` without it raises an ImportError naming the extra to install.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+BACKENDS = ("native", "torch", "auto")
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+INSTALL_HINT = ("pip install 'flashinfer_py[torch]' (for CUDA or Apple GPUs, first install "
+                "torch's build for your device from pytorch.org)")
+
+__all__ = ["BACKENDS", "COMPUTE_DTYPES", "available", "import_torch", "open_model",
+           "resolve_backend", "torch_device"]
+
+
+def import_torch():
+    """The torch module, or an ImportError that says how to install it."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"backend='torch' needs PyTorch, which is not installed ({e}); "
+                          f"{INSTALL_HINT}") from None
+    return torch
+
+
+def _device_kind(device: Optional[str]) -> str:
+    return "cpu" if device is None else str(device).split(":", 1)[0]
+
+
+def resolve_backend(backend: str, device: Optional[str]) -> str:
+    """"native" or "torch" for a RuntimeConfig's backend and device ("auto": torch where it
+    is installed and the device is a GPU, native otherwise)."""
+    if backend != "auto":
+        return backend
+    if _device_kind(device) in ("cuda", "mps"):
+        try:
+            import_torch()
+            return "torch"
+        except ImportError:
+            pass
+    return "native"
+
+
+def torch_device(device: Optional[str]):
+    """A torch.device for `device` (None: cpu), or a ValueError when it does not exist here."""
+    torch = import_torch()
+    kind = _device_kind(device)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch {torch.__version__} sees no CUDA device "
+                         "(a CPU-only build of torch, or no GPU/driver); use device='cpu' or "
+                         "install torch's CUDA build from pytorch.org")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None)
+                              and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: torch {torch.__version__} sees no Apple GPU "
+                         "(MPS needs macOS on Apple Silicon); use device='cpu'")
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e}); use 'cpu', 'cuda', "
+                         "'cuda:N' or 'mps'") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def available(probe: bool = False) -> dict:
+    """What this install can run, for `info`: the backends, torch's version (from its package
+    metadata: torch is not imported) and, with `probe`, the devices torch sees (imports it)."""
+    from importlib import metadata
+
+    out: dict = {"native": True, "torch": None}
+    try:
+        out["torch"] = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return out
+    if probe:
+        import torch
+
+        out["cuda"] = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                       if torch.cuda.is_available() else [])
+        out["mps"] = bool(getattr(torch.backends, "mps", None)
+                          and torch.backends.mps.is_available())
+    return out
+
+
+def open_model(model, dense: dict):
+    """(ffn, transformer) of a FlashModel on the torch backend: the model's args, runtime,
+    manifest, directory, predictors and plan are set; `dense` holds the resident tensors."""
+    import_torch()  # the install hint, before the modules below import it
+    from .torch_ffn import TorchResidentFFN
+    from .torch_model import TorchTransformer
+
+    rt = model.runtime
+    dev = torch_device(rt.device)
+    dtype = rt.compute_dtype or "float32"
+    if model.sparse:
+        raise ValueError("sparse mode on the torch backend is not written yet")
+    bundle_path = str(model.directory / model.manifest["files"]["bundles"])
+    ffn = TorchResidentFFN(bundle_path, model.args, dense, rt, device=dev, dtype=dtype)
+    tr = TorchTransformer(model.args, dense, model.resident_formats, ffn, rt, device=dev,
+                          dtype=dtype)
+    return ffn, tr
