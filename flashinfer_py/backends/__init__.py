@@ -101,16 +101,18 @@ def open_model(model, dense: dict):
     """(ffn, transformer) of a FlashModel on the torch backend: the model's args, runtime,
     manifest, directory, predictors and plan are set; `dense` holds the resident tensors."""
     import_torch()  # the install hint, before the modules below import it
-    from .torch_ffn import TorchResidentFFN
+    from .torch_ffn import TorchResidentFFN, TorchSparseFFN
     from .torch_model import TorchTransformer
 
     rt = model.runtime
     dev = torch_device(rt.device)
     dtype = rt.compute_dtype or "float32"
     if model.sparse:
-        raise ValueError("sparse mode on the torch backend is not written yet")
-    bundle_path = str(model.directory / model.manifest["files"]["bundles"])
-    ffn = TorchResidentFFN(bundle_path, model.args, dense, rt, device=dev, dtype=dtype)
+        ffn = TorchSparseFFN(model.directory, model.manifest, model.args, dense, rt,
+                             model.predictors, model.plan, device=dev, dtype=dtype)
+    else:
+        bundle_path = str(model.directory / model.manifest["files"]["bundles"])
+        ffn = TorchResidentFFN(bundle_path, model.args, dense, rt, device=dev, dtype=dtype)
     tr = TorchTransformer(model.args, dense, model.resident_formats, ffn, rt, device=dev,
                           dtype=dtype)
     return ffn, tr
