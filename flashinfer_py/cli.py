@@ -38,6 +38,16 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "60000; 0 waits forever). The threads engine cannot interrupt a read")
     g.add_argument("--max-context", type=int, default=2048,
                    help="prompt + generated tokens the KV cache is sized for (default: 2048)")
+    b = p.add_argument_group("backend (where the forward pass runs)")
+    b.add_argument("--backend", choices=["native", "torch", "auto"], default="native",
+                   help="native (default: numpy and the C++ kernels on the CPU), torch "
+                        "(PyTorch on --device; pip install 'flashinfer_py[torch]'), auto (torch "
+                        "when installed and --device is a GPU)")
+    b.add_argument("--device", default=None,
+                   help="torch device: cpu (default), cuda, cuda:N or mps")
+    b.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="torch backend: the dtype weights are dequantized to and computed in "
+                        "(default float32)")
     s = p.add_argument_group("sparse inference from flash (the paper's method)")
     s.add_argument("--dram-budget", default=None, metavar="SIZE",
                    help="memory the model may use, e.g. 4GB or 300MB; implies --sparse. The "
@@ -114,7 +124,8 @@ def _runtime(ns):
                          eviction=ns.eviction, read_limit=ns.read_limit,
                          per_layer_cache=not ns.uniform_cache,
                          predictor_threshold=ns.threshold, compute=ns.compute,
-                         reuse=not ns.no_reuse, bundled=not ns.unbundled, overlap=ns.overlap)
+                         reuse=not ns.no_reuse, bundled=not ns.unbundled, overlap=ns.overlap,
+                         backend=ns.backend, device=ns.device, compute_dtype=ns.compute_dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -583,8 +594,10 @@ def _stats_line(n: int, step) -> str:
 
 def cmd_info(ns) -> int:
     from . import build_info
+    from .backends import available
 
-    out: dict = {"build": build_info()}
+    probe = getattr(ns, "backend", "native") != "native" or getattr(ns, "device", None)
+    out: dict = {"build": build_info(), "backends": available(probe=bool(probe))}
     if ns.dir:
         from .format import check_files, read_manifest
 
@@ -610,6 +623,8 @@ def cmd_info(ns) -> int:
         out["files"] = {n: v["bytes"] for n, v in m["checksums"].items()}
         out["verified"] = bool(ns.verify)
         rt = _runtime(ns)
+        out["runtime"] = {"backend": rt.backend, "device": rt.device or "cpu",
+                          "compute_dtype": rt.compute_dtype or "float32"}
         if rt.sparse:
             from .loader import prepare_sparse
 

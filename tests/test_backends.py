@@ -12,6 +12,7 @@ Tolerances (logits, torch on `device` in float32 against native):
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -302,6 +303,27 @@ def test_info_records_backend_and_device(tiny_flash):
     assert (info["backend"], info["device"], info["compute_dtype"]) == ("torch", "cpu", "float32")
     assert info["resident_bytes"] > 0 and info["ffn_bytes_in_dram"] > 0
     assert fi.load(d).info()["backend"] == "native"
+
+
+def test_cli_backend_flags(tiny_flash, capsys):
+    from flashinfer_py.cli import main
+
+    d = tiny_flash("llama-relu")
+    assert main(["generate", str(d), "--prompt", "w5 w6", "-n", "4", "--backend", "torch",
+                 "--device", "cpu", "--sparse", "--selection", "oracle", "--stats",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("w5 w6")
+    rows = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any("transfer_bytes" in r for r in rows)
+    assert main(["generate", str(d), "--prompt", "w5 w6", "-n", "4"]) == 0
+    assert capsys.readouterr().out == out  # greedy, the true active set: the native text
+    assert main(["info", str(d), "--backend", "torch", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["runtime"] == {"backend": "torch", "device": "cpu", "compute_dtype": "float32"}
+    assert info["backends"]["torch"] and "cuda" in info["backends"]
+    assert main(["generate", str(d), "--device", "cuda", "-n", "1"]) == 1  # native: no device
+    assert "needs backend='torch'" in capsys.readouterr().err
 
 
 # ---- the real model -------------------------------------------------------------------------
