@@ -194,7 +194,7 @@ class TorchTransformer:
         a = self.args
         x = self.w["tok_embeddings"][tokens]
         if a.embed_scale != 1.0:
-            x = (x.float() * np.float32(a.embed_scale)).to(self.dtype)
+            x = (x.float() * float(np.float32(a.embed_scale))).to(self.dtype)
         if a.projects_embeddings:  # OPT-350m: embeddings are narrower than the model
             x = self._linear(x, "project_in")
         if not a.uses_rope:
