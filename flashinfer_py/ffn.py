@@ -367,7 +367,6 @@ class SparseFFN:
     def _land(self, layer: int, rest: bool, apply) -> None:
         """Wait for this layer's reads, let `apply` put them in the cache, free the slots."""
         st = self.tok
-        c0 = self.cache._c.stats()["from_source"]
         mine = self._ahead.get(layer, (None,))[0]
         try:
             t0 = time.perf_counter_ns()
@@ -379,7 +378,6 @@ class SparseFFN:
                 self._finish_ahead(mine)
             apply()
         finally:
-            st.ahead_used += self.cache._c.stats()["from_source"] - c0
             self.ahead.release(REST_SLOT)
             if mine is not None:
                 self.ahead.release(mine)
