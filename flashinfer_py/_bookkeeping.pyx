@@ -101,6 +101,7 @@ cdef extern from "neuron_cache.h" namespace "flashinfer" nogil:
         uint64_t evicted
         uint64_t moved_bytes
         uint64_t compaction_ns
+        uint64_t from_source
         ReadStats reads
 
     cdef cppclass NeuronCache:
@@ -427,7 +428,7 @@ cdef class CacheDriver:
     Counters (since the last `flush`): io_ns (checking, reading and landing the records),
     mm_ns (the policy and the rows the cache moves; in `swap`, the whole eviction),
     bytes_read, reads, loaded, evicted, needed, hits, cached (rows held after each call,
-    summed), direct, per_layer_loaded.
+    summed), from_source (rows copied from records read ahead), direct, per_layer_loaded.
     """
     cdef NeuronCache* _c
     cdef object _owner
@@ -437,6 +438,7 @@ cdef class CacheDriver:
     cdef vector[int32_t] _ids
     cdef vector[int64_t] _enter, _leave
     cdef readonly uint64_t io_ns, mm_ns, bytes_read, reads, loaded, evicted, needed, hits, cached
+    cdef readonly uint64_t from_source
     cdef readonly cbool direct
     cdef list _per_layer
     cdef int _plan_layer
@@ -462,6 +464,7 @@ cdef class CacheDriver:
     cdef void _clear(self):
         self.io_ns = self.mm_ns = self.bytes_read = self.reads = 0
         self.loaded = self.evicted = self.needed = self.hits = self.cached = 0
+        self.from_source = 0
         self.direct = True
         self._per_layer = []
 
@@ -477,6 +480,7 @@ cdef class CacheDriver:
         if after.reads.reads_issued != before.reads.reads_issued:
             self.direct = self.direct and after.reads.direct
         self.loaded += n_in
+        self.from_source += after.from_source - before.from_source
         self.evicted += after.evicted - before.evicted
         self.needed += needed
         self.hits += hits
@@ -592,6 +596,7 @@ cdef class CacheDriver:
         tok.needed += self.needed
         tok.hits += self.hits
         tok.cached += self.cached
+        tok.ahead_used += self.from_source
         tok.direct = tok.direct and self.direct
         tok.per_layer_loaded.extend(self._per_layer)
         self._clear()

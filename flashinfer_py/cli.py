@@ -6,7 +6,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 EPILOG = """examples:
@@ -25,71 +24,80 @@ EPILOG = """examples:
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The RuntimeConfig flags. Each sets the field it is named after (dest): defaults and
+    choices come from the dataclass, so the CLI never restates them (`_runtime` builds the
+    config from the fields it finds)."""
+    from .backends import BACKENDS, COMPUTE_DTYPES
+    from .config import EVICTIONS, OVERLAPS, SELECTIONS, RuntimeConfig
+
+    d = RuntimeConfig()
+
+    def flag(group, name, field, help, **kw):
+        if kw.get("action") in ("store_true", "store_false"):
+            kw["default"] = getattr(d, field)
+        else:
+            kw.setdefault("default", getattr(d, field))
+            if kw["default"] is not None:
+                help += " (default: %(default)s)"
+        group.add_argument(name, dest=field, help=help, **kw)
+
     g = p.add_argument_group("runtime")
-    g.add_argument("--threads", type=int, default=0, help="compute threads (default: all cores)")
-    g.add_argument("--no-direct-io", action="store_true",
-                   help="read through the page cache instead of O_DIRECT / F_NOCACHE")
-    g.add_argument("--io-engine", choices=["auto", "threads", "io_uring"], default="auto",
-                   help="read engine (default: io_uring when available, else a thread pool)")
-    g.add_argument("--queue-depth", type=int, default=32, help="reads in flight (default: 32)")
-    g.add_argument("--read-timeout-ms", type=int, default=60000, metavar="MS",
-                   help="io_uring engine: a read that makes no progress for this long fails "
-                        "with a FlashIOError instead of hanging on a failing disk (default "
-                        "60000; 0 waits forever). The threads engine cannot interrupt a read")
-    g.add_argument("--max-context", type=int, default=2048,
-                   help="prompt + generated tokens the KV cache is sized for (default: 2048)")
+    flag(g, "--threads", "threads", "compute threads; 0 = every core", type=int,
+         metavar="N")
+    flag(g, "--no-direct-io", "use_direct_io",
+         "read through the page cache instead of O_DIRECT / F_NOCACHE", action="store_false")
+    flag(g, "--io-engine", "io_engine", "read engine: auto = io_uring when available, else a "
+         "thread pool", choices=["auto", "threads", "io_uring"])
+    flag(g, "--queue-depth", "queue_depth", "reads in flight", type=int, metavar="N")
+    flag(g, "--read-timeout-ms", "read_timeout_ms", "io_uring engine: a read that makes no "
+         "progress for this long fails with a FlashIOError instead of hanging on a failing "
+         "disk; 0 waits forever. The threads engine cannot interrupt a read", type=int,
+         metavar="MS")
+    flag(g, "--max-context", "max_context", "prompt + generated tokens the KV cache is sized "
+         "for", type=int, metavar="TOKENS")
     b = p.add_argument_group("backend (where the forward pass runs)")
-    b.add_argument("--backend", choices=["native", "torch", "auto"], default="native",
-                   help="native (default: numpy and the C++ kernels on the CPU), torch "
-                        "(PyTorch on --device; pip install 'flashinfer_py[torch]'), auto (torch "
-                        "when installed and --device is a GPU)")
-    b.add_argument("--device", default=None,
-                   help="torch device: cpu (default), cuda, cuda:N or mps")
-    b.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="torch backend: the dtype weights are dequantized to and computed in "
-                        "(default float32)")
+    flag(b, "--backend", "backend", "native: numpy and the C++ kernels on the CPU; torch: "
+         "PyTorch on --device (pip install 'flashinfer_py[torch]'); auto: torch when installed "
+         "and --device is a GPU", choices=BACKENDS)
+    flag(b, "--device", "device", "torch device: cpu, cuda, cuda:N or mps (default: cpu)")
+    flag(b, "--compute-dtype", "compute_dtype", "torch backend: the dtype weights are "
+         "dequantized to and computed in (default: float32)", choices=COMPUTE_DTYPES)
     s = p.add_argument_group("sparse inference from flash (the paper's method)")
-    s.add_argument("--dram-budget", default=None, metavar="SIZE",
-                   help="memory the model may use, e.g. 4GB or 300MB; implies --sparse. The "
-                        "FFN is streamed from flash through a neuron cache sized to fit")
-    s.add_argument("--sparse", action="store_true",
-                   help="stream the FFN from flash even without a budget")
-    s.add_argument("--selection", choices=["auto", "sketch", "predictor", "oracle", "all"],
-                   default="auto",
-                   help="how the neurons a token needs are found: auto (default: sketch for "
-                        "SwiGLU/GeGLU models, predictor for ReLU ones), sketch (a 4-bit copy of "
-                        "the uncached neurons' gate/up rows estimates their activations), "
-                        "predictor (the paper's low-rank predictors), oracle (the true "
-                        "activations; measurement only: keeps the FFN in DRAM), all (hybrid)")
-    s.add_argument("--eviction", choices=["auto", "rank", "window", "frequency"], default="auto",
-                   help="when cached neurons leave DRAM: auto (default: rank with the sketch, "
-                        "else window); rank: the cache stays full and the neurons that matter "
-                        "least to the current token make room for better ones; window: when no "
-                        "token of the last --window used them (the paper); frequency: only when "
-                        "the cache is full, least used first")
-    s.add_argument("--read-limit", type=float, default=0.1, metavar="FRACTION",
-                   help="eviction rank: read at most this fraction of each layer's neurons per "
-                        "token (default 0.1; more reads cost time, fewer cost quality)")
-    s.add_argument("--uniform-cache", action="store_true",
-                   help="eviction rank: the same cache size in every layer instead of sizes "
-                        "from the calibration")
-    s.add_argument("--window", type=int, default=4,
-                   help="eviction window: tokens whose neurons stay cached (k; default 4)")
-    s.add_argument("--threshold", type=float, default=0.5,
-                   help="predictor probability above which a neuron is loaded (default 0.5)")
-    s.add_argument("--compute", choices=["predicted", "cached"], default="cached",
-                   help="compute each token with every cached neuron (the window's union; "
-                        "default) or only with its own predicted neurons")
-    s.add_argument("--overlap", choices=["off", "layer", "ahead"], default="off",
-                   help="read while computing: off (read, then compute; default), layer (a "
-                        "layer's reads run while its FFN computes on the rows already "
-                        "cached), ahead (also start them before its attention, from a guess "
-                        "on the attention's input; the selection is unchanged, so a wrong "
-                        "guess costs reads, not quality)")
-    s.add_argument("--no-reuse", action="store_true",
-                   help="reload every needed neuron each token (ablation: no window)")
-    s.add_argument("--unbundled", action="store_true",
-                   help="read up/gate/down as separate requests (ablation: no bundling)")
+    flag(s, "--dram-budget", "dram_budget", "memory the model may use, e.g. 4GB or 300MB; "
+         "implies --sparse. The FFN is streamed from flash through a neuron cache sized to fit "
+         "(default: none, every weight in DRAM)", metavar="SIZE")
+    flag(s, "--sparse", "sparse", "stream the FFN from flash even without a budget",
+         action="store_true")
+    flag(s, "--selection", "selection", "how the neurons a token needs are found: auto (sketch "
+         "for SwiGLU/GeGLU models, predictor for ReLU ones), sketch (a 4-bit copy of the "
+         "uncached neurons' gate/up rows estimates their activations), predictor (the paper's "
+         "low-rank predictors), oracle (the true activations; measurement only: keeps the FFN "
+         "in DRAM), all (hybrid)", choices=SELECTIONS)
+    flag(s, "--eviction", "eviction", "when cached neurons leave DRAM: auto (rank with the "
+         "sketch, else window); rank: the cache stays full and the neurons that matter least "
+         "to the current token make room for better ones; window: when no token of the last "
+         "--window used them (the paper); frequency: only when the cache is full, least used "
+         "first", choices=EVICTIONS)
+    flag(s, "--read-limit", "read_limit", "eviction rank: read at most this fraction of each "
+         "layer's neurons per token (more reads cost time, fewer cost quality)", type=float,
+         metavar="FRACTION")
+    flag(s, "--uniform-cache", "per_layer_cache", "eviction rank: the same cache size in every "
+         "layer instead of sizes from the calibration", action="store_false")
+    flag(s, "--window", "window", "eviction window: tokens whose neurons stay cached",
+         type=int, metavar="K")
+    flag(s, "--threshold", "predictor_threshold", "predictor probability above which a neuron "
+         "is loaded", type=float, metavar="P")
+    flag(s, "--compute", "compute", "compute each token with every cached neuron (cached: the "
+         "window's union) or only with its own predicted neurons", choices=["predicted", "cached"])
+    flag(s, "--overlap", "overlap", "read while computing: off (read, then compute), layer (a "
+         "layer's reads run while its FFN computes on the rows already cached), ahead (also "
+         "start the next layer's likely reads early, from a guess on this layer's input; the "
+         "selection is unchanged, so a wrong guess costs reads, not quality)",
+         choices=OVERLAPS)
+    flag(s, "--no-reuse", "reuse", "reload every needed neuron each token (ablation: no "
+         "window)", action="store_false")
+    flag(s, "--unbundled", "bundled", "read up/gate/down as separate requests (ablation: no "
+         "bundling)", action="store_false")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, tokens_help: str, default_tokens) -> None:
@@ -114,18 +122,13 @@ def _add_chat_args(p: argparse.ArgumentParser) -> None:
 
 
 def _runtime(ns):
+    """The RuntimeConfig of the parsed flags: every field a flag set (see _add_runtime_args)."""
+    import dataclasses
+
     from .config import RuntimeConfig
 
-    return RuntimeConfig(threads=ns.threads, use_direct_io=not ns.no_direct_io,
-                         io_engine=ns.io_engine, queue_depth=ns.queue_depth,
-                         read_timeout_ms=ns.read_timeout_ms, max_context=ns.max_context,
-                         sparse=ns.sparse,
-                         dram_budget=ns.dram_budget, selection=ns.selection, window=ns.window,
-                         eviction=ns.eviction, read_limit=ns.read_limit,
-                         per_layer_cache=not ns.uniform_cache,
-                         predictor_threshold=ns.threshold, compute=ns.compute,
-                         reuse=not ns.no_reuse, bundled=not ns.unbundled, overlap=ns.overlap,
-                         backend=ns.backend, device=ns.device, compute_dtype=ns.compute_dtype)
+    return RuntimeConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(RuntimeConfig)
+                            if hasattr(ns, f.name)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -626,15 +629,11 @@ def cmd_info(ns) -> int:
         out["runtime"] = {"backend": rt.backend, "device": rt.device or "cpu",
                           "compute_dtype": rt.compute_dtype or "float32"}
         if rt.sparse:
-            from .loader import prepare_sparse
+            from .loader import plan_directory
 
-            rt, _, plan = prepare_sparse(Path(ns.dir), m, args, rt)
-            out["memory_plan"] = {"budget": plan.budget, "selection": rt.selection,
-                                  "eviction": rt.eviction, "resident": plan.resident,
-                                  "predictors": plan.predictors, "sketch": plan.sketch_bytes,
-                                  "kv_cache": plan.kv_cache, "overhead": plan.overhead,
-                                  "cache_neurons_per_layer": plan.cache_capacity,
-                                  "cache_bytes": plan.cache_bytes, "total": plan.total}
+            rt, plan = plan_directory(ns.dir, rt)
+            out["memory_plan"] = {"selection": rt.selection, "eviction": rt.eviction,
+                                  **plan.as_dict()}
             if not ns.json:
                 print(f"memory plan (selection {rt.selection}, eviction {rt.eviction}):\n"
                       + plan.describe(per_layer=True))

@@ -641,7 +641,15 @@ class RuntimeConfig:
         return self.threads or (os.cpu_count() or 1)
 
     def replace(self, **kw: Any) -> "RuntimeConfig":
-        return dataclasses.replace(self, **kw)
+        """A copy with the fields in `kw` changed. The `ablation` preset was applied once, when
+        this config was made: a copy keeps its name but not its settings over `kw` (so
+        ``RuntimeConfig(ablation="window").replace(bundled=True).bundled`` is True); pass
+        ``ablation=`` to apply a preset again."""
+        if "ablation" in kw or self.ablation is None:
+            return dataclasses.replace(self, **kw)
+        out = dataclasses.replace(self, ablation=None, **kw)
+        out.ablation = self.ablation  # the name, for reports; its settings are in the fields
+        return out
 
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,

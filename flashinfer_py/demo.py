@@ -54,13 +54,13 @@ def run(prompt: str, max_tokens: int, budget_fraction: float = 0.95,
         del model
 
     from .config import RuntimeConfig
-    from .loader import prepare_sparse
+    from .loader import plan_directory
 
     # Budget: 95% of the model's size on flash, for the whole process (weights, sketch, KV
     # cache, interpreter). What is left after the resident part goes to the FFN's two tiers.
     budget = int(budget_fraction * model_bytes)
     rt = RuntimeConfig(dram_budget=budget, max_context=128)
-    rt, _, plan = prepare_sparse(directory, dense_manifest, dense_args, rt)
+    rt, plan = plan_directory(directory, rt)
     ffn = plan.ffn_dram_bytes  # the FFN as the cache holds it
     ffn_flash = dense_args.num_hidden_layers * dense_args.intermediate_size * plan.record_bytes
     _say(f"sparse under a DRAM budget of {format_bytes(budget)} for the whole process "

@@ -30,7 +30,7 @@ from . import kernels
 from ._bookkeeping import CacheDriver
 from .config import ModelArgs, RuntimeConfig
 from .dtypes import RecordLayout
-from .loader import MemoryPlan, plan_memory
+from .loader import READ_AHEAD_SLOTS, MemoryPlan, plan_memory, read_ahead_records
 from .window import FrequencyPolicy, SlidingWindow, rank_swaps
 
 class FfnOnRows:
@@ -38,8 +38,8 @@ class FfnOnRows:
     offsets, and (the codes layout) each layer's resident down scales. Shared by the dense
     and the sparse FFN providers."""
 
-    def __init__(self, args: ModelArgs, layout: RecordLayout, dense: dict):
-        self.args, self.layout = args, layout
+    def __init__(self, args: ModelArgs, layout: RecordLayout, dense: dict, threads: int = 0):
+        self.args, self.layout, self.threads = args, layout, threads  # 0: every core
         self.down_scales = [dense.get(f"layers.{i}.ffn_down_scales") if layout.codes else None
                             for i in range(args.num_hidden_layers)]
         if layout.codes and any(s is None for s in self.down_scales):
@@ -59,7 +59,7 @@ class FfnOnRows:
         return kernels.ffn_rows(x, rows, a.hidden_size, up_off=up, down_off=down, gate_off=gate,
                                 activation=a.hidden_act, act_param=a.act_param, up_bias=up_bias,
                                 row_select=row_select, act_out=act_out, fmt=self.layout.fmt.name,
-                                down_scales=scales, row_ids=ids)
+                                down_scales=scales, row_ids=ids, threads=self.threads)
 
     def part_f32(self, layer: int, rows: np.ndarray, part: str, ids=None) -> np.ndarray:
         """float32 [n, d] values of one part of records `rows` of `layer` (neuron `ids`)."""
@@ -80,7 +80,7 @@ class ResidentFFN:
                                                         queue_depth=runtime.queue_depth,
                                                         use_direct_io=runtime.use_direct_io,
                                                         read_timeout_ms=runtime.read_timeout_ms))
-        self.kernel = FfnOnRows(args, reader.layout, dense)
+        self.kernel = FfnOnRows(args, reader.layout, dense, runtime.threads)
         self.rows_by_layer = []
         f = args.intermediate_size
         eb = np.dtype(reader.numpy_dtype).itemsize
@@ -174,7 +174,7 @@ class SparseFFN:
         self.reader = BundleReader(str(path), ReaderParams(
             engine=runtime.io_engine, queue_depth=runtime.queue_depth,
             use_direct_io=runtime.use_direct_io, read_timeout_ms=runtime.read_timeout_ms))
-        self.kernel = FfnOnRows(args, self.reader.layout, dense)
+        self.kernel = FfnOnRows(args, self.reader.layout, dense, runtime.threads)
         self.plan = plan or plan_memory(args, manifest, runtime)
         self.rank = runtime.eviction == "rank"
         # What stays cached: the window policies answer update(layer, ids, capacity) ->
@@ -211,12 +211,11 @@ class SparseFFN:
                                  "without them have nothing to overlap with")
             from .bundles import ReadAhead
 
-            n = max(1, min(args.intermediate_size,
-                           int(np.ceil(runtime.read_limit * args.intermediate_size))
-                           * runtime.prefill_chunk))
             # slots 0 and 1: guesses for even and odd layers; REST_SLOT: what a layer's own
-            # selection lacks
-            self.ahead = ReadAhead(path, self.reader.params, max_records=n, n_slots=3)
+            # selection lacks (counted in the memory plan's overhead)
+            self.ahead = ReadAhead(path, self.reader.params,
+                                   max_records=read_ahead_records(args, runtime),
+                                   n_slots=READ_AHEAD_SLOTS)
             self.cache.set_source(self.ahead)
             self._ahead: dict = {}  # layer -> (slot, ids) of the guesses in flight
             self._is_ahead = np.zeros((2, args.intermediate_size), bool)
@@ -261,7 +260,7 @@ class SparseFFN:
             path = directory / meta["file"]
             check_sketch(path, a, meta)
             self.sketch = SketchStore(path, a, [self.cache.ids(i) for i in range(L)],
-                                      cal.down_norm, self.kernel.layout)
+                                      cal.down_norm, self.kernel.layout, self.runtime.threads)
 
     # ------------------------------------------------------------------ selection
     def _select(self, layer: int, x: np.ndarray) -> np.ndarray:
@@ -368,7 +367,6 @@ class SparseFFN:
     def _land(self, layer: int, rest: bool, apply) -> None:
         """Wait for this layer's reads, let `apply` put them in the cache, free the slots."""
         st = self.tok
-        c0 = self.cache._c.stats()["from_source"]
         mine = self._ahead.get(layer, (None,))[0]
         try:
             t0 = time.perf_counter_ns()
@@ -380,7 +378,6 @@ class SparseFFN:
                 self._finish_ahead(mine)
             apply()
         finally:
-            st.ahead_used += self.cache._c.stats()["from_source"] - c0
             self.ahead.release(REST_SLOT)
             if mine is not None:
                 self.ahead.release(mine)

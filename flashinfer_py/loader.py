@@ -22,6 +22,16 @@ RUNTIME_OVERHEAD_BYTES = 84 << 20
 STAGING_RECORDS = 256  # NeuronCache::kStagingRecords
 
 
+READ_AHEAD_SLOTS = 3  # RuntimeConfig.overlap: two guessed layers in flight and the rest
+
+
+def read_ahead_records(args: ModelArgs, runtime: RuntimeConfig) -> int:
+    """Records per read-ahead slot: one token's reads at most (read_limit of a layer); a
+    prompt chunk's excess is read by the cache itself, after the slots."""
+    f = args.intermediate_size
+    return max(1, min(f, int(np.ceil(runtime.read_limit * f))))
+
+
 @dataclass
 class MemoryPlan:
     """Where the DRAM budget goes."""
@@ -60,6 +70,13 @@ class MemoryPlan:
     def total(self) -> int:
         return (self.resident + self.predictors + self.kv_cache + self.overhead + self.cache_bytes
                 + self.sketch_bytes)
+
+    def as_dict(self) -> dict:
+        """The plan's figures in bytes (what `info --dram-budget --json` prints)."""
+        return {"budget": self.budget, "resident": self.resident, "predictors": self.predictors,
+                "sketch": self.sketch_bytes, "kv_cache": self.kv_cache,
+                "overhead": self.overhead, "cache_neurons_per_layer": self.cache_capacity,
+                "cache_bytes": self.cache_bytes, "total": self.total}
 
     def cache_line(self) -> str:
         caps = self.cache_capacity
@@ -190,6 +207,8 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
         overhead += runtime.prefill_chunk * f * 4
     if runtime.reuse and row < rec:  # the packed cache's staging buffer
         overhead += STAGING_RECORDS * rec
+    if runtime.overlap != "off" and runtime.reuse:  # the read-ahead worker's slots and maps
+        overhead += READ_AHEAD_SLOTS * (read_ahead_records(args, runtime) * rec + f * 4)
     fixed = resident_bytes + predictor_bytes + kv + overhead
     if not runtime.reuse:  # nothing is kept across tokens: one layer's rows at a time
         if runtime.dram_budget is not None and fixed + f * rec > runtime.dram_budget:
@@ -226,6 +245,17 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
     return MemoryPlan(runtime.dram_budget, resident_bytes, predictor_bytes, kv,
                       overhead, [int(c) for c in caps], rec, f, row_bytes=row,
                       sketch_record_bytes=sk, sketch_fixed=sk_fixed)
+
+
+def plan_directory(directory, runtime: RuntimeConfig) -> tuple[RuntimeConfig, MemoryPlan]:
+    """The memory plan of a flash directory under `runtime`, from its manifest (what
+    `flashinfer-py info --dram-budget` and the demo print): (runtime resolved, plan)."""
+    from .format import read_manifest
+
+    manifest = read_manifest(Path(directory))
+    rt, _, plan = prepare_sparse(Path(directory), manifest, ModelArgs.from_dict(manifest["model"]),
+                                 runtime)
+    return rt, plan
 
 
 def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: RuntimeConfig):

@@ -166,6 +166,7 @@ class Transformer:
     def __init__(self, args: ModelArgs, dense: dict, formats: dict, ffn, runtime: RuntimeConfig):
         """`formats`: the storage format of each resident matrix (format.resident_formats)."""
         self.args, self.w, self.ffn, self.runtime = args, dense, ffn, runtime
+        self.threads = runtime.threads  # the kernels' compute threads (0: every core)
         self.formats = {n: storage_format(f).name for n, f in formats.items()}
         self.rope = _Rope(args) if args.uses_rope else None
         head = "tok_embeddings" if args.tie_word_embeddings else "lm_head"
@@ -239,7 +240,7 @@ class Transformer:
     def _linear(self, x: np.ndarray, name: str, bias: Optional[str] = None) -> np.ndarray:
         b = self.w[bias] if bias is not None else None
         return kernels.linear(np.ascontiguousarray(x), self.w[name], bias=b,
-                              fmt=self.formats[name])
+                              fmt=self.formats[name], threads=self.threads)
 
     def _rows(self, name: str, idx: np.ndarray, width: int) -> np.ndarray:
         """Rows `idx` (of `width` values) of an embedding matrix as float32."""
@@ -265,7 +266,8 @@ class Transformer:
         fused = self.qkv[layer]
         if fused is not None:
             w, fmt, b = fused
-            qkv = kernels.linear(np.ascontiguousarray(x), w, bias=b, fmt=fmt)
+            qkv = kernels.linear(np.ascontiguousarray(x), w, bias=b, fmt=fmt,
+                                 threads=self.threads)
             if t == 1:
                 return self._attention1(layer, qkv[0], cache)
             qd, kd = a.q_dim, a.kv_dim
@@ -305,7 +307,8 @@ class Transformer:
         first = max(0, pos - window + 1) if window else 0
         out = kernels.attend1(q, cache.k[layer], cache.v[layer], first, pos + 1, self.scale,
                               softcap)
-        return kernels.linear(out.reshape(1, qd), wo[0], bias=wo[2], fmt=wo[1])
+        return kernels.linear(out.reshape(1, qd), wo[0], bias=wo[2], fmt=wo[1],
+                              threads=self.threads)
 
     def _attend(self, layer: int, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
                 pos0: int) -> np.ndarray:
@@ -406,5 +409,6 @@ class Transformer:
             x = self._norm(x, "norm")
         if a.projects_embeddings:
             x = self._linear(x, "project_out")
-        logits = kernels.linear(np.ascontiguousarray(x), self.lm_head, fmt=self.lm_head_fmt)
+        logits = kernels.linear(np.ascontiguousarray(x), self.lm_head, fmt=self.lm_head_fmt,
+                                threads=self.threads)
         return _softcap(logits, a.final_logit_softcapping)

@@ -93,8 +93,9 @@ class SketchStore:
     """
 
     def __init__(self, path: Path, args: ModelArgs, cached_ids: list, down_norm: np.ndarray,
-                 layout: RecordLayout):
+                 layout: RecordLayout, threads: int = 0):
         self.args, self.f, self.layout = args, args.intermediate_size, layout
+        self.threads = threads  # compute threads of the scoring kernel (0: every core)
         self.rec = sketch_record_bytes(args)
         self.down_norm = np.ascontiguousarray(down_norm, np.float32)  # [L, d_ff]
         self.data, self.slot_id, self.id_slot, self.scale = [], [], [], []
@@ -114,7 +115,7 @@ class SketchStore:
         in the store for `layer`."""
         a = self.args
         s = kernels.q4_scores(x, self.data[layer], a.hidden_size, a.gated, a.hidden_act,
-                              a.act_param, scale=self.scale[layer])
+                              a.act_param, scale=self.scale[layer], threads=self.threads)
         return self.slot_id[layer], s
 
     def swap(self, layer: int, entering: np.ndarray, leaving: np.ndarray, rows: np.ndarray,

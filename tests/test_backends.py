@@ -151,8 +151,8 @@ SPARSE_MODES = {
 
 def sparse_runtime(d, mode: str, **extra) -> fi.RuntimeConfig:
     kw = {"selection": "oracle", **SPARSE_MODES[mode], **extra}
-    if kw.get("dram_budget") == "tight":
-        kw["dram_budget"] = tight_budget(d)
+    if kw.get("dram_budget") == "tight":  # (the read-ahead slots are in the plan)
+        kw["dram_budget"] = tight_budget(d, overlap=kw.get("overlap", "off"))
     return fi.RuntimeConfig(sparse=True, **kw)
 
 

@@ -35,7 +35,7 @@ def _runtime(flash_dir, mode):
         # the window's union never fits,
         # so the oldest tokens are dropped early.
         m = fi.load(flash_dir)
-        plan_kw = dict(sparse=True, selection="oracle")
+        plan_kw = dict(sparse=True, selection="oracle", overlap=kw.get("overlap", "off"))
         from flashinfer_py.loader import plan_memory
 
         base = plan_memory(m.args, m.manifest, fi.RuntimeConfig(**plan_kw))

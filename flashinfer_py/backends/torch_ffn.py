@@ -85,7 +85,7 @@ class TorchResidentFFN:
                                                         queue_depth=runtime.queue_depth,
                                                         use_direct_io=runtime.use_direct_io,
                                                         read_timeout_ms=runtime.read_timeout_ms))
-        self.kernel = FfnOnRows(args, reader.layout, dense)
+        self.kernel = FfnOnRows(args, reader.layout, dense, runtime.threads)
         self.part_names = list(reader.layout.parts)
         f, d = args.intermediate_size, args.hidden_size
         eb = np.dtype(reader.numpy_dtype).itemsize
