@@ -62,6 +62,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     flag(b, "--device", "device", "torch device: cpu, cuda, cuda:N or mps (default: cpu)")
     flag(b, "--compute-dtype", "compute_dtype", "torch backend: the dtype weights are "
          "dequantized to and computed in (default: float32)", choices=COMPUTE_DTYPES)
+    flag(b, "--vram-budget", "vram_budget", "device memory the model may use, e.g. 6GB: the "
+         "resident tensors, the KV cache and the device copy of the neuron cache, which gets "
+         "the rest; implies --sparse (default: none)", metavar="SIZE")
     s = p.add_argument_group("sparse inference from flash (the paper's method)")
     flag(s, "--dram-budget", "dram_budget", "memory the model may use, e.g. 4GB or 300MB; "
          "implies --sparse. The FFN is streamed from flash through a neuron cache sized to fit "

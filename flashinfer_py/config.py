@@ -519,6 +519,10 @@ class RuntimeConfig:
         device: the torch device: "cpu" (default), "cuda", "cuda:N" or "mps".
         compute_dtype: the torch backend's compute dtype: "float32" (default), "float16" or
             "bfloat16" (weights are dequantized to it; norms, softmax and logits stay float32).
+        vram_budget: bytes of device memory the model may use (a device backend: resident
+            tensors in the compute dtype + KV cache + the device copy of the neuron cache);
+            implies `sparse`. The neuron cache gets what is left, per layer as the DRAM plan
+            splits it, and the smaller of the two plans wins. None: no limit.
     """
 
     threads: int = 0
@@ -546,9 +550,18 @@ class RuntimeConfig:
     backend: str = "native"
     device: Optional[str] = None
     compute_dtype: Optional[str] = None
+    vram_budget: Optional[int] = None
 
     def __post_init__(self):
         self._check_backend()
+        if isinstance(self.vram_budget, str):
+            self.vram_budget = parse_bytes(self.vram_budget)
+        if self.vram_budget is not None:
+            if self.backend == "native":
+                raise ValueError("vram_budget is device memory: it needs backend='torch' (or "
+                                 "'auto') and a device; the native backend runs from DRAM "
+                                 "(use dram_budget)")
+            self.sparse = True
         if self.io_engine not in ("auto", "threads", "io_uring"):
             raise ValueError(f"io_engine must be 'auto', 'threads' or 'io_uring', not {self.io_engine!r}")
         if self.queue_depth < 1:

@@ -48,6 +48,7 @@ class MemoryPlan:
     row_bytes: int = 0     # one cached neuron in DRAM (the packed record; 0: record_bytes)
     sketch_record_bytes: int = 0  # eviction="rank" with the sketch: bytes per uncached neuron
     sketch_fixed: int = 0         # and the sketch tier's per-neuron maps (ids, down norms)
+    vram: Optional["VramPlan"] = None  # a device backend's plan (RuntimeConfig.vram_budget)
 
     @property
     def cache_bytes(self) -> int:
@@ -73,10 +74,13 @@ class MemoryPlan:
 
     def as_dict(self) -> dict:
         """The plan's figures in bytes (what `info --dram-budget --json` prints)."""
-        return {"budget": self.budget, "resident": self.resident, "predictors": self.predictors,
-                "sketch": self.sketch_bytes, "kv_cache": self.kv_cache,
-                "overhead": self.overhead, "cache_neurons_per_layer": self.cache_capacity,
-                "cache_bytes": self.cache_bytes, "total": self.total}
+        out = {"budget": self.budget, "resident": self.resident, "predictors": self.predictors,
+               "sketch": self.sketch_bytes, "kv_cache": self.kv_cache,
+               "overhead": self.overhead, "cache_neurons_per_layer": self.cache_capacity,
+               "cache_bytes": self.cache_bytes, "total": self.total}
+        if self.vram is not None:
+            out["vram"] = self.vram.as_dict()
+        return out
 
     def cache_line(self) -> str:
         caps = self.cache_capacity
@@ -108,6 +112,8 @@ class MemoryPlan:
         ]
         if per_layer and len(set(self.cache_capacity)) > 1:
             lines.append("  neurons cached per layer: " + " ".join(map(str, self.cache_capacity)))
+        if self.vram is not None:
+            lines += ["device memory (vram_budget):", self.vram.describe()]
         return "\n".join(lines)
 
 
@@ -247,6 +253,93 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
                       sketch_record_bytes=sk, sketch_fixed=sk_fixed)
 
 
+@dataclass
+class VramPlan:
+    """Where a device backend's memory budget goes (RuntimeConfig.vram_budget)."""
+
+    budget: int
+    resident: int          # resident matrices in the compute dtype, norms float32
+    kv_cache: int          # keys/values for max_context tokens in the compute dtype
+    row_bytes: int         # one cached neuron on the device: its parts (and up bias)
+    cache_capacity: list   # neurons per layer the device copy holds
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(self.cache_capacity) * self.row_bytes
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.kv_cache + self.cache_bytes
+
+    def as_dict(self) -> dict:
+        return {"budget": self.budget, "resident": self.resident, "kv_cache": self.kv_cache,
+                "cache_neurons_per_layer": self.cache_capacity, "cache_bytes": self.cache_bytes,
+                "total": self.total}
+
+    def describe(self) -> str:
+        caps = self.cache_capacity
+        return "\n".join([
+            f"  resident tensors (compute dtype):  {format_bytes(self.resident)}",
+            f"  KV cache (max context):            {format_bytes(self.kv_cache)}",
+            f"  neuron cache (device copy): {min(caps)}-{max(caps)} neurons per layer, "
+            f"{format_bytes(self.cache_bytes)}",
+            f"  total: {format_bytes(self.total)} of a {format_bytes(self.budget)} budget"])
+
+
+def _device_resident_bytes(directory: Path, manifest: dict, args: ModelArgs, esize: int) -> int:
+    """Bytes the torch backend's resident tensors take on the device: each matrix dequantized
+    to the compute dtype (esize bytes a value), norms in float32, biases in the compute dtype
+    (read from dense.safetensors' header; nothing is loaded)."""
+    from .checkpoint import _SafetensorsFile
+    from .format import resident_formats
+
+    formats = resident_formats(manifest)
+    f = _SafetensorsFile(Path(directory) / manifest["files"]["dense"])
+    try:
+        total = 0
+        for name, (_, shape, _, _) in f.entries.items():
+            if name.endswith("ffn_down_scales"):
+                continue
+            if name in formats:  # rows x the matrix's width in values
+                base = name.rsplit(".", 1)[-1]
+                width = (args.embed_dim if base in ("tok_embeddings", "lm_head", "project_in")
+                         else args.q_dim if base == "wo" else args.hidden_size)
+                total += int(shape[0]) * width * esize
+            else:
+                n = int(np.prod(shape)) if shape else 1
+                total += n * (4 if name.endswith("norm") or name.endswith("norm_bias") else esize)
+        return total
+    finally:
+        f.close()
+
+
+def plan_vram(directory: Path, manifest: dict, args: ModelArgs, runtime: RuntimeConfig,
+              dram_caps: list) -> VramPlan:
+    """Split `runtime.vram_budget` between the resident tensors, the KV cache and the device
+    copy of the neuron cache: each layer keeps the share of the DRAM plan's `dram_caps` that
+    fits. Raises ValueError naming the smallest workable budget when too little is left."""
+    esize = {"float32": 4, "float16": 2, "bfloat16": 2}[runtime.compute_dtype or "float32"]
+    L, f, d = args.num_hidden_layers, args.intermediate_size, args.hidden_size
+    resident = _device_resident_bytes(directory, manifest, args, esize)
+    ctx = min(runtime.max_context, args.max_position_embeddings)
+    kv = 2 * L * ctx * args.kv_dim * esize
+    parts = len(manifest["bundle"]["parts"])
+    row = parts * d * esize + (esize if args.ffn_bias else 0)
+    spare = runtime.vram_budget - resident - kv
+    minimum = max(16, f // 100)
+    if spare < minimum * L * row:
+        raise ValueError(
+            f"vram_budget {format_bytes(runtime.vram_budget)} is too small: the resident "
+            f"tensors need {format_bytes(resident)} and the KV cache {format_bytes(kv)} for "
+            f"{ctx} tokens on the device. Give at least "
+            f"{format_bytes(resident + kv + minimum * L * row, up=True)}, or lower --max-context "
+            "or use a smaller compute dtype.")
+    want = sum(dram_caps)
+    scale = min(1.0, (spare // row) / max(want, 1))
+    caps = [int(max(min(c, minimum), np.floor(c * scale))) for c in dram_caps]
+    return VramPlan(runtime.vram_budget, resident, kv, row, caps)
+
+
 def plan_directory(directory, runtime: RuntimeConfig) -> tuple[RuntimeConfig, MemoryPlan]:
     """The memory plan of a flash directory under `runtime`, from its manifest (what
     `flashinfer-py info --dram-budget` and the demo print): (runtime resolved, plan)."""
@@ -285,4 +378,7 @@ def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: Ru
                        calibration=preds.calibration if rank and preds is not None else None,
                        sketch_record_bytes=sketch_record_bytes(args)
                        if rt.selection == "sketch" else 0)
+    if rt.vram_budget is not None:  # the device copy of the cache may hold fewer neurons
+        plan.vram = plan_vram(Path(directory), manifest, args, rt, plan.cache_capacity)
+        plan.cache_capacity = list(plan.vram.cache_capacity)
     return rt, preds, plan

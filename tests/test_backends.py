@@ -385,3 +385,63 @@ def test_smollm2_q4_1_codes_layout(tmp_path_factory):
         m.forward([t], cache)
         assert_mirrors_host(m)
     assert m.ffn.total.loaded > 0 and m.ffn.total.transfer_bytes > 0
+
+
+# ---- the device memory plan (vram_budget) ----------------------------------------------------
+
+
+def _device_bytes(m) -> int:
+    """What the model holds on its device: resident tensors and the neuron cache's copy."""
+    res = sum(t.nbytes for t in {id(t): t for t in m.transformer.w.values()}.values())
+    mirror = m.ffn.mirror  # its staging buffer is host memory
+    return (res + sum(t.nbytes for ms in mirror.parts for t in ms)
+            + sum(b.nbytes for b in mirror.bias if b is not None))
+
+
+def test_vram_budget_splits_device_memory_and_shrinks_the_cache(tiny_flash, prompt_ids):
+    d = tiny_flash("llama-relu")
+    kw = dict(backend="torch", device="cpu", selection="oracle", eviction="window", window=1,
+              prefill_chunk=1)
+    free = fi.load(d, sparse=True, **kw)
+    full = free.plan.cache_capacity
+    probe = fi.load(d, vram_budget=1 << 40, **kw).plan.vram
+    assert probe.cache_capacity == full  # a huge budget changes nothing
+    # room for about 95% of the cache on the device (a random ReLU layer fires ~90%)
+    budget = probe.resident + probe.kv_cache + int(0.95 * probe.cache_bytes)
+    m = fi.load(d, vram_budget=budget, **kw)
+    v = m.plan.vram
+    assert m.sparse and v.total <= budget and v.resident == probe.resident
+    assert m.plan.cache_capacity == v.cache_capacity
+    assert all(c <= f for c, f in zip(v.cache_capacity, full)) and sum(v.cache_capacity) < sum(full)
+    assert [m.ffn.cache.capacity(i) for i in range(m.args.num_hidden_layers)] == v.cache_capacity
+    # the plan's figures are what the device really holds (the KV cache grows with use)
+    assert _device_bytes(m) <= v.resident + v.cache_bytes
+    assert _device_bytes(m) >= 0.95 * (v.resident + v.cache_bytes)
+    cache = m.new_cache()
+    m.reset()
+    assert np.isfinite(m.forward(prompt_ids[:8], cache)).all()
+
+
+def test_vram_budget_too_small_names_the_smallest_that_works(tiny_flash):
+    d = tiny_flash("llama-relu")
+    kw = dict(backend="torch", device="cpu", selection="oracle", eviction="window")
+    with pytest.raises(ValueError, match="vram_budget .* is too small.*Give at least") as ei:
+        fi.load(d, vram_budget=1024, **kw)
+    import re
+
+    need = re.search(r"Give at least ([0-9.]+ \w+)", str(ei.value)).group(1)
+    assert fi.load(d, vram_budget=need.replace(" ", ""), **kw).plan.vram.total <= \
+        fi.RuntimeConfig(vram_budget=need.replace(" ", ""), backend="torch").vram_budget
+    with pytest.raises(ValueError, match="vram_budget is device memory: it needs backend"):
+        fi.RuntimeConfig(vram_budget="1GB")
+
+
+def test_info_prints_the_vram_plan(tiny_flash, capsys):
+    from flashinfer_py import cli
+
+    d = tiny_flash("llama-relu")
+    assert cli.main(["info", str(d), "--backend", "torch", "--vram-budget", "64MB",
+                     "--selection", "oracle", "--eviction", "window", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["memory_plan"]
+    assert plan["vram"]["budget"] == 64 << 20
+    assert plan["vram"]["cache_neurons_per_layer"] == plan["cache_neurons_per_layer"]

@@ -39,7 +39,8 @@ def test_the_cli_flags_are_runtimeconfig_fields_with_its_defaults(command):
     sub = next(a for a in parser._subparsers._group_actions[0].choices.values()
                if a.prog.endswith(" " + command))
     runtime_dests = {a.dest for g in sub._action_groups
-                     if g.title in ("runtime", "sparse inference from flash (the paper's method)")
+                     if g.title in ("runtime", "sparse inference from flash (the paper's method)",
+                                    "backend (where the forward pass runs)")
                      for a in g._group_actions}
     assert runtime_dests and runtime_dests <= fields
 
