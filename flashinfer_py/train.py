@@ -228,6 +228,11 @@ def train_predictors(model, token_ids: Sequence[int], cfg: Optional[TrainConfig]
     (``predictors.npz``, ``ffn_sketch.bin``) and return it with a report in ``meta``."""
     from tqdm.auto import tqdm
 
+    if getattr(model, "backend", "native") != "native" or getattr(model, "sparse", False):
+        raise ValueError("train_predictors records the dense model on the native backend: "
+                         f"load {model.directory} with flashinfer_py.load(dir) (no backend, "
+                         "device or budget options); the predictors it writes serve every "
+                         "backend")
     cfg = cfg or TrainConfig()
     methods = tuple(cfg.methods) or default_methods(model.args)
     unknown = sorted(set(methods) - set(METHODS))

@@ -445,3 +445,11 @@ def test_info_prints_the_vram_plan(tiny_flash, capsys):
     plan = json.loads(capsys.readouterr().out)["memory_plan"]
     assert plan["vram"]["budget"] == 64 << 20
     assert plan["vram"]["cache_neurons_per_layer"] == plan["cache_neurons_per_layer"]
+
+
+def test_train_predictors_on_a_torch_model_says_what_to_do(tiny_flash):
+    from flashinfer_py.train import train_predictors
+
+    m = fi.load(tiny_flash("llama-relu"), backend="torch", device="cpu")
+    with pytest.raises(ValueError, match="native backend: load .* with flashinfer_py.load"):
+        train_predictors(m, list(range(3, 40)), progress=False, save=False)
