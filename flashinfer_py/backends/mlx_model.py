@@ -41,8 +41,9 @@ class MlxTransformer(DeviceTransformer):
         self.device = device if device is not None else mx.cpu
         ops = MlxOps(self.device, dtype)
         self.dtype = ops.dtype
-        super().__init__(args, dense, formats, ffn, runtime, ops)
-        mx.eval(*self.w.values())
+        with mx.stream(self.device):  # the casts and the q/k/v concatenation, there too
+            super().__init__(args, dense, formats, ffn, runtime, ops)
+            mx.eval(*self.w.values())
 
     # ------------------------------------------------------------------ small ops
     def _norm(self, x, name: str):
