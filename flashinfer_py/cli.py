@@ -57,10 +57,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
          "for", type=int, metavar="TOKENS")
     b = p.add_argument_group("backend (where the forward pass runs)")
     flag(b, "--backend", "backend", "native: numpy and the C++ kernels on the CPU; torch: "
-         "PyTorch on --device (pip install 'flashinfer_py[torch]'); auto: torch when installed "
+         "PyTorch on --device (pip install 'flashinfer_py[torch]'); mlx: Apple's MLX on "
+         "--device (pip install 'flashinfer_py[mlx]'); auto: torch when installed "
          "and --device is a GPU", choices=BACKENDS)
-    flag(b, "--device", "device", "torch device: cpu, cuda, cuda:N or mps (default: cpu)")
-    flag(b, "--compute-dtype", "compute_dtype", "torch backend: the dtype weights are "
+    flag(b, "--device", "device", "torch device: cpu, cuda, cuda:N or mps; mlx device: cpu "
+         "or gpu (default: cpu)")
+    flag(b, "--compute-dtype", "compute_dtype", "torch/mlx backend: the dtype weights are "
          "dequantized to and computed in (default: float32)", choices=COMPUTE_DTYPES)
     flag(b, "--vram-budget", "vram_budget", "device memory the model may use, e.g. 6GB: the "
          "resident tensors, the KV cache and the device copy of the neuron cache, which gets "

@@ -514,10 +514,12 @@ class RuntimeConfig:
 
     Where the forward pass runs (``flashinfer_py.backends``):
         backend: "native" (default: numpy and the C++ kernels on the CPU), "torch" (PyTorch
-            on `device`; ``pip install flashinfer_py[torch]``), or "auto" (torch when it is
-            installed and `device` is a GPU, else native).
-        device: the torch device: "cpu" (default), "cuda", "cuda:N" or "mps".
-        compute_dtype: the torch backend's compute dtype: "float32" (default), "float16" or
+            on `device`; ``pip install flashinfer_py[torch]``), "mlx" (Apple's MLX on
+            `device`; ``pip install flashinfer_py[mlx]``), or "auto" (torch when it is
+            installed and `device` is cuda/mps, mlx for "gpu", else native).
+        device: the torch device: "cpu" (default), "cuda", "cuda:N" or "mps"; the mlx
+            device: "cpu" (default) or "gpu" (Metal).
+        compute_dtype: a device backend's compute dtype: "float32" (default), "float16" or
             "bfloat16" (weights are dequantized to it; norms, softmax and logits stay float32).
         vram_budget: bytes of device memory the model may use (a device backend: resident
             tensors in the compute dtype + KV cache + the device copy of the neuron cache);
@@ -558,8 +560,8 @@ class RuntimeConfig:
             self.vram_budget = parse_bytes(self.vram_budget)
         if self.vram_budget is not None:
             if self.backend == "native":
-                raise ValueError("vram_budget is device memory: it needs backend='torch' (or "
-                                 "'auto') and a device; the native backend runs from DRAM "
+                raise ValueError("vram_budget is device memory: it needs backend='torch' or "
+                                 "'mlx' (or 'auto') and a device; the native backend runs from DRAM "
                                  "(use dram_budget)")
             self.sparse = True
         if self.io_engine not in ("auto", "threads", "io_uring"):
@@ -627,14 +629,14 @@ class RuntimeConfig:
                              f"or 'mps', not {self.device!r}")
         kind = (self.device or "cpu").split(":", 1)[0]
         if self.backend == "native" and kind != "cpu":
-            raise ValueError(f"device={self.device!r} needs backend='torch' (or 'auto'); the "
-                             "native backend runs on the CPU")
+            raise ValueError(f"device={self.device!r} needs backend='torch' or 'mlx' (or "
+                             "'auto'); the native backend runs on the CPU")
         if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(map(repr, COMPUTE_DTYPES))}, "
                              f"not {self.compute_dtype!r}")
         if self.backend == "native" and self.compute_dtype not in (None, "float32"):
-            raise ValueError(f"compute_dtype={self.compute_dtype!r} needs backend='torch'; the "
-                             "native backend computes in float32")
+            raise ValueError(f"compute_dtype={self.compute_dtype!r} needs backend='torch' or "
+                             "'mlx'; the native backend computes in float32")
 
     def resolved(self, args: "ModelArgs", kinds) -> "RuntimeConfig":
         """"auto" selection and eviction made concrete for a model whose `train-predictors`

@@ -287,30 +287,19 @@ class VramPlan:
 
 
 def _device_resident_bytes(directory: Path, manifest: dict, args: ModelArgs, esize: int) -> int:
-    """Bytes the torch backend's resident tensors take on the device: each matrix dequantized
-    to the compute dtype (esize bytes a value), norms in float32, biases in the compute dtype
-    (read from dense.safetensors' header; nothing is loaded)."""
+    """Bytes a device backend's resident tensors take on the device (backends/common.py:
+    matrices dequantized to the compute dtype, esize bytes a value, norms float32), from
+    dense.safetensors' header; nothing is loaded."""
+    from .backends.common import device_resident_bytes
     from .checkpoint import _SafetensorsFile
     from .format import resident_formats
 
-    formats = resident_formats(manifest)
     f = _SafetensorsFile(Path(directory) / manifest["files"]["dense"])
     try:
-        total = 0
-        for name, (_, shape, _, _) in f.entries.items():
-            if name.endswith("ffn_down_scales"):
-                continue
-            if name in formats:  # rows x the matrix's width in values
-                base = name.rsplit(".", 1)[-1]
-                width = (args.embed_dim if base in ("tok_embeddings", "lm_head", "project_in")
-                         else args.q_dim if base == "wo" else args.hidden_size)
-                total += int(shape[0]) * width * esize
-            else:
-                n = int(np.prod(shape)) if shape else 1
-                total += n * (4 if name.endswith("norm") or name.endswith("norm_bias") else esize)
-        return total
+        shapes = {name: shape for name, (_, shape, _, _) in f.entries.items()}
     finally:
         f.close()
+    return device_resident_bytes(args, shapes, resident_formats(manifest), esize)
 
 
 def plan_vram(directory: Path, manifest: dict, args: ModelArgs, runtime: RuntimeConfig,

@@ -17,15 +17,30 @@ from .config import ModelArgs, RuntimeConfig
 from .dtypes import storage_format, to_float32
 
 
+def check_tokens(tokens, vocab_size: int) -> np.ndarray:
+    """`tokens` as a flat int64 array, or a ValueError when empty or out of the vocabulary."""
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if tokens.size == 0:
+        raise ValueError("forward() needs at least one token")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}); got "
+                         f"{tokens.min()}..{tokens.max()}")
+    return tokens
+
+
 class KVCache:
     """Per-layer keys and values in float32, grown in steps of `step` positions."""
 
     def __init__(self, args: ModelArgs, max_context: int, step: int = 256):
         self.n_layers, self.h, self.hd = args.num_hidden_layers, args.num_key_value_heads, args.head_dim
         self.max_context, self.step = max_context, step
-        self.k = [np.empty((self.h, 0, self.hd), np.float32) for _ in range(self.n_layers)]
-        self.v = [np.empty((self.h, 0, self.hd), np.float32) for _ in range(self.n_layers)]
+        self.k = [self._empty((self.h, 0, self.hd)) for _ in range(self.n_layers)]
+        self.v = [self._empty((self.h, 0, self.hd)) for _ in range(self.n_layers)]
         self.size = 0
+
+    def _empty(self, shape):
+        """A new key or value buffer (a device cache makes its own: backends/common.py)."""
+        return np.empty(shape, np.float32)
 
     def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Store k, v [Hkv, T, hd] at positions size..size+T; return all keys/values so far."""
@@ -37,7 +52,7 @@ class KVCache:
         if end > self.k[layer].shape[1]:
             cap = min(self.max_context, -(-end // self.step) * self.step)
             for buf in (self.k, self.v):
-                grown = np.empty((self.h, cap, self.hd), np.float32)
+                grown = self._empty((self.h, cap, self.hd))
                 grown[:, :start] = buf[layer][:, :start]
                 buf[layer] = grown
         self.k[layer][:, start:end] = k
@@ -387,28 +402,30 @@ class Transformer:
         x += f
         return x
 
-    def forward(self, tokens, cache: KVCache, last_only: bool = False) -> np.ndarray:
-        """Run `tokens` (continuing the sequence in `cache`) and return float32 logits
-        [T, vocab] (or [1, vocab] with last_only)."""
+    def _head_input(self, x, last_only: bool):
+        """What the LM head reads: the last position only with `last_only`, after the final
+        norm (pre-norm models) and the output projection (OPT-350m)."""
         a = self.args
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        if tokens.size == 0:
-            raise ValueError("forward() needs at least one token")
-        if tokens.min() < 0 or tokens.max() >= a.vocab_size:
-            raise ValueError(f"token ids must be in [0, {a.vocab_size}); got "
-                             f"{tokens.min()}..{tokens.max()}")
-        x = self._embed(tokens, cache.size)
-        block = (self._block1 if len(tokens) == 1 and self._norms1 is not None
-                 and self.observer is None else self._block)
-        for i in range(a.num_hidden_layers):
-            x = block(i, x, cache)
-        cache.advance(len(tokens))
         if last_only:
             x = x[-1:]
         if a.pre_norm:
             x = self._norm(x, "norm")
         if a.projects_embeddings:
             x = self._linear(x, "project_out")
+        return x
+
+    def forward(self, tokens, cache: KVCache, last_only: bool = False) -> np.ndarray:
+        """Run `tokens` (continuing the sequence in `cache`) and return float32 logits
+        [T, vocab] (or [1, vocab] with last_only)."""
+        a = self.args
+        tokens = check_tokens(tokens, a.vocab_size)
+        x = self._embed(tokens, cache.size)
+        block = (self._block1 if len(tokens) == 1 and self._norms1 is not None
+                 and self.observer is None else self._block)
+        for i in range(a.num_hidden_layers):
+            x = block(i, x, cache)
+        cache.advance(len(tokens))
+        x = self._head_input(x, last_only)
         logits = kernels.linear(np.ascontiguousarray(x), self.lm_head, fmt=self.lm_head_fmt,
                                 threads=self.threads)
         return _softcap(logits, a.final_logit_softcapping)

@@ -108,7 +108,7 @@ class FlashModel:
         from .backends import resolve_backend
 
         self.backend = resolve_backend(self.runtime.backend, self.runtime.device)
-        if self.backend == "torch":
+        if self.backend != "native":
             from .backends import open_model
 
             with _manifest_errors(self.directory, "the resident tensors"):
@@ -250,7 +250,8 @@ class FlashModel:
                 "ffn_bytes_in_dram": self.ffn.nbytes,
                 "record_bytes": self.manifest["bundle"]["record_bytes"], "sparse": self.sparse,
                 "backend": self.backend,
-                "device": str(self.transformer.device) if self.backend != "native" else "cpu",
+                "device": (str(self.transformer.device) if self.backend == "torch"
+                           else rt.device or "cpu"),
                 "compute_dtype": rt.compute_dtype or "float32"}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,13 @@ def pytest_collection_modifyitems(config, items):
         have_mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
     except ImportError:
         pass
+    if not have_mps and sys.platform == "darwin":  # the mlx backend's Metal, without torch
+        try:
+            import mlx.core as mx
+
+            have_mps = mx.metal.is_available()
+        except ImportError:
+            pass
     for item in items:
         if "cuda" in item.keywords and not have_cuda:
             item.add_marker(pytest.mark.skip(reason="no CUDA device"))

@@ -1,8 +1,10 @@
-"""The torch backend (issue 13) against the native one, dense and sparse, on every tiny family
-and storage format; the SmolLM2 greedy tokens; the backend seam itself (lazy imports, the
-error without torch, RuntimeConfig, the CLI and info).
+"""The device backends (issue 13: torch, and mlx on its CPU device, mlx[cpu]) against the
+native one, dense and sparse, on every tiny family and storage format; the SmolLM2 greedy
+tokens; the backend seam itself (lazy imports, the error without the framework,
+RuntimeConfig, the CLI and info).
 
-Tolerances (logits, torch on `device` in float32 against native):
+Tolerances (logits, torch or mlx on `device` in float32 against native; mlx measured the same
+as torch):
 - float formats (float32, float16, bfloat16): max relative error 1e-4 (measured: <= 2.4e-5,
   Gemma 3's soft-caps the largest; the rest <= 2e-6). Both multiply the same float32 values.
 - block formats (q8_0, q4_0): NMSE 1e-6 and max relative error 5e-3 (measured: NMSE <= 2.5e-7,
@@ -29,6 +31,26 @@ BLOCK_NMSE, BLOCK_REL = 1e-6, 5e-3
 DTYPES = ["float32", "float16", "bfloat16", "q8_0", "q4_0"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda),
            pytest.param("mps", marks=pytest.mark.mps)]
+
+
+def _have_mlx() -> bool:
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_mlx = pytest.mark.skipif(not _have_mlx(), reason='mlx is not installed: '
+                               'pip install "flashinfer_py[mlx]" (mlx[cpu] on Linux)')
+MLX = pytest.param("mlx", marks=needs_mlx)
+BACKENDS = ["torch", MLX]  # each on its CPU device
+# (backend, device): every device of each backend; Metal is mlx's "gpu"
+BACKEND_DEVICES = [
+    ("torch", "cpu"), pytest.param("torch", "cuda", marks=pytest.mark.cuda),
+    pytest.param("torch", "mps", marks=pytest.mark.mps),
+    pytest.param("mlx", "cpu", marks=needs_mlx),
+    pytest.param("mlx", "gpu", marks=[needs_mlx, pytest.mark.mps])]
 RELU = ["llama-relu", "llama-fatrelu", "opt", "opt-350m"]
 
 
@@ -55,7 +77,7 @@ def chunked(model, ids, first: int = 9) -> np.ndarray:
 
 def assert_mirrors_host(m) -> None:
     """Each layer's device rows are the host cache's rows dequantized, in its slot order."""
-    mirror, host = m.ffn.mirror, m.ffn.cache
+    mirror, host, ops = m.ffn.mirror, m.ffn.cache, m.ffn.ops
     for layer in range(m.args.num_hidden_layers):
         mirror.sync(layer)
         n = host.n_used(layer)
@@ -63,7 +85,7 @@ def assert_mirrors_host(m) -> None:
         assert np.array_equal(mirror.ids[layer][:n], host.ids(layer))
         for p, name in enumerate(mirror.part_names):
             want = m.ffn.host_kernel.part_f32(layer, host.rows(layer), name, host.ids(layer))
-            assert np.array_equal(mirror.parts[layer][p][:n].cpu().float().numpy(), want)
+            assert np.array_equal(ops.numpy(mirror.parts[layer][p][:n]), want)
 
 
 # ---- dense: every family x every storage format ---------------------------------------------
@@ -71,53 +93,55 @@ def assert_mirrors_host(m) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(TINY_MODELS))
-def test_dense_torch_cpu_gives_native_logits(name, dtype, tiny_flash, prompt_ids):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_cpu_gives_native_logits(backend, name, dtype, tiny_flash, prompt_ids):
     d = tiny_flash(name, dtype)
     native = fi.load(d)
-    ours = fi.load(d, backend="torch", device="cpu")
-    assert ours.backend == "torch" and native.backend == "native"
+    ours = fi.load(d, backend=backend, device="cpu")
+    assert ours.backend == backend and native.backend == "native"
     assert_close(ours.logits(prompt_ids), native.logits(prompt_ids), dtype)
     # through the KV cache (LongRoPE picks its factors per call: compare like with like)
     assert_close(chunked(ours, prompt_ids), chunked(native, prompt_ids), dtype)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("name", ["llama-silu", "opt-350m", "qwen2", "phi3", "gemma3"])
-def test_dense_on_each_device(name, device, tiny_flash, prompt_ids):
+def test_dense_on_each_device(name, backend, device, tiny_flash, prompt_ids):
     """The same check on a device (cuda/mps are skipped where there is none)."""
     d = tiny_flash(name, "q8_0")
     ref = fi.load(d).logits(prompt_ids)
-    assert_close(fi.load(d, backend="torch", device=device).logits(prompt_ids), ref, "q8_0")
+    assert_close(fi.load(d, backend=backend, device=device).logits(prompt_ids), ref, "q8_0")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("compute_dtype", ["float16", "bfloat16"])
-def test_half_compute_dtypes_stay_close(compute_dtype, device, tiny_flash, prompt_ids):
-    """float16/bfloat16 compute (meant for GPUs; CPU torch runs them too): the same argmax on
-    nearly every position and logits within the half type's rounding."""
+def test_half_compute_dtypes_stay_close(compute_dtype, backend, device, tiny_flash, prompt_ids):
+    """float16/bfloat16 compute (meant for GPUs; the CPU devices run them too): the same
+    argmax on nearly every position and logits within the half type's rounding."""
     d = tiny_flash("llama-silu", "float16")
     ref = fi.load(d).logits(prompt_ids)
-    m = fi.load(d, backend="torch", device=device, compute_dtype=compute_dtype)
+    m = fi.load(d, backend=backend, device=device, compute_dtype=compute_dtype)
     got = chunked(m, prompt_ids)
     assert m.info()["compute_dtype"] == compute_dtype
     assert nmse(got, ref) < (1e-4 if compute_dtype == "float16" else 1e-3)
     assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.9
 
 
-def test_observer_sees_the_native_activations(tiny_flash, prompt_ids):
-    """The dense torch FFN reports every neuron's activation to an observer (predictor
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_observer_sees_the_native_activations(backend, tiny_flash, prompt_ids):
+    """The dense device FFN reports every neuron's activation to an observer (predictor
     training's hook) as the native model does."""
     d = tiny_flash("llama-silu")
     seen = {}
-    for backend in ("native", "torch"):
-        m = fi.load(d, backend=backend)
+    for b in ("native", backend):
+        m = fi.load(d, backend=b)
         rec = []
         m.transformer.observer = lambda layer, x, act, ref, rec=rec: rec.append(
             (layer, x.copy(), act.copy(), ref.copy()))
         m.logits(prompt_ids[:8])
-        seen[backend] = rec
-    assert len(seen["torch"]) == len(seen["native"]) == 3
-    for (l1, x1, a1, r1), (l2, x2, a2, r2) in zip(seen["torch"], seen["native"]):
+        seen[b] = rec
+    assert len(seen[backend]) == len(seen["native"]) == 3
+    for (l1, x1, a1, r1), (l2, x2, a2, r2) in zip(seen[backend], seen["native"]):
         assert l1 == l2 and rel_err(x1, x2) < FLOAT_TOL
         assert rel_err(a1, a2) < FLOAT_TOL and rel_err(r1, r2) < FLOAT_TOL
 
@@ -158,14 +182,16 @@ def sparse_runtime(d, mode: str, **extra) -> fi.RuntimeConfig:
 
 @pytest.mark.parametrize("mode", list(SPARSE_MODES))
 @pytest.mark.parametrize("name", RELU)
-def test_sparse_oracle_torch_gives_native_logits(name, mode, tiny_flash, prompt_ids):
-    """ReLU models with the true active set: torch's sparse logits equal native's sparse
-    logits in every mode (and, but under eviction "rank" with a budget, the dense ones); the
-    device cache moved and received rows, and counted the transfers."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_oracle_gives_native_logits(backend, name, mode, tiny_flash, prompt_ids):
+    """ReLU models with the true active set: a device backend's sparse logits equal native's
+    sparse logits in every mode (and, but under eviction "rank" with a budget, the dense
+    ones); the same neurons were read; the device cache moved and received rows, and counted
+    the transfers."""
     d = tiny_flash(name)
     rt = sparse_runtime(d, mode)
     native = fi.load(d, rt)
-    ours = fi.load(d, rt.replace(backend="torch"))
+    ours = fi.load(d, rt.replace(backend=backend))
     got = chunked(ours, prompt_ids)
     assert_close(got, chunked(native, prompt_ids), "float32")
     if mode != "rank-budget":
@@ -180,37 +206,40 @@ def test_sparse_oracle_torch_gives_native_logits(name, mode, tiny_flash, prompt_
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["llama-relu", "opt"])
-def test_sparse_storage_formats(name, dtype, tiny_flash, prompt_ids):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_storage_formats(backend, name, dtype, tiny_flash, prompt_ids):
     """Each storage format through the device cache under a budget (rows dequantized as they
     arrive), against native sparse."""
     d = tiny_flash(name, dtype)
     rt = sparse_runtime(d, "tight-budget")
-    assert_close(chunked(fi.load(d, rt.replace(backend="torch")), prompt_ids),
+    assert_close(chunked(fi.load(d, rt.replace(backend=backend)), prompt_ids),
                  chunked(fi.load(d, rt), prompt_ids), dtype)
 
 
 @pytest.mark.parametrize("name", [n for n in TINY_MODELS if n not in RELU])
-def test_sparse_every_neuron_is_dense_for_every_family(name, tiny_flash, prompt_ids):
-    """SwiGLU/GeGLU families: the sparse path with every neuron (selection "all") on torch
-    gives the dense logits."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_every_neuron_is_dense_for_every_family(backend, name, tiny_flash, prompt_ids):
+    """SwiGLU/GeGLU families: the sparse path with every neuron (selection "all") on a device
+    backend gives the dense logits."""
     d = tiny_flash(name)
-    m = fi.load(d, sparse=True, selection="all", window=2, backend="torch")
+    m = fi.load(d, sparse=True, selection="all", window=2, backend=backend)
     assert_close(chunked(m, prompt_ids), chunked(fi.load(d), prompt_ids), "float32")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_sparse_on_each_device(device, tiny_flash, prompt_ids):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_sparse_on_each_device(backend, device, tiny_flash, prompt_ids):
     d = tiny_flash("opt-350m", "q8_0")
     rt = sparse_runtime(d, "frequency-budget")
-    got = chunked(fi.load(d, rt.replace(backend="torch", device=device)), prompt_ids)
+    got = chunked(fi.load(d, rt.replace(backend=backend, device=device)), prompt_ids)
     assert_close(got, chunked(fi.load(d, rt), prompt_ids), "q8_0")
 
 
-def test_device_cache_mirrors_the_host_cache(tiny_flash, prompt_ids):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_cache_mirrors_the_host_cache(backend, tiny_flash, prompt_ids):
     """After every token, each layer's device rows are the host cache's rows dequantized, in
     the host's slot order (eviction and compaction included)."""
     d = tiny_flash("llama-relu", "q8_0")
-    m = fi.load(d, sparse_runtime(d, "tight-budget", window=2, backend="torch"))
+    m = fi.load(d, sparse_runtime(d, "tight-budget", window=2, backend=backend))
     cache = m.new_cache()
     for t in prompt_ids[:12]:
         m.forward([t], cache)
@@ -218,14 +247,16 @@ def test_device_cache_mirrors_the_host_cache(tiny_flash, prompt_ids):
     assert m.ffn.total.moved_rows > 0
 
 
-def test_sparse_rank_with_the_sketch_on_swiglu(tiny_flash, tmp_path_factory, prompt_ids):
-    """The default sparse mode of SwiGLU models (eviction "rank", the 4-bit sketch) on torch:
-    the same neurons read as native, the same logits."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_rank_with_the_sketch_on_swiglu(backend, tiny_flash, tmp_path_factory,
+                                               prompt_ids):
+    """The default sparse mode of SwiGLU models (eviction "rank", the 4-bit sketch) on a
+    device backend: the same neurons read as native, the same logits."""
     from test_rank import sketch_dir
 
     d, _ = sketch_dir(tiny_flash, tmp_path_factory)
     rt = fi.RuntimeConfig(dram_budget=tight_budget(d, 0.5), prefill_chunk=4)
-    native, ours = fi.load(d, rt), fi.load(d, rt.replace(backend="torch"))
+    native, ours = fi.load(d, rt), fi.load(d, rt.replace(backend=backend))
     assert ours.runtime.selection == "sketch" and ours.runtime.eviction == "rank"
     got, ref = chunked(ours, prompt_ids), chunked(native, prompt_ids)
     assert_close(got, ref, "float32")
@@ -276,31 +307,49 @@ import flashinfer_py as fi, flashinfer_py.backends as b
 m = fi.load({str(d)!r}); m.logits({prompt_ids[:5]})
 s = fi.load({str(d)!r}, sparse=True, selection="oracle"); s.logits({prompt_ids[:5]})
 b.available()
-print("torch" in sys.modules)
+print("torch" in sys.modules, "mlx" in sys.modules)
 """)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "False"
+    assert r.stdout.strip() == "False False"
 
 
-def test_torch_backend_without_torch_says_how_to_install(tiny_flash):
+@pytest.mark.parametrize("backend,modules,hint", [
+    ("torch", ["torch"], "pip install 'flashinfer_py[torch]'"),
+    ("mlx", ["mlx", "mlx.core"], 'pip install "flashinfer_py[mlx]"')])
+def test_backend_without_its_framework_says_how_to_install(backend, modules, hint, tiny_flash):
     d = tiny_flash("llama-relu")
     r = _run(f"""
 import sys
-sys.modules["torch"] = None  # as if torch were not installed
+for name in {modules!r}:
+    sys.modules[name] = None  # as if it were not installed
 import flashinfer_py as fi
 try:
-    fi.load({str(d)!r}, backend="torch")
+    fi.load({str(d)!r}, backend={backend!r})
 except ImportError as e:
     print(e)
 """)
     assert r.returncode == 0, r.stderr
-    assert "pip install 'flashinfer_py[torch]'" in r.stdout
+    assert hint in r.stdout
 
 
-def test_info_records_backend_and_device(tiny_flash):
+@needs_mlx
+def test_mlx_devices(tiny_flash):
+    import mlx.core as mx
+
+    d = tiny_flash("llama-silu")
+    assert fi.RuntimeConfig(backend="mlx", device="gpu").device == "gpu"
+    with pytest.raises(ValueError, match="not an mlx device"):
+        fi.load(d, backend="mlx", device="cuda")
+    if not mx.metal.is_available():
+        with pytest.raises(ValueError, match="no Metal GPU"):
+            fi.load(d, backend="mlx", device="gpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_info_records_backend_and_device(backend, tiny_flash):
     d = tiny_flash("opt")
-    info = fi.load(d, backend="torch", device="cpu").info()
-    assert (info["backend"], info["device"], info["compute_dtype"]) == ("torch", "cpu", "float32")
+    info = fi.load(d, backend=backend, device="cpu").info()
+    assert (info["backend"], info["device"], info["compute_dtype"]) == (backend, "cpu", "float32")
     assert info["resident_bytes"] > 0 and info["ffn_bytes_in_dram"] > 0
     assert fi.load(d).info()["backend"] == "native"
 
@@ -326,6 +375,25 @@ def test_cli_backend_flags(tiny_flash, capsys):
     assert "needs backend='torch'" in capsys.readouterr().err
 
 
+@needs_mlx
+def test_cli_mlx_backend(tiny_flash, capsys):
+    """--backend mlx is a choice of the CLI's flag; generate and info run on it."""
+    from flashinfer_py.cli import main
+
+    d = tiny_flash("llama-relu")
+    assert main(["generate", str(d), "--prompt", "w5 w6", "-n", "4", "--backend", "mlx",
+                 "--sparse", "--selection", "oracle", "--stats", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert any("transfer_bytes" in json.loads(line) for line in err.splitlines()
+               if line.startswith("{"))
+    assert main(["generate", str(d), "--prompt", "w5 w6", "-n", "4"]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["info", str(d), "--backend", "mlx", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["runtime"] == {"backend": "mlx", "device": "cpu", "compute_dtype": "float32"}
+    assert info["backends"]["mlx"] and "metal" in info["backends"]
+
+
 # ---- the real model -------------------------------------------------------------------------
 
 
@@ -340,10 +408,10 @@ def smollm2():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device", DEVICES)
-def test_smollm2_greedy_tokens_are_natives(smollm2, device):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_smollm2_greedy_tokens_are_natives(smollm2, backend, device):
     native = fi.load(smollm2)
-    ours = fi.load(smollm2, backend="torch", device=device)
+    ours = fi.load(smollm2, backend=backend, device=device)
     ids = native.tokenizer.encode("The capital of France is")
 
     def greedy(m):
@@ -398,9 +466,11 @@ def _device_bytes(m) -> int:
             + sum(b.nbytes for b in mirror.bias if b is not None))
 
 
-def test_vram_budget_splits_device_memory_and_shrinks_the_cache(tiny_flash, prompt_ids):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vram_budget_splits_device_memory_and_shrinks_the_cache(backend, tiny_flash,
+                                                                prompt_ids):
     d = tiny_flash("llama-relu")
-    kw = dict(backend="torch", device="cpu", selection="oracle", eviction="window", window=1,
+    kw = dict(backend=backend, device="cpu", selection="oracle", eviction="window", window=1,
               prefill_chunk=1)
     free = fi.load(d, sparse=True, **kw)
     full = free.plan.cache_capacity

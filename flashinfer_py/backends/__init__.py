@@ -7,24 +7,34 @@ torch      PyTorch on ``cpu``, ``cuda`` or ``mps``: the resident matrices and th
            rows dequantized to the compute dtype on the device
            (``backends/torch_model.py``, ``backends/torch_ffn.py``); the native reader and
            neuron cache still stream the FFN from flash into host memory
-auto       torch when it is importable and a ``cuda``/``mps`` device was asked for,
-           else native
+mlx        Apple's MLX on ``gpu`` (Metal) or ``cpu`` (``mlx[cpu]`` on Linux): the torch
+           backend's forward pass ported op for op (``backends/mlx_model.py``,
+           ``backends/mlx_ffn.py``), the neuron cache mirrored in mlx arrays the same way
+auto       torch when it is importable and a ``cuda``/``mps`` device was asked for, mlx
+           for a ``gpu`` device, else native
 =========  ==========================================================================
 
-Nothing here imports torch at module level: a numpy-only install never loads it, and
-choosing ``backend="torch"`` without it raises an ImportError naming the extra to install.
+What the device backends share is written once: ``common.py`` (resident tensors, KV cache,
+RoPE tables, the transformer's blocks) and ``device_ffn.py`` (the FFN providers and the
+device mirror of the neuron cache), each over the backend's small `ops` object.
+
+Nothing here imports torch or mlx at module level: a numpy-only install never loads them,
+and choosing a backend whose framework is missing raises an ImportError naming the extra.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-BACKENDS = ("native", "torch", "auto")
+BACKENDS = ("native", "torch", "mlx", "auto")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 INSTALL_HINT = ("pip install 'flashinfer_py[torch]' (for CUDA or Apple GPUs, first install "
                 "torch's build for your device from pytorch.org)")
 
-__all__ = ["BACKENDS", "COMPUTE_DTYPES", "available", "import_torch", "open_model",
-           "resolve_backend", "torch_device"]
+MLX_INSTALL_HINT = 'pip install "flashinfer_py[mlx]"'
+MLX_DEVICES = ("cpu", "gpu")
+
+__all__ = ["BACKENDS", "COMPUTE_DTYPES", "MLX_DEVICES", "available", "import_mlx",
+           "import_torch", "mlx_device", "open_model", "resolve_backend", "torch_device"]
 
 
 def import_torch():
@@ -37,15 +47,45 @@ def import_torch():
     return torch
 
 
+def import_mlx():
+    """mlx.core, or an ImportError that says how to install it."""
+    try:
+        import mlx.core as mx
+    except ImportError as e:
+        raise ImportError(f"backend='mlx' needs MLX, which is not installed ({e}); "
+                          f"{MLX_INSTALL_HINT} (on Linux it installs mlx[cpu], MLX's CPU "
+                          "device)") from None
+    return mx
+
+
+def mlx_device(device: Optional[str]):
+    """mx.cpu or mx.gpu for `device` (None: cpu), or a ValueError when it is not there."""
+    mx = import_mlx()
+    kind = _device_kind(device)
+    if kind not in MLX_DEVICES or (device is not None and ":" in str(device)):
+        raise ValueError(f"device {device!r} is not an mlx device; use 'cpu' or 'gpu' "
+                         "(Apple's Metal GPU)")
+    if kind == "gpu" and not mx.metal.is_available():
+        raise ValueError(f"device {device!r}: MLX sees no Metal GPU (this is a CPU-only "
+                         "build, mlx[cpu], or not a Mac with Apple Silicon); use device='cpu'")
+    return mx.gpu if kind == "gpu" else mx.cpu
+
+
 def _device_kind(device: Optional[str]) -> str:
     return "cpu" if device is None else str(device).split(":", 1)[0]
 
 
 def resolve_backend(backend: str, device: Optional[str]) -> str:
-    """"native" or "torch" for a RuntimeConfig's backend and device ("auto": torch where it
-    is installed and the device is a GPU, native otherwise)."""
+    """"native", "torch" or "mlx" for a RuntimeConfig's backend and device ("auto": torch
+    where it is installed and the device is cuda/mps, mlx for "gpu", native otherwise)."""
     if backend != "auto":
         return backend
+    if _device_kind(device) == "gpu":
+        try:
+            import_mlx()
+            return "mlx"
+        except ImportError:
+            pass
     if _device_kind(device) in ("cuda", "mps"):
         try:
             import_torch()
@@ -78,11 +118,21 @@ def torch_device(device: Optional[str]):
 
 
 def available(probe: bool = False) -> dict:
-    """What this install can run, for `info`: the backends, torch's version (from its package
-    metadata: torch is not imported) and, with `probe`, the devices torch sees (imports it)."""
+    """What this install can run, for `info`: the backends, torch's and mlx's versions (from
+    their package metadata: neither is imported) and, with `probe`, the devices they see
+    (imports them)."""
     from importlib import metadata
 
-    out: dict = {"native": True, "torch": None}
+    out: dict = {"native": True, "torch": None, "mlx": None}
+    try:
+        out["mlx"] = metadata.version("mlx")
+    except metadata.PackageNotFoundError:
+        pass
+    if probe and out["mlx"]:
+        try:
+            out["metal"] = bool(import_mlx().metal.is_available())
+        except ImportError:  # installed but does not load here
+            out["mlx"] = None
     try:
         out["torch"] = metadata.version("torch")
     except metadata.PackageNotFoundError:
@@ -98,8 +148,11 @@ def available(probe: bool = False) -> dict:
 
 
 def open_model(model, dense: dict):
-    """(ffn, transformer) of a FlashModel on the torch backend: the model's args, runtime,
-    manifest, directory, predictors and plan are set; `dense` holds the resident tensors."""
+    """(ffn, transformer) of a FlashModel on a device backend (model.backend): the model's
+    args, runtime, manifest, directory, predictors and plan are set; `dense` holds the
+    resident tensors."""
+    if model.backend == "mlx":
+        return _open_mlx(model, dense)
     import_torch()  # the install hint, before the modules below import it
     from .torch_ffn import TorchResidentFFN, TorchSparseFFN
     from .torch_model import TorchTransformer
@@ -115,4 +168,24 @@ def open_model(model, dense: dict):
         ffn = TorchResidentFFN(bundle_path, model.args, dense, rt, device=dev, dtype=dtype)
     tr = TorchTransformer(model.args, dense, model.resident_formats, ffn, rt, device=dev,
                           dtype=dtype)
+    return ffn, tr
+
+
+def _open_mlx(model, dense: dict):
+    import_mlx()  # the install hint, before the modules below import it
+    from .device_ffn import DeviceResidentFFN, DeviceSparseFFN
+    from .mlx_ffn import MlxOps
+    from .mlx_model import MlxTransformer
+
+    rt = model.runtime
+    dev = mlx_device(rt.device)
+    ops = MlxOps(dev, rt.compute_dtype or "float32")
+    if model.sparse:
+        ffn = DeviceSparseFFN(model.directory, model.manifest, model.args, dense, rt,
+                              model.predictors, model.plan, ops)
+    else:
+        bundle_path = str(model.directory / model.manifest["files"]["bundles"])
+        ffn = DeviceResidentFFN(bundle_path, model.args, dense, rt, ops)
+    tr = MlxTransformer(model.args, dense, model.resident_formats, ffn, rt, device=dev,
+                        dtype=ops.dtype)
     return ffn, tr

@@ -1,37 +1,21 @@
-"""The FFN providers of the torch backend: every neuron on the device (`TorchResidentFFN`), and
-the neurons streamed from flash through a neuron cache mirrored on the device
-(`TorchSparseFFN`).
-
-A neuron's record (up row, gate row, down column) becomes one row of each of the layer's
-per-part device matrices [n, d], dequantized from the storage format to the compute dtype.
-The FFN of inputs x [T, d] over rows S is then three matmuls::
-
-    h = act(x @ gate[S].T) * (x @ up[S].T + b[S])      (ungated: act(x @ up[S].T + b[S]))
-    out = h @ down[S]
-
-Sparse mode keeps everything SparseFFN decides on the host (selection, window, ranking, the
-native NeuronCache that reads records from flash into host rows) and mirrors the host cache on
-the device: `DeviceNeuronCache` holds, per layer, preallocated device matrices in the host
-cache's slot order. Before rows are used it brings them level with the host: the rows the host
-compacted (move-last-row, csrc/neuron_cache.cpp) are moved the same way on the device, and the
-rows newly read from flash are dequantized into a host staging buffer (pinned on CUDA) and
-copied to the device in one transfer per layer.
+"""The torch backend's FFN pieces: its ops (`TorchOps`: arrays, the staging buffer, the FFN
+over rows) for the providers in device_ffn.py, which are written once for every device
+backend: every neuron on the device (`TorchResidentFFN`), and the neurons streamed from flash
+through a neuron cache mirrored on the device (`TorchSparseFFN`). On CUDA the staging buffer
+is pinned host memory and the copy out of it is asynchronous (an event guards its reuse).
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Optional
+import contextlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..config import ModelArgs, RuntimeConfig
-from ..ffn import FfnOnRows, SparseFFN, TokenStats
+from .device_ffn import (DeviceNeuronCache, DeviceResidentFFN, DeviceSparseFFN,  # noqa: F401
+                         DeviceTokenStats, STAGING_BYTES)
 from .torch_model import torch_dtype
-
-STAGING_BYTES = 32 << 20  # the host staging buffer: at most this much per transfer
 
 
 def _activation(name: str, param: float):
@@ -72,81 +56,16 @@ class _RowsFFN:
         return out, (h if want_h else None)
 
 
-class TorchResidentFFN:
-    """Every neuron of every layer on the device: up/gate/down as [d_ff, d] matrices (and
-    OPT's up bias), read once from the bundle file and dequantized to the compute dtype."""
-
-    def __init__(self, bundle_path: str, args: ModelArgs, dense: dict, runtime: RuntimeConfig,
-                 device="cpu", dtype="float32"):
-        from ..bundles import BundleReader, ReaderParams, aligned_empty
-
-        self.args, self.device, self.dtype = args, torch.device(device), torch_dtype(dtype)
-        reader = BundleReader(bundle_path, ReaderParams(engine=runtime.io_engine,
-                                                        queue_depth=runtime.queue_depth,
-                                                        use_direct_io=runtime.use_direct_io,
-                                                        read_timeout_ms=runtime.read_timeout_ms))
-        self.kernel = FfnOnRows(args, reader.layout, dense, runtime.threads)
-        self.part_names = list(reader.layout.parts)
-        f, d = args.intermediate_size, args.hidden_size
-        eb = np.dtype(reader.numpy_dtype).itemsize
-        chunk = max(1, min(f, STAGING_BYTES // (reader.record_elems * eb)))
-        staging = aligned_empty((chunk, reader.record_elems), reader.numpy_dtype)
-        self.parts = []  # per layer: {part: [d_ff, d] tensor}
-        for layer in range(args.num_hidden_layers):
-            mats = {p: torch.empty((f, d), dtype=self.dtype, device=self.device)
-                    for p in self.part_names}
-            for i in range(0, f, chunk):
-                ids = np.arange(i, min(f, i + chunk), dtype=np.int32)
-                reader.read(layer, ids, staging[:len(ids)])
-                for p in self.part_names:
-                    vals = self.kernel.part_f32(layer, staging[:len(ids)], p, ids)
-                    mats[p][i:i + len(ids)] = torch.from_numpy(vals).to(self.device, self.dtype)
-            self.parts.append(mats)
-        self.io_stats = reader.stats()
-        self.is_direct = reader.is_direct
-        self.bias = [None if dense.get(f"layers.{i}.ffn_up_bias") is None else
-                     torch.from_numpy(np.asarray(dense[f"layers.{i}.ffn_up_bias"], np.float32))
-                     .to(self.device, self.dtype) for i in range(args.num_hidden_layers)]
-        self.ffn = _RowsFFN(args)
-
-    def forward(self, layer: int, x: torch.Tensor, act_out=None) -> torch.Tensor:
-        m = self.parts[layer]
-        out, h = self.ffn(x, m["up"], m.get("gate"), m["down"], self.bias[layer],
-                          want_h=act_out is not None)
-        if act_out is not None:
-            act_out[...] = h.cpu().numpy()
-        return out
-
-    def part_f32(self, layer: int, part: str) -> np.ndarray:
-        """float32 [d_ff, d] values of one part ("up", "gate", "down") of every neuron."""
-        return self.parts[layer][part].to("cpu", torch.float32).numpy()
-
-    @property
-    def nbytes(self) -> int:
-        n = sum(t.numel() * t.element_size() for m in self.parts for t in m.values())
-        return n + sum(b.numel() * b.element_size() for b in self.bias if b is not None)
-
-
-@dataclass
-class DeviceTokenStats(TokenStats):
-    """TokenStats plus the host-to-device copies of newly read rows."""
-
-    transfer_ns: int = 0      # staging, copying and placing new rows on the device
-    transfer_bytes: int = 0   # bytes copied to the device
-    moved_rows: int = 0       # rows moved on the device by compaction
-
-    _SUMMED = TokenStats._SUMMED + ("transfer_ns", "transfer_bytes", "moved_rows")
-
-
 class _Staging:
     """A host buffer [rows, width] in the compute dtype (pinned for CUDA) that rows are
     dequantized into and copied to the device from, one transfer per batch. Before it is
     written again the previous asynchronous copy out of it must be done (an event)."""
 
     def __init__(self, rows: int, width: int, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype, self.rows = device, dtype, rows
+        self.device, self.dtype, self.rows, self.width = device, dtype, rows, width
         pin = device.type == "cuda"
         self.buf = torch.empty((rows, width), dtype=dtype, pin_memory=pin)
+        self.esize = self.buf.element_size()
         # float32 values are written here first (numpy has no bfloat16)
         self.f32 = self.buf.numpy() if dtype == torch.float32 else np.empty((rows, width), np.float32)
         self._event = None
@@ -176,241 +95,69 @@ class _Staging:
             0 if self.dtype == torch.float32 else self.f32.nbytes)
 
 
-class DeviceNeuronCache:
-    """The host NeuronCache's rows, dequantized, in device matrices of the same slot order.
+class TorchOps:
+    """What the shared device code (common.py, device_ffn.py) needs from torch."""
 
-    Per layer: one preallocated [capacity, d] matrix per part (and [capacity] up biases),
-    the neuron id of each device slot, and each neuron's device slot. `sync(layer)` brings the
-    device level with the host after SparseFFN changed it: a neuron the host moved to another
-    slot (compaction) is moved on the device; a neuron the host read from flash is sent from
-    the staging buffer; nothing is reallocated.
-    """
+    name = "torch"
 
-    def __init__(self, cache, kernel: FfnOnRows, args: ModelArgs, has_bias: list,
-                 device: torch.device, dtype: torch.dtype):
-        self.cache, self.kernel, self.device, self.dtype = cache, kernel, device, dtype
-        self.part_names = list(kernel.layout.parts)
-        d, f = args.hidden_size, args.intermediate_size
-        self.d = d
-        L = cache.n_layers
-        caps = [cache.capacity(i) for i in range(L)]
-        self.parts = [[torch.zeros((caps[i], d), dtype=dtype, device=device)
-                       for _ in self.part_names] for i in range(L)]
-        self.bias = [torch.zeros(caps[i], dtype=dtype, device=device) if has_bias[i] else None
-                     for i in range(L)]
-        self.ids = [np.full(caps[i], -1, np.int32) for i in range(L)]
-        self.n = [0] * L
-        self.slot_of = [np.full(f, -1, np.int64) for _ in range(L)]
-        self.width = len(self.part_names) * d + 1  # the parts, then the up bias
-        esize = torch.empty((), dtype=dtype).element_size()
-        rows = max(1, min(max(caps + [1]), STAGING_BYTES // (self.width * esize)))
-        self.staging = _Staging(rows, self.width, device, dtype)
+    def __init__(self, device, dtype):
+        self.device, self.dtype = torch.device(device), torch_dtype(dtype)
+        self.esize = torch.empty((), dtype=self.dtype).element_size()
 
-    def sync(self, layer: int, st: Optional[DeviceTokenStats] = None) -> None:
-        host = self.cache.ids(layer)
-        n, m, cur = len(host), self.n[layer], self.ids[layer]
-        if n == m and np.array_equal(host, cur[:n]):
-            return
-        t0 = time.perf_counter_ns()
-        slot_of = self.slot_of[layer]
-        old = slot_of[host]  # where each neuron the host holds is on the device (-1: absent)
-        s = np.arange(n, dtype=np.int64)
-        moved = np.flatnonzero((old >= 0) & (old != s))
-        new = np.flatnonzero(old < 0)
-        mats = self.parts[layer] + ([self.bias[layer]] if self.bias[layer] is not None else [])
-        if moved.size:  # the host's compaction, on the device (sources gathered first)
-            dst = torch.from_numpy(moved).to(self.device)
-            src = torch.from_numpy(old[moved]).to(self.device)
-            for t in mats:
-                t.index_copy_(0, dst, t.index_select(0, src))
-        nbytes = 0
-        if new.size:
-            rows = self.cache.rows(layer)[new]
-            bias = self.cache.bias(layer)[new] if self.bias[layer] is not None else None
-            nbytes = self._send(layer, new, rows, host[new], bias)
-        slot_of[cur[:m]] = -1
-        slot_of[host] = s
-        cur[:n] = host
-        self.n[layer] = n
-        if st is not None:
-            st.transfer_ns += time.perf_counter_ns() - t0
-            st.transfer_bytes += nbytes
-            st.moved_rows += int(moved.size)
+    def array(self, a: np.ndarray, float32: bool = False) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a)).to(self.device,
+                                                  torch.float32 if float32 else self.dtype)
 
-    def _send(self, layer: int, slots: np.ndarray, rows: np.ndarray, ids: np.ndarray,
-              bias: Optional[np.ndarray]) -> int:
-        """Dequantize host records `rows` (neurons `ids`) into device `slots`; bytes sent."""
-        stg, d, sent = self.staging, self.d, 0
-        for a in range(0, len(slots), stg.rows):
-            b = min(len(slots), a + stg.rows)
-            k = b - a
-            stg.ready()
-            for p, name in enumerate(self.part_names):
-                stg.f32[:k, p * d:(p + 1) * d] = self.kernel.part_f32(layer, rows[a:b], name,
-                                                                     ids[a:b])
-            if bias is not None:
-                stg.f32[:k, -1] = bias[a:b]
-            dev = stg.send(k)
-            idx = torch.from_numpy(np.ascontiguousarray(slots[a:b], np.int64)).to(self.device)
-            for p, t in enumerate(self.parts[layer]):
-                t.index_copy_(0, idx, dev[:, p * d:(p + 1) * d])
-            if bias is not None:
-                self.bias[layer].index_copy_(0, idx, dev[:, -1])
-            sent += k * self.width * stg.buf.element_size()
-        return sent
+    def zeros(self, shape, float32: bool = False) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float32 if float32 else self.dtype,
+                           device=self.device)
 
-    def rows(self, layer: int, select):
-        """(parts, bias) of device slots `select`: a slice (views) or int64 indices."""
-        mats = self.parts[layer]
-        b = self.bias[layer]
-        if isinstance(select, slice):
-            return [t[select] for t in mats], (None if b is None else b[select])
-        idx = torch.from_numpy(select).to(self.device)
-        return ([t.index_select(0, idx) for t in mats],
-                None if b is None else b.index_select(0, idx))
+    def index(self, ints: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(ints, np.int64)).to(self.device)
 
-    @property
-    def nbytes(self) -> int:
-        n = sum(t.numel() * t.element_size() for ms in self.parts for t in ms)
-        n += sum(b.numel() * b.element_size() for b in self.bias if b is not None)
-        return n + self.staging.nbytes
+    def mask(self, hidden: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(hidden).to(self.device)
+
+    def cat(self, arrays: list) -> torch.Tensor:
+        return torch.cat(arrays)
+
+    @staticmethod
+    def numpy(t: torch.Tensor) -> np.ndarray:
+        """A float32 numpy copy of a device tensor (waits for the device)."""
+        return t.detach().to("cpu", torch.float32).numpy()
+
+    @staticmethod
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    def settle(self, arrays: list) -> None:
+        pass  # torch runs eagerly
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def staging(self, rows: int, width: int) -> _Staging:
+        return _Staging(rows, width, self.device, self.dtype)
+
+    def rows_ffn(self, args: ModelArgs) -> _RowsFFN:
+        return _RowsFFN(args)
 
 
-class _DeviceKernel:
-    """Stands in for SparseFFN's FfnOnRows: called with the same arguments (host rows of the
-    neuron cache, or of the no-reuse layer buffer), it computes on the device. Cache rows are
-    found by their place in the cache's matrix and taken from the device mirror (brought level
-    first); other rows are dequantized and sent. Everything else is the host kernel's."""
+class TorchResidentFFN(DeviceResidentFFN):
+    """Every neuron of every layer on the torch device (device_ffn.DeviceResidentFFN)."""
 
-    def __init__(self, owner: "TorchSparseFFN", host: FfnOnRows):
-        self.owner, self.host = owner, host
-        self.layout, self.down_scales = host.layout, host.down_scales
-
-    def part_f32(self, *a, **kw):
-        return self.host.part_f32(*a, **kw)
-
-    def _cache_slot(self, layer: int, rows: np.ndarray) -> Optional[int]:
-        """The cache slot of rows[0] when `rows` is a view into the layer's cache rows."""
-        cache = self.owner.cache
-        if cache is None:
-            return None
-        base = cache.rows(layer)
-        if base.shape[0] == 0 or rows.strides != base.strides or rows.shape[1:] != base.shape[1:]:
-            return None
-        off = rows.ctypes.data - base.ctypes.data
-        stride = base.strides[0]
-        if off < 0 or off % stride or off // stride + rows.shape[0] > base.shape[0]:
-            return None
-        return off // stride
-
-    def __call__(self, layer: int, x, rows: np.ndarray, up_bias=None, row_select=None,
-                 act_out=None, row_ids=None):
-        o = self.owner
-        xt = o._xt
-        n_out = rows.shape[0] if row_select is None else len(row_select)
-        if n_out == 0:
-            return torch.zeros((xt.shape[0], o.args.hidden_size), dtype=o.dtype, device=o.device)
-        start = self._cache_slot(layer, rows)
-        if start is not None:
-            o.mirror.sync(layer, o.tok)
-            if row_select is None:
-                sel = slice(start, start + rows.shape[0])
-            else:
-                sel = start + np.asarray(row_select, np.int64)
-            parts, bias = o.mirror.rows(layer, sel)
-            if up_bias is None:
-                bias = None
-        else:  # rows outside the cache (reuse=False): dequantize and send them
-            if row_select is not None:
-                rows = rows[np.asarray(row_select, np.int64)]
-                row_ids = None if row_ids is None else np.asarray(row_ids)[row_select]
-                up_bias = None if up_bias is None else np.asarray(up_bias)[row_select]
-            parts, bias = o._upload(layer, rows, row_ids, up_bias)
-        p = dict(zip(o.part_names, parts))
-        out, h = o.rows_ffn(xt, p["up"], p.get("gate"), p["down"], bias,
-                            want_h=act_out is not None)
-        if act_out is not None:
-            act_out[...] = h.cpu().numpy()
-        return out
+    def __init__(self, bundle_path: str, args: ModelArgs, dense: dict, runtime: RuntimeConfig,
+                 device="cpu", dtype="float32"):
+        self.device, self.dtype = torch.device(device), torch_dtype(dtype)
+        super().__init__(bundle_path, args, dense, runtime, TorchOps(self.device, self.dtype))
 
 
-class TorchSparseFFN(SparseFFN):
-    """SparseFFN with the FFN computed on a torch device: the host decides and reads as
-    SparseFFN does; the rows it computes on are the device mirror's (DeviceNeuronCache)."""
+class TorchSparseFFN(DeviceSparseFFN):
+    """SparseFFN with the FFN computed on a torch device (device_ffn.DeviceSparseFFN)."""
 
     def __init__(self, directory, manifest: dict, args: ModelArgs, dense: dict,
                  runtime: RuntimeConfig, predictors=None, plan=None, device="cpu",
                  dtype="float32"):
-        super().__init__(directory, manifest, args, dense, runtime, predictors, plan)
         self.device, self.dtype = torch.device(device), torch_dtype(dtype)
-        self.part_names = list(self.kernel.layout.parts)
-        self.rows_ffn = _RowsFFN(args)
-        self.host_kernel = self.kernel
-        self.kernel = _DeviceKernel(self, self.host_kernel)
-        self._xt = None
-        self.mirror = self._upload_buf = None
-        if self.cache is not None:
-            self.mirror = DeviceNeuronCache(self.cache, self.host_kernel, args,
-                                            [b is not None for b in self.bias],
-                                            self.device, self.dtype)
-            st = DeviceTokenStats(**vars(self.load_stats))
-            for layer in range(args.num_hidden_layers):  # the first fill (rank: calibration)
-                self.mirror.sync(layer, st)
-            self.load_stats = st
-        else:
-            esize = torch.empty((), dtype=self.dtype).element_size()
-            width = len(self.part_names) * args.hidden_size + 1
-            rows = max(1, min(args.intermediate_size, STAGING_BYTES // (width * esize)))
-            self._upload_buf = _Staging(rows, width, self.device, self.dtype)
-        self.tok = DeviceTokenStats()
-        self.total = DeviceTokenStats()
-
-    def _upload(self, layer: int, rows: np.ndarray, ids, bias):
-        """Device parts [n, d] (and bias) of host records `rows` of neurons `ids`."""
-        n, d = rows.shape[0], self.args.hidden_size
-        ids = np.arange(n) if ids is None else np.asarray(ids, np.int64)
-        t0 = time.perf_counter_ns()
-        out = [torch.empty((n, d), dtype=self.dtype, device=self.device) for _ in self.part_names]
-        b_out = None if bias is None else torch.empty(n, dtype=self.dtype, device=self.device)
-        stg = self._upload_buf
-        for a in range(0, n, stg.rows):
-            b = min(n, a + stg.rows)
-            k = b - a
-            stg.ready()
-            for p, name in enumerate(self.part_names):
-                stg.f32[:k, p * d:(p + 1) * d] = self.host_kernel.part_f32(layer, rows[a:b],
-                                                                           name, ids[a:b])
-            if bias is not None:
-                stg.f32[:k, -1] = np.asarray(bias)[a:b]
-            dev = stg.send(k)
-            for p, t in enumerate(out):
-                t[a:b] = dev[:, p * d:(p + 1) * d]
-            if b_out is not None:
-                b_out[a:b] = dev[:, -1]
-            self.tok.transfer_bytes += k * stg.buf.shape[1] * stg.buf.element_size()
-        self.tok.transfer_ns += time.perf_counter_ns() - t0
-        return out, b_out
-
-    def forward(self, layer: int, x, act_out=None):
-        """Layer `layer`'s FFN for inputs x [T, d] (a device tensor): the host selects and
-        reads from a float32 copy of x, the device computes."""
-        self._xt = x
-        try:
-            return super().forward(layer, x.detach().to("cpu", torch.float32).numpy(), act_out)
-        finally:
-            self._xt = None
-
-    def _ffn_on(self, layer, x, rows, select, has_bias):
-        if select is not None and select.size == 0:
-            return torch.zeros((x.shape[0], self.args.hidden_size), dtype=self.dtype,
-                               device=self.device)
-        return super()._ffn_on(layer, x, rows, select, has_bias)
-
-    def start_token(self) -> None:
-        super().start_token()
-        self.tok = DeviceTokenStats(**vars(self.tok))
-
-    @property
-    def nbytes(self) -> int:
-        dev = self.mirror.nbytes if self.mirror is not None else self._upload_buf.nbytes
-        return super().nbytes + dev
+        super().__init__(directory, manifest, args, dense, runtime, predictors, plan,
+                         TorchOps(self.device, self.dtype))
