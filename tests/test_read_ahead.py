@@ -87,7 +87,6 @@ def test_the_cache_lands_read_ahead_records_byte_identically(bundle, engine, pac
     ra = ReadAhead(path, params, max_records=30)
     cache.set_source(ra)
     rng = np.random.default_rng(1)
-    held: list[int] = []
     copied = 0
     for step in range(12):
         layer = step % N_LAYERS
