@@ -50,7 +50,7 @@ def run(directory, budget: str, mode: str, ids: list, warm: int) -> tuple[dict, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", default="340MB", help="DRAM budget (default %(default)s: the "
-                    "neuron cache holds about half the FFN)")
+                    "neuron cache holds about a quarter of the FFN, the sketch the rest)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=40, help="measured tokens per round")
     ap.add_argument("--warmup", type=int, default=8)
