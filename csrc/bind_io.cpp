@@ -86,9 +86,10 @@ py::dict header_dict(const BundleHeader& h) {
   d["payload_bytes"] = payload_bytes(h);
   d["down_layout"] = h.down_layout == uint32_t(DownLayout::Codes) ? "codes" : "blocks";
   d["alignment"] = h.alignment;
-  d["record_bytes"] = h.record_bytes;
-  d["data_offset"] = h.data_offset;
-  d["file_bytes"] = h.file_bytes;
+  // by value: the header is packed and these sit at misaligned offsets (no references)
+  d["record_bytes"] = uint64_t(h.record_bytes);
+  d["data_offset"] = uint64_t(h.data_offset);
+  d["file_bytes"] = uint64_t(h.file_bytes);
   return d;
 }
 

@@ -145,10 +145,13 @@ BundleHeader make_header(uint32_t n_layers, uint32_t d_model, uint32_t d_ff, DTy
   h.record_bytes = align_up(off, alignment);
   h.data_offset = align_up(kHeaderBytes, alignment);
   uint64_t n_records = uint64_t(n_layers) * d_ff;  // < 2^64
-  uint64_t data_bytes = 0;
+  // Through a local: the header is packed, file_bytes sits at byte 76, and a uint64_t* to it
+  // would be misaligned (undefined behaviour; UBSan in the fuzz build reports it).
+  uint64_t data_bytes = 0, file_bytes = 0;
   FI_CHECK(mul_ok(n_records, h.record_bytes, &data_bytes) &&
-               add_ok(h.data_offset, data_bytes, &h.file_bytes),
+               add_ok(h.data_offset, data_bytes, &file_bytes),
            "bundle file size overflows 64 bits");
+  h.file_bytes = file_bytes;
   return h;
 }
 

@@ -54,8 +54,11 @@ inline uint64_t now_ns() {
 }
 
 namespace detail {
+// The arguments are taken by value: messages name fields of the packed BundleHeader, whose
+// 64-bit fields are misaligned, and a reference to one is undefined behaviour (clang's UBSan
+// reports it; gcc copies). Only error paths build messages.
 template <typename... Args>
-std::string concat(Args&&... args) {
+std::string concat(Args... args) {
   std::ostringstream os;
   (os << ... << args);
   return os.str();
