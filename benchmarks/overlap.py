@@ -7,7 +7,8 @@ overlap "off", "layer" and "ahead", interleaved round by round so that a change 
 load hits each alike, and reports per token: the wall time, the reads' busy time (I/O), the
 part of the token spent waiting for them, memory management, the predictor (sketch scores,
 ranking), compute, bytes read, and the issue's ratio token / max(I/O, compute + management).
-It also checks that each mode's logits equal "off"'s (rank: bit for bit).
+It also checks that each mode's logits equal "off"'s (rank: bit for bit): the overlap modes get
+the read-ahead slots' bytes on top of the budget, so that all cache the same neurons.
 """
 from __future__ import annotations
 
@@ -30,8 +31,25 @@ KEYS = ("total_ns", "io_ns", "io_wait_ns", "mm_ns", "predict_ns", "compute_ns", 
         "ahead_bytes", "loaded", "reads")
 
 
+def slots_bytes(directory, budget: str) -> int:
+    """What the plan counts for the read-ahead worker's slots: given on top of the budget to
+    the overlap modes, so that every mode caches the same neurons (and the logits can match)."""
+    from flashinfer_py.config import RuntimeConfig
+    from flashinfer_py.loader import READ_AHEAD_SLOTS, plan_directory, read_ahead_records
+
+    rt, plan = plan_directory(directory, RuntimeConfig(dram_budget=budget))
+    m = fi.load(directory)
+    rec = m.manifest["bundle"]["record_bytes"]
+    return READ_AHEAD_SLOTS * (read_ahead_records(m.args, rt) * rec + m.args.intermediate_size * 4)
+
+
 def run(directory, budget: str, mode: str, ids: list, warm: int) -> tuple[dict, np.ndarray]:
-    m = fi.load(directory, dram_budget=budget, overlap=mode)
+    from flashinfer_py.config import parse_bytes
+
+    b = parse_bytes(budget) + (slots_bytes(directory, budget) if mode != "off" else 0)
+    m = fi.load(directory, dram_budget=b, overlap=mode)
+    if mode != "off":
+        assert m.plan.cache_capacity == fi.load(directory, dram_budget=budget).plan.cache_capacity
     cache = m.new_cache()
     m.reset()
     acc = {k: [] for k in KEYS}
