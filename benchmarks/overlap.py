@@ -31,25 +31,26 @@ KEYS = ("total_ns", "io_ns", "io_wait_ns", "mm_ns", "predict_ns", "compute_ns", 
         "ahead_bytes", "loaded", "reads")
 
 
-def slots_bytes(directory, budget: str) -> int:
+def slots_bytes(directory, budget: str, **kw) -> int:
     """What the plan counts for the read-ahead worker's slots: given on top of the budget to
     the overlap modes, so that every mode caches the same neurons (and the logits can match)."""
     from flashinfer_py.config import RuntimeConfig
     from flashinfer_py.loader import READ_AHEAD_SLOTS, plan_directory, read_ahead_records
 
-    rt, plan = plan_directory(directory, RuntimeConfig(dram_budget=budget))
+    rt, plan = plan_directory(directory, RuntimeConfig(dram_budget=budget, **kw))
     m = fi.load(directory)
     rec = m.manifest["bundle"]["record_bytes"]
     return READ_AHEAD_SLOTS * (read_ahead_records(m.args, rt) * rec + m.args.intermediate_size * 4)
 
 
-def run(directory, budget: str, mode: str, ids: list, warm: int) -> tuple[dict, np.ndarray]:
+def run(directory, budget: str, mode: str, ids: list, warm: int, **kw) -> tuple[dict, np.ndarray]:
     from flashinfer_py.config import parse_bytes
 
-    b = parse_bytes(budget) + (slots_bytes(directory, budget) if mode != "off" else 0)
-    m = fi.load(directory, dram_budget=b, overlap=mode)
+    b = parse_bytes(budget) + (slots_bytes(directory, budget, **kw) if mode != "off" else 0)
+    m = fi.load(directory, dram_budget=b, overlap=mode, **kw)
     if mode != "off":
-        assert m.plan.cache_capacity == fi.load(directory, dram_budget=budget).plan.cache_capacity
+        assert m.plan.cache_capacity == fi.load(directory, dram_budget=budget,
+                                                **kw).plan.cache_capacity
     cache = m.new_cache()
     m.reset()
     acc = {k: [] for k in KEYS}
@@ -73,23 +74,32 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=40, help="measured tokens per round")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--dir", type=Path, default=None,
+                    help="flash directory (default: the embedded SmolLM2)")
+    ap.add_argument("--selection", default="auto", help="RuntimeConfig.selection")
+    ap.add_argument("--eviction", default="auto", help="RuntimeConfig.eviction")
     a = ap.parse_args()
-    directory = default_model_dir()
+    directory = a.dir or default_model_dir()
+    kw = dict(selection=a.selection, eviction=a.eviction)
     tok = fi.load(directory).tokenizer
     text = wikipedia_excerpt()[:20000]
     ids = tok.encode(text)[1000:1000 + a.warmup + a.tokens]
     load0 = os.getloadavg()
     res = {m: [] for m in MODES}
     same = {m: True for m in MODES}
+    diff = {m: 0.0 for m in MODES}  # max |logit - off's| / max |off's logit|
+    argmax = {m: True for m in MODES}
     for r in range(a.rounds):
         ref = None
         for mode in MODES:
-            st, lg = run(directory, a.budget, mode, ids, a.warmup)
+            st, lg = run(directory, a.budget, mode, ids, a.warmup, **kw)
             res[mode].append(st)
             if ref is None:
                 ref = lg
             else:
                 same[mode] &= bool(np.array_equal(lg, ref))
+                diff[mode] = max(diff[mode], float(np.abs(lg - ref).max() / np.abs(ref).max()))
+                argmax[mode] &= bool((lg.argmax(-1) == ref.argmax(-1)).all())
             print(f"round {r} {mode}: {np.mean(st['total_ns']) / 1e6:.1f} ms/token", flush=True)
     load1 = os.getloadavg()
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -115,10 +125,12 @@ def main() -> None:
               f"{mean['mm_ns'] / 1e6:.1f} | {mean['predict_ns'] / 1e6:.1f} | "
               f"{mean['compute_ns'] / 1e6:.1f} | {mean['bytes_read'] / 1e6:.2f} | "
               f"{mean['ahead_bytes'] / 1e6:.2f} | {ratio:.2f} | "
-              f"{'bit-identical' if same[mode] else 'NO'} |")
+              + ("bit-identical |" if same[mode] else
+                 f"max rel. diff {diff[mode]:.1e}, argmax {'same' if argmax[mode] else 'DIFFERS'} |"))
         out.append({"mode": mode, **mean, "per_round_ms": per_round, "ratio": ratio,
                     "io_share": mean["io_wait_ns"] / mean["total_ns"],
-                    "identical": same[mode]})
+                    "identical": same[mode], "max_rel_diff": diff[mode],
+                    "argmax_same": argmax[mode]})
     if a.json:
         with open(a.json, "a") as f:
             f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "commit": git,

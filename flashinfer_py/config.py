@@ -507,8 +507,8 @@ class RuntimeConfig:
             on the rows already cached, and only the rest waits for them. "ahead": also start
             each layer's reads before its attention, from a guess made on the attention's
             input (Deja Vu's look-ahead); the selection itself still comes from the FFN's true
-            input, so a wrong guess costs reads, never quality. Logits equal "off"'s within
-            float rounding (the cached and the arriving rows are summed in two groups).
+            input, so a wrong guess costs reads, never quality. The logits are "off"'s bit
+            for bit: every mode sums the rows that stay, then the arriving ones.
         ablation: a preset reproducing a row of the paper's Table 2, applied over the fields
             above: "naive", "hybrid", "predictor", "window", "bundling" (= everything on).
 

@@ -278,8 +278,8 @@ class SparseFFN:
                              "without sparse options")
         if self.rank:
             return self._forward_rank(layer, x)
-        if self.ahead is not None:
-            return self._forward_overlapped(layer, x)
+        if self.cache is not None:
+            return self._forward_window(layer, x)
         rows, bias, select, ids = self.rows(layer, x)
         return self.kernel(layer, x, rows, bias, select, row_ids=ids)
 
@@ -354,6 +354,8 @@ class SparseFFN:
         """Start the rest slot on the neurons of `load` no ahead slot is reading for this
         layer; then (overlap "ahead") guess for the next layer from x, so the disk does not
         idle between this layer's last read and the next layer's attention."""
+        if self.ahead is None:  # overlap "off": the cache reads them when they land
+            return False
         if layer in self._ahead:
             load = load[~self._is_ahead[self._ahead[layer][0]][load]]
         load = load[:self.ahead.max_records]
@@ -366,6 +368,9 @@ class SparseFFN:
 
     def _land(self, layer: int, rest: bool, apply) -> None:
         """Wait for this layer's reads, let `apply` put them in the cache, free the slots."""
+        if self.ahead is None:
+            apply()
+            return
         st = self.tok
         mine = self._ahead.get(layer, (None,))[0]
         try:
@@ -382,11 +387,12 @@ class SparseFFN:
             if mine is not None:
                 self.ahead.release(mine)
 
-    def _forward_overlapped(self, layer: int, x: np.ndarray) -> np.ndarray:
-        """The window/frequency step with the reads in flight while the FFN runs on the rows
-        that stay: plan, start what is missing, compute on the staying rows, land the
-        newcomers, add their part. The same rows as the sequential step, summed in two
-        groups: equal within float rounding (tests/test_overlap.py)."""
+    def _forward_window(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """The window/frequency step: plan, compute the FFN on the rows that stay, land the
+        newcomers, add their part. With overlap the newcomers' reads are in flight meanwhile;
+        without, they are read when they land. Either way the same rows are summed in the
+        same two groups, so every overlap mode gives the same logits bit for bit
+        (tests/test_overlap.py)."""
         st, cache, drv = self.tok, self.cache, self.driver
         t0 = time.perf_counter_ns()
         ids = np.asarray(self._select(layer, x), np.int64)
