@@ -122,14 +122,13 @@ def test_compute_predicted_with_the_true_active_set_is_dense(name, tiny_flash, p
     m = fi.load(d, fi.RuntimeConfig(sparse=True, selection="oracle", window=4,
                                     compute="predicted", prefill_chunk=4))
     calls = []
-    rows = m.ffn.rows
+    ffn_on = m.ffn._ffn_on
 
-    def count(layer, x):  # (cache rows, bias, the token's rows among them, ids)
-        out = rows(layer, x)
-        calls.append((out[2] is not None and len(out[2]) < len(out[3])))
-        return out
+    def count(layer, x, rows, select, has_bias):  # the FFN over rows[select] of the cache
+        calls.append(select is not None and len(select) < rows.shape[0])
+        return ffn_on(layer, x, rows, select, has_bias)
 
-    m.ffn.rows = count
+    m.ffn._ffn_on = count
     cache = m.new_cache()
     got = [m.forward(prompt_ids[:9], cache)] + [m.forward([t], cache) for t in prompt_ids[9:]]
     # token by token against the whole prompt at once: other kernels (GEMV vs blocked GEMM)
