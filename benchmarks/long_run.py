@@ -77,32 +77,6 @@ def status_kib(key: str) -> int:
         return next(int(ln.split()[1]) for ln in f if ln.startswith(key + ":"))
 
 
-def check_cache(m) -> list:
-    """What is wrong with the neuron cache now (empty: nothing)."""
-    import numpy as np
-
-    from flashinfer_py.bundles import BundleReader
-
-    cache, problems = m.ffn.cache, []
-    reader = BundleReader(str(m.directory / m.manifest["files"]["bundles"]))
-    for layer in range(m.args.num_hidden_layers):
-        ids = np.asarray(cache.ids(layer))
-        if len(set(ids.tolist())) != len(ids) or len(ids) != cache.n_used(layer):
-            problems.append(f"layer {layer}: ids not unique or not n_used")
-        if len(ids) == 0:
-            continue
-        if len(ids) > cache.capacity(layer) or ids.min() < 0 or ids.max() >= m.args.intermediate_size:
-            problems.append(f"layer {layer}: over capacity or out of range")
-        if any(cache.slot_of(layer, int(i)) != s for s, i in enumerate(ids)):
-            problems.append(f"layer {layer}: slot map disagrees with the ids")
-        want = reader.read_parts(layer, ids, list(range(len(reader.parts))))
-        want = want.view(np.uint8).reshape(len(ids), -1)
-        rows = np.ascontiguousarray(cache.rows(layer)).view(np.uint8).reshape(len(ids), -1)
-        if not np.array_equal(rows[:, :want.shape[1]], want):  # packed: the parts, then padding
-            problems.append(f"layer {layer}: a cached row differs from its record")
-    return problems
-
-
 def child(a) -> dict:
     """The run itself (a fresh process)."""
     import flashinfer_py as fi
@@ -175,7 +149,7 @@ def child(a) -> dict:
     total_s = time.perf_counter() - t_start
     peak_generating = status_kib("VmHWM") * 1024
     t_check = time.perf_counter()
-    problems = check_cache(m)
+    problems = m.ffn.cache.problems()
     return {"tokens": generated, "seconds": total_s, "tokens_per_s": generated / total_s,
             "turns": turn, "conversations": conversations, "prompt_tokens": prompt_tokens,
             "cached_prompt_tokens": cached_tokens, "load_s": load_s,

@@ -103,6 +103,30 @@ class NeuronCache:
         return self.rows(layer)[:, self._part_slices[name]]
 
     # -- queries
+    def problems(self) -> list[str]:
+        """What is wrong with the cache now (empty: nothing): per layer, ids unique and as many
+        as n_used, within capacity and range, the slot map agreeing with the ids, and every
+        row byte-equal to its neuron's record in the bundle file (read again, apart from the
+        cache's reads). For long-run checks; it reads every cached record."""
+        reader = BundleReader(self.reader.path)
+        d_ff, out = reader.header["d_ff"], []
+        for layer in range(self.n_layers):
+            ids = np.asarray(self.ids(layer))
+            if len(set(ids.tolist())) != len(ids) or len(ids) != self.n_used(layer):
+                out.append(f"layer {layer}: ids not unique or not n_used")
+            if len(ids) == 0:
+                continue
+            if len(ids) > self.capacity(layer) or ids.min() < 0 or ids.max() >= d_ff:
+                out.append(f"layer {layer}: over capacity or out of range")
+            if any(self.slot_of(layer, int(i)) != s for s, i in enumerate(ids)):
+                out.append(f"layer {layer}: slot map disagrees with the ids")
+            want = reader.read_parts(layer, ids, list(range(len(reader.parts))))
+            want = want.view(np.uint8).reshape(len(ids), -1)
+            rows = np.ascontiguousarray(self.rows(layer)).view(np.uint8).reshape(len(ids), -1)
+            if not np.array_equal(rows[:, :want.shape[1]], want):  # packed: parts, then padding
+                out.append(f"layer {layer}: a cached row differs from its record")
+        return out
+
     @property
     def row_bytes(self) -> int:
         """DRAM bytes per cached neuron (the record size, or the parts' size when packed)."""
