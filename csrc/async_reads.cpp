@@ -147,12 +147,6 @@ const char* AsyncReads::find(uint32_t layer, int64_t id) const {
   return nullptr;
 }
 
-bool AsyncReads::holds(uint32_t slot, uint32_t layer, int64_t id) const {
-  const Slot& s = at(slot);
-  return s.state != State::kIdle && s.layer == layer && id >= 0 && id < int64_t(d_ff_) &&
-         s.index[std::size_t(id)] >= 0;
-}
-
 uint64_t AsyncReads::busy_ns(uint32_t slot) const { return at(slot).busy_ns; }
 
 std::size_t AsyncReads::nbytes() const {

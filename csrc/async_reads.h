@@ -53,8 +53,6 @@ class AsyncReads {
 
   // The record of `id` (layer `layer`) in a waited slot, or nullptr.
   const char* find(uint32_t layer, int64_t id) const;
-  // Whether `slot` has been started and holds (or will hold) `id` of `layer`.
-  bool holds(uint32_t slot, uint32_t layer, int64_t id) const;
 
   // Nanoseconds the worker spent reading for `slot`'s last job (0 when idle or failed).
   uint64_t busy_ns(uint32_t slot) const;

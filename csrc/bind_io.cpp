@@ -365,7 +365,6 @@ void bind_io(py::module_& m) {
       .def("release", &AsyncReads::release, py::arg("slot"),
            py::call_guard<py::gil_scoped_release>())
       .def("busy_ns", &AsyncReads::busy_ns, py::arg("slot"))
-      .def("holds", &AsyncReads::holds, py::arg("slot"), py::arg("layer"), py::arg("id"))
       .def("record",
            [](py::object self, uint32_t layer, int64_t id) -> py::object {
              const AsyncReads& a = self.cast<const AsyncReads&>();
