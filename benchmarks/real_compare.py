@@ -100,24 +100,9 @@ def gguf_weight_bytes(path: Path) -> int:
 
 # ---- build --------------------------------------------------------------------------------
 
-def _llama_quantize(src: Path, dst: Path, kind: str) -> None:
-    import llama_cpp
-
-    if dst.exists():
-        return
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
-    p.allow_requantize = True
-    p.nthread = 2
-    tmp = dst.with_suffix(".partial")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), p)
-    if rc != 0:
-        raise SystemExit(f"llama_model_quantize {src} -> {kind} failed ({rc})")
-    os.replace(tmp, dst)
-
-
 def cmd_build(a) -> None:
     import flashinfer_py as fi
+    from dense_decode import _llama_quantize  # llama.cpp's own quantizer
     from flashinfer_py.default_model import default_gguf_path, gemma3_gguf_path
     from long_run import ensure_predictors
 
@@ -301,7 +286,9 @@ class TransformersTool:
 
 
 def make_tool(a):
-    g, d = paths(a.model, a.format)
+    g, d = Path(a.gguf), Path(a.dir)  # from the parent: importing flashinfer_py here would
+    # set OMP_WAIT_POLICY=passive for llama.cpp's and torch's OpenMP threads too (see
+    # dense_decode.serve: that made llama.cpp 2.8x slower on SmolLM2)
     if a.tool == "llama":
         return LlamaTool(g, a.max_context, logits_all=a.what == "ppl")
     if a.tool == "transformers":
@@ -322,15 +309,18 @@ def cmd_child(a) -> None:
     if isinstance(tool, OursTool):
         out.update(tool.describe())
     if a.what == "ppl":
-        from flashinfer_py.evaluate import log_softmax, stepwise
+        if isinstance(tool, OursTool):
+            from flashinfer_py.evaluate import stepwise
 
-        fn = (stepwise(tool.m) if a.tool == "sparse" else tool.m.logits) \
-            if isinstance(tool, OursTool) else tool.window_logits
+            fn = stepwise(tool.m) if a.tool == "sparse" else tool.m.logits
+        else:
+            fn = tool.window_logits
         nll, n = 0.0, 0
         for w in texts["ppl"]:
-            lg = fn(w)
-            for t in range(len(w) - 1):
-                nll -= float(log_softmax(lg[t])[w[t + 1]])
+            lg = np.asarray(fn(w), np.float64)
+            m = lg.max(axis=1, keepdims=True)
+            logp = lg - m - np.log(np.exp(lg - m).sum(axis=1, keepdims=True))
+            nll -= float(sum(logp[t, w[t + 1]] for t in range(len(w) - 1)))
             n += len(w) - 1
         out.update(perplexity=float(np.exp(nll / n)), ppl_tokens=n)
     else:
@@ -339,26 +329,16 @@ def cmd_child(a) -> None:
         held = tool.weights_held()
         out.update(weights_held=held, vm_hwm=status_bytes("VmHWM"), vm_rss=status_bytes("VmRSS"),
                    overhead=status_bytes("VmHWM") - held)
+    out.update(omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+               imported_flashinfer_py="flashinfer_py" in sys.modules)
     print(json.dumps(out), flush=True)
 
 
 # ---- the orchestrator ---------------------------------------------------------------------
 
-def memcg_root() -> Path:
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, ctrl, path = line.strip().split(":", 2)
-            if "memory" in ctrl.split(","):
-                return Path("/sys/fs/cgroup/memory" + path)
-    raise SystemExit("no cgroup v1 memory controller here (../shared/MACHINE.md has the recipe)")
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
 def run_in_cgroup(argv: list, cap: int, cold: bool, timeout: float) -> dict:
+    from llamacpp_compare import drop_caches, memcg_root
+
     cg = memcg_root() / f"realcmp_{os.getpid()}"
     cg.mkdir()
     try:
@@ -439,7 +419,8 @@ def cmd_run(a) -> None:
 
     def child(rec: dict, tokens=None) -> dict:
         what, tool = rec["what"], rec["tool"]
-        argv = me + ["--model", rec["model"], "--format", rec["format"], "--tool", tool,
+        g, d = paths(rec["model"], rec["format"])
+        argv = me + ["--gguf", str(g), "--dir", str(d), "--tool", tool,
                      "--what", "ppl" if what == "ppl" else "decode", "--texts", str(texts),
                      "--max-context", str(ppl_ctx if what == "ppl" else max_ctx),
                      "--tokens", str(tokens if tokens is not None else a.tokens),
@@ -606,7 +587,10 @@ def report(path, plot_path=None) -> None:
             if s["share"] is not None and k[3] == "sparse":
                 notes.append(f"budget {r0['budget'] / 2**20:.0f} MiB, cache "
                              f"{s['share']:.0%} of the FFN")
-            if s["rc"] != ["0"] and not s["error"]:
+            if s["rc"] == ["-9"]:
+                notes.append("killed at the cap every round (SIGKILL from the cgroup: what "
+                             "this mode holds in anonymous memory does not fit)")
+            elif s["rc"] != ["0"] and not s["error"]:
                 notes.append(f"exit {','.join(s['rc'])}")
             if s["n"] and min(s["n"]) < meta.get("tokens", 0):
                 notes.append(f"{min(s['n'])}-{max(s['n'])} tokens in the time limit")
@@ -689,8 +673,8 @@ def main() -> None:
     rp.add_argument("json")
     rp.add_argument("--plot", default=None)
     c = sub.add_parser("child", help="internal: one measured process")
-    c.add_argument("--model", required=True)
-    c.add_argument("--format", required=True)
+    c.add_argument("--gguf", required=True, help="the GGUF llama.cpp and transformers read")
+    c.add_argument("--dir", required=True, help="our flash directory")
     c.add_argument("--tool", required=True,
                    choices=("llama", "dense", "sparse", "paged", "transformers"))
     c.add_argument("--what", default="decode", choices=("decode", "ppl"))
