@@ -1,9 +1,11 @@
 """The paper's Table 2 (and the Table 3 split) for SmolLM2-135M with its trained predictors.
 
-    python benchmarks/smollm2_table.py [--tokens 32] [--rounds 2] [--json benchmarks/smollm2_table.json]
+    python benchmarks/smollm2_table.py [--tokens 32] [--rounds 2] [--budget 250MB]
+                                       [--json benchmarks/smollm2_table.json]
 
 Real model, real text, real activations: the default SmolLM2 flash directory
-(``default_model_dir()``, float16; its ``predictors.npz`` from ``flashinfer-py train-predictors --method both``,
+(``default_model_dir()``, float16, its files linked into ``<cache>/bench/smollm2-table``; its
+``predictors.npz`` trained there once as ``flashinfer-py train-predictors --method both`` does,
 calibrated on the *head* of the Wikipedia excerpt) decodes text from the excerpt's *tail* (never
 seen in training). For each ablation preset (naive, hybrid, predictor, window, bundling):
 ``RuntimeConfig(ablation=row, max_context=512, threads=1)``, everything else default (window
@@ -15,6 +17,13 @@ is prefilled (one window step) and the next ``--tokens`` tokens of the text are 
 memory management (window update, eviction, row bookkeeping), predictor, compute (the rest
 of the forward), bytes and reads. Rows run ``--rounds`` times in shuffled order (compared
 cases interleaved); means are over the tokens after the first k=4 (window full), over rounds.
+
+``--budget``: every row runs under that ``dram_budget`` (the whole process, as ``--dram-budget``
+plans it), so the rows that keep neurons cache only what fits; without it they may hold the
+whole FFN. Each row also reports the prompt's cost (time to first token: the 16-token prompt's
+forward, which loads the prompt's neurons from a cold cache, and its bytes) and the quality of
+its logits on the fed tokens (perplexity over the measured tokens: every row is fed the same
+tokens, so the rows compare; a short sample, not a benchmark of the model).
 
 DRAM column = resident tensors (0 for naive: it re-reads them every token) + predictors (rows
 that use them) + KV cache for max_context + the planned runtime overhead + the peak neuron-cache
@@ -34,10 +43,11 @@ import numpy as np
 
 from common import git_commit, machine
 
-from flashinfer_py.config import RuntimeConfig
+from flashinfer_py.config import RuntimeConfig, parse_bytes
 from flashinfer_py.corpora import wikipedia_excerpt
 from flashinfer_py.default_model import default_model_dir
 from flashinfer_py.runtime import load
+from flashinfer_py.sampling import log_softmax
 
 ROWS = ("naive", "hybrid", "predictor", "window", "bundling")
 FLAGS = {"naive": "- - - -", "hybrid": "x - - -", "predictor": "x x - -",
@@ -57,6 +67,46 @@ def drop_cache(directory: Path) -> None:
                 os.close(fd)
 
 
+def table_dir() -> Path:
+    """The default SmolLM2 directory's files, hard-linked (copied across file systems) into
+    ``<cache>/bench/smollm2-table``, so that this table's predictors never replace the ones a
+    user trained in the default directory."""
+    import shutil
+
+    from flashinfer_py.default_model import cache_root
+
+    src, dst = default_model_dir(), cache_root() / "bench" / "smollm2-table"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "predictors.npz" and not (dst / f.name).exists():
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def ensure_lowrank(directory: Path) -> None:
+    """The rows with a predictor need the low-rank predictors: train them (and the sketch) on
+    the excerpt's head, once, if the directory's predictors.npz lacks them."""
+    from flashinfer_py.errors import FlashFormatError
+    from flashinfer_py.predictor import Predictors
+    from flashinfer_py.train import TrainConfig, train_predictors
+
+    try:
+        if "lowrank" in Predictors.load(directory, load(directory).manifest).kinds:
+            return
+    except FlashFormatError:
+        pass
+    print("training low-rank predictors and the sketch on the excerpt's head (once) ...",
+          flush=True)
+    model = load(directory)
+    cfg = TrainConfig(methods=("lowrank", "sketch"))
+    head = wikipedia_excerpt()[:-EVAL_CHARS]
+    train_predictors(model, model.tokenizer.encode(head[: cfg.max_tokens * 12]), cfg,
+                     progress=False)
+
+
 def eval_tokens(model, n: int) -> list[int]:
     text = wikipedia_excerpt()[-EVAL_CHARS:]
     text = text[text.index("\n") + 1:]  # start at a line boundary
@@ -72,14 +122,19 @@ def run_row(row: str, directory: Path, ids: list[int], threads: int, skip: int,
     cache = model.new_cache()
     model.reset()
     load0 = os.getloadavg()[0]
-    model.forward(ids[:PROMPT_TOKENS], cache, last_only=True)
+    t0 = time.perf_counter_ns()
+    logits = model.forward(ids[:PROMPT_TOKENS], cache, last_only=True)[-1]
+    prompt = {"ttft_ms": (time.perf_counter_ns() - t0) / 1e6,
+              "prompt_bytes": model.last_stats["bytes_read"]}
     per_tok = []
-    for t in ids[PROMPT_TOKENS:]:
-        model.forward([t], cache, last_only=True)
+    for i, t in enumerate(ids[PROMPT_TOKENS:]):
+        nll = -float(log_softmax(logits)[t])  # the previous step's prediction of this token
+        logits = model.forward([t], cache, last_only=True)[-1]
         s = model.last_stats
         per_tok.append({k: s[k] for k in ("io_ns", "mm_ns", "predict_ns", "compute_ns",
                                           "total_ns", "bytes_read", "reads", "loaded",
                                           "needed", "hits", "cached", "direct")})
+        per_tok[-1]["nll"] = nll
     engine, direct = model.ffn.reader.engine, model.ffn.reader.is_direct
     rec = plan.record_bytes
     del model, cache
@@ -110,6 +165,7 @@ def run_row(row: str, directory: Path, ids: list[int], threads: int, skip: int,
         "hit_rate": sum(p["hits"] for p in m) / max(1, sum(p["needed"] for p in m)),
         "needed_frac": mean("needed") / (plan.d_ff * len(plan.cache_capacity)),
         "load_start": load0, "load_end": os.getloadavg()[0], "per_token": per_tok,
+        "budget": rt.dram_budget, "perplexity": float(np.exp(mean("nll"))), **prompt,
     }
 
 
@@ -118,8 +174,10 @@ def combine(runs: list[dict]) -> dict:
     out = dict(runs[0])
     for k in ("dram_bytes", "cache_peak_bytes", "bytes_per_token", "reads_per_token", "gbps",
               "io_ms", "mm_ms", "predict_ms", "compute_ms", "total_ms", "hit_rate",
-              "needed_frac"):
+              "needed_frac", "ttft_ms", "prompt_bytes"):
         out[k] = float(np.mean([r[k] for r in runs]))
+    out["perplexity"] = float(np.exp(np.mean(
+        [p["nll"] for r in runs for p in r["per_token"][r["measured_from"]:]])))
     toks = [p for r in runs for p in r["per_token"][r["measured_from"]:]]
     out["io_ms_sd"] = float(np.std([p["io_ns"] / 1e6 for p in toks], ddof=1))
     out["total_ms_sd"] = float(np.std([p["total_ns"] / 1e6 for p in toks], ddof=1))
@@ -135,13 +193,16 @@ def format_tables(rows: dict, meta: dict) -> str:
            f"{meta['load'][0]:.1f} -> {meta['load'][1]:.1f}; {meta['tokens']} decoded tokens x "
            f"{meta['rounds']} rounds per row (rows shuffled per round), means over tokens "
            f">= {meta['skip']}; {meta['wall_s']:.0f} s.", "",
-           "**Table 2, SmolLM2-135M** (per token; model = "
+           "**Table 2, SmolLM2-135M** (per token; "
+           + (f"every row under dram_budget {meta['budget'] / mb:.0f} MB; "
+              if meta.get("budget") else "no budget; ") + "model = "
            f"{meta['model_bytes'] / mb:.0f} MB: {meta['resident_bytes'] / mb:.0f} MB resident + "
            f"{meta['ffn_bytes'] / mb:.0f} MB FFN bundles, 4 KiB records; DRAM (plan) = weights "
            "in DRAM + KV cache + the planned 96 MiB runtime overhead):", "",
            "| hybrid pred window bundle | DRAM (plan) | of which weights | flash->DRAM /token | reads/token (mean size) "
-           "| effective GB/s | I/O latency | neurons needed (% FFN) | cache hit rate |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| effective GB/s | I/O latency | neurons needed (% FFN) | cache hit rate "
+           "| time to first token (prompt bytes) | perplexity, fed tokens |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ROWS:
         if r not in rows:
             continue
@@ -151,7 +212,9 @@ def format_tables(rows: dict, meta: dict) -> str:
         out.append(f"| {r} ({FLAGS[r]}) | {x['dram_bytes'] / mb:.0f} MB | {w / mb:.0f} MB | "
                    f"{x['bytes_per_token'] / mb:.1f} MB | {x['reads_per_token']:.0f} ({size:.0f} KiB) | "
                    f"{x['gbps']:.2f} | **{x['io_ms']:.1f} ± {x['io_ms_sd']:.1f} ms** | "
-                   f"{100 * x['needed_frac']:.0f}% | {100 * x['hit_rate']:.0f}% |")
+                   f"{100 * x['needed_frac']:.0f}% | {100 * x['hit_rate']:.0f}% | "
+                   f"{x['ttft_ms']:.0f} ms ({x['prompt_bytes'] / mb:.0f} MB) | "
+                   f"{x['perplexity']:.2f} |")
     out += ["", "**Table 3 split, SmolLM2-135M** (per token, ms; compute = the rest of the "
             "forward: attention, dense parts, the FFN kernel over the cached rows, LM head):", "",
             "| config | I/O | memory mgmt | predictor | compute | total | mgmt share |",
@@ -174,8 +237,11 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget", type=parse_bytes, default=None,
+                    help="dram_budget for every row (e.g. 250MB: below the model's size)")
     a = ap.parse_args()
-    directory = default_model_dir()
+    directory = table_dir()
+    ensure_lowrank(directory)
     t_start, load0 = time.time(), os.getloadavg()[0]
     probe = load(directory)
     ids = eval_tokens(probe, PROMPT_TOKENS + a.tokens)
@@ -188,7 +254,8 @@ def main() -> None:
         order = rows[:]
         rng.shuffle(order)
         for r in order:
-            res = run_row(r, directory, ids, a.threads, skip)
+            res = run_row(r, directory, ids, a.threads, skip,
+                          **({"dram_budget": a.budget} if a.budget else {}))
             runs[r].append(res)
             print(f"round {rnd} {r}: {res['io_ms']:.1f} ms I/O, {res['total_ms']:.1f} ms total, "
                   f"{res['bytes_per_token'] / 1e6:.1f} MB/token, load {res['load_end']:.2f}",
@@ -198,7 +265,7 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit("flashinfer_py"),
             "machine": machine(),
             "load": [load0, os.getloadavg()[0]], "tokens": a.tokens, "rounds": a.rounds,
-            "skip": skip, "wall_s": time.time() - t_start, "model_bytes": any_row["model_bytes"],
+            "skip": skip, "wall_s": time.time() - t_start, "budget": a.budget, "model_bytes": any_row["model_bytes"],
             "command": "python benchmarks/smollm2_table.py " + " ".join(os.sys.argv[1:])}
     manifest = json.loads((directory / "manifest.json").read_text())
     res_b = int(manifest["checksums"][manifest["files"]["dense"]]["bytes"])
