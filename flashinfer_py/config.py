@@ -447,7 +447,10 @@ class RuntimeConfig:
     """Every runtime knob, with its default. Mirrors the native ``ReaderParams``.
 
     Attributes:
-        threads: compute threads for the native kernels (0 = all cores).
+        threads: compute threads (0 = all cores): the native kernels' pool, and on the torch
+            backend torch's intra-op threads while the model runs (0 = torch's own setting;
+            ``torch.set_num_threads`` is process-wide, so it is set on each call into the
+            model and put back after it). The mlx backend has no such setting.
         use_direct_io: bypass the page cache (O_DIRECT / F_NOCACHE); falls back with a warning.
         io_engine: "auto" (io_uring when built and usable, else threads), "threads", "io_uring".
         queue_depth: reads in flight (this disk needs 16-64; the paper used 32 threads).

@@ -332,6 +332,30 @@ except ImportError as e:
     assert hint in r.stdout
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_threads_are_torchs_intra_op_threads_during_the_models_calls(sparse, tiny_flash,
+                                                                     prompt_ids):
+    """RuntimeConfig.threads is torch's intra-op thread count inside the model's forward pass
+    (0: whatever the process set), and the process's own count is back after each call."""
+    d = tiny_flash("llama-relu")
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    for threads, want in ((other, other), (0, before)):
+        kw = dict(sparse=True, selection="oracle", window=2) if sparse else {}
+        m = fi.load(d, backend="torch", threads=threads, **kw)
+        assert torch.get_num_threads() == before  # loading put it back too
+        seen = []
+        if sparse:  # (the observer is the dense model's) the FFN over the device rows
+            rows_ffn = m.ffn.rows_ffn
+            m.ffn.rows_ffn = lambda *a, **k: (seen.append(torch.get_num_threads()),
+                                              rows_ffn(*a, **k))[1]
+        else:
+            m.transformer.observer = lambda *a: seen.append(torch.get_num_threads())
+        m.logits(prompt_ids[:6])
+        assert len(seen) >= m.args.num_hidden_layers and set(seen) == {want}
+        assert torch.get_num_threads() == before
+
+
 @needs_mlx
 def test_mlx_devices(tiny_flash):
     import mlx.core as mx

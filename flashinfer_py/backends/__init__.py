@@ -6,7 +6,9 @@ native     numpy and the C++ kernels on the CPU, every weight in its storage for
 torch      PyTorch on ``cpu``, ``cuda`` or ``mps``: the resident matrices and the FFN
            rows dequantized to the compute dtype on the device
            (``backends/torch_model.py``, ``backends/torch_ffn.py``); the native reader and
-           neuron cache still stream the FFN from flash into host memory
+           neuron cache still stream the FFN from flash into host memory.
+           RuntimeConfig.threads sets torch's intra-op threads during the model's calls
+           (``torch.set_num_threads`` is process-wide: set on entry, put back on exit)
 mlx        Apple's MLX on ``gpu`` (Metal) or ``cpu`` (``mlx[cpu]`` on Linux): the torch
            backend's forward pass ported op for op (``backends/mlx_model.py``,
            ``backends/mlx_ffn.py``), the neuron cache mirrored in mlx arrays the same way
@@ -150,42 +152,27 @@ def available(probe: bool = False) -> dict:
 def open_model(model, dense: dict):
     """(ffn, transformer) of a FlashModel on a device backend (model.backend): the model's
     args, runtime, manifest, directory, predictors and plan are set; `dense` holds the
-    resident tensors."""
-    if model.backend == "mlx":
-        return _open_mlx(model, dense)
-    import_torch()  # the install hint, before the modules below import it
-    from .torch_ffn import TorchResidentFFN, TorchSparseFFN
-    from .torch_model import TorchTransformer
-
+    resident tensors. Both backends run the same providers and structure over their `ops`."""
     rt = model.runtime
-    dev = torch_device(rt.device)
     dtype = rt.compute_dtype or "float32"
-    if model.sparse:
-        ffn = TorchSparseFFN(model.directory, model.manifest, model.args, dense, rt,
-                             model.predictors, model.plan, device=dev, dtype=dtype)
+    if model.backend == "mlx":
+        import_mlx()  # the install hint, before the modules below import it
+        from .mlx_ffn import MlxOps
+        from .mlx_model import MlxTransformer as Transformer
+
+        ops = MlxOps(mlx_device(rt.device), dtype)
     else:
-        bundle_path = str(model.directory / model.manifest["files"]["bundles"])
-        ffn = TorchResidentFFN(bundle_path, model.args, dense, rt, device=dev, dtype=dtype)
-    tr = TorchTransformer(model.args, dense, model.resident_formats, ffn, rt, device=dev,
-                          dtype=dtype)
-    return ffn, tr
+        import_torch()
+        from .torch_ffn import TorchOps
+        from .torch_model import TorchTransformer as Transformer
 
-
-def _open_mlx(model, dense: dict):
-    import_mlx()  # the install hint, before the modules below import it
+        ops = TorchOps(torch_device(rt.device), dtype, rt.threads)
     from .device_ffn import DeviceResidentFFN, DeviceSparseFFN
-    from .mlx_ffn import MlxOps
-    from .mlx_model import MlxTransformer
 
-    rt = model.runtime
-    dev = mlx_device(rt.device)
-    ops = MlxOps(dev, rt.compute_dtype or "float32")
     if model.sparse:
         ffn = DeviceSparseFFN(model.directory, model.manifest, model.args, dense, rt,
                               model.predictors, model.plan, ops)
     else:
         bundle_path = str(model.directory / model.manifest["files"]["bundles"])
         ffn = DeviceResidentFFN(bundle_path, model.args, dense, rt, ops)
-    tr = MlxTransformer(model.args, dense, model.resident_formats, ffn, rt, device=dev,
-                        dtype=ops.dtype)
-    return ffn, tr
+    return ffn, Transformer(model.args, dense, model.resident_formats, ffn, rt, ops)

@@ -7,7 +7,9 @@ A backend hands these an `ops` object (`torch_ffn.TorchOps`, `mlx_ffn.MlxOps`) t
 its arrays: ``ops.array(np_array, float32=False)`` (the compute dtype unless `float32`),
 ``ops.zeros(shape, float32=False)``, ``ops.index(np_ints)``, ``ops.mask(np_bools)``, ``ops.cat(arrays)``,
 ``ops.numpy(a)`` (a float32 numpy copy), ``ops.nbytes(a)``, ``ops.esize`` (bytes of a
-compute-dtype value). Arrays of both frameworks slice, index, assign (``a[i] = b``) and
+compute-dtype value), ``ops.settle(arrays)`` (mlx: evaluate them) and ``ops.context()``, which
+every call into the framework runs inside (mlx: the device's stream; torch: no autograd and
+RuntimeConfig.threads intra-op threads). Arrays of both frameworks slice, index, assign (``a[i] = b``) and
 multiply with the same Python syntax, which is what the code below uses.
 """
 from __future__ import annotations
@@ -237,7 +239,7 @@ class DeviceTransformer:
     _head_input = Transformer._head_input
 
     def _run(self, tokens, cache, last_only: bool) -> np.ndarray:
-        """`forward`'s body (a subclass wraps it: no grad, a stream)."""
+        """`forward`'s body (inside ops.context())."""
         a = self.args
         tokens = check_tokens(tokens, a.vocab_size)
         if not isinstance(cache, self.cache_type):
@@ -254,4 +256,7 @@ class DeviceTransformer:
     def forward(self, tokens, cache, last_only: bool = False) -> np.ndarray:
         """Run `tokens` (continuing the sequence in `cache`) and return float32 numpy logits
         [T, vocab] (or [1, vocab] with last_only)."""
-        return self._run(tokens, cache, last_only)
+        with self.ops.context():
+            out = self._run(tokens, cache, last_only)
+            self.ops.settle(cache.k + cache.v)  # mlx: the cache's writes done, no graph kept
+        return out

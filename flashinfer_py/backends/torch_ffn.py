@@ -1,8 +1,9 @@
-"""The torch backend's FFN pieces: its ops (`TorchOps`: arrays, the staging buffer, the FFN
-over rows) for the providers in device_ffn.py, which are written once for every device
-backend: every neuron on the device (`TorchResidentFFN`), and the neurons streamed from flash
-through a neuron cache mirrored on the device (`TorchSparseFFN`). On CUDA the staging buffer
-is pinned host memory and the copy out of it is asynchronous (an event guards its reuse).
+"""The torch backend's ops (`TorchOps`: arrays, the staging buffer, the FFN over rows, the
+thread count) for the code every device backend shares: the FFN providers in device_ffn.py
+(every neuron on the device, or the neurons streamed from flash through a neuron cache
+mirrored on the device) and the transformer's structure in common.py. On CUDA the staging
+buffer is pinned host memory and the copy out of it is asynchronous (an event guards its
+reuse).
 """
 from __future__ import annotations
 
@@ -12,10 +13,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelArgs, RuntimeConfig
-from .device_ffn import (DeviceNeuronCache, DeviceResidentFFN, DeviceSparseFFN,  # noqa: F401
-                         DeviceTokenStats, STAGING_BYTES)
-from .torch_model import torch_dtype
+from ..config import ModelArgs
+from .common import pick_dtype
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name) -> torch.dtype:
+    return pick_dtype(DTYPES, name)
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """torch's intra-op thread count set to `n` for the block (0: left as it is), and the
+    previous count put back after it.
+
+    ``torch.set_num_threads`` is process-wide: while the block runs, any other torch work in
+    the process (another thread, another model) runs with `n` threads too; between blocks
+    the process's own setting is back. The backend enters this around each call into torch
+    (loading, `forward`), so RuntimeConfig.threads holds for this model's work without
+    changing what the rest of the program set. (Concurrent forward passes from several
+    Python threads with different counts would see each other's; the server runs one at a
+    time.)"""
+    before = torch.get_num_threads()
+    if n <= 0 or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _activation(name: str, param: float):
@@ -100,9 +128,10 @@ class TorchOps:
 
     name = "torch"
 
-    def __init__(self, device, dtype):
+    def __init__(self, device, dtype, threads: int = 0):
         self.device, self.dtype = torch.device(device), torch_dtype(dtype)
         self.esize = torch.empty((), dtype=self.dtype).element_size()
+        self.threads = threads  # RuntimeConfig.threads: torch's intra-op threads (0: torch's)
 
     def array(self, a: np.ndarray, float32: bool = False) -> torch.Tensor:
         return torch.from_numpy(np.asarray(a)).to(self.device,
@@ -133,8 +162,12 @@ class TorchOps:
     def settle(self, arrays: list) -> None:
         pass  # torch runs eagerly
 
+    @contextlib.contextmanager
     def context(self):
-        return contextlib.nullcontext()
+        """Where this model's torch work runs: without autograd, on `threads` intra-op threads
+        (intra_op_threads: set for the block, then put back)."""
+        with torch.no_grad(), intra_op_threads(self.threads):
+            yield
 
     def staging(self, rows: int, width: int) -> _Staging:
         return _Staging(rows, width, self.device, self.dtype)
@@ -142,22 +175,3 @@ class TorchOps:
     def rows_ffn(self, args: ModelArgs) -> _RowsFFN:
         return _RowsFFN(args)
 
-
-class TorchResidentFFN(DeviceResidentFFN):
-    """Every neuron of every layer on the torch device (device_ffn.DeviceResidentFFN)."""
-
-    def __init__(self, bundle_path: str, args: ModelArgs, dense: dict, runtime: RuntimeConfig,
-                 device="cpu", dtype="float32"):
-        self.device, self.dtype = torch.device(device), torch_dtype(dtype)
-        super().__init__(bundle_path, args, dense, runtime, TorchOps(self.device, self.dtype))
-
-
-class TorchSparseFFN(DeviceSparseFFN):
-    """SparseFFN with the FFN computed on a torch device (device_ffn.DeviceSparseFFN)."""
-
-    def __init__(self, directory, manifest: dict, args: ModelArgs, dense: dict,
-                 runtime: RuntimeConfig, predictors=None, plan=None, device="cpu",
-                 dtype="float32"):
-        self.device, self.dtype = torch.device(device), torch_dtype(dtype)
-        super().__init__(directory, manifest, args, dense, runtime, predictors, plan,
-                         TorchOps(self.device, self.dtype))
