@@ -15,6 +15,7 @@ as torch):
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -173,6 +174,21 @@ SPARSE_MODES = {
 }
 
 
+def on_device(d, rt: fi.RuntimeConfig, backend: str, device: str = "cpu") -> fi.RuntimeConfig:
+    """`rt` on a device backend with the native run's cache sizes (to compare the two): the
+    device's memory planned apart (unified_memory=False) and the backend's host overhead
+    (framework, staging buffer) added to the DRAM budget."""
+    from flashinfer_py.config import ModelArgs
+    from flashinfer_py.loader import device_costs
+
+    rt = rt.replace(backend=backend, device=device, unified_memory=False)
+    if rt.dram_budget is None:
+        return rt
+    man = full_manifest(d)
+    extra = device_costs(d, man, ModelArgs.from_dict(man["model"]), rt, backend).host
+    return rt.replace(dram_budget=rt.dram_budget + extra)
+
+
 def sparse_runtime(d, mode: str, **extra) -> fi.RuntimeConfig:
     kw = {"selection": "oracle", **SPARSE_MODES[mode], **extra}
     if kw.get("dram_budget") == "tight":  # (the read-ahead slots are in the plan)
@@ -191,7 +207,7 @@ def test_sparse_oracle_gives_native_logits(backend, name, mode, tiny_flash, prom
     d = tiny_flash(name)
     rt = sparse_runtime(d, mode)
     native = fi.load(d, rt)
-    ours = fi.load(d, rt.replace(backend=backend))
+    ours = fi.load(d, on_device(d, rt, backend))
     got = chunked(ours, prompt_ids)
     assert_close(got, chunked(native, prompt_ids), "float32")
     if mode != "rank-budget":
@@ -212,7 +228,7 @@ def test_sparse_storage_formats(backend, name, dtype, tiny_flash, prompt_ids):
     arrive), against native sparse."""
     d = tiny_flash(name, dtype)
     rt = sparse_runtime(d, "tight-budget")
-    assert_close(chunked(fi.load(d, rt.replace(backend=backend)), prompt_ids),
+    assert_close(chunked(fi.load(d, on_device(d, rt, backend)), prompt_ids),
                  chunked(fi.load(d, rt), prompt_ids), dtype)
 
 
@@ -230,7 +246,7 @@ def test_sparse_every_neuron_is_dense_for_every_family(backend, name, tiny_flash
 def test_sparse_on_each_device(backend, device, tiny_flash, prompt_ids):
     d = tiny_flash("opt-350m", "q8_0")
     rt = sparse_runtime(d, "frequency-budget")
-    got = chunked(fi.load(d, rt.replace(backend=backend, device=device)), prompt_ids)
+    got = chunked(fi.load(d, on_device(d, rt, backend, device)), prompt_ids)
     assert_close(got, chunked(fi.load(d, rt), prompt_ids), "q8_0")
 
 
@@ -239,7 +255,7 @@ def test_device_cache_mirrors_the_host_cache(backend, tiny_flash, prompt_ids):
     """After every token, each layer's device rows are the host cache's rows dequantized, in
     the host's slot order (eviction and compaction included)."""
     d = tiny_flash("llama-relu", "q8_0")
-    m = fi.load(d, sparse_runtime(d, "tight-budget", window=2, backend=backend))
+    m = fi.load(d, on_device(d, sparse_runtime(d, "tight-budget", window=2), backend))
     cache = m.new_cache()
     for t in prompt_ids[:12]:
         m.forward([t], cache)
@@ -256,7 +272,7 @@ def test_sparse_rank_with_the_sketch_on_swiglu(backend, tiny_flash, tmp_path_fac
 
     d, _ = sketch_dir(tiny_flash, tmp_path_factory)
     rt = fi.RuntimeConfig(dram_budget=tight_budget(d, 0.5), prefill_chunk=4)
-    native, ours = fi.load(d, rt), fi.load(d, rt.replace(backend=backend))
+    native, ours = fi.load(d, rt), fi.load(d, on_device(d, rt, backend))
     assert ours.runtime.selection == "sketch" and ours.runtime.eviction == "rank"
     got, ref = chunked(ours, prompt_ids), chunked(native, prompt_ids)
     assert_close(got, ref, "float32")
@@ -469,8 +485,8 @@ def test_smollm2_q4_1_codes_layout(tmp_path_factory):
     every = fi.load(d, sparse=True, selection="all", window=1, backend="torch")
     assert_close(chunked(every, ids, 4), ref, "q4_1")
     rt = fi.RuntimeConfig(dram_budget=tight_budget(d, 0.5), selection="oracle", eviction="rank",
-                          prefill_chunk=4, backend="torch")
-    m = fi.load(d, rt)
+                          prefill_chunk=4)
+    m = fi.load(d, on_device(d, rt, "torch"))
     cache = m.new_cache()
     m.forward(ids[:4], cache)
     for t in ids[4:]:
@@ -493,18 +509,26 @@ def _device_bytes(m) -> int:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vram_budget_splits_device_memory_and_shrinks_the_cache(backend, tiny_flash,
                                                                 prompt_ids):
+    """A discrete device's plan (the CPU device standing in for one: unified_memory=False)."""
+    from flashinfer_py.loader import ALLOCATOR_MARGIN
+
     d = tiny_flash("llama-relu")
     kw = dict(backend=backend, device="cpu", selection="oracle", eviction="window", window=1,
-              prefill_chunk=1)
+              prefill_chunk=1, unified_memory=False)
     free = fi.load(d, sparse=True, **kw)
     full = free.plan.cache_capacity
     probe = fi.load(d, vram_budget=1 << 40, **kw).plan.vram
     assert probe.cache_capacity == full  # a huge budget changes nothing
-    # room for about 95% of the cache on the device (a random ReLU layer fires ~90%)
-    budget = probe.resident + probe.kv_cache + int(0.95 * probe.cache_bytes)
+    assert probe.context == 0  # no CUDA context off CUDA
+    # room for about 95% of the cache on the device (a random ReLU layer fires ~90%), with
+    # the allocator's margin on every tensor
+    tensors = probe.resident + probe.kv_cache + int(0.95 * probe.cache_bytes)
+    budget = int(tensors * (1 + ALLOCATOR_MARGIN))
     m = fi.load(d, vram_budget=budget, **kw)
     v = m.plan.vram
     assert m.sparse and v.total <= budget and v.resident == probe.resident
+    assert v.allocator == int(ALLOCATOR_MARGIN * (v.resident + v.kv_cache + v.cache_bytes))
+    assert v.total == v.resident + v.kv_cache + v.cache_bytes + v.allocator
     assert m.plan.cache_capacity == v.cache_capacity
     assert all(c <= f for c, f in zip(v.cache_capacity, full)) and sum(v.cache_capacity) < sum(full)
     assert [m.ffn.cache.capacity(i) for i in range(m.args.num_hidden_layers)] == v.cache_capacity
@@ -516,29 +540,147 @@ def test_vram_budget_splits_device_memory_and_shrinks_the_cache(backend, tiny_fl
     assert np.isfinite(m.forward(prompt_ids[:8], cache)).all()
 
 
-def test_vram_budget_too_small_names_the_smallest_that_works(tiny_flash):
-    d = tiny_flash("llama-relu")
-    kw = dict(backend="torch", device="cpu", selection="oracle", eviction="window")
-    with pytest.raises(ValueError, match="vram_budget .* is too small.*Give at least") as ei:
-        fi.load(d, vram_budget=1024, **kw)
+def _cuda_plan(d, budget):
+    """The plan of torch on a CUDA device (made on paper: nothing touches a device here)."""
+    from flashinfer_py.loader import plan_directory
+
+    rt = fi.RuntimeConfig(backend="torch", device="cuda", vram_budget=budget,
+                          selection="oracle", eviction="window")
+    return plan_directory(d, rt)[1]
+
+
+def test_cuda_plan_counts_the_context_and_the_allocator_margin(tiny_flash):
+    """Under a CUDA vram_budget the context (CUDA_CONTEXT_BYTES, or measured where a device
+    is visible) and the allocator margin come off the top; the smallest workable figure in
+    the error counts both, and works."""
     import re
 
-    need = re.search(r"Give at least ([0-9.]+ \w+)", str(ei.value)).group(1)
-    assert fi.load(d, vram_budget=need.replace(" ", ""), **kw).plan.vram.total <= \
-        fi.RuntimeConfig(vram_budget=need.replace(" ", ""), backend="torch").vram_budget
+    from flashinfer_py.loader import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES
+
+    d = tiny_flash("llama-relu")
+    v = _cuda_plan(d, 64 << 30).vram
+    assert v.context_note in ("estimate", "measured")
+    assert v.context == CUDA_CONTEXT_BYTES if not torch.cuda.is_available() else \
+        v.context >= CUDA_CONTEXT_BYTES
+    tensors = v.resident + v.kv_cache + v.cache_bytes
+    assert v.allocator == int(ALLOCATOR_MARGIN * tensors)
+    assert v.total == tensors + v.context + v.allocator
+    # just enough for every neuron: nothing cut; 1% less: the cache shrinks
+    enough = v.context + int(np.ceil(tensors * (1 + ALLOCATOR_MARGIN))) + 1
+    assert _cuda_plan(d, enough).vram.cache_capacity == v.cache_capacity
+    less = _cuda_plan(d, enough - int(0.01 * tensors)).vram
+    assert sum(less.cache_capacity) < sum(v.cache_capacity) and less.total <= enough
+    # the tensors alone, without the context: too small, and the error says by how much
+    with pytest.raises(ValueError, match=r"vram_budget .* is too small.*the CUDA context "
+                       r".*allocator margin.*Give at least") as ei:
+        _cuda_plan(d, v.resident + v.kv_cache + v.cache_bytes)
+    need = fi.RuntimeConfig(backend="torch", vram_budget=re.search(
+        r"Give at least ([0-9.]+ \w+)", str(ei.value)).group(1).replace(" ", "")).vram_budget
+    assert need > v.context + (v.resident + v.kv_cache) * (1 + ALLOCATOR_MARGIN)
+    assert _cuda_plan(d, need).vram.total <= need
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_vram_budget_too_small_names_the_smallest_that_works(unified, tiny_flash):
+    import re
+
+    d = tiny_flash("llama-relu")
+    kw = dict(backend="torch", device="cpu", selection="oracle", eviction="window",
+              unified_memory=None if unified else False)
+    with pytest.raises(ValueError, match="vram_budget .* is too small.*Give at least") as ei:
+        fi.load(d, vram_budget=1024, **kw)
+    assert ("one budget" in str(ei.value)) == unified
+    need = re.search(r"Give at least ([0-9.]+ \w+)", str(ei.value)).group(1).replace(" ", "")
+    plan = fi.load(d, vram_budget=need, **kw).plan
+    assert (plan.vram if not unified else plan).total <= \
+        fi.RuntimeConfig(vram_budget=need, backend="torch").vram_budget
     with pytest.raises(ValueError, match="vram_budget is device memory: it needs backend"):
         fi.RuntimeConfig(vram_budget="1GB")
 
 
 def test_info_prints_the_vram_plan(tiny_flash, capsys):
     from flashinfer_py import cli
+    from flashinfer_py.loader import CUDA_CONTEXT_BYTES
 
     d = tiny_flash("llama-relu")
-    assert cli.main(["info", str(d), "--backend", "torch", "--vram-budget", "64MB",
-                     "--selection", "oracle", "--eviction", "window", "--json"]) == 0
+    flags = ["info", str(d), "--backend", "torch", "--device", "cuda", "--vram-budget", "2GB",
+             "--selection", "oracle", "--eviction", "window"]
+    assert cli.main(flags + ["--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["memory_plan"]
-    assert plan["vram"]["budget"] == 64 << 20
+    assert plan["vram"]["budget"] == 2 << 30
     assert plan["vram"]["cache_neurons_per_layer"] == plan["cache_neurons_per_layer"]
+    assert plan["vram"]["context"] >= CUDA_CONTEXT_BYTES and plan["vram"]["allocator"] > 0
+    assert cli.main(flags) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^  CUDA context \((estimate|measured)\): +\d", text, re.M)
+    assert re.search(r"^  allocator margin \(10% of tensors\): +\d", text, re.M)
+
+
+# ---- unified memory: one plan for host and device --------------------------------------------
+
+
+@pytest.mark.parametrize("backend,flag", [("torch", None), pytest.param("mlx", None, marks=needs_mlx),
+                                          ("torch", True)])
+def test_unified_memory_is_one_plan_with_one_budget(backend, flag, tiny_flash, prompt_ids):
+    """A device sharing the host's RAM (mlx, torch's cpu: found from the device; or
+    unified_memory=True): one plan whose budget is the smaller of dram_budget and
+    vram_budget; the resident tensors and KV cache counted once, as the device holds them;
+    each cached neuron costs its host record and its device copy, so fewer neurons fit than
+    a plan that ignored the copy; and what the model holds stays within the plan."""
+    from flashinfer_py.loader import ALLOCATOR_MARGIN, FRAMEWORK_OVERHEAD_BYTES, device_costs
+
+    d = tiny_flash("llama-relu")
+    kw = dict(backend=backend, device="cpu", selection="oracle", eviction="window", window=1,
+              prefill_chunk=1, unified_memory=flag)
+    full = fi.load(d, sparse=True, **kw).plan
+    assert full.unified and full.vram is None
+    costs = device_costs(d, full_manifest(d), fi.load(d).args,
+                         fi.RuntimeConfig(sparse=True, **kw), backend)
+    assert (full.resident, full.kv_cache) == (costs.resident, costs.kv_cache)
+    assert full.device_row_bytes == int(np.ceil(costs.row_bytes * (1 + ALLOCATOR_MARGIN)))
+    assert full.allocator == int(ALLOCATOR_MARGIN * (costs.resident + costs.kv_cache))
+    assert full.overhead >= FRAMEWORK_OVERHEAD_BYTES[backend]
+    budget = full.total - full.cache_bytes + int(0.6 * full.cache_bytes)
+    for dram, vram in ((budget, None), (None, budget), (budget, 2 * budget),
+                       (2 * budget, budget)):
+        m = fi.load(d, dram_budget=dram, vram_budget=vram, **kw)
+        p = m.plan
+        assert p.budget == budget and p.total <= budget and p.vram is None
+        assert p.cache_bytes == sum(p.cache_capacity) * (p.row_bytes + p.device_row_bytes)
+    # the same budget planned as if the device had its own memory caches more neurons,
+    # whose device copies the unified plan counts
+    apart = fi.load(d, dram_budget=budget, **{**kw, "unified_memory": False}).plan
+    assert sum(apart.cache_capacity) > sum(p.cache_capacity)
+    # what the model holds: the host cache's rows and the device copy fit the plan's figure
+    held = sum(m.ffn.cache.capacity(i) * m.ffn.cache.row_bytes
+               for i in range(m.args.num_hidden_layers))
+    mirror = m.ffn.mirror
+    held += sum(t.nbytes for ms in mirror.parts for t in ms) + sum(
+        b.nbytes for b in mirror.bias if b is not None)
+    assert held <= p.cache_bytes
+    assert np.isfinite(chunked(m, prompt_ids[:10])).all()
+
+
+def full_manifest(d):
+    from flashinfer_py.format import read_manifest
+
+    return read_manifest(d)
+
+
+def test_info_says_the_plan_is_unified(tiny_flash, capsys):
+    from flashinfer_py import cli
+
+    d = tiny_flash("llama-relu")
+    flags = ["info", str(d), "--backend", "torch", "--dram-budget", "2GB", "--vram-budget",
+             "1GB", "--selection", "oracle", "--eviction", "window"]
+    assert cli.main(flags) == 0
+    text = capsys.readouterr().out
+    assert "unified memory (torch on cpu: the device is the host)" in text
+    assert "of a 1.00 GiB budget" in text or "of a 1 GiB budget" in text
+    assert "device memory (vram_budget)" not in text  # no second plan
+    assert cli.main(flags + ["--unified-memory", "no", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["memory_plan"]
+    assert "unified" not in plan and plan["vram"]["budget"] == 1 << 30
 
 
 def test_train_predictors_on_a_torch_model_says_what_to_do(tiny_flash):

@@ -35,8 +35,9 @@ INSTALL_HINT = ("pip install 'flashinfer_py[torch]' (for CUDA or Apple GPUs, fir
 MLX_INSTALL_HINT = 'pip install "flashinfer_py[mlx]"'
 MLX_DEVICES = ("cpu", "gpu")
 
-__all__ = ["BACKENDS", "COMPUTE_DTYPES", "MLX_DEVICES", "available", "import_mlx",
-           "import_torch", "mlx_device", "open_model", "resolve_backend", "torch_device"]
+__all__ = ["BACKENDS", "COMPUTE_DTYPES", "MLX_DEVICES", "available", "device_context",
+           "import_mlx", "import_torch", "mlx_device", "open_model", "resolve_backend",
+           "shares_host_memory", "torch_device"]
 
 
 def import_torch():
@@ -117,6 +118,65 @@ def torch_device(device: Optional[str]):
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def shares_host_memory(backend: str, device: Optional[str],
+                       override: Optional[bool] = None) -> Optional[str]:
+    """Why `backend`'s `device` keeps its arrays in the host's RAM (a phrase for `info`), or
+    None for a device with its own memory. mlx: always (Apple silicon's unified memory;
+    mlx[cpu] computes in host RAM); torch: cpu and mps, and an integrated CUDA GPU (Jetson).
+    `override` (RuntimeConfig.unified_memory) decides instead when it is not None."""
+    kind = _device_kind(device)
+    if override is not None:
+        return f"{backend} on {kind}, unified_memory=True" if override else None
+    if backend == "mlx":
+        return f"mlx on {kind}: Apple silicon's unified memory, or mlx[cpu]'s host RAM"
+    if kind == "cpu":
+        return "torch on cpu: the device is the host"
+    if kind == "mps":
+        return "torch on mps: Apple silicon's unified memory"
+    if kind == "cuda":
+        torch = import_torch()
+        if torch.cuda.is_available():
+            dev = torch_device(device)
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            if getattr(torch.cuda.get_device_properties(index), "is_integrated", False):
+                return "torch on an integrated CUDA GPU: it shares the host's RAM"
+    return None
+
+
+def device_context(backend: str, device: Optional[str]) -> tuple:
+    """(bytes, how found) of device memory the runtime takes outside any tensor: the CUDA
+    context for torch on cuda (loader.CUDA_CONTEXT_BYTES, "estimate"; where that CUDA device
+    is visible and this process has no context yet, the context is measured and the larger
+    figure kept, "measured"); (0, "") elsewhere."""
+    from ..loader import CUDA_CONTEXT_BYTES
+
+    if backend != "torch" or _device_kind(device) != "cuda":
+        return 0, ""
+    measured = _measure_cuda_context(device)
+    if measured is None or measured <= CUDA_CONTEXT_BYTES:
+        return CUDA_CONTEXT_BYTES, "estimate"
+    return measured, "measured"
+
+
+def _measure_cuda_context(device: Optional[str]) -> Optional[int]:
+    """Bytes of device memory that creating this process's CUDA context took: the device's
+    used memory before (NVML, through torch.cuda.device_memory_used: no context needed) and
+    after (torch.cuda.mem_get_info, which creates it), less what the allocator holds. None
+    where there is no CUDA device, the context exists already (its size cannot be told from
+    other use), or NVML is not installed (pip install nvidia-ml-py)."""
+    torch = import_torch()
+    if not torch.cuda.is_available() or torch.cuda.is_initialized():
+        return None
+    dev = torch_device(device)
+    index = dev.index if dev.index is not None else 0
+    try:
+        before = torch.cuda.device_memory_used(index)
+    except (ImportError, ModuleNotFoundError, RuntimeError, AttributeError):
+        return None  # no NVML here: the estimate stands
+    free, total = torch.cuda.mem_get_info(index)
+    return max(0, total - free - before - torch.cuda.memory_reserved(index))
 
 
 def available(probe: bool = False) -> dict:

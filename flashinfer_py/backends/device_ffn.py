@@ -29,8 +29,7 @@ import numpy as np
 
 from ..config import ModelArgs, RuntimeConfig
 from ..ffn import FfnOnRows, SparseFFN, TokenStats
-
-STAGING_BYTES = 32 << 20  # the host staging buffer: at most this much per transfer
+from ..loader import STAGING_BYTES, device_staging_rows
 
 
 def _stage(kernel: FfnOnRows, part_names: list, d: int, layer: int, f32: np.ndarray,
@@ -134,8 +133,8 @@ class DeviceNeuronCache:
         self.n = [0] * L
         self.slot_of = [np.full(f, -1, np.int64) for _ in range(L)]
         self.width = len(self.part_names) * d + 1  # the parts, then the up bias
-        rows = max(1, min(max(caps + [1]), STAGING_BYTES // (self.width * ops.esize)))
-        self.staging = ops.staging(rows, self.width)
+        self.staging = ops.staging(device_staging_rows(self.width, ops.esize, max(caps + [1])),
+                                   self.width)
 
     def _mats(self, layer: int) -> list:
         return self.parts[layer] + ([self.bias[layer]] if self.bias[layer] is not None else [])
@@ -286,8 +285,8 @@ class DeviceSparseFFN(SparseFFN):
             self.load_stats = st
         else:
             width = len(self.part_names) * args.hidden_size + 1
-            rows = max(1, min(args.intermediate_size, STAGING_BYTES // (width * ops.esize)))
-            self._upload_buf = ops.staging(rows, width)
+            self._upload_buf = ops.staging(
+                device_staging_rows(width, ops.esize, args.intermediate_size), width)
         self.tok = DeviceTokenStats()
         self.total = DeviceTokenStats()
 
