@@ -321,17 +321,54 @@ class DeviceCosts:
 
     resident: int          # resident tensors on the device: matrices in the compute dtype
     kv_cache: int          # keys/values for max_context tokens in the compute dtype
-    row_bytes: int         # one cached neuron on the device: its parts (and up bias)
+    row_bytes: int         # one cached neuron on the device (device_row: its stored bytes)
     host: int              # host memory the backend adds: its framework, the staging buffer
     context: int = 0       # device memory in no tensor (the CUDA context; 0 elsewhere)
     context_note: str = ""
     unified: Optional[str] = None  # the device shares the host's RAM: which device, why
 
 
-def device_staging_rows(width: int, esize: int, most: int) -> int:
-    """Rows of a device backend's host staging buffer (width values of esize bytes a row):
-    at most STAGING_BYTES, at most `most` rows, at least one."""
-    return max(1, min(most, STAGING_BYTES // (width * esize)))
+@dataclass(frozen=True)
+class DeviceRow:
+    """One neuron's row on a device backend, and in the host staging buffer it is sent from
+    (backends/device_ffn.py): `raw` bytes of its record's payload as stored (block formats:
+    the parts kept quantized, dequantized on the device per layer when the FFN runs), then
+    `values` values in the compute dtype (float formats: the parts, dequantized on the host
+    as before; then the up bias, where the model has one)."""
+
+    raw: int
+    values: int
+    esize: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw + self.values * self.esize
+
+    @property
+    def direct(self) -> bool:
+        """The values are float32 and lie aligned: staged straight into the row's bytes, with
+        no float32 copy to cast from."""
+        return self.esize == 4 and self.raw % 4 == 0
+
+
+def device_row(layout, esize: int, bias: bool) -> DeviceRow:
+    """The device row of records in `layout` (dtypes.RecordLayout) for a compute dtype of
+    `esize` bytes, with or without an up bias."""
+    if layout.fmt.quantized:
+        return DeviceRow(layout.payload_bytes, int(bias), esize)
+    return DeviceRow(0, len(layout.parts) * layout.d_model + int(bias), esize)
+
+
+def device_staging_rows(row: DeviceRow, most: int) -> int:
+    """Rows of a device backend's host staging buffer: at most STAGING_BYTES, at most `most`
+    rows, at least one."""
+    return max(1, min(most, STAGING_BYTES // row.nbytes))
+
+
+def device_staging_bytes(row: DeviceRow, rows: int) -> int:
+    """Host bytes of a staging buffer of `rows` device rows: the rows, and the float32 values
+    written before their cast (unless they are staged directly)."""
+    return rows * (row.nbytes + (0 if row.direct else row.values * 4))
 
 
 STAGING_BYTES = 32 << 20  # a device backend's host staging buffer: at most this much a transfer
@@ -343,18 +380,18 @@ def device_costs(directory: Path, manifest: dict, args: ModelArgs, runtime: Runt
     header (nothing is loaded; the CUDA context is measured where a CUDA device is visible)."""
     from .backends import device_context, shares_host_memory
 
+    from .dtypes import RecordLayout
+
     esize = {"float32": 4, "float16": 2, "bfloat16": 2}[runtime.compute_dtype or "float32"]
-    L, f, d = args.num_hidden_layers, args.intermediate_size, args.hidden_size
+    L, f = args.num_hidden_layers, args.intermediate_size
     ctx = min(runtime.max_context, args.max_position_embeddings)
-    width = len(manifest["bundle"]["parts"]) * d + 1  # the staging rows: parts, then the bias
-    # staging rows in the compute dtype and their float32 copy (torch, unless float32)
-    staging = device_staging_rows(width, esize, f) * width * (esize + 4)
+    row = device_row(RecordLayout.from_manifest(manifest), esize, args.ffn_bias)
+    staging = device_staging_bytes(row, device_staging_rows(row, f))
     unified = shares_host_memory(backend, runtime.device, runtime.unified_memory)
     context, note = (0, "") if unified else device_context(backend, runtime.device)
     return DeviceCosts(
         resident=_device_resident_bytes(directory, manifest, args, esize),
-        kv_cache=2 * L * ctx * args.kv_dim * esize,
-        row_bytes=len(manifest["bundle"]["parts"]) * d * esize + (esize if args.ffn_bias else 0),
+        kv_cache=2 * L * ctx * args.kv_dim * esize, row_bytes=row.nbytes,
         host=FRAMEWORK_OVERHEAD_BYTES[backend] + staging, context=context, context_note=note,
         unified=unified)
 
@@ -367,7 +404,7 @@ class VramPlan:
     budget: int
     resident: int          # resident matrices in the compute dtype, norms float32
     kv_cache: int          # keys/values for max_context tokens in the compute dtype
-    row_bytes: int         # one cached neuron on the device: its parts (and up bias)
+    row_bytes: int         # one cached neuron on the device (device_row)
     cache_capacity: list   # neurons per layer the device copy holds
     context: int = 0       # the CUDA context: device memory in no tensor
     context_note: str = ""  # how `context` was found ("estimate" or "measured")
@@ -384,8 +421,8 @@ class VramPlan:
     def as_dict(self) -> dict:
         return {"budget": self.budget, "resident": self.resident, "kv_cache": self.kv_cache,
                 "context": self.context, "allocator": self.allocator,
-                "cache_neurons_per_layer": self.cache_capacity, "cache_bytes": self.cache_bytes,
-                "total": self.total}
+                "cache_neurons_per_layer": self.cache_capacity, "row_bytes": self.row_bytes,
+                "cache_bytes": self.cache_bytes, "total": self.total}
 
     def describe(self) -> str:
         def line(label: str, n: int) -> str:
@@ -399,7 +436,7 @@ class VramPlan:
                  else "device context (none off CUDA)", self.context),
             line(f"allocator margin ({ALLOCATOR_MARGIN:.0%} of tensors)", self.allocator),
             f"  neuron cache (device copy): {min(caps)}-{max(caps)} neurons per layer, "
-            f"{format_bytes(self.cache_bytes)}",
+            f"{format_bytes(self.cache_bytes)} ({self.row_bytes} B a neuron)",
             f"  total: {format_bytes(self.total)} of a {format_bytes(self.budget)} budget"])
 
 

@@ -7,10 +7,12 @@ Tolerances (logits, torch or mlx on `device` in float32 against native; mlx meas
 as torch):
 - float formats (float32, float16, bfloat16): max relative error 1e-4 (measured: <= 2.4e-5,
   Gemma 3's soft-caps the largest; the rest <= 2e-6). Both multiply the same float32 values.
-- block formats (q8_0, q4_0): NMSE 1e-6 and max relative error 5e-3 (measured: NMSE <= 2.5e-7,
-  max relative <= 1.8e-3, argmax identical). The native kernels quantize the activations to 16
-  bits per block of 32 for their integer dot products (csrc/kernels_quant.h); torch
-  multiplies the dequantized weights by float32 activations. The difference is that rounding.
+- block formats (q8_0, q4_0, q4_1): NMSE 1e-6 and max relative error 5e-3 (measured: NMSE
+  <= 2.5e-7, max relative <= 1.8e-3, argmax identical). The native kernels quantize the
+  activations to 16 bits per block of 32 for their integer dot products
+  (csrc/kernels_quant.h); the device backends keep the blocks as stored on the device,
+  dequantize them there (exactly the native dequantize's float32 values) and multiply by
+  float32 activations. The difference is that rounding.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ torch = pytest.importorskip("torch")
 
 FLOAT_TOL = 1e-4
 BLOCK_NMSE, BLOCK_REL = 1e-6, 5e-3
-DTYPES = ["float32", "float16", "bfloat16", "q8_0", "q4_0"]
+DTYPES = ["float32", "float16", "bfloat16", "q8_0", "q4_0", "q4_1"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda),
            pytest.param("mps", marks=pytest.mark.mps)]
 
@@ -77,16 +79,26 @@ def chunked(model, ids, first: int = 9) -> np.ndarray:
 
 
 def assert_mirrors_host(m) -> None:
-    """Each layer's device rows are the host cache's rows dequantized, in its slot order."""
+    """Each layer's device rows are the host cache's rows, in its slot order: block formats
+    the records' payload bytes as stored (byte for byte), float formats dequantized; and the
+    values the FFN takes from them are the host's dequantized values exactly."""
     mirror, host, ops = m.ffn.mirror, m.ffn.cache, m.ffn.ops
+    layout = mirror.fmt.layout
     for layer in range(m.args.num_hidden_layers):
         mirror.sync(layer)
         n = host.n_used(layer)
         assert mirror.n[layer] == n
         assert np.array_equal(mirror.ids[layer][:n], host.ids(layer))
-        for p, name in enumerate(mirror.part_names):
-            want = m.ffn.host_kernel.part_f32(layer, host.rows(layer), name, host.ids(layer))
-            assert np.array_equal(ops.numpy(mirror.parts[layer][p][:n]), want)
+        rows = host.rows(layer)
+        if layout.fmt.quantized:
+            got = ops.numpy(mirror.mats[layer][0][:n], float32=False)
+            assert got.dtype == np.uint8 and got.shape == (n, layout.payload_bytes)
+            assert np.array_equal(got, rows.view(np.uint8)[:, :layout.payload_bytes])
+        with ops.context():
+            parts, _ = mirror.rows(layer, slice(0, n))
+            for name in mirror.part_names:
+                want = m.ffn.host_kernel.part_f32(layer, rows, name, host.ids(layer))
+                assert np.array_equal(ops.numpy(parts[name]), want), (layer, name)
 
 
 # ---- dense: every family x every storage format ---------------------------------------------
@@ -250,17 +262,56 @@ def test_sparse_on_each_device(backend, device, tiny_flash, prompt_ids):
     assert_close(got, chunked(fi.load(d, rt), prompt_ids), "q8_0")
 
 
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_1", "float16"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_device_cache_mirrors_the_host_cache(backend, tiny_flash, prompt_ids):
-    """After every token, each layer's device rows are the host cache's rows dequantized, in
-    the host's slot order (eviction and compaction included)."""
-    d = tiny_flash("llama-relu", "q8_0")
+def test_device_cache_mirrors_the_host_cache(backend, dtype, tiny_flash, prompt_ids):
+    """After every token, each layer's device rows are the host cache's rows in the host's
+    slot order (eviction and compaction included): a block format's payload bytes as stored,
+    byte for byte, dequantized on the device to the host's values exactly."""
+    d = tiny_flash("opt" if dtype == "q4_1" else "llama-relu", dtype)  # (opt: an up bias too)
     m = fi.load(d, on_device(d, sparse_runtime(d, "tight-budget", window=2), backend))
     cache = m.new_cache()
     for t in prompt_ids[:12]:
         m.forward([t], cache)
         assert_mirrors_host(m)
     assert m.ffn.total.moved_rows > 0
+
+
+@pytest.mark.parametrize("dtype", ["q4_1", "float32"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_formats_send_and_hold_their_stored_bytes(backend, dtype, tiny_flash,
+                                                        prompt_ids, capsys):
+    """A block format's cached neuron is its record's payload on the device (plus the up
+    bias in the compute dtype): what each token sends (transfer_bytes) is the rows it read
+    times that, the device holds that per cached row, and the VRAM plan and `info` count it;
+    float formats keep their parts in the compute dtype."""
+    from flashinfer_py.dtypes import RecordLayout
+
+    d = tiny_flash("opt", dtype)
+    layout = RecordLayout.from_manifest(full_manifest(d))
+    args = fi.load(d).args
+    esize = 4
+    row = (layout.payload_bytes + esize if dtype == "q4_1"
+           else (len(layout.parts) * args.hidden_size + 1) * esize)
+    rt = on_device(d, sparse_runtime(d, "window"), backend).replace(vram_budget=1 << 40)
+    m = fi.load(d, rt)
+    assert m.plan.vram.row_bytes == row
+    caps = m.plan.vram.cache_capacity
+    cache = m.new_cache()
+    for t in prompt_ids[:6]:
+        m.forward([t], cache)
+        st = m.last_stats
+        assert st["transfer_bytes"] == st["loaded"] * row
+    assert m.ffn.total.transfer_bytes == m.ffn.total.loaded * row > 0
+    assert m.ffn.mirror.device_bytes == sum(caps) * row
+    from flashinfer_py import cli
+
+    assert cli.main(["info", str(d), "--backend", backend, "--unified-memory", "no",
+                     "--vram-budget", "64GB", "--selection", "oracle", "--eviction", "window",
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_plan"]["vram"]["row_bytes"] == row
+    if dtype == "q4_1":  # about a fifth of the float32 copy
+        assert row < 0.2 * len(layout.parts) * args.hidden_size * esize
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -277,6 +328,54 @@ def test_sparse_rank_with_the_sketch_on_swiglu(backend, tiny_flash, tmp_path_fac
     got, ref = chunked(ours, prompt_ids), chunked(native, prompt_ids)
     assert_close(got, ref, "float32")
     assert ours.ffn.total.loaded == native.ffn.total.loaded > 0
+
+
+@pytest.fixture(scope="module")
+def codes_flash(tmp_path_factory):
+    """A flash directory in the codes layout: test_quantized's tiny llama GGUF (Q4_1 FFN and
+    attention, Q8_0 embeddings and head) converted with its blocks kept, so each record's down
+    part is codes and the scales are resident per 32 neurons."""
+    import warnings
+
+    pytest.importorskip("gguf")
+    from gguf_export import write_gguf
+    from test_quantized import llama_model
+
+    d = tmp_path_factory.mktemp("codes")
+    write_gguf(llama_model(), d / "m.gguf", "llama",
+               qtypes={"attn_": "Q4_1", "ffn_": "Q4_1", "token_embd": "Q8_0", "output.": "Q8_0"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny GGUF has no tokenizer
+        out = fi.convert(d / "m.gguf", d / "flash", dtype="q4_1", progress=False)
+    assert full_manifest(out)["bundle"]["down_layout"] == "codes"
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_codes_layout_on_the_device(backend, codes_flash, prompt_ids):
+    """The codes layout kept on the device (the down codes dequantized there with the
+    layer's resident scales, looked up by neuron id): dense, and sparse with every neuron,
+    give native's logits; under a budget (rank, oracle) the device rows stay the host
+    cache's bytes through evictions, dequantized to the host's values."""
+    d = codes_flash
+    ids = [i % 256 for i in prompt_ids]
+    native = fi.load(d)
+    ref = chunked(native, ids)
+    dense = fi.load(d, backend=backend)
+    assert_close(chunked(dense, ids), ref, "q4_1")
+    assert dense.ffn.rows.scales is not None and dense.ffn.nbytes < sum(
+        native.ffn.rows_by_layer[i].nbytes for i in range(native.args.num_hidden_layers))
+    every = fi.load(d, sparse=True, selection="all", window=1, backend=backend)
+    assert_close(chunked(every, ids, 4), ref, "q4_1")
+    rt = fi.RuntimeConfig(dram_budget=tight_budget(d, 0.5), selection="oracle",
+                          eviction="rank", prefill_chunk=4)
+    m = fi.load(d, on_device(d, rt, backend))
+    cache = m.new_cache()
+    m.forward(ids[:4], cache)
+    for t in ids[4:14]:
+        m.forward([t], cache)
+        assert_mirrors_host(m)
+    assert m.ffn.total.loaded > 0 and m.ffn.total.transfer_bytes > 0
 
 
 # ---- the seam: configuration, lazy imports, CLI, info ----------------------------------------
@@ -501,9 +600,7 @@ def test_smollm2_q4_1_codes_layout(tmp_path_factory):
 def _device_bytes(m) -> int:
     """What the model holds on its device: resident tensors and the neuron cache's copy."""
     res = sum(t.nbytes for t in {id(t): t for t in m.transformer.w.values()}.values())
-    mirror = m.ffn.mirror  # its staging buffer is host memory
-    return (res + sum(t.nbytes for ms in mirror.parts for t in ms)
-            + sum(b.nbytes for b in mirror.bias if b is not None))
+    return res + m.ffn.mirror.device_bytes  # (its staging buffer is host memory)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -654,9 +751,7 @@ def test_unified_memory_is_one_plan_with_one_budget(backend, flag, tiny_flash, p
     # what the model holds: the host cache's rows and the device copy fit the plan's figure
     held = sum(m.ffn.cache.capacity(i) * m.ffn.cache.row_bytes
                for i in range(m.args.num_hidden_layers))
-    mirror = m.ffn.mirror
-    held += sum(t.nbytes for ms in mirror.parts for t in ms) + sum(
-        b.nbytes for b in mirror.bias if b is not None)
+    held += m.ffn.mirror.device_bytes
     assert held <= p.cache_bytes
     assert np.isfinite(chunked(m, prompt_ids[:10])).all()
 
