@@ -1,6 +1,7 @@
 """The paper's Table 2 and Table 3 for an OPT-6.7B-shaped model, measured on this machine.
 
-    python benchmarks/paper_table.py [--workdir DIR] [--json rows.jsonl]
+    python benchmarks/paper_table.py [--workdir DIR] [--json rows.jsonl] [--trace synthetic|smollm2]
+    python benchmarks/paper_table.py --trace-stats-only
 
 1. Builds once, and reuses, under ``--workdir`` (default
    ``${FLASHINFER_PY_CACHE:-~/.cache/flashinfer_py}/bench/opt-6.7b-shape``):
@@ -10,8 +11,14 @@
      disk write speed and no two records are equal).
    - ``resident.bin``: a plain file of the size of OPT-6.7B's attention, embeddings and norms
      (4.73 GB); only its bytes matter (the naive row reads it every token).
-2. Generates a trace of *predicted* active sets with the paper's statistics (see
-   :func:`make_trace` for the process) and prints its statistics next to the paper's.
+2. Makes a trace of *predicted* active sets and prints its statistics next to the paper's:
+   ``--trace synthetic`` (the default) generates one with the paper's statistics (see
+   :func:`make_trace` for the process: its reuse and skew are chosen parameters);
+   ``--trace smollm2`` uses the sets SmolLM2-135M actually needs on real text, recorded once
+   into the bench cache dir and mapped to this shape (benchmarks/recorded_trace.py: what
+   "predicted" means for a gated model, the 30 -> 32 layer and 1536 -> 16384 neuron mapping
+   and its distortions). ``--trace-stats-only`` prints both traces' statistics side by side
+   in seconds and exits (no OPT-shape files needed).
 3. Runs each Table 2 row through the real runtime (``ffn.SparseFFN`` with
    ``RuntimeConfig(ablation=...)``, i.e. BundleReader + NeuronCache + SlidingWindow, O_DIRECT,
    queue depth 32), with a trace-replaying predictor in place of the trained one and no
@@ -264,43 +271,128 @@ def make_trace(n_tokens: int, seed: int = 0):
     return pred, true
 
 
-def trace_stats(pred, true, k: int = WINDOW, skip: int = WINDOW) -> dict:
+def trace_stats(pred, true, k: int = WINDOW, skip: int = WINDOW, d_ff: int | None = None) -> dict:
     """The trace's own figures, as the paper states them (tokens from `skip` on, so the window
-    is full)."""
-    n_tok = len(pred[0])
-    act = np.array([[len(true[layer][t]) / F for t in range(n_tok)] for layer in range(L)])
-    prd = np.array([[len(pred[layer][t]) / F for t in range(n_tok)] for layer in range(L)])
-    new = np.zeros((L, n_tok - skip))
-    union = np.zeros((L, n_tok - skip))
-    for layer in range(L):
-        for j, t in enumerate(range(skip, n_tok)):
-            # the runtime's SlidingWindow(k): token t loads what the k tokens before it did not
-            # use, then holds the union of tokens t-k+1..t
-            before = np.unique(np.concatenate(pred[layer][t - k:t]))
-            cur = pred[layer][t]
-            new[layer, j] = np.setdiff1d(cur, before, assume_unique=True).size / F
-            union[layer, j] = np.unique(np.concatenate(pred[layer][t - k + 1:t + 1])).size / F
+    is full); `d_ff`: the width the ids index (default the shape's F). Fractions are of the
+    FFN; the GB figures are those fractions of the OPT shape's FFN bytes (FFN_BYTES).
+    Besides the paper's figures: ``reuse_prev``, the share of a token's predicted set that the
+    token before it predicted too; ``hot10``, the share of all predictions that go to each
+    layer's 10% most often predicted neurons (10% for no skew)."""
+    f = d_ff or F
+    n_layers, n_tok = len(pred), len(pred[0])
+    act = np.array([[len(true[layer][t]) / f for t in range(n_tok)] for layer in range(n_layers)])
+    prd = np.array([[len(pred[layer][t]) / f for t in range(n_tok)] for layer in range(n_layers)])
+    new = np.zeros((n_layers, n_tok - skip))
+    union = np.zeros((n_layers, n_tok - skip))
+    reuse = np.zeros((n_layers, n_tok - skip))
+    hot = np.zeros(n_layers)
+    ts = np.arange(skip, n_tok)
+    for layer in range(n_layers):
+        m = np.zeros((n_tok, f), bool)
+        for t, ids in enumerate(pred[layer]):
+            m[t, ids] = True
+        # cs[t] = how many of tokens 0..t-1 predicted each neuron
+        cs = np.zeros((n_tok + 1, f), np.int32)
+        np.cumsum(m, axis=0, out=cs[1:])
+        cur = m[skip:]
+        size = np.maximum(cur.sum(1), 1)
+        # the runtime's SlidingWindow(k): token t loads what the k tokens before it did not
+        # use, then holds the union of tokens t-k+1..t
+        before = (cs[ts] - cs[ts - k]) > 0
+        new[layer] = (cur & ~before).sum(1) / f
+        union[layer] = ((cs[ts + 1] - cs[ts - k + 1]) > 0).sum(1) / f
+        reuse[layer] = (cur & m[skip - 1:-1]).sum(1) / size
+        counts = cs[n_tok] - cs[skip]
+        top = np.sort(counts)[::-1][:max(1, f // 10)]
+        hot[layer] = top.sum() / max(counts.sum(), 1)
     return {"active_mean": act.mean(), "active_first": act[0].mean(), "active_last": act[-1].mean(),
             "predicted_mean": prd.mean(), "predicted_gb": prd.mean() * FFN_BYTES / 1e9,
             "window_new": new.mean(), "window_new_gb": new.mean() * FFN_BYTES / 1e9,
-            "window_union": union.mean(), "window_union_gb": union.mean() * FFN_BYTES / 1e9}
+            "window_union": union.mean(), "window_union_gb": union.mean() * FFN_BYTES / 1e9,
+            "reuse_prev": reuse.mean(), "hot10": hot.mean(), "tokens": n_tok,
+            "layers": n_layers, "d_ff": f}
 
 
-def format_trace_stats(s: dict) -> str:
+def format_trace_stats(s, name: str = "this trace") -> str:
+    """Markdown table of trace statistics beside the paper's: `s` one trace_stats dict (column
+    `name`) or {name: dict} for several traces side by side."""
+    named = s if "active_mean" not in s else {name: s}
     rows = [
-        ("truly active per token, mean over layers", "~3.3%", f"{100 * s['active_mean']:.2f}%"),
-        ("truly active, first layer", "~1.5%", f"{100 * s['active_first']:.2f}%"),
-        ("truly active, last layer", "~5.4%", f"{100 * s['active_last']:.2f}%"),
-        ("predicted per token (% of FFN)", "~10% (3x active)", f"{100 * s['predicted_mean']:.2f}%"),
-        ("predicted per token, bytes", "0.9 GB", f"{s['predicted_gb']:.2f} GB"),
+        ("tokens x layers x neurons", "",
+         lambda s: f"{s['tokens']} x {s['layers']} x {s['d_ff']}"),
+        ("truly active per token, mean over layers", "~3.3%",
+         lambda s: f"{100 * s['active_mean']:.2f}%"),
+        ("truly active, first layer", "~1.5%", lambda s: f"{100 * s['active_first']:.2f}%"),
+        ("truly active, last layer", "~5.4%", lambda s: f"{100 * s['active_last']:.2f}%"),
+        ("predicted per token (% of FFN)", "~10% (3x active)",
+         lambda s: f"{100 * s['predicted_mean']:.2f}%"),
+        ("predicted per token, bytes", "0.9 GB", lambda s: f"{s['predicted_gb']:.2f} GB"),
+        ("predicted set shared with the token before", "",
+         lambda s: f"{100 * s['reuse_prev']:.1f}%"),
+        ("predictions on each layer's 10% most predicted neurons", "",
+         lambda s: f"{100 * s['hot10']:.1f}%"),
         (f"new per token with a {WINDOW}-token window", "2.4% (0.2 GB)",
-         f"{100 * s['window_new']:.2f}% ({s['window_new_gb']:.3f} GB)"),
+         lambda s: f"{100 * s['window_new']:.2f}% ({s['window_new_gb']:.3f} GB)"),
         (f"held by the {WINDOW}-token window", "~24%",
-         f"{100 * s['window_union']:.1f}% ({s['window_union_gb']:.2f} GB)"),
+         lambda s: f"{100 * s['window_union']:.1f}% ({s['window_union_gb']:.2f} GB)"),
     ]
-    out = ["| statistic | paper (OPT-6.7B) | this trace |", "|---|---|---|"]
-    out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    out = ["| statistic | paper (OPT-6.7B) | " + " | ".join(named) + " |",
+           "|---|---|" + "---|" * len(named)]
+    out += [f"| {a} | {b} | " + " | ".join(fn(v) for v in named.values()) + " |"
+            for a, b, fn in rows]
     return "\n".join(out)
+
+
+TRACES = ("synthetic", "smollm2")
+# The rows driven by the recorded trace start at its token 8: over the text's first tokens the
+# model has little context and uses fewer neurons (3-8% of the FFN at tokens 0-4, ~10% after).
+SMOLLM2_START = 8
+
+
+def get_trace(name: str, n_tokens: int, log=None):
+    """(pred, true, note) for trace `name`: "synthetic" (make_trace) or "smollm2" (recorded
+    from SmolLM2-135M and mapped to this shape: benchmarks/recorded_trace.py; recorded into
+    the bench cache dir once, about 10 s)."""
+    if name == "synthetic":
+        pred, true = make_trace(n_tokens)
+        return pred, true, "synthetic: make_trace's chosen parameters"
+    if name == "smollm2":
+        import recorded_trace as rt
+        pred, true, m = rt.smollm2_trace(
+            n_tokens, L, F, active_fractions(), PREDICTED_OVER_ACTIVE,
+            log=log or (lambda msg: print(msg, file=sys.stderr)), start=SMOLLM2_START)
+        note = (f"SmolLM2-135M's exact top contributions on {m['pred'].shape[1]} recorded "
+                f"Wikipedia tokens (tokens {SMOLLM2_START}..{SMOLLM2_START + n_tokens - 1} "
+                f"used), layers "
+                f"{int(m['n_src_layers'])} -> {L} and neurons {int(m['d_ff'])} -> {F} by "
+                f"recorded_trace.py")
+        return pred, true, note
+    raise ValueError(f"unknown trace {name!r}: {TRACES}")
+
+
+def print_stats_only(n_tokens: int | None) -> None:
+    """--trace-stats-only: both traces' statistics side by side, plus SmolLM2's recorded sets
+    before the widening (the OPT layers' thresholds and layer map applied, 1536 neurons), to
+    show what the widening changes. Needs none of the OPT shape's files; records SmolLM2's
+    trace first when the bench cache has none."""
+    import recorded_trace as rt
+    t0 = time.time()
+    m = rt.load_masks(n_tokens or rt.DEFAULT_TOKENS, L, active_fractions(), PREDICTED_OVER_ACTIVE,
+                      log=lambda msg: print(msg, file=sys.stderr))
+    n = n_tokens or m["pred"].shape[1]
+    syn_p, syn_t = make_trace(n)
+    s_syn = trace_stats(syn_p, syn_t)
+    real_p, real_t, _ = rt.smollm2_trace(n, L, F, active_fractions(), PREDICTED_OVER_ACTIVE)
+    s_real = trace_stats(real_p, real_t)
+    s_native = trace_stats(rt.masks_to_sets(m["pred"][:, :n]), rt.masks_to_sets(m["true"][:, :n]),
+                           d_ff=int(m["d_ff"]))
+    print(f"\n## Trace statistics ({n} tokens, from token {WINDOW} on; {time.time() - t0:.0f} s)\n")
+    print(format_trace_stats({"synthetic": s_syn, "smollm2 (mapped to OPT)": s_real,
+                              "smollm2 at its width": s_native}))
+    print(f"\nGB: the fraction times the OPT-6.7B shape's FFN ({gb(FFN_BYTES):.2f} GB, "
+          f"{DTYPE}). 'smollm2 at its width': the same recorded sets before the 1536 -> "
+          f"{F} widening (the layer map already applied), so the two smollm2 columns differ "
+          f"only by the widening.")
 
 
 # ---- the runtime, driven by the trace -----------------------------------------------------
@@ -735,7 +827,19 @@ def main() -> None:
     ap.add_argument("--engine", default="auto", choices=("auto", "threads", "io_uring"))
     ap.add_argument("--fio-seconds", type=float, default=5.0, help="0 skips fio")
     ap.add_argument("--json", type=Path, default=None, help="append JSON lines here")
+    ap.add_argument("--trace", default="synthetic", choices=TRACES,
+                    help="the predicted sets that drive the rows: synthetic (make_trace, chosen "
+                         "statistics) or smollm2 (recorded from SmolLM2-135M on real text and "
+                         "mapped to this shape: recorded_trace.py)")
+    ap.add_argument("--trace-stats-only", action="store_true",
+                    help="print both traces' statistics side by side and exit (seconds; no "
+                         "OPT-shape files needed)")
+    ap.add_argument("--stats-tokens", type=int, default=None,
+                    help="tokens for --trace-stats-only (default: all recorded, 320)")
     a = ap.parse_args()
+    if a.trace_stats_only:
+        print_stats_only(a.stats_tokens)
+        return
     workdir = a.workdir or default_workdir()
     load0 = os.getloadavg()
     for dt in a.dtypes:
@@ -746,10 +850,10 @@ def main() -> None:
 
     n_tok = max(a.warmup + a.tokens, 1 + a.big_tokens, WINDOW + 1)
     t0 = time.time()
-    pred, true = make_trace(n_tok)
+    pred, true, note = get_trace(a.trace, n_tok)
     stats = trace_stats(pred, true)
-    print(f"\n## Trace ({n_tok} tokens, {time.time() - t0:.1f} s to generate)\n")
-    print(format_trace_stats(stats), flush=True)
+    print(f"\n## Trace: {a.trace} ({n_tok} tokens, {time.time() - t0:.1f} s to make; {note})\n")
+    print(format_trace_stats(stats, a.trace), flush=True)
 
     res, fio = {}, {}
     for dt in a.dtypes:
@@ -789,7 +893,8 @@ def main() -> None:
     if a.json:
         with open(a.json, "a") as f:
             for _, r in _keys(res):
-                f.write(json.dumps({**env, "trace": stats, "fio": fio, **r}) + "\n")
+                f.write(json.dumps({**env, "trace": stats, "trace_name": a.trace, "fio": fio,
+                                    **r}) + "\n")
 
 
 if __name__ == "__main__":

@@ -93,17 +93,17 @@ class FlashModel:
         self.dtype = self.manifest["dtype"]  # the FFN records' storage format
         self.runtime = runtime or RuntimeConfig()
         self.max_context = min(self.runtime.max_context, self.args.max_position_embeddings)
-        with _manifest_errors(self.directory, "the resident tensors"):
-            dense = load_dense(self.directory, self.manifest)
         bundle_path = str(self.directory / self.manifest["files"]["bundles"])
         self.sparse = self.runtime.sparse
         self.predictors = None
         self.last_stats: dict = {}
-        if self.sparse:
+        if self.sparse:  # planned before any weight is read: a budget too small fails at once
             from .loader import prepare_sparse
 
             self.runtime, self.predictors, self.plan = prepare_sparse(
                 self.directory, self.manifest, self.args, self.runtime)
+        with _manifest_errors(self.directory, "the resident tensors"):
+            dense = load_dense(self.directory, self.manifest)
         # where the forward pass runs (flashinfer_py.backends): "auto" made concrete
         from .backends import resolve_backend
 

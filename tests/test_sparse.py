@@ -2,6 +2,8 @@
 logits in every mode; the window, the cache and the budget do what they claim."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -90,6 +92,23 @@ def test_no_reuse_reads_every_needed_neuron(tiny_flash, prompt_ids):
 def test_budget_too_small_is_a_clear_error(tiny_flash):
     with pytest.raises(ValueError, match="too small.*at least"):
         fi.load(tiny_flash("llama-relu"), dram_budget="1MB", selection="oracle")
+
+
+def test_budget_is_checked_before_any_weight_is_read(tiny_flash, tmp_path):
+    """A budget too small for the resident part fails at once, not after reading it (under a
+    memory cap, reading it first got the process killed before the message): in a copy whose
+    resident file's header is garbage, the budget error comes first."""
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_flash("llama-relu"), d)
+    dense = d / json.loads((d / "manifest.json").read_text())["files"]["dense"]
+    with open(dense, "r+b") as f:  # same size: the manifest's size check still passes
+        f.write(b"\xff" * 64)
+    with pytest.raises(ValueError, match="dram_budget .* too small.*at least"):
+        fi.load(d, dram_budget="1MB", selection="oracle")
+    with pytest.raises(fi.FlashFormatError):  # and the garbage is found when the plan fits
+        fi.load(d, dram_budget="1GB", selection="oracle")
 
 
 def test_budget_caps_the_cache(tiny_flash):
