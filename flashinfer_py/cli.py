@@ -67,6 +67,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     flag(b, "--vram-budget", "vram_budget", "device memory the model may use, e.g. 6GB: the "
          "resident tensors, the KV cache and the device copy of the neuron cache, which gets "
          "the rest; implies --sparse (default: none)", metavar="SIZE")
+    flag(b, "--unified-memory", "unified_memory", "yes: the device shares the host's RAM, "
+         "so one memory plan holds both and --dram-budget/--vram-budget are one budget; no: "
+         "it has its own memory (default: from the device: mlx, cpu and mps share it)",
+         type=_yes_no, metavar="yes|no")
     s = p.add_argument_group("sparse inference from flash (the paper's method)")
     flag(s, "--dram-budget", "dram_budget", "memory the model may use, e.g. 4GB or 300MB; "
          "implies --sparse. The FFN is streamed from flash through a neuron cache sized to fit "
@@ -124,6 +128,12 @@ def _add_chat_args(p: argparse.ArgumentParser) -> None:
                         "tokenizer_config.json, or a .gguf whose metadata holds one (e.g. the "
                         "GGUF an older directory was converted from). Default: DIR's "
                         "chat_template.jinja or tokenizer_config.json")
+
+
+def _yes_no(v: str) -> bool:
+    if v.lower() not in ("yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected yes or no, not {v!r}")
+    return v.lower() == "yes"
 
 
 def _runtime(ns):

@@ -447,7 +447,10 @@ class RuntimeConfig:
     """Every runtime knob, with its default. Mirrors the native ``ReaderParams``.
 
     Attributes:
-        threads: compute threads for the native kernels (0 = all cores).
+        threads: compute threads (0 = all cores): the native kernels' pool, and on the torch
+            backend torch's intra-op threads while the model runs (0 = torch's own setting;
+            ``torch.set_num_threads`` is process-wide, so it is set on each call into the
+            model and put back after it). The mlx backend has no such setting.
         use_direct_io: bypass the page cache (O_DIRECT / F_NOCACHE); falls back with a warning.
         io_engine: "auto" (io_uring when built and usable, else threads), "threads", "io_uring".
         queue_depth: reads in flight (this disk needs 16-64; the paper used 32 threads).
@@ -524,7 +527,14 @@ class RuntimeConfig:
         vram_budget: bytes of device memory the model may use (a device backend: resident
             tensors in the compute dtype + KV cache + the device copy of the neuron cache);
             implies `sparse`. The neuron cache gets what is left, per layer as the DRAM plan
-            splits it, and the smaller of the two plans wins. None: no limit.
+            splits it, and the smaller of the two plans wins. None: no limit. A
+            CUDA device's plan counts its context and the allocator's margin
+            (loader.CUDA_CONTEXT_BYTES, ALLOCATOR_MARGIN).
+        unified_memory: whether the device keeps its arrays in the host's RAM (None: from
+            the device: mlx, torch's cpu and mps, an integrated CUDA GPU). Then there is one
+            plan for host and device (nothing counted twice; each cached neuron costs its
+            host record and its device copy) and one budget, the smaller of dram_budget and
+            vram_budget. True/False overrides what the device says.
     """
 
     threads: int = 0
@@ -553,6 +563,7 @@ class RuntimeConfig:
     device: Optional[str] = None
     compute_dtype: Optional[str] = None
     vram_budget: Optional[int] = None
+    unified_memory: Optional[bool] = None
 
     def __post_init__(self):
         self._check_backend()
@@ -631,6 +642,12 @@ class RuntimeConfig:
         if self.backend == "native" and kind != "cpu":
             raise ValueError(f"device={self.device!r} needs backend='torch' or 'mlx' (or "
                              "'auto'); the native backend runs on the CPU")
+        if self.unified_memory not in (None, True, False):
+            raise ValueError(f"unified_memory must be True, False or None (from the device), "
+                             f"not {self.unified_memory!r}")
+        if self.backend == "native" and self.unified_memory is not None:
+            raise ValueError("unified_memory describes a device backend's device: it needs "
+                             "backend='torch' or 'mlx'")
         if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(map(repr, COMPUTE_DTYPES))}, "
                              f"not {self.compute_dtype!r}")

@@ -21,6 +21,25 @@ from .config import ModelArgs, RuntimeConfig, format_bytes
 RUNTIME_OVERHEAD_BYTES = 84 << 20
 STAGING_RECORDS = 256  # NeuronCache::kStagingRecords
 
+# ---- a device backend's memory outside its tensors (plan_vram, and the unified plan) ----------
+# The CUDA context: the driver's state and the kernels of torch, cuBLAS and cuDNN, in device
+# memory but in no tensor, so no allocator counts it. With lazy module loading (CUDA >= 11.7,
+# torch's default) it is a few hundred MiB on current data-center GPUs and grows as kernels are
+# first used. Not measured here (the development machine has no GPU): an estimate; where a CUDA
+# device is visible, plan_vram measures the context instead and keeps the larger figure
+# (cuda_context_bytes).
+CUDA_CONTEXT_BYTES = 512 << 20
+# The caching allocators (torch's CUDA/MPS allocators, mlx's buffer cache) round blocks up
+# (torch: 512 B, 2 MiB segments for large ones) and keep freed blocks for reuse, and a forward
+# pass allocates temporaries (a prompt chunk's activations, attention scores, logits): this
+# share is added on top of the planned tensors.
+ALLOCATOR_MARGIN = 0.10
+# The framework's own memory in the process at rest (its libraries, its allocator's pools): peak
+# RSS after `import torch` (torch 2.13's CPU build, Linux x86_64: +204 MiB over numpy alone)
+# and `import mlx.core` (mlx[cpu] 0.32: +5 MiB), with margin. CUDA and Metal builds load more
+# (not measured here). Counted in the DRAM plan's overhead whenever a device backend runs.
+FRAMEWORK_OVERHEAD_BYTES = {"torch": 224 << 20, "mlx": 16 << 20}
+
 
 READ_AHEAD_SLOTS = 3  # RuntimeConfig.overlap: two guessed layers in flight and the rest
 
@@ -49,10 +68,17 @@ class MemoryPlan:
     sketch_record_bytes: int = 0  # eviction="rank" with the sketch: bytes per uncached neuron
     sketch_fixed: int = 0         # and the sketch tier's per-neuron maps (ids, down norms)
     vram: Optional["VramPlan"] = None  # a device backend's plan (RuntimeConfig.vram_budget)
+    # unified memory (a device that shares the host's RAM: one plan for both, see
+    # prepare_sparse): the device's description, the device copy of a cached neuron (with the
+    # allocator margin), and the margin on the device's resident tensors and KV cache
+    unified: Optional[str] = None
+    device_row_bytes: int = 0
+    allocator: int = 0
 
     @property
     def cache_bytes(self) -> int:
-        return sum(self.cache_capacity) * (self.row_bytes or self.record_bytes) + self.layer_buffer
+        per = (self.row_bytes or self.record_bytes) + self.device_row_bytes
+        return sum(self.cache_capacity) * per + self.layer_buffer
 
     @property
     def ffn_dram_bytes(self) -> int:
@@ -70,7 +96,7 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return (self.resident + self.predictors + self.kv_cache + self.overhead + self.cache_bytes
-                + self.sketch_bytes)
+                + self.sketch_bytes + self.allocator)
 
     def as_dict(self) -> dict:
         """The plan's figures in bytes (what `info --dram-budget --json` prints)."""
@@ -78,6 +104,9 @@ class MemoryPlan:
                "sketch": self.sketch_bytes, "kv_cache": self.kv_cache,
                "overhead": self.overhead, "cache_neurons_per_layer": self.cache_capacity,
                "cache_bytes": self.cache_bytes, "total": self.total}
+        if self.unified:
+            out.update(unified=self.unified, device_row_bytes=self.device_row_bytes,
+                       allocator=self.allocator)
         if self.vram is not None:
             out["vram"] = self.vram.as_dict()
         return out
@@ -90,26 +119,36 @@ class MemoryPlan:
         return (f"{per} of {self.d_ff} neurons per layer, {pct:.1f}% of the FFN")
 
     def describe(self, per_layer: bool = False) -> str:
-        if self.layer_buffer:
-            cache_line = (f"  one layer's FFN rows, reused by every layer (no reuse across "
-                          f"tokens):  {format_bytes(self.layer_buffer)}")
-        else:
-            cache_line = (f"  neuron cache: {self.cache_line()}: "
-                          f"{format_bytes(self.cache_bytes)}")
-        lines = [
-            f"  resident tensors (embeddings, attention, norms): {format_bytes(self.resident)}",
-            f"  predictors:                                      {format_bytes(self.predictors)}",
-        ]
+        def line(label: str, n: int, note: str = "") -> str:
+            return f"  {label + ':':<49}{format_bytes(n)}{note}"
+
+        dev = " (on the device)" if self.unified else ""
+        lines = [f"  unified memory ({self.unified}): host and device share this RAM, so one "
+                 "plan holds both and nothing is counted twice"] if self.unified else []
+        lines.append(line("resident tensors (embeddings, attention, norms)", self.resident, dev))
+        lines.append(line("predictors", self.predictors))
         if self.sketch_record_bytes:
-            lines.append(f"  4-bit sketch of the uncached neurons:            "
-                         f"{format_bytes(self.sketch_bytes)}")
-        lines += [
-            f"  KV cache (float32, max context):                 {format_bytes(self.kv_cache)}",
-            f"  runtime overhead (interpreter, libraries):       {format_bytes(self.overhead)}",
-            cache_line,
-            f"  total: {format_bytes(self.total)}"
-            + (f" of a {format_bytes(self.budget)} budget" if self.budget else " (no budget set)"),
-        ]
+            lines.append(line("4-bit sketch of the uncached neurons", self.sketch_bytes))
+        kv = "KV cache (compute dtype, max context)" if self.unified else \
+            "KV cache (float32, max context)"
+        lines.append(line(kv, self.kv_cache, dev))
+        lines.append(line("runtime overhead (interpreter, libraries)", self.overhead))
+        if self.unified:
+            lines.append(line(f"allocator margin ({ALLOCATOR_MARGIN:.0%} of resident + KV)",
+                              self.allocator))
+        if self.layer_buffer:
+            lines.append(line("one layer's FFN rows, reused by every layer (no reuse across "
+                              "tokens)", self.layer_buffer))
+        else:
+            per = ""
+            if self.unified:
+                per = (f" ({self.row_bytes or self.record_bytes} B host record + "
+                       f"{self.device_row_bytes} B device copy a neuron)")
+            lines.append(f"  neuron cache: {self.cache_line()}: "
+                         f"{format_bytes(self.cache_bytes)}{per}")
+        lines.append(f"  total: {format_bytes(self.total)}"
+                     + (f" of a {format_bytes(self.budget)} budget" if self.budget
+                        else " (no budget set)"))
         if per_layer and len(set(self.cache_capacity)) > 1:
             lines.append("  neurons cached per layer: " + " ".join(map(str, self.cache_capacity)))
         if self.vram is not None:
@@ -190,8 +229,16 @@ def cache_row_bytes(manifest: dict) -> int:
 
 def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
                 predictor_bytes: int = 0, resident_bytes: Optional[int] = None, *,
-                calibration=None, sketch_record_bytes: int = 0) -> MemoryPlan:
+                calibration=None, sketch_record_bytes: int = 0,
+                device: Optional["DeviceCosts"] = None) -> MemoryPlan:
     """Split `runtime.dram_budget` between the resident part and the neuron cache.
+
+    With `device` (a device backend's costs), its host memory (framework, staging) is in the
+    overhead; when that device shares the host's RAM (``device.unified``) this is the one
+    plan of that RAM: the budget is the smaller of dram_budget and vram_budget, the resident
+    tensors and the KV cache are counted once, as the device holds them (the host's copies
+    are dropped once they are on the device), the allocator margin is added, and each cached
+    neuron costs its host record plus its device copy.
 
     With `calibration` (predictor.Calibration) and ``runtime.per_layer_cache``, layers get
     cache sizes that equalize their measured FFN error; with `sketch_record_bytes` (eviction
@@ -206,7 +253,16 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
     ctx = min(runtime.max_context, args.max_position_embeddings)
     kv = 2 * args.num_hidden_layers * ctx * args.kv_dim * 4
     L, f = args.num_hidden_layers, args.intermediate_size
-    overhead = RUNTIME_OVERHEAD_BYTES
+    overhead = RUNTIME_OVERHEAD_BYTES + (device.host if device is not None else 0)
+    budget, what = runtime.dram_budget, "dram_budget"
+    unified = device.unified if device is not None else None
+    dev_row = allocator = 0  # unified: a cached neuron's device copy, the margin on the rest
+    if unified:
+        resident_bytes, kv = device.resident, device.kv_cache
+        allocator = int(ALLOCATOR_MARGIN * (resident_bytes + kv))
+        dev_row = int(np.ceil(device.row_bytes * (1 + ALLOCATOR_MARGIN)))
+        if runtime.vram_budget is not None and (budget is None or runtime.vram_budget < budget):
+            budget, what = runtime.vram_budget, "vram_budget"
     if runtime.eviction == "frequency" and runtime.reuse:
         overhead += L * f * 9  # FrequencyPolicy: held flag + float64 score per neuron
     if runtime.eviction == "rank":  # the cached rows' activations and scores, per chunk
@@ -215,32 +271,37 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
         overhead += STAGING_RECORDS * rec
     if runtime.overlap != "off" and runtime.reuse:  # the read-ahead worker's slots and maps
         overhead += READ_AHEAD_SLOTS * (read_ahead_records(args, runtime) * rec + f * 4)
-    fixed = resident_bytes + predictor_bytes + kv + overhead
+    fixed = resident_bytes + predictor_bytes + kv + overhead + allocator
+    row_cost = row + dev_row
     if not runtime.reuse:  # nothing is kept across tokens: one layer's rows at a time
-        if runtime.dram_budget is not None and fixed + f * rec > runtime.dram_budget:
+        layer = f * (rec + dev_row)
+        if budget is not None and fixed + layer > budget:
             raise ValueError(
-                f"dram_budget {format_bytes(runtime.dram_budget)} is too small: without reuse the "
+                f"{what} {format_bytes(budget)} is too small: without reuse the "
                 f"runtime needs the resident part ({format_bytes(fixed)}) plus one layer's FFN "
-                f"({format_bytes(f * rec)}). Give at least {format_bytes(fixed + f * rec, up=True)}.")
-        return MemoryPlan(runtime.dram_budget, resident_bytes, predictor_bytes, kv,
-                          overhead, [0] * L, rec, f, layer_buffer=f * rec)
+                f"({format_bytes(layer)}). Give at least {format_bytes(fixed + layer, up=True)}.")
+        return MemoryPlan(budget, resident_bytes, predictor_bytes, kv, overhead, [0] * L, rec,
+                          f, layer_buffer=layer, unified=unified, allocator=allocator)
     sk = sketch_record_bytes
     sk_fixed = L * f * 12 if sk else 0  # per neuron: its sketch slot (int64) and down norm (f32)
-    if runtime.dram_budget is None:
+    if budget is None:
         caps = [f] * L
     else:
         # neurons cached in all layers: each costs a record, each other one a sketch
-        spare = runtime.dram_budget - fixed - sk_fixed - L * f * (sk + 12 if sk else 0)
-        total = max(spare, 0) // (row - (sk + 12 if sk else 0))
+        spare = budget - fixed - sk_fixed - L * f * (sk + 12 if sk else 0)
+        total = max(spare, 0) // (row_cost - (sk + 12 if sk else 0))
         minimum = max(16, f // 100)  # below 1% of a layer the model cannot run a token
         if total < minimum * L:
-            need = fixed + sk_fixed + minimum * L * row + L * (f - minimum) * (sk + 12 if sk else 0)
+            need = (fixed + sk_fixed + minimum * L * row_cost
+                    + L * (f - minimum) * (sk + 12 if sk else 0))
             sketch = f", the 4-bit sketch {format_bytes(L * f * (sk + 12) + sk_fixed)}" if sk else ""
+            dev = (f", allocator margin {format_bytes(allocator)}; unified memory "
+                   f"({unified}): dram_budget and vram_budget are one budget") if unified else ""
             raise ValueError(
-                f"dram_budget {format_bytes(runtime.dram_budget)} is too small: the resident part "
+                f"{what} {format_bytes(budget)} is too small: the resident part "
                 f"alone needs {format_bytes(fixed)} (tensors {format_bytes(resident_bytes)}, KV "
                 f"cache {format_bytes(kv)} for {ctx} tokens, predictors "
-                f"{format_bytes(predictor_bytes)}, runtime {format_bytes(overhead)}{sketch}). "
+                f"{format_bytes(predictor_bytes)}, runtime {format_bytes(overhead)}{sketch}{dev}). "
                 f"Give at least {format_bytes(need, up=True)}, or lower --max-context.")
         if (calibration is not None and runtime.per_layer_cache
                 and total >= PER_LAYER_MIN_FRACTION * L * f):
@@ -248,20 +309,106 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
                                  PER_LAYER_BOUNDS)
         else:
             caps = [int(min(f, total // L))] * L
-    return MemoryPlan(runtime.dram_budget, resident_bytes, predictor_bytes, kv,
+    return MemoryPlan(budget, resident_bytes, predictor_bytes, kv,
                       overhead, [int(c) for c in caps], rec, f, row_bytes=row,
-                      sketch_record_bytes=sk, sketch_fixed=sk_fixed)
+                      sketch_record_bytes=sk, sketch_fixed=sk_fixed, unified=unified,
+                      device_row_bytes=dev_row, allocator=allocator)
+
+
+@dataclass
+class DeviceCosts:
+    """What a device backend's memory plan needs to know about the device (device_costs)."""
+
+    resident: int          # resident tensors on the device: matrices in the compute dtype
+    kv_cache: int          # keys/values for max_context tokens in the compute dtype
+    row_bytes: int         # one cached neuron on the device (device_row: its stored bytes)
+    host: int              # host memory the backend adds: its framework, the staging buffer
+    context: int = 0       # device memory in no tensor (the CUDA context; 0 elsewhere)
+    context_note: str = ""
+    unified: Optional[str] = None  # the device shares the host's RAM: which device, why
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """One neuron's row on a device backend, and in the host staging buffer it is sent from
+    (backends/device_ffn.py): `raw` bytes of its record's payload as stored (block formats:
+    the parts kept quantized, dequantized on the device per layer when the FFN runs), then
+    `values` values in the compute dtype (float formats: the parts, dequantized on the host
+    as before; then the up bias, where the model has one)."""
+
+    raw: int
+    values: int
+    esize: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw + self.values * self.esize
+
+    @property
+    def direct(self) -> bool:
+        """The values are float32 and lie aligned: staged straight into the row's bytes, with
+        no float32 copy to cast from."""
+        return self.esize == 4 and self.raw % 4 == 0
+
+
+def device_row(layout, esize: int, bias: bool) -> DeviceRow:
+    """The device row of records in `layout` (dtypes.RecordLayout) for a compute dtype of
+    `esize` bytes, with or without an up bias."""
+    if layout.fmt.quantized:
+        return DeviceRow(layout.payload_bytes, int(bias), esize)
+    return DeviceRow(0, len(layout.parts) * layout.d_model + int(bias), esize)
+
+
+def device_staging_rows(row: DeviceRow, most: int) -> int:
+    """Rows of a device backend's host staging buffer: at most STAGING_BYTES, at most `most`
+    rows, at least one."""
+    return max(1, min(most, STAGING_BYTES // row.nbytes))
+
+
+def device_staging_bytes(row: DeviceRow, rows: int) -> int:
+    """Host bytes of a staging buffer of `rows` device rows: the rows, and the float32 values
+    written before their cast (unless they are staged directly)."""
+    return rows * (row.nbytes + (0 if row.direct else row.values * 4))
+
+
+STAGING_BYTES = 32 << 20  # a device backend's host staging buffer: at most this much a transfer
+
+
+def device_costs(directory: Path, manifest: dict, args: ModelArgs, runtime: RuntimeConfig,
+                 backend: str) -> DeviceCosts:
+    """A device backend's figures for the plans, from the manifest and dense.safetensors'
+    header (nothing is loaded; the CUDA context is measured where a CUDA device is visible)."""
+    from .backends import device_context, shares_host_memory
+
+    from .dtypes import RecordLayout
+
+    esize = {"float32": 4, "float16": 2, "bfloat16": 2}[runtime.compute_dtype or "float32"]
+    L, f = args.num_hidden_layers, args.intermediate_size
+    ctx = min(runtime.max_context, args.max_position_embeddings)
+    row = device_row(RecordLayout.from_manifest(manifest), esize, args.ffn_bias)
+    staging = device_staging_bytes(row, device_staging_rows(row, f))
+    unified = shares_host_memory(backend, runtime.device, runtime.unified_memory)
+    context, note = (0, "") if unified else device_context(backend, runtime.device)
+    return DeviceCosts(
+        resident=_device_resident_bytes(directory, manifest, args, esize),
+        kv_cache=2 * L * ctx * args.kv_dim * esize, row_bytes=row.nbytes,
+        host=FRAMEWORK_OVERHEAD_BYTES[backend] + staging, context=context, context_note=note,
+        unified=unified)
 
 
 @dataclass
 class VramPlan:
-    """Where a device backend's memory budget goes (RuntimeConfig.vram_budget)."""
+    """Where a device backend's memory budget goes (RuntimeConfig.vram_budget), on a device
+    with its own memory (a discrete GPU)."""
 
     budget: int
     resident: int          # resident matrices in the compute dtype, norms float32
     kv_cache: int          # keys/values for max_context tokens in the compute dtype
-    row_bytes: int         # one cached neuron on the device: its parts (and up bias)
+    row_bytes: int         # one cached neuron on the device (device_row)
     cache_capacity: list   # neurons per layer the device copy holds
+    context: int = 0       # the CUDA context: device memory in no tensor
+    context_note: str = ""  # how `context` was found ("estimate" or "measured")
+    allocator: int = 0     # ALLOCATOR_MARGIN of the tensors
 
     @property
     def cache_bytes(self) -> int:
@@ -269,20 +416,27 @@ class VramPlan:
 
     @property
     def total(self) -> int:
-        return self.resident + self.kv_cache + self.cache_bytes
+        return self.resident + self.kv_cache + self.cache_bytes + self.context + self.allocator
 
     def as_dict(self) -> dict:
         return {"budget": self.budget, "resident": self.resident, "kv_cache": self.kv_cache,
-                "cache_neurons_per_layer": self.cache_capacity, "cache_bytes": self.cache_bytes,
-                "total": self.total}
+                "context": self.context, "allocator": self.allocator,
+                "cache_neurons_per_layer": self.cache_capacity, "row_bytes": self.row_bytes,
+                "cache_bytes": self.cache_bytes, "total": self.total}
 
     def describe(self) -> str:
+        def line(label: str, n: int) -> str:
+            return f"  {label + ':':<35}{format_bytes(n)}"
+
         caps = self.cache_capacity
         return "\n".join([
-            f"  resident tensors (compute dtype):  {format_bytes(self.resident)}",
-            f"  KV cache (max context):            {format_bytes(self.kv_cache)}",
+            line("resident tensors (compute dtype)", self.resident),
+            line("KV cache (max context)", self.kv_cache),
+            line(f"CUDA context ({self.context_note})" if self.context_note
+                 else "device context (none off CUDA)", self.context),
+            line(f"allocator margin ({ALLOCATOR_MARGIN:.0%} of tensors)", self.allocator),
             f"  neuron cache (device copy): {min(caps)}-{max(caps)} neurons per layer, "
-            f"{format_bytes(self.cache_bytes)}",
+            f"{format_bytes(self.cache_bytes)} ({self.row_bytes} B a neuron)",
             f"  total: {format_bytes(self.total)} of a {format_bytes(self.budget)} budget"])
 
 
@@ -303,30 +457,36 @@ def _device_resident_bytes(directory: Path, manifest: dict, args: ModelArgs, esi
 
 
 def plan_vram(directory: Path, manifest: dict, args: ModelArgs, runtime: RuntimeConfig,
-              dram_caps: list) -> VramPlan:
-    """Split `runtime.vram_budget` between the resident tensors, the KV cache and the device
-    copy of the neuron cache: each layer keeps the share of the DRAM plan's `dram_caps` that
-    fits. Raises ValueError naming the smallest workable budget when too little is left."""
-    esize = {"float32": 4, "float16": 2, "bfloat16": 2}[runtime.compute_dtype or "float32"]
-    L, f, d = args.num_hidden_layers, args.intermediate_size, args.hidden_size
-    resident = _device_resident_bytes(directory, manifest, args, esize)
-    ctx = min(runtime.max_context, args.max_position_embeddings)
-    kv = 2 * L * ctx * args.kv_dim * esize
-    parts = len(manifest["bundle"]["parts"])
-    row = parts * d * esize + (esize if args.ffn_bias else 0)
-    spare = runtime.vram_budget - resident - kv
+              dram_caps: list, costs: Optional[DeviceCosts] = None) -> VramPlan:
+    """Split `runtime.vram_budget` of a discrete device between its context, the allocator
+    margin, the resident tensors, the KV cache and the device copy of the neuron cache: each
+    layer keeps the share of the DRAM plan's `dram_caps` that fits. Raises ValueError naming
+    the smallest workable budget when too little is left."""
+    c = costs or device_costs(directory, manifest, args, runtime, runtime.backend)
+    L, f, m = args.num_hidden_layers, args.intermediate_size, ALLOCATOR_MARGIN
+    row = c.row_bytes
+    tensors = int((runtime.vram_budget - c.context) / (1 + m))  # what the tensors may take
+    spare = tensors - c.resident - c.kv_cache
     minimum = max(16, f // 100)
     if spare < minimum * L * row:
+        ctx = min(runtime.max_context, args.max_position_embeddings)
+        least = c.resident + c.kv_cache + minimum * L * row
+        need = c.context + int(np.ceil(least * (1 + m))) + 1
+        context = (f", the CUDA context {format_bytes(c.context)} ({c.context_note})"
+                   if c.context else "")
         raise ValueError(
             f"vram_budget {format_bytes(runtime.vram_budget)} is too small: the resident "
-            f"tensors need {format_bytes(resident)} and the KV cache {format_bytes(kv)} for "
-            f"{ctx} tokens on the device. Give at least "
-            f"{format_bytes(resident + kv + minimum * L * row, up=True)}, or lower --max-context "
-            "or use a smaller compute dtype.")
+            f"tensors need {format_bytes(c.resident)} and the KV cache "
+            f"{format_bytes(c.kv_cache)} for {ctx} tokens on the device{context}, plus the "
+            f"allocator margin ({m:.0%} of the tensors). Give at least "
+            f"{format_bytes(need, up=True)}, or lower --max-context or use a smaller compute "
+            "dtype.")
     want = sum(dram_caps)
     scale = min(1.0, (spare // row) / max(want, 1))
-    caps = [int(max(min(c, minimum), np.floor(c * scale))) for c in dram_caps]
-    return VramPlan(runtime.vram_budget, resident, kv, row, caps)
+    caps = [int(max(min(c_, minimum), np.floor(c_ * scale))) for c_ in dram_caps]
+    allocator = int(m * (c.resident + c.kv_cache + sum(caps) * row))
+    return VramPlan(runtime.vram_budget, c.resident, c.kv_cache, row, caps, c.context,
+                    c.context_note, allocator)
 
 
 def plan_directory(directory, runtime: RuntimeConfig) -> tuple[RuntimeConfig, MemoryPlan]:
@@ -346,6 +506,7 @@ def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: Ru
 
     Raises FlashFormatError when the selection needs predictors that are missing or stale.
     """
+    from .backends import resolve_backend
     from .errors import FlashFormatError
     from .predictor import PREDICTORS_FILE, Predictors
     from .sketch import sketch_record_bytes
@@ -363,11 +524,16 @@ def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: Ru
         raise FlashFormatError(f"{Path(directory) / PREDICTORS_FILE}: no 4-bit sketch "
                                f"(selection='sketch'); {fix.format('sketch')}.")
     rank = rt.eviction == "rank"
+    backend = resolve_backend(rt.backend, rt.device)
+    costs = (device_costs(Path(directory), manifest, args, rt, backend)
+             if backend != "native" else None)
+    # a device sharing the host's RAM gets one plan for both (plan_memory); a discrete one
+    # gets the DRAM plan, then the device's own (plan_vram)
     plan = plan_memory(args, manifest, rt, preds.nbytes if rt.selection == "predictor" else 0,
                        calibration=preds.calibration if rank and preds is not None else None,
                        sketch_record_bytes=sketch_record_bytes(args)
-                       if rt.selection == "sketch" else 0)
-    if rt.vram_budget is not None:  # the device copy of the cache may hold fewer neurons
-        plan.vram = plan_vram(Path(directory), manifest, args, rt, plan.cache_capacity)
+                       if rt.selection == "sketch" else 0, device=costs)
+    if rt.vram_budget is not None and not costs.unified:  # the device copy may hold fewer
+        plan.vram = plan_vram(Path(directory), manifest, args, rt, plan.cache_capacity, costs)
         plan.cache_capacity = list(plan.vram.cache_capacity)
     return rt, preds, plan

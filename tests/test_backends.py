@@ -7,14 +7,17 @@ Tolerances (logits, torch or mlx on `device` in float32 against native; mlx meas
 as torch):
 - float formats (float32, float16, bfloat16): max relative error 1e-4 (measured: <= 2.4e-5,
   Gemma 3's soft-caps the largest; the rest <= 2e-6). Both multiply the same float32 values.
-- block formats (q8_0, q4_0): NMSE 1e-6 and max relative error 5e-3 (measured: NMSE <= 2.5e-7,
-  max relative <= 1.8e-3, argmax identical). The native kernels quantize the activations to 16
-  bits per block of 32 for their integer dot products (csrc/kernels_quant.h); torch
-  multiplies the dequantized weights by float32 activations. The difference is that rounding.
+- block formats (q8_0, q4_0, q4_1): NMSE 1e-6 and max relative error 5e-3 (measured: NMSE
+  <= 2.5e-7, max relative <= 1.8e-3, argmax identical). The native kernels quantize the
+  activations to 16 bits per block of 32 for their integer dot products
+  (csrc/kernels_quant.h); the device backends keep the blocks as stored on the device,
+  dequantize them there (exactly the native dequantize's float32 values) and multiply by
+  float32 activations. The difference is that rounding.
 """
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -28,7 +31,7 @@ torch = pytest.importorskip("torch")
 
 FLOAT_TOL = 1e-4
 BLOCK_NMSE, BLOCK_REL = 1e-6, 5e-3
-DTYPES = ["float32", "float16", "bfloat16", "q8_0", "q4_0"]
+DTYPES = ["float32", "float16", "bfloat16", "q8_0", "q4_0", "q4_1"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda),
            pytest.param("mps", marks=pytest.mark.mps)]
 
@@ -76,16 +79,26 @@ def chunked(model, ids, first: int = 9) -> np.ndarray:
 
 
 def assert_mirrors_host(m) -> None:
-    """Each layer's device rows are the host cache's rows dequantized, in its slot order."""
+    """Each layer's device rows are the host cache's rows, in its slot order: block formats
+    the records' payload bytes as stored (byte for byte), float formats dequantized; and the
+    values the FFN takes from them are the host's dequantized values exactly."""
     mirror, host, ops = m.ffn.mirror, m.ffn.cache, m.ffn.ops
+    layout = mirror.fmt.layout
     for layer in range(m.args.num_hidden_layers):
         mirror.sync(layer)
         n = host.n_used(layer)
         assert mirror.n[layer] == n
         assert np.array_equal(mirror.ids[layer][:n], host.ids(layer))
-        for p, name in enumerate(mirror.part_names):
-            want = m.ffn.host_kernel.part_f32(layer, host.rows(layer), name, host.ids(layer))
-            assert np.array_equal(ops.numpy(mirror.parts[layer][p][:n]), want)
+        rows = host.rows(layer)
+        if layout.fmt.quantized:
+            got = ops.numpy(mirror.mats[layer][0][:n], float32=False)
+            assert got.dtype == np.uint8 and got.shape == (n, layout.payload_bytes)
+            assert np.array_equal(got, rows.view(np.uint8)[:, :layout.payload_bytes])
+        with ops.context():
+            parts, _ = mirror.rows(layer, slice(0, n))
+            for name in mirror.part_names:
+                want = m.ffn.host_kernel.part_f32(layer, rows, name, host.ids(layer))
+                assert np.array_equal(ops.numpy(parts[name]), want), (layer, name)
 
 
 # ---- dense: every family x every storage format ---------------------------------------------
@@ -173,6 +186,21 @@ SPARSE_MODES = {
 }
 
 
+def on_device(d, rt: fi.RuntimeConfig, backend: str, device: str = "cpu") -> fi.RuntimeConfig:
+    """`rt` on a device backend with the native run's cache sizes (to compare the two): the
+    device's memory planned apart (unified_memory=False) and the backend's host overhead
+    (framework, staging buffer) added to the DRAM budget."""
+    from flashinfer_py.config import ModelArgs
+    from flashinfer_py.loader import device_costs
+
+    rt = rt.replace(backend=backend, device=device, unified_memory=False)
+    if rt.dram_budget is None:
+        return rt
+    man = full_manifest(d)
+    extra = device_costs(d, man, ModelArgs.from_dict(man["model"]), rt, backend).host
+    return rt.replace(dram_budget=rt.dram_budget + extra)
+
+
 def sparse_runtime(d, mode: str, **extra) -> fi.RuntimeConfig:
     kw = {"selection": "oracle", **SPARSE_MODES[mode], **extra}
     if kw.get("dram_budget") == "tight":  # (the read-ahead slots are in the plan)
@@ -191,7 +219,7 @@ def test_sparse_oracle_gives_native_logits(backend, name, mode, tiny_flash, prom
     d = tiny_flash(name)
     rt = sparse_runtime(d, mode)
     native = fi.load(d, rt)
-    ours = fi.load(d, rt.replace(backend=backend))
+    ours = fi.load(d, on_device(d, rt, backend))
     got = chunked(ours, prompt_ids)
     assert_close(got, chunked(native, prompt_ids), "float32")
     if mode != "rank-budget":
@@ -212,7 +240,7 @@ def test_sparse_storage_formats(backend, name, dtype, tiny_flash, prompt_ids):
     arrive), against native sparse."""
     d = tiny_flash(name, dtype)
     rt = sparse_runtime(d, "tight-budget")
-    assert_close(chunked(fi.load(d, rt.replace(backend=backend)), prompt_ids),
+    assert_close(chunked(fi.load(d, on_device(d, rt, backend)), prompt_ids),
                  chunked(fi.load(d, rt), prompt_ids), dtype)
 
 
@@ -230,21 +258,60 @@ def test_sparse_every_neuron_is_dense_for_every_family(backend, name, tiny_flash
 def test_sparse_on_each_device(backend, device, tiny_flash, prompt_ids):
     d = tiny_flash("opt-350m", "q8_0")
     rt = sparse_runtime(d, "frequency-budget")
-    got = chunked(fi.load(d, rt.replace(backend=backend, device=device)), prompt_ids)
+    got = chunked(fi.load(d, on_device(d, rt, backend, device)), prompt_ids)
     assert_close(got, chunked(fi.load(d, rt), prompt_ids), "q8_0")
 
 
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_1", "float16"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_device_cache_mirrors_the_host_cache(backend, tiny_flash, prompt_ids):
-    """After every token, each layer's device rows are the host cache's rows dequantized, in
-    the host's slot order (eviction and compaction included)."""
-    d = tiny_flash("llama-relu", "q8_0")
-    m = fi.load(d, sparse_runtime(d, "tight-budget", window=2, backend=backend))
+def test_device_cache_mirrors_the_host_cache(backend, dtype, tiny_flash, prompt_ids):
+    """After every token, each layer's device rows are the host cache's rows in the host's
+    slot order (eviction and compaction included): a block format's payload bytes as stored,
+    byte for byte, dequantized on the device to the host's values exactly."""
+    d = tiny_flash("opt" if dtype == "q4_1" else "llama-relu", dtype)  # (opt: an up bias too)
+    m = fi.load(d, on_device(d, sparse_runtime(d, "tight-budget", window=2), backend))
     cache = m.new_cache()
     for t in prompt_ids[:12]:
         m.forward([t], cache)
         assert_mirrors_host(m)
     assert m.ffn.total.moved_rows > 0
+
+
+@pytest.mark.parametrize("dtype", ["q4_1", "float32"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_formats_send_and_hold_their_stored_bytes(backend, dtype, tiny_flash,
+                                                        prompt_ids, capsys):
+    """A block format's cached neuron is its record's payload on the device (plus the up
+    bias in the compute dtype): what each token sends (transfer_bytes) is the rows it read
+    times that, the device holds that per cached row, and the VRAM plan and `info` count it;
+    float formats keep their parts in the compute dtype."""
+    from flashinfer_py.dtypes import RecordLayout
+
+    d = tiny_flash("opt", dtype)
+    layout = RecordLayout.from_manifest(full_manifest(d))
+    args = fi.load(d).args
+    esize = 4
+    row = (layout.payload_bytes + esize if dtype == "q4_1"
+           else (len(layout.parts) * args.hidden_size + 1) * esize)
+    rt = on_device(d, sparse_runtime(d, "window"), backend).replace(vram_budget=1 << 40)
+    m = fi.load(d, rt)
+    assert m.plan.vram.row_bytes == row
+    caps = m.plan.vram.cache_capacity
+    cache = m.new_cache()
+    for t in prompt_ids[:6]:
+        m.forward([t], cache)
+        st = m.last_stats
+        assert st["transfer_bytes"] == st["loaded"] * row
+    assert m.ffn.total.transfer_bytes == m.ffn.total.loaded * row > 0
+    assert m.ffn.mirror.device_bytes == sum(caps) * row
+    from flashinfer_py import cli
+
+    assert cli.main(["info", str(d), "--backend", backend, "--unified-memory", "no",
+                     "--vram-budget", "64GB", "--selection", "oracle", "--eviction", "window",
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_plan"]["vram"]["row_bytes"] == row
+    if dtype == "q4_1":  # about a fifth of the float32 copy
+        assert row < 0.2 * len(layout.parts) * args.hidden_size * esize
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -256,11 +323,59 @@ def test_sparse_rank_with_the_sketch_on_swiglu(backend, tiny_flash, tmp_path_fac
 
     d, _ = sketch_dir(tiny_flash, tmp_path_factory)
     rt = fi.RuntimeConfig(dram_budget=tight_budget(d, 0.5), prefill_chunk=4)
-    native, ours = fi.load(d, rt), fi.load(d, rt.replace(backend=backend))
+    native, ours = fi.load(d, rt), fi.load(d, on_device(d, rt, backend))
     assert ours.runtime.selection == "sketch" and ours.runtime.eviction == "rank"
     got, ref = chunked(ours, prompt_ids), chunked(native, prompt_ids)
     assert_close(got, ref, "float32")
     assert ours.ffn.total.loaded == native.ffn.total.loaded > 0
+
+
+@pytest.fixture(scope="module")
+def codes_flash(tmp_path_factory):
+    """A flash directory in the codes layout: test_quantized's tiny llama GGUF (Q4_1 FFN and
+    attention, Q8_0 embeddings and head) converted with its blocks kept, so each record's down
+    part is codes and the scales are resident per 32 neurons."""
+    import warnings
+
+    pytest.importorskip("gguf")
+    from gguf_export import write_gguf
+    from test_quantized import llama_model
+
+    d = tmp_path_factory.mktemp("codes")
+    write_gguf(llama_model(), d / "m.gguf", "llama",
+               qtypes={"attn_": "Q4_1", "ffn_": "Q4_1", "token_embd": "Q8_0", "output.": "Q8_0"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny GGUF has no tokenizer
+        out = fi.convert(d / "m.gguf", d / "flash", dtype="q4_1", progress=False)
+    assert full_manifest(out)["bundle"]["down_layout"] == "codes"
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_codes_layout_on_the_device(backend, codes_flash, prompt_ids):
+    """The codes layout kept on the device (the down codes dequantized there with the
+    layer's resident scales, looked up by neuron id): dense, and sparse with every neuron,
+    give native's logits; under a budget (rank, oracle) the device rows stay the host
+    cache's bytes through evictions, dequantized to the host's values."""
+    d = codes_flash
+    ids = [i % 256 for i in prompt_ids]
+    native = fi.load(d)
+    ref = chunked(native, ids)
+    dense = fi.load(d, backend=backend)
+    assert_close(chunked(dense, ids), ref, "q4_1")
+    assert dense.ffn.rows.scales is not None and dense.ffn.nbytes < sum(
+        native.ffn.rows_by_layer[i].nbytes for i in range(native.args.num_hidden_layers))
+    every = fi.load(d, sparse=True, selection="all", window=1, backend=backend)
+    assert_close(chunked(every, ids, 4), ref, "q4_1")
+    rt = fi.RuntimeConfig(dram_budget=tight_budget(d, 0.5), selection="oracle",
+                          eviction="rank", prefill_chunk=4)
+    m = fi.load(d, on_device(d, rt, backend))
+    cache = m.new_cache()
+    m.forward(ids[:4], cache)
+    for t in ids[4:14]:
+        m.forward([t], cache)
+        assert_mirrors_host(m)
+    assert m.ffn.total.loaded > 0 and m.ffn.total.transfer_bytes > 0
 
 
 # ---- the seam: configuration, lazy imports, CLI, info ----------------------------------------
@@ -330,6 +445,30 @@ except ImportError as e:
 """)
     assert r.returncode == 0, r.stderr
     assert hint in r.stdout
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_threads_are_torchs_intra_op_threads_during_the_models_calls(sparse, tiny_flash,
+                                                                     prompt_ids):
+    """RuntimeConfig.threads is torch's intra-op thread count inside the model's forward pass
+    (0: whatever the process set), and the process's own count is back after each call."""
+    d = tiny_flash("llama-relu")
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    for threads, want in ((other, other), (0, before)):
+        kw = dict(sparse=True, selection="oracle", window=2) if sparse else {}
+        m = fi.load(d, backend="torch", threads=threads, **kw)
+        assert torch.get_num_threads() == before  # loading put it back too
+        seen = []
+        if sparse:  # (the observer is the dense model's) the FFN over the device rows
+            rows_ffn = m.ffn.rows_ffn
+            m.ffn.rows_ffn = lambda *a, **k: (seen.append(torch.get_num_threads()),
+                                              rows_ffn(*a, **k))[1]
+        else:
+            m.transformer.observer = lambda *a: seen.append(torch.get_num_threads())
+        m.logits(prompt_ids[:6])
+        assert len(seen) >= m.args.num_hidden_layers and set(seen) == {want}
+        assert torch.get_num_threads() == before
 
 
 @needs_mlx
@@ -445,8 +584,8 @@ def test_smollm2_q4_1_codes_layout(tmp_path_factory):
     every = fi.load(d, sparse=True, selection="all", window=1, backend="torch")
     assert_close(chunked(every, ids, 4), ref, "q4_1")
     rt = fi.RuntimeConfig(dram_budget=tight_budget(d, 0.5), selection="oracle", eviction="rank",
-                          prefill_chunk=4, backend="torch")
-    m = fi.load(d, rt)
+                          prefill_chunk=4)
+    m = fi.load(d, on_device(d, rt, "torch"))
     cache = m.new_cache()
     m.forward(ids[:4], cache)
     for t in ids[4:]:
@@ -461,26 +600,32 @@ def test_smollm2_q4_1_codes_layout(tmp_path_factory):
 def _device_bytes(m) -> int:
     """What the model holds on its device: resident tensors and the neuron cache's copy."""
     res = sum(t.nbytes for t in {id(t): t for t in m.transformer.w.values()}.values())
-    mirror = m.ffn.mirror  # its staging buffer is host memory
-    return (res + sum(t.nbytes for ms in mirror.parts for t in ms)
-            + sum(b.nbytes for b in mirror.bias if b is not None))
+    return res + m.ffn.mirror.device_bytes  # (its staging buffer is host memory)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vram_budget_splits_device_memory_and_shrinks_the_cache(backend, tiny_flash,
                                                                 prompt_ids):
+    """A discrete device's plan (the CPU device standing in for one: unified_memory=False)."""
+    from flashinfer_py.loader import ALLOCATOR_MARGIN
+
     d = tiny_flash("llama-relu")
     kw = dict(backend=backend, device="cpu", selection="oracle", eviction="window", window=1,
-              prefill_chunk=1)
+              prefill_chunk=1, unified_memory=False)
     free = fi.load(d, sparse=True, **kw)
     full = free.plan.cache_capacity
     probe = fi.load(d, vram_budget=1 << 40, **kw).plan.vram
     assert probe.cache_capacity == full  # a huge budget changes nothing
-    # room for about 95% of the cache on the device (a random ReLU layer fires ~90%)
-    budget = probe.resident + probe.kv_cache + int(0.95 * probe.cache_bytes)
+    assert probe.context == 0  # no CUDA context off CUDA
+    # room for about 95% of the cache on the device (a random ReLU layer fires ~90%), with
+    # the allocator's margin on every tensor
+    tensors = probe.resident + probe.kv_cache + int(0.95 * probe.cache_bytes)
+    budget = int(tensors * (1 + ALLOCATOR_MARGIN))
     m = fi.load(d, vram_budget=budget, **kw)
     v = m.plan.vram
     assert m.sparse and v.total <= budget and v.resident == probe.resident
+    assert v.allocator == int(ALLOCATOR_MARGIN * (v.resident + v.kv_cache + v.cache_bytes))
+    assert v.total == v.resident + v.kv_cache + v.cache_bytes + v.allocator
     assert m.plan.cache_capacity == v.cache_capacity
     assert all(c <= f for c, f in zip(v.cache_capacity, full)) and sum(v.cache_capacity) < sum(full)
     assert [m.ffn.cache.capacity(i) for i in range(m.args.num_hidden_layers)] == v.cache_capacity
@@ -492,29 +637,145 @@ def test_vram_budget_splits_device_memory_and_shrinks_the_cache(backend, tiny_fl
     assert np.isfinite(m.forward(prompt_ids[:8], cache)).all()
 
 
-def test_vram_budget_too_small_names_the_smallest_that_works(tiny_flash):
-    d = tiny_flash("llama-relu")
-    kw = dict(backend="torch", device="cpu", selection="oracle", eviction="window")
-    with pytest.raises(ValueError, match="vram_budget .* is too small.*Give at least") as ei:
-        fi.load(d, vram_budget=1024, **kw)
+def _cuda_plan(d, budget):
+    """The plan of torch on a CUDA device (made on paper: nothing touches a device here)."""
+    from flashinfer_py.loader import plan_directory
+
+    rt = fi.RuntimeConfig(backend="torch", device="cuda", vram_budget=budget,
+                          selection="oracle", eviction="window")
+    return plan_directory(d, rt)[1]
+
+
+def test_cuda_plan_counts_the_context_and_the_allocator_margin(tiny_flash):
+    """Under a CUDA vram_budget the context (CUDA_CONTEXT_BYTES, or measured where a device
+    is visible) and the allocator margin come off the top; the smallest workable figure in
+    the error counts both, and works."""
     import re
 
-    need = re.search(r"Give at least ([0-9.]+ \w+)", str(ei.value)).group(1)
-    assert fi.load(d, vram_budget=need.replace(" ", ""), **kw).plan.vram.total <= \
-        fi.RuntimeConfig(vram_budget=need.replace(" ", ""), backend="torch").vram_budget
+    from flashinfer_py.loader import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES
+
+    d = tiny_flash("llama-relu")
+    v = _cuda_plan(d, 64 << 30).vram
+    assert v.context_note in ("estimate", "measured")
+    assert v.context == CUDA_CONTEXT_BYTES if not torch.cuda.is_available() else \
+        v.context >= CUDA_CONTEXT_BYTES
+    tensors = v.resident + v.kv_cache + v.cache_bytes
+    assert v.allocator == int(ALLOCATOR_MARGIN * tensors)
+    assert v.total == tensors + v.context + v.allocator
+    # just enough for every neuron: nothing cut; 1% less: the cache shrinks
+    enough = v.context + int(np.ceil(tensors * (1 + ALLOCATOR_MARGIN))) + 1
+    assert _cuda_plan(d, enough).vram.cache_capacity == v.cache_capacity
+    less = _cuda_plan(d, enough - int(0.01 * tensors)).vram
+    assert sum(less.cache_capacity) < sum(v.cache_capacity) and less.total <= enough
+    # the tensors alone, without the context: too small, and the error says by how much
+    with pytest.raises(ValueError, match=r"vram_budget .* is too small.*the CUDA context "
+                       r".*allocator margin.*Give at least") as ei:
+        _cuda_plan(d, v.resident + v.kv_cache + v.cache_bytes)
+    need = fi.RuntimeConfig(backend="torch", vram_budget=re.search(
+        r"Give at least ([0-9.]+ \w+)", str(ei.value)).group(1).replace(" ", "")).vram_budget
+    assert need > v.context + (v.resident + v.kv_cache) * (1 + ALLOCATOR_MARGIN)
+    assert _cuda_plan(d, need).vram.total <= need
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_vram_budget_too_small_names_the_smallest_that_works(unified, tiny_flash):
+    import re
+
+    d = tiny_flash("llama-relu")
+    kw = dict(backend="torch", device="cpu", selection="oracle", eviction="window",
+              unified_memory=None if unified else False)
+    with pytest.raises(ValueError, match="vram_budget .* is too small.*Give at least") as ei:
+        fi.load(d, vram_budget=1024, **kw)
+    assert ("one budget" in str(ei.value)) == unified
+    need = re.search(r"Give at least ([0-9.]+ \w+)", str(ei.value)).group(1).replace(" ", "")
+    plan = fi.load(d, vram_budget=need, **kw).plan
+    assert (plan.vram if not unified else plan).total <= \
+        fi.RuntimeConfig(vram_budget=need, backend="torch").vram_budget
     with pytest.raises(ValueError, match="vram_budget is device memory: it needs backend"):
         fi.RuntimeConfig(vram_budget="1GB")
 
 
 def test_info_prints_the_vram_plan(tiny_flash, capsys):
     from flashinfer_py import cli
+    from flashinfer_py.loader import CUDA_CONTEXT_BYTES
 
     d = tiny_flash("llama-relu")
-    assert cli.main(["info", str(d), "--backend", "torch", "--vram-budget", "64MB",
-                     "--selection", "oracle", "--eviction", "window", "--json"]) == 0
+    flags = ["info", str(d), "--backend", "torch", "--device", "cuda", "--vram-budget", "2GB",
+             "--selection", "oracle", "--eviction", "window"]
+    assert cli.main(flags + ["--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["memory_plan"]
-    assert plan["vram"]["budget"] == 64 << 20
+    assert plan["vram"]["budget"] == 2 << 30
     assert plan["vram"]["cache_neurons_per_layer"] == plan["cache_neurons_per_layer"]
+    assert plan["vram"]["context"] >= CUDA_CONTEXT_BYTES and plan["vram"]["allocator"] > 0
+    assert cli.main(flags) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^  CUDA context \((estimate|measured)\): +\d", text, re.M)
+    assert re.search(r"^  allocator margin \(10% of tensors\): +\d", text, re.M)
+
+
+# ---- unified memory: one plan for host and device --------------------------------------------
+
+
+@pytest.mark.parametrize("backend,flag", [("torch", None), pytest.param("mlx", None, marks=needs_mlx),
+                                          ("torch", True)])
+def test_unified_memory_is_one_plan_with_one_budget(backend, flag, tiny_flash, prompt_ids):
+    """A device sharing the host's RAM (mlx, torch's cpu: found from the device; or
+    unified_memory=True): one plan whose budget is the smaller of dram_budget and
+    vram_budget; the resident tensors and KV cache counted once, as the device holds them;
+    each cached neuron costs its host record and its device copy, so fewer neurons fit than
+    a plan that ignored the copy; and what the model holds stays within the plan."""
+    from flashinfer_py.loader import ALLOCATOR_MARGIN, FRAMEWORK_OVERHEAD_BYTES, device_costs
+
+    d = tiny_flash("llama-relu")
+    kw = dict(backend=backend, device="cpu", selection="oracle", eviction="window", window=1,
+              prefill_chunk=1, unified_memory=flag)
+    full = fi.load(d, sparse=True, **kw).plan
+    assert full.unified and full.vram is None
+    costs = device_costs(d, full_manifest(d), fi.load(d).args,
+                         fi.RuntimeConfig(sparse=True, **kw), backend)
+    assert (full.resident, full.kv_cache) == (costs.resident, costs.kv_cache)
+    assert full.device_row_bytes == int(np.ceil(costs.row_bytes * (1 + ALLOCATOR_MARGIN)))
+    assert full.allocator == int(ALLOCATOR_MARGIN * (costs.resident + costs.kv_cache))
+    assert full.overhead >= FRAMEWORK_OVERHEAD_BYTES[backend]
+    budget = full.total - full.cache_bytes + int(0.6 * full.cache_bytes)
+    for dram, vram in ((budget, None), (None, budget), (budget, 2 * budget),
+                       (2 * budget, budget)):
+        m = fi.load(d, dram_budget=dram, vram_budget=vram, **kw)
+        p = m.plan
+        assert p.budget == budget and p.total <= budget and p.vram is None
+        assert p.cache_bytes == sum(p.cache_capacity) * (p.row_bytes + p.device_row_bytes)
+    # the same budget planned as if the device had its own memory caches more neurons,
+    # whose device copies the unified plan counts
+    apart = fi.load(d, dram_budget=budget, **{**kw, "unified_memory": False}).plan
+    assert sum(apart.cache_capacity) > sum(p.cache_capacity)
+    # what the model holds: the host cache's rows and the device copy fit the plan's figure
+    held = sum(m.ffn.cache.capacity(i) * m.ffn.cache.row_bytes
+               for i in range(m.args.num_hidden_layers))
+    held += m.ffn.mirror.device_bytes
+    assert held <= p.cache_bytes
+    assert np.isfinite(chunked(m, prompt_ids[:10])).all()
+
+
+def full_manifest(d):
+    from flashinfer_py.format import read_manifest
+
+    return read_manifest(d)
+
+
+def test_info_says_the_plan_is_unified(tiny_flash, capsys):
+    from flashinfer_py import cli
+
+    d = tiny_flash("llama-relu")
+    flags = ["info", str(d), "--backend", "torch", "--dram-budget", "2GB", "--vram-budget",
+             "1GB", "--selection", "oracle", "--eviction", "window"]
+    assert cli.main(flags) == 0
+    text = capsys.readouterr().out
+    assert "unified memory (torch on cpu: the device is the host)" in text
+    assert "of a 1.00 GiB budget" in text or "of a 1 GiB budget" in text
+    assert "device memory (vram_budget)" not in text  # no second plan
+    assert cli.main(flags + ["--unified-memory", "no", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["memory_plan"]
+    assert "unified" not in plan and plan["vram"]["budget"] == 1 << 30
 
 
 def test_train_predictors_on_a_torch_model_says_what_to_do(tiny_flash):

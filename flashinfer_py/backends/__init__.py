@@ -6,7 +6,9 @@ native     numpy and the C++ kernels on the CPU, every weight in its storage for
 torch      PyTorch on ``cpu``, ``cuda`` or ``mps``: the resident matrices and the FFN
            rows dequantized to the compute dtype on the device
            (``backends/torch_model.py``, ``backends/torch_ffn.py``); the native reader and
-           neuron cache still stream the FFN from flash into host memory
+           neuron cache still stream the FFN from flash into host memory.
+           RuntimeConfig.threads sets torch's intra-op threads during the model's calls
+           (``torch.set_num_threads`` is process-wide: set on entry, put back on exit)
 mlx        Apple's MLX on ``gpu`` (Metal) or ``cpu`` (``mlx[cpu]`` on Linux): the torch
            backend's forward pass ported op for op (``backends/mlx_model.py``,
            ``backends/mlx_ffn.py``), the neuron cache mirrored in mlx arrays the same way
@@ -33,8 +35,9 @@ INSTALL_HINT = ("pip install 'flashinfer_py[torch]' (for CUDA or Apple GPUs, fir
 MLX_INSTALL_HINT = 'pip install "flashinfer_py[mlx]"'
 MLX_DEVICES = ("cpu", "gpu")
 
-__all__ = ["BACKENDS", "COMPUTE_DTYPES", "MLX_DEVICES", "available", "import_mlx",
-           "import_torch", "mlx_device", "open_model", "resolve_backend", "torch_device"]
+__all__ = ["BACKENDS", "COMPUTE_DTYPES", "MLX_DEVICES", "available", "device_context",
+           "import_mlx", "import_torch", "mlx_device", "open_model", "resolve_backend",
+           "shares_host_memory", "torch_device"]
 
 
 def import_torch():
@@ -117,6 +120,65 @@ def torch_device(device: Optional[str]):
     return dev
 
 
+def shares_host_memory(backend: str, device: Optional[str],
+                       override: Optional[bool] = None) -> Optional[str]:
+    """Why `backend`'s `device` keeps its arrays in the host's RAM (a phrase for `info`), or
+    None for a device with its own memory. mlx: always (Apple silicon's unified memory;
+    mlx[cpu] computes in host RAM); torch: cpu and mps, and an integrated CUDA GPU (Jetson).
+    `override` (RuntimeConfig.unified_memory) decides instead when it is not None."""
+    kind = _device_kind(device)
+    if override is not None:
+        return f"{backend} on {kind}, unified_memory=True" if override else None
+    if backend == "mlx":
+        return f"mlx on {kind}: Apple silicon's unified memory, or mlx[cpu]'s host RAM"
+    if kind == "cpu":
+        return "torch on cpu: the device is the host"
+    if kind == "mps":
+        return "torch on mps: Apple silicon's unified memory"
+    if kind == "cuda":
+        torch = import_torch()
+        if torch.cuda.is_available():
+            dev = torch_device(device)
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            if getattr(torch.cuda.get_device_properties(index), "is_integrated", False):
+                return "torch on an integrated CUDA GPU: it shares the host's RAM"
+    return None
+
+
+def device_context(backend: str, device: Optional[str]) -> tuple:
+    """(bytes, how found) of device memory the runtime takes outside any tensor: the CUDA
+    context for torch on cuda (loader.CUDA_CONTEXT_BYTES, "estimate"; where that CUDA device
+    is visible and this process has no context yet, the context is measured and the larger
+    figure kept, "measured"); (0, "") elsewhere."""
+    from ..loader import CUDA_CONTEXT_BYTES
+
+    if backend != "torch" or _device_kind(device) != "cuda":
+        return 0, ""
+    measured = _measure_cuda_context(device)
+    if measured is None or measured <= CUDA_CONTEXT_BYTES:
+        return CUDA_CONTEXT_BYTES, "estimate"
+    return measured, "measured"
+
+
+def _measure_cuda_context(device: Optional[str]) -> Optional[int]:
+    """Bytes of device memory that creating this process's CUDA context took: the device's
+    used memory before (NVML, through torch.cuda.device_memory_used: no context needed) and
+    after (torch.cuda.mem_get_info, which creates it), less what the allocator holds. None
+    where there is no CUDA device, the context exists already (its size cannot be told from
+    other use), or NVML is not installed (pip install nvidia-ml-py)."""
+    torch = import_torch()
+    if not torch.cuda.is_available() or torch.cuda.is_initialized():
+        return None
+    dev = torch_device(device)
+    index = dev.index if dev.index is not None else 0
+    try:
+        before = torch.cuda.device_memory_used(index)
+    except (ImportError, ModuleNotFoundError, RuntimeError, AttributeError):
+        return None  # no NVML here: the estimate stands
+    free, total = torch.cuda.mem_get_info(index)
+    return max(0, total - free - before - torch.cuda.memory_reserved(index))
+
+
 def available(probe: bool = False) -> dict:
     """What this install can run, for `info`: the backends, torch's and mlx's versions (from
     their package metadata: neither is imported) and, with `probe`, the devices they see
@@ -150,42 +212,27 @@ def available(probe: bool = False) -> dict:
 def open_model(model, dense: dict):
     """(ffn, transformer) of a FlashModel on a device backend (model.backend): the model's
     args, runtime, manifest, directory, predictors and plan are set; `dense` holds the
-    resident tensors."""
-    if model.backend == "mlx":
-        return _open_mlx(model, dense)
-    import_torch()  # the install hint, before the modules below import it
-    from .torch_ffn import TorchResidentFFN, TorchSparseFFN
-    from .torch_model import TorchTransformer
-
+    resident tensors. Both backends run the same providers and structure over their `ops`."""
     rt = model.runtime
-    dev = torch_device(rt.device)
     dtype = rt.compute_dtype or "float32"
-    if model.sparse:
-        ffn = TorchSparseFFN(model.directory, model.manifest, model.args, dense, rt,
-                             model.predictors, model.plan, device=dev, dtype=dtype)
+    if model.backend == "mlx":
+        import_mlx()  # the install hint, before the modules below import it
+        from .mlx_ffn import MlxOps
+        from .mlx_model import MlxTransformer as Transformer
+
+        ops = MlxOps(mlx_device(rt.device), dtype)
     else:
-        bundle_path = str(model.directory / model.manifest["files"]["bundles"])
-        ffn = TorchResidentFFN(bundle_path, model.args, dense, rt, device=dev, dtype=dtype)
-    tr = TorchTransformer(model.args, dense, model.resident_formats, ffn, rt, device=dev,
-                          dtype=dtype)
-    return ffn, tr
+        import_torch()
+        from .torch_ffn import TorchOps
+        from .torch_model import TorchTransformer as Transformer
 
-
-def _open_mlx(model, dense: dict):
-    import_mlx()  # the install hint, before the modules below import it
+        ops = TorchOps(torch_device(rt.device), dtype, rt.threads)
     from .device_ffn import DeviceResidentFFN, DeviceSparseFFN
-    from .mlx_ffn import MlxOps
-    from .mlx_model import MlxTransformer
 
-    rt = model.runtime
-    dev = mlx_device(rt.device)
-    ops = MlxOps(dev, rt.compute_dtype or "float32")
     if model.sparse:
         ffn = DeviceSparseFFN(model.directory, model.manifest, model.args, dense, rt,
                               model.predictors, model.plan, ops)
     else:
         bundle_path = str(model.directory / model.manifest["files"]["bundles"])
         ffn = DeviceResidentFFN(bundle_path, model.args, dense, rt, ops)
-    tr = MlxTransformer(model.args, dense, model.resident_formats, ffn, rt, device=dev,
-                        dtype=ops.dtype)
-    return ffn, tr
+    return ffn, Transformer(model.args, dense, model.resident_formats, ffn, rt, ops)

@@ -5,10 +5,17 @@ backend's own).
 
 A backend hands these an `ops` object (`torch_ffn.TorchOps`, `mlx_ffn.MlxOps`) that makes
 its arrays: ``ops.array(np_array, float32=False)`` (the compute dtype unless `float32`),
-``ops.zeros(shape, float32=False)``, ``ops.index(np_ints)``, ``ops.mask(np_bools)``, ``ops.cat(arrays)``,
-``ops.numpy(a)`` (a float32 numpy copy), ``ops.nbytes(a)``, ``ops.esize`` (bytes of a
-compute-dtype value). Arrays of both frameworks slice, index, assign (``a[i] = b``) and
-multiply with the same Python syntax, which is what the code below uses.
+``ops.raw(np_array)`` (the array as it is, any dtype), ``ops.zeros(shape, float32=False)``,
+``ops.bytes(shape)`` (uint8 zeros), ``ops.index(np_ints)``, ``ops.mask(np_bools)``,
+``ops.cat(arrays, axis=0)``, ``ops.numpy(a, float32=True)`` (a float32 numpy copy, or one as
+it is), ``ops.nbytes(a)``, ``ops.esize`` and ``ops.dtype_name`` (the compute dtype's bytes and
+name), ``ops.bitcast(a, name)`` (a uint8 array's last axis read as values: "float16", "int8",
+or None for the compute dtype), ``ops.float32(a)`` and ``ops.compute(a)`` (casts),
+``ops.settle(arrays)`` (mlx: evaluate them) and ``ops.context()``, which every call into the
+framework runs inside (mlx: the device's stream; torch: no autograd and RuntimeConfig.threads
+intra-op threads). Arrays of both frameworks slice, reshape, index, assign (``a[i] = b``),
+multiply and mask bits (``&``, ``>>``) with the same Python syntax, which is what the code
+below and device_ffn.py use.
 """
 from __future__ import annotations
 
@@ -67,9 +74,14 @@ def resident_kind(name: str, formats: dict) -> Optional[str]:
 
 def device_resident_bytes(args: ModelArgs, entries: dict, formats: dict, esize: int) -> int:
     """Bytes of the resident tensors on a device: `entries` maps names to stored shapes;
-    matrices take rows x width compute-dtype values (esize bytes), norms float32."""
+    matrices take rows x width compute-dtype values (esize bytes), norms float32, and the
+    scales of a down part in the codes layout float16 as stored (the FFN provider's, used
+    where it dequantizes the down codes on the device)."""
     total = 0
     for name, shape in entries.items():
+        if name.endswith("ffn_down_scales"):
+            total += int(np.prod(shape)) * 2
+            continue
         kind = resident_kind(name, formats)
         if kind == "matrix":
             total += int(shape[0]) * matrix_width(args, name) * esize
@@ -237,7 +249,7 @@ class DeviceTransformer:
     _head_input = Transformer._head_input
 
     def _run(self, tokens, cache, last_only: bool) -> np.ndarray:
-        """`forward`'s body (a subclass wraps it: no grad, a stream)."""
+        """`forward`'s body (inside ops.context())."""
         a = self.args
         tokens = check_tokens(tokens, a.vocab_size)
         if not isinstance(cache, self.cache_type):
@@ -254,4 +266,7 @@ class DeviceTransformer:
     def forward(self, tokens, cache, last_only: bool = False) -> np.ndarray:
         """Run `tokens` (continuing the sequence in `cache`) and return float32 numpy logits
         [T, vocab] (or [1, vocab] with last_only)."""
-        return self._run(tokens, cache, last_only)
+        with self.ops.context():
+            out = self._run(tokens, cache, last_only)
+            self.ops.settle(cache.k + cache.v)  # mlx: the cache's writes done, no graph kept
+        return out

@@ -1,4 +1,4 @@
-"""The mlx backend's FFN pieces: its ops (`MlxOps`: arrays, the staging rows, the FFN over
+"""The mlx backend's FFN pieces: its ops (`MlxOps`: arrays, the staging bytes, the FFN over
 rows) for the providers in device_ffn.py, which every device backend shares (the resident FFN,
 and the sparse FFN whose neuron cache is mirrored in mlx arrays, row for row as on torch).
 
@@ -65,29 +65,30 @@ class _RowsFFN:
 
 
 class _Staging:
-    """Host rows [rows, width] (float32) that newly read neurons are dequantized into;
-    `send` turns the first k into an mlx array in the compute dtype.
+    """Host bytes [rows, width] that device rows are staged in (device_ffn.Staging writes
+    them); `send` turns the first k into an mlx array.
 
     On Apple's unified memory there is no separate device memory to transfer to: the one copy
     per layer, from these staging rows into the mlx array's own buffer, is the whole
     "host-to-device" step (mlx cannot adopt a numpy buffer without copying it, so the reader
     cannot write straight into the array)."""
 
-    def __init__(self, rows: int, width: int, dtype):
-        self.rows, self.width, self.dtype = rows, width, dtype
-        self.esize = dtype.size
-        self.f32 = np.empty((rows, width), np.float32)
+    def __init__(self, rows: int, width: int):
+        self.rows, self.width = rows, width
+        self.host = np.empty((rows, width), np.uint8)
 
     def ready(self) -> None:
         pass  # send() copies synchronously: the rows may be rewritten at once
 
     def send(self, k: int):
-        out = mx.array(self.f32[:k])
-        return out if self.dtype == mx.float32 else out.astype(self.dtype)
+        return mx.array(self.host[:k])
 
     @property
     def nbytes(self) -> int:
-        return self.f32.nbytes
+        return self.host.nbytes
+
+
+NUMPY_VIEWS = {"float16": mx.float16, "int8": mx.int8}
 
 
 class MlxOps:
@@ -98,14 +99,33 @@ class MlxOps:
 
     def __init__(self, device, dtype):
         self.device, self.dtype = device, mlx_dtype(dtype)
+        self.dtype_name = next(n for n, t in DTYPES.items() if t == self.dtype)
         self.esize = self.dtype.size
 
     def array(self, a: np.ndarray, float32: bool = False):
         out = mx.array(np.ascontiguousarray(a, np.float32))
         return out if float32 or self.dtype == mx.float32 else out.astype(self.dtype)
 
+    @staticmethod
+    def raw(a: np.ndarray):
+        return mx.array(np.ascontiguousarray(a))
+
     def zeros(self, shape, float32: bool = False):
         return mx.zeros(shape, dtype=mx.float32 if float32 else self.dtype)
+
+    @staticmethod
+    def bytes(shape):
+        return mx.zeros(shape, dtype=mx.uint8)
+
+    def bitcast(self, a, name=None):
+        return mx.view(a, self.dtype if name is None else NUMPY_VIEWS[name])
+
+    @staticmethod
+    def float32(a):
+        return a.astype(mx.float32)
+
+    def compute(self, a):
+        return a.astype(self.dtype)
 
     @staticmethod
     def index(ints: np.ndarray):
@@ -116,13 +136,13 @@ class MlxOps:
         return mx.array(hidden)
 
     @staticmethod
-    def cat(arrays: list):
-        return mx.concatenate(arrays, axis=0)
+    def cat(arrays: list, axis: int = 0):
+        return mx.concatenate(arrays, axis=axis)
 
     @staticmethod
-    def numpy(a) -> np.ndarray:
-        """A float32 numpy copy of an mlx array (evaluates it)."""
-        return np.array(a.astype(mx.float32))
+    def numpy(a, float32: bool = True) -> np.ndarray:
+        """A numpy copy of an mlx array, float32 or as it is (evaluates it)."""
+        return np.array(a.astype(mx.float32) if float32 else a)
 
     @staticmethod
     def nbytes(a) -> int:
@@ -135,8 +155,9 @@ class MlxOps:
     def context(self):
         return mx.stream(self.device) if self.device is not None else contextlib.nullcontext()
 
-    def staging(self, rows: int, width: int) -> _Staging:
-        return _Staging(rows, width, self.dtype)
+    @staticmethod
+    def staging(rows: int, width: int) -> _Staging:
+        return _Staging(rows, width)
 
     @staticmethod
     def rows_ffn(args: ModelArgs) -> _RowsFFN:

@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import ModelArgs, RuntimeConfig
-from .common import DeviceKVCache, DeviceTransformer
+from .common import DeviceTransformer
 from .mlx_ffn import MlxOps
 
 
@@ -37,11 +37,9 @@ class MlxTransformer(DeviceTransformer):
     MlxOps. `device` is mx.cpu or mx.gpu."""
 
     def __init__(self, args: ModelArgs, dense: dict, formats: dict, ffn, runtime: RuntimeConfig,
-                 device=None, dtype="float32"):
-        self.device = device if device is not None else mx.cpu
-        ops = MlxOps(self.device, dtype)
-        self.dtype = ops.dtype
-        with mx.stream(self.device):  # the casts and the q/k/v concatenation, there too
+                 ops: MlxOps):
+        self.device, self.dtype = ops.device, ops.dtype
+        with ops.context():  # the casts and the q/k/v concatenation on the device's stream
             super().__init__(args, dense, formats, ffn, runtime, ops)
             mx.eval(*self.w.values())
 
@@ -103,12 +101,3 @@ class MlxTransformer(DeviceTransformer):
     @staticmethod
     def _float(x):
         return x.astype(mx.float32)
-
-    def forward(self, tokens, cache: DeviceKVCache, last_only: bool = False) -> np.ndarray:
-        """Run `tokens` (continuing the sequence in `cache`) on the device's stream and return
-        float32 numpy logits [T, vocab] (or [1, vocab] with last_only)."""
-        with mx.stream(self.device):
-            out = self._run(tokens, cache, last_only)
-            if isinstance(cache, DeviceKVCache):
-                mx.eval(*cache.k, *cache.v)  # the cache's writes, done (no graph carried on)
-        return out

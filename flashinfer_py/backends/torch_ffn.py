@@ -1,8 +1,9 @@
-"""The torch backend's FFN pieces: its ops (`TorchOps`: arrays, the staging buffer, the FFN
-over rows) for the providers in device_ffn.py, which are written once for every device
-backend: every neuron on the device (`TorchResidentFFN`), and the neurons streamed from flash
-through a neuron cache mirrored on the device (`TorchSparseFFN`). On CUDA the staging buffer
-is pinned host memory and the copy out of it is asynchronous (an event guards its reuse).
+"""The torch backend's ops (`TorchOps`: arrays, the staging bytes, the FFN over rows, the
+thread count) for the code every device backend shares: the FFN providers in device_ffn.py
+(every neuron on the device, or the neurons streamed from flash through a neuron cache
+mirrored on the device) and the transformer's structure in common.py. On CUDA the staging
+buffer is pinned host memory and the copy out of it is asynchronous (an event guards its
+reuse).
 """
 from __future__ import annotations
 
@@ -12,10 +13,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelArgs, RuntimeConfig
-from .device_ffn import (DeviceNeuronCache, DeviceResidentFFN, DeviceSparseFFN,  # noqa: F401
-                         DeviceTokenStats, STAGING_BYTES)
-from .torch_model import torch_dtype
+from ..config import ModelArgs
+from .common import pick_dtype
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name) -> torch.dtype:
+    return pick_dtype(DTYPES, name)
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """torch's intra-op thread count set to `n` for the block (0: left as it is), and the
+    previous count put back after it.
+
+    ``torch.set_num_threads`` is process-wide: while the block runs, any other torch work in
+    the process (another thread, another model) runs with `n` threads too; between blocks
+    the process's own setting is back. The backend enters this around each call into torch
+    (loading, `forward`), so RuntimeConfig.threads holds for this model's work without
+    changing what the rest of the program set. (Concurrent forward passes from several
+    Python threads with different counts would see each other's; the server runs one at a
+    time.)"""
+    before = torch.get_num_threads()
+    if n <= 0 or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _activation(name: str, param: float):
@@ -57,17 +85,16 @@ class _RowsFFN:
 
 
 class _Staging:
-    """A host buffer [rows, width] in the compute dtype (pinned for CUDA) that rows are
-    dequantized into and copied to the device from, one transfer per batch. Before it is
-    written again the previous asynchronous copy out of it must be done (an event)."""
+    """Host bytes [rows, width] (pinned for CUDA) that device rows are staged in
+    (device_ffn.Staging writes them) and copied to the device from, one transfer per batch.
+    Before it is written again the previous asynchronous copy out of it must be done (an
+    event)."""
 
-    def __init__(self, rows: int, width: int, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype, self.rows, self.width = device, dtype, rows, width
-        pin = device.type == "cuda"
-        self.buf = torch.empty((rows, width), dtype=dtype, pin_memory=pin)
-        self.esize = self.buf.element_size()
-        # float32 values are written here first (numpy has no bfloat16)
-        self.f32 = self.buf.numpy() if dtype == torch.float32 else np.empty((rows, width), np.float32)
+    def __init__(self, rows: int, width: int, device: torch.device):
+        self.device, self.rows, self.width = device, rows, width
+        self.buf = torch.empty((rows, width), dtype=torch.uint8,
+                               pin_memory=device.type == "cuda")
+        self.host = self.buf.numpy()  # the same memory
         self._event = None
 
     def ready(self) -> None:
@@ -77,8 +104,6 @@ class _Staging:
 
     def send(self, k: int) -> torch.Tensor:
         """The first k rows on the device (an asynchronous copy on CUDA)."""
-        if self.dtype != torch.float32:
-            self.buf[:k].copy_(torch.from_numpy(self.f32[:k]))
         if self.device.type == "cpu":
             return self.buf[:k]
         out = self.buf[:k].to(self.device, non_blocking=True)
@@ -91,8 +116,10 @@ class _Staging:
 
     @property
     def nbytes(self) -> int:
-        return self.buf.numel() * self.buf.element_size() + (
-            0 if self.dtype == torch.float32 else self.f32.nbytes)
+        return self.buf.numel()
+
+
+NUMPY_VIEWS = {"float16": torch.float16, "int8": torch.int8}
 
 
 class TorchOps:
@@ -100,17 +127,38 @@ class TorchOps:
 
     name = "torch"
 
-    def __init__(self, device, dtype):
+    def __init__(self, device, dtype, threads: int = 0):
         self.device, self.dtype = torch.device(device), torch_dtype(dtype)
-        self.esize = torch.empty((), dtype=self.dtype).element_size()
+        self.dtype_name = next(n for n, t in DTYPES.items() if t == self.dtype)
+        self.esize = self.dtype.itemsize
+        self.threads = threads  # RuntimeConfig.threads: torch's intra-op threads (0: torch's)
 
     def array(self, a: np.ndarray, float32: bool = False) -> torch.Tensor:
         return torch.from_numpy(np.asarray(a)).to(self.device,
                                                   torch.float32 if float32 else self.dtype)
 
+    def raw(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
     def zeros(self, shape, float32: bool = False) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float32 if float32 else self.dtype,
                            device=self.device)
+
+    def bytes(self, shape) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.uint8, device=self.device)
+
+    def bitcast(self, a: torch.Tensor, name=None) -> torch.Tensor:
+        dt = self.dtype if name is None else NUMPY_VIEWS[name]
+        if dt.itemsize > 1 and not a.is_contiguous():  # a wider view needs aligned rows
+            a = a.contiguous()
+        return a.view(dt)
+
+    @staticmethod
+    def float32(a: torch.Tensor) -> torch.Tensor:
+        return a.float()
+
+    def compute(self, a: torch.Tensor) -> torch.Tensor:
+        return a.to(self.dtype)
 
     def index(self, ints: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(ints, np.int64)).to(self.device)
@@ -118,13 +166,14 @@ class TorchOps:
     def mask(self, hidden: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(hidden).to(self.device)
 
-    def cat(self, arrays: list) -> torch.Tensor:
-        return torch.cat(arrays)
+    def cat(self, arrays: list, axis: int = 0) -> torch.Tensor:
+        return torch.cat(arrays, dim=axis)
 
     @staticmethod
-    def numpy(t: torch.Tensor) -> np.ndarray:
-        """A float32 numpy copy of a device tensor (waits for the device)."""
-        return t.detach().to("cpu", torch.float32).numpy()
+    def numpy(t: torch.Tensor, float32: bool = True) -> np.ndarray:
+        """A numpy copy of a device tensor, float32 or as it is (waits for the device; on the
+        cpu device a float32 tensor is not copied)."""
+        return t.detach().to("cpu", torch.float32 if float32 else t.dtype).numpy()
 
     @staticmethod
     def nbytes(t: torch.Tensor) -> int:
@@ -133,31 +182,16 @@ class TorchOps:
     def settle(self, arrays: list) -> None:
         pass  # torch runs eagerly
 
+    @contextlib.contextmanager
     def context(self):
-        return contextlib.nullcontext()
+        """Where this model's torch work runs: without autograd, on `threads` intra-op threads
+        (intra_op_threads: set for the block, then put back)."""
+        with torch.no_grad(), intra_op_threads(self.threads):
+            yield
 
     def staging(self, rows: int, width: int) -> _Staging:
-        return _Staging(rows, width, self.device, self.dtype)
+        return _Staging(rows, width, self.device)
 
     def rows_ffn(self, args: ModelArgs) -> _RowsFFN:
         return _RowsFFN(args)
 
-
-class TorchResidentFFN(DeviceResidentFFN):
-    """Every neuron of every layer on the torch device (device_ffn.DeviceResidentFFN)."""
-
-    def __init__(self, bundle_path: str, args: ModelArgs, dense: dict, runtime: RuntimeConfig,
-                 device="cpu", dtype="float32"):
-        self.device, self.dtype = torch.device(device), torch_dtype(dtype)
-        super().__init__(bundle_path, args, dense, runtime, TorchOps(self.device, self.dtype))
-
-
-class TorchSparseFFN(DeviceSparseFFN):
-    """SparseFFN with the FFN computed on a torch device (device_ffn.DeviceSparseFFN)."""
-
-    def __init__(self, directory, manifest: dict, args: ModelArgs, dense: dict,
-                 runtime: RuntimeConfig, predictors=None, plan=None, device="cpu",
-                 dtype="float32"):
-        self.device, self.dtype = torch.device(device), torch_dtype(dtype)
-        super().__init__(directory, manifest, args, dense, runtime, predictors, plan,
-                         TorchOps(self.device, self.dtype))

@@ -3,8 +3,10 @@
 Every resident matrix is dequantized once, at load, from its storage format (float or the
 q8_0/q4_0/q4_1 blocks) to the compute dtype on the device; norm weights stay float32 and the
 norms, the softmax and the logits are computed in float32 whatever the compute dtype. The
-FFN is a provider as in model.py (``backends/torch_ffn.py``): ``forward(layer, x [T, d]
-tensor, act_out=None) -> [T, d] tensor``. `forward` returns float32 numpy logits, as
+FFN is a provider as in model.py (``backends/device_ffn.py``): ``forward(layer, x [T, d]
+tensor, act_out=None) -> [T, d] tensor``. Every call into torch runs inside ``ops.context()``
+(no autograd; RuntimeConfig.threads as torch's intra-op thread count, see
+``torch_ffn.intra_op_threads``). `forward` returns float32 numpy logits, as
 model.Transformer does, so the runtime, the sampler and the server do not know which
 backend ran.
 
@@ -19,13 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelArgs, RuntimeConfig
-from .common import DeviceKVCache, DeviceTransformer, pick_dtype
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def torch_dtype(name) -> torch.dtype:
-    return pick_dtype(DTYPES, name)
+from .common import DeviceTransformer
+from .torch_ffn import TorchOps
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -43,14 +40,13 @@ def _softcap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
 
 class TorchTransformer(DeviceTransformer):
     """model.Transformer on torch tensors (common.DeviceTransformer's structure with torch's
-    ops); `ffn` is a torch FFN provider (torch_ffn.py)."""
+    ops); `ffn` is a device FFN provider (device_ffn.py) over the same TorchOps."""
 
     def __init__(self, args: ModelArgs, dense: dict, formats: dict, ffn, runtime: RuntimeConfig,
-                 device="cpu", dtype="float32"):
-        from .torch_ffn import TorchOps
-
-        self.device, self.dtype = torch.device(device), torch_dtype(dtype)
-        super().__init__(args, dense, formats, ffn, runtime, TorchOps(self.device, self.dtype))
+                 ops: TorchOps):
+        self.device, self.dtype = ops.device, ops.dtype
+        with ops.context():  # the casts and the q/k/v concatenation on `threads` threads
+            super().__init__(args, dense, formats, ffn, runtime, ops)
 
     # ------------------------------------------------------------------ small ops
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -106,9 +102,3 @@ class TorchTransformer(DeviceTransformer):
 
     def _rownorm(self, t: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(t.float(), dim=-1)
-
-    @torch.no_grad()
-    def forward(self, tokens, cache: DeviceKVCache, last_only: bool = False) -> np.ndarray:
-        """Run `tokens` (continuing the sequence in `cache`) and return float32 numpy logits
-        [T, vocab] (or [1, vocab] with last_only)."""
-        return self._run(tokens, cache, last_only)
