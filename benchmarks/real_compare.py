@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -362,7 +363,10 @@ def run_in_cgroup(argv: list, cap: int, cold: bool, timeout: float) -> dict:
                 res = json.loads(line)
         res.update(rc=rc, wall_s=time.time() - t0, cgroup_peak=int(
             (cg / "memory.max_usage_in_bytes").read_text()),
-            failcnt=int((cg / "memory.failcnt").read_text()), stderr_tail=stderr[-800:])
+            failcnt=int((cg / "memory.failcnt").read_text()))
+        if rc != 0:  # kept for the failures only, without this machine's directories
+            res["stderr_tail"] = re.sub(r"/(root|work|home|Users)/[^\s'\"]*/", ".../",
+                                        stderr[-800:])
         return res
     finally:
         for _ in range(50):
@@ -433,7 +437,7 @@ def cmd_run(a) -> None:
         log.write(json.dumps(r) + "\n")
         log.flush()
         if "error" in r or r["rc"] != 0:
-            print(f"    rc={r['rc']} {r.get('error', '')[:200]} {r['stderr_tail'][-300:]}",
+            print(f"    rc={r['rc']} {r.get('error', '')[:200]} {r.get('stderr_tail', '')[-300:]}",
                   file=sys.stderr, flush=True)
         return r
 
@@ -583,7 +587,12 @@ def report(path, plot_path=None) -> None:
                 f"{cap / 2**20:.0f} ({r0['overhead'] / 2**20:.0f} + {(cap - r0['overhead']) / 2**20:.0f})"
             notes = []
             if s["error"]:
-                notes.append("does not fit: " + s["error"].split(":", 1)[-1].strip()[:200])
+                need = re.search(r"Give at least ([0-9.]+ \w+)", s["error"])
+                alone = re.search(r"alone needs ([0-9.]+ \w+) \(tensors ([0-9.]+ \w+)",
+                                  s["error"])
+                notes.append("does not fit: the plan needs a budget of at least "
+                             f"{need.group(1)} (resident tensors {alone.group(2)})"
+                             if need and alone else "does not fit: " + s["error"][:200])
             if s["share"] is not None and k[3] == "sparse":
                 notes.append(f"budget {r0['budget'] / 2**20:.0f} MiB, cache "
                              f"{s['share']:.0%} of the FFN")
@@ -603,7 +612,7 @@ def report(path, plot_path=None) -> None:
                   f"{f'{p:.2f}' if p else '-'} | {'; '.join(notes)} |")
             if s["tps"]:
                 points.append({"model": model, "format": fmt, "tool": k[3],
-                               "x": (max(s["peak"]) if not cap else cap) / 2**20,
+                               "x": (max(s["hwm"]) if not cap else cap) / 2**20,
                                "warm": not cap, "tps": statistics.median(s["tps"]), "ppl": p})
         print()
     if plot_path:
@@ -629,6 +638,9 @@ def plot(points: list, path: Path) -> None:
             pts.sort(key=lambda p: p["x"])
             line, = ax.plot([p["x"] for p in pts], [p["tps"] for p in pts], marker="o",
                             label=f"{tool}, {fmt}")
+            warm = [p for p in pts if p["warm"]]
+            ax.plot([p["x"] for p in warm], [p["tps"] for p in warm], marker="*", ms=13,
+                    ls="none", color=line.get_color())
             for p in pts:
                 if p["ppl"]:
                     ax.annotate(f"{p['ppl']:.1f}" + (" warm" if p["warm"] else ""),
@@ -636,7 +648,7 @@ def plot(points: list, path: Path) -> None:
                                 xytext=(3, 3), color=line.get_color())
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("memory cap, MiB (warm, no cap: the run's peak)")
+        ax.set_xlabel("memory cap, MiB (stars: warm, no cap, at the run's peak RSS)")
         ax.set_ylabel("tokens/s (median of rounds)")
         ax.set_title(f"{model}: tokens/s vs memory cap (labels: perplexity)")
         ax.grid(True, which="both", alpha=0.3)
