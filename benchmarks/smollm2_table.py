@@ -198,7 +198,8 @@ def format_tables(rows: dict, meta: dict) -> str:
               if meta.get("budget") else "no budget; ") + "model = "
            f"{meta['model_bytes'] / mb:.0f} MB: {meta['resident_bytes'] / mb:.0f} MB resident + "
            f"{meta['ffn_bytes'] / mb:.0f} MB FFN bundles, 4 KiB records; DRAM (plan) = weights "
-           "in DRAM + KV cache + the planned 96 MiB runtime overhead):", "",
+           "in DRAM + KV cache + the planned "
+           f"{next(iter(rows.values()))['overhead_bytes'] / 2**20:.0f} MiB runtime overhead):", "",
            "| hybrid pred window bundle | DRAM (plan) | of which weights | flash->DRAM /token | reads/token (mean size) "
            "| effective GB/s | I/O latency | neurons needed (% FFN) | cache hit rate "
            "| time to first token (prompt bytes) | perplexity, fed tokens |",
