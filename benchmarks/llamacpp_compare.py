@@ -330,28 +330,35 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def run_capped(argv: list, cap: int, timeout: float) -> dict:
+def run_in_memcg(argv: list, cap: int, timeout: float, cold: bool = True,
+                 env: dict | None = None) -> dict:
+    """Run `argv` in a fresh cgroup v1 memory cgroup limited to `cap` bytes (page cache counts;
+    over it the process is killed), after dropping the page cache when `cold`. Returns the
+    last JSON line the process printed, with rc ("timeout" past `timeout` s), wall_s,
+    load_before (after the drop), max_usage and failcnt of the cgroup, and its whole stderr."""
     cg = memcg_root() / f"flashcap_{os.getpid()}"
     cg.mkdir()
     try:
         (cg / "memory.limit_in_bytes").write_text(str(cap))
-        drop_caches()
+        if cold:
+            drop_caches()
         load = os.getloadavg()
         t0 = time.time()
         cmd = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs; exec "$@"', "sh"] + argv
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
             rc, out, err = p.returncode, p.stdout, p.stderr
         except subprocess.TimeoutExpired as e:
-            rc, out = "timeout", (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+            rc = "timeout"
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
         res = {}
         for line in out.splitlines():
             if line.startswith("{"):
                 res = json.loads(line)
-        res.update(rc=rc, wall_s=time.time() - t0, load_before=load, load_after=os.getloadavg(),
+        res.update(rc=rc, wall_s=time.time() - t0, load_before=load,
                    max_usage=int((cg / "memory.max_usage_in_bytes").read_text()),
-                   failcnt=int((cg / "memory.failcnt").read_text()), stderr_tail=err[-600:])
+                   failcnt=int((cg / "memory.failcnt").read_text()), stderr=err)
         return res
     finally:
         for _ in range(50):
@@ -360,6 +367,12 @@ def run_capped(argv: list, cap: int, timeout: float) -> dict:
                 break
             except OSError:
                 time.sleep(0.2)
+
+
+def run_capped(argv: list, cap: int, timeout: float) -> dict:
+    res = run_in_memcg(argv, cap, timeout)
+    res.update(load_after=os.getloadavg(), stderr_tail=res.pop("stderr")[-600:])
+    return res
 
 
 def summarize(r: dict) -> dict:

@@ -56,7 +56,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,6 +66,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import git_commit, machine  # noqa: E402
+from llamacpp_compare import read_bytes  # noqa: E402
+from long_run import status_kib  # noqa: E402
 
 MODELS = ("smollm2", "gemma3")
 FORMATS = ("float16", "q4_1")
@@ -131,19 +132,6 @@ def cmd_build(a) -> None:
 
 
 # ---- the measured processes ---------------------------------------------------------------
-
-def read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    return 0
-
-
-def status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(key + ":"))
-
 
 def mapped_rss(path: Path) -> int:
     """Resident bytes of every mapping of `path` in this process (/proc/self/smaps)."""
@@ -328,8 +316,8 @@ def cmd_child(a) -> None:
         out.update(decode_loop(tool.first, tool.step, texts["prompt"], a.tokens,
                                time.perf_counter() + a.time_limit))
         held = tool.weights_held()
-        out.update(weights_held=held, vm_hwm=status_bytes("VmHWM"), vm_rss=status_bytes("VmRSS"),
-                   overhead=status_bytes("VmHWM") - held)
+        hwm, rss = status_kib("VmHWM") * 1024, status_kib("VmRSS") * 1024
+        out.update(weights_held=held, vm_hwm=hwm, vm_rss=rss, overhead=hwm - held)
     out.update(omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                imported_flashinfer_py="flashinfer_py" in sys.modules)
     print(json.dumps(out), flush=True)
@@ -338,63 +326,34 @@ def cmd_child(a) -> None:
 # ---- the orchestrator ---------------------------------------------------------------------
 
 def run_in_cgroup(argv: list, cap: int, cold: bool, timeout: float) -> dict:
-    from llamacpp_compare import drop_caches, memcg_root
+    from llamacpp_compare import run_in_memcg
 
-    cg = memcg_root() / f"realcmp_{os.getpid()}"
-    cg.mkdir()
-    try:
-        (cg / "memory.limit_in_bytes").write_text(str(cap))
-        if cold:
-            drop_caches()
-        t0 = time.time()
-        cmd = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs; exec "$@"', "sh"] + argv
-        env = dict(os.environ)
-        env.pop("OMP_WAIT_POLICY", None)  # each tool's own default (see dense_decode.serve)
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-            rc, stdout, stderr = p.returncode, p.stdout, p.stderr
-        except subprocess.TimeoutExpired as e:
-            rc = "timeout"
-            stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        res: dict = {}
-        for line in stdout.splitlines():
-            if line.startswith("{"):
-                res = json.loads(line)
-        res.update(rc=rc, wall_s=time.time() - t0, cgroup_peak=int(
-            (cg / "memory.max_usage_in_bytes").read_text()),
-            failcnt=int((cg / "memory.failcnt").read_text()))
-        if rc != 0:  # kept for the failures only, without this machine's directories
-            res["stderr_tail"] = re.sub(r"/(root|work|home|Users)/[^\s'\"]*/", ".../",
-                                        stderr[-800:])
-        return res
-    finally:
-        for _ in range(50):
-            try:
-                cg.rmdir()
-                break
-            except OSError:
-                time.sleep(0.2)
+    env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)  # each tool's own default (see dense_decode.serve)
+    res = run_in_memcg(argv, cap, timeout, cold=cold, env=env)
+    res["cgroup_peak"] = res.pop("max_usage")
+    err = res.pop("stderr")
+    if res["rc"] != 0:  # kept for the failures only, without this machine's directories
+        res["stderr_tail"] = re.sub(r"/(root|work|home|Users)/[^\s'\"]*/", ".../", err[-800:])
+    return res
 
 
 def prepare_texts(model: str, fmt: str) -> Path:
-    """The prompt and the perplexity windows, as our tokenizer (the GGUF's) encodes them."""
+    """The prompt and the perplexity windows (quant_quality's: the last windows of the
+    excerpt's first 120k characters, BOS first where the tokenizer adds one), as our tokenizer
+    (the GGUF's) encodes them."""
     import flashinfer_py as fi
     from flashinfer_py.corpora import wikipedia_excerpt
+    from quant_quality import eval_ids
 
     out = workdir() / f"texts-{model}.json"
     if out.exists():
         return out
     _, d = paths(model, fmt)
     m = fi.load(d)
-    tok = m.tokenizer
-    first = tok.encode("a")[:1]
-    bos = first if first and first[0] == m.args.bos_token_id else []
-    text = wikipedia_excerpt()
-    prompt = bos + tok.encode(text[:4000])[:PROMPT_TOKENS - len(bos)]
-    body = PPL_WINDOW - len(bos)
-    ids = tok.encode(text[:120000])[-PPL_WINDOWS * body:]
-    ppl = [bos + ids[i * body:(i + 1) * body] for i in range(PPL_WINDOWS)]
+    ppl = eval_ids(m, PPL_WINDOWS, PPL_WINDOW)
+    bos = ppl[0][:1] if ppl[0][0] == m.args.bos_token_id else []
+    prompt = bos + m.tokenizer.encode(wikipedia_excerpt()[:4000])[:PROMPT_TOKENS - len(bos)]
     out.write_text(json.dumps({"prompt": prompt, "ppl": ppl}))
     return out
 
@@ -441,6 +400,7 @@ def cmd_run(a) -> None:
                   file=sys.stderr, flush=True)
         return r
 
+    ppl_done: set = set()  # (model, format, tool, sparse budget): the arithmetic measured
     probe_tool = {"llama": "llama", "ours": "dense", "paged": "paged",
                   "transformers": "transformers"}
     for model in a.models.split(","):
@@ -494,11 +454,10 @@ def cmd_run(a) -> None:
                 # 3. perplexity per configuration (uncapped: the cap does not change the
                 # arithmetic); the same for every cap except our sparse budget
                 for rec in recs:
-                    if not a.ppl or fits.get(rec["tool"]) is False:
+                    key = (model, fmt, rec["tool"], rec.get("budget"))
+                    if not a.ppl or fits.get(rec["tool"]) is False or key in ppl_done:
                         continue
-                    if rec["tool"] != "sparse" and cond != conds[0] and rec["tool"] in \
-                            {x["tool"] for x in recs_done(a.json, model, fmt, "ppl")}:
-                        continue
+                    ppl_done.add(key)
                     r = child(dict(rec, what="ppl", cap=BIG))
                     print(f"  perplexity {rec['tool']} ({cond}): {r.get('perplexity')}",
                           file=sys.stderr, flush=True)
@@ -517,16 +476,6 @@ def read_ahead_kb() -> int | None:
     except OSError:
         pass
     return None
-
-
-def recs_done(path, model, fmt, what) -> list:
-    out = []
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if r.get("model") == model and r.get("format") == fmt and r.get("what") == what:
-                out.append(r)
-    return out
 
 
 def summarize(runs: list) -> dict:

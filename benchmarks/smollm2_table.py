@@ -90,11 +90,12 @@ def ensure_lowrank(directory: Path) -> None:
     """The rows with a predictor need the low-rank predictors: train them (and the sketch) on
     the excerpt's head, once, if the directory's predictors.npz lacks them."""
     from flashinfer_py.errors import FlashFormatError
+    from flashinfer_py.format import read_manifest
     from flashinfer_py.predictor import Predictors
     from flashinfer_py.train import TrainConfig, train_predictors
 
     try:
-        if "lowrank" in Predictors.load(directory, load(directory).manifest).kinds:
+        if "lowrank" in Predictors.load(directory, read_manifest(directory)).kinds:
             return
     except FlashFormatError:
         pass
