@@ -238,7 +238,8 @@ class OursTool:
         out = {"selection": rt.selection, "eviction": rt.eviction, "sparse": rt.sparse}
         if p is not None:
             out.update(plan_total=p.total, plan_overhead=p.overhead, plan_kv=p.kv_cache,
-                       cache_share=(p.cache_bytes - p.layer_buffer) / p.ffn_dram_bytes)
+                       cache_share=(p.cache_bytes - p.layer_buffer) / p.ffn_dram_bytes,
+                       stream_bytes=p.stream_bytes, streamed=len(p.streamed))
         return out
 
 
@@ -545,6 +546,9 @@ def report(path, plot_path=None) -> None:
             if s["share"] is not None and k[3] == "sparse":
                 notes.append(f"budget {r0['budget'] / 2**20:.0f} MiB, cache "
                              f"{s['share']:.0%} of the FFN")
+                if r0.get("stream_bytes"):  # resident matrices left on flash (stream_resident)
+                    notes.append(f"{r0['stream_bytes'] / 1e6:.0f} MB of resident matrices "
+                                 "read a token")
             if s["rc"] == ["-9"]:
                 notes.append("killed at the cap every round (SIGKILL from the cgroup: what "
                              "this mode holds in anonymous memory does not fit)")

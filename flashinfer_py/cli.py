@@ -28,7 +28,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     choices come from the dataclass, so the CLI never restates them (`_runtime` builds the
     config from the fields it finds)."""
     from .backends import BACKENDS, COMPUTE_DTYPES
-    from .config import EVICTIONS, OVERLAPS, SELECTIONS, RuntimeConfig
+    from .config import EVICTIONS, OVERLAPS, SELECTIONS, STREAM_RESIDENT, RuntimeConfig
 
     d = RuntimeConfig()
 
@@ -103,6 +103,11 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
          "start the next layer's likely reads early, from a guess on this layer's input; the "
          "selection is unchanged, so a wrong guess costs reads, not quality)",
          choices=OVERLAPS)
+    flag(s, "--stream-resident", "stream_resident", "resident matrices (attention, LM head, "
+         "embeddings) left on flash and read every token: auto (only when --dram-budget cannot "
+         "hold them beside a neuron cache; the budget is then shared in proportion), off (a "
+         "budget that is too small is an error), all (every one; for measurement). Same "
+         "logits either way; costs their bytes in reads every token", choices=STREAM_RESIDENT)
     flag(s, "--no-reuse", "reuse", "reload every needed neuron each token (ablation: no "
          "window)", action="store_false")
     flag(s, "--unbundled", "bundled", "read up/gate/down as separate requests (ablation: no "

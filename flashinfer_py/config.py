@@ -430,6 +430,7 @@ _FAMILIES = {"llama": _from_llama, "mistral": _from_llama, "qwen2": _from_qwen2,
 SELECTIONS = ("auto", "sketch", "predictor", "oracle", "all")
 EVICTIONS = ("auto", "rank", "window", "frequency")
 OVERLAPS = ("off", "layer", "ahead")
+STREAM_RESIDENT = ("auto", "off", "all")
 
 # The rows of the paper's Table 2, as runtime settings. "predictor" keeps the caller's
 # selection (a trained predictor, or the oracle for measurements).
@@ -512,6 +513,16 @@ class RuntimeConfig:
             input (Deja Vu's look-ahead); the selection itself still comes from the FFN's true
             input, so a wrong guess costs reads, never quality. The logits are "off"'s bit
             for bit: every mode sums the rows that stay, then the arriving ones.
+        stream_resident: resident matrices (the attention's, the LM head, the embeddings) left
+            on flash and read every token, so that a budget below the resident part still
+            runs (flashinfer_py/resident_stream.py). "auto" (default): only when `dram_budget`
+            cannot hold the resident part beside a neuron cache; then the budget is shared in
+            proportion (the resident matrices kept in DRAM and the neuron cache get the same
+            fraction of their full size), the untied input embedding (a row a token) and the
+            LM head leaving first. "off": never (a budget that is too small is an error).
+            "all": every such matrix, whatever the budget. The logits do not change: the
+            same matrices, read in row chunks by a thread that runs ahead of the compute.
+            The native backend only.
         ablation: a preset reproducing a row of the paper's Table 2, applied over the fields
             above: "naive", "hybrid", "predictor", "window", "bundling" (= everything on).
 
@@ -558,6 +569,7 @@ class RuntimeConfig:
     oracle_sparsity: float = 0.5
     reread_resident: bool = False
     overlap: str = "off"
+    stream_resident: str = "auto"
     ablation: Optional[str] = None
     backend: str = "native"
     device: Optional[str] = None
@@ -618,6 +630,9 @@ class RuntimeConfig:
         if self.overlap not in OVERLAPS:
             raise ValueError(f"overlap must be one of {', '.join(map(repr, OVERLAPS))}, "
                              f"not {self.overlap!r}")
+        if self.stream_resident not in STREAM_RESIDENT:
+            raise ValueError(f"stream_resident must be one of "
+                             f"{', '.join(map(repr, STREAM_RESIDENT))}, not {self.stream_resident!r}")
         if self.compute not in ("predicted", "cached"):
             raise ValueError(f"compute must be 'predicted' or 'cached', not {self.compute!r}")
         if self.window < 1:

@@ -5,7 +5,7 @@ The FFN providers that use the plan are in ffn.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -74,6 +74,11 @@ class MemoryPlan:
     unified: Optional[str] = None
     device_row_bytes: int = 0
     allocator: int = 0
+    # resident matrices left on flash (RuntimeConfig.stream_resident, resident_stream.py):
+    # the units' names, the bytes they add to every token's reads, the stream's buffers
+    streamed: list = field(default_factory=list)
+    stream_bytes: int = 0
+    stream_buffers: int = 0
 
     @property
     def cache_bytes(self) -> int:
@@ -96,7 +101,7 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return (self.resident + self.predictors + self.kv_cache + self.overhead + self.cache_bytes
-                + self.sketch_bytes + self.allocator)
+                + self.sketch_bytes + self.allocator + self.stream_buffers)
 
     def as_dict(self) -> dict:
         """The plan's figures in bytes (what `info --dram-budget --json` prints)."""
@@ -107,6 +112,9 @@ class MemoryPlan:
         if self.unified:
             out.update(unified=self.unified, device_row_bytes=self.device_row_bytes,
                        allocator=self.allocator)
+        if self.streamed:
+            out.update(streamed=list(self.streamed), stream_bytes_per_token=self.stream_bytes,
+                       stream_buffers=self.stream_buffers)
         if self.vram is not None:
             out["vram"] = self.vram.as_dict()
         return out
@@ -126,6 +134,15 @@ class MemoryPlan:
         lines = [f"  unified memory ({self.unified}): host and device share this RAM, so one "
                  "plan holds both and nothing is counted twice"] if self.unified else []
         lines.append(line("resident tensors (embeddings, attention, norms)", self.resident, dev))
+        if self.streamed:
+            layers = [u for u in self.streamed if u.startswith("layers.")]
+            what = [u for u in ("embed", "head") if u in self.streamed]
+            names = {"embed": "input embedding (a row a token)", "head": "LM head"}
+            parts = [names[u] for u in what] + ([f"{len(layers)} layers' attention"]
+                                                if layers else [])
+            lines.append(line("read from flash every token (buffers)", self.stream_buffers,
+                              f": {', '.join(parts)}, {format_bytes(self.stream_bytes)} a "
+                              "token"))
         lines.append(line("predictors", self.predictors))
         if self.sketch_record_bytes:
             lines.append(line("4-bit sketch of the uncached neurons", self.sketch_bytes))
@@ -230,7 +247,8 @@ def cache_row_bytes(manifest: dict) -> int:
 def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
                 predictor_bytes: int = 0, resident_bytes: Optional[int] = None, *,
                 calibration=None, sketch_record_bytes: int = 0,
-                device: Optional["DeviceCosts"] = None) -> MemoryPlan:
+                device: Optional["DeviceCosts"] = None,
+                stream_units: Optional[list] = None) -> MemoryPlan:
     """Split `runtime.dram_budget` between the resident part and the neuron cache.
 
     With `device` (a device backend's costs), its host memory (framework, staging) is in the
@@ -243,8 +261,10 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
     With `calibration` (predictor.Calibration) and ``runtime.per_layer_cache``, layers get
     cache sizes that equalize their measured FFN error; with `sketch_record_bytes` (eviction
     "rank" with the 4-bit sketch), every neuron the cache does not hold costs that many bytes
-    too. Raises ValueError naming the smallest workable budget when even the resident part
-    does not fit.
+    too. With `stream_units` (resident_stream.stream_units of the directory), resident
+    matrices may be left on flash as ``runtime.stream_resident`` says (_choose_streamed).
+    Raises ValueError naming the smallest workable budget when even the resident part does
+    not fit.
     """
     rec = int(manifest["bundle"]["record_bytes"])
     row = cache_row_bytes(manifest)  # what a cached neuron takes in DRAM (packed)
@@ -271,8 +291,26 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
         overhead += STAGING_RECORDS * rec
     if runtime.overlap != "off" and runtime.reuse:  # the read-ahead worker's slots and maps
         overhead += READ_AHEAD_SLOTS * (read_ahead_records(args, runtime) * rec + f * 4)
-    fixed = resident_bytes + predictor_bytes + kv + overhead + allocator
+    sk = sketch_record_bytes
+    sk_fixed = L * f * 12 if sk else 0  # per neuron: its sketch slot (int64) and down norm (f32)
     row_cost = row + dev_row
+    streamed, stream_read, stream_buf = [], 0, 0
+    if stream_units and device is None and not runtime.reread_resident:
+        chosen = _choose_streamed(
+            stream_units, runtime, budget, resident_bytes + predictor_bytes + kv + overhead,
+            sk_fixed + (L * f * (sk + 12) if sk else 0),
+            (row_cost - (sk + 12 if sk else 0)) * max(16, f // 100) * L,
+            L * f * (row_cost - (sk + 12 if sk else 0)) if runtime.reuse else 0,
+            0 if runtime.reuse else f * rec)
+        if chosen:
+            from .resident_stream import buffer_bytes
+
+            streamed = [u.name for u in chosen]
+            stream_read = sum(u.nbytes for u in chosen if u.per_token)
+            stream_buf = buffer_bytes(chosen)
+            resident_bytes -= sum(u.nbytes for u in chosen)
+    extra = dict(streamed=streamed, stream_bytes=stream_read, stream_buffers=stream_buf)
+    fixed = resident_bytes + predictor_bytes + kv + overhead + allocator + stream_buf
     if not runtime.reuse:  # nothing is kept across tokens: one layer's rows at a time
         layer = f * (rec + dev_row)
         if budget is not None and fixed + layer > budget:
@@ -281,9 +319,7 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
                 f"runtime needs the resident part ({format_bytes(fixed)}) plus one layer's FFN "
                 f"({format_bytes(layer)}). Give at least {format_bytes(fixed + layer, up=True)}.")
         return MemoryPlan(budget, resident_bytes, predictor_bytes, kv, overhead, [0] * L, rec,
-                          f, layer_buffer=layer, unified=unified, allocator=allocator)
-    sk = sketch_record_bytes
-    sk_fixed = L * f * 12 if sk else 0  # per neuron: its sketch slot (int64) and down norm (f32)
+                          f, layer_buffer=layer, unified=unified, allocator=allocator, **extra)
     if budget is None:
         caps = [f] * L
     else:
@@ -297,12 +333,16 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
             sketch = f", the 4-bit sketch {format_bytes(L * f * (sk + 12) + sk_fixed)}" if sk else ""
             dev = (f", allocator margin {format_bytes(allocator)}; unified memory "
                    f"({unified}): dram_budget and vram_budget are one budget") if unified else ""
+            gone = sum(u.nbytes for u in stream_units or [] if u.name in streamed)
+            left = f" with {format_bytes(gone)} of matrices left on flash" if streamed else ""
+            hint = (", or let the resident matrices stream from flash (--stream-resident auto)"
+                    if stream_units and runtime.stream_resident == "off" else "")
             raise ValueError(
                 f"{what} {format_bytes(budget)} is too small: the resident part "
-                f"alone needs {format_bytes(fixed)} (tensors {format_bytes(resident_bytes)}, KV "
-                f"cache {format_bytes(kv)} for {ctx} tokens, predictors "
+                f"alone needs {format_bytes(fixed)}{left} (tensors {format_bytes(resident_bytes)}, "
+                f"KV cache {format_bytes(kv)} for {ctx} tokens, predictors "
                 f"{format_bytes(predictor_bytes)}, runtime {format_bytes(overhead)}{sketch}{dev}). "
-                f"Give at least {format_bytes(need, up=True)}, or lower --max-context.")
+                f"Give at least {format_bytes(need, up=True)}, or lower --max-context{hint}.")
         if (calibration is not None and runtime.per_layer_cache
                 and total >= PER_LAYER_MIN_FRACTION * L * f):
             caps = allocate_caps(calibration.err, calibration.err_k, int(total), f, minimum,
@@ -312,7 +352,43 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
     return MemoryPlan(budget, resident_bytes, predictor_bytes, kv,
                       overhead, [int(c) for c in caps], rec, f, row_bytes=row,
                       sketch_record_bytes=sk, sketch_fixed=sk_fixed, unified=unified,
-                      device_row_bytes=dev_row, allocator=allocator)
+                      device_row_bytes=dev_row, allocator=allocator, **extra)
+
+
+def _choose_streamed(units: list, runtime: RuntimeConfig, budget: Optional[int], fixed: int,
+                     sketch: int, least_cache: int, full_cache: int, layer: int) -> list:
+    """Which resident units (resident_stream.stream_units, in their order) stay on flash.
+
+    "all": every one. "auto": none when `budget` holds `fixed` (the resident part, KV cache,
+    predictors, runtime) + `sketch` + the smallest cache (`least_cache`; without reuse, one
+    `layer` of rows). Otherwise the budget is shared in proportion: the units kept in DRAM
+    and the neuron cache each get the same fraction s of their full size (`full_cache`: every
+    neuron cached), s = what is left after the rest / (units + full cache); then more units
+    go until the smallest cache fits. A unit in DRAM saves its bytes of reads every token,
+    a byte of neuron cache saves less than a byte at these sizes but is what keeps the
+    quality (benchmarks/RESULTS_sparse.md), hence the equal shares rather than either extreme.
+    """
+    from .resident_stream import buffer_bytes
+
+    mode = runtime.stream_resident
+    if mode == "all":
+        return list(units)
+    if mode != "auto" or budget is None:
+        return []
+    need = least_cache if full_cache else layer
+    if fixed + sketch + need <= budget:
+        return []
+    total = sum(u.nbytes for u in units)
+    room = budget - (fixed - total) - sketch - buffer_bytes(units)
+    share = min(1.0, max(0.0, room / (total + full_cache))) if full_cache else 0.0
+    chosen, kept = [], total
+    for u in units:
+        fits = fixed - (total - kept) + buffer_bytes(chosen) + sketch + need <= budget
+        if kept <= share * total and fits:
+            break
+        chosen.append(u)
+        kept -= u.nbytes
+    return chosen
 
 
 @dataclass
@@ -440,19 +516,39 @@ class VramPlan:
             f"  total: {format_bytes(self.total)} of a {format_bytes(self.budget)} budget"])
 
 
-def _device_resident_bytes(directory: Path, manifest: dict, args: ModelArgs, esize: int) -> int:
-    """Bytes a device backend's resident tensors take on the device (backends/common.py:
-    matrices dequantized to the compute dtype, esize bytes a value, norms float32), from
-    dense.safetensors' header; nothing is loaded."""
-    from .backends.common import device_resident_bytes
+def dense_entries(directory: Path, manifest: dict) -> dict:
+    """dense.safetensors' header: name -> (dtype, shape, file offset, count); nothing is
+    loaded (the plans' sizes, the streamed matrices' places)."""
     from .checkpoint import _SafetensorsFile
-    from .format import resident_formats
 
     f = _SafetensorsFile(Path(directory) / manifest["files"]["dense"])
     try:
-        shapes = {name: shape for name, (_, shape, _, _) in f.entries.items()}
+        return dict(f.entries)
     finally:
         f.close()
+
+
+def _stream_units(directory: Path, manifest: dict, args: ModelArgs) -> Optional[list]:
+    """The resident units the plan may leave on flash, or None when dense.safetensors' header
+    cannot be read: the plan is then made without them (a budget too small still says so
+    first), and loading the file reports what is wrong with it."""
+    from .checkpoint import CheckpointError
+    from .resident_stream import stream_units
+
+    try:
+        return stream_units(args, dense_entries(directory, manifest))
+    except CheckpointError:
+        return None
+
+
+def _device_resident_bytes(directory: Path, manifest: dict, args: ModelArgs, esize: int) -> int:
+    """Bytes a device backend's resident tensors take on the device (backends/common.py:
+    matrices dequantized to the compute dtype, esize bytes a value, norms float32), from
+    dense.safetensors' header."""
+    from .backends.common import device_resident_bytes
+    from .format import resident_formats
+
+    shapes = {name: e[1] for name, e in dense_entries(directory, manifest).items()}
     return device_resident_bytes(args, shapes, resident_formats(manifest), esize)
 
 
@@ -529,10 +625,15 @@ def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: Ru
              if backend != "native" else None)
     # a device sharing the host's RAM gets one plan for both (plan_memory); a discrete one
     # gets the DRAM plan, then the device's own (plan_vram)
+    if rt.stream_resident == "all" and costs is not None:
+        raise ValueError(f"stream_resident='all' needs the native backend; the {backend} "
+                         "backend keeps its resident tensors on the device")
     plan = plan_memory(args, manifest, rt, preds.nbytes if rt.selection == "predictor" else 0,
                        calibration=preds.calibration if rank and preds is not None else None,
                        sketch_record_bytes=sketch_record_bytes(args)
-                       if rt.selection == "sketch" else 0, device=costs)
+                       if rt.selection == "sketch" else 0, device=costs,
+                       stream_units=_stream_units(Path(directory), manifest, args)
+                       if costs is None else None)
     if rt.vram_budget is not None and not costs.unified:  # the device copy may hold fewer
         plan.vram = plan_vram(Path(directory), manifest, args, rt, plan.cache_capacity, costs)
         plan.cache_capacity = list(plan.vram.cache_capacity)

@@ -8,13 +8,16 @@ Shapes: T = tokens in this call, d = hidden_size, H/Hkv = heads, hd = head_dim.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from . import kernels
 from .config import ModelArgs, RuntimeConfig
 from .dtypes import storage_format, to_float32
+
+if TYPE_CHECKING:
+    from .resident_stream import ResidentStream
 
 
 def check_tokens(tokens, vocab_size: int) -> np.ndarray:
@@ -178,12 +181,17 @@ class Transformer:
     `act_out` [T, d_ff], when given, receives every neuron's activation (dense models only).
     """
 
-    def __init__(self, args: ModelArgs, dense: dict, formats: dict, ffn, runtime: RuntimeConfig):
-        """`formats`: the storage format of each resident matrix (format.resident_formats)."""
+    def __init__(self, args: ModelArgs, dense: dict, formats: dict, ffn, runtime: RuntimeConfig,
+                 streamed: Optional[tuple] = None):
+        """`formats`: the storage format of each resident matrix (format.resident_formats).
+        `streamed`: (path of dense.safetensors, its header entries, the names of the matrices
+        left there), read every token by a resident_stream.ResidentStream; `dense` lacks
+        them."""
         self.args, self.w, self.ffn, self.runtime = args, dense, ffn, runtime
         self.threads = runtime.threads  # the kernels' compute threads (0: every core)
         self.formats = {n: storage_format(f).name for n, f in formats.items()}
         self.rope = _Rope(args) if args.uses_rope else None
+        self.stream = self._open_stream(*streamed) if streamed and streamed[2] else None
         head = "tok_embeddings" if args.tie_word_embeddings else "lm_head"
         self.lm_head, self.lm_head_fmt = dense[head], self.formats[head]
         self._fuse_qkv()
@@ -217,16 +225,67 @@ class Transformer:
         # be, before the attention runs (RuntimeConfig.overlap="ahead")
         self._ahead = ffn.prefetch if getattr(ffn, "wants_prefetch", False) else None
 
+    def _open_stream(self, path, entries: dict, names) -> "ResidentStream":
+        """The stream of the matrices `names` left in dense.safetensors (resident_stream.py):
+        each gets a StreamedMatrix in self.w, and the stream reads them in the order a
+        forward pass uses them (per layer q/k/v, fused as _fuse_qkv fuses them, then o; the
+        LM head last). The input embedding, when left there, is read a row at a time."""
+        from .resident_stream import ResidentStream, streamed_matrix
+
+        names, a = set(names), self.args
+        head = "tok_embeddings" if a.tie_word_embeddings else "lm_head"
+        mats, order = {}, []
+
+        def add(key, tensors):
+            m = streamed_matrix(key, tensors, entries, self.formats[tensors[0]])
+            mats[key] = m
+            order.append(key)
+            return m
+
+        for i in range(a.num_hidden_layers):
+            p = f"layers.{i}."
+            qkv = [p + "wq", p + "wk", p + "wv"]
+            if not any(n in names for n in qkv + [p + "wo"]):
+                continue
+            if len({self.formats[n] for n in qkv}) == 1:
+                try:
+                    m = add(p + "qkv", qkv)
+                    for n in qkv:  # the fused matrix stands for the three (see _fuse_qkv)
+                        self.w[n] = m
+                except ValueError:  # not one run of rows in the file: three matrices
+                    pass
+            for n in qkv + [p + "wo"]:
+                if n not in self.w:
+                    self.w[n] = add(n, [n])
+        if head in names:
+            self.w[head] = add(head, [head])
+        embed = None
+        if "tok_embeddings" in names:
+            embed = (mats[head] if head == "tok_embeddings"
+                     else streamed_matrix("tok_embeddings", ["tok_embeddings"], entries,
+                                          self.formats["tok_embeddings"]))
+            self.w["tok_embeddings"] = embed
+        return ResidentStream(path, mats, order, self.runtime.use_direct_io, embed)
+
     def _fuse_qkv(self) -> None:
         """Each layer's q, k and v projections as one matrix (rows stacked; their biases too),
         so a token makes one kernel call instead of three: SmolLM2's k and v are 192 x 576,
-        too small to stream well on their own. The dict's wq/wk/wv become views of it."""
+        too small to stream well on their own. The dict's wq/wk/wv become views of it. (A
+        layer whose matrices stay on flash is fused by _open_stream.)"""
+        from .resident_stream import StreamedMatrix
+
         self.qkv = []
         for i in range(self.args.num_hidden_layers):
             p = f"layers.{i}."
             names = [p + "wq", p + "wk", p + "wv"]
             ws = [self.w[n] for n in names]
             fmt = self.formats[names[0]]
+            bias = None
+            if self.args.attention_bias:
+                bias = np.concatenate([self.w[p + "bq"], self.w[p + "bk"], self.w[p + "bv"]])
+            if isinstance(ws[0], StreamedMatrix):
+                self.qkv.append((ws[0], fmt, bias) if ws[0] is ws[1] else None)
+                continue
             if any(self.formats[n] != fmt for n in names) or len({w.shape[1] for w in ws}) != 1:
                 self.qkv.append(None)  # mixed formats: three calls
                 continue
@@ -234,10 +293,14 @@ class Transformer:
             rows = np.cumsum([0] + [x.shape[0] for x in ws])
             for n, a, b in zip(names, rows[:-1], rows[1:]):
                 self.w[n] = w[a:b]
-            bias = None
-            if self.args.attention_bias:
-                bias = np.concatenate([self.w[p + "bq"], self.w[p + "bk"], self.w[p + "bv"]])
             self.qkv.append((w, fmt, bias))
+
+    def _mm(self, x: np.ndarray, w, fmt: str, bias: Optional[np.ndarray] = None) -> np.ndarray:
+        """x @ w.T (+ bias): w resident, or left on flash (a StreamedMatrix) and read now."""
+        x = np.ascontiguousarray(x)
+        if self.stream is not None and not isinstance(w, np.ndarray):
+            return self.stream.linear(x, w, bias, self.threads)
+        return kernels.linear(x, w, bias=bias, fmt=fmt, threads=self.threads)
 
     # ------------------------------------------------------------------ small ops
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
@@ -254,12 +317,16 @@ class Transformer:
 
     def _linear(self, x: np.ndarray, name: str, bias: Optional[str] = None) -> np.ndarray:
         b = self.w[bias] if bias is not None else None
-        return kernels.linear(np.ascontiguousarray(x), self.w[name], bias=b,
-                              fmt=self.formats[name], threads=self.threads)
+        w = self.w[name]
+        if not isinstance(w, np.ndarray) and w.key != name:  # q, k or v of a fused matrix
+            raise RuntimeError(f"{name} is streamed as part of {w.key}")
+        return self._mm(x, w, self.formats[name], b)
 
     def _rows(self, name: str, idx: np.ndarray, width: int) -> np.ndarray:
         """Rows `idx` (of `width` values) of an embedding matrix as float32."""
-        return to_float32(self.w[name][idx], self.formats[name], width)
+        w = self.w[name]
+        rows = w[idx] if isinstance(w, np.ndarray) else self.stream.rows(idx)
+        return to_float32(rows, self.formats[name], width)
 
     def _embed(self, tokens: np.ndarray, pos0: int) -> np.ndarray:
         a = self.args
@@ -281,8 +348,7 @@ class Transformer:
         fused = self.qkv[layer]
         if fused is not None:
             w, fmt, b = fused
-            qkv = kernels.linear(np.ascontiguousarray(x), w, bias=b, fmt=fmt,
-                                 threads=self.threads)
+            qkv = self._mm(x, w, fmt, b)
             if t == 1:
                 return self._attention1(layer, qkv[0], cache)
             qd, kd = a.q_dim, a.kv_dim
@@ -322,8 +388,7 @@ class Transformer:
         first = max(0, pos - window + 1) if window else 0
         out = kernels.attend1(q, cache.k[layer], cache.v[layer], first, pos + 1, self.scale,
                               softcap)
-        return kernels.linear(out.reshape(1, qd), wo[0], bias=wo[2], fmt=wo[1],
-                              threads=self.threads)
+        return self._mm(out.reshape(1, qd), wo[0], wo[1], wo[2])
 
     def _attend(self, layer: int, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
                 pos0: int) -> np.ndarray:
@@ -419,6 +484,8 @@ class Transformer:
         [T, vocab] (or [1, vocab] with last_only)."""
         a = self.args
         tokens = check_tokens(tokens, a.vocab_size)
+        if self.stream is not None:
+            self.stream.begin()
         x = self._embed(tokens, cache.size)
         block = (self._block1 if len(tokens) == 1 and self._norms1 is not None
                  and self.observer is None else self._block)
@@ -426,6 +493,5 @@ class Transformer:
             x = block(i, x, cache)
         cache.advance(len(tokens))
         x = self._head_input(x, last_only)
-        logits = kernels.linear(np.ascontiguousarray(x), self.lm_head, fmt=self.lm_head_fmt,
-                                threads=self.threads)
+        logits = self._mm(x, self.lm_head, self.lm_head_fmt)
         return _softcap(logits, a.final_logit_softcapping)

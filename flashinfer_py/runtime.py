@@ -102,8 +102,19 @@ class FlashModel:
 
             self.runtime, self.predictors, self.plan = prepare_sparse(
                 self.directory, self.manifest, self.args, self.runtime)
+        streamed = None  # resident matrices the plan leaves on flash (resident_stream.py)
+        if self.sparse and self.plan.streamed:
+            from .loader import dense_entries
+            from .resident_stream import stream_units
+
+            entries = dense_entries(self.directory, self.manifest)
+            left = {t for u in stream_units(self.args, entries) if u.name in self.plan.streamed
+                    for t in u.tensors}
+            streamed = (self.directory / self.manifest["files"]["dense"], entries, left)
         with _manifest_errors(self.directory, "the resident tensors"):
-            dense = load_dense(self.directory, self.manifest)
+            dense = load_dense(self.directory, self.manifest,
+                               None if streamed is None else
+                               [n for n in streamed[1] if n not in streamed[2]])
         # where the forward pass runs (flashinfer_py.backends): "auto" made concrete
         from .backends import resolve_backend
 
@@ -124,7 +135,7 @@ class FlashModel:
                     self.ffn = ResidentFFN(bundle_path, self.args, dense, self.runtime)
             with _manifest_errors(self.directory, "the resident tensors"):
                 self.transformer = Transformer(self.args, dense, self.resident_formats,
-                                               self.ffn, self.runtime)
+                                               self.ffn, self.runtime, streamed)
         self._tokenizer = None
 
     # ------------------------------------------------------------------ pieces
@@ -173,9 +184,13 @@ class FlashModel:
         wall = time.perf_counter_ns() - t0
         d = total.as_dict()
         d["total_ns"] = wall
+        stream = getattr(self.transformer, "stream", None)
+        if stream is not None:  # resident matrices read from flash (stream_wait_ns: waited)
+            d.update(stream.take_stats())
         # what the token did besides waiting for reads, managing the cache and predicting
         d["compute_ns"] = (wall - total.io_wait_ns - total.mm_ns - total.predict_ns
-                           - d.get("transfer_ns", 0))  # a device backend's copies of new rows
+                           - d.get("transfer_ns", 0)  # a device backend's copies of new rows
+                           - d.get("stream_wait_ns", 0))
         self.last_stats = d
         return outs[-1] if last_only else np.concatenate(outs)
 

@@ -1,0 +1,137 @@
+"""Resident matrices left on flash and read every token (RuntimeConfig.stream_resident,
+flashinfer_py/resident_stream.py): the same logits as with the matrices in DRAM, a plan that
+streams only when the budget needs it, and read errors and interrupted passes handled."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import flashinfer_py as fi
+from flashinfer_py.errors import FlashIOError
+from flashinfer_py.loader import plan_directory
+
+# llama-silu: untied embeddings, fused q/k/v; opt: biases on q/k/v/o (sliced per chunk) and
+# the post-norm-free OPT block; gemma3: tied embeddings (the head and the input rows stream),
+# q/k norms, soft-capping; q4_1 / q8_0: matrices stored in blocks (uint8 rows)
+CASES = [("llama-silu", "float32"), ("opt", "float16"), ("gemma3", "float16"),
+         ("llama-silu", "q4_1"), ("opt-350m", "q8_0")]
+
+
+def _run(m, ids):
+    """Logits of a prompt in chunks, then token by token."""
+    cache = m.new_cache()
+    m.reset()
+    out = [m.forward(ids[:13], cache)]
+    out += [m.forward([t], cache) for t in ids[13:]]
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("name,dtype", CASES)
+def test_streamed_logits_equal_resident(name, dtype, tiny_flash, prompt_ids, small_chunks):
+    """Every resident matrix read from flash in row chunks gives the floats of the matrices
+    in DRAM, bit for bit. Chunks of 1 KiB, so every matrix is several chunks and several
+    matrices share a read."""
+    d = tiny_flash(name, dtype)
+    kw = dict(sparse=True, selection="oracle", eviction="window")
+    ref = _run(fi.load(d, fi.RuntimeConfig(stream_resident="off", **kw)), prompt_ids)
+    m = fi.load(d, fi.RuntimeConfig(stream_resident="all", **kw))
+    assert m.plan.streamed and m.plan.stream_bytes > 0
+    assert m.info()["resident_bytes"] < fi.load(d).info()["resident_bytes"]
+    got = _run(m, prompt_ids)
+    assert np.array_equal(got, ref)
+    s = m.last_stats
+    assert s["stream_bytes"] > 0 and s["stream_reads"] > 0 and s["stream_wait_ns"] >= 0
+    # a second sequence on the same model: the stream continues across calls
+    assert np.array_equal(_run(m, prompt_ids), ref)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Reads of 1 KiB: the tiny models' matrices are smaller than the stream's buffers of a
+    real model would be, so without this streaming could never save memory on them."""
+    import flashinfer_py.resident_stream as rs
+
+    monkeypatch.setattr(rs, "CHUNK_BYTES", 1 << 10)
+
+
+def _budget_between(d, **kw):
+    """A budget the resident part does not fit beside the smallest cache, but fits once its
+    matrices are on flash: the "all" plan without a neuron cache, plus half the FFN."""
+    _, plan = plan_directory(d, fi.RuntimeConfig(stream_resident="all", **kw))
+    return plan.total - plan.cache_bytes + (plan.cache_bytes // 2)
+
+
+def test_auto_streams_only_when_the_budget_needs_it(tiny_flash, small_chunks):
+    d = tiny_flash("llama-silu", "float32")
+    kw = dict(selection="oracle", eviction="window", max_context=64)
+    _, roomy = plan_directory(d, fi.RuntimeConfig(dram_budget="1GB", **kw))
+    assert roomy.streamed == [] and roomy.stream_buffers == 0
+    budget = _budget_between(d, dram_budget="1GB", **kw)
+    with pytest.raises(ValueError, match="too small.*--stream-resident auto"):
+        plan_directory(d, fi.RuntimeConfig(dram_budget=budget, stream_resident="off", **kw))
+    _, plan = plan_directory(d, fi.RuntimeConfig(dram_budget=budget, **kw))
+    assert plan.streamed and plan.total <= budget
+    assert plan.streamed[0] == "embed"  # untied: the input embedding goes first (a row a token)
+    assert "read from flash every token" in plan.describe()
+    assert plan.as_dict()["stream_bytes_per_token"] == plan.stream_bytes > 0
+    # a budget below even the streamed plan names its minimum
+    with pytest.raises(ValueError, match="left on flash.*at least"):
+        plan_directory(d, fi.RuntimeConfig(dram_budget=plan.total // 4, **kw))
+
+
+def test_streamed_model_runs_under_its_budget(tiny_flash, prompt_ids, small_chunks):
+    """Generation under a budget that only fits with streaming: tokens come out, and the
+    greedy tokens are those of the same cache sizes with the matrices in DRAM."""
+    d = tiny_flash("llama-silu", "float32")
+    # a fifth of the neurons a token, one token at a time: what fits the cache of this budget
+    kw = dict(selection="oracle", eviction="frequency", max_context=64, oracle_sparsity=0.8,
+              prefill_chunk=1)
+    budget = _budget_between(d, dram_budget="1GB", **kw)
+    m = fi.load(d, fi.RuntimeConfig(dram_budget=budget, **kw))
+    assert m.plan.streamed
+    steps = list(m.generate_step(prompt_ids[:8], max_new_tokens=6, stop_at_eos=False))
+    assert len(steps) == 6 and all(s.stats["stream_bytes"] > 0 for s in steps[1:])
+
+
+def test_interrupted_pass_restarts_the_stream(tiny_flash, prompt_ids):
+    """A forward pass that fails half-way (the context overflows in layer 0's attention,
+    after its q/k/v were read) leaves the stream mid-cycle; the next pass starts it again."""
+    d = tiny_flash("gemma3", "float16")
+    kw = dict(sparse=True, selection="oracle", eviction="window", max_context=16)
+    ref = fi.load(d, fi.RuntimeConfig(stream_resident="off", **kw))
+    m = fi.load(d, fi.RuntimeConfig(stream_resident="all", **kw))
+    cache = m.new_cache()
+    m.forward(prompt_ids[:10], cache)
+    with pytest.raises(ValueError, match="max_context"):
+        m.forward(prompt_ids[10:20], cache)
+    assert np.array_equal(m.logits(prompt_ids[:12]), ref.logits(prompt_ids[:12]))
+
+
+def test_read_error_is_a_flash_io_error_naming_the_file(tiny_flash, tmp_path, prompt_ids,
+                                                        small_chunks):
+    """The file shrinks under the model: the thread's short read comes back as FlashIOError
+    with the path and offset; once the file is whole again the model goes on. (Small reads:
+    what the thread has read ahead is a few KiB, not the whole tiny model.)"""
+    src = tiny_flash("llama-silu", "float16")
+    d = tmp_path / "m"
+    shutil.copytree(src, d)
+    kw = dict(sparse=True, selection="oracle", eviction="window")
+    m = fi.load(d, fi.RuntimeConfig(stream_resident="all", **kw))
+    ref = m.logits(prompt_ids[:5])
+    dense = d / m.manifest["files"]["dense"]
+    whole = dense.read_bytes()
+    with open(dense, "r+b") as f:
+        f.truncate(len(whole) // 2)
+    with pytest.raises(FlashIOError, match=f"{dense}.*offset"):
+        m.logits(prompt_ids[:5])
+    dense.write_bytes(whole)
+    os.sync()
+    assert np.array_equal(m.logits(prompt_ids[:5]), ref)
+
+
+def test_stream_resident_is_checked():
+    with pytest.raises(ValueError, match="stream_resident"):
+        fi.RuntimeConfig(stream_resident="some")
