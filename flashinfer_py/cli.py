@@ -564,6 +564,9 @@ def _summary(model, steps) -> dict:
         out["ffn_fraction_read_per_token"] = out["avg_bytes_read"] / ffn
         out["direct_io"] = all(s.stats["direct"] for s in decode)
         out["dram_budget"] = model.runtime.dram_budget
+        if "stream_bytes" in decode[0].stats:  # resident matrices read from flash
+            for key in ("stream_bytes", "stream_wait_ns"):
+                out[f"avg_{key}"] = sum(s.stats[key] for s in decode) / n
     out["peak_rss"] = _peak_rss()
     return out
 
@@ -594,6 +597,10 @@ def _summary_text(s: dict) -> str:
                  f"{s['avg_mm_ns'] / 1e6:.1f} ms, compute {s['avg_compute_ns'] / 1e6:.1f} ms, "
                  f"token {s['avg_total_ns'] / 1e6:.1f} ms; "
                  f"cache hit rate {100 * s['avg_hit_rate']:.0f}%; direct I/O {s['direct_io']}")
+    if "avg_stream_bytes" in s:
+        text += (f"\nresident matrices left on flash: read {s['avg_stream_bytes'] / 2**20:.2f} "
+                 f"MiB a token, waited {s['avg_stream_wait_ns'] / 1e6:.1f} ms for them (the "
+                 "rest overlapped compute)")
     if s.get("peak_rss"):
         text += f"\npeak memory (RSS) of this process: {s['peak_rss'] / 2**20:.1f} MiB"
         if s.get("dram_budget"):

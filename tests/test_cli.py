@@ -60,6 +60,19 @@ def test_sparse_generate_summary_reports_bytes_and_memory(tiny_flash, capsys):
     assert summary["peak_rss"] is None or summary["peak_rss"] > 0
 
 
+def test_stream_resident_flag_reaches_the_plan_and_the_summary(tiny_flash, capsys):
+    """--stream-resident all: info's plan names what stays on flash; generate's summary says
+    what it read a token and how long the token waited for it."""
+    d = tiny_flash("llama-relu")
+    assert main(["info", str(d), "--dram-budget", "1GB", "--selection", "oracle",
+                 "--stream-resident", "all"]) == 0
+    assert "read from flash every token" in capsys.readouterr().out
+    assert main(["generate", str(d), "--prompt", "w5 w6 w7", "-n", "4", "--sparse",
+                 "--selection", "oracle", "--stream-resident", "all", "--stats"]) == 0
+    err = capsys.readouterr().err
+    assert "resident matrices left on flash: read" in err
+
+
 def test_generate_eviction_flag_reaches_the_runtime(tiny_flash, monkeypatch):
     import flashinfer_py.cli as cli
 
