@@ -180,6 +180,9 @@ class MemoryPlan:
 # equal sizes, but at 13% every unequal split tried lost (+91% to +164% against +73%).
 PER_LAYER_BOUNDS = (0.5, 2.0)
 PER_LAYER_MIN_FRACTION = 0.2
+# Below this share of the FFN cached, loading a model under a budget warns of the quality
+# loss: at 13% the default costs +70-81% perplexity (benchmarks/RESULTS_sparse.md)
+LOW_CACHE_SHARE = 0.15
 
 
 def allocate_caps(err: np.ndarray, err_k: np.ndarray, total: int, d_ff: int,
@@ -637,4 +640,15 @@ def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: Ru
     if rt.vram_budget is not None and not costs.unified:  # the device copy may hold fewer
         plan.vram = plan_vram(Path(directory), manifest, args, rt, plan.cache_capacity, costs)
         plan.cache_capacity = list(plan.vram.cache_capacity)
+    share = sum(plan.cache_capacity) / max(1, args.num_hidden_layers * args.intermediate_size)
+    if (plan.budget is not None and rt.reuse and rt.selection in ("sketch", "predictor")
+            and share < LOW_CACHE_SHARE):
+        import warnings
+
+        warnings.warn(
+            f"the neuron cache holds {share:.0%} of the FFN under a budget of "
+            f"{format_bytes(plan.budget)}: expect a large quality loss (with 13% cached the "
+            "default lost 70-81% in perplexity on SmolLM2 and Gemma-3-270M; "
+            "benchmarks/RESULTS_sparse.md). `flashinfer-py info DIR --dram-budget SIZE` "
+            "shows the cache a budget gives.", stacklevel=3)
     return rt, preds, plan

@@ -132,6 +132,32 @@ def test_read_error_is_a_flash_io_error_naming_the_file(tiny_flash, tmp_path, pr
     assert np.array_equal(m.logits(prompt_ids[:5]), ref)
 
 
+def test_a_tiny_cache_warns_of_the_quality_loss(tiny_flash, tmp_path):
+    """A budget that leaves the cache a sliver of the FFN loads, with a warning that says so;
+    a roomy one loads without."""
+    from flashinfer_py.train import TrainConfig, train_predictors
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_flash("llama-silu", "float16"), d)
+    m = fi.load(d)
+    ids = np.random.default_rng(0).integers(3, m.args.vocab_size, 256).tolist()
+    train_predictors(m, ids, TrainConfig(methods=("sketch",), max_tokens=256), progress=False)
+    _, plan = plan_directory(d, fi.RuntimeConfig(dram_budget="1GB", max_context=64))
+    # the plan with every neuron cached, less its cache, plus every neuron's sketch, plus 5%
+    # of the FFN as cache rows (each costs its row less the sketch it replaces)
+    n, sk = len(plan.cache_capacity) * plan.d_ff, plan.sketch_record_bytes + 12
+    budget = (plan.total - plan.cache_bytes + plan.sketch_fixed + n * sk
+              + int(0.05 * n * (plan.row_bytes - sk)))
+    with pytest.warns(UserWarning, match="cache holds .* of the FFN.*quality loss"):
+        m = fi.load(d, dram_budget=budget, max_context=64, stream_resident="off")
+    assert sum(m.plan.cache_capacity) < 0.15 * n
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fi.load(d, dram_budget="1GB", max_context=64)
+
+
 def test_stream_resident_is_checked():
     with pytest.raises(ValueError, match="stream_resident"):
         fi.RuntimeConfig(stream_resident="some")
