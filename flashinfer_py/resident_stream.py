@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -192,7 +193,7 @@ class ResidentStream:
             group.append(sp)
         if group:
             close_group()
-        self.direct = use_direct_io and hasattr(os, "O_DIRECT")
+        self.direct = use_direct_io
         self._fd = self._open(self.direct)
         self._row_fd = self._open(self.direct) if embed is not None else -1
         self.size = os.fstat(self._fd).st_size
@@ -212,12 +213,26 @@ class ResidentStream:
         self._last = self._totals()
 
     def _open(self, direct: bool) -> int:
-        if direct:
+        """A descriptor that bypasses the page cache where it can: O_DIRECT (Linux),
+        F_NOCACHE (macOS, as csrc/direct_file.cpp does; untested here), else buffered
+        (self.direct then says so)."""
+        if direct and hasattr(os, "O_DIRECT"):
             try:
                 return os.open(self.path, os.O_RDONLY | os.O_DIRECT)
             except OSError:  # a filesystem without O_DIRECT (tmpfs): buffered, and say so
                 self.direct = False
-        return os.open(self.path, os.O_RDONLY)
+        fd = os.open(self.path, os.O_RDONLY)
+        if direct and sys.platform == "darwin":
+            import fcntl
+
+            try:
+                fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+                self.direct = True
+            except (OSError, AttributeError):
+                self.direct = False
+        else:
+            self.direct = False
+        return fd
 
     # ---------------------------------------------------------------- the reading thread
     def _start(self) -> None:

@@ -187,6 +187,7 @@ class FlashModel:
         stream = getattr(self.transformer, "stream", None)
         if stream is not None:  # resident matrices read from flash (stream_wait_ns: waited)
             d.update(stream.take_stats())
+            d["direct"] = d["direct"] and stream.direct
         # what the token did besides waiting for reads, managing the cache and predicting
         d["compute_ns"] = (wall - total.io_wait_ns - total.mm_ns - total.predict_ns
                            - d.get("transfer_ns", 0)  # a device backend's copies of new rows
