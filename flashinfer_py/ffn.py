@@ -587,15 +587,14 @@ class SparseFFN:
         import os
 
         from .bundles import aligned_empty
+        from .resident_stream import open_uncached
 
         chunk = 1 << 22
         if self._resident_buf is None:
             self._resident_buf = aligned_empty((chunk,), np.uint8)
-        flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if self.runtime.use_direct_io else 0)
-        try:
-            fd = os.open(self.resident_path, flags)
-        except OSError:  # filesystem refuses O_DIRECT: buffered (and says so in the stats)
-            fd, self.tok.direct = os.open(self.resident_path, os.O_RDONLY), False
+        fd, direct = open_uncached(self.resident_path, self.runtime.use_direct_io)
+        if self.runtime.use_direct_io and not direct:  # buffered, and the stats say so
+            self.tok.direct = False
         t0 = time.perf_counter_ns()
         try:
             size, off = os.fstat(fd).st_size, 0

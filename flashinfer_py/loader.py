@@ -86,6 +86,11 @@ class MemoryPlan:
         return sum(self.cache_capacity) * per + self.layer_buffer
 
     @property
+    def cache_fraction(self) -> float:
+        """Neurons cached, as a fraction of the FFN's."""
+        return sum(self.cache_capacity) / max(self.d_ff * len(self.cache_capacity), 1)
+
+    @property
     def ffn_dram_bytes(self) -> int:
         """The whole FFN as the cache would hold it: L x d_ff x row bytes."""
         return len(self.cache_capacity) * self.d_ff * (self.row_bytes or self.record_bytes)
@@ -122,7 +127,7 @@ class MemoryPlan:
     def cache_line(self) -> str:
         caps = self.cache_capacity
         lo, hi = (min(caps), max(caps)) if caps else (0, 0)
-        pct = 100 * sum(caps) / max(self.d_ff * len(caps), 1)
+        pct = 100 * self.cache_fraction
         per = f"{lo}" if lo == hi else f"{lo}-{hi} (per layer, from the calibration)"
         return (f"{per} of {self.d_ff} neurons per layer, {pct:.1f}% of the FFN")
 
@@ -296,15 +301,16 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
         overhead += READ_AHEAD_SLOTS * (read_ahead_records(args, runtime) * rec + f * 4)
     sk = sketch_record_bytes
     sk_fixed = L * f * 12 if sk else 0  # per neuron: its sketch slot (int64) and down norm (f32)
+    sk_neuron = sk + 12 if sk else 0  # what an uncached neuron costs (a cached one, its row)
     row_cost = row + dev_row
+    minimum = max(16, f // 100)  # below 1% of a layer the model cannot run a token
     streamed, stream_read, stream_buf = [], 0, 0
     if stream_units and device is None and not runtime.reread_resident:
+        full_cache = L * f * (row_cost - sk_neuron) if runtime.reuse else 0
         chosen = _choose_streamed(
             stream_units, runtime, budget, resident_bytes + predictor_bytes + kv + overhead,
-            sk_fixed + (L * f * (sk + 12) if sk else 0),
-            (row_cost - (sk + 12 if sk else 0)) * max(16, f // 100) * L,
-            L * f * (row_cost - (sk + 12 if sk else 0)) if runtime.reuse else 0,
-            0 if runtime.reuse else f * rec)
+            sk_fixed + L * f * sk_neuron,
+            (row_cost - sk_neuron) * minimum * L if runtime.reuse else f * rec, full_cache)
         if chosen:
             from .resident_stream import buffer_bytes
 
@@ -327,13 +333,11 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
         caps = [f] * L
     else:
         # neurons cached in all layers: each costs a record, each other one a sketch
-        spare = budget - fixed - sk_fixed - L * f * (sk + 12 if sk else 0)
-        total = max(spare, 0) // (row_cost - (sk + 12 if sk else 0))
-        minimum = max(16, f // 100)  # below 1% of a layer the model cannot run a token
+        spare = budget - fixed - sk_fixed - L * f * sk_neuron
+        total = max(spare, 0) // (row_cost - sk_neuron)
         if total < minimum * L:
-            need = (fixed + sk_fixed + minimum * L * row_cost
-                    + L * (f - minimum) * (sk + 12 if sk else 0))
-            sketch = f", the 4-bit sketch {format_bytes(L * f * (sk + 12) + sk_fixed)}" if sk else ""
+            need = (fixed + sk_fixed + minimum * L * row_cost + L * (f - minimum) * sk_neuron)
+            sketch = f", the 4-bit sketch {format_bytes(L * f * sk_neuron + sk_fixed)}" if sk else ""
             dev = (f", allocator margin {format_bytes(allocator)}; unified memory "
                    f"({unified}): dram_budget and vram_budget are one budget") if unified else ""
             gone = sum(u.nbytes for u in stream_units or [] if u.name in streamed)
@@ -359,12 +363,12 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
 
 
 def _choose_streamed(units: list, runtime: RuntimeConfig, budget: Optional[int], fixed: int,
-                     sketch: int, least_cache: int, full_cache: int, layer: int) -> list:
+                     sketch: int, need: int, full_cache: int) -> list:
     """Which resident units (resident_stream.stream_units, in their order) stay on flash.
 
     "all": every one. "auto": none when `budget` holds `fixed` (the resident part, KV cache,
-    predictors, runtime) + `sketch` + the smallest cache (`least_cache`; without reuse, one
-    `layer` of rows). Otherwise the budget is shared in proportion: the units kept in DRAM
+    predictors, runtime) + `sketch` + `need` (the smallest cache; without reuse, one layer of
+    rows). Otherwise the budget is shared in proportion: the units kept in DRAM
     and the neuron cache each get the same fraction s of their full size (`full_cache`: every
     neuron cached), s = what is left after the rest / (units + full cache); then more units
     go until the smallest cache fits. A unit in DRAM saves its bytes of reads every token,
@@ -378,7 +382,6 @@ def _choose_streamed(units: list, runtime: RuntimeConfig, budget: Optional[int],
         return list(units)
     if mode != "auto" or budget is None:
         return []
-    need = least_cache if full_cache else layer
     if fixed + sketch + need <= budget:
         return []
     total = sum(u.nbytes for u in units)
@@ -640,7 +643,7 @@ def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: Ru
     if rt.vram_budget is not None and not costs.unified:  # the device copy may hold fewer
         plan.vram = plan_vram(Path(directory), manifest, args, rt, plan.cache_capacity, costs)
         plan.cache_capacity = list(plan.vram.cache_capacity)
-    share = sum(plan.cache_capacity) / max(1, args.num_hidden_layers * args.intermediate_size)
+    share = plan.cache_fraction
     if (plan.budget is not None and rt.reuse and rt.selection in ("sketch", "predictor")
             and share < LOW_CACHE_SHARE):
         import warnings

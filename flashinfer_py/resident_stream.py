@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 from . import kernels
+from .checkpoint import _SafetensorsFile
 from .config import ModelArgs
 
 ALIGN = 4096
@@ -40,9 +41,8 @@ CHUNK_BYTES = 4 << 20   # one read: long enough to stream at the disk's rate (mo
 N_BUFFERS = 3           # one being computed on, two read ahead
 GAP_BYTES = 64 << 10    # neighbouring matrices closer than this are one read (the norms between)
 
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U16": 2, "U8": 1}
-_NUMPY = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
-          "U16": np.dtype("<u2"), "U8": np.dtype("u1")}
+# dense.safetensors' dtypes as stored (bfloat16 as uint16, blocks as uint8): the reader's own map
+_NUMPY = _SafetensorsFile._RAW
 
 
 def buffer_bytes(units: list) -> int:
@@ -50,6 +50,27 @@ def buffer_bytes(units: list) -> int:
     read is at most CHUNK_BYTES, or all of the units with the gaps between them."""
     span = sum(u.nbytes for u in units) + len(units) * GAP_BYTES
     return N_BUFFERS * (min(CHUNK_BYTES, span) + 2 * ALIGN) + 2 * ALIGN
+
+
+def open_uncached(path, direct: bool) -> tuple[int, bool]:
+    """A read-only descriptor of `path` that bypasses the page cache where it can, and
+    whether it does: O_DIRECT (Linux), F_NOCACHE (macOS, as csrc/direct_file.cpp does;
+    untested here), else buffered (a filesystem that refuses O_DIRECT, such as tmpfs)."""
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError:
+            return os.open(path, os.O_RDONLY), False
+    fd = os.open(path, os.O_RDONLY)
+    if direct and sys.platform == "darwin":
+        import fcntl
+
+        try:
+            fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+            return fd, True
+        except (OSError, AttributeError):
+            pass
+    return fd, False
 
 
 @dataclass(frozen=True)
@@ -70,7 +91,7 @@ def stream_units(args: ModelArgs, entries: dict) -> list[StreamUnit]:
     untied input embedding (a row a token costs nothing), the LM head (the longest reads),
     then each layer's attention matrices, last layer first."""
     def size(names) -> int:
-        return sum(entries[n][3] * _ITEMSIZE[entries[n][0]] for n in names)
+        return sum(entries[n][3] * _NUMPY[entries[n][0]].itemsize for n in names)
 
     units = []
     if not args.tie_word_embeddings and "lm_head" in entries:
@@ -99,10 +120,6 @@ class StreamedMatrix:
     fmt: str
     nbytes: int = 0
 
-    @property
-    def shape(self) -> tuple:
-        return (self.rows, self.cols)
-
     def view(self, raw: np.ndarray, rows: int) -> np.ndarray:
         """`rows` stored rows in the bytes `raw` as the array the kernels take."""
         if self.dtype == "U8":
@@ -114,14 +131,14 @@ def streamed_matrix(key: str, names: list, entries: dict, fmt: str) -> StreamedM
     """The StreamedMatrix of tensors `names`, which must lie one after the other in the file
     with rows of the same size (q, k and v as one matrix, as the transformer fuses them)."""
     dtype, shape, offset, _ = entries[names[0]]
-    row_bytes = (int(np.prod(shape[1:])) if len(shape) > 1 else 1) * _ITEMSIZE[dtype]
+    row_bytes = (int(np.prod(shape[1:])) if len(shape) > 1 else 1) * _NUMPY[dtype].itemsize
     rows, end = 0, offset
     for n in names:
         dt, sh, off, count = entries[n]
-        if off != end or dt != dtype or count * _ITEMSIZE[dt] != sh[0] * row_bytes:
+        if off != end or dt != dtype or count * _NUMPY[dt].itemsize != sh[0] * row_bytes:
             raise ValueError(f"{names} are not contiguous rows of one size")
         rows += sh[0]
-        end = off + count * _ITEMSIZE[dt]
+        end = off + count * _NUMPY[dt].itemsize
     cols = shape[1] if dtype != "U8" else 0
     return StreamedMatrix(key, offset, rows, row_bytes, cols, dtype, fmt)
 
@@ -193,16 +210,14 @@ class ResidentStream:
             group.append(sp)
         if group:
             close_group()
-        self.direct = use_direct_io
-        self._fd = self._open(self.direct)
-        self._row_fd = self._open(self.direct) if embed is not None else -1
+        self._fd, self.direct = open_uncached(self.path, use_direct_io)
+        self._row_fd = open_uncached(self.path, self.direct)[0] if embed is not None else -1
         self.size = os.fstat(self._fd).st_size
         from .bundles import aligned_empty
 
         longest = max((r.length for r in self.reads), default=ALIGN)
         self._bufs = [aligned_empty((longest,), np.uint8) for _ in range(N_BUFFERS)]
         self._row_buf = aligned_empty((2 * ALIGN,), np.uint8) if embed is not None else None
-        self.per_token_bytes = sum(r.length for r in self.reads)
         self._cur = None  # (read, slot) of the buffer the compute is on
         self._thread: Optional[threading.Thread] = None
         self._pos = 0  # the next piece the compute takes
@@ -211,28 +226,6 @@ class ResidentStream:
         self._thread_bytes = self._thread_reads = self.busy_ns = 0
         self._row_bytes = self._row_reads = self.wait_ns = 0
         self._last = self._totals()
-
-    def _open(self, direct: bool) -> int:
-        """A descriptor that bypasses the page cache where it can: O_DIRECT (Linux),
-        F_NOCACHE (macOS, as csrc/direct_file.cpp does; untested here), else buffered
-        (self.direct then says so)."""
-        if direct and hasattr(os, "O_DIRECT"):
-            try:
-                return os.open(self.path, os.O_RDONLY | os.O_DIRECT)
-            except OSError:  # a filesystem without O_DIRECT (tmpfs): buffered, and say so
-                self.direct = False
-        fd = os.open(self.path, os.O_RDONLY)
-        if direct and sys.platform == "darwin":
-            import fcntl
-
-            try:
-                fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
-                self.direct = True
-            except (OSError, AttributeError):
-                self.direct = False
-        else:
-            self.direct = False
-        return fd
 
     # ---------------------------------------------------------------- the reading thread
     def _start(self) -> None:
@@ -376,11 +369,6 @@ class ResidentStream:
         d = {k: now[k] - self._last[k] for k in now}
         self._last = now
         return d
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._bufs) + (self._row_buf.nbytes if self._row_buf
-                                                    is not None else 0)
 
     def close(self) -> None:
         self._halt()
