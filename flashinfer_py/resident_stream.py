@@ -14,10 +14,10 @@ RuntimeConfig.stream_resident) leaves some of these matrices in dense.safetensor
   of the same matrix, so the same floats as when the matrix is in DRAM);
 - the untied input embedding is read a row per token, on its own descriptor.
 
-Large sequential reads need no queue depth on this disk: one 4 MiB preadv at a time ran at
-2.2-3.6 GB/s, two or four in flight at 1.9-2.5 GB/s (2026-11-30, the dev VM, cold file).
-So the reads are plain os.preadv calls (which release the GIL), not the native reader's
-queue of 4 KiB records.
+Large reads need little queue depth on this disk: at 512 KiB-1 MiB one read at a time reaches
+1.7-2.0 GB/s, about what any depth gives (benchmarks/RESULTS.md section 1). So the reads are
+plain os.preadv calls (which release the GIL), one at a time, not the native reader's queue of
+4 KiB records.
 """
 from __future__ import annotations
 
@@ -179,8 +179,9 @@ class ResidentStream:
         self.matrices = matrices
         self.embed = embed
         # rows in chunks of at most CHUNK_BYTES; neighbouring chunks (a layer's q/k/v and o,
-        # the next layer's) share a read up to CHUNK_BYTES: SmolLM2's 1 MB layers alone
-        # would be 1 MB reads (1.0-1.4 GB/s here, against 2.2+ for 4 MiB)
+        # the next layer's) share a read up to CHUNK_BYTES: fewer, longer reads than one per
+        # matrix (SmolLM2's are 0.7-1.1 MB), and at one read in flight the rate grows with
+        # the read's size (RESULTS.md section 1)
         spans = []  # (key, r0, r1, start, end) in file bytes
         for key in order:
             m = matrices[key]
