@@ -1,8 +1,9 @@
-"""Side by side with llama.cpp: a 7B-class Llama model at twice the DRAM cap, same weights.
+"""Side by side with llama.cpp: a 7B-class Llama model under a DRAM cap, same weights.
 
     python benchmarks/llamacpp_compare.py build            # once: GGUF + flash dir (~27 GB disk)
     python benchmarks/llamacpp_compare.py compare [--tokens 3] [--llama-timeout 240]
         [--read-ahead 128,machine] [--tools llama,ours,naive]   # root: cgroup v1, drop_caches
+        [--caps 0.5,0.3] [--trace synthetic|smollm2]
 
 What it does:
 
@@ -19,17 +20,21 @@ What it does:
    ``use_extra_bufts=False`` so nothing is repacked into anonymous memory, n_threads=2,
    n_ctx=64) and our runtime (RuntimeConfig(dram_budget=cap - 256 MiB), sparse, window 5,
    bundled, O_DIRECT) each in its own process inside a fresh cgroup v1 memory cgroup limited to
-   half the GGUF's size (the process's interpreter, libraries, resident tensors and page cache
-   all count), after dropping the page cache. Each process evaluates one prompt token (warm-up,
+   a fraction of the GGUF's size (``--caps``, default half; the process's interpreter,
+   libraries, resident tensors and page cache all count), after dropping the page cache. Below
+   ~36% our resident tensors no longer fit beside a cache and the runtime reads the ones it
+   cannot keep from flash every token (``RuntimeConfig.stream_resident="auto"``). Each process evaluates one prompt token (warm-up,
    timed separately) and then ``--tokens`` (llama.cpp) or
    ``--our-tokens`` (ours) decode tokens one by one, timing each and taking the
    bytes it read from storage from ``/proc/self/io`` read_bytes (mmap faults and read-ahead
    included), and prints one JSON line.
    - llama.cpp: greedy decode (argmax of its logits fed back), a wall-clock limit per run
      (``--llama-timeout``); tokens finished before the limit are reported.
-   - ours: the trained predictor is replaced by a trace of predicted active sets with the
-     paper's statistics (``paper_table.make_trace`` at this FFN width: ~10% of the FFN predicted
-     per token, half of it carried over from the previous token, Zipf-popular neurons), injected
+   - ours: the trained predictor is replaced by a trace of predicted active sets: with the
+     paper's statistics (``--trace synthetic``: ``paper_table.make_trace`` at this FFN width:
+     ~10% of the FFN predicted per token, half of it carried over from the previous token,
+     Zipf-popular neurons; the reuse is a chosen input), or the sets SmolLM2-135M needs on real
+     text mapped to this shape (``--trace smollm2``: benchmarks/recorded_trace.py), injected
      by replacing ``Predictors.load`` in this process only; the rest is the real model
      (attention over the resident tensors, the SwiGLU kernel over the predicted rows, the LM
      head). Outputs are meaningless (synthetic weights); I/O and compute are real.
@@ -262,6 +267,9 @@ class CostlyTrace:
     plan through ``nbytes``) and their two matvecs run per layer. A predicted set larger than
     the layer's cache is cut to the cache's size, as ``LayerPredictor.predict`` does."""
 
+    kinds = ["lowrank"]  # what the runtime resolves its selection from (Predictors.kinds)
+    calibration = sketch = None
+
     def __init__(self, pred, rng):
         self.pred, self.token, self.rng, self.truncated = pred, 0, rng, [0, 0]
         blk = (rng.standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(np.float16)
@@ -281,8 +289,8 @@ def cmd_run_ours(a) -> None:
     from flashinfer_py.config import RuntimeConfig
     from flashinfer_py.runtime import FlashModel
 
-    pt.L, pt.F = L, F  # make_trace / active_fractions read the module's shape
-    pred, _ = pt.make_trace(a.tokens + 1, seed=0)
+    pt.L, pt.F = L, F  # make_trace / active_fractions / get_trace read the module's shape
+    pred, _, note = pt.get_trace(a.trace, a.tokens + 1)
     trace = pt.TracePredictor(pred)
     if a.predictor_cost:
         trace = CostlyTrace(pred, np.random.default_rng(5))
@@ -308,10 +316,12 @@ def cmd_run_ours(a) -> None:
     for rec, st in zip([out["warmup"]] + out["tokens"], stats):
         rec.update(ffn_bytes=st["bytes_read"], io_s=st["io_ns"] / 1e9, mm_s=st["mm_ns"] / 1e9,
                    loaded=st["loaded"], needed=st["needed"], hit_rate=st["hit_rate"],
-                   direct=st["direct"])
+                   direct=st["direct"], stream_bytes=st.get("stream_bytes", 0),
+                   stream_wait_s=st.get("stream_wait_ns", 0) / 1e9)
     name = a.mode + (", predictor cost" if a.predictor_cost else "")
     out.update(tool=f"ours ({name})", load=load, predictor_bytes=trace.nbytes,
-               truncated=getattr(trace, "truncated", [0, 0]))
+               truncated=getattr(trace, "truncated", [0, 0]), trace=a.trace, trace_note=note,
+               streamed=list(model.plan.streamed), cache_fraction=model.plan.cache_fraction)
     print(json.dumps(out), flush=True)
 
 
@@ -388,7 +398,7 @@ def summarize(r: dict) -> dict:
 def cmd_compare(a) -> None:
     wd = workdir()
     size = (wd / NAME_GGUF).stat().st_size
-    cap = size // 2
+    fracs = [float(c) for c in a.caps.split(",")]
     orig_ra = int(Path(RA_PATH).read_text())
     settings = []
     for s in a.read_ahead.split(","):
@@ -397,8 +407,9 @@ def cmd_compare(a) -> None:
     rows = []
     log = open(a.json, "a") if a.json else None
     try:
-        for ra in settings:
+        for ra, frac in [(ra, f) for ra in settings for f in fracs]:
             Path(RA_PATH).write_text(f"{ra}\n")
+            cap = int(size * frac)
             for tool in a.tools.split(","):
                 if tool == "llama":
                     argv = me + ["run-llama", "--tokens", str(a.tokens), "--time-limit",
@@ -407,13 +418,15 @@ def cmd_compare(a) -> None:
                 else:
                     mode = "naive" if tool == "naive" else "sparse"
                     argv = me + ["run-ours", "--mode", mode, "--tokens", str(a.our_tokens),
-                                 "--budget", str(cap - MARGIN), "--time-limit", "600"]
+                                 "--budget", str(cap - MARGIN), "--time-limit", "600",
+                                 "--trace", a.trace]
                     if tool == "ours+pred":
                         argv.append("--predictor-cost")
                     timeout = 900
-                print(f"read-ahead {ra} KiB: {tool} ...", file=sys.stderr, flush=True)
+                print(f"read-ahead {ra} KiB, cap {frac:.0%}: {tool} ...", file=sys.stderr,
+                      flush=True)
                 r = run_capped(argv, cap, timeout)
-                r.update(read_ahead_kb=ra, tool_arg=tool, cap=cap)
+                r.update(read_ahead_kb=ra, tool_arg=tool, cap=cap, cap_fraction=frac)
                 sm = summarize(r)
                 print(f"  rc={r['rc']} {sm} max_usage={r['max_usage'] / 1e9:.2f} GB "
                       f"load={r['load_before']}", file=sys.stderr, flush=True)
@@ -425,22 +438,26 @@ def cmd_compare(a) -> None:
                     log.flush()
     finally:
         Path(RA_PATH).write_text(f"{orig_ra}\n")
-    print(f"\nmodel {size / 1e9:.2f} GB (GGUF), cap {cap / 1e9:.2f} GB (cgroup v1 memory limit)\n")
-    print("| read-ahead | tool | tokens timed | s/token | tokens/s | bytes read/token | "
+    print(f"\nmodel {size / 1e9:.2f} GB (GGUF); caps (cgroup v1 memory limit): "
+          + ", ".join(f"{f:.0%} = {size * f / 1e9:.2f} GB" for f in fracs)
+          + f"; our side driven by the {a.trace} trace\n")
+    print("| cap | read-ahead | tool | tokens timed | s/token | tokens/s | bytes read/token | "
           "warm-up token s | peak cgroup memory | rc | load (1 min) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r, sm in rows:
         w = r.get("warmup", {})
-        print(f"| {r['read_ahead_kb']} KiB | {r.get('tool', r['tool_arg'])} | {sm['n']} | "
+        print(f"| {r['cap_fraction']:.0%} | {r['read_ahead_kb']} KiB | "
+              f"{r.get('tool', r['tool_arg'])} | {sm['n']} | "
               f"{sm['s_tok']:.2f} | {sm['tps']:.3f} | {sm['bytes'] / 1e9:.2f} GB | "
               f"{w.get('s', float('nan')):.1f} | {r['max_usage'] / 1e9:.2f} GB | {r['rc']} | "
               f"{r['load_before'][0]:.2f} |")
     print()
-    for ra in settings:
-        by = {r["tool_arg"]: sm for r, sm in rows if r["read_ahead_kb"] == ra}
+    for ra, frac in [(ra, f) for ra in settings for f in fracs]:
+        by = {r["tool_arg"]: sm for r, sm in rows
+              if r["read_ahead_kb"] == ra and r["cap_fraction"] == frac}
         for ours in ("ours", "ours+pred", "naive"):
             if "llama" in by and ours in by and by["llama"]["tps"] > 0 and by[ours]["n"]:
-                print(f"read-ahead {ra} KiB: {ours} / llama.cpp tokens/s = "
+                print(f"read-ahead {ra} KiB, cap {frac:.0%}: {ours} / llama.cpp tokens/s = "
                       f"{by[ours]['tps'] / by['llama']['tps']:.1f}x; bytes/token llama.cpp / "
                       f"{ours} = {by['llama']['bytes'] / by[ours]['bytes']:.1f}x")
 
@@ -459,6 +476,13 @@ def main() -> None:
                    help="comma list of llama, ours, ours+pred (ours with predictor cost), "
                         "naive (our naive mode: the whole model read per token)")
     c.add_argument("--json", default=None, help="append raw per-run records here (JSON lines)")
+    c.add_argument("--caps", default="0.5",
+                   help="comma list of cgroup caps as fractions of the GGUF's size (default "
+                        "%(default)s; below ~0.36 our resident part no longer fits and is read "
+                        "from flash each token: RuntimeConfig.stream_resident 'auto')")
+    c.add_argument("--trace", default="synthetic", choices=("synthetic", "smollm2"),
+                   help="what drives our side: the paper's statistics (synthetic) or the sets "
+                        "recorded from SmolLM2-135M on real text (benchmarks/recorded_trace.py)")
     r1 = sub.add_parser("run-llama")
     r1.add_argument("--tokens", type=int, default=3)
     r1.add_argument("--time-limit", type=float, default=240.0)
@@ -467,6 +491,7 @@ def main() -> None:
     r2.add_argument("--budget", type=int, required=True)
     r2.add_argument("--mode", default="sparse", choices=("sparse", "naive"))
     r2.add_argument("--time-limit", type=float, default=600.0)
+    r2.add_argument("--trace", default="synthetic", choices=("synthetic", "smollm2"))
     r2.add_argument("--predictor-cost", action="store_true",
                     help="hold and run rank-128/1024 float16 predictors beside the trace")
     a = ap.parse_args()

@@ -409,6 +409,9 @@ class TracePredictor:
     """Stands in for trained predictors: returns the trace's predicted set of the current token
     (``token`` is set by the driver). Its compute cost is measured separately (``matvecs``)."""
 
+    kinds = ["lowrank"]  # what the runtime resolves its selection from (Predictors.kinds)
+    calibration = sketch = None
+
     def __init__(self, pred):
         self.pred, self.token = pred, 0
         self.layers = [_TraceLayer(self, layer) for layer in range(L)]
