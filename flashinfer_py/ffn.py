@@ -173,6 +173,7 @@ class SparseFFN:
         path = Path(directory) / manifest["files"]["bundles"]
         self.reader = BundleReader(str(path), ReaderParams(
             engine=runtime.io_engine, queue_depth=runtime.queue_depth,
+            coalesce_gap_bytes=runtime.coalesce_gap_bytes,
             use_direct_io=runtime.use_direct_io, read_timeout_ms=runtime.read_timeout_ms))
         self.kernel = FfnOnRows(args, self.reader.layout, dense, runtime.threads)
         self.plan = plan or plan_memory(args, manifest, runtime)

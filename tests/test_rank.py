@@ -155,6 +155,36 @@ def test_every_neuron_in_exactly_one_tier_during_generation(trained, prompt_ids,
     assert any(set(m.ffn.cache.ids(i).tolist()) != start[i] for i in range(L))
 
 
+def test_a_coalescing_gap_reads_fewer_larger_requests_and_changes_nothing(trained, prompt_ids):
+    """coalesce_gap_bytes merges loads with up to that many bytes of unwanted records between
+    them into one read (the unwanted ones dropped): the same neurons are loaded and the logits
+    are identical, in fewer requests that carry more bytes."""
+    d, _ = trained
+    runs = {}
+    for gap_records in (0, 2):
+        m = fi.load(d, dram_budget=rank_budget(d, 0.5), prefill_chunk=1)
+        rec = m.manifest["bundle"]["record_bytes"]
+        m = fi.load(d, dram_budget=rank_budget(d, 0.5), prefill_chunk=1,
+                    coalesce_gap_bytes=gap_records * rec)
+        assert m.ffn.reader.params.coalesce_gap_bytes == gap_records * rec
+        cache, logits, st = m.new_cache(), [], []
+        for t in prompt_ids[:12]:
+            logits.append(m.forward([t], cache, last_only=True)[0])
+            st.append(m.last_stats)
+        runs[gap_records] = (np.asarray(logits), {k: sum(s[k] for s in st)
+                                                  for k in ("reads", "bytes_read", "loaded")})
+    (l0, s0), (l2, s2) = runs[0], runs[2]
+    np.testing.assert_array_equal(l2, l0)
+    assert s2["loaded"] == s0["loaded"] > 0
+    assert s2["reads"] < s0["reads"]
+    assert s2["bytes_read"] > s0["bytes_read"]
+
+
+def test_a_negative_coalescing_gap_is_refused():
+    with pytest.raises(ValueError, match="coalesce_gap_bytes must be >= 0"):
+        RuntimeConfig(coalesce_gap_bytes=-1)
+
+
 def test_a_truncated_sketch_file_is_refused(trained, tmp_path):
     d, _ = trained
     bad = tmp_path / "bad.flash"
