@@ -197,6 +197,15 @@ def cmd_build(a) -> None:
 
 # ---- one measured process (runs inside the cgroup) ----------------------------------------
 
+def peak_rss() -> int:
+    """The process's peak resident set in bytes (VmHWM: anonymous memory and mapped file pages
+    it touched; the cgroup's max_usage also counts the page cache of its reads)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
 def _tok_loop(step, first_tok: int, tokens: int, deadline: float) -> dict:
     """step(tok) -> next tok. One warm-up (prompt) token, then `tokens` timed ones."""
     rb0, t0 = read_bytes(), time.perf_counter()
@@ -240,7 +249,8 @@ def cmd_run_llama(a) -> None:
         return int(np.argmax(llm.scores[llm.n_tokens - 1]))
 
     out = _tok_loop(step, 1, a.tokens, deadline)
-    out.update(tool="llama.cpp", load=load, llama_cpp_version=llama_cpp.__version__)
+    out.update(tool="llama.cpp", load=load, llama_cpp_version=llama_cpp.__version__,
+               peak_rss=peak_rss())
     print(json.dumps(out), flush=True)
 
 
@@ -276,10 +286,33 @@ class CostlyTrace:
         self.layers = []
         for layer in range(L):
             r = 1024 if layer >= L - 4 else 128
-            a = np.resize(np.roll(blk, layer), (r, D))
-            b = np.resize(np.roll(blk, 7 * layer + 1), (F, r))
+            a = _tiled(np.roll(blk, layer), (r, D))
+            b = _tiled(np.roll(blk, 7 * layer + 1), (F, r))
             self.layers.append(_CostlyLayer(self, layer, a, b))
         self.nbytes = sum(p.a.nbytes + p.b.nbytes for p in self.layers)
+        _malloc_trim()
+
+
+def _tiled(blk: np.ndarray, shape) -> np.ndarray:
+    """`blk` repeated into a new array of `shape`, copied in place: np.resize's concatenated
+    temporaries left ~0.4 GiB of freed heap in the process (glibc keeps it), over the memory
+    the plan counts, and the cgroup killed the 50% run."""
+    out = np.empty(int(np.prod(shape)), blk.dtype)
+    for off in range(0, out.size, blk.size):
+        k = min(blk.size, out.size - off)
+        out[off:off + k] = blk[:k]
+    return out.reshape(shape)
+
+
+def _malloc_trim() -> None:
+    """Give freed heap back to the OS (glibc), so that RSS is what the process holds."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def cmd_run_ours(a) -> None:
@@ -321,7 +354,8 @@ def cmd_run_ours(a) -> None:
     name = a.mode + (", predictor cost" if a.predictor_cost else "")
     out.update(tool=f"ours ({name})", load=load, predictor_bytes=trace.nbytes,
                truncated=getattr(trace, "truncated", [0, 0]), trace=a.trace, trace_note=note,
-               streamed=list(model.plan.streamed), cache_fraction=model.plan.cache_fraction)
+               streamed=list(model.plan.streamed), cache_fraction=model.plan.cache_fraction,
+               peak_rss=peak_rss())
     print(json.dumps(out), flush=True)
 
 

@@ -402,7 +402,13 @@ class _TraceLayer:
         self.owner, self.layer = owner, layer
 
     def predict(self, x, threshold, cap):
-        return self.owner.pred[self.layer][self.owner.token]
+        ids = self.owner.pred[self.layer][self.owner.token]
+        if ids.size > cap:  # as LayerPredictor.predict (max_active=cap): keep `cap` of them
+            self.owner.truncated[0] += 1
+            self.owner.truncated[1] += ids.size - cap
+            rng = np.random.default_rng([self.layer, self.owner.token])
+            ids = np.sort(rng.choice(ids, cap, replace=False))
+        return ids
 
 
 class TracePredictor:
@@ -414,6 +420,7 @@ class TracePredictor:
 
     def __init__(self, pred):
         self.pred, self.token = pred, 0
+        self.truncated = [0, 0]  # (sets cut to the cache's size, neurons dropped)
         self.layers = [_TraceLayer(self, layer) for layer in range(L)]
         self.nbytes = 0
 

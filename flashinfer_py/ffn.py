@@ -28,7 +28,7 @@ import numpy as np
 
 from . import kernels
 from ._bookkeeping import CacheDriver
-from .config import ModelArgs, RuntimeConfig
+from .config import ModelArgs, RuntimeConfig, coalesce_gap_for
 from .dtypes import RecordLayout
 from .loader import READ_AHEAD_SLOTS, MemoryPlan, plan_memory, read_ahead_records
 from .window import FrequencyPolicy, SlidingWindow, rank_swaps
@@ -173,7 +173,9 @@ class SparseFFN:
         path = Path(directory) / manifest["files"]["bundles"]
         self.reader = BundleReader(str(path), ReaderParams(
             engine=runtime.io_engine, queue_depth=runtime.queue_depth,
-            coalesce_gap_bytes=runtime.coalesce_gap_bytes,
+            coalesce_gap_bytes=(coalesce_gap_for(manifest["bundle"]["record_bytes"])
+                                if runtime.coalesce_gap_bytes is None
+                                else runtime.coalesce_gap_bytes),
             use_direct_io=runtime.use_direct_io, read_timeout_ms=runtime.read_timeout_ms))
         self.kernel = FfnOnRows(args, self.reader.layout, dense, runtime.threads)
         self.plan = plan or plan_memory(args, manifest, runtime)
