@@ -35,7 +35,10 @@ Shakespeare), so sparse mode runs as a user would run it.
    runtime's defaults: ranking with the sketch, O_DIRECT); ``paged`` (ours, dense through the
    page cache: the naive ablation with ``use_direct_io=False``: every weight read per token
    through one layer buffer, so the kernel's page cache decides what stays, as llama.cpp's
-   mmap does); ``transformers`` (warm only: it holds the whole model in float32).
+   mmap does); ``transformers`` (warm only: it holds the whole model in float32);
+   ``ours-share`` (capped only: ours sparse with ``stream_resident="share"``, the resident
+   matrices and the neuron cache given the same share of the budget even where the resident
+   part fits, so a larger cache for more reads a token).
    Each run: one process; a 64-token prompt from the Wikipedia excerpt (time to first token =
    prompt + first token, after loading; load time apart), then ``--tokens`` greedy tokens
    timed one by one, bytes from ``/proc/self/io`` read_bytes. Runs are interleaved tool by
@@ -206,13 +209,18 @@ class LlamaTool:
         return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
 
 
+SPARSE = ("sparse", "sparse-share")  # our sparse tools (children's --tool)
+
+
 class OursTool:
     def __init__(self, directory: Path, mode: str, budget: int | None, max_context: int):
         import flashinfer_py as fi
 
         kw = dict(max_context=max_context, threads=2)
-        if mode == "sparse":
+        if mode in SPARSE:
             kw["dram_budget"] = budget
+            if mode == "sparse-share":  # the proportional split even where the resident fits
+                kw["stream_resident"] = "share"
         elif mode == "paged":
             kw.update(ablation="naive", use_direct_io=False)
         self.m = fi.load(directory, **kw)
@@ -302,7 +310,7 @@ def cmd_child(a) -> None:
         if isinstance(tool, OursTool):
             from flashinfer_py.evaluate import stepwise
 
-            fn = stepwise(tool.m) if a.tool == "sparse" else tool.m.logits
+            fn = stepwise(tool.m) if a.tool in SPARSE else tool.m.logits
         else:
             fn = tool.window_logits
         nll, n = 0.0, 0
@@ -403,7 +411,7 @@ def cmd_run(a) -> None:
 
     ppl_done: set = set()  # (model, format, tool, sparse budget): the arithmetic measured
     probe_tool = {"llama": "llama", "ours": "dense", "paged": "paged",
-                  "transformers": "transformers"}
+                  "transformers": "transformers", "ours-share": None}
     for model in a.models.split(","):
         for fmt in a.formats.split(","):
             g, d = paths(model, fmt)
@@ -415,25 +423,29 @@ def cmd_run(a) -> None:
             print(f"== {model} {fmt}: {W / 1e6:.1f} MB of weights", file=sys.stderr, flush=True)
             # 1. fixed overheads (uncapped; these runs also warm the page cache)
             over, plan = {}, {}
-            kinds = [probe_tool[t] for t in tools] + (["sparse"] if "ours" in tools else [])
+            kinds = [probe_tool[t] for t in tools if probe_tool[t]] + (
+                ["sparse"] if {"ours", "ours-share"} & set(tools) else [])
             for k in kinds:
                 r = child(dict(base, what="probe", tool=k,
                                budget=4 * W + (1 << 30) if k == "sparse" else None), tokens=8)
                 over[k] = r.get("overhead", 0)
                 plan[k] = r
                 print(f"  overhead {k}: {over[k] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+            over["sparse-share"], plan["sparse-share"] = over.get("sparse"), plan.get("sparse")
             # 2. conditions, tools interleaved per round
             for cond in conds:
                 recs = []
                 for t in tools:
-                    if cond != "warm" and t == "transformers":
+                    if (cond != "warm" and t == "transformers") or (
+                            cond == "warm" and t == "ours-share"):
                         continue
-                    k = probe_tool[t] if (t != "ours" or cond == "warm") else "sparse"
+                    k = (probe_tool[t] if (t != "ours" or cond == "warm") else "sparse") \
+                        if t != "ours-share" else "sparse-share"
                     rec = dict(base, what="decode", cond=cond, tool=k, overhead=over[k])
                     if cond != "warm":
                         share = int(float(cond) * W)
                         rec["cap"] = over[k] + share
-                        if k == "sparse":  # the plan's own allowances + the same weight bytes
+                        if k in SPARSE:  # the plan's own allowances + the same weight bytes
                             rec["budget"] = share + plan[k].get("plan_overhead", 0) + \
                                 plan[k].get("plan_kv", 0)
                     recs.append(rec)
@@ -492,6 +504,7 @@ def summarize(runs: list) -> dict:
 
 NAMES = {"llama": "llama.cpp (mmap)", "dense": "ours, dense (all in DRAM)",
          "sparse": "ours, sparse (ranking + sketch)", "paged": "ours, dense via page cache",
+         "sparse-share": "ours, sparse, stream_resident=share",
          "transformers": "transformers (float32)"}
 
 
@@ -543,7 +556,7 @@ def report(path, plot_path=None) -> None:
                 notes.append("does not fit: the plan needs a budget of at least "
                              f"{need.group(1)} (resident tensors {alone.group(2)})"
                              if need and alone else "does not fit: " + s["error"][:200])
-            if s["share"] is not None and k[3] == "sparse":
+            if s["share"] is not None and k[3] in SPARSE:
                 notes.append(f"budget {r0['budget'] / 2**20:.0f} MiB, cache "
                              f"{s['share']:.0%} of the FFN")
                 if r0.get("stream_bytes"):  # resident matrices left on flash (stream_resident)
@@ -641,7 +654,7 @@ def main() -> None:
     c.add_argument("--gguf", required=True, help="the GGUF llama.cpp and transformers read")
     c.add_argument("--dir", required=True, help="our flash directory")
     c.add_argument("--tool", required=True,
-                   choices=("llama", "dense", "sparse", "paged", "transformers"))
+                   choices=("llama", "dense", "sparse", "sparse-share", "paged", "transformers"))
     c.add_argument("--what", default="decode", choices=("decode", "ppl"))
     c.add_argument("--texts", required=True)
     c.add_argument("--budget", type=int, default=None)

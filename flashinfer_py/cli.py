@@ -109,8 +109,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
          choices=OVERLAPS)
     flag(s, "--stream-resident", "stream_resident", "resident matrices (attention, LM head, "
          "embeddings) left on flash and read every token: auto (only when --dram-budget cannot "
-         "hold them beside a neuron cache; the budget is then shared in proportion), off (a "
-         "budget that is too small is an error), all (every one; for measurement). Same "
+         "hold them beside a neuron cache; the budget is then shared in proportion), share "
+         "(that proportional split at any budget: a larger neuron cache, so better quality, "
+         "for more reads a token), off (a budget that is too small is an error), all (every "
+         "one; for measurement). Same "
          "logits either way; costs their bytes in reads every token", choices=STREAM_RESIDENT)
     flag(s, "--no-reuse", "reuse", "reload every needed neuron each token (ablation: no "
          "window)", action="store_false")

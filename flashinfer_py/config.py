@@ -430,7 +430,7 @@ _FAMILIES = {"llama": _from_llama, "mistral": _from_llama, "qwen2": _from_qwen2,
 SELECTIONS = ("auto", "sketch", "predictor", "oracle", "all")
 EVICTIONS = ("auto", "rank", "window", "frequency")
 OVERLAPS = ("off", "layer", "ahead")
-STREAM_RESIDENT = ("auto", "off", "all")
+STREAM_RESIDENT = ("auto", "share", "off", "all")
 
 # The rows of the paper's Table 2, as runtime settings. "predictor" keeps the caller's
 # selection (a trained predictor, or the oracle for measurements).
@@ -538,7 +538,10 @@ class RuntimeConfig:
             cannot hold the resident part beside a neuron cache; then the budget is shared in
             proportion (the resident matrices kept in DRAM and the neuron cache get the same
             fraction of their full size), the untied input embedding (a row a token) and the
-            LM head leaving first. "off": never (a budget that is too small is an error).
+            LM head leaving first. "share": that proportional split at every budget below
+            the whole model, even where the resident part fits: a larger neuron cache (better
+            quality) for reads of the matrices left on flash every token (slower); RESULTS
+            section 17 measures both. "off": never (a budget that is too small is an error).
             "all": every such matrix, whatever the budget. The logits do not change: the
             same matrices, read in row chunks by a thread that runs ahead of the compute.
             The native backend only.

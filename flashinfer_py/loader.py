@@ -368,7 +368,7 @@ def _choose_streamed(units: list, runtime: RuntimeConfig, budget: Optional[int],
 
     "all": every one. "auto": none when `budget` holds `fixed` (the resident part, KV cache,
     predictors, runtime) + `sketch` + `need` (the smallest cache; without reuse, one layer of
-    rows). Otherwise the budget is shared in proportion: the units kept in DRAM
+    rows). Otherwise, and always with "share", the budget is shared in proportion: the units kept in DRAM
     and the neuron cache each get the same fraction s of their full size (`full_cache`: every
     neuron cached), s = what is left after the rest / (units + full cache); then more units
     go until the smallest cache fits. A unit in DRAM saves its bytes of reads every token,
@@ -380,9 +380,9 @@ def _choose_streamed(units: list, runtime: RuntimeConfig, budget: Optional[int],
     mode = runtime.stream_resident
     if mode == "all":
         return list(units)
-    if mode != "auto" or budget is None:
+    if mode not in ("auto", "share") or budget is None:
         return []
-    if fixed + sketch + need <= budget:
+    if mode == "auto" and fixed + sketch + need <= budget:
         return []
     total = sum(u.nbytes for u in units)
     room = budget - (fixed - total) - sketch - buffer_bytes(units)
@@ -631,8 +631,8 @@ def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: Ru
              if backend != "native" else None)
     # a device sharing the host's RAM gets one plan for both (plan_memory); a discrete one
     # gets the DRAM plan, then the device's own (plan_vram)
-    if rt.stream_resident == "all" and costs is not None:
-        raise ValueError(f"stream_resident='all' needs the native backend; the {backend} "
+    if rt.stream_resident in ("all", "share") and costs is not None:
+        raise ValueError(f"stream_resident={rt.stream_resident!r} needs the native backend; the {backend} "
                          "backend keeps its resident tensors on the device")
     plan = plan_memory(args, manifest, rt, preds.nbytes if rt.selection == "predictor" else 0,
                        calibration=preds.calibration if rank and preds is not None else None,

@@ -82,6 +82,31 @@ def test_auto_streams_only_when_the_budget_needs_it(tiny_flash, small_chunks):
         plan_directory(d, fi.RuntimeConfig(dram_budget=plan.total // 4, **kw))
 
 
+def test_share_splits_the_budget_even_where_the_resident_part_fits(tiny_flash, prompt_ids,
+                                                                   small_chunks):
+    """"share": at a budget where "auto" keeps every matrix and caches part of the FFN, the
+    matrices and the cache get the same share, so the cache is larger; a budget holding the
+    whole model streams nothing. The model runs under the budget."""
+    d = tiny_flash("llama-silu", "float32")
+    kw = dict(selection="oracle", eviction="frequency", max_context=64, oracle_sparsity=0.8,
+              prefill_chunk=1)
+    _, full = plan_directory(d, fi.RuntimeConfig(dram_budget="1GB", **kw))
+    # the resident part beside a third of the FFN
+    budget = full.total - full.cache_bytes + full.cache_bytes // 3
+    _, auto = plan_directory(d, fi.RuntimeConfig(dram_budget=budget, **kw))
+    _, share = plan_directory(d, fi.RuntimeConfig(dram_budget=budget, stream_resident="share",
+                                                  **kw))
+    assert auto.streamed == [] and share.streamed
+    assert share.cache_fraction > auto.cache_fraction
+    assert share.total <= budget and auto.total <= budget
+    _, roomy = plan_directory(d, fi.RuntimeConfig(dram_budget="1GB", stream_resident="share",
+                                                  **kw))
+    assert roomy.streamed == [] and roomy.cache_fraction == 1.0
+    m = fi.load(d, fi.RuntimeConfig(dram_budget=budget, stream_resident="share", **kw))
+    steps = list(m.generate_step(prompt_ids[:8], max_new_tokens=4, stop_at_eos=False))
+    assert len(steps) == 4 and all(s.stats["stream_bytes"] > 0 for s in steps[1:])
+
+
 def test_streamed_model_runs_under_its_budget(tiny_flash, prompt_ids, small_chunks):
     """Generation under a budget that only fits with streaming: tokens come out, and the
     greedy tokens are those of the same cache sizes with the matrices in DRAM."""
