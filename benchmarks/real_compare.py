@@ -36,9 +36,11 @@ Shakespeare), so sparse mode runs as a user would run it.
    page cache: the naive ablation with ``use_direct_io=False``: every weight read per token
    through one layer buffer, so the kernel's page cache decides what stays, as llama.cpp's
    mmap does); ``transformers`` (warm only: it holds the whole model in float32);
-   ``ours-share`` (capped only: ours sparse with ``stream_resident="share"``, the resident
-   matrices and the neuron cache given the same share of the budget even where the resident
-   part fits, so a larger cache for more reads a token).
+   ``ours-needed`` (capped only: ours sparse with ``stream_resident="needed"``, the rule
+   before 2026-11-30: resident matrices left on flash only when the resident part does not
+   fit beside a cache; the default, "auto", shares the budget between them and the cache at
+   any size). In the records of the run of 2026-11-30 07:38 (real_compare_share.jsonl) the
+   default was still "needed": there "sparse" is that rule and "sparse-share" today's.
    Each run: one process; a 64-token prompt from the Wikipedia excerpt (time to first token =
    prompt + first token, after loading; load time apart), then ``--tokens`` greedy tokens
    timed one by one, bytes from ``/proc/self/io`` read_bytes. Runs are interleaved tool by
@@ -209,7 +211,7 @@ class LlamaTool:
         return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
 
 
-SPARSE = ("sparse", "sparse-share")  # our sparse tools (children's --tool)
+SPARSE = ("sparse", "sparse-needed", "sparse-share")  # our sparse tools (children's --tool)
 
 
 class OursTool:
@@ -219,8 +221,10 @@ class OursTool:
         kw = dict(max_context=max_context, threads=2)
         if mode in SPARSE:
             kw["dram_budget"] = budget
-            if mode == "sparse-share":  # the proportional split even where the resident fits
-                kw["stream_resident"] = "share"
+            if mode == "sparse-needed":  # resident matrices streamed only when they must be
+                kw["stream_resident"] = "needed"
+            elif mode == "sparse-share":  # the run of 2026-11-30 07:38 (share became "auto")
+                raise SystemExit("'sparse-share' is stream_resident='auto' now: use 'sparse'")
         elif mode == "paged":
             kw.update(ablation="naive", use_direct_io=False)
         self.m = fi.load(directory, **kw)
@@ -411,7 +415,7 @@ def cmd_run(a) -> None:
 
     ppl_done: set = set()  # (model, format, tool, sparse budget): the arithmetic measured
     probe_tool = {"llama": "llama", "ours": "dense", "paged": "paged",
-                  "transformers": "transformers", "ours-share": None}
+                  "transformers": "transformers", "ours-needed": None}
     for model in a.models.split(","):
         for fmt in a.formats.split(","):
             g, d = paths(model, fmt)
@@ -424,23 +428,23 @@ def cmd_run(a) -> None:
             # 1. fixed overheads (uncapped; these runs also warm the page cache)
             over, plan = {}, {}
             kinds = [probe_tool[t] for t in tools if probe_tool[t]] + (
-                ["sparse"] if {"ours", "ours-share"} & set(tools) else [])
+                ["sparse"] if {"ours", "ours-needed"} & set(tools) else [])
             for k in kinds:
                 r = child(dict(base, what="probe", tool=k,
                                budget=4 * W + (1 << 30) if k == "sparse" else None), tokens=8)
                 over[k] = r.get("overhead", 0)
                 plan[k] = r
                 print(f"  overhead {k}: {over[k] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
-            over["sparse-share"], plan["sparse-share"] = over.get("sparse"), plan.get("sparse")
+            over["sparse-needed"], plan["sparse-needed"] = over.get("sparse"), plan.get("sparse")
             # 2. conditions, tools interleaved per round
             for cond in conds:
                 recs = []
                 for t in tools:
                     if (cond != "warm" and t == "transformers") or (
-                            cond == "warm" and t == "ours-share"):
+                            cond == "warm" and t == "ours-needed"):
                         continue
                     k = (probe_tool[t] if (t != "ours" or cond == "warm") else "sparse") \
-                        if t != "ours-share" else "sparse-share"
+                        if t != "ours-needed" else "sparse-needed"
                     rec = dict(base, what="decode", cond=cond, tool=k, overhead=over[k])
                     if cond != "warm":
                         share = int(float(cond) * W)
@@ -504,7 +508,8 @@ def summarize(runs: list) -> dict:
 
 NAMES = {"llama": "llama.cpp (mmap)", "dense": "ours, dense (all in DRAM)",
          "sparse": "ours, sparse (ranking + sketch)", "paged": "ours, dense via page cache",
-         "sparse-share": "ours, sparse, stream_resident=share",
+         "sparse-needed": "ours, sparse, stream_resident=needed",
+         "sparse-share": "ours, sparse, resident and cache shared (now the default)",
          "transformers": "transformers (float32)"}
 
 
@@ -654,7 +659,8 @@ def main() -> None:
     c.add_argument("--gguf", required=True, help="the GGUF llama.cpp and transformers read")
     c.add_argument("--dir", required=True, help="our flash directory")
     c.add_argument("--tool", required=True,
-                   choices=("llama", "dense", "sparse", "sparse-share", "paged", "transformers"))
+                   choices=("llama", "dense", "sparse", "sparse-needed", "sparse-share", "paged",
+                            "transformers"))
     c.add_argument("--what", default="decode", choices=("decode", "ppl"))
     c.add_argument("--texts", required=True)
     c.add_argument("--budget", type=int, default=None)

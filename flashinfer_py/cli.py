@@ -108,12 +108,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
          "selection is unchanged, so a wrong guess costs reads, not quality)",
          choices=OVERLAPS)
     flag(s, "--stream-resident", "stream_resident", "resident matrices (attention, LM head, "
-         "embeddings) left on flash and read every token: auto (only when --dram-budget cannot "
-         "hold them beside a neuron cache; the budget is then shared in proportion), share "
-         "(that proportional split at any budget: a larger neuron cache, so better quality, "
-         "for more reads a token), off (a budget that is too small is an error), all (every "
-         "one; for measurement). Same "
-         "logits either way; costs their bytes in reads every token", choices=STREAM_RESIDENT)
+         "embeddings) left on flash and read every token: auto (below the whole model, the "
+         "budget is shared in proportion between them and the neuron cache: a larger cache, "
+         "so better quality), needed (that split only when --dram-budget cannot hold them "
+         "beside a neuron cache), off (a budget that is too small is an error), all (every "
+         "one; for measurement). Same arithmetic either way; costs their bytes in reads every "
+         "token", choices=STREAM_RESIDENT)
     flag(s, "--no-reuse", "reuse", "reload every needed neuron each token (ablation: no "
          "window)", action="store_false")
     flag(s, "--unbundled", "bundled", "read up/gate/down as separate requests (ablation: no "

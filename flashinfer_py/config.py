@@ -430,7 +430,7 @@ _FAMILIES = {"llama": _from_llama, "mistral": _from_llama, "qwen2": _from_qwen2,
 SELECTIONS = ("auto", "sketch", "predictor", "oracle", "all")
 EVICTIONS = ("auto", "rank", "window", "frequency")
 OVERLAPS = ("off", "layer", "ahead")
-STREAM_RESIDENT = ("auto", "share", "off", "all")
+STREAM_RESIDENT = ("auto", "needed", "off", "all")
 
 # The rows of the paper's Table 2, as runtime settings. "predictor" keeps the caller's
 # selection (a trained predictor, or the oracle for measurements).
@@ -533,18 +533,19 @@ class RuntimeConfig:
             input, so a wrong guess costs reads, never quality. The logits are "off"'s bit
             for bit: every mode sums the rows that stay, then the arriving ones.
         stream_resident: resident matrices (the attention's, the LM head, the embeddings) left
-            on flash and read every token, so that a budget below the resident part still
-            runs (flashinfer_py/resident_stream.py). "auto" (default): only when `dram_budget`
-            cannot hold the resident part beside a neuron cache; then the budget is shared in
-            proportion (the resident matrices kept in DRAM and the neuron cache get the same
-            fraction of their full size), the untied input embedding (a row a token) and the
-            LM head leaving first. "share": that proportional split at every budget below
-            the whole model, even where the resident part fits: a larger neuron cache (better
-            quality) for reads of the matrices left on flash every token (slower); RESULTS
-            section 17 measures both. "off": never (a budget that is too small is an error).
-            "all": every such matrix, whatever the budget. The logits do not change: the
-            same matrices, read in row chunks by a thread that runs ahead of the compute.
-            The native backend only.
+            on flash and read every token, to give the neuron cache more of `dram_budget`, or
+            so that a budget below the resident part still runs
+            (flashinfer_py/resident_stream.py). "auto" (default): at any budget below the
+            whole model the budget is shared in proportion (the resident matrices kept in
+            DRAM and the neuron cache get the same fraction of their full size), the untied
+            input embedding (a row a token) and the LM head leaving first. "needed": the same
+            split, but only when the budget cannot hold the resident part beside a neuron
+            cache (the rule before 2026-11-30: faster where the matrices' reads cost more than
+            the cache's misses, at a quality cost; RESULTS section 17 measures both). "off":
+            never (a budget that is too small is an error). "all": every such matrix, whatever
+            the budget. The logits do not change with where a matrix is read from: the same
+            matrices, read in row chunks by a thread that runs ahead of the compute. The
+            native backend only (device backends keep theirs on the device).
         ablation: a preset reproducing a row of the paper's Table 2, applied over the fields
             above: "naive", "hybrid", "predictor", "window", "bundling" (= everything on).
 

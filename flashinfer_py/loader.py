@@ -366,34 +366,40 @@ def _choose_streamed(units: list, runtime: RuntimeConfig, budget: Optional[int],
                      sketch: int, need: int, full_cache: int) -> list:
     """Which resident units (resident_stream.stream_units, in their order) stay on flash.
 
-    "all": every one. "auto": none when `budget` holds `fixed` (the resident part, KV cache,
-    predictors, runtime) + `sketch` + `need` (the smallest cache; without reuse, one layer of
-    rows). Otherwise, and always with "share", the budget is shared in proportion: the units kept in DRAM
-    and the neuron cache each get the same fraction s of their full size (`full_cache`: every
-    neuron cached), s = what is left after the rest / (units + full cache); then more units
-    go until the smallest cache fits. A unit in DRAM saves its bytes of reads every token,
-    a byte of neuron cache saves less than a byte at these sizes but is what keeps the
-    quality (benchmarks/RESULTS_sparse.md), hence the equal shares rather than either extreme.
+    "all": every one. "auto" and "needed": the budget is shared in proportion, the units
+    kept in DRAM and the neuron cache each getting the same fraction s of their full size
+    (`full_cache`: every neuron cached), s = what is left after the rest / (units + full
+    cache); then more units go until the smallest cache (`need`) fits. "needed" does this
+    only when `budget` cannot hold `fixed` (the resident part, KV cache, predictors, runtime)
+    + `sketch` + `need`; "auto" at every budget below the whole model, unless the stream's
+    buffers would take more than the matrices it frees. Why a share for both rather than
+    either extreme: a matrix on flash costs its bytes every token, but in large sequential
+    reads (~2 GB/s here), while a neuron the cache lacks costs a random 4-24 KiB read
+    (0.3-1 GB/s) and quality (benchmarks/RESULTS_sparse.md); measured with both rules,
+    RESULTS section 17, "The budget shared at every size".
     """
     from .resident_stream import buffer_bytes
 
     mode = runtime.stream_resident
     if mode == "all":
         return list(units)
-    if mode not in ("auto", "share") or budget is None:
+    if mode not in ("auto", "needed") or budget is None:
         return []
-    if mode == "auto" and fixed + sketch + need <= budget:
+    fits = fixed + sketch + need <= budget
+    if fits and mode == "needed":
         return []
     total = sum(u.nbytes for u in units)
     room = budget - (fixed - total) - sketch - buffer_bytes(units)
     share = min(1.0, max(0.0, room / (total + full_cache))) if full_cache else 0.0
     chosen, kept = [], total
     for u in units:
-        fits = fixed - (total - kept) + buffer_bytes(chosen) + sketch + need <= budget
-        if kept <= share * total and fits:
+        ok = fixed - (total - kept) + buffer_bytes(chosen) + sketch + need <= budget
+        if kept <= share * total and ok:
             break
         chosen.append(u)
         kept -= u.nbytes
+    if fits and (total - kept) <= buffer_bytes(chosen):
+        return []  # the buffers would eat what streaming frees: keep every matrix
     return chosen
 
 
@@ -631,8 +637,8 @@ def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: Ru
              if backend != "native" else None)
     # a device sharing the host's RAM gets one plan for both (plan_memory); a discrete one
     # gets the DRAM plan, then the device's own (plan_vram)
-    if rt.stream_resident in ("all", "share") and costs is not None:
-        raise ValueError(f"stream_resident={rt.stream_resident!r} needs the native backend; the {backend} "
+    if rt.stream_resident == "all" and costs is not None:
+        raise ValueError(f"stream_resident='all' needs the native backend; the {backend} "
                          "backend keeps its resident tensors on the device")
     plan = plan_memory(args, manifest, rt, preds.nbytes if rt.selection == "predictor" else 0,
                        calibration=preds.calibration if rank and preds is not None else None,

@@ -65,7 +65,9 @@ def _run_child(d, budget) -> dict:
 
 def test_peak_rss_within_budget(smol_with_predictors):
     r = _run_child(smol_with_predictors, 260 << 20)
-    assert r["selection"] == "predictor" and r["cache_fraction"] < 0.35
+    # the default shares the budget: some resident matrices on flash for a larger cache, and
+    # a quarter or more of the FFN still streams
+    assert r["selection"] == "predictor" and r["cache_fraction"] < 0.75
 
 
 def test_peak_rss_within_budget_below_the_resident_part(smol_with_predictors):
@@ -90,4 +92,4 @@ def test_peak_rss_within_budget_with_the_sketch(smol_with_predictors, tmp_path):
     train_predictors(m, ids, TrainConfig(max_tokens=256, window=128), progress=False)
     del m
     r = _run_child(d, 260 << 20)
-    assert r["selection"] == "sketch" and r["cache_fraction"] < 0.35
+    assert r["selection"] == "sketch" and r["cache_fraction"] < 0.75  # a quarter or more streams

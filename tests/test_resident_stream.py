@@ -64,14 +64,15 @@ def _budget_between(d, **kw):
     return plan.total - plan.cache_bytes + (plan.cache_bytes // 2)
 
 
-def test_auto_streams_only_when_the_budget_needs_it(tiny_flash, small_chunks):
+def test_needed_streams_only_when_the_budget_needs_it(tiny_flash, small_chunks):
     d = tiny_flash("llama-silu", "float32")
-    kw = dict(selection="oracle", eviction="window", max_context=64)
+    base = dict(selection="oracle", eviction="window", max_context=64)
+    kw = base | {"stream_resident": "needed"}
     _, roomy = plan_directory(d, fi.RuntimeConfig(dram_budget="1GB", **kw))
     assert roomy.streamed == [] and roomy.stream_buffers == 0
-    budget = _budget_between(d, dram_budget="1GB", **kw)
+    budget = _budget_between(d, dram_budget="1GB", **base)
     with pytest.raises(ValueError, match="too small.*--stream-resident auto"):
-        plan_directory(d, fi.RuntimeConfig(dram_budget=budget, stream_resident="off", **kw))
+        plan_directory(d, fi.RuntimeConfig(dram_budget=budget, **(kw | {"stream_resident": "off"})))
     _, plan = plan_directory(d, fi.RuntimeConfig(dram_budget=budget, **kw))
     assert plan.streamed and plan.total <= budget
     assert plan.streamed[0] == "embed"  # untied: the input embedding goes first (a row a token)
@@ -82,9 +83,9 @@ def test_auto_streams_only_when_the_budget_needs_it(tiny_flash, small_chunks):
         plan_directory(d, fi.RuntimeConfig(dram_budget=plan.total // 4, **kw))
 
 
-def test_share_splits_the_budget_even_where_the_resident_part_fits(tiny_flash, prompt_ids,
-                                                                   small_chunks):
-    """"share": at a budget where "auto" keeps every matrix and caches part of the FFN, the
+def test_auto_splits_the_budget_even_where_the_resident_part_fits(tiny_flash, prompt_ids,
+                                                                  small_chunks):
+    """"auto": at a budget where "needed" keeps every matrix and caches part of the FFN, the
     matrices and the cache get the same share, so the cache is larger; a budget holding the
     whole model streams nothing. The model runs under the budget."""
     d = tiny_flash("llama-silu", "float32")
@@ -93,16 +94,15 @@ def test_share_splits_the_budget_even_where_the_resident_part_fits(tiny_flash, p
     _, full = plan_directory(d, fi.RuntimeConfig(dram_budget="1GB", **kw))
     # the resident part beside a third of the FFN
     budget = full.total - full.cache_bytes + full.cache_bytes // 3
+    _, needed = plan_directory(d, fi.RuntimeConfig(dram_budget=budget, stream_resident="needed",
+                                                   **kw))
     _, auto = plan_directory(d, fi.RuntimeConfig(dram_budget=budget, **kw))
-    _, share = plan_directory(d, fi.RuntimeConfig(dram_budget=budget, stream_resident="share",
-                                                  **kw))
-    assert auto.streamed == [] and share.streamed
-    assert share.cache_fraction > auto.cache_fraction
-    assert share.total <= budget and auto.total <= budget
-    _, roomy = plan_directory(d, fi.RuntimeConfig(dram_budget="1GB", stream_resident="share",
-                                                  **kw))
+    assert needed.streamed == [] and auto.streamed
+    assert auto.cache_fraction > needed.cache_fraction
+    assert auto.total <= budget and needed.total <= budget
+    _, roomy = plan_directory(d, fi.RuntimeConfig(dram_budget="1GB", **kw))
     assert roomy.streamed == [] and roomy.cache_fraction == 1.0
-    m = fi.load(d, fi.RuntimeConfig(dram_budget=budget, stream_resident="share", **kw))
+    m = fi.load(d, fi.RuntimeConfig(dram_budget=budget, **kw))
     steps = list(m.generate_step(prompt_ids[:8], max_new_tokens=4, stop_at_eos=False))
     assert len(steps) == 4 and all(s.stats["stream_bytes"] > 0 for s in steps[1:])
 
