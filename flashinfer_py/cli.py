@@ -94,6 +94,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     flag(s, "--read-limit", "read_limit", "eviction rank: read at most this fraction of each "
          "layer's neurons per token (more reads cost time, fewer cost quality)", type=float,
          metavar="FRACTION")
+    flag(s, "--swap-margin", "swap_margin", "eviction rank: an uncached neuron replaces a "
+         "cached one only when it scores more than (1 + M) times as much (0: any higher "
+         "score)", type=float, metavar="M")
     flag(s, "--uniform-cache", "per_layer_cache", "eviction rank: the same cache size in every "
          "layer instead of sizes from the calibration", action="store_false")
     flag(s, "--window", "window", "eviction window: tokens whose neurons stay cached",

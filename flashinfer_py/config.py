@@ -509,6 +509,9 @@ class RuntimeConfig:
             from flash per token (per prompt token in a prefill chunk). Default 0.1, measured
             on SmolLM2 (benchmarks/RESULTS_sparse.md): the perplexity cost falls steeply up to
             ~10% and slowly after.
+        swap_margin: eviction "rank": an uncached neuron replaces a cached one only when it
+            scores more than (1 + swap_margin) times as much for the current token. 0 (default):
+            any higher score (benchmarks/swap_margin.py measures larger margins).
         per_layer_cache: size each layer's neuron cache from the calibration (layers whose
             activations are more spread out get more), rather than equally.
         reuse: False reloads each token's whole active set (the paper's "+predictor" row).
@@ -584,6 +587,7 @@ class RuntimeConfig:
     window: int = 4
     eviction: str = "auto"
     read_limit: float = 0.1
+    swap_margin: float = 0.0
     per_layer_cache: bool = True
     reuse: bool = True
     bundled: bool = True
@@ -654,6 +658,8 @@ class RuntimeConfig:
         if not 0.0 < self.read_limit <= 1.0:
             raise ValueError(f"read_limit must be in (0, 1] (a fraction of each layer's "
                              f"neurons), got {self.read_limit}")
+        if not self.swap_margin >= 0.0:
+            raise ValueError(f"swap_margin must be >= 0, got {self.swap_margin}")
         if self.overlap not in OVERLAPS:
             raise ValueError(f"overlap must be one of {', '.join(map(repr, OVERLAPS))}, "
                              f"not {self.overlap!r}")

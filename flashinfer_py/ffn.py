@@ -505,7 +505,7 @@ class SparseFFN:
         ids = cache.ids(layer)
         cached_s = self._cached_scores(layer, x, h, ids)
         load, evict_rows = rank_swaps(cached_s, cand_ids, cand_s, self.max_loads * t,
-                                      cache.capacity(layer) - n)
+                                      cache.capacity(layer) - n, self.runtime.swap_margin)
         t2 = time.perf_counter_ns()
         st.predict_ns += t2 - t1
         st.needed += n + len(load)

@@ -27,7 +27,7 @@ __all__ = ["FrequencyPolicy", "SlidingWindow", "rank_swaps"]
 
 
 def rank_swaps(cached_scores: np.ndarray, cand_ids: np.ndarray, cand_scores: np.ndarray,
-               max_swaps: int, free: int = 0) -> tuple[np.ndarray, np.ndarray]:
+               max_swaps: int, free: int = 0, margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Which uncached neurons to read for the current token, and which cached rows they replace.
 
     Args:
@@ -35,6 +35,8 @@ def rank_swaps(cached_scores: np.ndarray, cand_ids: np.ndarray, cand_scores: np.
         cand_ids, cand_scores: the uncached neurons and their (estimated) scores.
         max_swaps: at most this many cached neurons are replaced.
         free: empty cache rows; the best candidates fill them first (no replacement).
+        margin: a candidate replaces a cached row only if it scores more than (1 + margin)
+            times as much.
 
     Returns:
         (load_ids int64, evict_rows int64): the free rows take the `free` best candidates;
@@ -61,5 +63,6 @@ def rank_swaps(cached_scores: np.ndarray, cand_ids: np.ndarray, cand_scores: np.
         else np.arange(cached_scores.size)
     low = low[np.argsort(cached_scores[low], kind="stable")]
     # both sorted: candidates falling, victims rising, so the winners are a prefix
-    wins = int(np.count_nonzero(cand_scores[rest[:k]] > cached_scores[low]))
+    beat = cached_scores[low] * (1.0 + margin) if margin else cached_scores[low]
+    wins = int(np.count_nonzero(cand_scores[rest[:k]] > beat))
     return cand_ids[np.concatenate([fill, rest[:wins]])], low[:wins].astype(np.int64)

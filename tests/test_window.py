@@ -218,6 +218,25 @@ RANK_CASES = {
 }
 
 
+def test_rank_swaps_margin_needs_a_candidate_that_much_better():
+    """swap_margin m: a candidate replaces a cached row only above (1 + m) x its score; free
+    rows are filled as without a margin."""
+    cached, ids, cand = [2.0, 4.0, 9.0], [10, 11, 12], [7.0, 5.0, 3.0]
+    got = {m: rank_swaps(np.asarray(cached), np.asarray(ids), np.asarray(cand), 3, free=0,
+                         margin=m) for m in (0.0, 0.5, 1.0, 3.0)}
+    assert got[0.0][0].tolist() == [10, 11] and got[0.0][1].tolist() == [0, 1]   # 7 > 2, 5 > 4
+    assert got[0.5][0].tolist() == [10] and got[0.5][1].tolist() == [0]          # 5 < 1.5 x 4
+    assert got[1.0][0].tolist() == [10]                                           # 7 > 2 x 2
+    assert got[3.0][0].tolist() == []                                             # 7 < 4 x 2
+    load, evict = rank_swaps(np.asarray(cached), np.asarray(ids), np.asarray(cand), 3, free=1,
+                             margin=3.0)
+    assert load.tolist() == [10] and evict.tolist() == []
+    from flashinfer_py.config import RuntimeConfig
+
+    with pytest.raises(ValueError, match="swap_margin"):
+        RuntimeConfig(swap_margin=-0.5)
+
+
 @pytest.mark.parametrize("case", list(RANK_CASES))
 def test_rank_swaps_scripted(case):
     args, (load, evict) = RANK_CASES[case]
