@@ -45,7 +45,7 @@ def budget_for(model, fraction: float, eviction: str) -> int:
 
 def run(directory: Path, budget: int, eviction: str, ids, tokens: int, n_windows: int) -> dict:
     rt = RuntimeConfig(dram_budget=budget, eviction=eviction, prefill_chunk=1,
-                       max_context=tokens, threads=1)
+                       max_context=tokens, threads=1, stream_resident="needed")  # equal caches
     m = load(directory, rt)
     acc = {"bytes_read": 0, "hits": 0, "needed": 0, "tokens": 0}
 

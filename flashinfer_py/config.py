@@ -551,6 +551,8 @@ class RuntimeConfig:
             native backend only (device backends keep theirs on the device).
         ablation: a preset reproducing a row of the paper's Table 2, applied over the fields
             above: "naive", "hybrid", "predictor", "window", "bundling" (= everything on).
+            Like the paper, its rows keep the resident part in DRAM: "auto" eviction means
+            "window" and "auto" stream_resident means "needed" there.
 
     Where the forward pass runs (``flashinfer_py.backends``):
         backend: "native" (default: numpy and the C++ kernels on the CPU), "torch" (PyTorch
@@ -637,6 +639,8 @@ class RuntimeConfig:
             self.sparse = True
             if self.eviction == "auto":  # the paper's rows are its window method
                 self.eviction = "window"
+            if self.stream_resident == "auto":  # and keep its resident part in DRAM
+                self.stream_resident = "needed"
         if isinstance(self.dram_budget, str):
             self.dram_budget = parse_bytes(self.dram_budget)
         if self.dram_budget is not None:
