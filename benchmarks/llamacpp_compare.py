@@ -200,10 +200,9 @@ def cmd_build(a) -> None:
 def peak_rss() -> int:
     """The process's peak resident set in bytes (VmHWM: anonymous memory and mapped file pages
     it touched; the cgroup's max_usage also counts the page cache of its reads)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return -1
+    from long_run import status_kib  # imports no flashinfer_py: safe in the llama.cpp child
+
+    return status_kib("VmHWM") * 1024
 
 
 def _tok_loop(step, first_tok: int, tokens: int, deadline: float) -> dict:

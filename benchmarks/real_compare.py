@@ -211,7 +211,10 @@ class LlamaTool:
         return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
 
 
-SPARSE = ("sparse", "sparse-needed", "sparse-share")  # our sparse tools (children's --tool)
+# our sparse tools: the children's --tool, and "sparse-share", a label in the records of the
+# run of 2026-11-30 07:38 (that rule is today's "sparse")
+SPARSE = ("sparse", "sparse-needed", "sparse-share")
+CAPPED = {"ours": "sparse", "ours-needed": "sparse-needed"}  # --tools -> child under a cap
 
 
 class OursTool:
@@ -223,8 +226,6 @@ class OursTool:
             kw["dram_budget"] = budget
             if mode == "sparse-needed":  # resident matrices streamed only when they must be
                 kw["stream_resident"] = "needed"
-            elif mode == "sparse-share":  # the run of 2026-11-30 07:38 (share became "auto")
-                raise SystemExit("'sparse-share' is stream_resident='auto' now: use 'sparse'")
         elif mode == "paged":
             kw.update(ablation="naive", use_direct_io=False)
         self.m = fi.load(directory, **kw)
@@ -443,8 +444,7 @@ def cmd_run(a) -> None:
                     if (cond != "warm" and t == "transformers") or (
                             cond == "warm" and t == "ours-needed"):
                         continue
-                    k = (probe_tool[t] if (t != "ours" or cond == "warm") else "sparse") \
-                        if t != "ours-needed" else "sparse-needed"
+                    k = probe_tool[t] if cond == "warm" else CAPPED.get(t, probe_tool[t])
                     rec = dict(base, what="decode", cond=cond, tool=k, overhead=over[k])
                     if cond != "warm":
                         share = int(float(cond) * W)
@@ -659,8 +659,7 @@ def main() -> None:
     c.add_argument("--gguf", required=True, help="the GGUF llama.cpp and transformers read")
     c.add_argument("--dir", required=True, help="our flash directory")
     c.add_argument("--tool", required=True,
-                   choices=("llama", "dense", "sparse", "sparse-needed", "sparse-share", "paged",
-                            "transformers"))
+                   choices=("llama", "dense", "sparse", "sparse-needed", "paged", "transformers"))
     c.add_argument("--what", default="decode", choices=("decode", "ppl"))
     c.add_argument("--texts", required=True)
     c.add_argument("--budget", type=int, default=None)
