@@ -85,7 +85,8 @@ def child(a) -> dict:
 
     t_load = time.perf_counter()
     directory = default_model_dir()
-    m = fi.load(directory, dram_budget=a.budget, max_context=a.max_context)
+    m = fi.load(directory, dram_budget=a.budget, max_context=a.max_context,
+                **json.loads(a.runtime))
     template = ChatTemplate.from_dir(directory)
     tok = m.tokenizer
     texts = json.loads(Path(a.texts).read_text())  # the parent's pick: the corpus stays out
@@ -171,6 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-context", type=int, default=2048,
                     help="tokens a conversation may reach (the KV cache's size)")
     ap.add_argument("--json", type=Path, default=None, help="append the result as a JSON line")
+    ap.add_argument("--runtime", default="{}",
+                    help='more RuntimeConfig fields as JSON, e.g. \'{"coalesce_gap_bytes": null}\'')
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--texts", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
     texts.write_text(json.dumps(paragraphs()))  # the corpus (2 MB) stays out of the run's RSS
     load0, date = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M")
     cmd = [sys.executable, __file__, "--child", "--tokens", str(a.tokens), "--budget", a.budget,
-           "--max-context", str(a.max_context), "--texts", str(texts)]
+           "--max-context", str(a.max_context), "--texts", str(texts), "--runtime", a.runtime]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     result = None
     for line in p.stdout:

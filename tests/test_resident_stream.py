@@ -50,11 +50,13 @@ def test_streamed_logits_equal_resident(name, dtype, tiny_flash, prompt_ids, sma
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Reads of 1 KiB: the tiny models' matrices are smaller than the stream's buffers of a
-    real model would be, so without this streaming could never save memory on them."""
+    """Reads of 1 KiB (and 1 KiB of allowance beside the buffers): the tiny models' matrices
+    are smaller than the stream's buffers of a real model would be, so without this streaming
+    could never save memory on them."""
     import flashinfer_py.resident_stream as rs
 
     monkeypatch.setattr(rs, "CHUNK_BYTES", 1 << 10)
+    monkeypatch.setattr(rs, "STREAM_EXTRA", 1 << 10)  # scaled down with the reads
 
 
 def _budget_between(d, **kw):
