@@ -2,6 +2,7 @@
 
     python benchmarks/larger_reads.py [--budget 340MB] [--tokens 400] [--json F]       # offline model
     python benchmarks/larger_reads.py --measure 0,4096,8192 [--rounds 3] [--measure-tokens 40]
+    python benchmarks/larger_reads.py --measure 0,8192 --prefill 512 --scratch 1048576,67108864
 
 Under a budget the sparse runtime on SmolLM2 is I/O bound by the number of reads, not bytes:
 each token loads ~135 neurons a layer, one 4 KiB record each, and 4 KiB random reads run at
@@ -23,6 +24,11 @@ Measured part (``--measure``): the real runtime under the same budget with each
 ``coalesce_gap_bytes``, cold (O_DIRECT), rounds interleaved in shuffled order, per token: wall
 time, the reads' busy time, reads, bytes; and each gap's logits against gap 0's (a gap changes
 which bytes are read, never what is computed: they must be identical).
+
+Prefill part (``--measure ... --prefill N``): one N-token prompt as one call on a fresh model
+(every neuron it needs is read, many records a call), per gap and per reader scratch bound
+(``--scratch``, loader.READER_SCRATCH_BYTES): a bound smaller than a call's merged runs makes
+the reader work in rounds, each draining its queue; a large one measures the unbounded cost.
 """
 from __future__ import annotations
 
@@ -176,6 +182,60 @@ def measure(directory, budget: str, gaps: list[int], rounds: int, n_tokens: int,
     return {g: {k: np.asarray(v, np.float64) for k, v in a.items()} for g, a in acc.items()}, logits
 
 
+def measure_prefill(directory, budget: str, configs: list, rounds: int, n_prompt: int):
+    """Per (gap, scratch bound): the prompt call's stats over the rounds, its logits, and the
+    largest scratch a reader held."""
+    import random
+
+    import flashinfer_py as fi
+    import flashinfer_py.loader as loader
+    from flashinfer_py.corpora import wikipedia_excerpt
+
+    m0 = fi.load(directory)
+    ids = m0.tokenizer.encode(wikipedia_excerpt()[:40_000])[:n_prompt]
+    del m0
+    # The bound changes what the reader gets, not the plan: every config caches the same
+    # neurons, so the reads and logits compare (the plan counts the runtime's own bound).
+    planned = loader.reader_scratch_bytes(0)
+    loader.reader_scratch_bytes = lambda rec: max(planned, rec)
+    keys = ("total_ns", "io_ns", "reads", "bytes_read")
+    acc = {c: {k: [] for k in keys + ("scratch",)} for c in configs}
+    logits, order = {}, list(configs)
+    for r in range(rounds):
+        random.Random(r).shuffle(order)
+        for gap, scratch in order:
+            loader.READER_SCRATCH_BYTES = scratch
+            m = fi.load(directory, dram_budget=budget, coalesce_gap_bytes=gap)
+            cache = m.new_cache()
+            m.reset()
+            lg = m.forward(ids, cache, last_only=True)[0]
+            for k in keys:
+                acc[gap, scratch][k].append(m.last_stats[k])
+            acc[gap, scratch]["scratch"].append(m.ffn.reader.scratch_bytes)
+            logits.setdefault((gap, scratch), np.asarray(lg))
+            del m, cache
+    print(f"\nprefill of {len(ids)} tokens in one call, {rounds} rounds (min / median)")
+    print("| gap | reader scratch bound | prompt ms | I/O busy ms | reads | MB read | "
+          "scratch held | logits = first |")
+    print("|---|---|---|---|---|---|---|---|")
+    first, rows = logits[configs[0]], []
+    for c in configs:
+        a = {k: np.asarray(v, np.float64) for k, v in acc[c].items()}
+        row = {"gap_bytes": c[0], "scratch_bound": c[1],
+               "prompt_ms": [a["total_ns"].min() / 1e6, float(np.median(a["total_ns"])) / 1e6],
+               "io_ms": [a["io_ns"].min() / 1e6, float(np.median(a["io_ns"])) / 1e6],
+               "reads": float(a["reads"].mean()), "mb_read": a["bytes_read"].mean() / 1e6,
+               "scratch_held": int(a["scratch"].max()),
+               "logits_equal": bool(np.array_equal(logits[c], first))}
+        rows.append(row)
+        print(f"| {c[0]} B | {c[1] / 2**20:g} MiB | {row['prompt_ms'][0]:.0f} / "
+              f"{row['prompt_ms'][1]:.0f} | {row['io_ms'][0]:.0f} / {row['io_ms'][1]:.0f} | "
+              f"{row['reads']:.0f} | {row['mb_read']:.1f} | "
+              f"{row['scratch_held'] / 2**20:.2f} MiB | "
+              f"{'identical' if row['logits_equal'] else 'DIFFER'} |")
+    return rows
+
+
 def report_measured(res, logits, rec: int) -> list[dict]:
     base = res[min(res)]
     print("\n| coalesce gap | token ms (mean) | I/O busy ms | waited ms | reads / token | "
@@ -211,6 +271,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--measure-tokens", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="with --measure: time one prompt of this many tokens as one call "
+                         "instead of decoding, per gap and --scratch bound")
+    ap.add_argument("--scratch", default=None,
+                    help="with --prefill: comma list of reader scratch bounds in bytes "
+                         "(default: the runtime's, loader.READER_SCRATCH_BYTES)")
     args = ap.parse_args()
     from flashinfer_py.default_model import default_model_dir
 
@@ -220,6 +286,18 @@ def main() -> None:
         d = args.dir or default_model_dir()
         rec = fi.load(d).manifest["bundle"]["record_bytes"]
         gaps = [int(g) for g in args.measure.split(",")]
+        if args.prefill:
+            from flashinfer_py.loader import READER_SCRATCH_BYTES
+
+            bounds = ([int(b) for b in args.scratch.split(",")] if args.scratch
+                      else [READER_SCRATCH_BYTES])
+            rows = measure_prefill(d, args.budget, [(g, b) for g in gaps for b in bounds],
+                                   args.rounds, args.prefill)
+            if args.json:
+                args.json.write_text(json.dumps({"budget": args.budget, "rounds": args.rounds,
+                                                 "prefill": args.prefill, "rows": rows,
+                                                 "load": os.getloadavg()}, indent=1))
+            return
         res, logits = measure(d, args.budget, gaps, args.rounds, args.measure_tokens,
                               args.warmup)
         rows = report_measured(res, logits, rec)

@@ -239,7 +239,7 @@ void bind_io(py::module_& m) {
   py::class_<ReaderParams>(m, "ReaderParams")
       .def(py::init([](const std::string& engine, int queue_depth, bool use_direct_io,
                        uint64_t coalesce_gap_bytes, uint64_t max_read_bytes,
-                       int64_t read_timeout_ms) {
+                       int64_t read_timeout_ms, uint64_t max_scratch_bytes) {
              ReaderParams p;
              p.engine = engine;
              p.queue_depth = queue_depth;
@@ -247,6 +247,7 @@ void bind_io(py::module_& m) {
              p.coalesce_gap_bytes = coalesce_gap_bytes;
              p.max_read_bytes = max_read_bytes;
              p.read_timeout_ms = read_timeout_ms;
+             p.max_scratch_bytes = max_scratch_bytes;
              return p;
            }),
            py::kw_only(), py::arg("engine") = ReaderParams{}.engine,
@@ -254,19 +255,22 @@ void bind_io(py::module_& m) {
            py::arg("use_direct_io") = ReaderParams{}.use_direct_io,
            py::arg("coalesce_gap_bytes") = ReaderParams{}.coalesce_gap_bytes,
            py::arg("max_read_bytes") = ReaderParams{}.max_read_bytes,
-           py::arg("read_timeout_ms") = ReaderParams{}.read_timeout_ms)
+           py::arg("read_timeout_ms") = ReaderParams{}.read_timeout_ms,
+           py::arg("max_scratch_bytes") = ReaderParams{}.max_scratch_bytes)
       .def_readwrite("engine", &ReaderParams::engine)
       .def_readwrite("queue_depth", &ReaderParams::queue_depth)
       .def_readwrite("use_direct_io", &ReaderParams::use_direct_io)
       .def_readwrite("coalesce_gap_bytes", &ReaderParams::coalesce_gap_bytes)
       .def_readwrite("max_read_bytes", &ReaderParams::max_read_bytes)
       .def_readwrite("read_timeout_ms", &ReaderParams::read_timeout_ms)
+      .def_readwrite("max_scratch_bytes", &ReaderParams::max_scratch_bytes)
       .def("__repr__", [](const ReaderParams& p) {
         return detail::concat("ReaderParams(engine='", p.engine, "', queue_depth=", p.queue_depth,
                               ", use_direct_io=", p.use_direct_io ? "True" : "False",
                               ", coalesce_gap_bytes=", p.coalesce_gap_bytes,
                               ", max_read_bytes=", p.max_read_bytes,
-                              ", read_timeout_ms=", p.read_timeout_ms, ")");
+                              ", read_timeout_ms=", p.read_timeout_ms,
+                              ", max_scratch_bytes=", p.max_scratch_bytes, ")");
       });
 
   // Registered before BundleReader so its signatures name the Python type.
@@ -336,6 +340,8 @@ void bind_io(py::module_& m) {
       .def_property_readonly("engine", &BundleReader::engine)
       .def_property_readonly("path", &BundleReader::path)
       .def_property_readonly("params", &BundleReader::params)
+      .def_property_readonly("scratch_cap", &BundleReader::scratch_cap)
+      .def_property_readonly("scratch_bytes", &BundleReader::scratch_bytes)
       .def_property_readonly("record_bytes", &BundleReader::record_bytes)
       .def_property_readonly("payload_bytes", &BundleReader::payload_bytes)
       .def_property_readonly("record_elems", [](const BundleReader& r) {

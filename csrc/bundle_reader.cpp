@@ -5,7 +5,9 @@
 //   1. check   ids in range, no duplicates        -> std::invalid_argument, no I/O issued
 //   2. plan    reqs_   : (file offset, length, buffer) requests, each <= max_read_bytes
 //              copies_ : scratch -> caller-row copies to run once every request has landed
-//   3. execute queue_depth requests in flight, then the copies; the first error is rethrown
+//              rounds_ : where the scratch (at most scratch_cap()) is reused
+//   3. execute per round: queue_depth requests in flight, then the round's copies; the
+//              first error is rethrown
 #include "bundle_reader.h"
 
 #include <algorithm>
@@ -158,29 +160,32 @@ void BundleReader::plan_read(uint32_t layer, const int64_t* ids, std::size_t n,
     FI_CHECK(order_[j].first != order_[j - 1].first, "duplicate neuron id ", order_[j].first,
              " in ids (at positions ", order_[j - 1].second, " and ", order_[j].second, ")");
 
-  // A run [a, b) of sorted ids is one file range; a run fits the cap unless it is one record.
+  // A run [a, b) of sorted ids is one file range of at most max(max_read_bytes, one record).
+  // It is read straight into the rows when it has no gaps, its rows are adjacent in memory
+  // in the same order (each rb after the previous) and the first satisfies the alignment;
+  // otherwise it lands in scratch, and then it is also at most scratch_cap().
   struct Run {
     std::size_t a, b;
     bool to_scratch;
   };
   std::vector<Run> runs;
   const uint64_t cap = std::max<uint64_t>(params_.max_read_bytes, rb);
+  const uint64_t scap = scratch_cap();
+  const bool rb_aligned = is_aligned(rb, align);
   std::size_t a = 0;
   while (a < n) {
+    bool direct = is_aligned(rows[order_[a].second], align);
     std::size_t b = a + 1;
     while (b < n) {
       uint64_t gap = uint64_t(order_[b].first - order_[b - 1].first - 1) * rb;
       uint64_t span = uint64_t(order_[b].first - order_[a].first + 1) * rb;
-      if (gap > params_.coalesce_gap_bytes || span > cap) break;
+      bool stays_direct = direct && rb_aligned && gap == 0 &&
+                          rows[order_[b].second] == rows[order_[b - 1].second] + rb;
+      if (gap > params_.coalesce_gap_bytes || span > cap || (!stays_direct && span > scap))
+        break;
+      direct = stays_direct;
       ++b;
     }
-    // Straight into the rows when the run has no gaps, its rows are adjacent in memory in
-    // the same order (each rb after the previous), and the first satisfies the alignment.
-    bool direct = is_aligned(rows[order_[a].second], align) &&
-                  (b - a == 1 || is_aligned(rb, align));
-    for (std::size_t j = a + 1; j < b && direct; ++j)
-      direct = order_[j].first == order_[j - 1].first + 1 &&
-               rows[order_[j].second] == rows[order_[j - 1].second] + rb;
     runs.push_back({a, b, !direct});
     a = b;
   }
@@ -188,43 +193,56 @@ void BundleReader::plan_read(uint32_t layer, const int64_t* ids, std::size_t n,
   uint64_t scratch_bytes = 0;
   for (const Run& r : runs)
     if (r.to_scratch) scratch_bytes += uint64_t(order_[r.b - 1].first - order_[r.a].first + 1) * rb;
-  scratch_.reserve(scratch_bytes);
+  scratch_.reserve(std::min(scratch_bytes, scratch_cap()));
 
-  char* s = scratch_.as<char>();
   for (const Run& r : runs) {
     uint64_t off = bundle_offset(header_, layer, uint32_t(order_[r.a].first));
     uint64_t span = uint64_t(order_[r.b - 1].first - order_[r.a].first + 1) * rb;
     if (!r.to_scratch) {
-      reqs_.push_back({off, span, rows[order_[r.a].second]});
+      add_request(off, span, rows[order_[r.a].second]);
       continue;
     }
-    reqs_.push_back({off, span, s});
+    char* s = take_scratch(span);
+    add_request(off, span, s);
     for (std::size_t j = r.a; j < r.b; ++j)
       copies_.push_back({s + uint64_t(order_[j].first - order_[r.a].first) * rb,
                          rows[order_[j].second], rb});
-    s += span;
   }
 }
 
-// Cut requests longer than max_read_bytes into aligned chunks (one record can exceed it).
-void BundleReader::split_long_requests() {
+uint64_t BundleReader::scratch_cap() const {
+  const uint64_t rb = header_.record_bytes;  // a copy: the packed header's field is unaligned
+  return std::max(params_.max_scratch_bytes, rb);
+}
+
+void BundleReader::begin_plan() {
+  reqs_.clear();
+  copies_.clear();
+  rounds_.clear();
+  scratch_used_ = 0;
+}
+
+char* BundleReader::take_scratch(uint64_t bytes) {
+  if (scratch_used_ > 0 && scratch_used_ + bytes > scratch_.size()) {
+    rounds_.push_back({reqs_.size(), copies_.size()});  // this round's copies free the scratch
+    scratch_used_ = 0;
+  }
+  char* s = scratch_.as<char>() + scratch_used_;
+  scratch_used_ += bytes;
+  return s;
+}
+
+// Cut a request longer than max_read_bytes into aligned chunks (one record can exceed it).
+void BundleReader::add_request(uint64_t off, std::size_t len, char* buf) {
   const std::size_t chunk = std::max<std::size_t>(
       params_.max_read_bytes / kIoAlignment * kIoAlignment, kIoAlignment);
-  bool any = false;
-  for (const Request& r : reqs_) any = any || r.len > chunk;
-  if (!any) return;
-  std::vector<Request> out;
-  out.reserve(reqs_.size() * 2);
-  for (Request r : reqs_) {
-    while (r.len > chunk) {
-      out.push_back({r.off, chunk, r.buf});
-      r.off += chunk;
-      r.buf += chunk;
-      r.len -= chunk;
-    }
-    out.push_back(r);
+  while (len > chunk) {
+    reqs_.push_back({off, chunk, buf});
+    off += chunk;
+    buf += chunk;
+    len -= chunk;
   }
-  reqs_.swap(out);
+  reqs_.push_back({off, len, buf});
 }
 
 // ---------------------------------------------------------------------------------------
@@ -255,10 +273,8 @@ ReadStats BundleReader::read_rows_locked(uint32_t layer, const int64_t* ids, std
                                          char* const* rows) {
   check_ids(layer, ids, n);
   uint64_t t0 = now_ns();
-  reqs_.clear();
-  copies_.clear();
+  begin_plan();
   plan_read(layer, ids, n, rows);
-  split_long_requests();
 
   return execute_and_count(uint64_t(n) * header_.record_bytes, t0);
 }
@@ -303,8 +319,7 @@ ReadStats BundleReader::read_parts_locked(uint32_t layer, const int64_t* ids, st
     FI_CHECK(sorted[j] != sorted[j - 1], "duplicate neuron id ", sorted[j], " in ids");
 
   uint64_t t0 = now_ns();
-  reqs_.clear();
-  copies_.clear();
+  begin_plan();
   const uint64_t align = file_.alignment();
 
   // Aligned span of every part; a part that is not aligned on both ends goes via scratch.
@@ -322,22 +337,20 @@ ReadStats BundleReader::read_parts_locked(uint32_t layer, const int64_t* ids, st
       span_of(off, len[s], &lo, &hi);
       if (!direct(off, len[s], lo, hi, rows[k] + dst_off[s])) scratch_bytes += hi - lo;
     }
-  scratch_.reserve(scratch_bytes);
-  char* sc = scratch_.as<char>();
+  scratch_.reserve(std::min(scratch_bytes, scratch_cap()));
   for (std::size_t k = 0; k < n; ++k)
     for (std::size_t s = 0; s < n_sel; ++s) {
       uint64_t off = bundle_offset(header_, layer, uint32_t(ids[k])) + src_off[s], lo, hi;
       span_of(off, len[s], &lo, &hi);
       char* row = rows[k] + dst_off[s];
       if (direct(off, len[s], lo, hi, row)) {
-        reqs_.push_back({off, std::size_t(len[s]), row});
+        add_request(off, std::size_t(len[s]), row);
       } else {
-        reqs_.push_back({lo, std::size_t(hi - lo), sc});
+        char* sc = take_scratch(hi - lo);
+        add_request(lo, std::size_t(hi - lo), sc);
         copies_.push_back({sc + (off - lo), row, std::size_t(len[s])});
-        sc += hi - lo;
       }
     }
-  split_long_requests();
 
   return execute_and_count(uint64_t(n) * row_bytes, t0);
 }
@@ -359,8 +372,7 @@ ReadStats BundleReader::read_ranges(const uint64_t* offsets, std::size_t n, std:
              size, " bytes)");
   std::lock_guard<std::mutex> lk(mu_);
   uint64_t t0 = now_ns();
-  reqs_.clear();
-  copies_.clear();
+  begin_plan();
   char* out = static_cast<char*>(dst);
   for (std::size_t k = 0; k < n; ++k) reqs_.push_back({offsets[k], len, out + (k % slots) * len});
   return execute_and_count(uint64_t(n) * len, t0);
@@ -385,16 +397,29 @@ ReadStats BundleReader::execute_and_count(uint64_t bytes_requested, uint64_t t0)
 // step 3: execute
 // ---------------------------------------------------------------------------------------
 
+// Round by round: a round's copies run before the next round's reads reuse the scratch.
+// A failing round throws before later rounds start (their rows are left unwritten).
 void BundleReader::execute() {
-  if (uring_) execute_uring();
-  else execute_threads();
-  for (const Copy& c : copies_) std::memcpy(c.dst, c.src, c.len);
+  std::size_t r0 = 0, c0 = 0;
+  for (std::size_t k = 0; k <= rounds_.size(); ++k) {
+    auto [r1, c1] = k < rounds_.size() ? rounds_[k]
+                                       : std::make_pair(reqs_.size(), copies_.size());
+    if (r1 > r0) {
+      if (uring_) execute_uring(r0, r1 - r0);
+      else execute_threads(r0, r1 - r0);
+    }
+    for (std::size_t c = c0; c < c1; ++c)
+      std::memcpy(copies_[c].dst, copies_[c].src, copies_[c].len);
+    r0 = r1;
+    c0 = c1;
+  }
 }
 
 // Threads engine: queue_depth workers each loop over blocking preads.
-void BundleReader::execute_threads() {
-  pool_->parallel_for(reqs_.size(), [this](std::size_t i) {
-    const Request& r = reqs_[i];
+void BundleReader::execute_threads(std::size_t first, std::size_t count) {
+  const Request* reqs = reqs_.data() + first;
+  pool_->parallel_for(count, [this, reqs](std::size_t i) {
+    const Request& r = reqs[i];
     file_.read_at(r.buf, r.len, r.off);
   });
 }
@@ -429,9 +454,10 @@ struct Failure {
 //     more; a read that even cancelling does not end (a hung device) is abandoned with its
 //     ring and the scratch buffer, which are leaked on purpose, and a fresh ring is made.
 //     (The caller's rows such a read targets cannot be protected: the error says so.)
-void BundleReader::execute_uring() {
+void BundleReader::execute_uring(std::size_t first, std::size_t count) {
   io_uring* ring = &uring_->ring;
-  const std::size_t n = reqs_.size(), depth = std::size_t(params_.queue_depth);
+  const Request* reqs = reqs_.data() + first;
+  const std::size_t n = count, depth = std::size_t(params_.queue_depth);
   std::vector<std::size_t> done(n, 0);  // bytes landed per request
   std::vector<char> held(n, 0);         // 1 while request i is prepared or in the kernel
   std::size_t next = 0, inflight = 0;
@@ -441,7 +467,7 @@ void BundleReader::execute_uring() {
 
   auto prep = [&](std::size_t i) {
     io_uring_sqe* sqe = io_uring_get_sqe(ring);  // never null: inflight <= depth = ring size
-    const Request& r = reqs_[i];
+    const Request& r = reqs[i];
     io_uring_prep_read(sqe, file_.fd(), r.buf + done[i], unsigned(r.len - done[i]),
                        r.off + done[i]);
     io_uring_sqe_set_data64(sqe, i);
@@ -452,8 +478,8 @@ void BundleReader::execute_uring() {
     --inflight;
   };
   auto where = [&](std::size_t i) {
-    return detail::concat("reading ", path(), " at offset ", reqs_[i].off + done[i], " (",
-                          reqs_[i].len - done[i], " bytes)");
+    return detail::concat("reading ", path(), " at offset ", reqs[i].off + done[i], " (",
+                          reqs[i].len - done[i], " bytes)");
   };
   auto first_held = [&]() {
     return std::size_t(std::find(held.begin(), held.end(), 1) - held.begin());
@@ -483,13 +509,13 @@ void BundleReader::execute_uring() {
         fail.set(detail::concat(where(i < n ? i : 0), " did not complete within ",
                                 params_.read_timeout_ms, " ms and could not be cancelled: the "
                                 "device may be failing; the read was abandoned"),
-                 ETIMEDOUT, i < n ? int64_t(reqs_[i].off + done[i]) : -1);
+                 ETIMEDOUT, i < n ? int64_t(reqs[i].off + done[i]) : -1);
         abandon_ring();
         throw IoError(fail.msg, fail.err, path(), fail.off);
       }
       fail.set(detail::concat(where(i), " did not complete within ", params_.read_timeout_ms,
                               " ms (ReaderParams.read_timeout_ms); cancelled"),
-               ETIMEDOUT, int64_t(reqs_[i].off + done[i]));
+               ETIMEDOUT, int64_t(reqs[i].off + done[i]));
       for (std::size_t k = 0; k < n; ++k) {
         if (!held[k]) continue;
         io_uring_sqe* sqe = io_uring_get_sqe(ring);
@@ -527,7 +553,7 @@ void BundleReader::execute_uring() {
       if (FI_FAILPOINT(failpoints::kUringLost, &fp)) continue;  // never arrives: stays held
       if (FI_FAILPOINT(failpoints::kUringCqeError, &fp)) res = -fp;
       if (res > 0 && FI_FAILPOINT(failpoints::kUringShort, &fp)) res = std::min(res, fp);
-      const Request& r = reqs_[i];
+      const Request& r = reqs[i];
       if ((res == -EAGAIN || res == -EINTR) && fail.empty()) {
         prep(i);  // transient: same range again
       } else if (res < 0) {
@@ -569,7 +595,7 @@ void BundleReader::new_ring() {
   }
 }
 #else
-void BundleReader::execute_uring() {}
+void BundleReader::execute_uring(std::size_t, std::size_t) {}
 void BundleReader::abandon_ring() {}
 void BundleReader::new_ring() {}
 #endif

@@ -36,6 +36,12 @@ struct ReaderParams {
   uint64_t coalesce_gap_bytes = 0;
   // Upper bound on one request (bytes); longer runs are split.
   uint64_t max_read_bytes = 1u << 20;
+  // Upper bound on the scratch buffer that gap-merged runs, runs whose rows are not adjacent
+  // and unaligned parts are read into before their copies (bytes). A call that needs more is
+  // executed in rounds (issue, wait, copy, reuse the scratch); a run bound for scratch is
+  // cut to fit it. The bound in force is scratch_cap(): this, or one record if larger. The
+  // memory plan counts it per reader (loader.reader_scratch_bytes).
+  uint64_t max_scratch_bytes = 1u << 20;
   // io_uring: a read call whose reads all stay silent this long (ms) cancels them and fails
   // with ETIMEDOUT instead of hanging on a failing device. 0 = wait forever. (The threads
   // engine cannot interrupt a blocked pread.)
@@ -97,6 +103,9 @@ class BundleReader {
   const std::string& engine() const { return engine_; }
   const std::string& path() const { return file_.path(); }
   const ReaderParams& params() const { return params_; }
+  // The scratch buffer's bound (see ReaderParams::max_scratch_bytes) and its size now.
+  uint64_t scratch_cap() const;
+  std::size_t scratch_bytes() const { return scratch_.size(); }
   ReadStats stats() const;
   void reset_stats();
   void drop_page_cache() const { file_.drop_page_cache(); }
@@ -125,11 +134,17 @@ class BundleReader {
   void plan_read(uint32_t layer, const int64_t* ids, std::size_t n, char* const* rows);
   // rows[k] = dst + k*stride, for the strided entry points
   char* const* strided_rows(void* dst, std::size_t stride, std::size_t n);
-  void split_long_requests();
-  void execute();  // issue reqs_ through the engine, then run copies_
+  // Append a request, cut into aligned chunks of at most max_read_bytes (one record can
+  // exceed it).
+  void add_request(uint64_t off, std::size_t len, char* buf);
+  // Planning: `bytes` of scratch for one request; starts a new round when the current one's
+  // scratch would pass scratch_cap(). scratch_ must already hold min(total, cap) bytes.
+  char* take_scratch(uint64_t bytes);
+  void begin_plan();
+  void execute();  // per round: issue its reqs_ through the engine, then run its copies_
   ReadStats execute_and_count(uint64_t bytes_requested, uint64_t t0);
-  void execute_threads();
-  void execute_uring();
+  void execute_threads(std::size_t first, std::size_t count);
+  void execute_uring(std::size_t first, std::size_t count);
   void abandon_ring();  // io_uring: leak a ring the kernel may still write through
   void new_ring();      // io_uring: a fresh ring, or the thread pool when refused
 
@@ -145,6 +160,9 @@ class BundleReader {
   AlignedBuffer scratch_;
   std::vector<Request> reqs_;
   std::vector<Copy> copies_;
+  // (end of reqs_, end of copies_) of every round but the last, which ends with the vectors
+  std::vector<std::pair<std::size_t, std::size_t>> rounds_;
+  uint64_t scratch_used_ = 0;         // planning: scratch taken in the current round
   std::vector<std::pair<int64_t, std::size_t>> order_;  // (id, position in caller's ids)
   std::vector<char*> strided_;        // (n,) destination rows of a strided call
   mutable std::mutex stats_mu_;

@@ -37,9 +37,11 @@ class ReaderParams:
     coalesce_gap_bytes: int
     max_read_bytes: int
     read_timeout_ms: int
+    max_scratch_bytes: int
     def __init__(self, *, engine: str = "auto", queue_depth: int = 32,
                  use_direct_io: bool = True, coalesce_gap_bytes: int = 0,
-                 max_read_bytes: int = 1048576, read_timeout_ms: int = 60000) -> None: ...
+                 max_read_bytes: int = 1048576, read_timeout_ms: int = 60000,
+                 max_scratch_bytes: int = 1048576) -> None: ...
 
 class ReadStats:
     @property
@@ -76,6 +78,10 @@ class BundleReader:
     def path(self) -> str: ...
     @property
     def params(self) -> ReaderParams: ...
+    @property
+    def scratch_cap(self) -> int: ...
+    @property
+    def scratch_bytes(self) -> int: ...
     @property
     def record_bytes(self) -> int: ...
     @property

@@ -163,6 +163,11 @@ class ReaderParams:
         coalesce_gap_bytes: merge two requested neurons into one read when the bytes between
             their records are at most this (0 = merge only adjacent records).
         max_read_bytes: upper bound on one read request; longer runs are split.
+        max_scratch_bytes: upper bound on the reader's scratch buffer, where gap-merged runs,
+            runs whose rows are not adjacent and unaligned parts land before they are copied
+            into the rows. A run bound for scratch is cut to fit it, and a call needing more
+            runs in rounds (read, wait, copy, reuse). The bound in force is
+            :attr:`BundleReader.scratch_cap`: this, or one record if larger.
         read_timeout_ms: io_uring engine: a read call none of whose reads completes for this
             long cancels them and raises FlashIOError (errno ETIMEDOUT) instead of hanging on
             a failing device; 0 waits forever. The threads engine cannot interrupt a pread.
@@ -174,6 +179,7 @@ class ReaderParams:
     coalesce_gap_bytes: int = _DEFAULTS.coalesce_gap_bytes
     max_read_bytes: int = _DEFAULTS.max_read_bytes
     read_timeout_ms: int = _DEFAULTS.read_timeout_ms
+    max_scratch_bytes: int = _DEFAULTS.max_scratch_bytes
 
     def _native(self) -> _ReaderParams:
         return _ReaderParams(**dataclasses.asdict(self))
@@ -294,6 +300,17 @@ class BundleReader:
     @property
     def path(self) -> str:
         return self._r.path
+
+    @property
+    def scratch_cap(self) -> int:
+        """The most bytes the scratch buffer will ever hold: ``params.max_scratch_bytes``,
+        or one record when larger."""
+        return self._r.scratch_cap
+
+    @property
+    def scratch_bytes(self) -> int:
+        """The scratch buffer's size now (it grows up to :attr:`scratch_cap`, never shrinks)."""
+        return self._r.scratch_bytes
 
     @property
     def record_bytes(self) -> int:

@@ -456,11 +456,11 @@ def coalesce_gap_for(record_bytes: int) -> int:
     return SMALL_RECORD_GAP * record_bytes if record_bytes <= SMALL_RECORD_BYTES else 0
 
 
-# The default gap is 0 for now: the reader assembles a gap-merged read in its scratch buffer,
-# which the memory plan does not count, and a long chat session under a 340 MiB budget (whose
-# prompts load many records a call) peaked 7.5 MB over the budget with two records of gap
-# (RESULTS section 15). Until the reader bounds that scratch and the plan counts it, the gap
-# is opt-in: coalesce_gap_bytes=None (or --coalesce-gap with coalesce_gap_for's value).
+# The reader assembles a gap-merged read in its scratch buffer. Unbounded, that buffer grew
+# with a call's records: a long chat session under a 340 MiB budget (whose prompts load many
+# records a call) peaked 8.1 MB over the budget with two records of gap (RESULTS section 15).
+# The reader now works in rounds within ReaderParams.max_scratch_bytes (1 MiB), which
+# loader.plan_memory counts per reader, so the gap is the default again.
 
 
 @dataclass
@@ -477,11 +477,11 @@ class RuntimeConfig:
         queue_depth: reads in flight (this disk needs 16-64; the paper used 32 threads).
         coalesce_gap_bytes: merge two neurons the cache lacks into one read when at most this
             many bytes of records lie between them (those are read and dropped); 0 merges only
-            adjacent records (default). None: ``coalesce_gap_for(record_bytes)``, two records
+            adjacent records. None (default): ``coalesce_gap_for(record_bytes)``, two records
             when a record is at most 4 KiB (a small read's cost is mostly per request: SmolLM2
             under a budget 8% faster, RESULTS section 14), else 0 (16 KiB records lost useful
-            bandwidth with any gap, section 3). Not the default: the merged reads' scratch
-            buffer is not in the memory plan (RESULTS section 15).
+            bandwidth with any gap, section 3). Merged runs land in the reader's scratch
+            buffer, bounded (ReaderParams.max_scratch_bytes) and counted in the memory plan.
         read_timeout_ms: a read call none of whose reads completes for this long (ms) cancels
             them and raises FlashIOError (errno ETIMEDOUT) instead of hanging on a failing
             device; 0 waits forever. Default 60000. The io_uring engine only: the threads
@@ -588,7 +588,7 @@ class RuntimeConfig:
     use_direct_io: bool = True
     io_engine: str = "auto"
     queue_depth: int = 32
-    coalesce_gap_bytes: Optional[int] = 0
+    coalesce_gap_bytes: Optional[int] = None
     read_timeout_ms: int = 60000
     max_context: int = 2048
     sparse: bool = False

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import kernels
+from . import kernels, loader
 from ._bookkeeping import CacheDriver
 from .config import ModelArgs, RuntimeConfig, coalesce_gap_for
 from .dtypes import RecordLayout
@@ -176,7 +176,8 @@ class SparseFFN:
             coalesce_gap_bytes=(coalesce_gap_for(manifest["bundle"]["record_bytes"])
                                 if runtime.coalesce_gap_bytes is None
                                 else runtime.coalesce_gap_bytes),
-            use_direct_io=runtime.use_direct_io, read_timeout_ms=runtime.read_timeout_ms))
+            use_direct_io=runtime.use_direct_io, read_timeout_ms=runtime.read_timeout_ms,
+            max_scratch_bytes=loader.READER_SCRATCH_BYTES))  # counted per reader by the plan
         self.kernel = FfnOnRows(args, self.reader.layout, dense, runtime.threads)
         self.plan = plan or plan_memory(args, manifest, runtime)
         self.rank = runtime.eviction == "rank"

@@ -21,6 +21,19 @@ from .config import ModelArgs, RuntimeConfig, format_bytes
 RUNTIME_OVERHEAD_BYTES = 84 << 20
 STAGING_RECORDS = 256  # NeuronCache::kStagingRecords
 
+
+# The runtime's readers bound their scratch buffer to this (ReaderParams.max_scratch_bytes):
+# gap-merged runs (RuntimeConfig.coalesce_gap_bytes), runs whose rows are not adjacent and the
+# unbundled ablation's parts land there before they are copied into rows; a call that needs
+# more works in rounds that reuse it. 1 MiB: a round then holds 64-256 merged reads of a
+# 4 KiB-record model, so the queue drains between rounds cost little.
+READER_SCRATCH_BYTES = 1 << 20
+
+
+def reader_scratch_bytes(record_bytes: int) -> int:
+    """What one runtime reader's scratch buffer can hold (BundleReader.scratch_cap)."""
+    return max(READER_SCRATCH_BYTES, record_bytes)
+
 # ---- a device backend's memory outside its tensors (plan_vram, and the unified plan) ----------
 # The CUDA context: the driver's state and the kernels of torch, cuBLAS and cuDNN, in device
 # memory but in no tensor, so no allocator counts it. With lazy module loading (CUDA >= 11.7,
@@ -297,8 +310,10 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
         overhead += runtime.prefill_chunk * f * 4
     if runtime.reuse and row < rec:  # the packed cache's staging buffer
         overhead += STAGING_RECORDS * rec
+    overhead += reader_scratch_bytes(rec)  # the FFN's reader
     if runtime.overlap != "off" and runtime.reuse:  # the read-ahead worker's slots and maps
         overhead += READ_AHEAD_SLOTS * (read_ahead_records(args, runtime) * rec + f * 4)
+        overhead += reader_scratch_bytes(rec)  # and its own reader
     sk = sketch_record_bytes
     sk_fixed = L * f * 12 if sk else 0  # per neuron: its sketch slot (int64) and down norm (f32)
     sk_neuron = sk + 12 if sk else 0  # what an uncached neuron costs (a cached one, its row)

@@ -203,6 +203,37 @@ def test_coalescing_stats(bundle):
     assert r.stats().calls == 0
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_scratch_stays_within_its_cap_in_rounds(bundle, engine):
+    """Gap-merged runs, consecutive ids bound for rows that are not adjacent, and unaligned
+    parts all land in the scratch buffer first: a call needing more than scratch_cap runs in
+    rounds that reuse it, with the same bytes as a call that needs no scratch at all."""
+    path, mats = bundle
+    rb = 4096
+    every_other = np.arange(1, D_FF, 2)  # one record of gap between each: one merged run
+    consecutive = np.arange(D_FF)
+    for max_read, max_scratch in ((4096, 1), (8192, 4096), (3 * 4096, 5 * 4096), (1 << 20, 1 << 20)):
+        r = BundleReader(path, ReaderParams(engine=engine, coalesce_gap_bytes=rb,
+                                            max_read_bytes=max_read,
+                                            max_scratch_bytes=max_scratch))
+        cap = r.scratch_cap
+        assert cap == max(max_scratch, rb)
+        got = r.read(2, every_other)
+        assert got.tobytes() == expected_records(mats, 2, every_other, 2048).tobytes()
+        if max_read == 1 << 20:  # the gaps were read: one merged run per request
+            assert r.last_stats.bytes_read == (D_FF - 2) * rb
+            assert r.last_stats.reads_issued == -(-(D_FF - 2) * rb // max_read)
+        assert r.scratch_bytes <= cap
+        wide = r.empty(D_FF * 2).reshape(D_FF, -1)[:, :r.record_elems]  # rows 2 records apart
+        r.read(1, consecutive, wide)
+        assert wide.tobytes() == expected_records(mats, 1, consecutive, 2048).tobytes()
+        assert r.scratch_bytes <= cap
+        parts = r.read_parts(0, consecutive[::-1], [2, 0])  # 400-byte parts: all via scratch
+        want = expected_records(mats, 0, consecutive[::-1], 2048)
+        assert parts.tobytes() == np.concatenate([want[:, 400:600], want[:, :200]], 1).tobytes()
+        assert 0 < r.scratch_bytes <= cap  # (uncapped, the parts alone needed D_FF * 8 KiB)
+
+
 def test_reader_params_validated(bundle):
     path, _ = bundle
     with pytest.raises(ValueError, match="engine must be"):

@@ -82,6 +82,24 @@ def test_a_read_ahead_that_fails_raises_at_wait_and_the_worker_goes_on(bundle, e
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_read_failing_in_a_later_scratch_round_raises_and_the_reader_recovers(bundle, engine):
+    """Gap-merged runs of three records through a scratch of three: one round per run. A
+    failure in a later round raises with its offset; the next call reuses the scratch."""
+    path, mats = bundle
+    r = BundleReader(path, ReaderParams(engine=engine, queue_depth=4, coalesce_gap_bytes=4096,
+                                        max_scratch_bytes=3 * 4096))
+    ids = np.arange(1, 40, 2)  # 10 runs (1, 3), (5, 7), ...: 10 rounds of one read each
+    testing.arm_failpoint(ERROR_POINT[engine], skip=7, count=1, value=errno.EIO)
+    with pytest.raises(FlashIOError) as ei:
+        r.read(2, ids)
+    assert ei.value.errno == errno.EIO and ei.value.offset is not None
+    assert testing.failpoint_fired(ERROR_POINT[engine]) == 1
+    again = r.read(2, ids)
+    assert again.tobytes() == expected_records(mats, 2, ids, r.record_elems).tobytes()
+    assert r.last_stats.reads_issued == 10 and r.scratch_bytes == r.scratch_cap == 3 * 4096
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_short_reads_are_resumed_to_the_last_byte(bundle, engine):
     path, mats = bundle
     r = BundleReader(path, ReaderParams(engine=engine, queue_depth=4))

@@ -13,7 +13,7 @@ import pytest
 import flashinfer_py as fi
 from flashinfer_py._core import build_info, testing
 from flashinfer_py.errors import FlashIOError
-from flashinfer_py.loader import READ_AHEAD_SLOTS, read_ahead_records
+from flashinfer_py.loader import READ_AHEAD_SLOTS, read_ahead_records, reader_scratch_bytes
 from test_direct_io import ENGINES
 from test_rank import rank_budget, sketch_dir
 
@@ -23,9 +23,20 @@ def trained(tiny_flash, tmp_path_factory):
     return sketch_dir(tiny_flash, tmp_path_factory)
 
 
+@pytest.fixture(autouse=True)
+def small_scratch(monkeypatch):
+    """Readers' scratch of 4 records: the tiny models' whole neuron cache is smaller than a
+    real model's 1 MiB of scratch, and merged runs then go through it in rounds."""
+    import flashinfer_py.loader as loader
+
+    monkeypatch.setattr(loader, "READER_SCRATCH_BYTES", 4 << 12)
+
+
 def _slots_bytes(m) -> int:
+    """What overlap adds to the plan: the worker's slots and maps, and its reader's scratch."""
     f, rec = m.args.intermediate_size, m.manifest["bundle"]["record_bytes"]
-    return READ_AHEAD_SLOTS * (read_ahead_records(m.args, m.runtime) * rec + f * 4)
+    return (READ_AHEAD_SLOTS * (read_ahead_records(m.args, m.runtime) * rec + f * 4)
+            + reader_scratch_bytes(rec))
 
 
 def _decode(m, ids, n_gen=8):

@@ -13,7 +13,8 @@ import pytest
 import flashinfer_py as fi
 from flashinfer_py import cli
 from flashinfer_py.config import ABLATIONS, RuntimeConfig
-from flashinfer_py.loader import READ_AHEAD_SLOTS, plan_directory, read_ahead_records
+from flashinfer_py.loader import (READ_AHEAD_SLOTS, plan_directory, read_ahead_records,
+                                  reader_scratch_bytes)
 
 COMMANDS = {"generate": ["generate", "D", "--prompt", "x"], "chat": ["chat", "D"],
             "serve": ["serve", "D"], "info": ["info", "D"]}
@@ -89,9 +90,14 @@ def test_the_plan_counts_the_read_ahead_slots_and_info_prints_the_plan(tiny_flas
     m = fi.load(d)
     rec, f = m.manifest["bundle"]["record_bytes"], m.args.intermediate_size
     k = read_ahead_records(m.args, RuntimeConfig(**kw))
-    assert on.overhead - off.overhead == READ_AHEAD_SLOTS * (k * rec + f * 4)
+    # the worker's slots and maps, and its reader's scratch buffer
+    assert on.overhead - off.overhead == (READ_AHEAD_SLOTS * (k * rec + f * 4)
+                                          + reader_scratch_bytes(rec))
     loaded = fi.load(d, RuntimeConfig(**kw, overlap="layer"))
-    assert loaded.ffn.ahead.nbytes <= on.overhead - off.overhead
+    assert loaded.ffn.ahead.nbytes <= on.overhead - off.overhead - reader_scratch_bytes(rec)
+    # what the plan counts for each reader's scratch is the bound the readers enforce
+    assert loaded.ffn.reader.scratch_cap == reader_scratch_bytes(rec)
+    assert loaded.ffn.ahead.params == loaded.ffn.reader.params
     assert cli.main(["info", str(d), "--sparse", "--selection", "oracle", "--eviction",
                      "window", "--overlap", "layer", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["memory_plan"]
