@@ -451,11 +451,11 @@ def cmd_compare(a) -> None:
                 else:
                     mode = "naive" if tool == "naive" else "sparse"
                     argv = me + ["run-ours", "--mode", mode, "--tokens", str(a.our_tokens),
-                                 "--budget", str(cap - MARGIN), "--time-limit", "600",
-                                 "--trace", a.trace]
+                                 "--budget", str(cap - MARGIN), "--time-limit",
+                                 str(a.our_timeout), "--trace", a.trace]
                     if tool == "ours+pred":
                         argv.append("--predictor-cost")
-                    timeout = 900
+                    timeout = a.our_timeout + 300
                 print(f"read-ahead {ra} KiB, cap {frac:.0%}: {tool} ...", file=sys.stderr,
                       flush=True)
                 r = run_capped(argv, cap, timeout)
@@ -504,6 +504,8 @@ def main() -> None:
     c.add_argument("--our-tokens", type=int, default=10,
                    help="decode tokens for our runtime (the mean includes the window filling)")
     c.add_argument("--llama-timeout", type=float, default=240.0)
+    c.add_argument("--our-timeout", type=float, default=600.0,
+                   help="seconds our runtime may decode before the tokens so far are reported")
     c.add_argument("--read-ahead", default="128,machine")
     c.add_argument("--tools", default="llama,ours,ours+pred",
                    help="comma list of llama, ours, ours+pred (ours with predictor cost), "

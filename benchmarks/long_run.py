@@ -103,7 +103,7 @@ def child(a) -> dict:
 
     def new_window():
         return {"t0": time.perf_counter(), "tokens": 0, "prompt_run": 0, "bytes_read": 0,
-                "reads": 0, "io_ns": 0, "hits": 0, "needed": 0, "loaded": 0}
+                "reads": 0, "io_ns": 0, "hits": 0, "needed": 0, "loaded": 0, "stream_bytes": 0}
 
     win, t_start = new_window(), time.perf_counter()
     while generated < a.tokens:
@@ -125,6 +125,7 @@ def child(a) -> dict:
                 cached_tokens += step.cached_tokens
             for k in ("bytes_read", "reads", "io_ns", "hits", "needed", "loaded"):
                 win[k] += s[k]
+            win["stream_bytes"] += s.get("stream_bytes", 0)  # resident matrices on flash
             win["tokens"] += 1
             generated += 1
             if win["tokens"] == WINDOW or generated == a.tokens:
@@ -132,6 +133,7 @@ def child(a) -> dict:
                 row = {"tokens_total": generated, "tokens": win["tokens"], "seconds": sec,
                        "tokens_per_s": win["tokens"] / sec,
                        "bytes_per_token": win["bytes_read"] / win["tokens"],
+                       "stream_bytes_per_token": win["stream_bytes"] / win["tokens"],
                        "reads_per_token": win["reads"] / win["tokens"],
                        "io_ms_per_token": win["io_ns"] / win["tokens"] / 1e6,
                        "hit_rate": win["hits"] / max(win["needed"], 1),
@@ -157,6 +159,7 @@ def child(a) -> dict:
             "peak_rss": status_kib("VmHWM") * 1024, "peak_rss_generating": peak_generating,
             "budget": m.runtime.dram_budget,
             "plan": m.plan.total, "kv_cache": m.plan.kv_cache, "cache_bytes": m.plan.cache_bytes,
+            "streamed": list(m.plan.streamed),
             "cached_neurons": sum(m.plan.cache_capacity),
             "ffn_neurons": m.args.num_hidden_layers * m.args.intermediate_size,
             "selection": m.runtime.selection, "eviction": m.runtime.eviction,
