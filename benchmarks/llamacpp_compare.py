@@ -18,7 +18,8 @@ What it does:
 2. ``compare`` runs, for each read-ahead setting (128 KiB, then the machine's own, 8 MiB here;
    restored afterwards) and interleaved: llama.cpp (llama-cpp-python, default mmap loading,
    ``use_extra_bufts=False`` so nothing is repacked into anonymous memory, n_threads=2,
-   n_ctx=64) and our runtime (RuntimeConfig(dram_budget=cap - 256 MiB), sparse, window 5,
+   n_ctx = the decoded tokens + 8, at least 64, as our ``max_context``) and our runtime
+   (RuntimeConfig(dram_budget=cap - 256 MiB), sparse, window 5,
    bundled, O_DIRECT) each in its own process inside a fresh cgroup v1 memory cgroup limited to
    a fraction of the GGUF's size (``--caps``, default half; the process's interpreter,
    libraries, resident tensors and page cache all count), after dropping the page cache. Below
@@ -224,8 +225,8 @@ def cmd_run_llama(a) -> None:
     import llama_cpp
 
     t0, rb0 = time.perf_counter(), read_bytes()
-    kw = dict(model_path=str(workdir() / NAME_GGUF), n_ctx=64, n_batch=64, n_threads=2,
-              n_threads_batch=2, use_mmap=True, use_mlock=False, verbose=False)
+    kw = dict(model_path=str(workdir() / NAME_GGUF), n_ctx=context_for(a.tokens), n_batch=64,
+              n_threads=2, n_threads_batch=2, use_mmap=True, use_mlock=False, verbose=False)
     # Llama() has no use_extra_bufts argument in 0.3.36: turn the CPU repack ("extra buffer
     # types") off in the default model params it starts from, so weights stay in the mmap.
     import llama_cpp.llama_cpp as low
@@ -243,9 +244,13 @@ def cmd_run_llama(a) -> None:
     load = {"s": time.perf_counter() - t0, "bytes": read_bytes() - rb0}
     deadline = time.perf_counter() + a.time_limit
 
+    vocab = llm.n_vocab()
+
     def step(tok):
         llm.eval([tok])
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # the last token's logits: Llama.scores is filled only with logits_all (0.3.36), so
+        # reading it, as this did until 2026-11-30, fed argmax of an unset buffer
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
 
     out = _tok_loop(step, 1, a.tokens, deadline)
     out.update(tool="llama.cpp", load=load, llama_cpp_version=llama_cpp.__version__,
@@ -329,7 +334,7 @@ def cmd_run_ours(a) -> None:
     predmod.Predictors.load = classmethod(lambda cls, d, m: trace)
     ablation = None if a.mode == "sparse" else a.mode
     rt = RuntimeConfig(dram_budget=a.budget, selection="predictor", window=pt.WINDOW,
-                       max_context=64, threads=2, ablation=ablation)
+                       max_context=context_for(a.tokens), threads=2, ablation=ablation)
     t0, rb0 = time.perf_counter(), read_bytes()
     model = FlashModel(workdir() / NAME_FLASH, rt)
     cache = model.new_cache()
@@ -416,6 +421,12 @@ def run_capped(argv: list, cap: int, timeout: float) -> dict:
     res = run_in_memcg(argv, cap, timeout)
     res.update(load_after=os.getloadavg(), stderr_tail=res.pop("stderr")[-600:])
     return res
+
+
+def context_for(tokens: int) -> int:
+    """The KV cache both tools size for a run: the one-token prompt and the decoded tokens,
+    at least 64 (the first runs' size, so their rows keep their plans)."""
+    return max(64, tokens + 8)
 
 
 def summarize(r: dict) -> dict:
