@@ -193,7 +193,7 @@ void BundleReader::plan_read(uint32_t layer, const int64_t* ids, std::size_t n,
   uint64_t scratch_bytes = 0;
   for (const Run& r : runs)
     if (r.to_scratch) scratch_bytes += uint64_t(order_[r.b - 1].first - order_[r.a].first + 1) * rb;
-  scratch_.reserve(std::min(scratch_bytes, scratch_cap()));
+  scratch_.reserve(std::min(scratch_bytes, scap));
 
   for (const Run& r : runs) {
     uint64_t off = bundle_offset(header_, layer, uint32_t(order_[r.a].first));

@@ -41,7 +41,7 @@ CHUNK_BYTES = 4 << 20   # one read: long enough to stream at the disk's rate (mo
 N_BUFFERS = 3           # one being computed on, two read ahead
 GAP_BYTES = 64 << 10    # neighbouring matrices closer than this are one read (the norms between)
 # what a streaming process holds beyond the buffers (its thread, the products' per-chunk
-# outputs): a 10,000-token chat session at 340 MiB peaked 0.5 MB over a plan without it
+# outputs): a 1,500-token chat session at 340 MiB peaked 0.5 MB over a plan without it
 # (RESULTS section 15); 2 MiB leaves a margin
 STREAM_EXTRA = 2 << 20
 
