@@ -3,7 +3,8 @@
     python benchmarks/llamacpp_compare.py build            # once: GGUF + flash dir (~27 GB disk)
     python benchmarks/llamacpp_compare.py compare [--tokens 3] [--llama-timeout 240]
         [--read-ahead 128,machine] [--tools llama,ours,naive]   # root: cgroup v1, drop_caches
-        [--caps 0.5,0.3] [--trace synthetic|smollm2]
+        [--caps 0.5,0.3] [--trace synthetic|smollm2] [--json runs.jsonl]
+    python benchmarks/llamacpp_compare.py report runs.jsonl [--min-tokens 256]  # min/median/max
 
 What it does:
 
@@ -439,6 +440,102 @@ def summarize(r: dict) -> dict:
             "bytes": float(b.mean()), "n": len(s)}
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (with "+" if it has changes), recorded beside each run."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=HERE, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+" if dirty.strip() else "")) or None
+
+
+TOOL_NAMES = {"llama": "llama.cpp (mmap)", "ours": "ours (sparse)",
+              "ours+pred": "ours (sparse, predictor cost)", "naive": "ours (naive)"}
+
+
+def report_rows(records: list, min_tokens: int) -> tuple[list, list]:
+    """Group finished runs (rc 0, at least `min_tokens` timed tokens) by cap, read-ahead and
+    tool: each group's runs, and min / median / max of their tokens/s. Returns (groups,
+    ratios): ratios compare each of our tools with llama.cpp at the same cap and read-ahead,
+    as the ratio of the medians and the range (our slowest run over llama.cpp's fastest, our
+    fastest over its slowest)."""
+    groups: dict = {}
+    for r in records:
+        sm = summarize(r)
+        if r.get("rc") != 0 or sm["n"] < min_tokens:
+            continue
+        key = (r["cap_fraction"], r["read_ahead_kb"], r["tool_arg"])
+        groups.setdefault(key, []).append((r, sm))
+    out = []
+    for key in sorted(groups, key=lambda k: (-k[0], k[1], k[2] != "llama", k[2])):
+        runs = groups[key]
+        tps = np.array([sm["tps"] for _, sm in runs])
+        s_med = [float(np.median([t["s"] for t in r["tokens"]])) for r, _ in runs]
+        out.append({"cap": key[0], "read_ahead_kb": key[1], "tool": key[2], "runs": len(runs),
+                    "tps": (float(tps.min()), float(np.median(tps)), float(tps.max())),
+                    "tps_each": [float(x) for x in tps],
+                    "s_median": float(np.median(s_med)),
+                    "bytes": float(np.median([sm["bytes"] for _, sm in runs])),
+                    "tokens": min(sm["n"] for _, sm in runs),
+                    "peak_rss": max(r.get("peak_rss", 0) for r, _ in runs),
+                    "started": [r.get("started") for r, _ in runs],
+                    "commit": sorted({str(r.get("commit")) for r, _ in runs})})
+    ratios = []
+    by = {(g["cap"], g["read_ahead_kb"], g["tool"]): g for g in out}
+    for (cap, ra, tool), g in by.items():
+        ll = by.get((cap, ra, "llama"))
+        if tool == "llama" or ll is None:
+            continue
+        ratios.append({"cap": cap, "read_ahead_kb": ra, "tool": tool,
+                       "runs": (g["runs"], ll["runs"]),
+                       "median": g["tps"][1] / ll["tps"][1],
+                       "range": (g["tps"][0] / ll["tps"][2], g["tps"][2] / ll["tps"][0]),
+                       "bytes": ll["bytes"] / g["bytes"]})
+    return out, ratios
+
+
+def cmd_report(a) -> None:
+    records = []
+    for f in a.files:
+        p = Path(f)
+        if not p.is_file():
+            sys.exit(f"report: {f}: no such file (the --json file of a compare run)")
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    sys.exit(f"report: {f}:{i}: not a JSON line ({e})")
+    groups, ratios = report_rows(records, a.min_tokens)
+    if not groups:
+        sys.exit(f"report: no finished run with at least {a.min_tokens} tokens in "
+                 + ", ".join(a.files))
+    print(f"runs with rc 0 and at least {a.min_tokens} timed tokens; tokens/s of a run = its "
+          "tokens / their summed seconds\n")
+    print("| cap | read-ahead | tool | runs x tokens | tokens/s min / median / max | each run "
+          "| s/token (median) | bytes read/token | peak RSS | started (UTC) | commit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for g in groups:
+        lo, med, hi = g["tps"]
+        started = ", ".join(s[11:16] if s else "-" for s in g["started"])
+        print(f"| {g['cap']:.0%} | {g['read_ahead_kb']} KiB | "
+              f"{TOOL_NAMES.get(g['tool'], g['tool'])} | {g['runs']} x {g['tokens']} | "
+              f"{lo:.3f} / {med:.3f} / {hi:.3f} | "
+              f"{', '.join(f'{x:.3f}' for x in g['tps_each'])} | {g['s_median']:.2f} | "
+              f"{g['bytes'] / 1e9:.2f} GB | {g['peak_rss'] / 1e9:.2f} GB | {started} | "
+              f"{', '.join(c for c in g['commit'] if c != 'None') or '-'} |")
+    print()
+    for q in ratios:
+        print(f"cap {q['cap']:.0%}, read-ahead {q['read_ahead_kb']} KiB: "
+              f"{TOOL_NAMES.get(q['tool'], q['tool'])} / llama.cpp tokens/s = "
+              f"{q['median']:.1f}x (medians; {q['range'][0]:.1f}-{q['range'][1]:.1f}x over "
+              f"the runs; {q['runs'][0]} runs against {q['runs'][1]}); bytes a token "
+              f"llama.cpp / ours = {q['bytes']:.1f}x")
+
+
 def cmd_compare(a) -> None:
     wd = workdir()
     size = (wd / NAME_GGUF).stat().st_size
@@ -467,10 +564,12 @@ def cmd_compare(a) -> None:
                     if tool == "ours+pred":
                         argv.append("--predictor-cost")
                     timeout = a.our_timeout + 300
+                started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
                 print(f"read-ahead {ra} KiB, cap {frac:.0%}: {tool} ...", file=sys.stderr,
                       flush=True)
                 r = run_capped(argv, cap, timeout)
-                r.update(read_ahead_kb=ra, tool_arg=tool, cap=cap, cap_fraction=frac)
+                r.update(read_ahead_kb=ra, tool_arg=tool, cap=cap, cap_fraction=frac,
+                         started=started, commit=git_commit())
                 sm = summarize(r)
                 print(f"  rc={r['rc']} {sm} max_usage={r['max_usage'] / 1e9:.2f} GB "
                       f"load={r['load_before']}", file=sys.stderr, flush=True)
@@ -529,6 +628,11 @@ def main() -> None:
     c.add_argument("--trace", default="synthetic", choices=("synthetic", "smollm2"),
                    help="what drives our side: the paper's statistics (synthetic) or the sets "
                         "recorded from SmolLM2-135M on real text (benchmarks/recorded_trace.py)")
+    rp = sub.add_parser("report", help="re-print the runs of --json files: min / median / "
+                        "max tokens/s per cap and tool, and the ratios")
+    rp.add_argument("files", nargs="+", help="JSON-lines files written by compare --json")
+    rp.add_argument("--min-tokens", type=int, default=1,
+                    help="leave out runs with fewer timed tokens (e.g. 256: issue 15's length)")
     r1 = sub.add_parser("run-llama")
     r1.add_argument("--tokens", type=int, default=3)
     r1.add_argument("--time-limit", type=float, default=240.0)
@@ -541,8 +645,8 @@ def main() -> None:
     r2.add_argument("--predictor-cost", action="store_true",
                     help="hold and run rank-128/1024 float16 predictors beside the trace")
     a = ap.parse_args()
-    {"build": cmd_build, "compare": cmd_compare, "run-llama": cmd_run_llama,
-     "run-ours": cmd_run_ours}[a.cmd](a)
+    {"build": cmd_build, "compare": cmd_compare, "report": cmd_report,
+     "run-llama": cmd_run_llama, "run-ours": cmd_run_ours}[a.cmd](a)
 
 
 if __name__ == "__main__":
