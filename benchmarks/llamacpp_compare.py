@@ -534,6 +534,44 @@ def cmd_report(a) -> None:
               f"{q['median']:.1f}x (medians; {q['range'][0]:.1f}-{q['range'][1]:.1f}x over "
               f"the runs; {q['runs'][0]} runs against {q['runs'][1]}); bytes a token "
               f"llama.cpp / ours = {q['bytes']:.1f}x")
+    if a.plot:
+        plot(groups, Path(a.plot))
+
+
+def plot(groups: list, path: Path) -> None:
+    """tokens/s against the cgroup cap, a line per tool and read-ahead: the median run, bars
+    from the slowest to the fastest. No perplexity: the weights are synthetic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    series: dict = {}
+    for g in groups:
+        series.setdefault((g["tool"], g["read_ahead_kb"]), []).append(g)
+    for (tool, ra), gs in sorted(series.items()):
+        gs.sort(key=lambda g: g["cap"])
+        x = [100 * g["cap"] for g in gs]
+        med = np.array([g["tps"][1] for g in gs])
+        err = [med - [g["tps"][0] for g in gs], [g["tps"][2] for g in gs] - med]
+        line = ax.errorbar(x, med, yerr=err, marker="o", capsize=3,
+                           label=f"{TOOL_NAMES.get(tool, tool)}, read-ahead {ra} KiB")
+        for g, y in zip(gs, med):
+            ax.annotate(f"{y:.3f} ({g['runs']} x {g['tokens']})", (100 * g["cap"], y),
+                        fontsize=7, textcoords="offset points", xytext=(4, 4),
+                        color=line[0].get_color())
+    ax.set_yscale("log")
+    ax.set_xlabel("cgroup memory cap, % of the GGUF's 13.5 GB")
+    ax.set_ylabel("tokens/s (median run; bars: slowest to fastest)")
+    ax.set_title("7B-shaped Llama (synthetic weights: no perplexity)\n"
+                 "our side driven by a recorded trace of SmolLM2's sets", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def cmd_compare(a) -> None:
@@ -633,6 +671,8 @@ def main() -> None:
     rp.add_argument("files", nargs="+", help="JSON-lines files written by compare --json")
     rp.add_argument("--min-tokens", type=int, default=1,
                     help="leave out runs with fewer timed tokens (e.g. 256: issue 15's length)")
+    rp.add_argument("--plot", default=None, metavar="PNG",
+                    help="also draw tokens/s against the cap (matplotlib)")
     r1 = sub.add_parser("run-llama")
     r1.add_argument("--tokens", type=int, default=3)
     r1.add_argument("--time-limit", type=float, default=240.0)

@@ -63,3 +63,15 @@ def test_report_reads_jsonl_and_names_a_bad_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["llamacpp_compare.py", "report", str(tmp_path / "no.jsonl")])
     with pytest.raises(SystemExit, match="no such file"):
         lc.main()
+
+
+def test_report_plot_writes_a_png(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    f = tmp_path / "runs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [
+        _run("ours", 0.5, [2.0] * 3), _run("ours", 0.3, [3.0] * 3),
+        _run("llama", 0.5, [8.0] * 3), _run("llama", 0.3, [9.0] * 3)]))
+    png = tmp_path / "fig" / "caps.png"
+    monkeypatch.setattr(sys, "argv", ["llamacpp_compare.py", "report", str(f), "--plot", str(png)])
+    lc.main()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
