@@ -100,6 +100,7 @@ py::dict stats_dict(const ReadStats& s) {
   d["reads_issued"] = s.reads_issued;
   d["ns"] = s.ns;
   d["calls"] = s.calls;
+  d["rounds"] = s.rounds;
   d["direct"] = s.direct;
   return d;
 }
@@ -280,6 +281,7 @@ void bind_io(py::module_& m) {
       .def_readonly("reads_issued", &ReadStats::reads_issued)
       .def_readonly("ns", &ReadStats::ns)
       .def_readonly("calls", &ReadStats::calls)
+      .def_readonly("rounds", &ReadStats::rounds)
       .def_readonly("direct", &ReadStats::direct)
       .def("as_dict", &stats_dict)
       .def("__repr__", [](const ReadStats& s) { return std::string(py::repr(stats_dict(s))); });

@@ -32,6 +32,7 @@ void ReadStats::add(const ReadStats& o) {
   reads_issued += o.reads_issued;
   ns += o.ns;
   calls += o.calls;
+  rounds += o.rounds;
   direct = o.direct;
 }
 
@@ -71,8 +72,10 @@ BundleReader::BundleReader(const std::string& path, const ReaderParams& params)
     : params_(params), file_(path, params.use_direct_io) {
   FI_CHECK(params_.queue_depth >= 1 && params_.queue_depth <= 1024,
            "queue_depth must be in [1, 1024], got ", params_.queue_depth);
-  FI_CHECK(params_.max_read_bytes >= kIoAlignment, "max_read_bytes must be >= ", kIoAlignment,
-           ", got ", params_.max_read_bytes);
+  // The upper bound keeps one request's length within io_uring's 32-bit field.
+  FI_CHECK(params_.max_read_bytes >= kIoAlignment && params_.max_read_bytes <= kMaxReadBytes,
+           "max_read_bytes must be in [", kIoAlignment, ", ", kMaxReadBytes, "] (1 GiB), got ",
+           params_.max_read_bytes);
   FI_CHECK(params_.engine == "auto" || params_.engine == "threads" ||
                params_.engine == "io_uring",
            "engine must be \"auto\", \"threads\" or \"io_uring\", got \"", params_.engine, "\"");
@@ -194,6 +197,7 @@ void BundleReader::plan_read(uint32_t layer, const int64_t* ids, std::size_t n,
   for (const Run& r : runs)
     if (r.to_scratch) scratch_bytes += uint64_t(order_[r.b - 1].first - order_[r.a].first + 1) * rb;
   scratch_.reserve(std::min(scratch_bytes, scap));
+  scratch_size_.store(scratch_.size(), std::memory_order_relaxed);
 
   for (const Run& r : runs) {
     uint64_t off = bundle_offset(header_, layer, uint32_t(order_[r.a].first));
@@ -212,7 +216,7 @@ void BundleReader::plan_read(uint32_t layer, const int64_t* ids, std::size_t n,
 
 uint64_t BundleReader::scratch_cap() const {
   const uint64_t rb = header_.record_bytes;  // a copy: the packed header's field is unaligned
-  return std::max(params_.max_scratch_bytes, rb);
+  return align_up(std::max(params_.max_scratch_bytes, rb), kIoAlignment);
 }
 
 void BundleReader::begin_plan() {
@@ -338,6 +342,7 @@ ReadStats BundleReader::read_parts_locked(uint32_t layer, const int64_t* ids, st
       if (!direct(off, len[s], lo, hi, rows[k] + dst_off[s])) scratch_bytes += hi - lo;
     }
   scratch_.reserve(std::min(scratch_bytes, scratch_cap()));
+  scratch_size_.store(scratch_.size(), std::memory_order_relaxed);
   for (std::size_t k = 0; k < n; ++k)
     for (std::size_t s = 0; s < n_sel; ++s) {
       uint64_t off = bundle_offset(header_, layer, uint32_t(ids[k])) + src_off[s], lo, hi;
@@ -384,6 +389,7 @@ ReadStats BundleReader::execute_and_count(uint64_t bytes_requested, uint64_t t0)
   st.bytes_requested = bytes_requested;
   for (const Request& r : reqs_) st.bytes_read += r.len;
   st.reads_issued = reqs_.size();
+  st.rounds = rounds_.size() + 1;
   execute();
   st.ns = now_ns() - t0;
   st.calls = 1;
@@ -581,6 +587,7 @@ void BundleReader::execute_uring(std::size_t first, std::size_t count) {
 void BundleReader::abandon_ring() {
   (void)uring_.release();
   (void)new AlignedBuffer(std::move(scratch_));
+  scratch_size_.store(0, std::memory_order_relaxed);
   new_ring();
 }
 

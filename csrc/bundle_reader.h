@@ -10,6 +10,7 @@
 // consecutive land straight in dst; everything else goes through an aligned scratch buffer.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -34,13 +35,14 @@ struct ReaderParams {
   // Merge two sorted ids into one read when the bytes between them are <= this. 0 = merge
   // only adjacent records (measured on the dev VM: see benchmarks/RESULTS.md).
   uint64_t coalesce_gap_bytes = 0;
-  // Upper bound on one request (bytes); longer runs are split.
+  // Upper bound on one request (bytes), in [4096, 1 GiB]; longer runs are split.
   uint64_t max_read_bytes = 1u << 20;
   // Upper bound on the scratch buffer that gap-merged runs, runs whose rows are not adjacent
   // and unaligned parts are read into before their copies (bytes). A call that needs more is
   // executed in rounds (issue, wait, copy, reuse the scratch); a run bound for scratch is
-  // cut to fit it. The bound in force is scratch_cap(): this, or one record if larger. The
-  // memory plan counts it per reader (loader.reader_scratch_bytes).
+  // cut to fit it. The bound in force is scratch_cap(): this, or one record if larger, rounded
+  // up to 4096 bytes (the buffer's granularity). The memory plan counts it per reader
+  // (loader.reader_scratch_bytes).
   uint64_t max_scratch_bytes = 1u << 20;
   // io_uring: a read call whose reads all stay silent this long (ms) cancels them and fails
   // with ETIMEDOUT instead of hanging on a failing device. 0 = wait forever. (The threads
@@ -55,6 +57,7 @@ struct ReadStats {
   uint64_t reads_issued = 0;     // I/O requests submitted
   uint64_t ns = 0;               // wall time inside read calls, nanoseconds
   uint64_t calls = 0;            // read / read_parts calls
+  uint64_t rounds = 0;           // issue-wait-copy rounds (1 per call unless its scratch filled)
   bool direct = false;           // page cache bypassed (false after a buffered fallback)
   void add(const ReadStats& o);
 };
@@ -105,7 +108,7 @@ class BundleReader {
   const ReaderParams& params() const { return params_; }
   // The scratch buffer's bound (see ReaderParams::max_scratch_bytes) and its size now.
   uint64_t scratch_cap() const;
-  std::size_t scratch_bytes() const { return scratch_.size(); }
+  std::size_t scratch_bytes() const { return scratch_size_.load(std::memory_order_relaxed); }
   ReadStats stats() const;
   void reset_stats();
   void drop_page_cache() const { file_.drop_page_cache(); }
@@ -163,6 +166,8 @@ class BundleReader {
   // (end of reqs_, end of copies_) of every round but the last, which ends with the vectors
   std::vector<std::pair<std::size_t, std::size_t>> rounds_;
   uint64_t scratch_used_ = 0;         // planning: scratch taken in the current round
+  // scratch_.size() for scratch_bytes(), which may run while a read (GIL released) grows it
+  std::atomic<std::size_t> scratch_size_{0};
   std::vector<std::pair<int64_t, std::size_t>> order_;  // (id, position in caller's ids)
   std::vector<char*> strided_;        // (n,) destination rows of a strided call
   mutable std::mutex stats_mu_;

@@ -39,6 +39,8 @@ class IoError : public std::runtime_error {
 // Default direct-I/O alignment: 4096 covers every NVMe / APFS device (512 would do on
 // the development VM, but real SSDs want 4 KiB).
 constexpr std::size_t kIoAlignment = 4096;
+// The longest single read request (ReaderParams::max_read_bytes): io_uring takes 32-bit lengths.
+constexpr std::size_t kMaxReadBytes = std::size_t(1) << 30;
 
 inline constexpr std::size_t align_up(std::size_t x, std::size_t a) { return (x + a - 1) / a * a; }
 inline constexpr bool is_aligned(std::size_t x, std::size_t a) { return x % a == 0; }

@@ -162,12 +162,14 @@ class ReaderParams:
             (tmpfs) fall back to buffered reads with one warning; see ``BundleReader.is_direct``.
         coalesce_gap_bytes: merge two requested neurons into one read when the bytes between
             their records are at most this (0 = merge only adjacent records).
-        max_read_bytes: upper bound on one read request; longer runs are split.
+        max_read_bytes: upper bound on one read request, 4 KiB to 1 GiB; longer runs are
+            split.
         max_scratch_bytes: upper bound on the reader's scratch buffer, where gap-merged runs,
             runs whose rows are not adjacent and unaligned parts land before they are copied
             into the rows. A run bound for scratch is cut to fit it, and a call needing more
             runs in rounds (read, wait, copy, reuse). The bound in force is
-            :attr:`BundleReader.scratch_cap`: this, or one record if larger.
+            :attr:`BundleReader.scratch_cap`: this, or one record if larger, rounded up to
+            4 KiB.
         read_timeout_ms: io_uring engine: a read call none of whose reads completes for this
             long cancels them and raises FlashIOError (errno ETIMEDOUT) instead of hanging on
             a failing device; 0 waits forever. The threads engine cannot interrupt a pread.
@@ -267,7 +269,7 @@ class BundleReader:
     # -- stats
     def stats(self) -> ReadStats:
         """Cumulative :class:`ReadStats` (bytes_requested, bytes_read, reads_issued, ns, calls,
-        direct) since open or :meth:`reset_stats`."""
+        rounds, direct) since open or :meth:`reset_stats`."""
         return self._r.stats()
 
     def reset_stats(self) -> None:
@@ -304,7 +306,7 @@ class BundleReader:
     @property
     def scratch_cap(self) -> int:
         """The most bytes the scratch buffer will ever hold: ``params.max_scratch_bytes``,
-        or one record when larger."""
+        or one record when larger, rounded up to a multiple of 4096."""
         return self._r.scratch_cap
 
     @property

@@ -32,7 +32,7 @@ READER_SCRATCH_BYTES = 1 << 20
 
 def reader_scratch_bytes(record_bytes: int) -> int:
     """What one runtime reader's scratch buffer can hold (BundleReader.scratch_cap)."""
-    return max(READER_SCRATCH_BYTES, record_bytes)
+    return -(-max(READER_SCRATCH_BYTES, record_bytes) // 4096) * 4096
 
 # ---- a device backend's memory outside its tensors (plan_vram, and the unified plan) ----------
 # The CUDA context: the driver's state and the kernels of torch, cuBLAS and cuDNN, in device

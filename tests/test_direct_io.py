@@ -217,7 +217,7 @@ def test_scratch_stays_within_its_cap_in_rounds(bundle, engine):
                                             max_read_bytes=max_read,
                                             max_scratch_bytes=max_scratch))
         cap = r.scratch_cap
-        assert cap == max(max_scratch, rb)
+        assert cap == max(max_scratch, rb)  # (all multiples of 4096 here)
         got = r.read(2, every_other)
         assert got.tobytes() == expected_records(mats, 2, every_other, 2048).tobytes()
         if max_read == 1 << 20:  # the gaps were read: one merged run per request
@@ -234,6 +234,48 @@ def test_scratch_stays_within_its_cap_in_rounds(bundle, engine):
         assert 0 < r.scratch_bytes <= cap  # (uncapped, the parts alone needed D_FF * 8 KiB)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rounds_with_several_runs_direct_and_scratch(bundle, engine):
+    """One call whose runs are mixed: adjacent ids read straight into their rows, and pairs
+    one record apart merged through the scratch buffer, two such runs per round, more
+    requests per round (about four) than the queue depth (2). Same bytes as one round with
+    an unbounded scratch, the scratch within its cap, and the rounds counted."""
+    path, mats = bundle
+    rb = 4096
+    ids = np.array([i for b in range(0, D_FF - 8, 10) for i in (b, b + 1, b + 2, b + 5, b + 7)])
+    want = expected_records(mats, 1, ids, 2048).tobytes()
+    spans = len(ids) // 5 * (3 + 3) * rb  # three direct records and a 3-record merged span
+    one = BundleReader(path, ReaderParams(engine=engine, coalesce_gap_bytes=rb,
+                                          max_read_bytes=3 * rb, max_scratch_bytes=1 << 30))
+    assert one.read(1, ids).tobytes() == want
+    assert one.last_stats.rounds == 1 and one.last_stats.bytes_read == spans
+    r = BundleReader(path, ReaderParams(engine=engine, coalesce_gap_bytes=rb, queue_depth=2,
+                                        max_read_bytes=3 * rb, max_scratch_bytes=7 * rb))
+    got = r.read(1, ids)
+    assert got.tobytes() == want
+    st = r.last_stats
+    assert st.bytes_read == spans and st.reads_issued == 2 * (len(ids) // 5)  # a read a run
+    assert st.rounds == -(-(len(ids) // 5) // 2)  # two merged spans fill a round's 7 records
+    assert r.scratch_bytes <= r.scratch_cap == 7 * rb
+    # the reader's cumulative stats add the rounds up
+    assert r.stats().rounds == st.rounds
+
+
+def test_scratch_cap_rounds_up_to_a_page(bundle):
+    """A bound that is not a multiple of 4096 is rounded up (the buffer's granularity), so
+    scratch_cap is what the buffer can really reach."""
+    path, mats = bundle
+    r = BundleReader(path, ReaderParams(max_scratch_bytes=5000))
+    assert r.scratch_cap == 8192
+    ids = np.arange(D_FF)
+    parts = r.read_parts(0, ids, [2, 0])
+    want = expected_records(mats, 0, ids, 2048)
+    assert parts.tobytes() == np.concatenate([want[:, 400:600], want[:, :200]], 1).tobytes()
+    assert r.scratch_bytes <= r.scratch_cap
+    if r.is_direct:  # each unaligned part reads its aligned page through scratch: 2 a round
+        assert r.last_stats.rounds == D_FF
+
+
 def test_reader_params_validated(bundle):
     path, _ = bundle
     with pytest.raises(ValueError, match="engine must be"):
@@ -242,6 +284,8 @@ def test_reader_params_validated(bundle):
         BundleReader(path, ReaderParams(queue_depth=0))
     with pytest.raises(ValueError, match="max_read_bytes"):
         BundleReader(path, ReaderParams(max_read_bytes=100))
+    with pytest.raises(ValueError, match=r"max_read_bytes must be in \[4096, 1073741824\]"):
+        BundleReader(path, ReaderParams(max_read_bytes=(1 << 32) + 4096))  # io_uring: 32 bits
 
 
 # ---- errors from workers ----------------------------------------------------------------------
