@@ -112,8 +112,8 @@ BundleHeader make_header(uint32_t n_layers, uint32_t d_model, uint32_t d_ff, DTy
            n_layers, ", ", d_model, ", ", d_ff);
   FI_CHECK(dtype_valid(static_cast<uint32_t>(dtype)), "unknown dtype code ",
            static_cast<uint32_t>(dtype));
-  FI_CHECK(is_pow2(alignment) && alignment >= 512,
-           "alignment must be a power of two >= 512, got ", alignment);
+  FI_CHECK(is_pow2(alignment) && alignment >= 512 && alignment <= kMaxAlignment,
+           "alignment must be a power of two in [512, ", kMaxAlignment, "], got ", alignment);
   FI_CHECK(down_layout == DownLayout::Blocks || (is_quantized(dtype) && d_ff % 32 == 0),
            "down_layout 'codes' (scales kept resident per 32 neurons) needs a block format "
            "and d_ff a multiple of 32; got dtype ", dtype_name(dtype), " and d_ff ", d_ff);
@@ -197,8 +197,11 @@ void validate_header(BundleHeader& h, uint64_t file_size, const std::string& pat
                   " with part kinds [", h.part_kinds[0], ",", h.part_kinds[1], ",",
                   h.part_kinds[2], ",", h.part_kinds[3],
                   "] is not (up, down) or (up, gate, down)", kFixHint);
-  FI_FORMAT_CHECK(is_pow2(h.alignment) && h.alignment >= 512, p, ": alignment ", h.alignment,
-                  " is not a power of two >= 512", kFixHint);
+  // Bounded above too: with record_bytes, it sizes the buffers readers allocate (a crafted
+  // sparse file could otherwise ask for terabytes of staging).
+  FI_FORMAT_CHECK(is_pow2(h.alignment) && h.alignment >= 512 && h.alignment <= kMaxAlignment,
+                  p, ": alignment ", h.alignment, " is not a power of two in [512, ",
+                  kMaxAlignment, "]", kFixHint);
   if (h.version == 1) fill_version1_fields(h);
   FI_FORMAT_CHECK(h.down_layout <= 1 && (h.down_layout == 0 || (is_quantized(dt) &&
                                                                  h.d_ff % 32 == 0)),
@@ -214,9 +217,10 @@ void validate_header(BundleHeader& h, uint64_t file_size, const std::string& pat
                     " need ", want, " bytes at ", payload, kFixHint);
     payload += want;
   }
-  FI_FORMAT_CHECK(h.record_bytes >= payload && h.record_bytes % h.alignment == 0, p,
-                  ": record_bytes ", h.record_bytes, " must be a multiple of alignment ",
-                  h.alignment, " and >= ", payload, " (the parts' bytes)", kFixHint);
+  // Exactly the parts rounded up to the alignment, as every writer makes it.
+  FI_FORMAT_CHECK(h.record_bytes == align_up(payload, h.alignment), p, ": record_bytes ",
+                  h.record_bytes, " is not the parts' ", payload, " bytes rounded up to the "
+                  "alignment ", h.alignment, kFixHint);
   FI_FORMAT_CHECK(h.data_offset >= h.header_bytes && h.data_offset % h.alignment == 0, p,
                   ": data_offset ", h.data_offset, " must be >= ", h.header_bytes,
                   " and a multiple of alignment ", h.alignment, kFixHint);

@@ -52,6 +52,9 @@ constexpr char kBundleMagic[8] = {'F', 'I', 'P', 'Y', 'B', 'N', 'D', 'L'};
 constexpr uint32_t kBundleVersion = 2;
 constexpr uint32_t kOldestBundleVersion = 1;
 constexpr uint32_t kHeaderBytes = 4096;
+// The largest record alignment a bundle may declare (SSDs want 4096; 1 MiB leaves room for
+// any device without letting a header size buffers at will).
+constexpr uint32_t kMaxAlignment = 1u << 20;
 
 enum class DType : uint32_t { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_1 = 5 };
 constexpr uint32_t kNumDTypes = 6;
@@ -98,8 +101,8 @@ struct BundleHeader {
   uint32_t elem_bytes;       // dtype_info(dtype).elem_bytes: 4, 2, or 1 for block formats
   uint32_t n_parts;          // 2 (up, down) or 3 (up, gate, down)
   uint32_t part_kinds[4];    // PartKind per part, unused entries 0
-  uint32_t alignment;        // record alignment in bytes (4096)
-  uint64_t record_bytes;     // stride between records, multiple of alignment
+  uint32_t alignment;        // record alignment in bytes (4096; a power of two, 512 to 1 MiB)
+  uint64_t record_bytes;     // stride between records: the parts rounded up to alignment
   uint64_t data_offset;      // first record, multiple of alignment (== header_bytes)
   uint64_t file_bytes;       // data_offset + n_layers * d_ff * record_bytes
   // ---- version 2 (zero in version 1 files; read_header fills them in)

@@ -89,7 +89,8 @@ class BundleWriter:
         n_layers, d_model, d_ff: FFN shape; each part holds d_model values.
         dtype: storage format: "float32", "float16", "bfloat16", "q8_0", "q4_0" or "q4_1".
         parts: ("up", "down") for plain MLPs or ("up", "gate", "down") for gated ones.
-        alignment: record alignment in bytes (power of two >= 512; 4096 suits every SSD).
+        alignment: record alignment in bytes (power of two from 512 to 1 MiB; 4096 suits
+            every SSD).
         down_layout: "blocks" (every part a row of blocks along d_model), or "codes" (block
             formats: the down part holds only its codes; the scales stay resident, see
             ``csrc/bundle_format.h``; d_ff must be a multiple of 32).

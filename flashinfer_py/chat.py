@@ -12,6 +12,7 @@ writes them).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -70,12 +71,15 @@ class ChatTemplate:
         """The prompt text for `messages` ([{"role": ..., "content": ...}, ...])."""
         import jinja2
 
+        _BUDGET.left = MAX_TEMPLATE_ITEMS
         try:
             return self._compiled.render(messages=messages,
                                          add_generation_prompt=add_generation_prompt,
                                          **{**self.special_tokens, **kwargs})
         except jinja2.TemplateError as e:
             raise ValueError(f"the chat template ({self.origin}) refused the messages: {e}") from None
+        except RecursionError:
+            raise ValueError(f"the chat template ({self.origin}) recursed too deeply") from None
 
     def encode(self, tokenizer, messages: list, **kwargs) -> list[int]:
         """Token ids of the rendered prompt (no special tokens added: the template writes them)."""
@@ -88,14 +92,45 @@ class ChatTemplate:
         return [] if i is None else [i]
 
 
+# A template comes with the model, from whoever published it, and renders every request. The
+# sandbox stops it touching Python; these bounds stop it spending unbounded time or memory:
+# the items all of one render's range() calls may yield, and the length of a string or list
+# made by repetition (a real template repeats nothing, and loops over the messages).
+MAX_TEMPLATE_ITEMS = 1_000_000
+_BUDGET = threading.local()
+
+
 def _compile(source: str, origin: str):
     try:
         import jinja2
         import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
     except ImportError:
         raise ImportError("chat templates need jinja2: pip install jinja2 (or "
                           "'flashinfer_py[serve]')") from None
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if (isinstance(seq, (str, list, tuple)) and isinstance(n, int)
+                            and len(seq) * n > MAX_TEMPLATE_ITEMS):
+                        raise SecurityError(f"a repetition of {len(seq)} x {n} items is longer "
+                                            f"than {MAX_TEMPLATE_ITEMS}")
+            elif (isinstance(right, int) and isinstance(left, int) and abs(right) > 64
+                  and abs(left) > 1):
+                raise SecurityError(f"{left} ** {right} is too large")
+            return super().call_binop(context, operator, left, right)
+
+    def bounded_range(*args):
+        r = range(*args)
+        left = getattr(_BUDGET, "left", MAX_TEMPLATE_ITEMS) - len(r)
+        if left < 0:
+            raise SecurityError(f"the template's loops ran past {MAX_TEMPLATE_ITEMS} items")
+        _BUDGET.left = left
+        return r
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -104,8 +139,8 @@ def _compile(source: str, origin: str):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.globals["range"] = bounded_range
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

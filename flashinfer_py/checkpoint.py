@@ -24,6 +24,7 @@ import pathlib
 import pickle
 import re
 import shutil
+import stat
 import tempfile
 from typing import Any
 
@@ -52,6 +53,29 @@ class CheckpointError(ValueError):
 
 def _fail(path: os.PathLike | str, problem: str, fix: str) -> CheckpointError:
     return CheckpointError(f"{path}: {problem} {fix}")
+
+
+# The most bytes a checkpoint's JSON files (config, shard index) and tokenizer files may have:
+# far above any real one (Gemma 3's 262k-token tokenizer.json is 33 MB), far below what
+# would exhaust memory when read whole.
+MAX_JSON_BYTES = 64 << 20
+MAX_TOKENIZER_BYTES = 512 << 20
+
+
+def _check_regular(file: pathlib.Path, what: str, max_bytes: int | None = None) -> None:
+    """`file` is a regular file (not a FIFO, device or directory, which a symlink in a
+    downloaded directory can point at: reading those hangs or never ends), of at most
+    `max_bytes`. A missing file raises FileNotFoundError for the caller to explain."""
+    st = os.stat(file)
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "not a regular file")
+        raise _fail(file, f"is {kind}, not the {what}.", "Replace it with the real file (a "
+                    "symlink in the checkpoint may point somewhere unexpected).")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise _fail(file, f"is {st.st_size} bytes, more than any {what} ({max_bytes} at most).",
+                    "Check that it is the right file.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,12 +216,17 @@ def open_checkpoint(path: os.PathLike | str) -> Checkpoint:
 
 def _read_json(file: pathlib.Path, what: str) -> Any:
     try:
+        _check_regular(file, what, MAX_JSON_BYTES)
         return json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise _fail(file, f"is missing ({what}).", "Copy it from the model's repository.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(file, f"is not valid JSON ({e}).", f"The {what} is corrupt; download it "
-                    "again.") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        # ValueError: JSONDecodeError, and integers longer than Python's 4300-digit limit;
+        # RecursionError: arrays nested thousands deep
+        raise _fail(file, f"is not valid JSON ({type(e).__name__}: {str(e)[:200]}).",
+                    f"The {what} is corrupt; download it again.") from None
 
 
 def _read_index(index_file: pathlib.Path) -> dict[str, str]:
@@ -245,6 +274,7 @@ class _SafetensorsFile:
     def __init__(self, file: pathlib.Path):
         self.file = file
         try:
+            _check_regular(file, "safetensors file")
             self._fd = os.open(file, os.O_RDONLY)
         except OSError as e:
             raise _fail(file, f"cannot be opened ({e.strerror}).", "Check that the file exists "
@@ -487,6 +517,7 @@ class TorchCheckpoint(Checkpoint):
         if not file.exists():
             raise _fail(file, "is missing.", "Download all the shards of the model.")
         torch = self._torch
+        _check_regular(file, "PyTorch checkpoint")
         try:
             try:
                 sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -531,6 +562,7 @@ def _copy_hf_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> list[str]:
     written = []
     for fname in TOKENIZER_FILES:
         if (src / fname).exists():
+            _check_regular(src / fname, "tokenizer file", MAX_TOKENIZER_BYTES)
             shutil.copyfile(src / fname, dst / fname)
             written.append(fname)
     return written
@@ -546,7 +578,8 @@ def _save_with_transformers(src: pathlib.Path, dst: pathlib.Path, kwargs: dict,
                     'Run `pip install "flashinfer_py[gguf]"` (or `pip install transformers`), or '
                     "put a tokenizer.json next to the weights.") from None
     try:
-        tok = AutoTokenizer.from_pretrained(str(src), **kwargs)
+        # never the checkpoint's own Python (an auto_map in tokenizer_config.json)
+        tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False, **kwargs)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
         detail = " ".join(str(e).split())[:300]
         fix = "Put a tokenizer.json next to the weights."
@@ -568,6 +601,7 @@ def _save_with_transformers(src: pathlib.Path, dst: pathlib.Path, kwargs: dict,
                 written.append(fname)
     for fname in ("generation_config.json",):
         if (src / fname).exists() and fname not in written:
+            _check_regular(src / fname, "generation config", MAX_JSON_BYTES)
             shutil.copyfile(src / fname, dst / fname)
             written.append(fname)
     return written
@@ -712,6 +746,7 @@ class GGUFCheckpoint(Checkpoint):
                         'Run `pip install "flashinfer_py[gguf]"`.') from None
         self.path, self.source_dtype = path, "float32"
         self._dequantize = gguf.quants.dequantize
+        _check_regular(path, "GGUF file")
         try:
             _check_gguf_counts(path)
             self._reader = gguf.GGUFReader(path, "r")
@@ -741,7 +776,13 @@ class GGUFCheckpoint(Checkpoint):
                         f"This {arch} variant is not supported; use its Hugging Face release.")
         self._shapes = {k: tuple(int(d) for d in reversed(t.shape)) for k, t in
                         self._tensors.items()}
-        self.config = self._make_config()
+        try:
+            self.config = self._make_config()
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, ArithmeticError) as e:  # a count of 0, a string, ...
+            raise _fail(path, f"has metadata this reader cannot use ({type(e).__name__}: {e}).",
+                        "The file is damaged; download it or export it with llama.cpp again.") from None
 
     def _field(self, key: str, default: Any = None) -> Any:
         field = self._reader.fields.get(key)
@@ -768,14 +809,24 @@ class GGUFCheckpoint(Checkpoint):
         model_type, cls, act = _GGUF_MODEL[self.arch]
         config = {"model_type": model_type, "architectures": [cls], "hidden_act": act}
         config.update({hf: int(f(key)) for hf, key in _GGUF_CONFIG_KEYS.items()})
+        for hf, key in _GGUF_CONFIG_KEYS.items():
+            if config[hf] <= 0:
+                raise _fail(self.path, f"has '{self.arch}.{key}' = {config[hf]}, which must be "
+                            "positive.", "The file is damaged; download or export it again.")
         n_head, hidden = config["num_attention_heads"], config["hidden_size"]
         head_dim = int(f("attention.key_length", hidden // n_head))
         theta = float(f("rope.freq_base", 10000.0))
         tokens = self._reader.fields.get("tokenizer.ggml.tokens")
         embed = self._shapes.get("model.embed_tokens.weight", (0,))
         vocab = f("vocab_size", len(tokens.data) if tokens is not None else embed[0])
+        n_kv = int(f("attention.head_count_kv", n_head))
+        if n_kv <= 0 or n_head % n_kv or head_dim <= 0:
+            raise _fail(self.path, f"has {n_kv} key-value heads and key length {head_dim} for "
+                        f"{n_head} attention heads: the key-value heads must divide the heads, "
+                        "and both be positive.", "The file is damaged; download or export it "
+                        "again.")
         config.update({
-            "num_key_value_heads": int(f("attention.head_count_kv", n_head)),
+            "num_key_value_heads": n_kv,
             "head_dim": head_dim,
             "rms_norm_eps": float(f("attention.layer_norm_rms_epsilon", 1e-5)),
             "rope_theta": theta,
@@ -942,4 +993,7 @@ class GGUFCheckpoint(Checkpoint):
 
 def _has_template(dst: pathlib.Path) -> bool:
     cfg = dst / "tokenizer_config.json"
-    return cfg.exists() and "chat_template" in json.loads(cfg.read_text(encoding="utf-8"))
+    if not cfg.exists():
+        return False
+    obj = _read_json(cfg, "tokenizer configuration")
+    return isinstance(obj, dict) and "chat_template" in obj

@@ -17,10 +17,28 @@ EPILOG = """examples:
   flashinfer-py generate --dram-budget 300MB --stats               # FFN streamed from flash
   flashinfer-py convert ./Llama-2-7b-hf ./llama2.flash --dtype float16
   flashinfer-py convert ./Llama-2-7b-hf ./llama2-q4.flash --dtype q4_0 --resident-dtype q8_0
-  flashinfer-py generate ./llama2.flash --prompt "Once upon a time" --max-tokens 64 --stats
+  flashinfer-py train-predictors ./llama2-q4.flash     # once (runs the model dense: RAM)
+  flashinfer-py generate ./llama2-q4.flash --dram-budget 4GB --max-context 1024 --stats
+  flashinfer-py info ./llama2-q4.flash --dram-budget 4GB --max-context 1024   # the plan
   flashinfer-py info ./llama2.flash --verify
   flashinfer-py bench-disk /mnt/ssd --plot disk.png               # the paper's Figure 2b
 """
+
+
+# RuntimeConfig field -> the flag that sets it, so an error about a field names the flag too
+_FLAG_OF: dict = {}
+
+
+def _with_flags(message: str) -> str:
+    """`message` with the flag of each RuntimeConfig field it names, where the flag's name
+    differs from the field's: "predictor_threshold must be ..." gets "(predictor_threshold
+    is --threshold)"."""
+    import re
+
+    named = [f"{field} is {flag}" for field, flag in _FLAG_OF.items()
+             if flag.lstrip("-").replace("-", "_") != field
+             and re.search(rf"(?<![\w'\"-]){re.escape(field)}(?![\w'\"-])", message)]
+    return f"{message} ({'; '.join(named)})" if named else message
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -40,9 +58,11 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
             if kw["default"] is not None:
                 help += " (default: %(default)s)"
         group.add_argument(name, dest=field, help=help, **kw)
+        _FLAG_OF[field] = name
 
     g = p.add_argument_group("runtime")
-    flag(g, "--threads", "threads", "compute threads; 0 = every core", type=int,
+    flag(g, "--threads", "threads", "compute threads; 0 = every core (the torch backend: "
+         "torch's own setting)", type=int,
          metavar="N")
     flag(g, "--no-direct-io", "use_direct_io",
          "read through the page cache instead of O_DIRECT / F_NOCACHE", action="store_false")
@@ -59,12 +79,15 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
          "disk; 0 waits forever. The threads engine cannot interrupt a read", type=int,
          metavar="MS")
     flag(g, "--max-context", "max_context", "prompt + generated tokens the KV cache is sized "
-         "for", type=int, metavar="TOKENS")
+         "for; the cache is float32 and counts against --dram-budget: 2 x layers x key-value "
+         "width x 4 bytes a token (a Llama-2-7B: 1 MiB a token, 2 GiB at 2048), so a "
+         "smaller context leaves more of a small budget to the neuron cache", type=int,
+         metavar="TOKENS")
     b = p.add_argument_group("backend (where the forward pass runs)")
     flag(b, "--backend", "backend", "native: numpy and the C++ kernels on the CPU; torch: "
          "PyTorch on --device (pip install 'flashinfer_py[torch]'); mlx: Apple's MLX on "
-         "--device (pip install 'flashinfer_py[mlx]'); auto: torch when installed "
-         "and --device is a GPU", choices=BACKENDS)
+         "--device (pip install 'flashinfer_py[mlx]'); auto: mlx for --device gpu, torch "
+         "for cuda or mps, each when installed, else native", choices=BACKENDS)
     flag(b, "--device", "device", "torch device: cpu, cuda, cuda:N or mps; mlx device: cpu "
          "or gpu (default: cpu)")
     flag(b, "--compute-dtype", "compute_dtype", "torch/mlx backend: the dtype weights are "
@@ -77,13 +100,14 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
          "it has its own memory (default: from the device: mlx, cpu and mps share it)",
          type=_yes_no, metavar="yes|no")
     s = p.add_argument_group("sparse inference from flash (the paper's method)")
-    flag(s, "--dram-budget", "dram_budget", "memory the model may use, e.g. 4GB or 300MB; "
-         "implies --sparse. The FFN is streamed from flash through a neuron cache sized to fit "
+    flag(s, "--dram-budget", "dram_budget", "memory the model may use, e.g. 4GB or 300MB "
+         "(binary units: 1GB = 2^30 bytes; a bare number is bytes); implies --sparse. The FFN is streamed from flash through a neuron cache sized to fit "
          "(default: none, every weight in DRAM)", metavar="SIZE")
     flag(s, "--sparse", "sparse", "stream the FFN from flash even without a budget",
          action="store_true")
-    flag(s, "--selection", "selection", "how the neurons a token needs are found: auto (sketch "
-         "for SwiGLU/GeGLU models, predictor for ReLU ones), sketch (a 4-bit copy of the "
+    flag(s, "--selection", "selection", "how the neurons a token needs are found: auto (the "
+         "sketch when train-predictors built one and --eviction is rank or auto, unless the "
+         "model is ReLU and has low-rank predictors too; else the predictors), sketch (a 4-bit copy of the "
          "uncached neurons' gate/up rows estimates their activations), predictor (the paper's "
          "low-rank predictors), oracle (the true activations; measurement only: keeps the FFN "
          "in DRAM), all (hybrid)", choices=SELECTIONS)
@@ -162,6 +186,7 @@ def _runtime(ns):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import SUPPORTED_ARCHS
     from .dtypes import FORMATS
 
     ap = argparse.ArgumentParser(
@@ -177,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a Hugging Face checkpoint or GGUF file to a flash directory",
                        description="Convert a checkpoint into a flash model directory: resident "
                        "tensors in dense.safetensors, FFN neurons as aligned bundle records in "
-                       "ffn_bundles.bin. Supported: OPT, Llama family (Llama 2/3, Mistral, SmolLM2, "
-                       "ReluLLaMA, ProSparse). The output is written to a temporary directory "
-                       "and renamed at the end.")
+                       "ffn_bundles.bin. Supported: "
+                       + "; ".join(SUPPORTED_ARCHS.values())
+                       + ". The output is written to a temporary directory and renamed at the "
+                       "end.")
     c.add_argument("src", help="Hugging Face checkpoint directory (config.json + *.safetensors or "
                                "pytorch_model.bin) or a .gguf file")
     c.add_argument("dst", help="flash directory to create (must not exist unless --force)")
@@ -205,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true",
                    help="replace DST if it exists (only once the new directory is complete)")
     c.add_argument("--alignment", type=int, default=4096,
-                   help="bundle record alignment in bytes (default 4096, right for SSDs)")
+                   help="bundle record alignment in bytes, a power of two from 512 to 1 MiB "
+                        "(default 4096, right for SSDs; direct reads need a multiple of the "
+                        "device's block size)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
     g = sub.add_parser("generate", help="generate text from a flash directory",
@@ -272,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     sv.add_argument("--queue-size", type=int, default=8,
                     help="requests that may wait while one generates (default 8); more get 429")
+    sv.add_argument("--max-request-bytes", type=int, default=16 << 20, metavar="N",
+                    help="largest request body accepted (default 16 MiB, far above any real "
+                         "prompt); larger ones get 413")
     sv.add_argument("--name", default=None,
                     help="the model id clients see and send (default: DIR's name)")
     sv.add_argument("--chat-template", default=None, metavar="FILE",
@@ -284,8 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(sv)
 
     i = sub.add_parser("info", help="describe a flash directory and this build",
-                       description="Print the model's configuration, file layout and DRAM needs, "
-                       "and what the native core was built with.")
+                       description="Print the model's configuration and file layout, and "
+                       "what the native core was built with; with --dram-budget (or --sparse), "
+                       "also the memory plan: what stays resident, what streams from flash, "
+                       "and how many neurons a layer the cache holds.")
     i.add_argument("dir", nargs="?", default=None, help="flash directory (omit for build info only)")
     i.add_argument("--verify", action="store_true", help="check every file's sha256 against the manifest")
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -311,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lowrank: predictor rank of most layers (default 64)")
     t.add_argument("--rank-last", type=int, default=64,
                    help="rank of the last --last-layers layers (default 64)")
-    t.add_argument("--last-layers", type=int, default=3, help="how many last layers get --rank-last")
+    t.add_argument("--last-layers", type=int, default=3,
+                   help="how many last layers get --rank-last (default 3)")
     t.add_argument("--sparsity", type=float, default=0.5,
                    help="non-ReLU models: fraction of neurons per layer counted inactive (default 0.5)")
     t.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
@@ -541,7 +575,8 @@ def cmd_serve(ns) -> int:
         from .default_model import DEFAULT_MODEL_NAME
 
         name = model.directory.name if ns.dir else DEFAULT_MODEL_NAME
-    server = srv.Server(model, name, template, queue_size=ns.queue_size, api_key=api_key)
+    server = srv.Server(model, name, template, queue_size=ns.queue_size, api_key=api_key,
+                        max_request_bytes=ns.max_request_bytes)
     try:
         srv.run(server, ns.host, ns.port, ns.log_level,
                 announce=lambda line: print(line, file=sys.stderr, flush=True))
@@ -637,6 +672,10 @@ def cmd_info(ns) -> int:
     from .backends import available
 
     probe = getattr(ns, "backend", "native") != "native" or getattr(ns, "device", None)
+    rt = _runtime(ns)  # checks the flags, with or without DIR
+    if not ns.dir and rt.sparse:
+        raise ValueError("--dram-budget, --vram-budget and --sparse show a directory's memory "
+                         "plan: give the flash directory (flashinfer-py info DIR --dram-budget 4GB)")
     out: dict = {"build": build_info(), "backends": available(probe=bool(probe))}
     if ns.dir:
         from .format import check_files, read_manifest
@@ -662,7 +701,6 @@ def cmd_info(ns) -> int:
         out["bundle"] = m["bundle"]
         out["files"] = {n: v["bytes"] for n, v in m["checksums"].items()}
         out["verified"] = bool(ns.verify)
-        rt = _runtime(ns)
         out["runtime"] = {"backend": rt.backend, "device": rt.device or "cpu",
                           "compute_dtype": rt.compute_dtype or "float32"}
         if rt.sparse:
@@ -740,7 +778,7 @@ def main(argv: Optional[list] = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as e:  # our errors carry fix-its
-        print(f"flashinfer-py {ns.command}: error: {e}", file=sys.stderr)
+        print(f"flashinfer-py {ns.command}: error: {_with_flags(str(e))}", file=sys.stderr)
         return 1
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -82,6 +83,15 @@ class ModelArgs:
     word_embed_proj_dim: int = 0   # OPT embedding width when != hidden_size (project_in/out)
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads"):
+            v = getattr(self, name)
+            try:
+                ok = not isinstance(v, bool) and operator.index(v) > 0
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.num_key_value_heads <= 0:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim <= 0:
@@ -617,8 +627,10 @@ class RuntimeConfig:
 
     def __post_init__(self):
         self._check_backend()
-        if isinstance(self.vram_budget, str):
+        if self.vram_budget is not None:
             self.vram_budget = parse_bytes(self.vram_budget)
+            if self.vram_budget <= 0:
+                raise ValueError(f"vram_budget must be a positive size, got {self.vram_budget}")
         if self.vram_budget is not None:
             if self.backend == "native":
                 raise ValueError("vram_budget is device memory: it needs backend='torch' or "
@@ -649,9 +661,10 @@ class RuntimeConfig:
                 self.eviction = "window"
             if self.stream_resident == "auto":  # and keep its resident part in DRAM
                 self.stream_resident = "needed"
-        if isinstance(self.dram_budget, str):
-            self.dram_budget = parse_bytes(self.dram_budget)
         if self.dram_budget is not None:
+            self.dram_budget = parse_bytes(self.dram_budget)
+            if self.dram_budget <= 0:
+                raise ValueError(f"dram_budget must be a positive size, got {self.dram_budget}")
             self.sparse = True
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(map(repr, SELECTIONS))}, "
@@ -680,8 +693,12 @@ class RuntimeConfig:
                              f"{', '.join(map(repr, STREAM_RESIDENT))}, not {self.stream_resident!r}")
         if self.compute not in ("predicted", "cached"):
             raise ValueError(f"compute must be 'predicted' or 'cached', not {self.compute!r}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1 token, got {self.window}")
+        try:
+            ok = not isinstance(self.window, bool) and operator.index(self.window) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"window must be a whole number of tokens >= 1, got {self.window!r}")
         if not 0.0 < self.predictor_threshold < 1.0:
             raise ValueError(f"predictor_threshold must be in (0, 1), got {self.predictor_threshold}")
         if self.prefill_chunk < 1:
@@ -750,15 +767,27 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 
 
 
 def parse_bytes(text) -> int:
-    """'4GB', '512 MiB', '1.5G' or a number -> bytes (binary units: 1 GB = 2**30 bytes)."""
-    if isinstance(text, (int, float)):
-        return int(text)
+    """'4GB', '512 MiB', '1.5G', '1e9' or a number -> bytes (binary units: 1 GB = 2**30 bytes;
+    a bare number is bytes). Negative, infinite and NaN sizes are refused."""
+    import math
     import re
 
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"cannot read {text!r} as a size; write it like 4GB, 512MB or 1.5G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    bad = f"cannot read {text!r} as a size; write it like 4GB, 512MB or 1.5G (binary units)"
+    if isinstance(text, bool):
+        raise ValueError(bad)
+    if isinstance(text, (int, float)) or type(text).__module__ == "numpy":
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise ValueError(bad) from None
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ValueError(bad)
+        value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(bad)
+    return int(value)
 
 
 def format_bytes(n: float, up: bool = False) -> str:

@@ -203,6 +203,10 @@ def convert(src, dst, *, dtype: Optional[str] = None, resident_dtype: Optional[s
     if resident_dtype not in (None, "auto") and resident_dtype not in FORMATS:
         raise ConvertError(f"--resident-dtype {resident_dtype!r} is not supported; choose auto "
                            f"or one of {choices}.")
+    if (isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 512
+            or alignment > (1 << 20) or alignment & (alignment - 1)):
+        raise ConvertError(f"--alignment {alignment!r} must be a power of two from 512 to "
+                           "1048576 bytes; 4096 (the default) suits every SSD and O_DIRECT.")
     if dst.exists() and not force:
         raise ConvertError(f"{dst} already exists; choose another destination or pass --force "
                            "(force=True) to replace it once the new conversion is complete.")
@@ -319,6 +323,13 @@ def _convert_into(ckpt, out: Path, dtype: Optional[str], resident_dtype: str, pr
         args = ModelArgs.from_hf_config(ckpt.config)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{ckpt.path}: {e}") from None
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # a field missing or absurd
+        from .checkpoint import CheckpointError
+
+        where = ckpt.path if _is_gguf(ckpt) else Path(str(ckpt.path)) / "config.json"
+        raise CheckpointError(f"{where}: the model configuration is incomplete or damaged "
+                              f"({type(e).__name__}: {e}). Restore the model's config.json, or "
+                              "download the model again.") from None
     dtype = dtype or ("float16" if ckpt.source_dtype == "float32" and _is_gguf(ckpt) else ckpt.source_dtype)
     fmt = storage_format(dtype)
     names = _Names(args, ckpt)

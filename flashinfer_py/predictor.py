@@ -183,6 +183,11 @@ def _check_sizes(z) -> None:
     reads it, so a damaged header must not make it allocate terabytes."""
     for name in z.files:
         info = z.zip.getinfo(name + ".npy")
+        # np.savez stores its members: then the declared size is the bytes on disk. A
+        # compressed member's declared size is whatever its writer said (a zip bomb's is huge).
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise ValueError(f"{name}: compressed or inconsistent zip member (this project "
+                             "writes them stored)")
         with z.zip.open(info) as f:
             fmt = np.lib.format
             read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else \

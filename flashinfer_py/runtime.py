@@ -47,6 +47,38 @@ def _check_against_bundles(directory: Path, manifest: dict, args: ModelArgs) -> 
             f"{directory / 'manifest.json'}: layers, hidden size and FFN size {ours} disagree "
             f"with {manifest['files']['bundles']} ({h['n_layers']}, {h['d_model']}, "
             f"{h['d_ff']}); re-run `flashinfer-py convert` to rebuild the directory.")
+    # What the kernels read a record as must be what the file holds: a gated model over
+    # (up, down) records would run an ungated FFN without an error.
+    bundle = manifest.get("bundle") or {}
+    want = {"parts": ["up", "gate", "down"] if args.gated else ["up", "down"],
+            "dtype": manifest["dtype"]}
+    want.update({k: bundle[k] for k in ("record_bytes", "down_layout") if k in bundle})
+    bad = [f"{k} {want[k]!r} (the file: {h[k]!r})" for k in want
+           if (list(h[k]) if k == "parts" else h[k]) != want[k]]
+    if bad:
+        raise FlashFormatError(
+            f"{directory / 'manifest.json'}: {', '.join(bad)} disagree with "
+            f"{manifest['files']['bundles']}; re-run `flashinfer-py convert` to rebuild the "
+            "directory.")
+    # Token ids are checked against vocab_size; the embedding (and LM head) must have that
+    # many rows, or an id past them reads the next tensor's bytes from a streamed embedding.
+    from .checkpoint import CheckpointError, _SafetensorsFile
+
+    dense = directory / manifest["files"]["dense"]
+    try:
+        f = _SafetensorsFile(dense)
+    except CheckpointError as e:
+        raise FlashFormatError(f"{e} (re-run `flashinfer-py convert` to rebuild the "
+                               "directory)") from None
+    try:
+        for name in ("tok_embeddings", "lm_head"):
+            if name in f.entries and f.entries[name][1][0] != args.vocab_size:
+                raise FlashFormatError(
+                    f"{directory / 'manifest.json'}: vocab_size {args.vocab_size} disagrees "
+                    f"with {name} in {dense.name} ({f.entries[name][1][0]} rows); re-run "
+                    "`flashinfer-py convert` to rebuild the directory.")
+    finally:
+        f.close()
 
 
 class PromptCache:

@@ -104,7 +104,10 @@ class _ApiError(Exception):
 
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
-                429: "rate_limit_error"}
+                413: "invalid_request_error", 429: "rate_limit_error"}
+# The largest request body accepted (serve --max-request-bytes): a 128k-token prompt as text
+# is well under 1 MB; far more is a mistake or an attack.
+MAX_REQUEST_BYTES = 16 << 20
 
 
 def _error_body(status: int, message: str, param=None, code=None) -> dict:
@@ -126,9 +129,13 @@ class Server:
     """
 
     def __init__(self, model, name: str, template: Optional[ChatTemplate] = None,
-                 queue_size: int = 8, api_key: Optional[str] = None):
+                 queue_size: int = 8, api_key: Optional[str] = None,
+                 max_request_bytes: int = MAX_REQUEST_BYTES):
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
+        if max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, got {max_request_bytes}")
+        self.max_request_bytes = max_request_bytes
         if api_key is not None and not api_key:
             raise ValueError("the API key is empty; give a non-empty key or none")
         self.model, self.name, self.template = model, name, template
@@ -141,6 +148,15 @@ class Server:
         self.generating = False
 
     # -- admission (event loop thread) ----------------------------------------------------------
+    def check_room(self) -> None:
+        """429 now if a request could not be admitted: before its prompt is rendered and
+        tokenized, so a full server spends nothing on it."""
+        if self._admitted >= 1 + self.queue_size:
+            self.counts["refused"] += 1
+            raise _ApiError(429, f"the server is busy: one generation runs and "
+                            f"{self.queue_size} requests wait; retry later", code="queue_full",
+                            headers={"Retry-After": "1"})
+
     def admit(self) -> None:
         if self._admitted >= 1 + self.queue_size:
             self.counts["refused"] += 1
@@ -228,7 +244,8 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="flashinfer_py", description="OpenAI-compatible API over one model "
                   "streamed from flash", version="1")
     app.state.server = server
-    if server.api_key is not None:
+    app.add_middleware(_BodyLimit, max_bytes=server.max_request_bytes)
+    if server.api_key is not None:  # added last: outermost, so a refused key reads no body
         app.add_middleware(_BearerAuth, key=server.api_key)
 
     @app.exception_handler(_ApiError)
@@ -268,9 +285,13 @@ def create_app(server: Server) -> FastAPI:
         if server.template is None:
             raise _ApiError(400, f"{server.name} has no chat template; use /v1/completions, or "
                             "start the server with --chat-template FILE", "messages")
+        server.check_room()
         try:
             messages = normalize_messages(req.messages)
-            ids = server.template.encode(server.model.tokenizer, messages)
+            # in a thread: a long prompt's rendering and tokenizing must not stall the event
+            # loop (other clients, /health, disconnects)
+            ids = await asyncio.to_thread(server.template.encode, server.model.tokenizer,
+                                          messages)
         except ValueError as e:
             raise _ApiError(400, str(e), "messages") from None
         stop_ids = server.template.stop_token_ids(server.model.tokenizer)
@@ -286,8 +307,9 @@ def create_app(server: Server) -> FastAPI:
                 raise _ApiError(400, "prompt: one prompt per request (a list of one string)",
                                 "prompt")
             p = p[0]
+        server.check_room()
         if isinstance(p, str):
-            ids = server.model.tokenizer.encode(p)
+            ids = await asyncio.to_thread(server.model.tokenizer.encode, p)
         else:
             vocab = server.model.args.vocab_size
             if any(not 0 <= t < vocab for t in p):
@@ -463,6 +485,54 @@ class _Logprobs:
         top = [{"token": self.text(i), "logprob": lp, "bytes": self._entry(i)[1]}
                for i, lp in t.top]
         return {"token": text, "logprob": t.logprob, "bytes": raw, "top_logprobs": top}
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 with OpenAI's error body,
+    whether it declares its length (refused before reading) or not (refused when the bytes
+    read pass the limit), so a client cannot make the server buffer gigabytes."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _refuse(self, scope, receive, send):
+        message = (f"the request body is larger than this server accepts ({self.max_bytes} "
+                   "bytes; serve --max-request-bytes raises it)")
+        await JSONResponse(_error_body(413, message, None, "request_too_large"), 413)(
+            scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+        try:
+            too_big = declared is not None and int(declared) > self.max_bytes
+        except ValueError:
+            too_big = True  # not a number: refuse rather than guess
+        if too_big:
+            return await self._refuse(scope, receive, send)
+        seen = 0
+        refused = False  # the 413 went out: the app's own answer is dropped
+
+        async def limited():
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # answer now and tell the app the client left: it stops reading the body
+                    refused = True
+                    await self._refuse(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message):
+            if not refused:
+                await send(message)
+
+        await self.app(scope, limited, guarded)
 
 
 class _BearerAuth:

@@ -78,7 +78,9 @@ def test_larger_alignment(tmp_path):
     ("file_bytes", "Q", 12345, "file_bytes=12345"),
     ("d_ff", "I", 98, "file_bytes="),          # lies about the shape: sizes disagree
     ("n_layers", "I", 0, "empty dimensions"),
-    ("record_bytes", "Q", 1 << 62, "overflow"),  # n_layers*d_ff*record_bytes wraps
+    ("record_bytes", "Q", 1 << 62, "record_bytes 4611686018427387904 is not the parts'"),
+    ("record_bytes", "Q", 8192, "record_bytes 8192 is not the parts' 1200 bytes rounded up"),
+    ("alignment", "I", 1 << 21, "alignment 2097152 is not a power of two in \\[512, 1048576\\]"),
     ("part_bytes", "I", 401, "part 0 has 401 bytes"),       # parts must be what dtype says
     ("part_offsets", "I", 4, "part 0 has 400 bytes at offset 4"),
     ("down_layout", "I", 1, "down_layout 1"),                # codes need a block format
@@ -87,6 +89,12 @@ def test_larger_alignment(tmp_path):
 def test_lying_header_rejected(bundle, field, fmt, value, match):
     patch(bundle, OFF[field], fmt, value)
     expect_format_error(bundle, match)
+
+
+def test_record_count_times_size_overflow_rejected(bundle):
+    patch(bundle, OFF["n_layers"], "I", 0xFFFFFFFF)
+    patch(bundle, OFF["d_ff"], "I", 0xFFFFFFFF)  # n_layers * d_ff * 4096 wraps 64 bits
+    expect_format_error(bundle, "overflow")
 
 
 def test_version_1_files_still_open(tmp_path, bundle):

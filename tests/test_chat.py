@@ -225,3 +225,23 @@ def test_token_bytes_of_byte_level_and_sentencepiece_vocabularies(tmp_path):
         tok.save(str(tmp_path / name / "tokenizer.json"))
         t = Tokenizer(tmp_path / name)
         assert {i: t.token_bytes(i) for i in want} == want, name
+
+
+@pytest.mark.parametrize("source,match", [
+    # 10^10 iterations: the sandbox's own range cap (100,000 a call) does not bound nesting
+    ("{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+     "loops ran past"),
+    ("{{ 'x' * 10000000000 }}", "repetition of 1 x 10000000000"),   # ~10 GB of string
+    ("{{ [1, 2] * 999999999 }}", "repetition of 2 x 999999999"),
+    ("{{ 10 ** 100000000 }}", "too large"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursed too deeply"),
+])
+def test_a_hostile_template_is_stopped_not_run_forever(source, match):
+    """A template comes with the model and renders every request: one that would run for
+    hours or fill memory is refused with an error instead."""
+    t = ChatTemplate(source, "hostile.jinja", {})
+    with pytest.raises(ValueError, match=match):
+        t.render([{"role": "user", "content": "hi"}])
+    ok = ChatTemplate("{% for i in range(3) %}{{ i }}{% endfor %}{{ 'ab' * 2 }}", "fine", {})
+    for _ in range(3):  # the budget is per render, not per template
+        assert ok.render([]) == "012abab"

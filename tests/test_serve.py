@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 QUEUE = 2
 KEY = "sk-test-key"
+LIMIT = 65536  # --max-request-bytes: every other test's body is far smaller
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -49,6 +50,7 @@ def served(smol, tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "flashinfer_py", "serve", str(smol), "--port", "0",
              "--queue-size", str(QUEUE), "--max-context", "512", "--name", "smol",
+             "--max-request-bytes", str(LIMIT),
              "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=err,
             env={**os.environ, "FLASHINFER_PY_API_KEY": KEY})
     deadline, url = time.monotonic() + 120, None
@@ -221,6 +223,29 @@ def test_malformed_requests_get_400_with_an_openai_error(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="smol", prompt="x", logprobs=21)
     assert e.value.body["param"] == "logprobs"
+
+
+def test_a_body_over_the_limit_gets_413_declared_or_not(server):
+    """A client cannot make the server buffer an unbounded body: over --max-request-bytes it
+    answers 413 whether the length is declared (refused before reading) or the body comes
+    chunked (refused once the bytes read pass the limit), and keeps serving."""
+    body = {"model": "smol", "prompt": "x" * (LIMIT + 100), "max_tokens": 1}
+    r = httpx.post(f"{server}/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert "--max-request-bytes" in r.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: httpx sends a generator with chunked encoding
+        yield b'{"model": "smol", "max_tokens": 1, "prompt": "'
+        for _ in range(LIMIT // 4096 + 4):
+            yield b"x" * 4096
+        yield b'"}'
+
+    r = httpx.post(f"{server}/v1/completions", content=chunked(),
+                   headers={"Content-Type": "application/json", **AUTH})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(f"{server}/v1/completions", headers=AUTH,
+                   json={"model": "smol", "prompt": "Hi", "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
 
 
 def test_an_api_key_is_needed_except_for_health(client, server):
