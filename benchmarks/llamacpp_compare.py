@@ -445,8 +445,10 @@ def git_commit() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
                               capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=HERE, capture_output=True, text=True, timeout=10).stdout
+        # the runs' own results files change as they run: not a change to what is measured
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":(top)", ":(top,exclude)benchmarks/results"], cwd=HERE, capture_output=True, text=True,
+                               timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("+" if dirty.strip() else "")) or None

@@ -13,6 +13,8 @@ except where blocks are kept):
 - GGUF blocks kept (``--dtype q4_1``, resident "auto"): every GGUF tensor already in Q4_1 or
   Q8_0 copied bit for bit (SmolLM2: exactly the model llama.cpp runs; Gemma's K-quant tensors
   are re-quantized to Q4_1);
+- q8_0, resident auto (``--dtype q8_0`` as typed): 8-bit records, and the resident matrices
+  the GGUF already stores in a block format kept as they are (the others in q8_0);
 - q8_0 FFN values in float16 records: the float16 directory whose FFN weights are replaced
   in DRAM by their q8_0 round trip, run by the float16 kernels: the format's own error, apart
   from our block kernels (the q8_0 FFN row minus this one is what the kernels add).
@@ -44,6 +46,9 @@ CONFIGS = {  # name: (dtype, resident_dtype)
     "q4_1": ("q4_1", "q4_1"),
     "q4_0": ("q4_0", "q4_0"),
     "GGUF blocks kept (q4_1, resident auto)": ("q4_1", "auto"),
+    # `convert --dtype q8_0` as typed: resident "auto" keeps the GGUF's Q8_0 / Q4_1 / Q4_0
+    # matrices as they are and stores the others (K-quants, float) in q8_0
+    "q8_0, resident auto (the default command)": ("q8_0", "auto"),
     # the float16 directory with its FFN weights replaced, in DRAM, by their q8_0 round trip:
     # the format's own error, without our block kernels
     "q8_0 FFN values in float16 records": ("float16", "float16", "q8_0"),
