@@ -351,20 +351,27 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
         spare = budget - fixed - sk_fixed - L * f * sk_neuron
         total = max(spare, 0) // (row_cost - sk_neuron)
         if total < minimum * L:
-            need = (fixed + sk_fixed + minimum * L * row_cost + L * (f - minimum) * sk_neuron)
-            sketch = f", the 4-bit sketch {format_bytes(L * f * sk_neuron + sk_fixed)}" if sk else ""
-            dev = (f", allocator margin {format_bytes(allocator)}; unified memory "
-                   f"({unified}): dram_budget and vram_budget are one budget") if unified else ""
+            def need_for(n_cached: int) -> int:  # the budget that caches n_cached a layer
+                return fixed + sk_fixed + n_cached * L * row_cost + L * (f - n_cached) * sk_neuron
+
+            sketch_b = L * (f - minimum) * sk_neuron + sk_fixed
+            sketch = f" + the 4-bit sketch of the uncached neurons {format_bytes(sketch_b)}" if sk else ""
+            dev = (f" (with an allocator margin of {format_bytes(allocator)}; unified memory "
+                   f"({unified}): dram_budget and vram_budget are one budget)") if unified else ""
             gone = sum(u.nbytes for u in stream_units or [] if u.name in streamed)
-            left = f" with {format_bytes(gone)} of matrices left on flash" if streamed else ""
+            left = f", with {format_bytes(gone)} of matrices left on flash" if streamed else ""
             hint = (", or let the resident matrices stream from flash (--stream-resident auto)"
                     if stream_units and runtime.stream_resident == "off" else "")
+            good = max(int(np.ceil(LOW_CACHE_SHARE * f)), minimum)
             raise ValueError(
-                f"{what} {format_bytes(budget)} is too small: the resident part "
-                f"alone needs {format_bytes(fixed)}{left} (tensors {format_bytes(resident_bytes)}, "
-                f"KV cache {format_bytes(kv)} for {ctx} tokens, predictors "
-                f"{format_bytes(predictor_bytes)}, runtime {format_bytes(overhead)}{sketch}{dev}). "
-                f"Give at least {format_bytes(need, up=True)}, or lower --max-context{hint}.")
+                f"{what} {format_bytes(budget)} is too small: the resident part needs "
+                f"{format_bytes(fixed)}{left} (tensors {format_bytes(resident_bytes)}, KV cache "
+                f"{format_bytes(kv)} for {ctx} tokens, predictors {format_bytes(predictor_bytes)}, "
+                f"runtime {format_bytes(overhead)}){dev}{sketch} + the smallest neuron cache "
+                f"({minimum} neurons a layer) {format_bytes(minimum * L * row_cost)}. Give at least "
+                f"{format_bytes(need_for(minimum), up=True)} to run; "
+                f"{format_bytes(need_for(good), up=True)} caches {LOW_CACHE_SHARE:.0%} of the FFN, "
+                f"below which quality suffers. Or lower --max-context{hint}.")
         if (calibration is not None and runtime.per_layer_cache
                 and total >= PER_LAYER_MIN_FRACTION * L * f):
             caps = allocate_caps(calibration.err, calibration.err_k, int(total), f, minimum,

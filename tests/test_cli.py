@@ -189,3 +189,27 @@ def test_serve_api_key_comes_from_the_option_or_the_environment(monkeypatch):
     assert cli._api_key(parse(["serve"])) is None
     with pytest.raises(ValueError, match="--api-key is empty"):
         cli._api_key(parse(["serve", "--api-key", ""]))
+
+
+# ---- what a user who types something wrong sees -------------------------------------------------
+
+def test_errors_name_the_flag_of_a_field(capsys):
+    assert main(["generate", "--threshold", "1", "--prompt", "x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("flashinfer-py generate: error: predictor_threshold must be in (0, 1), "
+                       "got 1.0 (predictor_threshold is --threshold)")
+
+
+def test_info_budget_needs_a_directory_and_a_valid_size(capsys):
+    assert main(["info", "--dram-budget", "4GB"]) == 1
+    assert "give the flash directory" in capsys.readouterr().err
+    assert main(["info", "--dram-budget", "bogus"]) == 1  # was: ignored, exit 0
+    assert "cannot read 'bogus' as a size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("alignment", ["0", "1000", "2097152"])
+def test_convert_alignment_checked_before_any_work(tmp_path, capsys, alignment):
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out"),
+                 "--alignment", alignment, "--quiet"]) == 1
+    assert "must be a power of two from 512 to 1048576" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

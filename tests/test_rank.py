@@ -434,6 +434,10 @@ def test_the_smallest_figure_named_is_enough(trained):
         fi.load(d, dram_budget="1MB")
     figure = re.search(r"Give at least ([0-9.]+ \w+)", str(e.value)).group(1)
     fi.load(d, dram_budget=parse_bytes(figure.replace("iB", "B")))
+    # the second figure named is the budget that caches 15% of the FFN
+    good = re.search(r"; ([0-9.]+ \w+) caches 15% of the FFN", str(e.value)).group(1)
+    plan = fi.load(d, dram_budget=parse_bytes(good.replace("iB", "B"))).plan
+    assert sum(plan.cache_capacity) >= 0.15 * len(plan.cache_capacity) * plan.d_ff
 
 
 # ---- calibration -------------------------------------------------------------------------

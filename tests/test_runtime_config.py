@@ -102,3 +102,28 @@ def test_the_plan_counts_the_read_ahead_slots_and_info_prints_the_plan(tiny_flas
                      "window", "--overlap", "layer", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["memory_plan"]
     assert plan["overhead"] == on.overhead and plan["total"] == on.total
+
+
+@pytest.mark.parametrize("text,want", [("4GB", 4 << 30), ("4 GiB", 4 << 30), ("1.5G", 3 << 29),
+                                       ("1e9", 10**9), ("300MB", 300 << 20), (4096, 4096),
+                                       (2.5e3, 2500)])
+def test_sizes_parse_in_binary_units(text, want):
+    from flashinfer_py.config import parse_bytes
+
+    assert parse_bytes(text) == want
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -5, "-5GB", True, [1], "4 XB", ""])
+def test_a_budget_that_is_not_a_size_is_refused(bad):
+    """Every budget goes through parse_bytes: a NaN used to plan the whole model (the budget
+    silently ignored) and a negative number to pass as a budget."""
+    with pytest.raises(ValueError, match="as a size|positive"):
+        RuntimeConfig(dram_budget=bad)
+    with pytest.raises(ValueError, match="as a size|positive"):
+        RuntimeConfig(dram_budget=0 if bad == "" else bad, backend="torch", vram_budget=bad)
+
+
+@pytest.mark.parametrize("window", ["4", 0, 1.5, True])
+def test_window_must_be_a_whole_number(window):
+    with pytest.raises(ValueError, match="window must be a whole number"):
+        RuntimeConfig(window=window)
