@@ -339,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to build (default auto: sketch for SwiGLU/GeGLU, lowrank for ReLU)")
     t.add_argument("--text", nargs="+", default=None, metavar="FILE",
                    help="calibration text files (default: Shakespeare's plays, offline)")
-    t.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    t.add_argument("--tokens", type=int, default=4096,
+                   help="calibration tokens (default 4096); their activations are kept in "
+                        "DRAM beside the dense model: 2 x (d_model + d_ff) x layers bytes a "
+                        "token, about 1 MB for a 7B")
     t.add_argument("--rank", type=int, default=64,
                    help="lowrank: predictor rank of most layers (default 64)")
     t.add_argument("--rank-last", type=int, default=64,
