@@ -138,8 +138,11 @@ void AsyncReads::release(uint32_t slot) {
 const char* AsyncReads::find(uint32_t layer, int64_t id) const {
   if (id < 0 || id >= int64_t(d_ff_)) return nullptr;
   for (const Slot& s : slots_) {
-    // state and waited change only on the caller's thread once a slot is done
-    if (s.state != State::kDone || !s.waited || s.layer != layer) continue;
+    // waited first: it is written on this (the caller's) thread only, and a waited slot is
+    // one the worker no longer touches until start() queues it again here, so state is read
+    // only when no other thread can be writing it (reading it first raced the worker
+    // marking an in-flight slot done)
+    if (!s.waited || s.state != State::kDone || s.layer != layer) continue;
     int32_t k = s.index[std::size_t(id)];
     if (k >= 0)
       return static_cast<const char*>(s.staging.data()) + uint64_t(k) * reader_.record_bytes();

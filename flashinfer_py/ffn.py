@@ -208,6 +208,7 @@ class SparseFFN:
         # ahead of the layer (from its attention input), slot 1 what the layer's own selection
         # lacks, while the caller runs attention and the FFN on the rows already cached.
         self.ahead = None
+        self._lost: Optional[str] = None  # set when a failed swap left a layer uncovered
         if runtime.overlap != "off":
             if self.cache is None or not runtime.bundled:
                 raise ValueError(f"overlap={runtime.overlap!r} needs the neuron cache and "
@@ -402,27 +403,26 @@ class SparseFFN:
         ids = np.asarray(self._select(layer, x), np.int64)
         t1 = time.perf_counter_ns()
         st.predict_ns += t1 - t0
+        # From plan to commit the policy counts the plan as applied: anything that stops the
+        # layer in between (a failed read, an error in the kernel, Ctrl-C, which chat
+        # survives) must abort it, or the policy and the cache disagree from then on.
         try:
             enter, leave = drv.plan(layer, ids)
             rest = self._read_rest(layer, enter, x)
-        except BaseException:
-            drv.abort(layer)
-            raise
-        t2 = time.perf_counter_ns()
-        has_bias = self.bias[layer] is not None
-        rows = cache.rows(layer)
-        if self.runtime.compute == "predicted":
-            stay = drv.rows_of(layer, ids)
-            stay = stay[stay >= 0]
-        elif leave.size:
-            keep = np.ones(rows.shape[0], bool)
-            keep[drv.rows_of(layer, leave)] = False
-            stay = np.flatnonzero(keep).astype(np.int32)
-        else:
-            stay = None
-        st.mm_ns += time.perf_counter_ns() - t2
-        out = self._ffn_on(layer, x, rows, stay, has_bias)
-        try:
+            t2 = time.perf_counter_ns()
+            has_bias = self.bias[layer] is not None
+            rows = cache.rows(layer)
+            if self.runtime.compute == "predicted":
+                stay = drv.rows_of(layer, ids)
+                stay = stay[stay >= 0]
+            elif leave.size:
+                keep = np.ones(rows.shape[0], bool)
+                keep[drv.rows_of(layer, leave)] = False
+                stay = np.flatnonzero(keep).astype(np.int32)
+            else:
+                stay = None
+            st.mm_ns += time.perf_counter_ns() - t2
+            out = self._ffn_on(layer, x, rows, stay, has_bias)
             self._land(layer, rest, lambda: drv.commit(layer))
         except BaseException:
             drv.abort(layer)  # the plan is not applied: start the layer over
@@ -487,6 +487,8 @@ class SparseFFN:
         cached ones that matter least to these tokens (at most max_loads per token), read,
         and added to the output. With overlap, the best candidates' reads start before the
         FFN on the cached rows (they do not depend on it); the loads are a subset of them."""
+        if self._lost is not None:
+            raise ValueError(self._lost)
         st, cache = self.tok, self.cache
         t = x.shape[0]
         t0 = time.perf_counter_ns()
@@ -514,9 +516,22 @@ class SparseFFN:
         evict = ids[evict_rows].astype(np.int64)  # ids before the cache changes
 
         def apply():
-            if len(load) and self.sketch is not None:
-                self.sketch.swap(layer, load, evict, rows, evict_rows)
-            self.driver.swap(layer, np.sort(load), evict)
+            if not (len(load) and self.sketch is not None):
+                self.driver.swap(layer, np.sort(load), evict)
+                return
+            self.sketch.swap(layer, load, evict, rows, evict_rows)
+            try:
+                self.driver.swap(layer, np.sort(load), evict)
+            except BaseException as e:
+                # The newcomers already left the sketch store (their slots went to the
+                # evicted neurons) and did not reach the cache: no tier holds them, and
+                # both tiers are full, so they cannot be put back. Refuse to go on rather
+                # than run without them unnoticed.
+                self._lost = (f"a read failed while layer {layer}'s neurons were being "
+                              f"swapped ({type(e).__name__}: {e}); the neuron cache and the "
+                              "sketch no longer cover the layer. Load the model again "
+                              "(flashinfer_py.load) to continue.")
+                raise
 
         if self.ahead is not None:
             self._land(layer, rest, apply)  # the reads first: a failed one changes nothing

@@ -26,6 +26,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -238,28 +239,37 @@ class ResidentStream:
         self._free = threading.Semaphore(N_BUFFERS)
         self._ready: queue.Queue = queue.Queue()
         self._pos = 0
-        self._thread = threading.Thread(target=self._run, name="flashinfer-resident-stream",
-                                        daemon=True)
+        # The thread holds the stream only weakly, and never while it waits for a free
+        # buffer: a model dropped with its stream running is freed (and __del__ stops the
+        # thread and closes the files) instead of leaking both.
+        self._thread = threading.Thread(target=ResidentStream._run,
+                                        args=(weakref.ref(self), self._free, self._ready),
+                                        name="flashinfer-resident-stream", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        i, slot, n = 0, 0, len(self.reads)
+    @staticmethod
+    def _run(ref, free: threading.Semaphore, ready: queue.Queue) -> None:
+        i = slot = 0
         while True:
-            self._free.acquire()
-            if self._stop:
+            free.acquire()
+            self = ref()
+            if self is None or self._stop:
                 return
             r = self.reads[i]
             t0 = time.perf_counter_ns()
             try:
                 self._read(self._fd, self._bufs[slot], r.off, r.need, r.length)
-            except OSError as e:
-                self._ready.put((i, slot, e, r.off))
+            except Exception as e:  # noqa: BLE001 - any failure reaches the compute side
+                if not isinstance(e, OSError):
+                    e = OSError(5, f"reading a streamed matrix failed: {type(e).__name__}: {e}")
+                ready.put((i, slot, e, r.off))
                 return
             self.busy_ns += time.perf_counter_ns() - t0
             self._thread_bytes += r.length
             self._thread_reads += 1
-            self._ready.put((i, slot, None, r.off))
-            i, slot = (i + 1) % n, (slot + 1) % N_BUFFERS
+            ready.put((i, slot, None, r.off))
+            i, slot = (i + 1) % len(self.reads), (slot + 1) % N_BUFFERS
+            del self  # not held while waiting for the next free buffer
 
     def _read(self, fd: int, buf: np.ndarray, off: int, need: int, length: int) -> None:
         """`length` bytes at `off` into buf (fewer at the end of the file: at least `need`)."""
@@ -278,7 +288,8 @@ class ResidentStream:
             return
         self._stop = True
         self._free.release()
-        self._thread.join()
+        if self._thread is not threading.current_thread():  # __del__ may run on the thread
+            self._thread.join()
         self._thread = None
 
     # ---------------------------------------------------------------- the compute side

@@ -160,3 +160,24 @@ def test_a_generation_whose_reads_fail_raises_then_the_model_works_again(tiny_fl
     assert ei.value.errno == errno.EIO and ei.value.path.endswith("ffn_bundles.bin")
     testing.arm_failpoint(ERROR_POINT[engine], count=0)
     assert [s.token for s in model.generate_step(prompt, 8, stop_at_eos=False)] == want
+
+
+def test_a_failed_swap_under_rank_refuses_to_go_on_without_the_lost_neurons(tiny_flash,
+                                                                           tmp_path_factory):
+    """eviction="rank": a read failing after the newcomers left the sketch store leaves them
+    in neither tier; the model says so and asks to be loaded again instead of running
+    without them unnoticed."""
+    from test_rank import rank_budget, sketch_dir
+
+    d, _ = sketch_dir(tiny_flash, tmp_path_factory)
+    m = fi.load(d, dram_budget=rank_budget(d, 0.3), io_engine="threads")
+    prompt = list(range(5, 13))
+    m.logits(prompt)  # warm: the cache is full, the next tokens swap
+    testing.arm_failpoint("pread_error", count=-1, value=errno.EIO)
+    with pytest.raises(FlashIOError):
+        m.logits(prompt[::-1])
+    testing.arm_failpoint("pread_error", count=0)
+    with pytest.raises(ValueError, match="Load the model again"):
+        m.logits(prompt)
+    fresh = fi.load(d, dram_budget=rank_budget(d, 0.3), io_engine="threads")
+    assert np.isfinite(fresh.logits(prompt)).all()

@@ -188,3 +188,31 @@ def test_a_tiny_cache_warns_of_the_quality_loss(tiny_flash, tmp_path):
 def test_stream_resident_is_checked():
     with pytest.raises(ValueError, match="stream_resident"):
         fi.RuntimeConfig(stream_resident="some")
+
+
+def test_a_dropped_model_frees_its_stream_thread_and_files(tiny_flash, prompt_ids):
+    """The reading thread holds the stream only weakly: dropping the model (mid-cycle, with
+    reads ahead of the compute) ends the thread and closes the files instead of leaking them
+    (a thread, its buffers and two descriptors per model loaded in the process)."""
+    import gc
+    import threading
+    import time
+    import weakref
+
+    d = tiny_flash("gemma3", "float16")
+    m = fi.load(d, fi.RuntimeConfig(sparse=True, selection="oracle", eviction="window",
+                                    max_context=16, stream_resident="all"))
+    m.forward(prompt_ids[:4], m.new_cache())
+    stream = m.transformer.stream
+    assert stream is not None and stream._thread is not None and stream._thread.is_alive()
+    thread, fds = stream._thread, [stream._fd, stream._row_fd]
+    ref = weakref.ref(stream)
+    del m, stream
+    gc.collect()
+    assert ref() is None
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    for fd in fds:
+        if fd >= 0:
+            with pytest.raises(OSError):
+                os.fstat(fd)  # closed (nothing else in this test opens files meanwhile)

@@ -195,3 +195,38 @@ def test_frequency_eviction_keeps_the_cache_full(tiny_flash, prompt_ids):
         assert win.ffn.cache.n_used(layer) == win.ffn.policy.size(layer)
     assert sum(win.ffn.cache.n_used(i) for i in range(L)) < sum(
         freq.ffn.cache.n_used(i) for i in range(L))
+
+
+def test_an_interrupt_in_the_layers_kernel_leaves_policy_and_cache_in_step(tiny_flash,
+                                                                          monkeypatch):
+    """Ctrl-C (which chat survives) or an error inside a layer's FFN kernel, after the window
+    planned the layer: the layer is aborted on both sides, so a conversation that goes on
+    (its prompt cache kept: no reset) generates exactly what a fresh model does (ReLU + the
+    oracle selection: the cache's history cannot change the tokens). Before the fix the
+    policy kept the unapplied plan and the next turn failed ("already cached")."""
+    from flashinfer_py.ffn import SparseFFN
+
+    d = tiny_flash("llama-relu")
+    kw = dict(sparse=True, selection="oracle", eviction="window", window=2)
+    model = fi.load(d, **kw)
+    pc = model.new_prompt_cache()
+    prompt = list(range(5, 13))
+    first = [s.token for s in model.generate_step(prompt, 2, stop_at_eos=False,
+                                                  prompt_cache=pc)]
+    turn = prompt + first + [40, 41, 42]
+    want = [s.token for s in fi.load(d, **kw).generate_step(turn, 6, stop_at_eos=False)]
+    real, calls = SparseFFN._ffn_on, []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # layer 1's rows that stay (a layer calls it twice: those,
+            raise KeyboardInterrupt  # then the newcomers): after its plan, before its commit
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(SparseFFN, "_ffn_on", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        list(model.generate_step(turn, 6, stop_at_eos=False, prompt_cache=pc))
+    monkeypatch.setattr(SparseFFN, "_ffn_on", real)
+    got = list(model.generate_step(turn, 6, stop_at_eos=False, prompt_cache=pc))
+    assert got[0].cached_tokens > 0  # the conversation went on: no reset
+    assert [s.token for s in got] == want
