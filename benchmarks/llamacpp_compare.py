@@ -604,12 +604,15 @@ def cmd_compare(a) -> None:
                     if tool == "ours+pred":
                         argv.append("--predictor-cost")
                     timeout = a.our_timeout + 300
+                # when and what ran: taken before the run (a commit made during a long run
+                # must not be credited with it)
                 started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+                commit = git_commit()
                 print(f"read-ahead {ra} KiB, cap {frac:.0%}: {tool} ...", file=sys.stderr,
                       flush=True)
                 r = run_capped(argv, cap, timeout)
                 r.update(read_ahead_kb=ra, tool_arg=tool, cap=cap, cap_fraction=frac,
-                         started=started, commit=git_commit())
+                         started=started, commit=commit)
                 sm = summarize(r)
                 print(f"  rc={r['rc']} {sm} max_usage={r['max_usage'] / 1e9:.2f} GB "
                       f"load={r['load_before']}", file=sys.stderr, flush=True)
