@@ -60,8 +60,13 @@ def _check_against_bundles(directory: Path, manifest: dict, args: ModelArgs) -> 
             f"{directory / 'manifest.json'}: {', '.join(bad)} disagree with "
             f"{manifest['files']['bundles']}; re-run `flashinfer-py convert` to rebuild the "
             "directory.")
-    # Token ids are checked against vocab_size; the embedding (and LM head) must have that
-    # many rows, or an id past them reads the next tensor's bytes from a streamed embedding.
+
+
+def _check_vocab(directory: Path, manifest: dict, args: ModelArgs) -> None:
+    """Token ids are checked against vocab_size; the embedding (and LM head) must have that
+    many rows, or an id past them reads the next tensor's bytes from a streamed embedding.
+    (After the memory plan: a budget too small is reported before the resident file is
+    opened.)"""
     from .checkpoint import CheckpointError, _SafetensorsFile
 
     dense = directory / manifest["files"]["dense"]
@@ -134,6 +139,7 @@ class FlashModel:
 
             self.runtime, self.predictors, self.plan = prepare_sparse(
                 self.directory, self.manifest, self.args, self.runtime)
+        _check_vocab(self.directory, self.manifest, self.args)
         streamed = None  # resident matrices the plan leaves on flash (resident_stream.py)
         if self.sparse and self.plan.streamed:
             from .loader import dense_entries
