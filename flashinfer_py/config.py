@@ -86,11 +86,7 @@ class ModelArgs:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads"):
             v = getattr(self, name)
-            try:
-                ok = not isinstance(v, bool) and operator.index(v) > 0
-            except TypeError:
-                ok = False
-            if not ok:
+            if not _whole_at_least(v, 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.num_key_value_heads <= 0:
             self.num_key_value_heads = self.num_attention_heads
@@ -693,11 +689,7 @@ class RuntimeConfig:
                              f"{', '.join(map(repr, STREAM_RESIDENT))}, not {self.stream_resident!r}")
         if self.compute not in ("predicted", "cached"):
             raise ValueError(f"compute must be 'predicted' or 'cached', not {self.compute!r}")
-        try:
-            ok = not isinstance(self.window, bool) and operator.index(self.window) >= 1
-        except TypeError:
-            ok = False
-        if not ok:
+        if not _whole_at_least(self.window, 1):
             raise ValueError(f"window must be a whole number of tokens >= 1, got {self.window!r}")
         if not 0.0 < self.predictor_threshold < 1.0:
             raise ValueError(f"predictor_threshold must be in (0, 1), got {self.predictor_threshold}")
@@ -759,6 +751,14 @@ class RuntimeConfig:
         out = dataclasses.replace(self, ablation=None, **kw)
         out.ablation = self.ablation  # the name, for reports; its settings are in the fields
         return out
+
+
+def _whole_at_least(v: Any, minimum: int) -> bool:
+    """`v` is an integer (Python's or numpy's, not a bool, a float or a string) >= minimum."""
+    try:
+        return not isinstance(v, bool) and operator.index(v) >= minimum
+    except TypeError:
+        return False
 
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,

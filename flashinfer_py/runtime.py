@@ -62,29 +62,26 @@ def _check_against_bundles(directory: Path, manifest: dict, args: ModelArgs) -> 
             "directory.")
 
 
-def _check_vocab(directory: Path, manifest: dict, args: ModelArgs) -> None:
-    """Token ids are checked against vocab_size; the embedding (and LM head) must have that
-    many rows, or an id past them reads the next tensor's bytes from a streamed embedding.
-    (After the memory plan: a budget too small is reported before the resident file is
-    opened.)"""
-    from .checkpoint import CheckpointError, _SafetensorsFile
+def _dense_entries(directory: Path, manifest: dict, args: ModelArgs) -> dict:
+    """dense.safetensors' header (loader.dense_entries), checked against the manifest: token
+    ids are checked against vocab_size, so the embedding (and LM head) must have that many
+    rows, or an id past them reads the next tensor's bytes from a streamed embedding. (After
+    the memory plan: a budget too small is reported before the resident file is opened.)"""
+    from .checkpoint import CheckpointError
+    from .loader import dense_entries
 
-    dense = directory / manifest["files"]["dense"]
     try:
-        f = _SafetensorsFile(dense)
+        entries = dense_entries(directory, manifest)
     except CheckpointError as e:
         raise FlashFormatError(f"{e} (re-run `flashinfer-py convert` to rebuild the "
                                "directory)") from None
-    try:
-        for name in ("tok_embeddings", "lm_head"):
-            if name in f.entries and f.entries[name][1][0] != args.vocab_size:
-                raise FlashFormatError(
-                    f"{directory / 'manifest.json'}: vocab_size {args.vocab_size} disagrees "
-                    f"with {name} in {dense.name} ({f.entries[name][1][0]} rows); re-run "
-                    "`flashinfer-py convert` to rebuild the directory.")
-    finally:
-        f.close()
-
+    for name in ("tok_embeddings", "lm_head"):
+        if name in entries and entries[name][1][0] != args.vocab_size:
+            raise FlashFormatError(
+                f"{directory / 'manifest.json'}: vocab_size {args.vocab_size} disagrees with "
+                f"{name} in {manifest['files']['dense']} ({entries[name][1][0]} rows); re-run "
+                "`flashinfer-py convert` to rebuild the directory.")
+    return entries
 
 class PromptCache:
     """A KV cache and the token ids whose keys and values it holds: a conversation's context.
@@ -139,13 +136,11 @@ class FlashModel:
 
             self.runtime, self.predictors, self.plan = prepare_sparse(
                 self.directory, self.manifest, self.args, self.runtime)
-        _check_vocab(self.directory, self.manifest, self.args)
+        entries = _dense_entries(self.directory, self.manifest, self.args)
         streamed = None  # resident matrices the plan leaves on flash (resident_stream.py)
         if self.sparse and self.plan.streamed:
-            from .loader import dense_entries
             from .resident_stream import stream_units
 
-            entries = dense_entries(self.directory, self.manifest)
             left = {t for u in stream_units(self.args, entries) if u.name in self.plan.streamed
                     for t in u.tensors}
             streamed = (self.directory / self.manifest["files"]["dense"], entries, left)

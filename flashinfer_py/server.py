@@ -158,11 +158,7 @@ class Server:
                             headers={"Retry-After": "1"})
 
     def admit(self) -> None:
-        if self._admitted >= 1 + self.queue_size:
-            self.counts["refused"] += 1
-            raise _ApiError(429, f"the server is busy: one generation runs and "
-                            f"{self.queue_size} requests wait; retry later", code="queue_full",
-                            headers={"Retry-After": "1"})
+        self.check_room()
         self._admitted += 1
 
     def _release(self) -> None:
