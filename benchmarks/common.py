@@ -24,6 +24,16 @@ def git_commit(*paths: str) -> str:
         return "unknown"
 
 
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Lay out `fig` and write it to `path` (its folder made if missing), saying where."""
+    import sys
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def machine() -> str:
     """CPU model, cores, memory and OS."""
     cpu = platform.processor() or platform.machine()

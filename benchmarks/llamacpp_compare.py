@@ -60,6 +60,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from common import git_commit, save_figure  # noqa: E402  (stdlib only: safe in the llama.cpp child)
 
 L, D, F, H, VOCAB, CTX = 32, 4096, 11008, 32, 32000, 2048
 
@@ -440,20 +441,6 @@ def summarize(r: dict) -> dict:
             "bytes": float(b.mean()), "n": len(s)}
 
 
-def git_commit() -> str | None:
-    """The checkout's commit (with "+" if it has changes), recorded beside each run."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        # the runs' own results files change as they run: not a change to what is measured
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                ":(top)", ":(top,exclude)benchmarks/results"], cwd=HERE, capture_output=True, text=True,
-                               timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+" if dirty.strip() else "")) or None
-
-
 TOOL_NAMES = {"llama": "llama.cpp (mmap)", "ours": "ours (sparse)",
               "ours+pred": "ours (sparse, predictor cost)", "naive": "ours (naive)"}
 
@@ -570,10 +557,7 @@ def plot(groups: list, path: Path) -> None:
                  "our side driven by a recorded trace of SmolLM2's sets", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}", file=sys.stderr)
+    save_figure(fig, path)
 
 
 def cmd_compare(a) -> None:
@@ -607,7 +591,8 @@ def cmd_compare(a) -> None:
                 # when and what ran: taken before the run (a commit made during a long run
                 # must not be credited with it)
                 started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-                commit = git_commit()
+                # the runs' own results file changes as they run: not a change to what runs
+                commit = git_commit(".", ":(exclude)benchmarks/results")
                 print(f"read-ahead {ra} KiB, cap {frac:.0%}: {tool} ...", file=sys.stderr,
                       flush=True)
                 r = run_capped(argv, cap, timeout)

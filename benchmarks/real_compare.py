@@ -70,7 +70,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import git_commit, machine  # noqa: E402
+from common import git_commit, machine, save_figure  # noqa: E402
 from llamacpp_compare import read_bytes  # noqa: E402
 from long_run import status_kib  # noqa: E402
 
@@ -624,10 +624,7 @@ def plot(points: list, path: Path) -> None:
         ax.set_title(f"{model}: tokens/s vs memory cap (labels: perplexity)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}", file=sys.stderr)
+    save_figure(fig, path)
 
 
 def main() -> None:
