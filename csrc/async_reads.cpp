@@ -93,16 +93,30 @@ void AsyncReads::worker_loop() {
     uint64_t t0 = now_ns();
     ReadStats rs;
     std::exception_ptr err;
+    const uint64_t abandoned = reader_.abandoned();
     try {
-      if (!s.ids.empty())
+      if (!s.ids.empty()) {
+        FI_CHECK(s.staging.size() > 0, "reading ahead stopped after a device failed to "
+                 "answer a read (", reader_.path(), "): load the model again");
         rs = reader_.read(s.layer, s.ids.data(), s.ids.size(), s.staging.data(),
                           reader_.record_bytes());
+      }
     } catch (...) {
       err = std::current_exception();
     }
     uint64_t t1 = now_ns();
     {
       std::lock_guard<std::mutex> lk(mu_);
+      if (reader_.abandoned() != abandoned) {
+        // The kernel may still write into this staging: leak it, never reuse it, and read
+        // ahead into a fresh one (if none can be had, the slot refuses new jobs: above).
+        (void)new AlignedBuffer(std::move(s.staging));
+        s.staging = AlignedBuffer();
+        try {
+          s.staging = AlignedBuffer(max_records_ * reader_.record_bytes());
+        } catch (...) {
+        }
+      }
       s.stats = rs;
       s.busy_ns = t1 - t0;
       s.error = err;
@@ -153,6 +167,7 @@ const char* AsyncReads::find(uint32_t layer, int64_t id) const {
 uint64_t AsyncReads::busy_ns(uint32_t slot) const { return at(slot).busy_ns; }
 
 std::size_t AsyncReads::nbytes() const {
+  std::lock_guard<std::mutex> lk(mu_);  // the worker replaces a staging a device abandoned
   std::size_t b = 0;
   for (const Slot& s : slots_) b += s.staging.size() + 4 * s.index.size() + 8 * s.ids.capacity();
   return b;

@@ -70,7 +70,8 @@ class AsyncReads {
     uint32_t layer = 0;
     std::vector<int64_t> ids;
     std::vector<int32_t> index;  // (d_ff,) record index of each id, -1 = not held
-    AlignedBuffer staging;       // (max_records, record_bytes)
+    AlignedBuffer staging;       // (max_records, record_bytes); replaced (the old one leaked)
+                                 // after a read the device did not answer was abandoned
     ReadStats stats;
     uint64_t busy_ns = 0;
     std::exception_ptr error;
@@ -84,7 +85,7 @@ class AsyncReads {
   uint32_t d_ff_;
   std::vector<Slot> slots_;
 
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_job_;   // the worker waits for a queued slot or stop
   std::condition_variable cv_done_;  // wait() waits for its slot to be done
   std::deque<uint32_t> queue_;

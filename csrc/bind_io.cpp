@@ -120,6 +120,31 @@ py::array_t<int64_t> as_ids(const py::object& obj) {
   return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a.reshape({a.size()}));
 }
 
+// A read into the caller's array, the GIL released. If the reader abandoned one of the
+// call's reads (a device that neither answered nor let it be cancelled: see
+// BundleReader::abandoned), the kernel may still write into `out` at any time, so the array
+// is leaked (one reference never released) before the error reaches Python: its memory is
+// never freed or reused.
+template <class Read>
+ReadStats read_keeping(BundleReader& r, py::array& out, Read&& read) {
+  const uint64_t abandoned = r.abandoned();
+  std::exception_ptr err;
+  ReadStats rs;
+  {
+    py::gil_scoped_release nogil;
+    try {
+      rs = read();
+    } catch (...) {
+      err = std::current_exception();
+    }
+  }
+  if (err) {
+    if (r.abandoned() != abandoned) out.inc_ref();
+    std::rethrow_exception(err);
+  }
+  return rs;
+}
+
 // A writable 2-D destination with `n` rows of at least `row_bytes` contiguous bytes each.
 // With `aligned`, start and row stride must be multiples of 4096 (O_DIRECT lands in place).
 char* check_out(py::array& out, py::ssize_t n, uint64_t row_bytes, bool aligned,
@@ -296,8 +321,7 @@ void bind_io(py::module_& m) {
              char* dst = check_out(out, ids.size(), r.record_bytes(), r.is_direct(), &stride);
              const int64_t* ip = ids.data();
              std::size_t n = std::size_t(ids.size());
-             py::gil_scoped_release nogil;
-             return r.read(layer, ip, n, dst, std::size_t(stride));
+             return read_keeping(r, out, [&] { return r.read(layer, ip, n, dst, std::size_t(stride)); });
            },
            py::arg("layer"), py::arg("ids"), py::arg("out"))
       .def("read_parts",
@@ -314,9 +338,10 @@ void bind_io(py::module_& m) {
              char* dst = check_out(out, ids.size(), need, false, &stride);
              const int64_t* ip = ids.data();
              std::size_t n = std::size_t(ids.size());
-             py::gil_scoped_release nogil;
-             return r.read_parts(layer, ip, n, parts.data(), parts.size(), dst,
-                                 std::size_t(stride));
+             return read_keeping(r, out, [&] {
+               return r.read_parts(layer, ip, n, parts.data(), parts.size(), dst,
+                                   std::size_t(stride));
+             });
            },
            py::arg("layer"), py::arg("ids"), py::arg("parts"), py::arg("out"))
       .def("read_ranges",
@@ -330,8 +355,7 @@ void bind_io(py::module_& m) {
              std::size_t nbytes = std::size_t(out.nbytes());
              const uint64_t* op = offs.data();
              char* dst = static_cast<char*>(out.mutable_data());
-             py::gil_scoped_release nogil;
-             return r.read_ranges(op, n, length, dst, nbytes);
+             return read_keeping(r, out, [&] { return r.read_ranges(op, n, length, dst, nbytes); });
            },
            py::arg("offsets"), py::arg("length"), py::arg("out"),
            "n raw reads of `length` bytes at file offsets -> slices of out, reused "
@@ -344,6 +368,7 @@ void bind_io(py::module_& m) {
       .def_property_readonly("params", &BundleReader::params)
       .def_property_readonly("scratch_cap", &BundleReader::scratch_cap)
       .def_property_readonly("scratch_bytes", &BundleReader::scratch_bytes)
+      .def_property_readonly("abandoned", &BundleReader::abandoned)
       .def_property_readonly("record_bytes", &BundleReader::record_bytes)
       .def_property_readonly("payload_bytes", &BundleReader::payload_bytes)
       .def_property_readonly("record_elems", [](const BundleReader& r) {
@@ -531,6 +556,15 @@ void bind_io(py::module_& m) {
   t.def("_failpoint_states", [] {  // for _bookkeeping's copy of the read path (failpoints.h)
     return py::capsule(static_cast<void*>(failpoints::own_states()), failpoints::kCapsule);
   });
+  t.def("late_writes",
+        [](int byte) -> std::size_t {
+          FI_CHECK(byte >= 0 && byte <= 255, "byte must be in [0, 255], got ", byte);
+          return failpoints::play_late_writes(static_cast<unsigned char>(byte));
+        },
+        py::arg("byte"),
+        "Write `byte` over every buffer an abandoned io_uring read could still land in (the "
+        "late write of a device that ignored cancellation), then forget them; returns the "
+        "bytes written. Failpoint builds record them; other builds none.");
   t.def("failpoint_fired", [](const std::string& name) -> long {
     for (int p = 0; p < failpoints::kCount; ++p)
       if (name == failpoints::kNames[p]) return failpoints::state(p).fired.load();

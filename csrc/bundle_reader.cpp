@@ -459,7 +459,7 @@ struct Failure {
 //   - nothing completes within read_timeout_ms: cancel every outstanding read and wait once
 //     more; a read that even cancelling does not end (a hung device) is abandoned with its
 //     ring and the scratch buffer, which are leaked on purpose, and a fresh ring is made.
-//     (The caller's rows such a read targets cannot be protected: the error says so.)
+//     (The caller's rows such a read targets are the caller's to keep: see abandoned().)
 void BundleReader::execute_uring(std::size_t first, std::size_t count) {
   io_uring* ring = &uring_->ring;
   const Request* reqs = reqs_.data() + first;
@@ -490,6 +490,15 @@ void BundleReader::execute_uring(std::size_t first, std::size_t count) {
   auto first_held = [&]() {
     return std::size_t(std::find(held.begin(), held.end(), 1) - held.begin());
   };
+  // Leave the ring with the reads it still holds (see abandon_ring); failpoint builds note
+  // where those reads could still land, for the tests to play the late write.
+  auto give_up = [&]() {
+#ifdef FLASHINFER_FAILPOINTS
+    for (std::size_t k = 0; k < n; ++k)
+      if (held[k]) failpoints::record_late_write(reqs[k].buf + done[k], reqs[k].len - done[k]);
+#endif
+    abandon_ring();
+  };
 
   while (inflight > 0 || (fail.empty() && next < n)) {
     while (fail.empty() && next < n && inflight < depth) {
@@ -516,7 +525,7 @@ void BundleReader::execute_uring(std::size_t first, std::size_t count) {
                                 params_.read_timeout_ms, " ms and could not be cancelled: the "
                                 "device may be failing; the read was abandoned"),
                  ETIMEDOUT, i < n ? int64_t(reqs[i].off + done[i]) : -1);
-        abandon_ring();
+        give_up();
         throw IoError(fail.msg, fail.err, path(), fail.off);
       }
       fail.set(detail::concat(where(i), " did not complete within ", params_.read_timeout_ms,
@@ -543,7 +552,7 @@ void BundleReader::execute_uring(std::size_t first, std::size_t count) {
                -rc, -1);
       replace = true;
       if (++refusals > 3) {  // it will not even wait: give it up without freeing anything
-        abandon_ring();
+        give_up();
         throw IoError(fail.msg + "; the ring was abandoned", fail.err, path());
       }
     }
@@ -583,8 +592,11 @@ void BundleReader::execute_uring(std::size_t first, std::size_t count) {
 }
 
 // A ring the kernel may still write through: leak it and the scratch buffer (never freed,
-// never reused), then continue on a fresh ring.
+// never reused), then continue on a fresh ring. The caller's rows cannot be leaked from here:
+// abandoned() counts these events so that each owner of a destination can (AsyncReads leaks
+// its slot's staging, NeuronCache its rows, the Python bindings the `out` array).
 void BundleReader::abandon_ring() {
+  abandoned_.fetch_add(1, std::memory_order_relaxed);
   (void)uring_.release();
   (void)new AlignedBuffer(std::move(scratch_));
   scratch_size_.store(0, std::memory_order_relaxed);

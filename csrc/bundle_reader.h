@@ -109,6 +109,11 @@ class BundleReader {
   // The scratch buffer's bound (see ReaderParams::max_scratch_bytes) and its size now.
   uint64_t scratch_cap() const;
   std::size_t scratch_bytes() const { return scratch_size_.load(std::memory_order_relaxed); }
+  // How many times a read was abandoned (io_uring: a read that neither completed nor could
+  // be cancelled within read_timeout_ms): the kernel may still write into the destination of
+  // such a read at any time, so its owner must never free or reuse that memory. An owner
+  // compares this before and after a failed call.
+  uint64_t abandoned() const { return abandoned_.load(std::memory_order_relaxed); }
   ReadStats stats() const;
   void reset_stats();
   void drop_page_cache() const { file_.drop_page_cache(); }
@@ -168,6 +173,7 @@ class BundleReader {
   uint64_t scratch_used_ = 0;         // planning: scratch taken in the current round
   // scratch_.size() for scratch_bytes(), which may run while a read (GIL released) grows it
   std::atomic<std::size_t> scratch_size_{0};
+  std::atomic<uint64_t> abandoned_{0};  // abandon_ring() calls
   std::vector<std::pair<int64_t, std::size_t>> order_;  // (id, position in caller's ids)
   std::vector<char*> strided_;        // (n,) destination rows of a strided call
   mutable std::mutex stats_mu_;

@@ -12,6 +12,10 @@
 
 #include <atomic>
 #include <cstddef>
+#include <cstring>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 namespace flashinfer::failpoints {
 
@@ -33,25 +37,61 @@ struct State {
   std::atomic<int> value{0};
 };
 
+// The reads an abandoned io_uring ring left in the kernel (BundleReader::abandon_ring): the
+// kernel may still write their buffers at any time. Failpoint builds record them so a test
+// can play that late write (_core.testing.late_writes(byte)) and show nothing the program
+// still uses is hit: a device that ignores cancellation cannot be had on demand.
+struct LateWrites {
+  std::mutex mu;
+  std::vector<std::pair<char*, std::size_t>> ranges;
+};
+
+struct Shared {
+  State states[kCount];
+  LateWrites late;
+};
+
 // Each extension module links its own copy of the core (_core, and _bookkeeping, whose
 // NeuronCache::replace reads through its own copy of the reader's code), so each would have its
 // own states. The states are _core's: _bookkeeping points at them when it is imported
 // (_core.testing._failpoint_states() hands them over in a capsule named kCapsule).
 inline constexpr const char* kCapsule = "flashinfer.failpoints";
 
-inline State*& shared_states() {
-  static State* shared = nullptr;
+inline Shared*& shared_states() {
+  static Shared* shared = nullptr;
   return shared;
 }
 
-inline State* own_states() {
-  static State states[kCount];
-  return states;
+inline Shared* own_states() {
+  static Shared states;
+  return &states;
 }
 
-inline State& state(int p) {
-  State* s = shared_states();
-  return (s ? s : own_states())[p];
+inline Shared& shared() {
+  Shared* s = shared_states();
+  return s ? *s : *own_states();
+}
+
+inline State& state(int p) { return shared().states[p]; }
+
+inline void record_late_write(char* buf, std::size_t len) {
+  LateWrites& l = shared().late;
+  std::lock_guard<std::mutex> lk(l.mu);
+  l.ranges.emplace_back(buf, len);
+}
+
+// Writes `byte` over every recorded range, as the abandoned reads would, and forgets them;
+// returns the bytes written.
+inline std::size_t play_late_writes(unsigned char byte) {
+  LateWrites& l = shared().late;
+  std::lock_guard<std::mutex> lk(l.mu);
+  std::size_t n = 0;
+  for (auto& [buf, len] : l.ranges) {
+    std::memset(buf, byte, len);
+    n += len;
+  }
+  l.ranges.clear();
+  return n;
 }
 
 // True when point `p` fires now; then *value holds the armed value. Thread-safe.

@@ -41,7 +41,20 @@ NeuronCache::NeuronCache(BundleReader& reader, uint32_t n_layers,
   }
 }
 
-NeuronCache::Layer& NeuronCache::at(uint32_t layer) {
+// A device that did not answer a read may still write it into these rows or the staging at
+// any time: leak them (never freed, never reused), as the reader leaks its ring.
+NeuronCache::~NeuronCache() {
+  if (!poisoned_) return;
+  (void)new AlignedBuffer(std::move(staging_));
+  for (Layer& L : layers_) (void)new AlignedBuffer(std::move(L.rows));
+}
+
+// Every entry point that writes rows or hands them out comes through here (clear, which
+// only forgets, may run on a poisoned cache: the error paths that start a layer over call it).
+NeuronCache::Layer& NeuronCache::at(uint32_t layer, bool usable) {
+  FI_CHECK(!usable || !poisoned_, "a read of ", reader_.path(), " that the device never "
+           "answered was abandoned, and the device may still write into this neuron cache: "
+           "load the model again (and check the disk: see the error that reported the read)");
   FI_CHECK(layer < layers_.size(), "layer ", layer, " out of range [0, ", layers_.size(), ")");
   return layers_[layer];
 }
@@ -114,6 +127,17 @@ void NeuronCache::map_row(Layer& L, uint32_t slot, int64_t id) {
 
 ReadStats NeuronCache::read_into(uint32_t layer, const int64_t* ids, std::size_t n,
                                  bool bundled, char* const* dst) {
+  const uint64_t abandoned = reader_.abandoned();
+  try {
+    return read_into_unguarded(layer, ids, n, bundled, dst);
+  } catch (...) {
+    if (reader_.abandoned() != abandoned) poisoned_ = true;  // see ~NeuronCache
+    throw;
+  }
+}
+
+ReadStats NeuronCache::read_into_unguarded(uint32_t layer, const int64_t* ids, std::size_t n,
+                                           bool bundled, char* const* dst) {
   if (source_ != nullptr && n > 0) {
     // Copy what was read ahead, read the rest. A read failing after some copies leaves rows
     // that replace/insert treat as not loaded (the same as a failed read of all of them).
@@ -256,7 +280,7 @@ void NeuronCache::replace(uint32_t layer, const int64_t* evict, std::size_t n_ev
 }
 
 void NeuronCache::clear(uint32_t layer) {
-  Layer& L = at(layer);
+  Layer& L = at(layer, /*usable=*/false);
   for (uint32_t s = 0; s < L.n_used; ++s) {
     L.id_to_slot[std::size_t(L.slot_to_id[s])] = -1;
     L.slot_to_id[s] = -1;

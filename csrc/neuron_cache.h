@@ -46,6 +46,9 @@ class NeuronCache {
   // packed: rows of the parts' bytes (rounded up to 64) instead of whole padded records.
   NeuronCache(BundleReader& reader, uint32_t n_layers, const std::vector<uint32_t>& capacity,
               bool packed = false);
+  ~NeuronCache();
+  NeuronCache(const NeuronCache&) = delete;
+  NeuronCache& operator=(const NeuronCache&) = delete;
   static constexpr std::size_t kStagingRecords = 256;  // records per staged read (packed)
 
   // Load ids (absent, no duplicates, must fit) into rows n_used..n_used+n.
@@ -100,7 +103,7 @@ class NeuronCache {
     std::vector<float> bias;          // (capacity,)
     std::vector<float> bias_all;      // (d_ff,) or empty
   };
-  Layer& at(uint32_t layer);
+  Layer& at(uint32_t layer, bool usable = true);  // usable: refuse a poisoned cache
   const Layer& at(uint32_t layer) const;
   void check_ids(const Layer& L, uint32_t layer, const int64_t* ids, std::size_t n,
                  bool want_present) const;
@@ -108,6 +111,9 @@ class NeuronCache {
   // Read ids[0, n) as whole records into rows dst[0, n) (staged when packed).
   ReadStats read_into(uint32_t layer, const int64_t* ids, std::size_t n, bool bundled,
                       char* const* dst);
+  // read_into's body (read_into marks the cache unusable when the reader abandoned a read).
+  ReadStats read_into_unguarded(uint32_t layer, const int64_t* ids, std::size_t n,
+                                bool bundled, char* const* dst);
   // read_into without the source: every record from flash.
   ReadStats read_into_direct(uint32_t layer, const int64_t* ids, std::size_t n, bool bundled,
                              char* const* dst);
@@ -121,6 +127,7 @@ class NeuronCache {
 
   BundleReader& reader_;
   const AsyncReads* source_ = nullptr;
+  bool poisoned_ = false;  // a read into the rows was abandoned: refuse use, leak the rows
   uint64_t record_bytes_;
   uint64_t row_bytes_;
   uint32_t d_ff_;

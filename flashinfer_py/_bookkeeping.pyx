@@ -80,7 +80,7 @@ cdef extern from *:
     }
     static void fi_share_failpoints(void* states) {
       flashinfer::failpoints::shared_states() =
-          static_cast<flashinfer::failpoints::State*>(states);
+          static_cast<flashinfer::failpoints::Shared*>(states);
     }
     """
     void fi_set_errors(object fmt, object io)

@@ -8,14 +8,16 @@ reader (and a model over it) working once reads succeed again.
 from __future__ import annotations
 
 import errno
+import gc
 import time
+import weakref
 
 import numpy as np
 import pytest
 
 import flashinfer_py as fi
 from flashinfer_py._core import FlashIOError, build_info, testing
-from flashinfer_py.bundles import BundleReader, ReaderParams
+from flashinfer_py.bundles import BundleReader, ReadAhead, ReaderParams
 from test_direct_io import D_FF, ENGINES
 from test_packer import expected_records, pack_random
 
@@ -181,3 +183,80 @@ def test_a_failed_swap_under_rank_refuses_to_go_on_without_the_lost_neurons(tiny
         m.logits(prompt)
     fresh = fi.load(d, dram_budget=rank_budget(d, 0.3), io_engine="threads")
     assert np.isfinite(fresh.logits(prompt)).all()
+
+
+# ---- a read the device never answers: the kernel may write it at any time, so whatever
+# memory it targets is never freed or reused (BundleReader::abandoned, csrc/bundle_reader.h).
+# uring_lost withholds a completion; cancelling cannot end it, so the reader abandons the
+# ring; testing.late_writes then plays the write such a device could still make.
+
+def _abandoned(read, skip=3):
+    testing.late_writes(0)  # forget earlier tests' abandoned reads (into memory kept alive)
+    testing.arm_failpoint("uring_lost", skip=skip, count=1)
+    with pytest.raises(FlashIOError) as ei:
+        read()
+    assert ei.value.errno == errno.ETIMEDOUT
+    return ei.value.path
+
+
+@URING
+def test_an_abandoned_read_never_frees_the_callers_array(bundle):
+    path, mats = bundle
+    r = BundleReader(path, ReaderParams(engine="io_uring", queue_depth=4, read_timeout_ms=200))
+    ids = np.arange(0, D_FF, 2)  # one request per record
+    out = r.empty(len(ids))
+    alive = weakref.ref(out)
+    _abandoned(lambda: r.read(0, ids, out))
+    assert r._r.abandoned == 1
+    del out
+    gc.collect()
+    out = alive()
+    assert out is not None  # the caller dropped it; the reader's reference is never released
+    written = testing.late_writes(0xAB)
+    assert written >= r.record_bytes  # the withheld record's row, in that array
+    rows = out.view(np.uint8).reshape(len(ids), -1)
+    assert sum(bool((row == 0xAB).all()) for row in rows) == written // r.record_bytes
+    assert r.read(0, ids).tobytes() == expected_records(mats, 0, ids, r.record_elems).tobytes()
+
+
+@URING
+def test_reading_ahead_after_an_abandoned_read_lands_in_fresh_staging(bundle):
+    """The late write must not reach the records the slot holds next: before the fix the
+    slot's staging was reused and the 0xAB bytes replaced records already read."""
+    path, mats = bundle
+    ra = ReadAhead(path, ReaderParams(engine="io_uring", queue_depth=4, read_timeout_ms=200),
+                   max_records=60, n_slots=1)
+    ids = np.arange(0, D_FF, 2)
+
+    def first():
+        ra.start(0, 1, ids)
+        ra.wait(0)
+
+    _abandoned(first)
+    ra.start(0, 1, ids)
+    ra.wait(0)
+    assert testing.late_writes(0xAB) > 0
+    want = expected_records(mats, 1, ids, BundleReader(path).record_elems)
+    for k, i in enumerate(ids):
+        assert ra.record(1, int(i)) == want[k].tobytes(), i
+
+
+@URING
+def test_a_model_whose_cache_read_was_abandoned_refuses_to_go_on(tiny_flash):
+    """The neuron cache's rows may still be written: the model raises the read's error, then
+    refuses to compute on those rows, and never frees them (the late write after the model is
+    dropped hits nothing live: a fresh model computes exactly what it should)."""
+    d = tiny_flash("llama-relu")
+    kw = dict(sparse=True, selection="oracle", eviction="window", window=2,
+              io_engine="io_uring", read_timeout_ms=200)
+    prompt = list(range(5, 13))
+    want = fi.load(d, **kw).logits(prompt)
+    m = fi.load(d, **kw)
+    m.logits(prompt[:4])
+    assert _abandoned(lambda: m.logits(prompt), skip=2).endswith("ffn_bundles.bin")
+    with pytest.raises(ValueError, match="load the model again"):
+        m.logits(prompt)
+    del m
+    gc.collect()
+    assert testing.late_writes(0xAB) > 0
+    np.testing.assert_array_equal(fi.load(d, **kw).logits(prompt), want)
