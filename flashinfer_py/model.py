@@ -21,8 +21,15 @@ if TYPE_CHECKING:
 
 
 def check_tokens(tokens, vocab_size: int) -> np.ndarray:
-    """`tokens` as a flat int64 array, or a ValueError when empty or out of the vocabulary."""
-    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    """`tokens` as a flat int64 array, or a ValueError when empty, not one sequence, or out
+    of the vocabulary."""
+    arr = np.asarray(tokens)
+    if arr.ndim > 1:  # a batch would be run as one long sequence: refuse it
+        raise ValueError(f"token ids must be one sequence (a 1-D list or array), got shape "
+                         f"{arr.shape}; run each sequence on its own")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got {arr.dtype}")
+    tokens = arr.astype(np.int64).reshape(-1)
     if tokens.size == 0:
         raise ValueError("forward() needs at least one token")
     if tokens.min() < 0 or tokens.max() >= vocab_size:
@@ -479,9 +486,12 @@ class Transformer:
             x = self._linear(x, "project_out")
         return x
 
-    def forward(self, tokens, cache: KVCache, last_only: bool = False) -> np.ndarray:
+    def forward(self, tokens, cache: KVCache, last_only: bool = False,
+                head: bool = True) -> Optional[np.ndarray]:
         """Run `tokens` (continuing the sequence in `cache`) and return float32 logits
-        [T, vocab] (or [1, vocab] with last_only)."""
+        [T, vocab] (or [1, vocab] with last_only); with head=False only the cache is
+        extended and None returned (a prompt's chunks before its last: no LM head, which
+        may be a matrix read from flash)."""
         a = self.args
         tokens = check_tokens(tokens, a.vocab_size)
         if self.stream is not None:
@@ -492,6 +502,8 @@ class Transformer:
         for i in range(a.num_hidden_layers):
             x = block(i, x, cache)
         cache.advance(len(tokens))
+        if not head:
+            return None
         x = self._head_input(x, last_only)
         logits = self._mm(x, self.lm_head, self.lm_head_fmt)
         return _softcap(logits, a.final_logit_softcapping)

@@ -17,7 +17,7 @@ from .errors import FlashFormatError, FlashIOError, UnsupportedModelError
 from .format import check_files, load_dense, read_manifest, resident_formats
 from .generate import StepResult, generate_step
 from .ffn import ResidentFFN
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, check_tokens
 from .sampling import make_sampler
 
 
@@ -202,7 +202,7 @@ class FlashModel:
         chunk needs the union of its tokens' active neurons, and counts as one window step.
         Per-call statistics are left in `last_stats`.
         """
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        ids = check_tokens(token_ids, self.args.vocab_size)
         if not self.sparse:
             return self.transformer.forward(ids, cache, last_only)
         n = self.runtime.prefill_chunk
@@ -211,7 +211,12 @@ class FlashModel:
         for i in range(0, len(ids), n):
             chunk = ids[i:i + n]
             self.ffn.start_token()
-            outs.append(self.transformer.forward(chunk, cache, last_only))
+            # with last_only, only the last chunk's logits are used: the others skip the LM
+            # head (a GEMV over the vocabulary, or a matrix read from flash when streamed)
+            out = self.transformer.forward(chunk, cache, last_only,
+                                           head=not last_only or i + n >= len(ids))
+            if out is not None:
+                outs.append(out)
             st = self.ffn.end_token()
             total = st if total is None else total.add(st)
         wall = time.perf_counter_ns() - t0

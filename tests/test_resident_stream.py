@@ -216,3 +216,41 @@ def test_a_dropped_model_frees_its_stream_thread_and_files(tiny_flash, prompt_id
         if fd >= 0:
             with pytest.raises(OSError):
                 os.fstat(fd)  # closed (nothing else in this test opens files meanwhile)
+
+
+def test_a_prompt_runs_the_lm_head_once(tiny_flash, prompt_ids, small_chunks):
+    """Sparse prefill runs a prompt in chunks; when only the last position's logits are
+    wanted (generation) the chunks before the last skip the LM head, which here is read from
+    flash: 4 chunks, 1 head product (before: 4, each reading the head)."""
+    d = tiny_flash("llama-silu")
+    m = fi.load(d, fi.RuntimeConfig(sparse=True, selection="oracle", eviction="window",
+                                    stream_resident="all", prefill_chunk=4))
+    t = m.transformer
+    calls, mm = [], t._mm
+
+    def counted(x, w, *rest):
+        if w is t.lm_head:
+            calls.append(x.shape[0])
+        return mm(x, w, *rest)
+
+    t._mm = counted  # observes the products; every one still runs
+    full = m.logits(prompt_ids[:13])  # every position's logits: every chunk needs the head
+    assert calls == [4, 4, 4, 1]
+    calls.clear()
+    m.reset()
+    last = m.forward(prompt_ids[:13], m.new_cache(), last_only=True)
+    assert calls == [1] and last.shape == (1, full.shape[1])
+    np.testing.assert_array_equal(last[0], full[-1])
+    # the stream's order survives the skipped heads: a second pass gives the same logits
+    m.reset()
+    np.testing.assert_array_equal(m.logits(prompt_ids[:13]), full)
+
+
+@pytest.mark.parametrize("bad,match", [([], "at least one token"),
+                                       ([[1, 2], [3, 4]], "one sequence"),
+                                       ([1.5, 2.0], "integers")])
+def test_bad_token_ids_are_refused_in_every_mode(tiny_flash, bad, match):
+    d = tiny_flash("llama-silu")
+    for m in (fi.load(d), fi.load(d, sparse=True, selection="oracle", eviction="window")):
+        with pytest.raises(ValueError, match=match):
+            m.logits(bad)

@@ -248,7 +248,7 @@ class DeviceTransformer:
     _block = Transformer._block
     _head_input = Transformer._head_input
 
-    def _run(self, tokens, cache, last_only: bool) -> np.ndarray:
+    def _run(self, tokens, cache, last_only: bool, head: bool = True):
         """`forward`'s body (inside ops.context())."""
         a = self.args
         tokens = check_tokens(tokens, a.vocab_size)
@@ -259,14 +259,16 @@ class DeviceTransformer:
         for i in range(a.num_hidden_layers):
             x = self._block(i, x, cache)
         cache.advance(len(tokens))
+        if not head:
+            return None
         x = self._head_input(x, last_only)
         logits = self._matmul_t(x, self.lm_head, None)
         return self.ops.numpy(self._softcap(self._float(logits), a.final_logit_softcapping))
 
-    def forward(self, tokens, cache, last_only: bool = False) -> np.ndarray:
+    def forward(self, tokens, cache, last_only: bool = False, head: bool = True):
         """Run `tokens` (continuing the sequence in `cache`) and return float32 numpy logits
-        [T, vocab] (or [1, vocab] with last_only)."""
+        [T, vocab] (or [1, vocab] with last_only); None with head=False (model.Transformer)."""
         with self.ops.context():
-            out = self._run(tokens, cache, last_only)
+            out = self._run(tokens, cache, last_only, head)
             self.ops.settle(cache.k + cache.v)  # mlx: the cache's writes done, no graph kept
         return out
