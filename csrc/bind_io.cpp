@@ -383,7 +383,7 @@ void bind_io(py::module_& m) {
   // ---- reads ahead (issue 16) -----------------------------------------------------------
   py::class_<AsyncReads>(m, "AsyncReads")
       .def(py::init<const std::string&, const ReaderParams&, std::size_t, uint32_t>(),
-           py::arg("path"), py::arg("params") = ReaderParams{}, py::arg("max_records"),
+           py::arg("path"), py::arg("params"), py::arg("max_records"),
            py::arg("n_slots") = 2, py::call_guard<py::gil_scoped_release>())
       .def("start",
            [](AsyncReads& a, uint32_t slot, uint32_t layer, const py::object& ids_obj) {

@@ -12,6 +12,7 @@ writes them).
 from __future__ import annotations
 
 import json
+import numbers
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import numpy as np
 
 from .errors import FlashFormatError
 from .generate import StopStrings
-from .sampling import log_softmax
+from .sampling import check_sampling, log_softmax
 
 __all__ = ["ChatTemplate", "Conversation", "Delta", "TokenLogprob", "normalize_messages",
            "stream", "token_logprob"]
@@ -343,20 +344,31 @@ class Conversation:
     def say(self, text: str, max_tokens: Optional[int] = None, **sampling) -> Iterator[str]:
         """Stream the answer to `text`. `max_tokens` defaults to the context left.
 
-        Raises:
-            ValueError: the conversation no longer fits in the context (``reset()`` it).
+        Raises (when called, before anything runs):
+            ValueError: the conversation no longer fits in the context (``reset()`` it), or
+                `max_tokens` is not a whole number >= 1.
         """
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(
+                max_tokens, numbers.Integral) or max_tokens < 1):
+            raise ValueError(f"max_tokens must be a whole number >= 1 or None (the context "
+                             f"left), got {max_tokens!r}")
+        check_sampling(sampling.get("temperature", 0.0), sampling.get("top_k", 0),
+                       sampling.get("top_p", 1.0), sampling.get("seed"))
         messages = self.messages + [{"role": "user", "content": text}]
         ids = self.template.encode(self.model.tokenizer, messages)
         room = self.model.max_context - len(ids)
         if room < 1 or (max_tokens is not None and max_tokens > room):
+            hint = getattr(self.model, "_context_hint", lambda: " or raise --max-context")()
             raise ValueError(f"the conversation ({len(ids)} tokens) with "
                              f"{max_tokens or 1} more does not fit the context of "
-                             f"{self.model.max_context} tokens; start a new one (/reset) or "
-                             "raise --max-context")
+                             f"{self.model.max_context} tokens; start a new one (/reset)"
+                             + hint)
+        return self._say(messages, ids, room if max_tokens is None else max_tokens, sampling)
+
+    def _say(self, messages, ids, max_tokens: int, sampling: dict) -> Iterator[str]:
         answer = []
         try:
-            for d in stream(self.model, ids, max_tokens or room, prompt_cache=self.cache,
+            for d in stream(self.model, ids, max_tokens, prompt_cache=self.cache,
                             stop_ids=self.template.stop_token_ids(self.model.tokenizer),
                             **sampling):
                 answer.append(d.text)

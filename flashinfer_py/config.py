@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+import numpy as np
 
 from .errors import UnsupportedModelError
 
@@ -621,7 +624,29 @@ class RuntimeConfig:
     vram_budget: Optional[int] = None
     unified_memory: Optional[bool] = None
 
+    # whole-number fields and their least value; flags; fractions and margins (checked for
+    # type first, so that a float, a string or a bool is named here instead of failing later)
+    _WHOLE = {"threads": 0, "queue_depth": 1, "read_timeout_ms": 0, "max_context": 1,
+              "prefill_chunk": 1}
+    _FLAGS = ("use_direct_io", "sparse", "per_layer_cache", "reuse", "bundled", "reread_resident")
+    _REALS = ("read_limit", "swap_margin", "predictor_threshold", "oracle_sparsity")
+
     def __post_init__(self):
+        for name, least in self._WHOLE.items():
+            v = getattr(self, name)
+            if not _whole_at_least(v, least):
+                raise ValueError(f"{name} must be a whole number >= {least}, got {v!r}")
+        if self.coalesce_gap_bytes is not None and not _whole_at_least(self.coalesce_gap_bytes, 0):
+            raise ValueError(f"coalesce_gap_bytes must be a whole number of bytes >= 0 (or None: "
+                             f"by record size), got {self.coalesce_gap_bytes!r}")
+        for name in self._FLAGS:
+            v = getattr(self, name)
+            if not isinstance(v, (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {v!r}")
+        for name in self._REALS:
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {v!r}")
         self._check_backend()
         if self.vram_budget is not None:
             self.vram_budget = parse_bytes(self.vram_budget)

@@ -6,6 +6,7 @@ This is the object developers embed: ``model = flashinfer_py.load(DIR)``, then
 from __future__ import annotations
 
 import contextlib
+import numbers
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -18,7 +19,7 @@ from .format import check_files, load_dense, read_manifest, resident_formats
 from .generate import StepResult, generate_step
 from .ffn import ResidentFFN
 from .model import KVCache, Transformer, check_tokens
-from .sampling import make_sampler
+from .sampling import check_sampling, make_sampler
 
 
 @contextlib.contextmanager
@@ -251,16 +252,40 @@ class FlashModel:
         Without `prompt_cache` the prompt starts from an empty context. With one, the prompt
         continues it: the ids it shares with the cache's start are not run again, and the ids
         run (prompt and generated) are added to it as they go.
-        """
-        from .tokenizer import StreamingDetokenizer
 
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        The arguments are checked here, when the call is made (ValueError naming the
+        argument), not at the first ``next()``, and before any of the prompt runs.
+        """
+        check_sampling(temperature, top_k, top_p, seed)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            seq = prompt if isinstance(prompt, np.ndarray) else list(prompt)
+            ids = [int(i) for i in check_tokens(seq, self.args.vocab_size)] if len(seq) else []
         has_tok = isinstance(prompt, str) or (self.directory / "tokenizer.json").is_file()
         if len(ids) + max_new_tokens > self.max_context:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"the context limit {self.max_context}; shorten one or raise max_context")
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
+                             f"exceeds the context limit {self.max_context}; shorten one"
+                             + self._context_hint())
         if not ids:
             raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")
+        return self._generate_step(ids, has_tok, max_new_tokens, temperature, top_k, top_p, seed,
+                                   stop_at_eos, prompt_cache)
+
+    def _context_hint(self) -> str:
+        """How the context limit can grow: max_context, unless the model's own limit binds."""
+        if self.max_context >= self.args.max_position_embeddings:
+            return (f" (the model's own limit, max_position_embeddings="
+                    f"{self.args.max_position_embeddings})")
+        return " or raise max_context (RuntimeConfig / --max-context)"
+
+    def _generate_step(self, ids, has_tok, max_new_tokens, temperature, top_k, top_p, seed,
+                       stop_at_eos, prompt_cache) -> Iterator[StepResult]:
+        from .tokenizer import StreamingDetokenizer
+
         pc = prompt_cache if prompt_cache is not None else self.new_prompt_cache()
         kept = pc.reuse(ids)
         if kept == 0:
@@ -287,9 +312,11 @@ class FlashModel:
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None) -> Iterator[str]:
         """Stream generated text pieces for `prompt` (greedy when temperature is 0)."""
-        for step in self.generate_step(prompt, max_new_tokens, temperature, top_k, top_p, seed):
-            if step.token not in self.args.eos_token_ids and step.text:
-                yield step.text
+        if not isinstance(prompt, str) and not (self.directory / "tokenizer.json").is_file():
+            raise FlashFormatError(f"{self.directory} has no tokenizer.json, so generate() has "
+                                   "no text to give; use generate_step() for the token ids")
+        steps = self.generate_step(prompt, max_new_tokens, temperature, top_k, top_p, seed)
+        return (s.text for s in steps if s.token not in self.args.eos_token_ids and s.text)
 
     def info(self) -> dict:
         """What this model is and what it keeps in DRAM."""

@@ -185,7 +185,8 @@ class Server:
             try:
                 for i in range(n):
                     seed = params.get("seed")
-                    choice = {**params, "seed": None if seed is None else seed + i}
+                    # OpenAI takes any integer seed; numpy's generators take those >= 0
+                    choice = {**params, "seed": None if seed is None else (seed + i) % 2**64}
                     gen = stream(self.model, prompt_ids, prompt_cache=self.prompt_cache, **choice)
                     try:
                         for delta in gen:

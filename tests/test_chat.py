@@ -154,7 +154,13 @@ def test_conversation_keeps_its_cache_and_answers_as_a_fresh_run(tiny_flash):
     conv.reset()
     assert conv.messages == []
     with pytest.raises(ValueError, match="does not fit the context"):
-        list(conv.say("w5 " * (model.max_context + 1)))
+        conv.say("w5 " * (model.max_context + 1))  # refused when called
+    for bad in (0, -1, 2.5):  # 0 used to mean "the whole context left"
+        with pytest.raises(ValueError, match="max_tokens"):
+            conv.say("w50", max_tokens=bad)
+    with pytest.raises(ValueError, match="temperature"):
+        conv.say("w50", temperature=float("nan"))
+    assert conv.messages == []  # nothing refused was recorded
 
 
 def test_stream_reports_why_it_stopped(tiny_flash):

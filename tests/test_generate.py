@@ -55,7 +55,54 @@ def test_sampler_semantics():
         make_sampler(temperature=-1.0)
 
 
+def test_top_p_is_the_nucleus_of_what_top_k_kept():
+    """transformers, vLLM and llama.cpp renormalise after top-k: with k = 2 of probabilities
+    (0.3, 0.2, ...) the kept pair is (0.6, 0.4) and top_p = 0.5 keeps the first alone (over
+    the whole vocabulary, 0.3 < 0.5 kept both)."""
+    p = np.array([0.3, 0.2] + [0.5 / 8] * 8)
+    logits = np.log(p).astype(np.float32)
+    assert {make_sampler(1.0, top_k=2, top_p=0.5, seed=s)(logits) for s in range(40)} == {0}
+    assert {make_sampler(1.0, top_k=2, top_p=0.7, seed=s)(logits) for s in range(40)} == {0, 1}
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=True), "temperature"), (dict(top_k=40.0), "top_k"), (dict(top_k=-1), "top_k"),
+    (dict(top_p=float("nan")), "top_p"), (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"), (dict(max_new_tokens=-1), "max_new_tokens")])
+def test_bad_settings_are_refused_when_called_before_the_prompt_runs(tiny_flash, kw, match):
+    model = fi.load(tiny_flash("llama-silu"))
+    kw = {"temperature": 0.7, **kw}
+    with pytest.raises(ValueError, match=match):
+        model.generate_step([5, 6, 7], **kw)  # no next(): the call itself refuses
+    if "max_new_tokens" not in kw:
+        with pytest.raises(ValueError, match=match):
+            make_sampler(**kw)
+
+
 def test_prompt_plus_tokens_beyond_context_is_refused(tiny_flash):
     model = fi.load(tiny_flash("llama-silu"), max_context=16)
-    with pytest.raises(ValueError, match="context limit 16"):
-        next(model.generate_step(list(range(3, 13)), max_new_tokens=10))
+    with pytest.raises(ValueError, match="context limit 16.*raise max_context"):
+        model.generate_step(list(range(3, 13)), max_new_tokens=10)
+    # where the model's own limit binds, raising max_context cannot help: it says so
+    capped = fi.load(tiny_flash("llama-silu"), max_context=10**6)
+    n = capped.args.max_position_embeddings
+    assert capped.max_context == n
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        capped.generate_step([5] * n, max_new_tokens=1)
+
+
+def test_generate_without_a_tokenizer_says_so(tiny_flash, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "m"  # as converted from a checkpoint that came without a tokenizer
+    shutil.copytree(tiny_flash("llama-silu"), d)
+    (d / "tokenizer.json").unlink()
+    man = json.loads((d / "manifest.json").read_text())
+    del man["checksums"]["tokenizer.json"]
+    (d / "manifest.json").write_text(json.dumps(man))
+    model = fi.load(d)
+    with pytest.raises(fi.FlashFormatError, match="no tokenizer.json"):
+        model.generate([5, 6, 7])
+    assert len(list(model.generate_step([5, 6, 7], max_new_tokens=3))) >= 1

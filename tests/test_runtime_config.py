@@ -127,3 +127,17 @@ def test_a_budget_that_is_not_a_size_is_refused(bad):
 def test_window_must_be_a_whole_number(window):
     with pytest.raises(ValueError, match="window must be a whole number"):
         RuntimeConfig(window=window)
+
+
+@pytest.mark.parametrize("field,bad", [
+    ("max_context", 1000.5), ("max_context", "4096"), ("max_context", 0), ("prefill_chunk", 8.0),
+    ("threads", 1.5), ("queue_depth", True), ("read_timeout_ms", -1), ("coalesce_gap_bytes", 4096.0),
+    ("sparse", "no"), ("reuse", 1), ("read_limit", "0.1"), ("swap_margin", True)])
+def test_every_field_is_checked_for_its_type_when_made(field, bad):
+    """A float max_context used to pass and fail ~770 tokens into a generation, a float
+    prefill_chunk at the first sparse forward, sparse="no" turned sparse mode on."""
+    with pytest.raises(ValueError, match=field):
+        RuntimeConfig(**{field: bad})
+    import numpy as np
+
+    RuntimeConfig(max_context=np.int64(64), sparse=np.bool_(False), read_limit=np.float32(0.2))

@@ -360,6 +360,10 @@ def test_n_choices_are_sampled_each_with_its_own_seed(client):
     assert len({c.text for c in r.choices}) == 1  # greedy: three times the same
     assert all(len(c.logprobs.tokens) == 4 for c in r.choices)
     assert r.usage.completion_tokens == 12
+    # any integer seed, as OpenAI takes it (numpy's generators need >= 0: it was a 500)
+    neg = [client.chat.completions.create(n=1, seed=-1, **kw).choices[0].message.content
+           for _ in range(2)]
+    assert neg[0] == neg[1] and neg[0]
 
 
 def test_sequential_requests_keep_memory_flat(client, served):
