@@ -300,7 +300,7 @@ class FlashModel:
             pc.tokens.extend(int(t) for t in feed)
             return out
 
-        detok = StreamingDetokenizer(self.tokenizer) if has_tok else None
+        detok = StreamingDetokenizer(self.tokenizer, context=ids) if has_tok else None
         for step in generate_step(
                 forward, ids[kept:], make_sampler(temperature, top_k, top_p, seed),
                 max_new_tokens, stop_ids=self.args.eos_token_ids if stop_at_eos else (),

@@ -91,15 +91,28 @@ def _unicode_to_byte() -> dict:
 
 
 class StreamingDetokenizer:
-    """Turns a growing list of ids into text pieces, holding back incomplete UTF-8 sequences."""
+    """Turns a growing list of ids into text pieces, holding back incomplete UTF-8 sequences.
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tok, self.ids, self.emitted = tokenizer, [], 0
+    Each new id is decoded together with the ids of the last piece (a window, so a token
+    costs the same at the 10,000th as at the first) and the piece is what that adds. The
+    window also gives the first piece its context: the last prompt ids (`context`), so a
+    SentencePiece decoder that strips the text's leading space (Llama 2, Mistral: ``Strip``)
+    does not strip the space before the first generated word.
+    """
+
+    CONTEXT = 4  # prompt ids decoded before the first piece
+
+    def __init__(self, tokenizer: Tokenizer, context=()):
+        self.tok = tokenizer
+        self.ids = [int(t) for t in list(context)[-self.CONTEXT:]]
+        self.prefix = 0             # ids[prefix:read]: already shown (or context)
+        self.read = len(self.ids)
 
     def add(self, token: int) -> str:
         self.ids.append(int(token))
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return ""
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        shown = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if len(text) <= len(shown) or text.endswith("\ufffd"):
+            return ""  # nothing visible yet, or a multi-byte character still incomplete
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(shown):]

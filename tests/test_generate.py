@@ -106,3 +106,37 @@ def test_generate_without_a_tokenizer_says_so(tiny_flash, tmp_path):
     with pytest.raises(fi.FlashFormatError, match="no tokenizer.json"):
         model.generate([5, 6, 7])
     assert len(list(model.generate_step([5, 6, 7], max_new_tokens=3))) >= 1
+
+
+def _sentencepiece_like(tmp_path):
+    """A tokenizer.json whose decoder is Llama 2's (and Mistral's): "▁" -> " ", fuse, then
+    strip one leading space of the text."""
+    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers
+
+    from flashinfer_py.tokenizer import Tokenizer
+
+    words = ["<unk>", "<s>", "</s>", "▁The", "▁capital", "▁is", "▁Paris", ".", "<0xC3>", "<0xA9>"]
+    hf = HF(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    return Tokenizer(tmp_path)
+
+
+def test_streamed_pieces_keep_the_space_a_sentencepiece_decoder_strips(tmp_path):
+    from flashinfer_py.tokenizer import StreamingDetokenizer
+
+    tok = _sentencepiece_like(tmp_path)
+    prompt = tok.encode("The capital is")
+    assert prompt == [3, 4, 5] and tok.decode([6]) == "Paris"  # alone: stripped
+    gen = [6, 7, 8, 9, 6]  # " Paris", ".", then "é" in two byte tokens, " Paris"
+    d = StreamingDetokenizer(tok, context=prompt)
+    pieces = [d.add(t) for t in gen]
+    assert pieces == [" Paris", ".", "", "é", " Paris"]  # the first byte held back
+    full = tok.decode(prompt + gen)
+    assert "".join(pieces) == full[len(tok.decode(prompt)):]
+    # the window stays short: a long generation decodes a few ids a token, not all of them
+    for _ in range(1000):
+        d.add(6)
+    assert d.read - d.prefix == 1
