@@ -335,10 +335,12 @@ class Conversation:
         self.cache = model.new_prompt_cache()
         self.messages: list[dict] = []
         self.last: Optional[Delta] = None  # the last answer's end: why, tokens, time
+        self._turn = 0  # say() calls so far: only the latest one records its answer
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation (the cache's ids are kept; a new prompt reuses its start)."""
+        self._turn += 1  # an answer still streaming is not recorded after this
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def say(self, text: str, max_tokens: Optional[int] = None, **sampling) -> Iterator[str]:
@@ -363,9 +365,11 @@ class Conversation:
                              f"{max_tokens or 1} more does not fit the context of "
                              f"{self.model.max_context} tokens; start a new one (/reset)"
                              + hint)
-        return self._say(messages, ids, room if max_tokens is None else max_tokens, sampling)
+        self._turn += 1
+        return self._say(messages, ids, room if max_tokens is None else max_tokens, sampling,
+                         self._turn)
 
-    def _say(self, messages, ids, max_tokens: int, sampling: dict) -> Iterator[str]:
+    def _say(self, messages, ids, max_tokens: int, sampling: dict, turn: int) -> Iterator[str]:
         answer = []
         try:
             for d in stream(self.model, ids, max_tokens, prompt_cache=self.cache,
@@ -376,5 +380,7 @@ class Conversation:
                     self.last = d
                 if d.text:
                     yield d.text
-        finally:  # an interrupted answer is kept as far as it went
-            self.messages = messages + [{"role": "assistant", "content": "".join(answer)}]
+        finally:  # an interrupted answer is kept as far as it went, unless a later say()
+            # started meanwhile (this one then stopped: see PromptCache.owner)
+            if turn == self._turn:
+                self.messages = messages + [{"role": "assistant", "content": "".join(answer)}]

@@ -96,6 +96,9 @@ class PromptCache:
     def __init__(self, kv: KVCache):
         self.kv = kv
         self.tokens: list[int] = []  # ids run so far, in order; the last sampled id is not
+        # the generation using it now: one at a time (a paused generator that resumes after
+        # another one used the cache raises instead of writing at the other's position)
+        self.owner: Optional[object] = None
 
     def reuse(self, ids: list[int]) -> int:
         """Keep the longest prefix of the cached ids that `ids` starts with, leaving at least
@@ -192,7 +195,12 @@ class FlashModel:
 
     # ------------------------------------------------------------------ API
     def reset(self) -> None:
-        """Forget the sliding window and empty the neuron cache (sparse mode)."""
+        """Start a new sequence (sparse mode): forget the sliding window and empty the neuron
+        cache. Under ``eviction="rank"`` (the default where a sketch exists) the cached
+        neurons stay, by design: they are what the last tokens ranked highest, and refilling
+        the cache would read all of it from flash again. So with ranking, what a sequence
+        computes depends a little on what the model ran before; load a fresh model for a run
+        that must be reproducible bit for bit."""
         if self.sparse:
             self.ffn.reset()
 
@@ -236,8 +244,9 @@ class FlashModel:
 
     def logits(self, token_ids, cache: Optional[KVCache] = None) -> np.ndarray:
         """Float32 next-token logits [len(token_ids), vocab]. Without `cache` the sequence starts
-        from an empty context (and, in sparse mode, an empty window); with one, it continues
-        that cache's context."""
+        from an empty context (and, in sparse mode, as after :meth:`reset`: under ranking the
+        neuron cache keeps what earlier calls left in it); with one, it continues that
+        cache's context."""
         if cache is None:
             cache = self.new_cache()
             self.reset()
@@ -287,11 +296,16 @@ class FlashModel:
         from .tokenizer import StreamingDetokenizer
 
         pc = prompt_cache if prompt_cache is not None else self.new_prompt_cache()
+        me = pc.owner = object()
         kept = pc.reuse(ids)
         if kept == 0:
             self.reset()
 
         def forward(feed):
+            if pc.owner is not me:
+                raise RuntimeError("this PromptCache was used by another generation since this "
+                                   "one started; a PromptCache serves one generation at a time "
+                                   "(finish or close one before starting the next)")
             try:
                 out = self.forward(feed, pc.kv, last_only=True)
             except BaseException:  # a failed read: the cache holds only what ran completely

@@ -251,3 +251,29 @@ def test_a_hostile_template_is_stopped_not_run_forever(source, match):
     ok = ChatTemplate("{% for i in range(3) %}{{ i }}{% endfor %}{{ 'ab' * 2 }}", "fine", {})
     for _ in range(3):  # the budget is per render, not per template
         assert ok.render([]) == "012abab"
+
+
+def test_a_prompt_cache_serves_one_generation_at_a_time(tiny_flash):
+    """Two live generators on one PromptCache: the paused one, resumed after the other used
+    the cache, raises instead of writing its tokens at the other's position (silent garbage
+    before); a conversation keeps the turn that ran last."""
+    model = fi.load(tiny_flash("llama-silu"))
+    pc = model.new_prompt_cache()
+    g1 = model.generate_step([5, 6, 7], 4, prompt_cache=pc, stop_at_eos=False)
+    next(g1)
+    b = [s.token for s in model.generate_step([8, 9, 10], 3, prompt_cache=pc, stop_at_eos=False)]
+    with pytest.raises(RuntimeError, match="another generation"):
+        next(g1)
+    fresh = [s.token for s in fi.load(tiny_flash("llama-silu")).generate_step(
+        [8, 9, 10], 3, stop_at_eos=False)]
+    assert b == fresh
+    tpl = ChatTemplate("{% for m in messages %}w{{ 4 if m.role == 'user' else 8 }} "
+                       "{{ m.content }} w9 {% endfor %}{% if add_generation_prompt %}w8"
+                       "{% endif %}", "test")
+    conv = Conversation(model, tpl)
+    first = conv.say("w50 w51", max_tokens=3)
+    next(first, None)
+    two = "".join(conv.say("w60", max_tokens=3))
+    with pytest.raises(RuntimeError, match="another generation"):
+        list(first)
+    assert [m["content"] for m in conv.messages] == ["w60", two]
