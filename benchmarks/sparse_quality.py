@@ -111,12 +111,13 @@ def eval_windows(directory: Path, n: int, length: int) -> list:
     import flashinfer_py as fi
     from flashinfer_py.corpora import wikipedia_excerpt
 
+    from flashinfer_py.evaluate import bos_id
+
     model = fi.load(directory)
     tok = model.tokenizer
     # A tokenizer that starts every text with BOS (Gemma's) gets it at the start of every
     # window too: without it Gemma-3-270M's perplexity is ~145 instead of ~19.
-    first = tok.encode("a")[:1]
-    bos = first if first and first[0] == model.args.bos_token_id else []
+    bos = [] if bos_id(model) is None else [bos_id(model)]
     body = length - len(bos)
     ids = tok.encode(wikipedia_excerpt()[-EVAL_CHARS:])[-n * body:]
     if len(ids) < n * body:

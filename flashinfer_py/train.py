@@ -74,13 +74,17 @@ def record(model, token_ids: Sequence[int], cfg: TrainConfig, progress: bool = T
     the residual stream's norm at each FFN float32 [L, N])."""
     from tqdm.auto import tqdm
 
-    from .evaluate import windows_of
+    from .evaluate import bos_id, windows_of
 
     if model.sparse:
         raise ValueError("record activations with a dense model: load(dir) without sparse options")
     a = model.args
     L = a.num_hidden_layers
-    wins = windows_of(token_ids, cfg.window, max(1, cfg.max_tokens // cfg.window))
+    # every window starts with BOS where the tokenizer starts texts with one (Gemma): the
+    # activations recorded are those of text as the model sees it (only the first window had
+    # it before, so 15 of 16 windows recorded off-distribution activations)
+    wins = windows_of(token_ids, cfg.window, max(1, cfg.max_tokens // cfg.window),
+                      bos=bos_id(model))
     if not wins:
         raise ValueError(f"calibration text has {len(token_ids)} tokens; "
                          f"need at least {cfg.window}")

@@ -83,3 +83,18 @@ def test_perplexity_on_wikipedia_agrees(ours, hf_model):
     assert got.tokens == ref.tokens == PPL_WINDOWS * (PPL_WINDOW - 1)
     assert abs(got.perplexity / ref.perplexity - 1) < 0.005
     assert 3 < got.perplexity < 100  # real text, real model: not garbage
+
+
+def test_every_window_starts_with_the_bos_gemma_was_trained_with(ours):
+    """Predictor calibration and perplexity windows of a BOS tokenizer: each window gets BOS
+    (calibration used to give it to the first of 16 windows only, recording the other 15 off
+    the model's distribution: perplexity ~145 there instead of ~19)."""
+    from flashinfer_py.evaluate import bos_id, windows_of
+
+    bos = bos_id(ours)
+    assert bos == ours.args.bos_token_id == ours.tokenizer.encode("a")[0]
+    ids = ours.tokenizer.encode("The capital of France is Paris. " * 40)
+    wins = windows_of(ids, 16, bos=bos)
+    assert len(wins) == (len(ids) - 1) // 15 and all(len(w) == 16 for w in wins)
+    assert all(w[0] == bos for w in wins) and all(bos not in w[1:] for w in wins)
+    assert sum((w[1:] for w in wins), []) == ids[1:1 + 15 * len(wins)]  # nothing lost or repeated

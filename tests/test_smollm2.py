@@ -129,3 +129,11 @@ def test_q4_1_directory_is_the_gguf_bit_for_bit(ours, gguf):
         got = codes_to_float32(rows[:, 720:1008], "q4_1", 576,
                                w[f"layers.{layer}.ffn_down_scales"], np.arange(1536))
         assert np.array_equal(got, down.T)
+
+
+def test_a_tokenizer_without_bos_gets_plain_windows(ours):
+    from flashinfer_py.evaluate import bos_id, windows_of
+
+    assert bos_id(ours) is None  # SmolLM2's tokenizer adds none
+    ids = list(range(100, 140))
+    assert windows_of(ids, 16, bos=bos_id(ours)) == [ids[:16], ids[16:32]]
