@@ -57,6 +57,7 @@ cap per tool and format, perplexity beside each point.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -360,14 +361,17 @@ def prepare_texts(model: str, fmt: str) -> Path:
     from flashinfer_py.corpora import wikipedia_excerpt
     from quant_quality import eval_ids
 
-    out = workdir() / f"texts-{model}.json"
+    # named by what made them, so a change of lengths or of this function makes new ones
+    # (version 2: Gemma's prompt had two BOS, one added here and one by its tokenizer)
+    key = hashlib.sha256(json.dumps([2, PROMPT_TOKENS, PPL_WINDOWS, PPL_WINDOW]).encode())
+    out = workdir() / f"texts-{model}-{key.hexdigest()[:8]}.json"
     if out.exists():
         return out
     _, d = paths(model, fmt)
     m = fi.load(d)
     ppl = eval_ids(m, PPL_WINDOWS, PPL_WINDOW)
-    bos = ppl[0][:1] if ppl[0][0] == m.args.bos_token_id else []
-    prompt = bos + m.tokenizer.encode(wikipedia_excerpt()[:4000])[:PROMPT_TOKENS - len(bos)]
+    prompt = m.tokenizer.encode(wikipedia_excerpt()[:4000])[:PROMPT_TOKENS]  # BOS included
+    # where the tokenizer adds it (one, as in every perplexity window)
     out.write_text(json.dumps({"prompt": prompt, "ppl": ppl}))
     return out
 
@@ -385,8 +389,10 @@ def cmd_run(a) -> None:
         a.json = str(HERE / "results" / f"real_compare_{time.strftime('%Y%m%d_%H%M%S')}.jsonl")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     log = open(a.json, "a")
-    max_ctx = -(-(PROMPT_TOKENS + a.tokens + 1) // 64) * 64
-    ppl_ctx = max(max_ctx, -(-PPL_WINDOW // 64) * 64)
+    # one context for the perplexity and the decode children: under a budget the KV cache's
+    # size moves the neuron cache's, so both must run the same plan
+    max_ctx = max(-(-(PROMPT_TOKENS + a.tokens + 1) // 64) * 64, -(-PPL_WINDOW // 64) * 64)
+    ppl_ctx = max_ctx
     tools = a.tools.split(",")
     conds = a.caps.split(",")
     log.write(json.dumps({"what": "meta", "machine": machine(), "commit": git_commit(),

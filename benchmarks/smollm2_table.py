@@ -177,8 +177,11 @@ def combine(runs: list[dict]) -> dict:
               "io_ms", "mm_ms", "predict_ms", "compute_ms", "total_ms", "hit_rate",
               "needed_frac", "ttft_ms", "prompt_bytes"):
         out[k] = float(np.mean([r[k] for r in runs]))
-    out["perplexity"] = float(np.exp(np.mean(
-        [p["nll"] for r in runs for p in r["per_token"][r["measured_from"]:]])))
+    # every round feeds the same ids: the perplexity is of one round's tokens (pooling the
+    # rounds counted each token once per round), with how many tokens it rests on
+    first = runs[0]["per_token"][runs[0]["measured_from"]:]
+    out["perplexity"] = float(np.exp(np.mean([p["nll"] for p in first])))
+    out["ppl_tokens"] = len(first)
     toks = [p for r in runs for p in r["per_token"][r["measured_from"]:]]
     out["io_ms_sd"] = float(np.std([p["io_ns"] / 1e6 for p in toks], ddof=1))
     out["total_ms_sd"] = float(np.std([p["total_ns"] / 1e6 for p in toks], ddof=1))

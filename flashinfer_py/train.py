@@ -350,7 +350,8 @@ def format_report(preds: Predictors) -> str:
     sk = [r for r in preds.meta.get("report", []) if "sketch_mass" in r]
     if sk:
         m = [r["sketch_mass"] for r in sk]
-        rows.append(f"4-bit sketch: on held-out tokens its top {100 * sk[0]['keep']:.0f}% of each "
+        rows.append(f"4-bit sketch: on held-out calibration tokens its top "
+                    f"{100 * sk[0]['keep']:.0f}% of each "
                     f"layer's neurons carry {100 * np.mean(m):.1f}% of the contribution the true "
                     f"top {100 * sk[0]['keep']:.0f}% carries (layers {100 * min(m):.1f}-"
                     f"{100 * max(m):.1f}%)")
@@ -369,8 +370,10 @@ def format_report(preds: Predictors) -> str:
     sec = preds.meta.get("seconds")
     if sec:
         rows.append(f"({preds.meta.get('tokens', 0)} calibration tokens, "
-                    f"{preds.meta.get('heldout_tokens', 0)} held out; recorded in "
-                    f"{sec['record']:.1f} s, {sec['total']:.1f} s in all)")
+                    f"{preds.meta.get('heldout_tokens', 0)} of them held out at random: the "
+                    f"calibration text's own tokens, so these figures are in-domain, not a "
+                    f"measure on other text; recorded in {sec['record']:.1f} s, "
+                    f"{sec['total']:.1f} s in all)")
     return "\n".join(rows)
 
 
