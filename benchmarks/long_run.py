@@ -49,18 +49,19 @@ def ensure_predictors(directory: Path) -> None:
     import flashinfer_py as fi
     from flashinfer_py.corpora import calibration_text
     from flashinfer_py.predictor import Predictors
-    from flashinfer_py.train import TrainConfig, train_predictors
+    from flashinfer_py.train import TrainConfig, ids_digest, train_predictors
 
     model = fi.load(directory)
-    try:
-        Predictors.load(directory, model.manifest)
-        return
+    cfg = TrainConfig()
+    ids = model.tokenizer.encode(calibration_text()[: cfg.max_tokens * 12])
+    try:  # reused only if calibrated on these very ids (predictors made before they said: no)
+        p = Predictors.load(directory, model.manifest)
+        if p.meta.get("calibration_ids_sha256") == ids_digest(ids):
+            return
     except fi.FlashFormatError:
         pass
     print("training the predictors (train-predictors' defaults, Shakespeare) ...", flush=True)
-    cfg = TrainConfig()
-    train_predictors(model, model.tokenizer.encode(calibration_text()[: cfg.max_tokens * 12]),
-                     cfg, progress=False)
+    train_predictors(model, ids, cfg, progress=False)
 
 
 def paragraphs(n: int = 64, min_chars: int = 400, max_chars: int = 1500) -> list:

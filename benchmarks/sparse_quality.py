@@ -90,18 +90,19 @@ def ensure_predictors(directory: Path, tokens: int, log) -> dict:
     import flashinfer_py as fi
     from flashinfer_py.corpora import calibration_text
     from flashinfer_py.predictor import Predictors
-    from flashinfer_py.train import TrainConfig, format_report, train_predictors
+    from flashinfer_py.train import TrainConfig, format_report, ids_digest, train_predictors
 
     model = fi.load(directory)
     cfg = TrainConfig(max_tokens=tokens, methods=("sketch", "lowrank"))
-    try:
+    ids = model.tokenizer.encode(calibration_text()[: tokens * 12])
+    try:  # reused only if made by this configuration from these very ids
         p = Predictors.load(directory, model.manifest)
-        if p.meta.get("config") == json.loads(json.dumps(vars(cfg))) and len(p.kinds) == 2:
+        if p.meta.get("config") == json.loads(json.dumps(vars(cfg))) and len(p.kinds) == 2 \
+                and p.meta.get("calibration_ids_sha256") == ids_digest(ids):
             return p.meta
     except fi.FlashFormatError:
         pass
     log(f"  training on {tokens} Shakespeare tokens (sketch + low-rank) ...")
-    ids = model.tokenizer.encode(calibration_text()[: tokens * 12])
     p = train_predictors(model, ids, cfg, progress=False)
     log("  " + format_report(p).splitlines()[0])
     return p.meta

@@ -626,16 +626,17 @@ class RuntimeConfig:
 
     # whole-number fields and their least value; flags; fractions and margins (checked for
     # type first, so that a float, a string or a bool is named here instead of failing later)
-    _WHOLE = {"threads": 0, "queue_depth": 1, "read_timeout_ms": 0, "max_context": 1,
-              "prefill_chunk": 1}
+    _WHOLE = {"threads": (0, " (0 = all cores)"), "queue_depth": (1, ""),
+              "read_timeout_ms": (0, " milliseconds (0 = wait forever)"),
+              "max_context": (1, " tokens"), "prefill_chunk": (1, " tokens")}
     _FLAGS = ("use_direct_io", "sparse", "per_layer_cache", "reuse", "bundled", "reread_resident")
     _REALS = ("read_limit", "swap_margin", "predictor_threshold", "oracle_sparsity")
 
     def __post_init__(self):
-        for name, least in self._WHOLE.items():
+        for name, (least, unit) in self._WHOLE.items():
             v = getattr(self, name)
             if not _whole_at_least(v, least):
-                raise ValueError(f"{name} must be a whole number >= {least}, got {v!r}")
+                raise ValueError(f"{name} must be a whole number >= {least}{unit}, got {v!r}")
         if self.coalesce_gap_bytes is not None and not _whole_at_least(self.coalesce_gap_bytes, 0):
             raise ValueError(f"coalesce_gap_bytes must be a whole number of bytes >= 0 (or None: "
                              f"by record size), got {self.coalesce_gap_bytes!r}")
@@ -660,18 +661,6 @@ class RuntimeConfig:
             self.sparse = True
         if self.io_engine not in ("auto", "threads", "io_uring"):
             raise ValueError(f"io_engine must be 'auto', 'threads' or 'io_uring', not {self.io_engine!r}")
-        if self.queue_depth < 1:
-            raise ValueError(f"queue_depth must be >= 1, got {self.queue_depth}")
-        if self.coalesce_gap_bytes is not None and self.coalesce_gap_bytes < 0:
-            raise ValueError(f"coalesce_gap_bytes must be >= 0 (or None: by record size), "
-                             f"got {self.coalesce_gap_bytes}")
-        if self.read_timeout_ms < 0:
-            raise ValueError(f"read_timeout_ms must be >= 0 milliseconds (0 = wait forever), "
-                             f"got {self.read_timeout_ms}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = all cores), got {self.threads}")
-        if self.max_context < 1:
-            raise ValueError(f"max_context must be >= 1, got {self.max_context}")
         if self.ablation is not None:
             if self.ablation not in ABLATIONS:
                 raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, not {self.ablation!r}")
@@ -718,8 +707,6 @@ class RuntimeConfig:
             raise ValueError(f"window must be a whole number of tokens >= 1, got {self.window!r}")
         if not 0.0 < self.predictor_threshold < 1.0:
             raise ValueError(f"predictor_threshold must be in (0, 1), got {self.predictor_threshold}")
-        if self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if not 0.0 <= self.oracle_sparsity < 1.0:
             raise ValueError(f"oracle_sparsity must be in [0, 1), got {self.oracle_sparsity}")
 

@@ -65,6 +65,13 @@ def default_methods(args) -> tuple:
     return ("lowrank",) if args.hidden_act in ("relu", "fatrelu") else ("sketch",)
 
 
+def ids_digest(token_ids) -> str:
+    """What a set of predictors was calibrated on (their meta keeps it): sha256 of the ids."""
+    import hashlib
+
+    return hashlib.sha256(np.asarray(list(token_ids), np.int64).tobytes()).hexdigest()
+
+
 class _Recorded(Exception):
     """Raised by the recording observer after the last layer: no LM head needed."""
 
@@ -295,7 +302,7 @@ def train_predictors(model, token_ids: Sequence[int], cfg: Optional[TrainConfig]
     sha = manifest["checksums"][manifest["files"]["bundles"]]["sha256"]
     preds = Predictors(layers, label, thresholds, sha, meta={
         "report": report, "config": asdict(cfg), "methods": list(methods), "tokens": int(n),
-        "heldout_tokens": int(n_val),
+        "heldout_tokens": int(n_val), "calibration_ids_sha256": ids_digest(token_ids),
         "seconds": {"record": round(t_record, 2),
                     "total": round(time.perf_counter() - t0, 2)}},
         calibration=cal, sketch=sketch_meta)

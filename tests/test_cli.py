@@ -152,7 +152,7 @@ def test_read_timeout_is_checked_parsed_and_reaches_the_readers(tiny_flash, monk
     import flashinfer_py.cli as cli
     from flashinfer_py.config import RuntimeConfig
 
-    with pytest.raises(ValueError, match="read_timeout_ms must be >= 0"):
+    with pytest.raises(ValueError, match="read_timeout_ms must be a whole number >= 0 milliseconds"):
         RuntimeConfig(read_timeout_ms=-1)
     assert RuntimeConfig().read_timeout_ms == 60000 == bundles.ReaderParams().read_timeout_ms
     ns = cli.build_parser().parse_args(["generate", "--read-timeout-ms", "1234"])

@@ -181,7 +181,7 @@ def test_a_coalescing_gap_reads_fewer_larger_requests_and_changes_nothing(traine
 
 
 def test_a_negative_coalescing_gap_is_refused():
-    with pytest.raises(ValueError, match="coalesce_gap_bytes must be >= 0"):
+    with pytest.raises(ValueError, match="coalesce_gap_bytes must be a whole number of bytes >= 0"):
         RuntimeConfig(coalesce_gap_bytes=-1)
 
 

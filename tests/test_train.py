@@ -35,6 +35,13 @@ def test_relu_predictors_reach_high_recall_on_held_out_tokens(relu_trained):
     """ReLU: active iff gate.x > 0, a linear function: a full-rank predictor learns it."""
     d, m, preds = relu_trained
     assert preds.label == "nonzero" and (d / "predictors.npz").is_file()
+    # what they were calibrated on travels with them (benchmarks reuse them only for those ids)
+    ids = np.random.default_rng(1).integers(3, VOCAB, 512).tolist()
+    from flashinfer_py.predictor import Predictors
+    from flashinfer_py.train import ids_digest
+
+    assert Predictors.load(d, m.manifest).meta["calibration_ids_sha256"] == ids_digest(ids)
+    assert ids_digest(ids) != ids_digest(ids[1:])
     ids = np.random.default_rng(2).integers(3, VOCAB, 128).tolist()  # tokens not trained on
     xs, hs, _ = record(m, ids, TrainConfig(window=64, max_tokens=128), progress=False)
     for layer, p in enumerate(preds.layers):
