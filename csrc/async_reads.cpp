@@ -3,6 +3,7 @@
 #include "async_reads.h"
 
 #include <algorithm>
+#include <cerrno>
 
 namespace flashinfer {
 
@@ -96,8 +97,10 @@ void AsyncReads::worker_loop() {
     const uint64_t abandoned = reader_.abandoned();
     try {
       if (!s.ids.empty()) {
-        FI_CHECK(s.staging.size() > 0, "reading ahead stopped after a device failed to "
-                 "answer a read (", reader_.path(), "): load the model again");
+        if (s.staging.size() == 0)
+          throw IoError(detail::concat("reading ahead stopped after the device failed to answer "
+                                       "a read of ", reader_.path(), ": load the model again"),
+                        EIO, reader_.path());
         rs = reader_.read(s.layer, s.ids.data(), s.ids.size(), s.staging.data(),
                           reader_.record_bytes());
       }

@@ -480,6 +480,7 @@ void bind_io(py::module_& m) {
       .def("slot_of", &NeuronCache::slot_of, py::arg("layer"), py::arg("id"))
       .def("has_bias", &NeuronCache::has_bias, py::arg("layer"))
       .def("nbytes", &NeuronCache::nbytes)
+      .def_property_readonly("poisoned", &NeuronCache::poisoned)
       .def_property_readonly("n_layers", &NeuronCache::n_layers)
       .def_property_readonly("record_bytes", &NeuronCache::record_bytes)
       .def_property_readonly("row_bytes", &NeuronCache::row_bytes)

@@ -2,6 +2,8 @@
 // and replace (new records read into the freed slots).
 #include "neuron_cache.h"
 
+#include <cerrno>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -52,9 +54,12 @@ NeuronCache::~NeuronCache() {
 // Every entry point that writes rows or hands them out comes through here (clear, which
 // only forgets, may run on a poisoned cache: the error paths that start a layer over call it).
 NeuronCache::Layer& NeuronCache::at(uint32_t layer, bool usable) {
-  FI_CHECK(!usable || !poisoned_, "a read of ", reader_.path(), " that the device never "
-           "answered was abandoned, and the device may still write into this neuron cache: "
-           "load the model again (and check the disk: see the error that reported the read)");
+  if (usable && poisoned_)  // an I/O failure (FlashIOError), not a bad argument
+    throw IoError(detail::concat("a read of ", reader_.path(), " that the device never "
+                                 "answered was abandoned, and the device may still write into "
+                                 "this neuron cache: load the model again (and check the disk: "
+                                 "see the error that reported the read)"),
+                  EIO, reader_.path());
   FI_CHECK(layer < layers_.size(), "layer ", layer, " out of range [0, ", layers_.size(), ")");
   return layers_[layer];
 }

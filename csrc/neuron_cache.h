@@ -80,6 +80,8 @@ class NeuronCache {
   int32_t slot_of(uint32_t layer, int64_t id) const;  // -1 when absent
   bool has_bias(uint32_t layer) const { return !at(layer).bias_all.empty(); }
   std::size_t nbytes() const;  // everything this cache allocated
+  // A read into its rows was abandoned (the device may still write them): it refuses use.
+  bool poisoned() const { return poisoned_; }
   uint64_t record_bytes() const { return record_bytes_; }
   uint64_t row_bytes() const { return row_bytes_; }  // DRAM bytes per cached neuron
   const BundleReader& reader() const { return reader_; }

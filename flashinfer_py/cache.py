@@ -103,6 +103,12 @@ class NeuronCache:
         return self.rows(layer)[:, self._part_slices[name]]
 
     # -- queries
+    @property
+    def poisoned(self) -> bool:
+        """A read into the rows was abandoned (a device that never answered it may still write
+        them): the cache refuses use (FlashIOError) and its rows are never freed."""
+        return self._c.poisoned
+
     def problems(self) -> list[str]:
         """What is wrong with the cache now (empty: nothing): per layer, ids unique and as many
         as n_used, within capacity and range, the slot map agreeing with the ids, and every

@@ -346,9 +346,14 @@ class Conversation:
     def say(self, text: str, max_tokens: Optional[int] = None, **sampling) -> Iterator[str]:
         """Stream the answer to `text`. `max_tokens` defaults to the context left.
 
-        Raises (when called, before anything runs):
-            ValueError: the conversation no longer fits in the context (``reset()`` it), or
-                `max_tokens` is not a whole number >= 1.
+        The answer is to the conversation as it stands when the answer starts (the first
+        ``next()``), so several ``say()`` made ahead and consumed in order are successive
+        turns.
+
+        Raises:
+            ValueError: when called, `max_tokens` not a whole number >= 1 or a sampling
+                setting that cannot work; when it starts, the conversation no longer fits
+                in the context (``reset()`` it).
         """
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(
                 max_tokens, numbers.Integral) or max_tokens < 1):
@@ -356,6 +361,9 @@ class Conversation:
                              f"left), got {max_tokens!r}")
         check_sampling(sampling.get("temperature", 0.0), sampling.get("top_k", 0),
                        sampling.get("top_p", 1.0), sampling.get("seed"))
+        return self._say(text, max_tokens, sampling)
+
+    def _say(self, text: str, max_tokens: Optional[int], sampling: dict) -> Iterator[str]:
         messages = self.messages + [{"role": "user", "content": text}]
         ids = self.template.encode(self.model.tokenizer, messages)
         room = self.model.max_context - len(ids)
@@ -365,11 +373,9 @@ class Conversation:
                              f"{max_tokens or 1} more does not fit the context of "
                              f"{self.model.max_context} tokens; start a new one (/reset)"
                              + hint)
+        max_tokens = room if max_tokens is None else max_tokens
         self._turn += 1
-        return self._say(messages, ids, room if max_tokens is None else max_tokens, sampling,
-                         self._turn)
-
-    def _say(self, messages, ids, max_tokens: int, sampling: dict, turn: int) -> Iterator[str]:
+        turn = self._turn
         answer = []
         try:
             for d in stream(self.model, ids, max_tokens, prompt_cache=self.cache,

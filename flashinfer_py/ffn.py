@@ -19,6 +19,7 @@ With ``RuntimeConfig.overlap`` the reads run on a worker thread while the FFN co
 """
 from __future__ import annotations
 
+import errno
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from . import kernels, loader
 from ._bookkeeping import CacheDriver
 from .config import ModelArgs, RuntimeConfig, coalesce_gap_for
 from .dtypes import RecordLayout
+from .errors import FlashIOError
 from .loader import READ_AHEAD_SLOTS, MemoryPlan, plan_memory, read_ahead_records
 from .window import FrequencyPolicy, SlidingWindow, rank_swaps
 
@@ -488,7 +490,7 @@ class SparseFFN:
         and added to the output. With overlap, the best candidates' reads start before the
         FFN on the cached rows (they do not depend on it); the loads are a subset of them."""
         if self._lost is not None:
-            raise ValueError(self._lost)
+            raise FlashIOError(errno.EIO, self._lost)
         st, cache = self.tok, self.cache
         t = x.shape[0]
         t0 = time.perf_counter_ns()
@@ -569,10 +571,20 @@ class SparseFFN:
         st, n = self.tok, len(ids)
         rows = self.layer_rows[:n]
         if n:
-            if self.runtime.bundled:
-                self.reader.read(layer, ids, rows)
-            else:
-                self.reader.read_parts(layer, ids, list(range(len(self.reader.parts))), rows)
+            abandoned = self.reader._r.abandoned
+            try:
+                if self.runtime.bundled:
+                    self.reader.read(layer, ids, rows)
+                else:
+                    self.reader.read_parts(layer, ids, list(range(len(self.reader.parts))), rows)
+            except BaseException:
+                if self.reader._r.abandoned != abandoned:
+                    # the device may still write into the buffer (the reader keeps it alive
+                    # for that): the next tokens read into a fresh one
+                    from .bundles import aligned_empty
+
+                    self.layer_rows = aligned_empty(self.layer_rows.shape, self.layer_rows.dtype)
+                raise
             r = self.reader.last_stats
             st.bytes_read += r.bytes_read
             st.reads += r.reads_issued
@@ -636,6 +648,16 @@ class SparseFFN:
             self.tok.io_wait_ns += self.tok.io_ns - io0  # the cache's own reads: the caller waits
         self.total.add(self.tok)
         return self.tok
+
+    def unusable(self) -> Optional[str]:
+        """Why this FFN refuses to compute (a read failed in a way that lost neurons or left a
+        device able to write into the cache), or None."""
+        if self._lost is not None:
+            return self._lost
+        if self.cache is not None and self.cache.poisoned:
+            return ("a read the device never answered was abandoned; the device may still write "
+                    "into the neuron cache. Load the model again")
+        return None
 
     def reset(self) -> None:
         """Forget the window and empty the cache (a new conversation). Under eviction="rank"

@@ -194,6 +194,11 @@ class FlashModel:
         return PromptCache(self.new_cache())
 
     # ------------------------------------------------------------------ API
+    def unusable(self) -> Optional[str]:
+        """Why this model refuses to run after a failed read (then load it again), or None.
+        A server's health check asks this."""
+        return self.ffn.unusable() if self.sparse else None
+
     def reset(self) -> None:
         """Start a new sequence (sparse mode): forget the sliding window and empty the neuron
         cache. Under ``eviction="rank"`` (the default where a sketch exists) the cached

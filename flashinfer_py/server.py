@@ -165,9 +165,15 @@ class Server:
         self._admitted -= 1
 
     def health(self) -> dict:
-        return {"status": "ok", "model": self.name, "generating": self.generating,
+        """"ok", or "error" with why once the model refuses to run (a failed read that lost
+        neurons, or a device that never answered one): /health then answers 503, so a
+        supervisor restarts the server (every generation would fail)."""
+        broken = getattr(self.model, "unusable", lambda: None)()
+        return {"status": "ok" if broken is None else "error", "model": self.name,
+                "generating": self.generating,
                 "waiting": max(0, self._admitted - (1 if self.generating else 0)),
-                "context_tokens": self.model.max_context, **self.counts}
+                "context_tokens": self.model.max_context, **self.counts,
+                **({} if broken is None else {"error": broken})}
 
     # -- generation (worker thread) ---------------------------------------------------------------
     def submit(self, prompt_ids: list, params: dict, loop: asyncio.AbstractEventLoop,
@@ -264,7 +270,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return server.health()
+        h = server.health()
+        return h if h["status"] == "ok" else JSONResponse(h, status_code=503)
 
     @app.get("/v1/models")
     async def models():

@@ -104,7 +104,10 @@ class StreamingDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, context=()):
         self.tok = tokenizer
-        self.ids = [int(t) for t in list(context)[-self.CONTEXT:]]
+        # the last prompt ids that decode to text (a chat prompt ends in special tokens, which
+        # decode to nothing and would leave the first piece without its context)
+        added = getattr(tokenizer, "_added", {})
+        self.ids = [int(t) for t in context if int(t) not in added][-self.CONTEXT:]
         self.prefix = 0             # ids[prefix:read]: already shown (or context)
         self.read = len(self.ids)
 

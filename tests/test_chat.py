@@ -154,7 +154,7 @@ def test_conversation_keeps_its_cache_and_answers_as_a_fresh_run(tiny_flash):
     conv.reset()
     assert conv.messages == []
     with pytest.raises(ValueError, match="does not fit the context"):
-        conv.say("w5 " * (model.max_context + 1))  # refused when called
+        list(conv.say("w5 " * (model.max_context + 1)))
     for bad in (0, -1, 2.5):  # 0 used to mean "the whole context left"
         with pytest.raises(ValueError, match="max_tokens"):
             conv.say("w50", max_tokens=bad)
@@ -277,3 +277,9 @@ def test_a_prompt_cache_serves_one_generation_at_a_time(tiny_flash):
     with pytest.raises(RuntimeError, match="another generation"):
         list(first)
     assert [m["content"] for m in conv.messages] == ["w60", two]
+    # says made ahead and consumed in order are successive turns (each answers the
+    # conversation as it stands when it starts)
+    conv.reset()
+    a, b = conv.say("w50 w51", max_tokens=3), conv.say("w60", max_tokens=3)
+    ta, tb = "".join(a), "".join(b)
+    assert [m["content"] for m in conv.messages] == ["w50 w51", ta, "w60", tb]

@@ -179,8 +179,9 @@ def test_a_failed_swap_under_rank_refuses_to_go_on_without_the_lost_neurons(tiny
     with pytest.raises(FlashIOError):
         m.logits(prompt[::-1])
     testing.arm_failpoint("pread_error", count=0)
-    with pytest.raises(ValueError, match="Load the model again"):
+    with pytest.raises(FlashIOError, match="Load the model again"):
         m.logits(prompt)
+    assert "Load the model again" in m.unusable()
     fresh = fi.load(d, dram_budget=rank_budget(d, 0.3), io_engine="threads")
     assert np.isfinite(fresh.logits(prompt)).all()
 
@@ -254,9 +255,38 @@ def test_a_model_whose_cache_read_was_abandoned_refuses_to_go_on(tiny_flash):
     m = fi.load(d, **kw)
     m.logits(prompt[:4])
     assert _abandoned(lambda: m.logits(prompt), skip=2).endswith("ffn_bundles.bin")
-    with pytest.raises(ValueError, match="load the model again"):
-        m.logits(prompt)
+    with pytest.raises(FlashIOError, match="load the model again"):  # an I/O failure, not a
+        m.logits(prompt)                                              # bad argument
+    assert "abandoned" in m.unusable()
+    pytest.importorskip("fastapi")
+    from flashinfer_py.server import Server
+
+    health = Server(m, "tiny").health()  # a supervisor sees it (HTTP 503) and restarts
+    assert health["status"] == "error" and "abandoned" in health["error"]
     del m
     gc.collect()
     assert testing.late_writes(0xAB) > 0
     np.testing.assert_array_equal(fi.load(d, **kw).logits(prompt), want)
+
+
+@URING
+@pytest.mark.parametrize("ablation", ["naive", "predictor"])
+def test_the_rows_without_reuse_are_not_read_into_again_after_an_abandoned_read(tiny_flash,
+                                                                                ablation):
+    """No reuse across tokens (the paper's first rows): one buffer is read into for every
+    layer and token. After an abandoned read the next tokens get a fresh one, so the late
+    write lands in memory nothing computes on: the model goes on with exact logits."""
+    d = tiny_flash("llama-relu")
+    kw = dict(ablation=ablation, selection="oracle", io_engine="io_uring", read_timeout_ms=200)
+    prompt = list(range(5, 13))
+    want = fi.load(d, **kw).logits(prompt)
+    m = fi.load(d, **kw)
+    old = m.ffn.layer_rows
+    _abandoned(lambda: m.logits(prompt), skip=2)
+    # the device may write `old` at any time, between a read and the product on it too:
+    # the next reads go elsewhere (before, into `old` again)
+    assert not np.shares_memory(m.ffn.layer_rows, old)
+    assert testing.late_writes(0xAB) > 0
+    assert bool((old.view(np.uint8) == 0xAB).any())  # the late write landed in `old`, alive
+    np.testing.assert_array_equal(m.logits(prompt), want)
+    assert m.unusable() is None

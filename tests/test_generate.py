@@ -108,10 +108,10 @@ def test_generate_without_a_tokenizer_says_so(tiny_flash, tmp_path):
     assert len(list(model.generate_step([5, 6, 7], max_new_tokens=3))) >= 1
 
 
-def _sentencepiece_like(tmp_path):
+def _sentencepiece_like(tmp_path, added=()):
     """A tokenizer.json whose decoder is Llama 2's (and Mistral's): "▁" -> " ", fuse, then
     strip one leading space of the text."""
-    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer as HF, decoders, models, pre_tokenizers
 
     from flashinfer_py.tokenizer import Tokenizer
 
@@ -120,6 +120,8 @@ def _sentencepiece_like(tmp_path):
     hf.pre_tokenizer = pre_tokenizers.Metaspace()
     hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    if added:
+        hf.add_special_tokens([AddedToken(t, special=True) for t in added])
     hf.save(str(tmp_path / "tokenizer.json"))
     return Tokenizer(tmp_path)
 
@@ -136,6 +138,13 @@ def test_streamed_pieces_keep_the_space_a_sentencepiece_decoder_strips(tmp_path)
     assert pieces == [" Paris", ".", "", "é", " Paris"]  # the first byte held back
     full = tok.decode(prompt + gen)
     assert "".join(pieces) == full[len(tok.decode(prompt)):]
+    # a chat prompt ends in special tokens (decoding to nothing): the context skips them
+    special = tmp_path / "sp"
+    special.mkdir()
+    tok2 = _sentencepiece_like(special, added=["<|end|>"])
+    end = tok2.token_id("<|end|>")
+    d2 = StreamingDetokenizer(tok2, context=prompt + [end] * 5)
+    assert d2.add(6) == " Paris"
     # the window stays short: a long generation decodes a few ids a token, not all of them
     for _ in range(1000):
         d.add(6)
