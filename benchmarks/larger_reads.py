@@ -211,13 +211,15 @@ def measure_prefill(directory, budget: str, configs: list, rounds: int, n_prompt
             lg = m.forward(ids, cache, last_only=True)[0]
             for k in keys:
                 acc[gap, scratch][k].append(m.last_stats[k])
+            for k in ("stream_bytes", "stream_wait_ns"):  # resident matrices read from flash
+                acc[gap, scratch].setdefault(k, []).append(m.last_stats.get(k, 0))
             acc[gap, scratch]["scratch"].append(m.ffn.reader.scratch_bytes)
             logits.setdefault((gap, scratch), np.asarray(lg))
             del m, cache
     print(f"\nprefill of {len(ids)} tokens in one call, {rounds} rounds (min / median)")
     print("| gap | reader scratch bound | prompt ms | I/O busy ms | reads | MB read | "
-          "scratch held | logits = first |")
-    print("|---|---|---|---|---|---|---|---|")
+          "streamed MB (waited ms) | scratch held | logits = first |")
+    print("|---|---|---|---|---|---|---|---|---|")
     first, rows = logits[configs[0]], []
     for c in configs:
         a = {k: np.asarray(v, np.float64) for k, v in acc[c].items()}
@@ -226,11 +228,14 @@ def measure_prefill(directory, budget: str, configs: list, rounds: int, n_prompt
                "io_ms": [a["io_ns"].min() / 1e6, float(np.median(a["io_ns"])) / 1e6],
                "reads": float(a["reads"].mean()), "mb_read": a["bytes_read"].mean() / 1e6,
                "scratch_held": int(a["scratch"].max()),
+               "stream_mb": a["stream_bytes"].mean() / 1e6,
+               "stream_wait_ms": float(np.median(a["stream_wait_ns"])) / 1e6,
                "logits_equal": bool(np.array_equal(logits[c], first))}
         rows.append(row)
         print(f"| {c[0]} B | {c[1] / 2**20:g} MiB | {row['prompt_ms'][0]:.0f} / "
               f"{row['prompt_ms'][1]:.0f} | {row['io_ms'][0]:.0f} / {row['io_ms'][1]:.0f} | "
               f"{row['reads']:.0f} | {row['mb_read']:.1f} | "
+              f"{row['stream_mb']:.0f} ({row['stream_wait_ms']:.0f}) | "
               f"{row['scratch_held'] / 2**20:.2f} MiB | "
               f"{'identical' if row['logits_equal'] else 'DIFFER'} |")
     return rows
