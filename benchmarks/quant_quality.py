@@ -73,16 +73,14 @@ def converted(model: str, name: str) -> Path:
 
 def eval_ids(model, n: int, window: int) -> list:
     from flashinfer_py.corpora import wikipedia_excerpt
+    from flashinfer_py.evaluate import bos_id, windows_of
 
-    tok = model.tokenizer
-    first = tok.encode("a")[:1]
-    bos = first if first and first[0] == model.args.bos_token_id else []
-    body = window - len(bos)
-    ids = tok.encode(wikipedia_excerpt()[:120000])
+    bos = bos_id(model)  # BOS first in every window where the tokenizer adds one
+    body = window - (bos is not None)
+    ids = model.tokenizer.encode(wikipedia_excerpt()[:120000])
     if len(ids) < n * body:
         raise SystemExit(f"the text has {len(ids)} tokens; lower --windows")
-    ids = ids[-n * body:]
-    return [bos + ids[i * body:(i + 1) * body] for i in range(n)]
+    return windows_of(ids[-n * body:], window, bos=bos)
 
 
 def measure(directory: Path, windows: list, roundtrip: str | None = None) -> dict:

@@ -111,19 +111,17 @@ def ensure_predictors(directory: Path, tokens: int, log) -> dict:
 def eval_windows(directory: Path, n: int, length: int) -> list:
     import flashinfer_py as fi
     from flashinfer_py.corpora import wikipedia_excerpt
-
-    from flashinfer_py.evaluate import bos_id
+    from flashinfer_py.evaluate import bos_id, windows_of
 
     model = fi.load(directory)
-    tok = model.tokenizer
     # A tokenizer that starts every text with BOS (Gemma's) gets it at the start of every
     # window too: without it Gemma-3-270M's perplexity is ~145 instead of ~19.
-    bos = [] if bos_id(model) is None else [bos_id(model)]
-    body = length - len(bos)
-    ids = tok.encode(wikipedia_excerpt()[-EVAL_CHARS:])[-n * body:]
+    bos = bos_id(model)
+    body = length - (bos is not None)
+    ids = model.tokenizer.encode(wikipedia_excerpt()[-EVAL_CHARS:])[-n * body:]
     if len(ids) < n * body:
         raise SystemExit(f"the evaluation text has {len(ids)} tokens; lower --windows")
-    return [bos + ids[i * body:(i + 1) * body] for i in range(n)]
+    return windows_of(ids, length, bos=bos)
 
 
 def budget_for(directory: Path, cfg, fraction: float, basis: str = "dram") -> tuple[int, dict]:

@@ -56,6 +56,13 @@ class AlignedBuffer {
   T* as() { return static_cast<T*>(ptr_); }
   std::size_t size() const { return size_; }
 
+  // Give the memory up without freeing it, leaving this buffer empty: for memory a device may
+  // still write into (an abandoned io_uring read), which must never be freed or reused.
+  void leak() {
+    ptr_ = nullptr;
+    size_ = 0;
+  }
+
  private:
   void allocate(std::size_t bytes, std::size_t alignment) {
     if (bytes == 0) return;

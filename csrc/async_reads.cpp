@@ -113,8 +113,7 @@ void AsyncReads::worker_loop() {
       if (reader_.abandoned() != abandoned) {
         // The kernel may still write into this staging: leak it, never reuse it, and read
         // ahead into a fresh one (if none can be had, the slot refuses new jobs: above).
-        (void)new AlignedBuffer(std::move(s.staging));
-        s.staging = AlignedBuffer();
+        s.staging.leak();
         try {
           s.staging = AlignedBuffer(max_records_ * reader_.record_bytes());
         } catch (...) {

@@ -598,7 +598,7 @@ void BundleReader::execute_uring(std::size_t first, std::size_t count) {
 void BundleReader::abandon_ring() {
   abandoned_.fetch_add(1, std::memory_order_relaxed);
   (void)uring_.release();
-  (void)new AlignedBuffer(std::move(scratch_));
+  scratch_.leak();
   scratch_size_.store(0, std::memory_order_relaxed);
   new_ring();
 }

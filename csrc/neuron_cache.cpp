@@ -47,8 +47,8 @@ NeuronCache::NeuronCache(BundleReader& reader, uint32_t n_layers,
 // any time: leak them (never freed, never reused), as the reader leaks its ring.
 NeuronCache::~NeuronCache() {
   if (!poisoned_) return;
-  (void)new AlignedBuffer(std::move(staging_));
-  for (Layer& L : layers_) (void)new AlignedBuffer(std::move(L.rows));
+  staging_.leak();
+  for (Layer& L : layers_) L.rows.leak();
 }
 
 // Every entry point that writes rows or hands them out comes through here (clear, which

@@ -12,7 +12,6 @@ writes them).
 from __future__ import annotations
 
 import json
-import numbers
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from .config import whole_at_least
 from .errors import FlashFormatError
 from .generate import StopStrings
 from .sampling import check_sampling, log_softmax
@@ -355,8 +355,7 @@ class Conversation:
                 setting that cannot work; when it starts, the conversation no longer fits
                 in the context (``reset()`` it).
         """
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(
-                max_tokens, numbers.Integral) or max_tokens < 1):
+        if max_tokens is not None and not whole_at_least(max_tokens, 1):
             raise ValueError(f"max_tokens must be a whole number >= 1 or None (the context "
                              f"left), got {max_tokens!r}")
         check_sampling(sampling.get("temperature", 0.0), sampling.get("top_k", 0),

@@ -89,7 +89,7 @@ class ModelArgs:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads"):
             v = getattr(self, name)
-            if not _whole_at_least(v, 1):
+            if not whole_at_least(v, 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.num_key_value_heads <= 0:
             self.num_key_value_heads = self.num_attention_heads
@@ -635,9 +635,9 @@ class RuntimeConfig:
     def __post_init__(self):
         for name, (least, unit) in self._WHOLE.items():
             v = getattr(self, name)
-            if not _whole_at_least(v, least):
+            if not whole_at_least(v, least):
                 raise ValueError(f"{name} must be a whole number >= {least}{unit}, got {v!r}")
-        if self.coalesce_gap_bytes is not None and not _whole_at_least(self.coalesce_gap_bytes, 0):
+        if self.coalesce_gap_bytes is not None and not whole_at_least(self.coalesce_gap_bytes, 0):
             raise ValueError(f"coalesce_gap_bytes must be a whole number of bytes >= 0 (or None: "
                              f"by record size), got {self.coalesce_gap_bytes!r}")
         for name in self._FLAGS:
@@ -703,7 +703,7 @@ class RuntimeConfig:
                              f"{', '.join(map(repr, STREAM_RESIDENT))}, not {self.stream_resident!r}")
         if self.compute not in ("predicted", "cached"):
             raise ValueError(f"compute must be 'predicted' or 'cached', not {self.compute!r}")
-        if not _whole_at_least(self.window, 1):
+        if not whole_at_least(self.window, 1):
             raise ValueError(f"window must be a whole number of tokens >= 1, got {self.window!r}")
         if not 0.0 < self.predictor_threshold < 1.0:
             raise ValueError(f"predictor_threshold must be in (0, 1), got {self.predictor_threshold}")
@@ -765,7 +765,7 @@ class RuntimeConfig:
         return out
 
 
-def _whole_at_least(v: Any, minimum: int) -> bool:
+def whole_at_least(v: Any, minimum: int) -> bool:
     """`v` is an integer (Python's or numpy's, not a bool, a float or a string) >= minimum."""
     try:
         return not isinstance(v, bool) and operator.index(v) >= minimum

@@ -6,14 +6,13 @@ This is the object developers embed: ``model = flashinfer_py.load(DIR)``, then
 from __future__ import annotations
 
 import contextlib
-import numbers
 import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
-from .config import ModelArgs, RuntimeConfig
+from .config import ModelArgs, RuntimeConfig, whole_at_least
 from .errors import FlashFormatError, FlashIOError, UnsupportedModelError
 from .format import check_files, load_dense, read_manifest, resident_formats
 from .generate import StepResult, generate_step
@@ -271,8 +270,7 @@ class FlashModel:
         argument), not at the first ``next()``, and before any of the prompt runs.
         """
         check_sampling(temperature, top_k, top_p, seed)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
-                or max_new_tokens < 0:
+        if not whole_at_least(max_new_tokens, 0):
             raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)

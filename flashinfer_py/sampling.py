@@ -8,6 +8,8 @@ from typing import Callable
 
 import numpy as np
 
+from .config import whole_at_least
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64) - logits.max()
@@ -21,22 +23,13 @@ def check_sampling(temperature, top_k, top_p, seed) -> None:
             or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got "
                          f"{temperature!r}")
-    try:
-        k = operator.index(top_k)
-    except TypeError:
-        k = None
-    if k is None or isinstance(top_k, bool) or k < 0:
+    if not whole_at_least(top_k, 0):
         raise ValueError(f"top_k must be a whole number >= 0 (0 = no limit), got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) \
             or not 0.0 < top_p <= 1.0:  # NaN fails the comparison too
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if seed is not None:
-        try:
-            sd = operator.index(seed)
-        except TypeError:
-            sd = None
-        if sd is None or isinstance(seed, bool) or sd < 0:
-            raise ValueError(f"seed must be a whole number >= 0 or None, got {seed!r}")
+    if seed is not None and not whole_at_least(seed, 0):
+        raise ValueError(f"seed must be a whole number >= 0 or None, got {seed!r}")
 
 
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
