@@ -32,15 +32,16 @@ KEYS = ("total_ns", "io_ns", "io_wait_ns", "mm_ns", "predict_ns", "compute_ns", 
 
 
 def slots_bytes(directory, budget: str, **kw) -> int:
-    """What the plan counts for the read-ahead worker's slots: given on top of the budget to
-    the overlap modes, so that every mode caches the same neurons (and the logits can match)."""
+    """What the plan counts for the read-ahead worker (its slots, their maps and its own
+    reader's scratch): given on top of the budget to the overlap modes, so that every mode
+    caches the same neurons (and the logits can match). Taken from the plan itself, the
+    difference between overlap "ahead" and "off", so it follows what the plan counts."""
     from flashinfer_py.config import RuntimeConfig
-    from flashinfer_py.loader import READ_AHEAD_SLOTS, plan_directory, read_ahead_records
+    from flashinfer_py.loader import plan_directory
 
-    rt, plan = plan_directory(directory, RuntimeConfig(dram_budget=budget, **kw))
-    m = fi.load(directory)
-    rec = m.manifest["bundle"]["record_bytes"]
-    return READ_AHEAD_SLOTS * (read_ahead_records(m.args, rt) * rec + m.args.intermediate_size * 4)
+    _, off = plan_directory(directory, RuntimeConfig(dram_budget=budget, **kw))
+    _, on = plan_directory(directory, RuntimeConfig(dram_budget=budget, overlap="ahead", **kw))
+    return on.overhead - off.overhead
 
 
 def run(directory, budget: str, mode: str, ids: list, warm: int, **kw) -> tuple[dict, np.ndarray]:
