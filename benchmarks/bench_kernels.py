@@ -18,6 +18,10 @@ threads) pair once in shuffled order, so a kernel and the read bandwidth it is c
 are measured in the same minutes; the table gives the median and best over rounds, and each
 kernel's 2-thread median as a share of the 2-thread read median.
 
+Cases marked ``x16`` run the 4-bit formats with 16 rows interleaved (``kernels.interleave``:
+what the model does with resident 4-bit matrices and with a GGUF's dense 4-bit FFN layers on
+a CPU with AVX-512 VNNI), beside the same shapes row-major.
+
 Weights are cycled through copies totalling >= 96 MiB (3x the L3), so these are DRAM rates.
 GB/s = weight bytes a call must read / time (ffn_rows: every used row's up and gate parts,
 and the down parts of the rows whose activation is not zero).
@@ -58,6 +62,8 @@ class Case:
     n: int = 1  # inputs
     active: float = 1.0  # ffn: fraction of rows with h != 0 (< 1: fatrelu threshold)
     gated: bool = True   # ffn: up, gate, down parts (else up, down)
+    x16: bool = False    # the 4-bit matrices with 16 rows interleaved (kernels.Interleaved):
+                         # linear on one; ffn: the dense FFN as kernels.ffn_interleaved
 
 
 def _linears(tag: str, shapes, fmts) -> list[Case]:
@@ -80,6 +86,18 @@ CASES = [
       ("float16", "q8_0", "q4_1")),
     *(Case(f"ffn_rows sparse d=4096 r=1600 10% active", "ffn", f, 1600, 4096, active=0.1,
            gated=False) for f in ("float16", "q8_0", "q4_0", "q4_1")),
+    # the same shapes with 16 rows interleaved (resident 4-bit matrices, the dense 4-bit FFN
+    # of a GGUF's blocks: csrc/kernels_x16.cpp)
+    *(Case(f"linear {tag} {m}x{k}", "linear", f, m, k, x16=True)
+      for tag, m, k in (("SmolLM2 o", 576, 576), ("SmolLM2 qkv", 960, 576),
+                        ("SmolLM2 head", 49152, 576), ("1B o", 2048, 2048),
+                        ("1B qkv", 2560, 2048), ("1B head", 32000, 2048), ("7B", 4096, 4096))
+      for f in ("q4_0", "q4_1")),
+    Case("linear prefill n=64 4096x4096", "linear", "q4_1", 4096, 4096, n=64),
+    Case("linear prefill n=64 4096x4096", "linear", "q4_1", 4096, 4096, n=64, x16=True),
+    *(Case(f"ffn dense {tag}", "ffn", f, r, d, x16=True)
+      for tag, r, d in (("SmolLM2 d=576 r=1536", 1536, 576), ("1B d=2048 r=5632", 5632, 2048))
+      for f in ("q4_0", "q4_1")),
 ]
 
 
@@ -104,7 +122,13 @@ def make_runner(case: Case) -> tuple[Callable[[int], None], float, int]:
     fmt = None if case.fmt in ("float32", "float16", "bfloat16") else case.fmt
     if case.kind == "linear":
         w0 = _store(rng.standard_normal((case.m, case.k)) * 0.02, case.fmt)
-        copies = _copies(w0)
+        if case.x16:
+            w0 = K.interleave(w0, case.fmt, case.k)
+            copies = [w0] + [K.Interleaved(w0.data.copy(), w0.fmt, w0.rows, w0.k, w0.row_bytes)
+                             for _ in range(max(1, math.ceil(COLD_BYTES / w0.nbytes)) - 1)]
+            fmt = None
+        else:
+            copies = _copies(w0)
         x = rng.standard_normal((case.n, case.k)).astype(np.float32)
         out = np.empty((case.n, case.m), np.float32)
 
@@ -113,6 +137,22 @@ def make_runner(case: Case) -> tuple[Callable[[int], None], float, int]:
                 K.linear(x, w, out=out, threads=threads, fmt=fmt)
 
         return fn, float(w0.nbytes * len(copies)), len(copies)
+    if case.x16:  # a dense gated FFN: up and gate rows interleaved, then down_proj (d x r)
+        d, r = case.k, case.m
+        ug = K.interleave(_store(rng.standard_normal((2 * r, d)) * 0.05, case.fmt), case.fmt, d)
+        dn = K.interleave(_store(rng.standard_normal((d, r)) * 0.05, case.fmt), case.fmt, r)
+        per = ug.nbytes + dn.nbytes
+        copies = [(ug, dn)] + [
+            tuple(K.Interleaved(w.data.copy(), w.fmt, w.rows, w.k, w.row_bytes) for w in (ug, dn))
+            for _ in range(max(1, math.ceil(COLD_BYTES / per)) - 1)]
+        x = rng.standard_normal((1, d)).astype(np.float32)
+        out = np.empty((1, d), np.float32)
+
+        def fn(threads: int) -> None:
+            for u, w in copies:
+                K.ffn_interleaved(x, u, w, True, "silu", out=out, threads=threads)
+
+        return fn, float(per * len(copies)), len(copies)
 
     # ffn_rows: records of parts (up, [gate,] down), each rounded up to 64 bytes
     d, r = case.k, case.m
@@ -146,10 +186,14 @@ def make_runner(case: Case) -> tuple[Callable[[int], None], float, int]:
     return fn, float(nbytes), len(copies)
 
 
+def _fmt(c: Case) -> str:
+    return f"{c.fmt} x16" if c.x16 else c.fmt
+
+
 # ---- pytest-benchmark -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.name}-{c.fmt}".replace(" ", "-"))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.name}-{_fmt(c)}".replace(" ", "-"))
 def test_kernel_throughput(benchmark, case):
     fn, nbytes, _ = make_runner(case)
     benchmark.pedantic(fn, args=(0,), rounds=5, warmup_rounds=1)
@@ -170,7 +214,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="shuffle seed")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
-    cases = [c for c in CASES if c.kind == "read" or args.only in f"{c.name} {c.fmt}"]
+    cases = [c for c in CASES if c.kind == "read" or args.only in f"{c.name} {_fmt(c)}"]
     runners = {c: make_runner(c) for c in cases}
     load0 = os.getloadavg()[0]
     gbs: dict[tuple[Case, int], list[float]] = {(c, t): [] for c in cases for t in threads}
@@ -200,7 +244,7 @@ def main() -> None:
                           for t in threads)
         mb = nbytes / 1e6 / copies
         pct = 100 * statistics.median(gbs[(c, tmax)]) / ref[tmax]
-        fmt = "" if c.kind == "read" else c.fmt
+        fmt = "" if c.kind == "read" else _fmt(c)
         print(f"| {c.name} | {fmt} | {mb:.2f} | {cols} | {pct:.0f}% |", flush=True)
 
 

@@ -17,7 +17,12 @@ installed (``pip install llama-cpp-python==0.3.36``: it builds llama.cpp, ~12 mi
   as an F16 GGUF by ``llamacpp_compare.build_gguf`` and converted to each format.
 - With llama-cpp-python: llama.cpp's own GGUFs of the same weights (F16 of the dequantized
   SmolLM2, the 1B's F16 and its Q8_0/Q4_1 quantized by llama.cpp; SmolLM2's Q4_1 is the
-  original file).
+  original file), and ``llama1b-q4_1-gguf``: llama.cpp's Q4_1 file of the 1B converted by us
+  with its blocks kept (exactly the model llama.cpp runs; its dense FFN layers then run
+  interleaved, as SmolLM2's q4_1 does).
+
+``run --row-major`` adds our 4-bit formats run with the row-major kernels (no interleaved
+matrices: what ran before they existed), in a process of its own, in the same rounds.
 
 ``run`` starts one measuring process per tool (llama.cpp's without our OMP_WAIT_POLICY, see
 ``serve``), which loads every model once (dense: ``fi.load(dir)``; llama.cpp: n_threads=2,
@@ -44,8 +49,8 @@ sys.path.insert(0, str(HERE))
 
 from common import git_commit, machine  # noqa: E402
 
-FORMATS = ("float16", "q8_0", "q4_1")
-LLAMA_GGUF = {"float16": "F16", "q8_0": "Q8_0", "q4_1": "Q4_1"}
+FORMATS = ("float16", "q8_0", "q4_1", "q4_1-gguf")
+LLAMA_GGUF = {"float16": "F16", "q8_0": "Q8_0", "q4_1": "Q4_1", "q4_1-gguf": "Q4_1"}
 PROMPT, WARMUP = 16, 8
 
 
@@ -114,7 +119,7 @@ def cmd_build(a) -> None:
     models = a.models.split(",")
     if "smollm2" in models:
         g = default_gguf_path()
-        for f in FORMATS:
+        for f in FORMATS[:3]:
             _convert(g, wd / f"smollm2-{f}", f)
         if have_llama():
             _llama_quantize(g, wd / "smollm2-F16.gguf", "F16")
@@ -124,19 +129,23 @@ def cmd_build(a) -> None:
         g = wd / "llama1b-F16.gguf"
         if not g.exists():
             build_gguf(g, shape_1b())
-        for f in FORMATS:
+        for f in FORMATS[:3]:
             _convert(g, wd / f"llama1b-{f}", f)
         if have_llama():
-            for f in FORMATS[1:]:
+            for f in ("q8_0", "q4_1"):
                 _llama_quantize(g, wd / f"llama1b-{LLAMA_GGUF[f]}.gguf", LLAMA_GGUF[f])
+            # llama.cpp's Q4_1 file converted with its blocks kept: exactly llama.cpp's model
+            _convert(wd / "llama1b-Q4_1.gguf", wd / "llama1b-q4_1-gguf", "q4_1")
 
 
 # ---- run ----------------------------------------------------------------------------------
 
 class Ours:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, interleave: bool = True):
         import flashinfer_py as fi
 
+        if not interleave:  # the row-major 4-bit kernels (before resident matrices and a
+            fi.kernels.interleaves = lambda fmt: False  # GGUF's dense FFN were interleaved)
         self.m = fi.load(path)
         self.vocab = self.m.args.vocab_size
 
@@ -197,7 +206,8 @@ def serve(tool: str) -> None:
     for line in sys.stdin:
         cmd, key, arg = line.split()
         if cmd == "load":
-            runners[key] = (Ours if tool == "ours" else LlamaCpp)(Path(arg))
+            runners[key] = (LlamaCpp(Path(arg)) if tool == "llama.cpp"
+                            else Ours(Path(arg), interleave=tool == "ours"))
             out = {"vocab": runners[key].vocab}
         else:
             run = runners[key]
@@ -221,6 +231,8 @@ def cmd_run(a) -> None:
             d = wd / f"{model}-{f}"
             if (d / "manifest.json").exists():
                 paths[(model, f, "ours")] = d
+                if a.row_major and f.startswith("q4"):
+                    paths[(model, f, "ours row-major")] = d
             if a.llama and have_llama():
                 g = wd / f"{model}-{LLAMA_GGUF[f]}.gguf"
                 if model == "smollm2" and f == "q4_1":  # the original file
@@ -266,9 +278,10 @@ def cmd_run(a) -> None:
     for k in sorted(res):
         model, f, tool = k
         base = res.get((model, "float16", "ours"))
-        other = res.get((model, f, "llama.cpp" if tool == "ours" else "ours"))
-        vs16 = f"{base / res[k]:.2f}x" if base and tool == "ours" else ""
-        vsl = f"{other / res[k]:.2f}x" if other and tool == "ours" else ""
+        ours = tool.startswith("ours")
+        other = res.get((model, f, "llama.cpp" if ours else "ours"))
+        vs16 = f"{base / res[k]:.2f}x" if base and ours else ""
+        vsl = f"{other / res[k]:.2f}x" if other and ours else ""
         each = ", ".join(f"{v:.1f}" for v in ms[k])
         print(f"| {model} | {f} | {tool} | {res[k]:.2f} ({each}) | {1e3 / res[k]:.1f} | {vs16} |"
               f" {vsl} |")
@@ -289,8 +302,11 @@ def main() -> None:
     r.add_argument("--no-llama", dest="llama", action="store_false",
                    help="only our runtime, even when llama-cpp-python is installed")
     r.add_argument("--json", default="", help="write every round's ms/token here")
+    r.add_argument("--row-major", action="store_true",
+                   help="also run our 4-bit formats with the row-major kernels (no interleaved "
+                        "matrices), in a process of its own")
     sv = sub.add_parser("serve", help="internal: one tool's measuring process")
-    sv.add_argument("tool", choices=["ours", "llama.cpp"])
+    sv.add_argument("tool", choices=["ours", "ours row-major", "llama.cpp"])
     a = ap.parse_args()
     if a.cmd == "serve":
         serve(a.tool)

@@ -244,7 +244,7 @@ class OursTool:
         p = getattr(self.m, "plan", None)
         if p is None:  # dense: the resident file's tensors and every FFN row, in DRAM
             dense = self.m.directory / self.m.manifest["files"]["dense"]
-            return dense.stat().st_size + sum(r.nbytes for r in self.m.ffn.rows_by_layer)
+            return dense.stat().st_size + self.m.ffn.nbytes
         return p.resident + p.predictors + p.sketch_bytes + p.cache_bytes
 
     def describe(self) -> dict:

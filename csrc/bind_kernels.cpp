@@ -543,6 +543,116 @@ py::array dequantize_py(const py::array& a, const std::string& fmt, int64_t leng
   return o;
 }
 
+// ---- 16 rows interleaved (kernels_x16.cpp) ----------------------------------------------
+
+DType x16_dtype(const std::string& fmt) {
+  const DType dt = parse_dtype(fmt);
+  FI_CHECK(x16_supported(dt), "interleaved rows exist for q4_0 and q4_1, not '", fmt, "'");
+  return dt;
+}
+
+// The interleaved bytes of an (m, x16 bytes) matrix of k values a row: a 1-D uint8 array.
+const uint8_t* x16_in(const py::array& w16, DType dt, int64_t m, int64_t k) {
+  FI_CHECK(w16.dtype().is(py::dtype::of<uint8_t>()), "w16 must be uint8, got ", dtype_str(w16));
+  check_ndim(w16, "w16", 1);
+  check_contig(w16, "w16");
+  FI_CHECK(m >= 0 && k > 0, "m must be >= 0 and k > 0, got m=", m, ", k=", k);
+  const int64_t want = x16_bytes(dt, m, k);
+  FI_CHECK(w16.shape(0) == want, "w16 has ", w16.shape(0), " bytes; ", m, " interleaved ",
+           dtype_name(dt), " rows of ", k, " values are ", want);
+  return static_cast<const uint8_t*>(w16.data());
+}
+
+py::array interleave16_py(const py::array& w, const std::string& fmt, int64_t k) {
+  const DType dt = x16_dtype(fmt);
+  FI_CHECK(w.dtype().is(py::dtype::of<uint8_t>()), "w must be uint8 rows of ", fmt,
+           " blocks, got ", dtype_str(w));
+  check_ndim(w, "w", 2);
+  check_contig(w, "w");
+  FI_CHECK(k > 0, "k must be positive, got ", k);
+  const int64_t rb = int64_t(row_bytes(dt, k)), m = w.shape(0);
+  FI_CHECK(w.shape(1) == rb, "w has shape ", shape_str(w), ": rows of ", k, " ", fmt,
+           " values are ", rb, " bytes");
+  py::array o(py::dtype::of<uint8_t>(), std::vector<py::ssize_t>{x16_bytes(dt, m, k)});
+  const uint8_t* src = static_cast<const uint8_t*>(w.data());
+  uint8_t* dst = static_cast<uint8_t*>(o.mutable_data());
+  {
+    py::gil_scoped_release release;
+    interleave16(src, m, k, dt, dst);
+  }
+  return o;
+}
+
+py::array deinterleave16_py(const py::array& w16, const std::string& fmt, int64_t m, int64_t k,
+                            int64_t r0, int64_t r1) {
+  const DType dt = x16_dtype(fmt);
+  const uint8_t* src = x16_in(w16, dt, m, k);
+  FI_CHECK(0 <= r0 && r0 <= r1 && r1 <= m, "rows [", r0, ", ", r1, ") are not within [0, ", m,
+           ")");
+  const int64_t rb = int64_t(row_bytes(dt, k));
+  py::array o(py::dtype::of<uint8_t>(), std::vector<py::ssize_t>{r1 - r0, rb});
+  uint8_t* dst = static_cast<uint8_t*>(o.mutable_data());
+  {
+    py::gil_scoped_release release;
+    deinterleave16(src, m, k, dt, r0, r1, dst);
+  }
+  return o;
+}
+
+py::array linear_x16_py(const py::array& x, const py::array& w16, const std::string& fmt,
+                        int64_t m, const py::object& bias, py::object out, int threads) {
+  const DType dt = x16_dtype(fmt);
+  check_ndim(x, "x", 2);
+  const int64_t n = x.shape(0), k = x.shape(1);
+  const uint8_t* wp = x16_in(w16, dt, m, k);
+  const float* xp = f32_in(x, "x", {n, k});
+  const float* bp = nullptr;
+  py::array b;
+  if (!bias.is_none()) {
+    b = bias.cast<py::array>();
+    bp = f32_in(b, "bias", {m});
+  }
+  py::array o = out.is_none() ? py::array(py::dtype::of<float>(), std::vector<py::ssize_t>{n, m})
+                              : out.cast<py::array>();
+  float* op = f32_out(o, "out", {n, m});
+  check_no_overlap(o, "out", x, "x");
+  {
+    py::gil_scoped_release release;
+    linear_x16(xp, n, k, wp, dt, m, bp, op, threads);
+  }
+  return o;
+}
+
+py::array ffn_x16_py(const py::array& x, const py::array& ug16, const py::array& down16,
+                     const std::string& fmt, int64_t f, bool gated, const std::string& activation,
+                     float act_param, py::object out, py::object act_out, int threads) {
+  const DType dt = x16_dtype(fmt);
+  check_ndim(x, "x", 2);
+  const int64_t n = x.shape(0), d = x.shape(1);
+  FI_CHECK(f > 0, "f must be positive, got ", f);
+  const uint8_t* up = x16_in(ug16, dt, gated ? 2 * f : f, d);
+  const uint8_t* dp = x16_in(down16, dt, d, f);
+  const float* xp = f32_in(x, "x", {n, d});
+  const Activation act = parse_activation(activation);
+  py::array o = out.is_none() ? py::array(py::dtype::of<float>(), std::vector<py::ssize_t>{n, d})
+                              : out.cast<py::array>();
+  float* op = f32_out(o, "out", {n, d});
+  check_no_overlap(o, "out", x, "x");
+  float* hp = nullptr;
+  py::array h;
+  if (!act_out.is_none()) {
+    h = act_out.cast<py::array>();
+    hp = f32_out(h, "act_out", {n, f});
+    check_no_overlap(h, "act_out", x, "x");
+    check_no_overlap(h, "act_out", o, "out");
+  }
+  {
+    py::gil_scoped_release release;
+    ffn_x16(xp, n, d, f, up, dp, dt, gated, act, act_param, op, hp, threads);
+  }
+  return o;
+}
+
 py::list storage_formats_py() {
   py::list out;
   for (uint32_t i = 0; i < kNumDTypes; ++i) {
@@ -591,6 +701,22 @@ void bind_kernels(py::module_& m) {
         "(llama.cpp's reference rounding; the last block zero padded).");
   m.def("dequantize", &dequantize_py, py::arg("a"), py::arg("fmt"), py::arg("length"),
         py::arg("threads") = 0, "float32 (n, length) values of uint8 rows of blocks.");
+  m.def("interleave16", &interleave16_py, py::arg("w"), py::arg("fmt"), py::arg("k"),
+        "(m, row bytes) uint8 q4_0/q4_1 rows of k values -> their 16-row interleaved bytes "
+        "(1-D uint8; csrc/kernels_quant.h).");
+  m.def("deinterleave16", &deinterleave16_py, py::arg("w16"), py::arg("fmt"), py::arg("m"),
+        py::arg("k"), py::arg("r0"), py::arg("r1"),
+        "Rows [r0, r1) of an interleaved (m x k) matrix as row-major uint8 blocks.");
+  m.def("linear_x16", &linear_x16_py, py::arg("x"), py::arg("w16"), py::arg("fmt"),
+        py::arg("m"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
+        py::arg("threads") = 0,
+        "y = x @ W.T + bias with W (m x k) given as interleave16's bytes; x (n, k) f32.");
+  m.def("ffn_x16", &ffn_x16_py, py::arg("x"), py::arg("ug16"), py::arg("down16"),
+        py::arg("fmt"), py::arg("f"), py::arg("gated"), py::arg("activation"),
+        py::arg("act_param") = 0.0f, py::arg("out") = py::none(), py::arg("act_out") = py::none(),
+        py::arg("threads") = 0,
+        "Dense FFN on interleaved matrices: ug16 the up rows (then the gate rows) f x d, down16 "
+        "down_proj d x f; out (n, d), act_out (n, f) the activations.");
   m.def("storage_formats", &storage_formats_py,
         "The storage formats of csrc/bundle_format.h: name, code, block_elems, block_bytes, "
         "elem_bytes, code_bits, quantized.");

@@ -132,6 +132,33 @@ const QuantKernels& q8_0_kernels(Isa isa);
 const QuantKernels& q4_0_kernels(Isa isa);
 const QuantKernels& q4_1_kernels(Isa isa);
 
+// ---- resident 4-bit matrices with 16 rows interleaved (kernels_x16.cpp) -----------------
+
+// The rows in groups of kX16 (the last padded with zero rows); each group nb blocks of the 16
+// rows' fp16 d, (q4_1) their fp16 m, then 4 x 64 bytes of codes, one 32-bit lane a row (the
+// file's comment has the nibble order). Same bytes a block as the row-major layout, plus the
+// padding rows. Products on it read each weight byte once for 16 rows' worth of unpacking.
+constexpr int64_t kX16 = 16;
+bool x16_supported(DType dt);  // q4_0, q4_1
+int64_t x16_bytes(DType dt, int64_t m, int64_t k);
+// m row-major rows of k values (row_bytes(dt, k) each) -> x16_bytes(dt, m, k) bytes
+void interleave16(const uint8_t* rows, int64_t m, int64_t k, DType dt, uint8_t* out);
+// rows [r0, r1) back to row-major blocks (embedding lookups, tests)
+void deinterleave16(const uint8_t* w16, int64_t m, int64_t k, DType dt, int64_t r0, int64_t r1,
+                    uint8_t* rows);
+// y = x @ W.T + bias, W interleaved: the same sums as linear() on the row-major rows, within
+// float rounding (the integer dots are identical; each row accumulates its blocks in order,
+// the same for a token alone and in a prompt).
+void linear_x16(const float* x, int64_t n, int64_t k, const uint8_t* w16, DType dt, int64_t m,
+                const float* bias, float* out, int threads);
+// A dense FFN on interleaved matrices: ug16 holds the up rows (f x d), then for a gated FFN
+// the gate rows (f x d); down16 is down_proj (d x f, blocks along f). out (n, d) =
+// down @ h with h = act(gate . x) * (up . x) (gated) or act(up . x), quantized to 16 bits
+// per block of 32 like any x; act_out (n, f) receives h when not null.
+void ffn_x16(const float* x, int64_t n, int64_t d, int64_t f, const uint8_t* ug16,
+             const uint8_t* down16, DType dt, bool gated, Activation act, float act_param,
+             float* out, float* act_out, int threads);
+
 // ---- whole-array helpers (converter, embeddings, tests) ------------------------------
 
 // n rows of len float32 values (stride ldx) -> n rows of row_bytes(dt, len) bytes (stride ldo).

@@ -515,6 +515,25 @@ def split_down_blocks(raw: np.ndarray, fmt, d: int, f: int) -> tuple[np.ndarray,
     return np.ascontiguousarray(padded.reshape(f, -1)), np.ascontiguousarray(scales)
 
 
+def join_down_blocks(codes: np.ndarray, scales: np.ndarray, fmt, d: int, f: int) -> np.ndarray:
+    """split_down_blocks' inverse: each neuron's codes [f, code bytes] and the blocks' scales
+    [f / 32, 1 or 2, d] -> down_proj's blocks along d_ff, uint8 [d, f / 32 * block bytes]
+    (the dense FFN's interleaved down matrix is made from them). No value changes."""
+    fmt = storage_format(fmt)
+    nb, bb = f // 32, fmt.block_bytes
+    c = np.ascontiguousarray(codes, np.uint8)
+    if fmt.code_bits == 8:
+        qs = c[:, :d].T.reshape(d, nb, 32)
+    else:
+        g = c.reshape(f, -1, 16)
+        q = np.concatenate([g & 0xF, g >> 4], axis=2).reshape(f, -1)[:, :d]  # [f, d] codes
+        qt = q.T.reshape(d, nb, 32)
+        qs = (qt[:, :, :16] | (qt[:, :, 16:] << 4)).astype(np.uint8)
+    sc = [np.ascontiguousarray(np.asarray(scales, np.float16)[:, k, :].T).view(np.uint8)
+          .reshape(d, nb, 2) for k in range(scales.shape[1])]
+    return np.ascontiguousarray(np.concatenate(sc + [qs], axis=2).reshape(d, nb * bb))
+
+
 def _is_gguf(ckpt) -> bool:
     return str(ckpt.path).endswith(".gguf") or "gguf" in type(ckpt).__name__.lower()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -75,7 +76,8 @@ class ResidentFFN:
     SmolLM2 that is 1024 of 4096 bytes a neuron: a quarter of the DRAM, and the FFN kernel
     streams its rows back to back instead of skipping 3 KiB after each."""
 
-    def __init__(self, bundle_path: str, args: ModelArgs, dense: dict, runtime: RuntimeConfig):
+    def __init__(self, bundle_path: str, args: ModelArgs, dense: dict, runtime: RuntimeConfig,
+                 interleave: bool = True):
         from .bundles import BundleReader, ReaderParams, aligned_empty
 
         reader = BundleReader(bundle_path, ReaderParams(engine=runtime.io_engine,
@@ -90,19 +92,79 @@ class ResidentFFN:
         # whole records are read into a staging buffer of at most ~64 MiB, then packed
         chunk = max(1, min(f, (64 << 20) // (reader.record_elems * eb)))
         staging = aligned_empty((chunk, reader.record_elems), reader.numpy_dtype)
+        self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
+        self.args = args
+        self._packed = (packed, reader.numpy_dtype)
+        # interleaved (up/gate, down) matrices of each layer that has them; its records dropped
+        self._x16: list = [None] * args.num_hidden_layers
+        records = []
         for layer in range(args.num_hidden_layers):
             rows = aligned_empty((f, packed), reader.numpy_dtype)
             for i in range(0, f, chunk):
                 ids = np.arange(i, min(f, i + chunk), dtype=np.int32)
                 reader.read(layer, ids, staging[:len(ids)])
                 rows[i:i + len(ids)] = staging[:len(ids), :packed]
-            self.rows_by_layer.append(rows)
+            if interleave and self._interleaves(layer):
+                self._x16[layer] = self._interleave(layer, rows)
+                rows = None
+            records.append(rows)
+        self.rows_by_layer = _LayerRecords(self, records)
         self.io_stats = reader.stats()
         self.is_direct = reader.is_direct
-        self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
-        self.args = args
+
+    # A dense layer whose records are 4-bit blocks with GGUF's down_proj kept (the codes
+    # layout) runs as two interleaved products (kernels.ffn_interleaved: up/gate rows, then
+    # down_proj) instead of the fused per-neuron kernel, whose unpacking holds a core below
+    # memory speed (benchmarks/RESULTS.md section 13). Same weights; h is quantized to 16 bits
+    # per block of 32 for the down product, as x is for every product. The blocks layout (our
+    # own quantization of float weights) keeps the fused kernel: its down columns are blocks
+    # along d_model, not rows of down_proj.
+    def _interleaves(self, layer: int) -> bool:
+        lay = self.kernel.layout
+        return (lay.codes and kernels.interleaves(lay.fmt.name) and self.bias[layer] is None
+                and self.args.intermediate_size % 32 == 0)
+
+    def _interleave(self, layer: int, rows: np.ndarray) -> tuple:
+        from .convert import join_down_blocks
+
+        a, lay = self.args, self.kernel.layout
+        fmt, f, d = lay.fmt.name, a.intermediate_size, a.hidden_size
+        part = dict(zip(lay.parts, zip(lay.part_offsets, lay.part_bytes)))
+        cut = lambda p: rows[:, part[p][0]:part[p][0] + part[p][1]]  # noqa: E731
+        gated = "gate" in part
+        ug = np.ascontiguousarray(np.concatenate([cut("up"), cut("gate")]) if gated else cut("up"))
+        down = join_down_blocks(cut("down"), self.kernel.down_scales[layer], fmt, d, f)
+        return kernels.interleave(ug, fmt, d), kernels.interleave(down, fmt, f), gated
+
+    def _records(self, layer: int) -> np.ndarray:
+        """An interleaved layer's packed records, made again (training, sketches, tests)."""
+        from .bundles import aligned_empty
+        from .convert import split_down_blocks
+
+        a, lay = self.args, self.kernel.layout
+        f, d = a.intermediate_size, a.hidden_size
+        ug, down, gated = self._x16[layer]
+        packed, dtype = self._packed
+        rows = aligned_empty((f, packed), dtype)
+        rows[:] = 0
+        part = dict(zip(lay.parts, zip(lay.part_offsets, lay.part_bytes)))
+        both = ug.take(np.arange(ug.rows))
+        o, b = part["up"]
+        rows[:, o:o + b] = both[:f]
+        if gated:
+            o, b = part["gate"]
+            rows[:, o:o + b] = both[f:]
+        codes, _ = split_down_blocks(down.take(np.arange(down.rows)), lay.fmt, d, f)
+        o, b = part["down"]
+        rows[:, o:o + b] = codes[:, :b]
+        return rows
 
     def forward(self, layer: int, x: np.ndarray, act_out=None) -> np.ndarray:
+        if self._x16[layer] is not None:
+            ug, down, gated = self._x16[layer]
+            a = self.args
+            return kernels.ffn_interleaved(x, ug, down, gated, a.hidden_act, a.act_param,
+                                           act_out=act_out, threads=self.kernel.threads)
         return self.kernel(layer, x, self.rows_by_layer[layer], self.bias[layer], act_out=act_out)
 
     def part_f32(self, layer: int, part: str) -> np.ndarray:
@@ -111,7 +173,26 @@ class ResidentFFN:
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.rows_by_layer)
+        return sum(r.nbytes if x is None else x[0].nbytes + x[1].nbytes
+                   for r, x in zip(self.rows_by_layer._held, self._x16))
+
+
+class _LayerRecords(Sequence):
+    """ResidentFFN.rows_by_layer: each layer's packed records [d_ff, packed], those of an
+    interleaved layer made again when asked for (one layer at a time: a one-off reader such
+    as predictor training or the sketch builder pays for one layer's copy, not the model's)."""
+
+    def __init__(self, owner: "ResidentFFN", held: list):
+        self._owner, self._held = owner, held
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __getitem__(self, layer):
+        if isinstance(layer, slice):
+            return [self[i] for i in range(*layer.indices(len(self)))]
+        rows = self._held[layer]
+        return self._owner._records(layer) if rows is None else rows
 
 
 # overlap="ahead": the share of a guessed layer's likely loads read ahead (the most confident
@@ -691,8 +772,8 @@ class _Oracle:
     def __init__(self, path: Path, args: ModelArgs, dense: dict, bias: list,
                  runtime: RuntimeConfig):
         self.args, self.bias, self.runtime = args, bias, runtime
-        self.full = ResidentFFN(str(path), args, dense,
-                                runtime.replace(sparse=False, dram_budget=None))
+        self.full = ResidentFFN(str(path), args, dense,  # records: read every token
+                                runtime.replace(sparse=False, dram_budget=None), interleave=False)
 
     def activations(self, layer: int, x: np.ndarray) -> np.ndarray:
         rows = self.full.rows_by_layer[layer]

@@ -25,10 +25,14 @@ import numpy as np
 from ._core import attend1 as _attend1
 from ._core import dequantize as _dequantize
 from ._core import dequantize_q4 as _dequantize_q4
+from ._core import deinterleave16 as _deinterleave16
 from ._core import ffn_rows as _ffn_rows
+from ._core import ffn_x16 as _ffn_x16
+from ._core import interleave16 as _interleave16
 from ._core import from_float32 as _from_float32
 from ._core import kernel_isa as _kernel_isa
 from ._core import linear as _linear
+from ._core import linear_x16 as _linear_x16
 from ._core import q4_scores as _q4_scores
 from ._core import quantize as _quantize
 from ._core import quantize_q4 as _quantize_q4
@@ -43,8 +47,12 @@ __all__ = [
     "attend1",
     "dequantize",
     "dequantize_q4",
+    "ffn_interleaved",
     "ffn_rows",
     "from_float32",
+    "Interleaved",
+    "interleave",
+    "interleaves",
     "kernel_isa",
     "linear",
     "q4_scores",
@@ -77,7 +85,8 @@ def linear(
     Args:
         x: ``(n, k)`` or ``(k,)`` float32 inputs.
         w: ``(m, k)`` weights: float32, float16 or uint16 (bfloat16 bits); or, with ``fmt``
-            a block format, ``(m, row bytes)`` uint8 rows of blocks along k.
+            a block format, ``(m, row bytes)`` uint8 rows of blocks along k; or an
+            :class:`Interleaved` matrix (its own format).
         bias: ``(m,)`` float32 or None.
         out: optional ``(n, m)`` (or ``(m,)`` for 1-D ``x``) float32 buffer, overwritten
             and returned; lets the decode loop run without allocation.
@@ -91,8 +100,86 @@ def linear(
     """
     if x.ndim == 1:
         out2 = None if out is None else out.reshape(1, -1)
-        return _linear(x.reshape(1, -1), w, bias, out2, threads, fmt).reshape(-1)
+        return linear(x.reshape(1, -1), w, bias, out=out2, threads=threads, fmt=fmt).reshape(-1)
+    if isinstance(w, Interleaved):
+        if fmt is not None and fmt != w.fmt:
+            raise ValueError(f"fmt is {fmt!r} but w holds interleaved {w.fmt} rows")
+        if x.ndim != 2 or x.shape[1] != w.k:
+            raise ValueError(f"x has shape {x.shape} but w has {w.k} values a row: x must be "
+                             f"(n, {w.k})")
+        return _linear_x16(x, w.data, w.fmt, w.rows, bias, out, threads)
     return _linear(x, w, bias, out, threads, fmt)
+
+
+# Formats whose resident matrices the model interleaves (csrc/kernels_x16.cpp).
+INTERLEAVED_FORMATS = ("q4_0", "q4_1")
+
+
+class Interleaved:
+    """A resident q4_0 / q4_1 matrix with its rows interleaved 16 at a time (the layout of
+    csrc/kernels_x16.cpp, made by :func:`interleave`): ``linear`` reads it as it reads the
+    row-major rows, with the same integer dots and one core's unpacking shared by 16 rows, so
+    a decode step's products run at memory speed where the row-major 4-bit kernel is
+    compute-bound (benchmarks/RESULTS.md section 13). ``rows(idx)`` gives row-major blocks back
+    (an embedding lookup of a tied LM head)."""
+
+    __slots__ = ("data", "fmt", "rows", "k", "row_bytes")
+
+    def __init__(self, data: np.ndarray, fmt: str, rows: int, k: int, row_bytes: int):
+        self.data, self.fmt, self.rows, self.k, self.row_bytes = data, fmt, rows, k, row_bytes
+
+    @property
+    def shape(self) -> tuple:
+        """The row-major matrix's shape: (rows, bytes a row)."""
+        return (self.rows, self.row_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def take(self, idx) -> np.ndarray:
+        """Rows ``idx`` as row-major uint8 blocks ``(len(idx), row_bytes)`` (one native call
+        per run of consecutive rows)."""
+        idx = np.asarray(idx, np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.rows):
+            raise IndexError(f"row ids must be in [0, {self.rows}), got {idx.min()}..{idx.max()}")
+        out = np.empty((idx.size, self.row_bytes), np.uint8)
+        cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, idx.size]):
+            if hi > lo:
+                r0 = int(idx[lo])
+                out[lo:hi] = _deinterleave16(self.data, self.fmt, self.rows, self.k, r0,
+                                             r0 + int(hi - lo))
+        return out
+
+
+def interleave(w: np.ndarray, fmt: str, k: int) -> Interleaved:
+    """``w`` (m, row bytes) uint8 q4_0/q4_1 rows of ``k`` values, interleaved for ``linear``."""
+    return Interleaved(_interleave16(w, fmt, k), fmt, int(w.shape[0]), int(k), int(w.shape[1]))
+
+
+def ffn_interleaved(x: np.ndarray, ug: Interleaved, down: Interleaved, gated: bool,
+                    activation: Activation, act_param: float = 0.0, *,
+                    out: np.ndarray | None = None, act_out: np.ndarray | None = None,
+                    threads: int = 0) -> np.ndarray:
+    """A dense FFN on interleaved matrices: ``ug`` the up rows (then, gated, the gate rows) of
+    ``f`` neurons, ``down`` down_proj ``(d, f)``; returns ``down @ h`` ``(n, d)`` with ``h =
+    act(gate . x) * (up . x)`` or ``act(up . x)`` (``act_out`` receives h, ``(n, f)``)."""
+    f = down.k
+    if ug.fmt != down.fmt or ug.rows != (2 * f if gated else f) or down.rows != ug.k:
+        raise ValueError(f"ug ({ug.rows} x {ug.k} {ug.fmt}) and down ({down.rows} x {down.k} "
+                         f"{down.fmt}) are not one FFN's matrices")
+    return _ffn_x16(x, ug.data, down.data, ug.fmt, f, gated, activation, act_param, out,
+                    act_out, threads)
+
+
+def interleaves(fmt: str) -> bool:
+    """Whether the model interleaves resident matrices of ``fmt`` on this CPU: the 4-bit
+    formats, where the kernels run AVX-512 VNNI (elsewhere the row-major kernels stay: the
+    interleaved ones have no AVX2 path yet, only a portable one). A model decides when it is
+    loaded: after ``set_kernel_isa("avx2")`` its interleaved matrices still give the same
+    results, through the portable loop, several times slower; load it again."""
+    return fmt in INTERLEAVED_FORMATS and kernel_isa() == "avx512"
 
 
 def ffn_rows(

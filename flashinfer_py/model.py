@@ -200,8 +200,9 @@ class Transformer:
         self.rope = _Rope(args) if args.uses_rope else None
         self.stream = self._open_stream(*streamed) if streamed and streamed[2] else None
         head = "tok_embeddings" if args.tie_word_embeddings else "lm_head"
-        self.lm_head, self.lm_head_fmt = dense[head], self.formats[head]
         self._fuse_qkv()
+        self._interleave()
+        self.lm_head, self.lm_head_fmt = self.w[head], self.formats[head]
         # each layer's norm weights for the one-token block (_block1): pre-norm RMSNorm models
         a = args
         self._norms1 = None
@@ -302,10 +303,61 @@ class Transformer:
                 self.w[n] = w[a:b]
             self.qkv.append((w, fmt, bias))
 
+    def _interleave(self) -> None:
+        """Resident 4-bit matrices with 16 rows interleaved (kernels.Interleaved) where the
+        CPU runs the interleaved kernels (kernels.interleaves): the fused q/k/v, the output
+        projections and the LM head (the embedding lookup of a tied one reads its rows back).
+        Each replaces its row-major array, one matrix at a time (the peak: one extra matrix)."""
+        self._fused_rows = {}  # name -> (layer, first row, end) in an interleaved qkv
+        if not any(kernels.interleaves(f) for f in self.formats.values()):
+            return
+        a = self.args
+
+        def il(w, fmt, k):
+            if not isinstance(w, np.ndarray) or not kernels.interleaves(fmt):
+                return w  # streamed from flash, or a format without interleaving
+            return kernels.interleave(w, fmt, k)
+
+        for i, fused in enumerate(self.qkv):
+            p = f"layers.{i}."
+            if fused is not None:
+                w, fmt, bias = fused
+                w2 = il(w, fmt, a.hidden_size)
+                if w2 is not w:
+                    self.qkv[i] = (w2, fmt, bias)
+                    r0 = 0
+                    for n in ("wq", "wk", "wv"):  # only the fused matrix is used: its rows
+                        r1 = r0 + self.w[p + n].shape[0]
+                        self._fused_rows[p + n] = (i, r0, r1)
+                        del self.w[p + n]
+                        r0 = r1
+            self.w[p + "wo"] = il(self.w[p + "wo"], self.formats[p + "wo"], a.q_dim)
+        head = "tok_embeddings" if a.tie_word_embeddings else "lm_head"
+        self.w[head] = il(self.w[head], self.formats[head], a.embed_dim)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the resident tensors (a fused q/k/v counted once: through its q/k/v views,
+        or, interleaved, as the matrix that replaced them)."""
+        return (sum(v.nbytes for v in self.w.values())
+                + sum(self.qkv[layer][0].nbytes
+                      for layer in {i for i, _, _ in self._fused_rows.values()}))
+
+    def weight(self, name: str) -> np.ndarray:
+        """Resident tensor `name` as stored (a block-format matrix: its row-major uint8 blocks,
+        even where the model keeps it interleaved)."""
+        if name in self._fused_rows:
+            layer, r0, r1 = self._fused_rows[name]
+            return self.qkv[layer][0].take(np.arange(r0, r1))
+        w = self.w[name]
+        if isinstance(w, kernels.Interleaved):
+            return w.take(np.arange(w.rows))
+        return w
+
     def _mm(self, x: np.ndarray, w, fmt: str, bias: Optional[np.ndarray] = None) -> np.ndarray:
         """x @ w.T (+ bias): w resident, or left on flash (a StreamedMatrix) and read now."""
         x = np.ascontiguousarray(x)
-        if self.stream is not None and not isinstance(w, np.ndarray):
+        if self.stream is not None and not isinstance(w, (np.ndarray, kernels.Interleaved)):
             return self.stream.linear(x, w, bias, self.threads)
         return kernels.linear(x, w, bias=bias, fmt=fmt, threads=self.threads)
 
@@ -325,14 +377,20 @@ class Transformer:
     def _linear(self, x: np.ndarray, name: str, bias: Optional[str] = None) -> np.ndarray:
         b = self.w[bias] if bias is not None else None
         w = self.w[name]
-        if not isinstance(w, np.ndarray) and w.key != name:  # q, k or v of a fused matrix
+        if (not isinstance(w, (np.ndarray, kernels.Interleaved))
+                and w.key != name):  # q, k or v of a fused streamed matrix
             raise RuntimeError(f"{name} is streamed as part of {w.key}")
         return self._mm(x, w, self.formats[name], b)
 
     def _rows(self, name: str, idx: np.ndarray, width: int) -> np.ndarray:
         """Rows `idx` (of `width` values) of an embedding matrix as float32."""
         w = self.w[name]
-        rows = w[idx] if isinstance(w, np.ndarray) else self.stream.rows(idx)
+        if isinstance(w, np.ndarray):
+            rows = w[idx]
+        elif isinstance(w, kernels.Interleaved):
+            rows = w.take(idx)
+        else:
+            rows = self.stream.rows(idx)
         return to_float32(rows, self.formats[name], width)
 
     def _embed(self, tokens: np.ndarray, pos0: int) -> np.ndarray:

@@ -338,7 +338,7 @@ class FlashModel:
     def info(self) -> dict:
         """What this model is and what it keeps in DRAM."""
         a = self.args
-        dense = sum(v.nbytes for v in self.transformer.w.values())
+        dense = self.transformer.nbytes
         rt = self.runtime
         return {"directory": str(self.directory), "arch": a.arch, "layers": a.num_hidden_layers,
                 "hidden_size": a.hidden_size, "ffn_neurons": a.intermediate_size,

@@ -137,6 +137,83 @@ def test_linear_threads_out_buffer_and_1d_input(isa):
     np.testing.assert_allclose(K.linear(x[4], w, fmt="q4_1"), one[4], rtol=1e-6, atol=1e-6)
 
 
+# ---- resident 4-bit matrices with 16 rows interleaved (csrc/kernels_x16.cpp) ----------------
+
+X16 = ["q4_0", "q4_1"]
+
+
+@pytest.mark.parametrize("fmt", X16)
+@pytest.mark.parametrize("m,k", [(1, 32), (37, 200), (48, 64)])
+def test_interleaved_rows_come_back_as_stored(fmt, m, k):
+    """interleave keeps every byte: the rows read back (in any order) are llama.cpp's blocks;
+    the padding of the last group adds at most 15 rows' worth of bytes."""
+    rng = np.random.default_rng(SEED + m)
+    w = gg_blocks(random_weights(rng, m, k), fmt)
+    il = K.interleave(w, fmt, k)
+    assert il.shape == w.shape and il.rows == m and il.k == k
+    assert w.nbytes <= il.nbytes < w.nbytes + 16 * w.shape[1]
+    idx = rng.permutation(m)
+    np.testing.assert_array_equal(il.take(idx), w[idx])
+
+
+@pytest.mark.parametrize("fmt", X16)
+@pytest.mark.parametrize("n", [1, 3, 4, 9])
+@pytest.mark.parametrize("m,k", [(37, 200), (64, 64)])
+def test_interleaved_linear_matches_dequantize_then_matmul(isa, fmt, n, m, k):
+    """The interleaved product against numpy on the blocks' values (as the row-major one is
+    checked above), and against the row-major kernel: the same integer dots, so they agree to
+    float rounding; a token alone gets exactly what it gets among others."""
+    rng = np.random.default_rng(SEED + 11 * n + m)
+    w = gg_blocks(random_weights(rng, m, k), fmt)
+    wf = gg_values(w, fmt, k)
+    il = K.interleave(w, fmt, k)
+    x = random_x(rng, n, k)
+    bias = rng.standard_normal(m).astype(np.float32)
+    y = K.linear(x, il, bias)
+    assert y.dtype == np.float32 and y.shape == (n, m)
+    xq, step = ref_quantize_x(x)
+    assert_close(y, xq @ wf.T + bias, np.abs(xq) @ np.abs(wf).T + np.abs(bias))
+    row_major = K.linear(x, w, bias, fmt=fmt)
+    np.testing.assert_allclose(y, row_major, rtol=1e-5,
+                               atol=1e-6 * (np.abs(xq) @ np.abs(wf).T).max())
+    for t in range(n):
+        np.testing.assert_array_equal(K.linear(x[t], il, bias), y[t])
+    out = np.full((n, m), np.nan, np.float32)
+    assert K.linear(x, il, bias, out=out, threads=2) is out
+    np.testing.assert_array_equal(out, y)  # the split between threads changes no sum
+
+
+def test_interleaved_arguments_are_checked():
+    w = np.zeros((20, 36), np.uint8)
+    with pytest.raises(ValueError, match="interleaved rows exist for q4_0 and q4_1, not 'q8_0'"):
+        K.interleave(np.zeros((20, 68), np.uint8), "q8_0", 64)
+    with pytest.raises(ValueError, match=r"w has shape \(20, 36\): rows of 32 q4_0 values are "
+                                         r"18 bytes"):
+        K.interleave(w, "q4_0", 32)
+    il = K.interleave(w, "q4_0", 64)
+    with pytest.raises(ValueError, match=r"x must be \(n, 64\)"):
+        K.linear(np.ones((2, 32), np.float32), il)
+    with pytest.raises(ValueError, match="fmt is 'q4_1' but w holds interleaved q4_0 rows"):
+        K.linear(np.ones((2, 64), np.float32), il, fmt="q4_1")
+    from flashinfer_py import _core
+    with pytest.raises(ValueError, match="w16 has 1151 bytes; 20 interleaved q4_0 rows of 64 "
+                                         "values are 1152"):
+        _core.linear_x16(np.ones((1, 64), np.float32), il.data[:-1].copy(), "q4_0", 20)
+    with pytest.raises(ValueError, match=r"rows \[3, 21\) are not within \[0, 20\)"):
+        _core.deinterleave16(il.data, "q4_0", 20, 64, 3, 21)
+    with pytest.raises(IndexError, match=r"row ids must be in \[0, 20\)"):
+        il.take([0, 20])
+    # a dense FFN's buffers: act_out may not share memory with out
+    ug = K.interleave(np.zeros((32, 36), np.uint8), "q4_0", 64)
+    dn = K.interleave(np.zeros((64, 18), np.uint8), "q4_0", 32)
+    buf = np.zeros(64 + 32, np.float32)
+    with pytest.raises(ValueError, match="act_out must not share memory with out"):
+        K.ffn_interleaved(np.ones((1, 64), np.float32), ug, dn, False, "relu",
+                          out=buf[:64].reshape(1, 64), act_out=buf[32:64].reshape(1, 32))
+    with pytest.raises(ValueError, match="are not one FFN's matrices"):
+        K.ffn_interleaved(np.ones((1, 64), np.float32), ug, dn, True, "silu")
+
+
 # ---- ffn_rows on records of blocks -----------------------------------------------------------
 
 

@@ -99,7 +99,7 @@ def test_attention_at_8_bits_with_the_ffn_at_4(resident, tiny_hf, tmp_path, prom
     man = m.manifest
     assert man["dtype"] == "q4_0" and man["resident_dtype"] == resident
     assert set(m.resident_formats.values()) == {resident}
-    wq = m.transformer.w["layers.0.wq"]
+    wq = m.transformer.weight("layers.0.wq")
     want = ((200, 7 * 34), np.uint8) if resident == "q8_0" else ((200, 200), np.float16)
     assert (wq.shape, wq.dtype) == want
     assert m.transformer.w["layers.0.attn_norm"].dtype == np.float32  # norms stay float
@@ -322,11 +322,49 @@ def test_gguf_q4_1_is_kept_bit_for_bit(q41_gguf, tmp_path, prompt_ids):
                                np.arange(320))
         np.testing.assert_array_equal(got, down.T)
         # attention: the values transformers reads (llama's q/k rows moved back, whole)
-        wq = m.transformer.w[f"layers.{layer}.wq"]
+        wq = m.transformer.weight(f"layers.{layer}.wq")
         np.testing.assert_array_equal(fi.kernels.dequantize(wq, "q4_1", 192),
                                       hf.model.layers[layer].self_attn.q_proj.weight.detach().numpy())
     ref = hf_logits(hf, prompt_ids)
     assert rel_err(m.logits(prompt_ids), ref) < STORED_REL  # the same weights: only x's 16 bits
+
+
+def test_dense_4bit_layers_run_interleaved(q41_gguf, tmp_path, prompt_ids, monkeypatch):
+    """A dense model whose FFN holds GGUF's 4-bit blocks (the codes layout) runs each layer as
+    two interleaved products where the CPU has the kernels (kernels.interleaves): the records
+    made again from those matrices are the stored ones, byte for byte, and the logits, the
+    activations the observer sees and a decode step agree with the fused per-neuron kernel
+    within the rounding of h to 16 bits."""
+    path, _ = q41_gguf
+    out, _ = convert_quiet(path, tmp_path / "q41", dtype="q4_1")
+    m = fi.load(out)
+    on = fi.kernels.interleaves("q4_1")
+    assert [x is not None for x in m.ffn._x16] == [on, on]
+    monkeypatch.setattr(fi.kernels, "interleaves", lambda fmt: False)
+    ref = fi.load(out)
+    assert ref.ffn._x16 == [None, None]
+    for layer in range(2):
+        np.testing.assert_array_equal(m.ffn.rows_by_layer[layer], ref.ffn.rows_by_layer[layer])
+        for part in ("up", "gate", "down"):
+            np.testing.assert_array_equal(m.ffn.part_f32(layer, part),
+                                          ref.ffn.part_f32(layer, part))
+    assert m.ffn.nbytes <= ref.ffn.nbytes * 1.1
+    # what info() reports held: the interleaved matrices (q/k/v fused) with their padding
+    held, stored = m.info()["resident_bytes"], ref.info()["resident_bytes"]
+    assert stored <= held <= stored * 1.02
+    assert rel_err(m.logits(prompt_ids), ref.logits(prompt_ids)) < 1e-4
+    seen = {}
+    x = np.random.default_rng(3).standard_normal((5, 192)).astype(np.float32)
+    for model in (m, ref):
+        h = np.empty((5, 320), np.float32)
+        seen[model is m] = (model.ffn.forward(1, x, act_out=h), h)
+    np.testing.assert_allclose(seen[True][1], seen[False][1], rtol=1e-5, atol=1e-6)
+    assert rel_err(seen[True][0], seen[False][0]) < 1e-4
+    cache = m.new_cache()
+    m.forward(prompt_ids[:-1], cache)
+    cache2 = ref.new_cache()
+    ref.forward(prompt_ids[:-1], cache2)
+    assert rel_err(m.forward(prompt_ids[-1:], cache), ref.forward(prompt_ids[-1:], cache2)) < 1e-4
 
 
 def test_codes_layout_in_the_neuron_cache(q41_gguf, tmp_path):

@@ -30,13 +30,20 @@ def _run(m, ids):
 
 
 @pytest.mark.parametrize("name,dtype", CASES)
-def test_streamed_logits_equal_resident(name, dtype, tiny_flash, prompt_ids, small_chunks):
+def test_streamed_logits_equal_resident(name, dtype, tiny_flash, prompt_ids, small_chunks,
+                                        monkeypatch):
     """Every resident matrix read from flash in row chunks gives the floats of the matrices
     in DRAM, bit for bit. Chunks of 1 KiB, so every matrix is several chunks and several
-    matrices share a read."""
+    matrices share a read. (4-bit matrices in DRAM are interleaved where the CPU has the
+    kernels for it, and streamed ones stay row-major: the same integer dots, the floats
+    summed in another order, so those agree within float rounding; bit for bit against the
+    row-major kernels.)"""
     d = tiny_flash(name, dtype)
     kw = dict(sparse=True, selection="oracle", eviction="window")
+    interleaved = _run(fi.load(d, fi.RuntimeConfig(stream_resident="off", **kw)), prompt_ids)
+    monkeypatch.setattr(fi.kernels, "interleaves", lambda fmt: False)
     ref = _run(fi.load(d, fi.RuntimeConfig(stream_resident="off", **kw)), prompt_ids)
+    np.testing.assert_allclose(interleaved, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     m = fi.load(d, fi.RuntimeConfig(stream_resident="all", **kw))
     assert m.plan.streamed and m.plan.stream_bytes > 0
     assert m.info()["resident_bytes"] < fi.load(d).info()["resident_bytes"]
@@ -85,12 +92,14 @@ def test_needed_streams_only_when_the_budget_needs_it(tiny_flash, small_chunks):
         plan_directory(d, fi.RuntimeConfig(dram_budget=plan.total // 4, **kw))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "q4_1"])
 def test_auto_splits_the_budget_even_where_the_resident_part_fits(tiny_flash, prompt_ids,
-                                                                  small_chunks):
+                                                                  small_chunks, dtype):
     """"auto": at a budget where "needed" keeps every matrix and caches part of the FFN, the
     matrices and the cache get the same share, so the cache is larger; a budget holding the
-    whole model streams nothing. The model runs under the budget."""
-    d = tiny_flash("llama-silu", "float32")
+    whole model streams nothing. The model runs under the budget (q4_1: some matrices read
+    from flash, the others resident and interleaved where the CPU has the kernels)."""
+    d = tiny_flash("llama-silu", dtype)
     kw = dict(selection="oracle", eviction="frequency", max_context=64, oracle_sparsity=0.8,
               prefill_chunk=1)
     _, full = plan_directory(d, fi.RuntimeConfig(dram_budget="1GB", **kw))
