@@ -55,7 +55,7 @@ READ_BYTES = 1 << 30   # the read reference's buffer
 @dataclass(frozen=True)
 class Case:
     name: str
-    kind: str  # "read", "linear", "ffn"
+    kind: str  # "read", "linear", "ffn" (ffn_rows on records), "ffn2" (kernels.ffn_dense)
     fmt: str = "float32"
     m: int = 0  # linear: out features; ffn: rows
     k: int = 0  # linear: in features; ffn: d_model
@@ -63,7 +63,7 @@ class Case:
     active: float = 1.0  # ffn: fraction of rows with h != 0 (< 1: fatrelu threshold)
     gated: bool = True   # ffn: up, gate, down parts (else up, down)
     x16: bool = False    # the 4-bit matrices with 16 rows interleaved (kernels.Interleaved):
-                         # linear on one; ffn: the dense FFN as kernels.ffn_interleaved
+                         # linear on one, or ffn2's two matrices
 
 
 def _linears(tag: str, shapes, fmts) -> list[Case]:
@@ -95,9 +95,11 @@ CASES = [
       for f in ("q4_0", "q4_1")),
     Case("linear prefill n=64 4096x4096", "linear", "q4_1", 4096, 4096, n=64),
     Case("linear prefill n=64 4096x4096", "linear", "q4_1", 4096, 4096, n=64, x16=True),
-    *(Case(f"ffn dense {tag}", "ffn", f, r, d, x16=True)
+    # the dense FFN as two products (kernels.ffn_dense: up/gate rows, then down_proj), as a
+    # dense model runs float layers and a GGUF's 4-bit ones (interleaved)
+    *(Case(f"ffn_dense {tag}", "ffn2", f, r, d, x16=f.startswith("q4"))
       for tag, r, d in (("SmolLM2 d=576 r=1536", 1536, 576), ("1B d=2048 r=5632", 5632, 2048))
-      for f in ("q4_0", "q4_1")),
+      for f in ("float16", "q4_0", "q4_1")),
 ]
 
 
@@ -137,20 +139,24 @@ def make_runner(case: Case) -> tuple[Callable[[int], None], float, int]:
                 K.linear(x, w, out=out, threads=threads, fmt=fmt)
 
         return fn, float(w0.nbytes * len(copies)), len(copies)
-    if case.x16:  # a dense gated FFN: up and gate rows interleaved, then down_proj (d x r)
+    if case.kind == "ffn2":  # a dense gated FFN: up and gate rows, then down_proj (d x r)
         d, r = case.k, case.m
-        ug = K.interleave(_store(rng.standard_normal((2 * r, d)) * 0.05, case.fmt), case.fmt, d)
-        dn = K.interleave(_store(rng.standard_normal((d, r)) * 0.05, case.fmt), case.fmt, r)
+        ug = _store(rng.standard_normal((2 * r, d)) * 0.05, case.fmt)
+        dn = _store(rng.standard_normal((d, r)) * 0.05, case.fmt)
+        if case.x16:
+            ug, dn = K.interleave(ug, case.fmt, d), K.interleave(dn, case.fmt, r)
+            dup = lambda w: K.Interleaved(w.data.copy(), w.fmt, w.rows, w.k, w.row_bytes)  # noqa: E731
+        else:
+            dup = np.copy
         per = ug.nbytes + dn.nbytes
-        copies = [(ug, dn)] + [
-            tuple(K.Interleaved(w.data.copy(), w.fmt, w.rows, w.k, w.row_bytes) for w in (ug, dn))
-            for _ in range(max(1, math.ceil(COLD_BYTES / per)) - 1)]
+        copies = [(ug, dn)] + [(dup(ug), dup(dn))
+                               for _ in range(max(1, math.ceil(COLD_BYTES / per)) - 1)]
         x = rng.standard_normal((1, d)).astype(np.float32)
         out = np.empty((1, d), np.float32)
 
         def fn(threads: int) -> None:
             for u, w in copies:
-                K.ffn_interleaved(x, u, w, True, "silu", out=out, threads=threads)
+                K.ffn_dense(x, u, w, True, "silu", fmt=case.fmt, out=out, threads=threads)
 
         return fn, float(per * len(copies)), len(copies)
 

@@ -21,8 +21,9 @@ installed (``pip install llama-cpp-python==0.3.36``: it builds llama.cpp, ~12 mi
   with its blocks kept (exactly the model llama.cpp runs; its dense FFN layers then run
   interleaved, as SmolLM2's q4_1 does).
 
-``run --row-major`` adds our 4-bit formats run with the row-major kernels (no interleaved
-matrices: what ran before they existed), in a process of its own, in the same rounds.
+``run --before`` adds every format of ours run as before commit 668f321 (no interleaved
+4-bit matrices, the dense FFN fused per neuron rather than two products), in a process of its
+own, in the same rounds.
 
 ``run`` starts one measuring process per tool (llama.cpp's without our OMP_WAIT_POLICY, see
 ``serve``), which loads every model once (dense: ``fi.load(dir)``; llama.cpp: n_threads=2,
@@ -141,11 +142,14 @@ def cmd_build(a) -> None:
 # ---- run ----------------------------------------------------------------------------------
 
 class Ours:
-    def __init__(self, path: Path, interleave: bool = True):
+    def __init__(self, path: Path, new: bool = True):
         import flashinfer_py as fi
 
-        if not interleave:  # the row-major 4-bit kernels (before resident matrices and a
-            fi.kernels.interleaves = lambda fmt: False  # GGUF's dense FFN were interleaved)
+        if not new:  # as before: row-major 4-bit matrices, the dense FFN fused per neuron
+            from flashinfer_py.ffn import ResidentFFN
+
+            fi.kernels.interleaves = lambda fmt: False
+            ResidentFFN._two_products = lambda self, layer: False
         self.m = fi.load(path)
         self.vocab = self.m.args.vocab_size
 
@@ -207,7 +211,7 @@ def serve(tool: str) -> None:
         cmd, key, arg = line.split()
         if cmd == "load":
             runners[key] = (LlamaCpp(Path(arg)) if tool == "llama.cpp"
-                            else Ours(Path(arg), interleave=tool == "ours"))
+                            else Ours(Path(arg), new=tool == "ours"))
             out = {"vocab": runners[key].vocab}
         else:
             run = runners[key]
@@ -231,8 +235,8 @@ def cmd_run(a) -> None:
             d = wd / f"{model}-{f}"
             if (d / "manifest.json").exists():
                 paths[(model, f, "ours")] = d
-                if a.row_major and f.startswith("q4"):
-                    paths[(model, f, "ours row-major")] = d
+                if a.before:
+                    paths[(model, f, "ours-before")] = d
             if a.llama and have_llama():
                 g = wd / f"{model}-{LLAMA_GGUF[f]}.gguf"
                 if model == "smollm2" and f == "q4_1":  # the original file
@@ -302,11 +306,11 @@ def main() -> None:
     r.add_argument("--no-llama", dest="llama", action="store_false",
                    help="only our runtime, even when llama-cpp-python is installed")
     r.add_argument("--json", default="", help="write every round's ms/token here")
-    r.add_argument("--row-major", action="store_true",
-                   help="also run our 4-bit formats with the row-major kernels (no interleaved "
-                        "matrices), in a process of its own")
+    r.add_argument("--before", action="store_true",
+                   help="also run ours as before the two-product FFN and the interleaved 4-bit "
+                        "matrices, in a process of its own")
     sv = sub.add_parser("serve", help="internal: one tool's measuring process")
-    sv.add_argument("tool", choices=["ours", "ours row-major", "llama.cpp"])
+    sv.add_argument("tool", choices=["ours", "ours-before", "llama.cpp"])
     a = ap.parse_args()
     if a.cmd == "serve":
         serve(a.tool)

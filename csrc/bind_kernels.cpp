@@ -623,15 +623,39 @@ py::array linear_x16_py(const py::array& x, const py::array& w16, const std::str
   return o;
 }
 
-py::array ffn_x16_py(const py::array& x, const py::array& ug16, const py::array& down16,
-                     const std::string& fmt, int64_t f, bool gated, const std::string& activation,
-                     float act_param, py::object out, py::object act_out, int threads) {
-  const DType dt = x16_dtype(fmt);
+// A dense FFN's matrix: interleaved bytes (x16) or (rows, k) float / block rows.
+const void* ffn_matrix(const py::array& w, const char* name, DType dt, bool x16, int64_t rows,
+                       int64_t k) {
+  if (x16) {
+    FI_CHECK(x16_supported(dt), "interleaved rows exist for q4_0 and q4_1, not ",
+             dtype_name(dt));
+    FI_CHECK(w.dtype().is(py::dtype::of<uint8_t>()) && w.ndim() == 1, name,
+             " must be 1-D uint8 interleaved bytes");
+    check_contig(w, name);
+    const int64_t want = x16_bytes(dt, rows, k);
+    FI_CHECK(w.shape(0) == want, name, " has ", w.shape(0), " bytes; ", rows, " interleaved ",
+             dtype_name(dt), " rows of ", k, " values are ", want);
+    return w.data();
+  }
+  check_ndim(w, name, 2);
+  check_contig(w, name);
+  const int64_t width = is_quantized(dt) ? int64_t(row_bytes(dt, k)) : k;
+  FI_CHECK(w.shape(0) == rows && w.shape(1) == width, name, " has shape ", shape_str(w),
+           ", expected (", rows, ", ", width, ")");
+  FI_CHECK(w.dtype().is(numpy_dtype(dt)), name, " must be ", dtype_name(dt), " rows, got ",
+           dtype_str(w));
+  return w.data();
+}
+
+py::array ffn_dense_py(const py::array& x, const py::array& ug, const py::array& down,
+                       const std::string& fmt, int64_t f, bool gated, const std::string& activation,
+                       float act_param, py::object out, py::object act_out, int threads, bool x16) {
+  const DType dt = parse_dtype(fmt);
   check_ndim(x, "x", 2);
   const int64_t n = x.shape(0), d = x.shape(1);
   FI_CHECK(f > 0, "f must be positive, got ", f);
-  const uint8_t* up = x16_in(ug16, dt, gated ? 2 * f : f, d);
-  const uint8_t* dp = x16_in(down16, dt, d, f);
+  const void* up = ffn_matrix(ug, "ug", dt, x16, gated ? 2 * f : f, d);
+  const void* dp = ffn_matrix(down, "down", dt, x16, d, f);
   const float* xp = f32_in(x, "x", {n, d});
   const Activation act = parse_activation(activation);
   py::array o = out.is_none() ? py::array(py::dtype::of<float>(), std::vector<py::ssize_t>{n, d})
@@ -648,7 +672,7 @@ py::array ffn_x16_py(const py::array& x, const py::array& ug16, const py::array&
   }
   {
     py::gil_scoped_release release;
-    ffn_x16(xp, n, d, f, up, dp, dt, gated, act, act_param, op, hp, threads);
+    ffn_dense(xp, n, d, f, up, dp, dt, x16, gated, act, act_param, op, hp, threads);
   }
   return o;
 }
@@ -711,12 +735,12 @@ void bind_kernels(py::module_& m) {
         py::arg("m"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
         py::arg("threads") = 0,
         "y = x @ W.T + bias with W (m x k) given as interleave16's bytes; x (n, k) f32.");
-  m.def("ffn_x16", &ffn_x16_py, py::arg("x"), py::arg("ug16"), py::arg("down16"),
+  m.def("ffn_dense", &ffn_dense_py, py::arg("x"), py::arg("ug"), py::arg("down"),
         py::arg("fmt"), py::arg("f"), py::arg("gated"), py::arg("activation"),
         py::arg("act_param") = 0.0f, py::arg("out") = py::none(), py::arg("act_out") = py::none(),
-        py::arg("threads") = 0,
-        "Dense FFN on interleaved matrices: ug16 the up rows (then the gate rows) f x d, down16 "
-        "down_proj d x f; out (n, d), act_out (n, f) the activations.");
+        py::arg("threads") = 0, py::arg("x16") = false,
+        "Dense FFN as two products: ug the up rows (then the gate rows) f x d, down down_proj "
+        "d x f (float rows, blocks, or with x16 interleaved bytes); out (n, d), act_out (n, f).");
   m.def("storage_formats", &storage_formats_py,
         "The storage formats of csrc/bundle_format.h: name, code, block_elems, block_bytes, "
         "elem_bytes, code_bits, quantized.");

@@ -72,6 +72,17 @@ int resolve_threads(int threads, double work);
 void linear(const float* x, int64_t n, int64_t k, const void* w, DType wdt, int64_t m,
             const float* bias, float* out, int threads);
 
+// ---- ffn_dense: a dense FFN as two products ---------------------------------------------
+
+// ug: the up rows (f x d), then for a gated FFN the gate rows (f x d); down: down_proj (d x f,
+// a block format's blocks along f). out (n, d) = down @ h, h = act(gate . x) * (up . x) or
+// act(up . x); act_out (n, f) receives h when not null. Both matrices are `dt`: float rows,
+// row-major blocks, or with x16 interleaved 4-bit rows (kernels_quant.h). A block format
+// quantizes h to 16 bits per block of 32 for the down product, as x for every product.
+void ffn_dense(const float* x, int64_t n, int64_t d, int64_t f, const void* ug,
+               const void* down, DType dt, bool x16, bool gated, Activation act, float act_param,
+               float* out, float* act_out, int threads);
+
 // ---- ffn_rows: FFN straight from neuron-cache rows ------------------------------------
 
 // For each input t and used row j (all rows, or row_select[i]):

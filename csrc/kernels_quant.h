@@ -151,13 +151,6 @@ void deinterleave16(const uint8_t* w16, int64_t m, int64_t k, DType dt, int64_t 
 // the same for a token alone and in a prompt).
 void linear_x16(const float* x, int64_t n, int64_t k, const uint8_t* w16, DType dt, int64_t m,
                 const float* bias, float* out, int threads);
-// A dense FFN on interleaved matrices: ug16 holds the up rows (f x d), then for a gated FFN
-// the gate rows (f x d); down16 is down_proj (d x f, blocks along f). out (n, d) =
-// down @ h with h = act(gate . x) * (up . x) (gated) or act(up . x), quantized to 16 bits
-// per block of 32 like any x; act_out (n, f) receives h when not null.
-void ffn_x16(const float* x, int64_t n, int64_t d, int64_t f, const uint8_t* ug16,
-             const uint8_t* down16, DType dt, bool gated, Activation act, float act_param,
-             float* out, float* act_out, int threads);
 
 // ---- whole-array helpers (converter, embeddings, tests) ------------------------------
 

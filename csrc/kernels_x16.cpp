@@ -276,17 +276,25 @@ void linear_x16(const float* x, int64_t n, int64_t k, const uint8_t* w16, DType 
   });
 }
 
-void ffn_x16(const float* x, int64_t n, int64_t d, int64_t f, const uint8_t* ug16,
-             const uint8_t* down16, DType dt, bool gated, Activation act, float act_param,
-             float* out, float* act_out, int threads) {
+void ffn_dense(const float* x, int64_t n, int64_t d, int64_t f, const void* ug,
+               const void* down, DType dt, bool x16, bool gated, Activation act, float act_param,
+               float* out, float* act_out, int threads) {
   if (n == 0) return;
+  FI_CHECK(!x16 || x16_format(dt), "interleaved rows exist for q4_0 and q4_1 only, not ",
+           dtype_name(dt));
   const int64_t r = gated ? 2 * f : f;
-  thread_local std::vector<float> ug, h;
-  ug.resize(size_t(n * r));
+  thread_local std::vector<float> ug_out, h;
+  ug_out.resize(size_t(n * r));
   h.resize(size_t(n * f));
-  linear_x16(x, n, d, ug16, dt, r, nullptr, ug.data(), threads);
+  auto product = [&](const float* in, int64_t k, const void* w, int64_t m, float* o) {
+    if (x16)
+      linear_x16(in, n, k, static_cast<const uint8_t*>(w), dt, m, nullptr, o, threads);
+    else
+      linear(in, n, k, w, dt, m, nullptr, o, threads);
+  };
+  product(x, d, ug, r, ug_out.data());
   for (int64_t t = 0; t < n; ++t) {
-    const float* u = ug.data() + t * r;
+    const float* u = ug_out.data() + t * r;
     float* ht = h.data() + t * f;
     if (gated)
       for (int64_t j = 0; j < f; ++j) ht[j] = activate(act, u[f + j], act_param) * u[j];
@@ -294,7 +302,7 @@ void ffn_x16(const float* x, int64_t n, int64_t d, int64_t f, const uint8_t* ug1
       for (int64_t j = 0; j < f; ++j) ht[j] = activate(act, u[j], act_param);
   }
   if (act_out) std::memcpy(act_out, h.data(), sizeof(float) * size_t(n * f));
-  linear_x16(h.data(), n, f, down16, dt, d, nullptr, out, threads);
+  product(h.data(), f, down, d, out);
 }
 
 }  // namespace flashinfer

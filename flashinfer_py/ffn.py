@@ -77,7 +77,7 @@ class ResidentFFN:
     streams its rows back to back instead of skipping 3 KiB after each."""
 
     def __init__(self, bundle_path: str, args: ModelArgs, dense: dict, runtime: RuntimeConfig,
-                 interleave: bool = True):
+                 two_products: bool = True):
         from .bundles import BundleReader, ReaderParams, aligned_empty
 
         reader = BundleReader(bundle_path, ReaderParams(engine=runtime.io_engine,
@@ -95,8 +95,8 @@ class ResidentFFN:
         self.bias = [dense.get(f"layers.{i}.ffn_up_bias") for i in range(args.num_hidden_layers)]
         self.args = args
         self._packed = (packed, reader.numpy_dtype)
-        # interleaved (up/gate, down) matrices of each layer that has them; its records dropped
-        self._x16: list = [None] * args.num_hidden_layers
+        # (up/gate rows, down_proj, gated) of each layer run as two products; records dropped
+        self._two: list = [None] * args.num_hidden_layers
         records = []
         for layer in range(args.num_hidden_layers):
             rows = aligned_empty((f, packed), reader.numpy_dtype)
@@ -104,67 +104,86 @@ class ResidentFFN:
                 ids = np.arange(i, min(f, i + chunk), dtype=np.int32)
                 reader.read(layer, ids, staging[:len(ids)])
                 rows[i:i + len(ids)] = staging[:len(ids), :packed]
-            if interleave and self._interleaves(layer):
-                self._x16[layer] = self._interleave(layer, rows)
+            if two_products and self._two_products(layer):
+                self._two[layer] = self._split(layer, rows)
                 rows = None
             records.append(rows)
         self.rows_by_layer = _LayerRecords(self, records)
         self.io_stats = reader.stats()
         self.is_direct = reader.is_direct
 
-    # A dense layer whose records are 4-bit blocks with GGUF's down_proj kept (the codes
-    # layout) runs as two interleaved products (kernels.ffn_interleaved: up/gate rows, then
-    # down_proj) instead of the fused per-neuron kernel, whose unpacking holds a core below
-    # memory speed (benchmarks/RESULTS.md section 13). Same weights; h is quantized to 16 bits
-    # per block of 32 for the down product, as x is for every product. The blocks layout (our
-    # own quantization of float weights) keeps the fused kernel: its down columns are blocks
-    # along d_model, not rows of down_proj.
-    def _interleaves(self, layer: int) -> bool:
-        lay = self.kernel.layout
-        return (lay.codes and kernels.interleaves(lay.fmt.name) and self.bias[layer] is None
-                and self.args.intermediate_size % 32 == 0)
+    # A dense layer runs as two products (kernels.ffn_dense: the up and gate rows, then
+    # down_proj) instead of the fused per-neuron kernel when it can, so both stream at the
+    # matrix kernels' speed: the fused kernel's down part adds each neuron's column into the
+    # output, a load, a multiply-add and a store per value, and its 4-bit unpacking holds a
+    # core below memory speed (benchmarks/RESULTS.md section 13). It can where down_proj's
+    # rows can be made exactly from the records: float records (the down columns transposed)
+    # and block records holding a GGUF's down_proj (the codes layout; 4-bit ones interleaved
+    # where the CPU has the kernels). Our own block quantization of float weights (down columns
+    # in blocks along d_model) keeps the fused kernel, and so do ReLU FFNs (their fused kernel
+    # skips the down column of every zero activation) and FFNs with an up bias. Same weights;
+    # a block format quantizes h to 16 bits per block of 32 for the down product, as x is for
+    # every product; float records sum in another order.
+    def _two_products(self, layer: int) -> bool:
+        lay, a = self.kernel.layout, self.args
+        return (a.hidden_act not in ("relu", "fatrelu") and self.bias[layer] is None
+                and (not lay.fmt.quantized or (lay.codes and a.intermediate_size % 32 == 0)))
 
-    def _interleave(self, layer: int, rows: np.ndarray) -> tuple:
+    def _parts(self, rows: np.ndarray) -> dict:
+        lay = self.kernel.layout
+        e = lay.fmt.elem_bytes
+        return {p: rows[:, o // e:(o + b) // e]
+                for p, o, b in zip(lay.parts, lay.part_offsets, lay.part_bytes)}
+
+    def _split(self, layer: int, rows: np.ndarray) -> tuple:
         from .convert import join_down_blocks
 
         a, lay = self.args, self.kernel.layout
         fmt, f, d = lay.fmt.name, a.intermediate_size, a.hidden_size
-        part = dict(zip(lay.parts, zip(lay.part_offsets, lay.part_bytes)))
-        cut = lambda p: rows[:, part[p][0]:part[p][0] + part[p][1]]  # noqa: E731
+        part = self._parts(rows)
         gated = "gate" in part
-        ug = np.ascontiguousarray(np.concatenate([cut("up"), cut("gate")]) if gated else cut("up"))
-        down = join_down_blocks(cut("down"), self.kernel.down_scales[layer], fmt, d, f)
-        return kernels.interleave(ug, fmt, d), kernels.interleave(down, fmt, f), gated
+        ug = np.ascontiguousarray(np.concatenate([part["up"], part["gate"]]) if gated
+                                  else part["up"])
+        if lay.fmt.quantized:
+            down = join_down_blocks(part["down"], self.kernel.down_scales[layer], fmt, d, f)
+        else:
+            down = np.ascontiguousarray(part["down"].T)
+        if kernels.interleaves(fmt):
+            return kernels.interleave(ug, fmt, d), kernels.interleave(down, fmt, f), gated
+        return ug, down, gated
 
     def _records(self, layer: int) -> np.ndarray:
-        """An interleaved layer's packed records, made again (training, sketches, tests)."""
+        """A two-product layer's packed records, made again (training, sketches, tests)."""
         from .bundles import aligned_empty
         from .convert import split_down_blocks
 
         a, lay = self.args, self.kernel.layout
         f, d = a.intermediate_size, a.hidden_size
-        ug, down, gated = self._x16[layer]
+        ug, down, gated = self._two[layer]
         packed, dtype = self._packed
         rows = aligned_empty((f, packed), dtype)
         rows[:] = 0
-        part = dict(zip(lay.parts, zip(lay.part_offsets, lay.part_bytes)))
-        both = ug.take(np.arange(ug.rows))
-        o, b = part["up"]
-        rows[:, o:o + b] = both[:f]
+        part = self._parts(rows)
+        both = ug.take(np.arange(ug.rows)) if isinstance(ug, kernels.Interleaved) else ug
+        part["up"][:] = both[:f]
         if gated:
-            o, b = part["gate"]
-            rows[:, o:o + b] = both[f:]
-        codes, _ = split_down_blocks(down.take(np.arange(down.rows)), lay.fmt, d, f)
-        o, b = part["down"]
-        rows[:, o:o + b] = codes[:, :b]
+            part["gate"][:] = both[f:]
+        if isinstance(down, kernels.Interleaved):
+            down = down.take(np.arange(down.rows))
+        if lay.fmt.quantized:
+            codes, _ = split_down_blocks(down, lay.fmt, d, f)
+            part["down"][:] = codes[:, :part["down"].shape[1]]
+        else:
+            part["down"][:] = down.T
         return rows
 
     def forward(self, layer: int, x: np.ndarray, act_out=None) -> np.ndarray:
-        if self._x16[layer] is not None:
-            ug, down, gated = self._x16[layer]
+        if self._two[layer] is not None:
+            ug, down, gated = self._two[layer]
             a = self.args
-            return kernels.ffn_interleaved(x, ug, down, gated, a.hidden_act, a.act_param,
-                                           act_out=act_out, threads=self.kernel.threads)
+            return kernels.ffn_dense(x, ug, down, gated, a.hidden_act, a.act_param,
+                                     fmt=self.kernel.layout.fmt.name, act_out=act_out,
+                                     threads=self.kernel.threads)
         return self.kernel(layer, x, self.rows_by_layer[layer], self.bias[layer], act_out=act_out)
 
     def part_f32(self, layer: int, part: str) -> np.ndarray:
@@ -174,7 +193,7 @@ class ResidentFFN:
     @property
     def nbytes(self) -> int:
         return sum(r.nbytes if x is None else x[0].nbytes + x[1].nbytes
-                   for r, x in zip(self.rows_by_layer._held, self._x16))
+                   for r, x in zip(self.rows_by_layer._held, self._two))
 
 
 class _LayerRecords(Sequence):
@@ -773,7 +792,7 @@ class _Oracle:
                  runtime: RuntimeConfig):
         self.args, self.bias, self.runtime = args, bias, runtime
         self.full = ResidentFFN(str(path), args, dense,  # records: read every token
-                                runtime.replace(sparse=False, dram_budget=None), interleave=False)
+                                runtime.replace(sparse=False, dram_budget=None), two_products=False)
 
     def activations(self, layer: int, x: np.ndarray) -> np.ndarray:
         rows = self.full.rows_by_layer[layer]

@@ -27,7 +27,7 @@ from ._core import dequantize as _dequantize
 from ._core import dequantize_q4 as _dequantize_q4
 from ._core import deinterleave16 as _deinterleave16
 from ._core import ffn_rows as _ffn_rows
-from ._core import ffn_x16 as _ffn_x16
+from ._core import ffn_dense as _ffn_dense
 from ._core import interleave16 as _interleave16
 from ._core import from_float32 as _from_float32
 from ._core import kernel_isa as _kernel_isa
@@ -47,7 +47,7 @@ __all__ = [
     "attend1",
     "dequantize",
     "dequantize_q4",
-    "ffn_interleaved",
+    "ffn_dense",
     "ffn_rows",
     "from_float32",
     "Interleaved",
@@ -158,19 +158,31 @@ def interleave(w: np.ndarray, fmt: str, k: int) -> Interleaved:
     return Interleaved(_interleave16(w, fmt, k), fmt, int(w.shape[0]), int(k), int(w.shape[1]))
 
 
-def ffn_interleaved(x: np.ndarray, ug: Interleaved, down: Interleaved, gated: bool,
-                    activation: Activation, act_param: float = 0.0, *,
-                    out: np.ndarray | None = None, act_out: np.ndarray | None = None,
-                    threads: int = 0) -> np.ndarray:
-    """A dense FFN on interleaved matrices: ``ug`` the up rows (then, gated, the gate rows) of
-    ``f`` neurons, ``down`` down_proj ``(d, f)``; returns ``down @ h`` ``(n, d)`` with ``h =
-    act(gate . x) * (up . x)`` or ``act(up . x)`` (``act_out`` receives h, ``(n, f)``)."""
-    f = down.k
-    if ug.fmt != down.fmt or ug.rows != (2 * f if gated else f) or down.rows != ug.k:
-        raise ValueError(f"ug ({ug.rows} x {ug.k} {ug.fmt}) and down ({down.rows} x {down.k} "
-                         f"{down.fmt}) are not one FFN's matrices")
-    return _ffn_x16(x, ug.data, down.data, ug.fmt, f, gated, activation, act_param, out,
-                    act_out, threads)
+def ffn_dense(x: np.ndarray, ug, down, gated: bool, activation: Activation,
+              act_param: float = 0.0, *, fmt: str | None = None, out: np.ndarray | None = None,
+              act_out: np.ndarray | None = None, threads: int = 0) -> np.ndarray:
+    """A dense FFN as two products: ``ug`` the up rows (then, gated, the gate rows) of ``f``
+    neurons, ``down`` down_proj ``(d, f)``; returns ``down @ h`` ``(n, d)`` with ``h = act(gate
+    . x) * (up . x)`` or ``act(up . x)`` (``act_out`` receives h, ``(n, f)``). Both matrices
+    :class:`Interleaved`, or both arrays as ``linear`` takes them (``fmt`` for block rows)."""
+    x16 = isinstance(ug, Interleaved)
+    if x16 != isinstance(down, Interleaved):
+        raise ValueError("ug and down must both be interleaved, or neither")
+    if x16:
+        f = down.k
+        if ug.fmt != down.fmt or ug.rows != (2 * f if gated else f) or down.rows != ug.k:
+            raise ValueError(f"ug ({ug.rows} x {ug.k} {ug.fmt}) and down ({down.rows} x "
+                             f"{down.k} {down.fmt}) are not one FFN's matrices")
+        return _ffn_dense(x, ug.data, down.data, ug.fmt, f, gated, activation, act_param, out,
+                          act_out, threads, True)
+    if fmt is None:
+        fmt = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
+               np.dtype(np.uint16): "bfloat16"}.get(np.asarray(ug).dtype)
+        if fmt is None:
+            raise ValueError("uint8 rows of blocks need fmt='q8_0', 'q4_0' or 'q4_1'")
+    f = (ug.shape[0] // 2) if gated else ug.shape[0]
+    return _ffn_dense(x, ug, down, fmt, f, gated, activation, act_param, out, act_out, threads,
+                      False)
 
 
 def interleaves(fmt: str) -> bool:

@@ -208,10 +208,10 @@ def test_interleaved_arguments_are_checked():
     dn = K.interleave(np.zeros((64, 18), np.uint8), "q4_0", 32)
     buf = np.zeros(64 + 32, np.float32)
     with pytest.raises(ValueError, match="act_out must not share memory with out"):
-        K.ffn_interleaved(np.ones((1, 64), np.float32), ug, dn, False, "relu",
+        K.ffn_dense(np.ones((1, 64), np.float32), ug, dn, False, "relu",
                           out=buf[:64].reshape(1, 64), act_out=buf[32:64].reshape(1, 32))
     with pytest.raises(ValueError, match="are not one FFN's matrices"):
-        K.ffn_interleaved(np.ones((1, 64), np.float32), ug, dn, True, "silu")
+        K.ffn_dense(np.ones((1, 64), np.float32), ug, dn, True, "silu")
 
 
 # ---- ffn_rows on records of blocks -----------------------------------------------------------

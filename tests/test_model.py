@@ -68,6 +68,36 @@ def test_weights_stay_in_storage_dtype(tiny_flash):
     assert all(r.dtype == np.float16 for r in model.ffn.rows_by_layer)
 
 
+@pytest.mark.parametrize("name,dtype", [("llama-silu", "float16"), ("llama-silu", "bfloat16"),
+                                        ("llama-silu", "float32"), ("opt", "float16"),
+                                        ("gemma3", "float16")])
+def test_dense_ffn_runs_as_two_products(tiny_flash, prompt_ids, monkeypatch, name, dtype):
+    """A dense float FFN layer (not ReLU) runs as two products: up/gate rows, then down_proj
+    (the records' down columns transposed). The records made again are the stored ones, and
+    logits and activations agree with the fused per-neuron kernel to float rounding. ReLU
+    (OPT) keeps the fused kernel, which skips the down column of every zero activation."""
+    from conftest import rel_err
+
+    from flashinfer_py.ffn import ResidentFFN
+
+    d = tiny_flash(name, dtype)
+    m = fi.load(d)
+    relu = m.args.hidden_act in ("relu", "fatrelu")
+    assert [x is None for x in m.ffn._two] == [relu] * m.args.num_hidden_layers
+    monkeypatch.setattr(ResidentFFN, "_two_products", lambda self, layer: False)
+    ref = fi.load(d)
+    for layer in range(m.args.num_hidden_layers):
+        np.testing.assert_array_equal(m.ffn.rows_by_layer[layer], ref.ffn.rows_by_layer[layer])
+    assert rel_err(m.logits(prompt_ids), ref.logits(prompt_ids)) < 1e-5
+    x = np.random.default_rng(0).standard_normal((3, m.args.hidden_size)).astype(np.float32)
+    f = m.args.intermediate_size
+    h, h_ref = np.empty((3, f), np.float32), np.empty((3, f), np.float32)
+    got, want = m.ffn.forward(0, x, act_out=h), ref.ffn.forward(0, x, act_out=h_ref)
+    np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-6)
+    assert rel_err(got, want) < 1e-5
+    assert m.ffn.nbytes <= ref.ffn.nbytes
+
+
 def test_context_limit_is_a_clear_error(tiny_flash):
     model = fi.load(tiny_flash("llama-silu"), max_context=8)
     with pytest.raises(ValueError, match="max_context"):

@@ -329,20 +329,23 @@ def test_gguf_q4_1_is_kept_bit_for_bit(q41_gguf, tmp_path, prompt_ids):
     assert rel_err(m.logits(prompt_ids), ref) < STORED_REL  # the same weights: only x's 16 bits
 
 
-def test_dense_4bit_layers_run_interleaved(q41_gguf, tmp_path, prompt_ids, monkeypatch):
+def test_dense_4bit_layers_run_as_two_products(q41_gguf, tmp_path, prompt_ids, monkeypatch):
     """A dense model whose FFN holds GGUF's 4-bit blocks (the codes layout) runs each layer as
-    two interleaved products where the CPU has the kernels (kernels.interleaves): the records
-    made again from those matrices are the stored ones, byte for byte, and the logits, the
-    activations the observer sees and a decode step agree with the fused per-neuron kernel
+    two products, up/gate then down_proj (interleaved where the CPU has the kernels): the
+    records made again from those matrices are the stored ones, byte for byte, and the logits,
+    the activations the observer sees and a decode step agree with the fused per-neuron kernel
     within the rounding of h to 16 bits."""
+    from flashinfer_py.ffn import ResidentFFN
+
     path, _ = q41_gguf
     out, _ = convert_quiet(path, tmp_path / "q41", dtype="q4_1")
     m = fi.load(out)
-    on = fi.kernels.interleaves("q4_1")
-    assert [x is not None for x in m.ffn._x16] == [on, on]
+    assert all(x is not None for x in m.ffn._two)
+    assert isinstance(m.ffn._two[0][0], fi.kernels.Interleaved) == fi.kernels.interleaves("q4_1")
+    monkeypatch.setattr(ResidentFFN, "_two_products", lambda self, layer: False)
     monkeypatch.setattr(fi.kernels, "interleaves", lambda fmt: False)
     ref = fi.load(out)
-    assert ref.ffn._x16 == [None, None]
+    assert ref.ffn._two == [None, None]
     for layer in range(2):
         np.testing.assert_array_equal(m.ffn.rows_by_layer[layer], ref.ffn.rows_by_layer[layer])
         for part in ("up", "gate", "down"):
