@@ -218,7 +218,10 @@ def main() -> None:
     ap.add_argument("--only", default="", help="substring filter on case names and formats "
                     "(the read reference always runs)")
     ap.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    ap.add_argument("--isa", default="auto", choices=("auto", "scalar", "avx2", "avx512"),
+                    help="the kernels' instruction set (default: the best this CPU has)")
     args = ap.parse_args()
+    K.set_kernel_isa(args.isa)
     threads = [int(t) for t in args.threads.split(",")]
     cases = [c for c in CASES if c.kind == "read" or args.only in f"{c.name} {_fmt(c)}"]
     runners = {c: make_runner(c) for c in cases}

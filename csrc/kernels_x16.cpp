@@ -6,7 +6,8 @@
 // below what memory gives it. With 16 rows interleaved, one 512-bit lane per row, the same
 // work serves 16 rows at once: the nibbles unpack with ands (no widening), a pair of x
 // values is broadcast to all 16 rows, and the 16 rows' scales convert in one instruction;
-// no horizontal sum at all. Measured in a standalone microbenchmark (2026-11-30, one
+// no horizontal sum at all (AVX2: the same with 256-bit halves and pmaddwd). Measured in a
+// standalone microbenchmark (2026-11-30, one
 // thread, matrices streamed from DRAM): 1.45-1.60x the row-major kernel, 29-32 GB/s.
 //
 // Layout (kernels_quant.h): the rows in groups of 16 (the last group padded with zero rows);
@@ -154,6 +155,73 @@ FI_AVX512VNNI void vnni_groups(const QuantizedX& x, int64_t t0, const uint8_t* w
   }
 }
 
+// ---- AVX2 (no VNNI): the same layout, a group as two halves of 8 rows (the low and high
+// 32 bytes of each 64-byte vector), pmaddwd + add for each vpdpwssd, up to 2 inputs a pass
+// (16 registers). Each row's lane runs the VNNI kernel's float operations in the same order,
+// so both give the same floats.
+
+template <bool kHasMin, int T>
+FI_AVX2 void avx2_groups(const QuantizedX& x, int64_t t0, const uint8_t* w16, int64_t nb,
+                         int64_t m, int64_t g0, int64_t g1, float* out, int64_t ldo) {
+  constexpr int64_t gbb = kX16 * (kHasMin ? 20 : 18);
+  constexpr int codes_off = kHasMin ? 64 : 32;
+  const __m256i m0 = _mm256_set1_epi32(0x000F000F), m1 = _mm256_set1_epi32(0x00F000F0),
+                m2 = _mm256_set1_epi32(0x0F000F00);
+  for (int64_t g = g0; g < g1; ++g)
+    for (int half = 0; half < 2; ++half) {
+      const uint8_t* p = w16 + g * nb * gbb;
+      __m256 fa[T], fb[T];
+#pragma GCC unroll 2
+      for (int t = 0; t < T; ++t) fa[t] = fb[t] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b, p += gbb) {
+        __m256i a0[T], a1[T], a2[T], a3[T];
+#pragma GCC unroll 2
+        for (int t = 0; t < T; ++t) a0[t] = a1[t] = a2[t] = a3[t] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v) {
+          const __m256i c = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(p + codes_off + 64 * v + 32 * half));
+          const __m256i w0 = _mm256_and_si256(c, m0), w1 = _mm256_and_si256(c, m1),
+                        w2 = _mm256_and_si256(c, m2),
+                        w3 = _mm256_and_si256(_mm256_srli_epi32(c, 12), m0);
+#pragma GCC unroll 2
+          for (int t = 0; t < T; ++t) {
+            int32_t xp[4];
+            std::memcpy(xp, x.qrow(t0 + t) + b * kQBlock + 8 * v, 16);
+            a0[t] = _mm256_add_epi32(a0[t], _mm256_madd_epi16(w0, _mm256_set1_epi32(xp[0])));
+            a1[t] = _mm256_add_epi32(a1[t], _mm256_madd_epi16(w1, _mm256_set1_epi32(xp[1])));
+            a2[t] = _mm256_add_epi32(a2[t], _mm256_madd_epi16(w2, _mm256_set1_epi32(xp[2])));
+            a3[t] = _mm256_add_epi32(a3[t], _mm256_madd_epi16(w3, _mm256_set1_epi32(xp[3])));
+          }
+        }
+        const __m256 dv = _mm256_cvtph_ps(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * half)));
+        __m256 ev;
+        if constexpr (kHasMin)
+          ev = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 + 16 * half)));
+        else
+          ev = dv;
+#pragma GCC unroll 2
+        for (int t = 0; t < T; ++t) {
+          const __m256i acc = _mm256_add_epi32(
+              _mm256_add_epi32(a0[t], a3[t]),
+              _mm256_add_epi32(_mm256_srai_epi32(a1[t], 4), _mm256_srai_epi32(a2[t], 8)));
+          const float dx = x.drow(t0 + t)[b], sx = x.srow(t0 + t)[b];
+          fa[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(dv, _mm256_set1_ps(dx)),
+                                  fa[t]);
+          fb[t] = _mm256_fmadd_ps(ev, _mm256_set1_ps(kHasMin ? sx : -8.f * sx), fb[t]);
+        }
+      }
+      const int64_t r0 = g * kX16 + 8 * half;
+      const int64_t left = std::min<int64_t>(8, m - r0);
+      for (int t = 0; t < T; ++t) {
+        alignas(32) float v[8];
+        _mm256_store_ps(v, _mm256_add_ps(fa[t], fb[t]));
+        for (int64_t r = 0; r < left; ++r) out[t * ldo + r0 + r] = v[r];
+      }
+    }
+}
+
 using GroupsFn = void (*)(const QuantizedX&, int64_t, const uint8_t*, int64_t, int64_t, int64_t,
                           int64_t, float*, int64_t);
 
@@ -174,9 +242,19 @@ constexpr int kX16Tile = 4;
 void groups(const QuantizedX& x, int64_t t0, int T, const uint8_t* w16, DType dt, int64_t nb,
             int64_t m, int64_t g0, int64_t g1, float* out, int64_t ldo) {
 #ifdef FI_HAVE_X86
-  if (kernel_isa() == Isa::Avx512) {
+  const Isa isa = kernel_isa();
+  if (isa == Isa::Avx512) {
     const GroupsFn fn = dt == DType::Q4_1 ? vnni_for<true>(T) : vnni_for<false>(T);
     fn(x, t0, w16, nb, m, g0, g1, out, ldo);
+    return;
+  }
+  if (isa == Isa::Avx2) {
+    for (int t = 0; t < T; t += 2) {  // two inputs a pass
+      const bool two = T - t >= 2;
+      const GroupsFn fn = dt == DType::Q4_1 ? (two ? &avx2_groups<true, 2> : &avx2_groups<true, 1>)
+                                            : (two ? &avx2_groups<false, 2> : &avx2_groups<false, 1>);
+      fn(x, t0 + t, w16, nb, m, g0, g1, out + t * ldo, ldo);
+    }
     return;
   }
 #endif

@@ -187,11 +187,11 @@ def ffn_dense(x: np.ndarray, ug, down, gated: bool, activation: Activation,
 
 def interleaves(fmt: str) -> bool:
     """Whether the model interleaves resident matrices of ``fmt`` on this CPU: the 4-bit
-    formats, where the kernels run AVX-512 VNNI (elsewhere the row-major kernels stay: the
-    interleaved ones have no AVX2 path yet, only a portable one). A model decides when it is
-    loaded: after ``set_kernel_isa("avx2")`` its interleaved matrices still give the same
-    results, through the portable loop, several times slower; load it again."""
-    return fmt in INTERLEAVED_FORMATS and kernel_isa() == "avx512"
+    formats, where the kernels run AVX-512 VNNI or AVX2 (the portable code keeps the row-major
+    kernels: the interleaved layout has no gain without vectors). A model decides when it is
+    loaded: after ``set_kernel_isa("scalar")`` its interleaved matrices still give the same
+    results, through the portable loop, several times slower."""
+    return fmt in INTERLEAVED_FORMATS and kernel_isa() in ("avx512", "avx2")
 
 
 def ffn_rows(

@@ -183,6 +183,36 @@ def test_interleaved_linear_matches_dequantize_then_matmul(isa, fmt, n, m, k):
     np.testing.assert_array_equal(out, y)  # the split between threads changes no sum
 
 
+@pytest.mark.parametrize("fmt", X16)
+def test_interleaved_vector_paths_give_the_same_floats(fmt):
+    """AVX2 and AVX-512 VNNI run each row's lane through the same operations in the same
+    order: the same floats, for a token alone and a prompt (the portable loop: within float
+    rounding, checked above)."""
+    have = []
+    for isa in ("avx2", "avx512"):
+        try:
+            K.set_kernel_isa(isa)
+            have.append(isa)
+        except ValueError:
+            pass
+    K.set_kernel_isa("auto")
+    if len(have) < 2:
+        pytest.skip("needs both AVX2 and AVX-512 VNNI")
+    rng = np.random.default_rng(SEED + 5)
+    m, k = 53, 160
+    il = K.interleave(gg_blocks(random_weights(rng, m, k), fmt), fmt, k)
+    x = random_x(rng, 7, k)
+    got = {}
+    try:
+        for isa in have:
+            K.set_kernel_isa(isa)
+            got[isa] = (K.linear(x, il), K.linear(x[3], il))
+    finally:
+        K.set_kernel_isa("auto")
+    for a, b in zip(got["avx2"], got["avx512"]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_interleaved_arguments_are_checked():
     w = np.zeros((20, 36), np.uint8)
     with pytest.raises(ValueError, match="interleaved rows exist for q4_0 and q4_1, not 'q8_0'"):
