@@ -563,6 +563,22 @@ const uint8_t* x16_in(const py::array& w16, DType dt, int64_t m, int64_t k) {
   return static_cast<const uint8_t*>(w16.data());
 }
 
+void interleave16_in_place_py(py::array& w, const std::string& fmt, int64_t k) {
+  const DType dt = x16_dtype(fmt);
+  FI_CHECK(w.dtype().is(py::dtype::of<uint8_t>()), "w must be uint8 rows of ", fmt,
+           " blocks, got ", dtype_str(w));
+  check_ndim(w, "w", 2);
+  check_contig(w, "w");
+  FI_CHECK(w.writeable(), "w must be writeable");
+  FI_CHECK(k > 0, "k must be positive, got ", k);
+  const int64_t rb = int64_t(row_bytes(dt, k)), m = w.shape(0);
+  FI_CHECK(w.shape(1) == rb, "w has shape ", shape_str(w), ": rows of ", k, " ", fmt,
+           " values are ", rb, " bytes");
+  uint8_t* p = static_cast<uint8_t*>(w.mutable_data());
+  py::gil_scoped_release release;
+  interleave16_in_place(p, m, k, dt);
+}
+
 py::array interleave16_py(const py::array& w, const std::string& fmt, int64_t k) {
   const DType dt = x16_dtype(fmt);
   FI_CHECK(w.dtype().is(py::dtype::of<uint8_t>()), "w must be uint8 rows of ", fmt,
@@ -728,6 +744,9 @@ void bind_kernels(py::module_& m) {
   m.def("interleave16", &interleave16_py, py::arg("w"), py::arg("fmt"), py::arg("k"),
         "(m, row bytes) uint8 q4_0/q4_1 rows of k values -> their 16-row interleaved bytes "
         "(1-D uint8; csrc/kernels_quant.h).");
+  m.def("interleave16_in_place", &interleave16_in_place_py, py::arg("w"), py::arg("fmt"),
+        py::arg("k"),
+        "interleave16 in w's own memory (m a multiple of 16); w's bytes become the layout.");
   m.def("deinterleave16", &deinterleave16_py, py::arg("w16"), py::arg("fmt"), py::arg("m"),
         py::arg("k"), py::arg("r0"), py::arg("r1"),
         "Rows [r0, r1) of an interleaved (m x k) matrix as row-major uint8 blocks.");

@@ -143,6 +143,9 @@ bool x16_supported(DType dt);  // q4_0, q4_1
 int64_t x16_bytes(DType dt, int64_t m, int64_t k);
 // m row-major rows of k values (row_bytes(dt, k) each) -> x16_bytes(dt, m, k) bytes
 void interleave16(const uint8_t* rows, int64_t m, int64_t k, DType dt, uint8_t* out);
+// The same in the rows' own memory (m a multiple of 16: a group takes exactly its rows' bytes),
+// one group at a time through a group-sized scratch: no second copy of the matrix.
+void interleave16_in_place(uint8_t* rows, int64_t m, int64_t k, DType dt);
 // rows [r0, r1) back to row-major blocks (embedding lookups, tests)
 void deinterleave16(const uint8_t* w16, int64_t m, int64_t k, DType dt, int64_t r0, int64_t r1,
                     uint8_t* rows);

@@ -271,29 +271,50 @@ int64_t x16_bytes(DType dt, int64_t m, int64_t k) {
   return (m + kX16 - 1) / kX16 * q_blocks(k) * group_block_bytes(dt);
 }
 
-void interleave16(const uint8_t* rows, int64_t m, int64_t k, DType dt, uint8_t* out) {
+namespace {
+// The `n` (<= 16) rows of one group, row-major at `rows`, interleaved into `out` (the group's
+// nb blocks; lanes past n zero).
+void interleave_group(const uint8_t* rows, int n, int64_t nb, DType dt, uint8_t* out) {
   const RowFmt f = row_fmt(dt);
-  const int64_t nb = q_blocks(k), gbb = group_block_bytes(dt), groups_n = (m + kX16 - 1) / kX16;
+  const int64_t gbb = group_block_bytes(dt);
   const int codes_off = f.has_min ? 64 : 32;
-  std::memset(out, 0, size_t(x16_bytes(dt, m, k)));
-  for (int64_t g = 0; g < groups_n; ++g)
-    for (int64_t b = 0; b < nb; ++b) {
-      uint8_t* o = out + (g * nb + b) * gbb;
-      for (int r = 0; r < kX16 && g * kX16 + r < m; ++r) {
-        const uint8_t* blk = rows + ((g * kX16 + r) * nb + b) * f.block_bytes;
-        std::memcpy(o + 2 * r, blk, 2);                        // d
-        if (f.has_min) std::memcpy(o + 32 + 2 * r, blk + 2, 2);  // m
-        const uint8_t* qs = blk + f.qs_off;
-        for (int v = 0; v < 4; ++v) {
-          uint32_t lane = 0;
-          for (int j = 0; j < 4; ++j) {
-            lane |= uint32_t(code_of(qs, 8 * v + 2 * j)) << (4 * j);
-            lane |= uint32_t(code_of(qs, 8 * v + 2 * j + 1)) << (16 + 4 * j);
-          }
-          std::memcpy(o + codes_off + 64 * v + 4 * r, &lane, 4);
+  std::memset(out, 0, size_t(nb * gbb));
+  for (int64_t b = 0; b < nb; ++b) {
+    uint8_t* o = out + b * gbb;
+    for (int r = 0; r < n; ++r) {
+      const uint8_t* blk = rows + (r * nb + b) * f.block_bytes;
+      std::memcpy(o + 2 * r, blk, 2);                          // d
+      if (f.has_min) std::memcpy(o + 32 + 2 * r, blk + 2, 2);  // m
+      const uint8_t* qs = blk + f.qs_off;
+      for (int v = 0; v < 4; ++v) {
+        uint32_t lane = 0;
+        for (int j = 0; j < 4; ++j) {
+          lane |= uint32_t(code_of(qs, 8 * v + 2 * j)) << (4 * j);
+          lane |= uint32_t(code_of(qs, 8 * v + 2 * j + 1)) << (16 + 4 * j);
         }
+        std::memcpy(o + codes_off + 64 * v + 4 * r, &lane, 4);
       }
     }
+  }
+}
+}  // namespace
+
+void interleave16(const uint8_t* rows, int64_t m, int64_t k, DType dt, uint8_t* out) {
+  const int64_t nb = q_blocks(k), groups_n = (m + kX16 - 1) / kX16;
+  const int64_t rb = nb * row_fmt(dt).block_bytes, gb = nb * group_block_bytes(dt);
+  for (int64_t g = 0; g < groups_n; ++g)
+    interleave_group(rows + g * kX16 * rb, int(std::min<int64_t>(kX16, m - g * kX16)), nb, dt,
+                     out + g * gb);
+}
+
+void interleave16_in_place(uint8_t* rows, int64_t m, int64_t k, DType dt) {
+  FI_CHECK(m % kX16 == 0, "in place, the rows must be whole groups of 16, got ", m);
+  const int64_t nb = q_blocks(k), gb = nb * group_block_bytes(dt);  // = 16 rows' bytes
+  std::vector<uint8_t> group(static_cast<size_t>(gb));
+  for (int64_t g = 0; g < m / kX16; ++g) {
+    std::memcpy(group.data(), rows + g * gb, size_t(gb));
+    interleave_group(group.data(), int(kX16), nb, dt, rows + g * gb);
+  }
 }
 
 void deinterleave16(const uint8_t* w16, int64_t m, int64_t k, DType dt, int64_t r0, int64_t r1,

@@ -149,7 +149,8 @@ class ResidentFFN:
         else:
             down = np.ascontiguousarray(part["down"].T)
         if kernels.interleaves(fmt):
-            return kernels.interleave(ug, fmt, d), kernels.interleave(down, fmt, f), gated
+            return (kernels.interleave(ug, fmt, d, consume=True),
+                    kernels.interleave(down, fmt, f, consume=True), gated)
         return ug, down, gated
 
     def _records(self, layer: int) -> np.ndarray:

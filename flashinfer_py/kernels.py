@@ -29,6 +29,7 @@ from ._core import deinterleave16 as _deinterleave16
 from ._core import ffn_rows as _ffn_rows
 from ._core import ffn_dense as _ffn_dense
 from ._core import interleave16 as _interleave16
+from ._core import interleave16_in_place as _interleave16_in_place
 from ._core import from_float32 as _from_float32
 from ._core import kernel_isa as _kernel_isa
 from ._core import linear as _linear
@@ -153,9 +154,18 @@ class Interleaved:
         return out
 
 
-def interleave(w: np.ndarray, fmt: str, k: int) -> Interleaved:
-    """``w`` (m, row bytes) uint8 q4_0/q4_1 rows of ``k`` values, interleaved for ``linear``."""
-    return Interleaved(_interleave16(w, fmt, k), fmt, int(w.shape[0]), int(k), int(w.shape[1]))
+def interleave(w: np.ndarray, fmt: str, k: int, *, consume: bool = False) -> Interleaved:
+    """``w`` (m, row bytes) uint8 q4_0/q4_1 rows of ``k`` values, interleaved for ``linear``.
+
+    With ``consume`` the rows are interleaved in ``w``'s own memory when ``m`` is a multiple of
+    16 (no second copy of the matrix while loading a model; ``w`` no longer holds row-major
+    blocks afterwards: pass only an array nothing else reads); otherwise into a new array."""
+    m, rb = int(w.shape[0]), int(w.shape[1])
+    if (consume and m % 16 == 0 and w.flags.c_contiguous and w.flags.writeable
+            and w.dtype == np.uint8):
+        _interleave16_in_place(w, fmt, k)
+        return Interleaved(w.reshape(-1), fmt, m, int(k), rb)
+    return Interleaved(_interleave16(w, fmt, k), fmt, m, int(k), rb)
 
 
 def ffn_dense(x: np.ndarray, ug, down, gated: bool, activation: Activation,

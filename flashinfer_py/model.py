@@ -316,7 +316,7 @@ class Transformer:
         def il(w, fmt, k):
             if not isinstance(w, np.ndarray) or not kernels.interleaves(fmt):
                 return w  # streamed from flash, or a format without interleaving
-            return kernels.interleave(w, fmt, k)
+            return kernels.interleave(w, fmt, k, consume=True)  # the model holds the only copy
 
         for i, fused in enumerate(self.qkv):
             p = f"layers.{i}."

@@ -154,6 +154,11 @@ def test_interleaved_rows_come_back_as_stored(fmt, m, k):
     assert w.nbytes <= il.nbytes < w.nbytes + 16 * w.shape[1]
     idx = rng.permutation(m)
     np.testing.assert_array_equal(il.take(idx), w[idx])
+    # consumed: in the rows' own memory when they are whole groups of 16, else a new array
+    mine = w.copy()
+    il2 = K.interleave(mine, fmt, k, consume=True)
+    assert np.shares_memory(il2.data, mine) == (m % 16 == 0)
+    np.testing.assert_array_equal(il2.data, il.data)
 
 
 @pytest.mark.parametrize("fmt", X16)
