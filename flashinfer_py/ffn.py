@@ -198,9 +198,11 @@ class ResidentFFN:
 
 
 class _LayerRecords(Sequence):
-    """ResidentFFN.rows_by_layer: each layer's packed records [d_ff, packed], those of an
-    interleaved layer made again when asked for (one layer at a time: a one-off reader such
-    as predictor training or the sketch builder pays for one layer's copy, not the model's)."""
+    """ResidentFFN.rows_by_layer: each layer's packed records [d_ff, packed]; those of a layer
+    run as two products are made again when asked for (one layer at a time: a one-off reader
+    such as predictor training or the sketch builder pays for one layer's copy, not the
+    model's), read-only: the model computes from its own matrices, so a write to such a copy
+    would change nothing (it raises instead)."""
 
     def __init__(self, owner: "ResidentFFN", held: list):
         self._owner, self._held = owner, held
@@ -212,7 +214,10 @@ class _LayerRecords(Sequence):
         if isinstance(layer, slice):
             return [self[i] for i in range(*layer.indices(len(self)))]
         rows = self._held[layer]
-        return self._owner._records(layer) if rows is None else rows
+        if rows is None:
+            rows = self._owner._records(layer)
+            rows.flags.writeable = False
+        return rows
 
 
 # overlap="ahead": the share of a guessed layer's likely loads read ahead (the most confident

@@ -200,7 +200,8 @@ def interleaves(fmt: str) -> bool:
     formats, where the kernels run AVX-512 VNNI or AVX2 (the portable code keeps the row-major
     kernels: the interleaved layout has no gain without vectors). A model decides when it is
     loaded: after ``set_kernel_isa("scalar")`` its interleaved matrices still give the same
-    results, through the portable loop, several times slower."""
+    results to float rounding (the portable loop multiplies and adds where the vector paths
+    fuse them), several times slower."""
     return fmt in INTERLEAVED_FORMATS and kernel_isa() in ("avx512", "avx2")
 
 

@@ -218,6 +218,27 @@ def test_interleaved_vector_paths_give_the_same_floats(fmt):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("n", [1, 5, 9000])
+def test_ffn_dense_float_rows_against_numpy(n):
+    """kernels.ffn_dense on float16 rows: up/gate then down_proj against numpy in float64;
+    act_out receives h, and the output is the same with or without it (9000 inputs: the
+    prompt-sized scratch, freed after the call)."""
+    rng = np.random.default_rng(SEED + n)
+    d, f = 32, 64
+    ug = (rng.standard_normal((2 * f, d)) * 0.2).astype(np.float16)
+    down = (rng.standard_normal((d, f)) * 0.2).astype(np.float16)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    u = x.astype(np.float64) @ ug[:f].astype(np.float64).T
+    g = x.astype(np.float64) @ ug[f:].astype(np.float64).T
+    h = g / (1 + np.exp(-g)) * u
+    want = h @ down.astype(np.float64).T
+    act = np.empty((n, f), np.float32)
+    got = K.ffn_dense(x, ug, down, True, "silu", act_out=act)
+    np.testing.assert_allclose(act, h, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(K.ffn_dense(x, ug, down, True, "silu"), got)
+
+
 def test_interleaved_arguments_are_checked():
     w = np.zeros((20, 36), np.uint8)
     with pytest.raises(ValueError, match="interleaved rows exist for q4_0 and q4_1, not 'q8_0'"):

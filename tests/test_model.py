@@ -96,6 +96,9 @@ def test_dense_ffn_runs_as_two_products(tiny_flash, prompt_ids, monkeypatch, nam
     np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-6)
     assert rel_err(got, want) < 1e-5
     assert m.ffn.nbytes <= ref.ffn.nbytes
+    if not relu:  # records made again are a copy: a write would change nothing, so it raises
+        with pytest.raises(ValueError, match="read-only"):
+            m.ffn.rows_by_layer[0][0, 0] = 1
 
 
 def test_context_limit_is_a_clear_error(tiny_flash):
