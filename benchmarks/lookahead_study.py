@@ -32,7 +32,6 @@ from common import git_commit, machine  # noqa: E402
 
 import flashinfer_py as fi  # noqa: E402
 from flashinfer_py import corpora  # noqa: E402
-from flashinfer_py.config import parse_bytes  # noqa: E402
 from flashinfer_py.default_model import default_model_dir  # noqa: E402
 from flashinfer_py.train import TrainConfig, _svd_init, fit_layer, record  # noqa: E402
 
@@ -97,22 +96,15 @@ def offline(model, rank: int) -> tuple[list, list]:
 
 
 def run(directory, budget, mode, ids, warm, maps):
-    b = parse_bytes(budget) + (ov.slots_bytes(directory, budget) if mode != "off" else 0)
-    m = fi.load(directory, dram_budget=b, overlap="off" if mode == "off" else "ahead")
-    if maps is not None:  # the guess for layer l (l >= 1, made from layer l-1's FFN input)
+    """benchmarks/overlap.py's run, with the guesses for layers 1.. made from the mapped input
+    when `maps` is given; the per-token stats averaged."""
+    def setup(m):  # the guess for layer l >= 1 is made from layer l-1's FFN input
         guess = m.ffn._guess
         m.ffn._guess = lambda layer, x: guess(layer, apply_map(maps[layer - 1], x)
                                               if layer > 0 else x)
-    cache = m.new_cache()
-    m.reset()
-    acc = {k: [] for k in ov.KEYS}
-    logits = []
-    for i, t in enumerate(ids):
-        logits.append(m.forward([t], cache, last_only=True)[0])
-        if i >= warm:
-            for k in ov.KEYS:
-                acc[k].append(m.last_stats[k])
-    return {k: float(np.mean(v)) for k, v in acc.items()}, np.asarray(logits)
+
+    st, logits = ov.run(directory, budget, mode, ids, warm, setup if maps is not None else None)
+    return {k: float(np.mean(st[k])) for k in ov.KEYS}, logits
 
 
 def main() -> None:

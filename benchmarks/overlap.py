@@ -44,11 +44,17 @@ def slots_bytes(directory, budget: str, **kw) -> int:
     return on.overhead - off.overhead
 
 
-def run(directory, budget: str, mode: str, ids: list, warm: int, **kw) -> tuple[dict, np.ndarray]:
+def run(directory, budget: str, mode: str, ids: list, warm: int, setup=None,
+        **kw) -> tuple[dict, np.ndarray]:
+    """Per-token stats (KEYS, after `warm` tokens) and every token's logits of `ids` decoded
+    one by one under `budget` with overlap `mode`; `setup(model)`, when given, runs on the
+    loaded model first (a study's own hook, benchmarks/lookahead_study.py)."""
     from flashinfer_py.config import parse_bytes
 
     b = parse_bytes(budget) + (slots_bytes(directory, budget, **kw) if mode != "off" else 0)
     m = fi.load(directory, dram_budget=b, overlap=mode, **kw)
+    if setup is not None:
+        setup(m)
     if mode != "off":
         assert m.plan.cache_capacity == fi.load(directory, dram_budget=budget,
                                                 **kw).plan.cache_capacity

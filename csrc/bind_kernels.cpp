@@ -10,6 +10,7 @@
 
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -129,6 +130,27 @@ std::vector<py::ssize_t> shape_of(const py::array& a) {
 
 // ---- bound functions ------------------------------------------------------------------
 
+// The output (n, m) of a product on x (allocated when `out` is None; it must not share memory
+// with x) and its optional bias (m,): both kept alive in `o` / `b` while the GIL is released.
+struct ProductIO {
+  py::array o, b;
+  float* out = nullptr;
+  const float* bias = nullptr;
+};
+ProductIO product_io(const py::array& x, int64_t n, int64_t m, const py::object& bias,
+                     const py::object& out) {
+  ProductIO io;
+  if (!bias.is_none()) {
+    io.b = bias.cast<py::array>();
+    io.bias = f32_in(io.b, "bias", {m});
+  }
+  io.o = out.is_none() ? py::array(py::dtype::of<float>(), std::vector<py::ssize_t>{n, m})
+                       : out.cast<py::array>();
+  io.out = f32_out(io.o, "out", {n, m});
+  check_no_overlap(io.o, "out", x, "x");
+  return io;
+}
+
 py::array linear_py(const py::array& x, const py::array& w, const py::object& bias,
                     py::object out, int threads, const py::object& fmt) {
   check_ndim(x, "x", 2);
@@ -146,22 +168,13 @@ py::array linear_py(const py::array& x, const py::array& w, const py::object& bi
              ": w must be (m, ", k, ")");
   }
   const float* xp = f32_in(x, "x", {n, k});
-  const float* bp = nullptr;
-  py::array b;
-  if (!bias.is_none()) {
-    b = bias.cast<py::array>();
-    bp = f32_in(b, "bias", {m});
-  }
-  py::array o = out.is_none() ? py::array(py::dtype::of<float>(), std::vector<py::ssize_t>{n, m})
-                              : out.cast<py::array>();
-  float* op = f32_out(o, "out", {n, m});
-  check_no_overlap(o, "out", x, "x");
+  ProductIO io = product_io(x, n, m, bias, out);
   const void* wp = w.data();
   {
     py::gil_scoped_release release;
-    linear(xp, n, k, wp, wdt, m, bp, op, threads);
+    linear(xp, n, k, wp, wdt, m, io.bias, io.out, threads);
   }
-  return o;
+  return io.o;
 }
 
 py::array ffn_rows_py(const py::array& x, const py::array& rows, int64_t d_model,
@@ -552,43 +565,42 @@ DType x16_dtype(const std::string& fmt) {
 }
 
 // The interleaved bytes of an (m, x16 bytes) matrix of k values a row: a 1-D uint8 array.
-const uint8_t* x16_in(const py::array& w16, DType dt, int64_t m, int64_t k) {
-  FI_CHECK(w16.dtype().is(py::dtype::of<uint8_t>()), "w16 must be uint8, got ", dtype_str(w16));
-  check_ndim(w16, "w16", 1);
-  check_contig(w16, "w16");
+const uint8_t* x16_in(const py::array& w16, const char* name, DType dt, int64_t m, int64_t k) {
+  FI_CHECK(w16.dtype().is(py::dtype::of<uint8_t>()), name, " must be uint8, got ",
+           dtype_str(w16));
+  check_ndim(w16, name, 1);
+  check_contig(w16, name);
   FI_CHECK(m >= 0 && k > 0, "m must be >= 0 and k > 0, got m=", m, ", k=", k);
   const int64_t want = x16_bytes(dt, m, k);
-  FI_CHECK(w16.shape(0) == want, "w16 has ", w16.shape(0), " bytes; ", m, " interleaved ",
+  FI_CHECK(w16.shape(0) == want, name, " has ", w16.shape(0), " bytes; ", m, " interleaved ",
            dtype_name(dt), " rows of ", k, " values are ", want);
   return static_cast<const uint8_t*>(w16.data());
 }
 
-void interleave16_in_place_py(py::array& w, const std::string& fmt, int64_t k) {
+// (m, row bytes) uint8 rows of k values in an interleavable format: the format and m.
+std::pair<DType, int64_t> x16_rows_in(const py::array& w, const std::string& fmt, int64_t k) {
   const DType dt = x16_dtype(fmt);
   FI_CHECK(w.dtype().is(py::dtype::of<uint8_t>()), "w must be uint8 rows of ", fmt,
            " blocks, got ", dtype_str(w));
   check_ndim(w, "w", 2);
   check_contig(w, "w");
-  FI_CHECK(w.writeable(), "w must be writeable");
   FI_CHECK(k > 0, "k must be positive, got ", k);
-  const int64_t rb = int64_t(row_bytes(dt, k)), m = w.shape(0);
+  const int64_t rb = int64_t(row_bytes(dt, k));
   FI_CHECK(w.shape(1) == rb, "w has shape ", shape_str(w), ": rows of ", k, " ", fmt,
            " values are ", rb, " bytes");
+  return {dt, int64_t(w.shape(0))};
+}
+
+void interleave16_in_place_py(py::array& w, const std::string& fmt, int64_t k) {
+  const auto [dt, m] = x16_rows_in(w, fmt, k);
+  FI_CHECK(w.writeable(), "w must be writeable");
   uint8_t* p = static_cast<uint8_t*>(w.mutable_data());
   py::gil_scoped_release release;
   interleave16_in_place(p, m, k, dt);
 }
 
 py::array interleave16_py(const py::array& w, const std::string& fmt, int64_t k) {
-  const DType dt = x16_dtype(fmt);
-  FI_CHECK(w.dtype().is(py::dtype::of<uint8_t>()), "w must be uint8 rows of ", fmt,
-           " blocks, got ", dtype_str(w));
-  check_ndim(w, "w", 2);
-  check_contig(w, "w");
-  FI_CHECK(k > 0, "k must be positive, got ", k);
-  const int64_t rb = int64_t(row_bytes(dt, k)), m = w.shape(0);
-  FI_CHECK(w.shape(1) == rb, "w has shape ", shape_str(w), ": rows of ", k, " ", fmt,
-           " values are ", rb, " bytes");
+  const auto [dt, m] = x16_rows_in(w, fmt, k);
   py::array o(py::dtype::of<uint8_t>(), std::vector<py::ssize_t>{x16_bytes(dt, m, k)});
   const uint8_t* src = static_cast<const uint8_t*>(w.data());
   uint8_t* dst = static_cast<uint8_t*>(o.mutable_data());
@@ -602,7 +614,7 @@ py::array interleave16_py(const py::array& w, const std::string& fmt, int64_t k)
 py::array deinterleave16_py(const py::array& w16, const std::string& fmt, int64_t m, int64_t k,
                             int64_t r0, int64_t r1) {
   const DType dt = x16_dtype(fmt);
-  const uint8_t* src = x16_in(w16, dt, m, k);
+  const uint8_t* src = x16_in(w16, "w16", dt, m, k);
   FI_CHECK(0 <= r0 && r0 <= r1 && r1 <= m, "rows [", r0, ", ", r1, ") are not within [0, ", m,
            ")");
   const int64_t rb = int64_t(row_bytes(dt, k));
@@ -620,53 +632,35 @@ py::array linear_x16_py(const py::array& x, const py::array& w16, const std::str
   const DType dt = x16_dtype(fmt);
   check_ndim(x, "x", 2);
   const int64_t n = x.shape(0), k = x.shape(1);
-  const uint8_t* wp = x16_in(w16, dt, m, k);
+  const uint8_t* wp = x16_in(w16, "w16", dt, m, k);
   const float* xp = f32_in(x, "x", {n, k});
-  const float* bp = nullptr;
-  py::array b;
-  if (!bias.is_none()) {
-    b = bias.cast<py::array>();
-    bp = f32_in(b, "bias", {m});
-  }
-  py::array o = out.is_none() ? py::array(py::dtype::of<float>(), std::vector<py::ssize_t>{n, m})
-                              : out.cast<py::array>();
-  float* op = f32_out(o, "out", {n, m});
-  check_no_overlap(o, "out", x, "x");
+  ProductIO io = product_io(x, n, m, bias, out);
   {
     py::gil_scoped_release release;
-    linear_x16(xp, n, k, wp, dt, m, bp, op, threads);
+    linear_x16(xp, n, k, wp, dt, m, io.bias, io.out, threads);
   }
-  return o;
+  return io.o;
 }
 
-// A dense FFN's matrix: interleaved bytes (x16) or (rows, k) float / block rows.
+// A dense FFN's matrix of `rows` x k values: interleaved bytes (x16), or float / block rows
+// of format dt (the ug matrix's, from weight_format).
 const void* ffn_matrix(const py::array& w, const char* name, DType dt, bool x16, int64_t rows,
                        int64_t k) {
-  if (x16) {
-    FI_CHECK(x16_supported(dt), "interleaved rows exist for q4_0 and q4_1, not ",
-             dtype_name(dt));
-    FI_CHECK(w.dtype().is(py::dtype::of<uint8_t>()) && w.ndim() == 1, name,
-             " must be 1-D uint8 interleaved bytes");
-    check_contig(w, name);
-    const int64_t want = x16_bytes(dt, rows, k);
-    FI_CHECK(w.shape(0) == want, name, " has ", w.shape(0), " bytes; ", rows, " interleaved ",
-             dtype_name(dt), " rows of ", k, " values are ", want);
-    return w.data();
-  }
+  if (x16) return x16_in(w, name, dt, rows, k);
   check_ndim(w, name, 2);
   check_contig(w, name);
+  weight_format(w, name, py::str(dtype_name(dt)));  // its dtype is dt's (or uint8 blocks)
   const int64_t width = is_quantized(dt) ? int64_t(row_bytes(dt, k)) : k;
   FI_CHECK(w.shape(0) == rows && w.shape(1) == width, name, " has shape ", shape_str(w),
            ", expected (", rows, ", ", width, ")");
-  FI_CHECK(w.dtype().is(numpy_dtype(dt)), name, " must be ", dtype_name(dt), " rows, got ",
-           dtype_str(w));
   return w.data();
 }
 
 py::array ffn_dense_py(const py::array& x, const py::array& ug, const py::array& down,
-                       const std::string& fmt, int64_t f, bool gated, const std::string& activation,
+                       const py::object& fmt, int64_t f, bool gated, const std::string& activation,
                        float act_param, py::object out, py::object act_out, int threads, bool x16) {
-  const DType dt = parse_dtype(fmt);
+  FI_CHECK(!x16 || !fmt.is_none(), "interleaved matrices need their fmt");
+  const DType dt = x16 ? x16_dtype(fmt.cast<std::string>()) : weight_format(ug, "ug", fmt);
   check_ndim(x, "x", 2);
   const int64_t n = x.shape(0), d = x.shape(1);
   FI_CHECK(f > 0, "f must be positive, got ", f);
@@ -674,23 +668,20 @@ py::array ffn_dense_py(const py::array& x, const py::array& ug, const py::array&
   const void* dp = ffn_matrix(down, "down", dt, x16, d, f);
   const float* xp = f32_in(x, "x", {n, d});
   const Activation act = parse_activation(activation);
-  py::array o = out.is_none() ? py::array(py::dtype::of<float>(), std::vector<py::ssize_t>{n, d})
-                              : out.cast<py::array>();
-  float* op = f32_out(o, "out", {n, d});
-  check_no_overlap(o, "out", x, "x");
+  ProductIO io = product_io(x, n, d, py::none(), out);
   float* hp = nullptr;
   py::array h;
   if (!act_out.is_none()) {
     h = act_out.cast<py::array>();
     hp = f32_out(h, "act_out", {n, f});
     check_no_overlap(h, "act_out", x, "x");
-    check_no_overlap(h, "act_out", o, "out");
+    check_no_overlap(h, "act_out", io.o, "out");
   }
   {
     py::gil_scoped_release release;
-    ffn_dense(xp, n, d, f, up, dp, dt, x16, gated, act, act_param, op, hp, threads);
+    ffn_dense(xp, n, d, f, up, dp, dt, x16, gated, act, act_param, io.out, hp, threads);
   }
-  return o;
+  return io.o;
 }
 
 py::list storage_formats_py() {

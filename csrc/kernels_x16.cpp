@@ -21,12 +21,14 @@
 // The integer sums are the row-major kernels' exactly; only the float accumulation order
 // differs (one lane per row, the blocks in order).
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <vector>
 
 #include "common.h"
 #include "half.h"
 #include "kernels.h"
+#include "kernels_q4.h"  // BlockQ4_0, BlockQ4_1: the row-major blocks
 #include "kernels_quant.h"
 #include "thread_pool.h"
 
@@ -37,19 +39,32 @@ namespace {
 
 bool x16_format(DType dt) { return dt == DType::Q4_0 || dt == DType::Q4_1; }
 
-// Row-major block layout (kernels_q4.h): q4_0 {d, qs[16]}, q4_1 {d, m, qs[16]}; byte i of
-// qs = value i (low nibble) | value i + 16 (high nibble).
+void check_x16(DType dt) {
+  FI_CHECK(x16_format(dt), "interleaved rows exist for q4_0 and q4_1 only, not ",
+           dtype_name(dt));
+}
+
+// The row-major blocks (kernels_q4.h's BlockQ4_0 / BlockQ4_1); byte i of qs = value i (low
+// nibble) | value i + 16 (high nibble).
 struct RowFmt {
   bool has_min;
-  int block_bytes;  // 18 or 20
-  int qs_off;       // 2 or 4
+  int block_bytes;
+  int qs_off;
 };
-RowFmt row_fmt(DType dt) { return dt == DType::Q4_1 ? RowFmt{true, 20, 4} : RowFmt{false, 18, 2}; }
+RowFmt row_fmt(DType dt) {
+  return dt == DType::Q4_1
+             ? RowFmt{true, int(sizeof(BlockQ4_1)), int(offsetof(BlockQ4_1, qs))}
+             : RowFmt{false, int(sizeof(BlockQ4_0)), int(offsetof(BlockQ4_0, qs))};
+}
 
 inline int code_of(const uint8_t* qs, int i) { return i < 16 ? qs[i] & 0xF : qs[i - 16] >> 4; }
 
-// Bytes of one block of a group: the scales, then the codes.
-int64_t group_block_bytes(DType dt) { return kX16 * (dt == DType::Q4_1 ? 20 : 18); }
+// One block of a group: the 16 rows' fp16 d (and m), then the codes from codes_off(...).
+constexpr int64_t group_block_bytes(bool has_min) {
+  return kX16 * int64_t(has_min ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0));
+}
+int64_t group_block_bytes(DType dt) { return group_block_bytes(dt == DType::Q4_1); }
+constexpr int codes_off(bool has_min) { return int(kX16) * 2 * (has_min ? 2 : 1); }
 
 // ---- scalar (every ISA; the reference the vector kernel is tested against) ------------
 
@@ -57,8 +72,8 @@ int64_t group_block_bytes(DType dt) { return kX16 * (dt == DType::Q4_1 ? 20 : 18
 void scalar_groups(const QuantizedX& x, int64_t t0, int T, const uint8_t* w16, DType dt,
                    int64_t nb, int64_t m, int64_t g0, int64_t g1, float* out, int64_t ldo) {
   const bool has_min = dt == DType::Q4_1;
-  const int64_t gbb = group_block_bytes(dt);
-  const int codes_off = has_min ? 64 : 32;
+  const int64_t gbb = group_block_bytes(has_min);
+  const int co = codes_off(has_min);
   for (int64_t g = g0; g < g1; ++g)
     for (int t = 0; t < T; ++t) {
       float fa[kX16] = {}, fb[kX16] = {};
@@ -70,7 +85,7 @@ void scalar_groups(const QuantizedX& x, int64_t t0, int T, const uint8_t* w16, D
           int32_t acc = 0;
           for (int v = 0; v < 4; ++v) {
             uint32_t lane;
-            std::memcpy(&lane, p + codes_off + 64 * v + 4 * r, 4);
+            std::memcpy(&lane, p + co + 64 * v + 4 * r, 4);
             for (int j = 0; j < 4; ++j) {
               const int k = 8 * v + 2 * j;
               acc += int32_t((lane >> (4 * j)) & 0xF) * xq[b * kQBlock + k] +
@@ -101,8 +116,8 @@ void scalar_groups(const QuantizedX& x, int64_t t0, int T, const uint8_t* w16, D
 template <bool kHasMin, int T>
 FI_AVX512VNNI void vnni_groups(const QuantizedX& x, int64_t t0, const uint8_t* w16, int64_t nb,
                                int64_t m, int64_t g0, int64_t g1, float* out, int64_t ldo) {
-  constexpr int64_t gbb = kX16 * (kHasMin ? 20 : 18);
-  constexpr int codes_off = kHasMin ? 64 : 32;
+  constexpr int64_t gbb = group_block_bytes(kHasMin);
+  constexpr int co = codes_off(kHasMin);
   const __m512i m0 = _mm512_set1_epi32(0x000F000F), m1 = _mm512_set1_epi32(0x00F000F0),
                 m2 = _mm512_set1_epi32(0x0F000F00);
   for (int64_t g = g0; g < g1; ++g) {
@@ -116,7 +131,7 @@ FI_AVX512VNNI void vnni_groups(const QuantizedX& x, int64_t t0, const uint8_t* w
       for (int t = 0; t < T; ++t) a0[t] = a1[t] = a2[t] = a3[t] = _mm512_setzero_si512();
 #pragma GCC unroll 4
       for (int v = 0; v < 4; ++v) {
-        const __m512i c = _mm512_loadu_si512(p + codes_off + 64 * v);
+        const __m512i c = _mm512_loadu_si512(p + co + 64 * v);
         const __m512i w0 = _mm512_and_si512(c, m0), w1 = _mm512_and_si512(c, m1),
                       w2 = _mm512_and_si512(c, m2),
                       w3 = _mm512_and_si512(_mm512_srli_epi32(c, 12), m0);
@@ -163,8 +178,8 @@ FI_AVX512VNNI void vnni_groups(const QuantizedX& x, int64_t t0, const uint8_t* w
 template <bool kHasMin, int T>
 FI_AVX2 void avx2_groups(const QuantizedX& x, int64_t t0, const uint8_t* w16, int64_t nb,
                          int64_t m, int64_t g0, int64_t g1, float* out, int64_t ldo) {
-  constexpr int64_t gbb = kX16 * (kHasMin ? 20 : 18);
-  constexpr int codes_off = kHasMin ? 64 : 32;
+  constexpr int64_t gbb = group_block_bytes(kHasMin);
+  constexpr int co = codes_off(kHasMin);
   const __m256i m0 = _mm256_set1_epi32(0x000F000F), m1 = _mm256_set1_epi32(0x00F000F0),
                 m2 = _mm256_set1_epi32(0x0F000F00);
   for (int64_t g = g0; g < g1; ++g)
@@ -180,7 +195,7 @@ FI_AVX2 void avx2_groups(const QuantizedX& x, int64_t t0, const uint8_t* w16, in
 #pragma GCC unroll 4
         for (int v = 0; v < 4; ++v) {
           const __m256i c = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(p + codes_off + 64 * v + 32 * half));
+              reinterpret_cast<const __m256i*>(p + co + 64 * v + 32 * half));
           const __m256i w0 = _mm256_and_si256(c, m0), w1 = _mm256_and_si256(c, m1),
                         w2 = _mm256_and_si256(c, m2),
                         w3 = _mm256_and_si256(_mm256_srli_epi32(c, 12), m0);
@@ -266,8 +281,7 @@ void groups(const QuantizedX& x, int64_t t0, int T, const uint8_t* w16, DType dt
 bool x16_supported(DType dt) { return x16_format(dt); }
 
 int64_t x16_bytes(DType dt, int64_t m, int64_t k) {
-  FI_CHECK(x16_format(dt), "interleaved rows exist for q4_0 and q4_1 only, not ",
-           dtype_name(dt));
+  check_x16(dt);
   return (m + kX16 - 1) / kX16 * q_blocks(k) * group_block_bytes(dt);
 }
 
@@ -276,8 +290,8 @@ namespace {
 // nb blocks; lanes past n zero).
 void interleave_group(const uint8_t* rows, int n, int64_t nb, DType dt, uint8_t* out) {
   const RowFmt f = row_fmt(dt);
-  const int64_t gbb = group_block_bytes(dt);
-  const int codes_off = f.has_min ? 64 : 32;
+  const int64_t gbb = group_block_bytes(f.has_min);
+  const int co = codes_off(f.has_min);
   std::memset(out, 0, size_t(nb * gbb));
   for (int64_t b = 0; b < nb; ++b) {
     uint8_t* o = out + b * gbb;
@@ -292,7 +306,7 @@ void interleave_group(const uint8_t* rows, int n, int64_t nb, DType dt, uint8_t*
           lane |= uint32_t(code_of(qs, 8 * v + 2 * j)) << (4 * j);
           lane |= uint32_t(code_of(qs, 8 * v + 2 * j + 1)) << (16 + 4 * j);
         }
-        std::memcpy(o + codes_off + 64 * v + 4 * r, &lane, 4);
+        std::memcpy(o + co + 64 * v + 4 * r, &lane, 4);
       }
     }
   }
@@ -320,8 +334,8 @@ void interleave16_in_place(uint8_t* rows, int64_t m, int64_t k, DType dt) {
 void deinterleave16(const uint8_t* w16, int64_t m, int64_t k, DType dt, int64_t r0, int64_t r1,
                     uint8_t* rows) {
   const RowFmt f = row_fmt(dt);
-  const int64_t nb = q_blocks(k), gbb = group_block_bytes(dt);
-  const int codes_off = f.has_min ? 64 : 32;
+  const int64_t nb = q_blocks(k), gbb = group_block_bytes(f.has_min);
+  const int co = codes_off(f.has_min);
   FI_CHECK(0 <= r0 && r0 <= r1 && r1 <= m, "rows [", r0, ", ", r1, ") outside [0, ", m, ")");
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t g = row / kX16;
@@ -334,7 +348,7 @@ void deinterleave16(const uint8_t* w16, int64_t m, int64_t k, DType dt, int64_t 
       int c[kQBlock];
       for (int v = 0; v < 4; ++v) {
         uint32_t lane;
-        std::memcpy(&lane, p + codes_off + 64 * v + 4 * r, 4);
+        std::memcpy(&lane, p + co + 64 * v + 4 * r, 4);
         for (int j = 0; j < 4; ++j) {
           c[8 * v + 2 * j] = (lane >> (4 * j)) & 0xF;
           c[8 * v + 2 * j + 1] = (lane >> (16 + 4 * j)) & 0xF;
@@ -347,8 +361,7 @@ void deinterleave16(const uint8_t* w16, int64_t m, int64_t k, DType dt, int64_t 
 
 void linear_x16(const float* x, int64_t n, int64_t k, const uint8_t* w16, DType dt, int64_t m,
                 const float* bias, float* out, int threads) {
-  FI_CHECK(x16_format(dt), "interleaved rows exist for q4_0 and q4_1 only, not ",
-           dtype_name(dt));
+  check_x16(dt);
   if (n == 0 || m == 0) return;
   thread_local QuantizedX qx_scratch;
   quantize_x(x, n, k, k, qx_scratch);
@@ -379,8 +392,7 @@ void ffn_dense(const float* x, int64_t n, int64_t d, int64_t f, const void* ug,
                const void* down, DType dt, bool x16, bool gated, Activation act, float act_param,
                float* out, float* act_out, int threads) {
   if (n == 0) return;
-  FI_CHECK(!x16 || x16_format(dt), "interleaved rows exist for q4_0 and q4_1 only, not ",
-           dtype_name(dt));
+  if (x16) check_x16(dt);
   const int64_t r = gated ? 2 * f : f;
   // Scratch kept per thread for decode-sized calls (no allocation in the decode loop); a long
   // prompt's (n x 3f floats: 68 MB for a 7B's 512 tokens) is freed when the call returns.

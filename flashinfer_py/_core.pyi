@@ -185,8 +185,8 @@ def deinterleave16(w16: np.ndarray, fmt: str, m: int, k: int, r0: int,
 def linear_x16(x: np.ndarray, w16: np.ndarray, fmt: str, m: int,
                bias: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None,
                threads: int = 0) -> npt.NDArray[np.float32]: ...
-def ffn_dense(x: np.ndarray, ug: np.ndarray, down: np.ndarray, fmt: str, f: int, gated: bool,
-              activation: str, act_param: float = 0.0, out: Optional[np.ndarray] = None,
+def ffn_dense(x: np.ndarray, ug: np.ndarray, down: np.ndarray, fmt: Optional[str], f: int,
+              gated: bool, activation: str, act_param: float = 0.0, out: Optional[np.ndarray] = None,
               act_out: Optional[np.ndarray] = None, threads: int = 0,
               x16: bool = False) -> npt.NDArray[np.float32]: ...
 def storage_formats() -> list[dict[str, Any]]:

@@ -166,14 +166,18 @@ class RecordLayout:
     def codes(self) -> bool:
         return self.down_layout == "codes"
 
+    def part_view(self, rows: np.ndarray, part: str) -> np.ndarray:
+        """One part of records `rows` (their numpy array: elements, or bytes for blocks), as a
+        view: writing to it writes the records."""
+        i = self.parts.index(part)
+        e = self.fmt.elem_bytes
+        return rows[:, self.part_offsets[i] // e:(self.part_offsets[i] + self.part_bytes[i]) // e]
+
     def part_f32(self, rows: np.ndarray, part: str, down_scales: Optional[np.ndarray] = None,
                  ids: Optional[np.ndarray] = None) -> np.ndarray:
         """float32 [n, d_model] values of one part of records `rows` (the codes layout's down
         part needs the layer's `down_scales` and the rows' neuron `ids`, default 0..n-1)."""
-        i = self.parts.index(part)
-        e = self.fmt.elem_bytes
-        raw = np.ascontiguousarray(rows[:, self.part_offsets[i] // e:
-                                        (self.part_offsets[i] + self.part_bytes[i]) // e])
+        raw = np.ascontiguousarray(self.part_view(rows, part))
         if not (part == "down" and self.codes):
             return to_float32(raw, self.fmt, self.d_model)
         if down_scales is None:

@@ -131,9 +131,7 @@ class ResidentFFN:
 
     def _parts(self, rows: np.ndarray) -> dict:
         lay = self.kernel.layout
-        e = lay.fmt.elem_bytes
-        return {p: rows[:, o // e:(o + b) // e]
-                for p, o, b in zip(lay.parts, lay.part_offsets, lay.part_bytes)}
+        return {p: lay.part_view(rows, p) for p in lay.parts}
 
     def _split(self, layer: int, rows: np.ndarray) -> tuple:
         from .convert import join_down_blocks

@@ -121,8 +121,8 @@ class Interleaved:
     csrc/kernels_x16.cpp, made by :func:`interleave`): ``linear`` reads it as it reads the
     row-major rows, with the same integer dots and one core's unpacking shared by 16 rows, so
     a decode step's products run at memory speed where the row-major 4-bit kernel is
-    compute-bound (benchmarks/RESULTS.md section 13). ``rows(idx)`` gives row-major blocks back
-    (an embedding lookup of a tied LM head)."""
+    compute-bound (benchmarks/RESULTS.md section 13). ``take(idx)`` gives row-major blocks
+    back (an embedding lookup of a tied LM head)."""
 
     __slots__ = ("data", "fmt", "rows", "k", "row_bytes")
 
@@ -185,11 +185,6 @@ def ffn_dense(x: np.ndarray, ug, down, gated: bool, activation: Activation,
                              f"{down.k} {down.fmt}) are not one FFN's matrices")
         return _ffn_dense(x, ug.data, down.data, ug.fmt, f, gated, activation, act_param, out,
                           act_out, threads, True)
-    if fmt is None:
-        fmt = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
-               np.dtype(np.uint16): "bfloat16"}.get(np.asarray(ug).dtype)
-        if fmt is None:
-            raise ValueError("uint8 rows of blocks need fmt='q8_0', 'q4_0' or 'q4_1'")
     f = (ug.shape[0] // 2) if gated else ug.shape[0]
     return _ffn_dense(x, ug, down, fmt, f, gated, activation, act_param, out, act_out, threads,
                       False)

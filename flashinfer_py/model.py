@@ -307,7 +307,8 @@ class Transformer:
         """Resident 4-bit matrices with 16 rows interleaved (kernels.Interleaved) where the
         CPU runs the interleaved kernels (kernels.interleaves): the fused q/k/v, the output
         projections and the LM head (the embedding lookup of a tied one reads its rows back).
-        Each replaces its row-major array, one matrix at a time (the peak: one extra matrix)."""
+        Each is interleaved in its row-major array's own memory (kernels.interleave consume),
+        or, with rows not a multiple of 16, into a new array that replaces it."""
         self._fused_rows = {}  # name -> (layer, first row, end) in an interleaved qkv
         if not any(kernels.interleaves(f) for f in self.formats.values()):
             return
