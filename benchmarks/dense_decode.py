@@ -25,6 +25,11 @@ installed (``pip install llama-cpp-python==0.3.36``: it builds llama.cpp, ~12 mi
 4-bit matrices, the dense FFN fused per neuron rather than two products), in a process of its
 own, in the same rounds.
 
+``run --baseline DIR`` adds every format of ours run by another build of flashinfer_py (a
+directory holding a ``flashinfer_py`` package with its compiled modules, e.g. ``pip install
+--no-deps --target DIR .`` at an older commit), in a process of its own, in the same rounds:
+the before/after of a kernel change.
+
 ``run`` starts one measuring process per tool (llama.cpp's without our OMP_WAIT_POLICY, see
 ``serve``), which loads every model once (dense: ``fi.load(dir)``; llama.cpp: n_threads=2,
 mmap, no repacking); then per round, in shuffled order, each model decodes: a 16-token
@@ -201,17 +206,42 @@ class LlamaCpp:
         return out
 
 
+def use_baseline(root: str) -> None:
+    """Import flashinfer_py from `root` instead of this environment's install (an editable
+    install's import hook would otherwise answer first)."""
+    from importlib.machinery import PathFinder
+
+    root = str(Path(root).resolve())
+    if not (Path(root) / "flashinfer_py" / "__init__.py").exists():
+        raise SystemExit(f"--baseline {root}: no flashinfer_py package there (build one with "
+                         "pip install --no-deps --target DIR . at the commit to compare)")
+    sys.path.insert(0, root)
+
+    def claims(f) -> bool:
+        if f is PathFinder or not hasattr(f, "find_spec"):
+            return False
+        spec = f.find_spec("flashinfer_py", None)
+        return spec is not None and not str(spec.origin or "").startswith(root)
+
+    sys.meta_path[:] = [f for f in sys.meta_path if not claims(f)]
+
+
 def serve(tool: str) -> None:
     """A measuring process for one tool: reads "load KEY PATH" and "decode KEY N" lines on
     stdin, answers one JSON line each. llama.cpp gets a process of its own: importing
     flashinfer_py sets OMP_WAIT_POLICY=passive, which would put llama.cpp's OpenMP threads to
     sleep between its ops (measured: SmolLM2 F16 29 ms a token in our process, 10.5 alone)."""
     runners = {}
+    if tool == "ours-baseline":
+        use_baseline(os.environ["FLASHINFER_BASELINE"])
+        import flashinfer_py
+
+        print(f"baseline: {Path(flashinfer_py.__file__).parent}", file=sys.stderr, flush=True)
     for line in sys.stdin:
         cmd, key, arg = line.split()
         if cmd == "load":
             runners[key] = (LlamaCpp(Path(arg)) if tool == "llama.cpp"
-                            else Ours(Path(arg), new=tool == "ours"))
+                            else Ours(Path(arg), new=tool != "ours-before"))
             out = {"vocab": runners[key].vocab}
         else:
             run = runners[key]
@@ -237,6 +267,8 @@ def cmd_run(a) -> None:
                 paths[(model, f, "ours")] = d
                 if a.before:
                     paths[(model, f, "ours-before")] = d
+                if a.baseline:
+                    paths[(model, f, "ours-baseline")] = d
             if a.llama and have_llama():
                 g = wd / f"{model}-{LLAMA_GGUF[f]}.gguf"
                 if model == "smollm2" and f == "q4_1":  # the original file
@@ -247,6 +279,8 @@ def cmd_run(a) -> None:
     for tool in sorted({k[2] for k in paths}):
         env = dict(os.environ)
         env.pop("OMP_WAIT_POLICY", None)  # each tool's own default
+        if a.baseline:
+            env["FLASHINFER_BASELINE"] = a.baseline
         procs[tool] = subprocess.Popen([sys.executable, __file__, "serve", tool], env=env,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -309,8 +343,11 @@ def main() -> None:
     r.add_argument("--before", action="store_true",
                    help="also run ours as before the two-product FFN and the interleaved 4-bit "
                         "matrices, in a process of its own")
+    r.add_argument("--baseline", default="", metavar="DIR",
+                   help="also run ours from another build: DIR holds a flashinfer_py package "
+                        "(pip install --no-deps --target DIR . at the commit to compare)")
     sv = sub.add_parser("serve", help="internal: one tool's measuring process")
-    sv.add_argument("tool", choices=["ours", "ours-before", "llama.cpp"])
+    sv.add_argument("tool", choices=["ours", "ours-before", "ours-baseline", "llama.cpp"])
     a = ap.parse_args()
     if a.cmd == "serve":
         serve(a.tool)

@@ -223,8 +223,17 @@ void accum_block_loop(const Table& tiles, const float* h, int64_t ldh, int64_t n
   const int R = T <= 2 ? 4 : 2;
   float coef[kTileT * 4];
   const void* wp[4];
+  // The rows are scattered (the active ones of a sparse layer): the next group's parts are
+  // prefetched while this one is added (the prefetchers do not follow short streams).
+  const int64_t c_first = is_quantized(w.dt) ? c0 / 32 * 32 : c0;
+  const int64_t bytes = static_cast<int64_t>(row_bytes(w.dt, static_cast<uint64_t>(c1 - c_first)));
+  const int64_t skip = static_cast<int64_t>(row_bytes(w.dt, static_cast<uint64_t>(c_first)));
   int64_t q = 0;
   for (; q < nj; q += R) {
+    for (int64_t p = q + R; p < std::min<int64_t>(nj, q + 2 * R); ++p) {
+      const char* next = reinterpret_cast<const char*>(row_ptr<E>(w, js[p])) + skip;
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(next + o, 0, 3);
+    }
     const int r_here = static_cast<int>(std::min<int64_t>(R, nj - q));
     const int rr = r_here == R ? R : 1;
     for (int s = 0; s < r_here; s += rr) {
@@ -970,10 +979,12 @@ void ffn_rows(const FfnRowsArgs& args) {
   // depends on the thread count: the same sums.
   // One input with an activation that is not zero by design (SiLU, GELU: every down part is
   // read) runs fused per neuron; with ReLU / FATReLU (most down parts skipped: the sparse
-  // FFN on cache rows) the block passes stay: up (and gate) dots of a block of rows with the
-  // register tiles (several rows streamed at once), then the active rows' down parts. Same
-  // quiet machine, one thread, the sparse case of bench_kernels (d 4096, 10% active): 15.1
-  // GB/s with the passes, 9.4 fused; the dense SmolLM2 layer: 9.9 with the passes, 25.2 fused.
+  // FFN on cache rows) the block passes stay: up (and gate) dots of a block of rows, then the
+  // active rows' down parts. Same quiet machine, one thread, the sparse case of bench_kernels
+  // (d 4096, 10% active): 15.1 GB/s with the passes, 9.4 fused; the dense SmolLM2 layer: 9.9
+  // with the passes, 25.2 fused. The block formats' dots of one input go through the one-row
+  // kernel, which prefetches the rows ahead (the up parts of records are short streams with
+  // the other parts between them): 4-bit 5-6 -> 13-15 GB/s on one thread (quant_tiles.h).
   const bool fused = n == 1 && a.act != Activation::Relu && a.act != Activation::FatRelu;
   const int64_t rb = fused ? n_used : row_block(n_used, 1);
   // Column chunk of the down accumulation: one input tile takes whole down parts (each
@@ -1016,7 +1027,10 @@ void ffn_rows(const FfnRowsArgs& args) {
       }
       return;
     }
-    if (blocks) {
+    if (blocks && n == 1) {  // one input: the one-row kernel, record after record
+      qk->dot1(qx, 0, rows_b + a.up_off, a.row_elems, sel, r0, r1, H);
+      if (gated) qk->dot1(qx, 0, rows_b + a.gate_off, a.row_elems, sel, r0, r1, G);
+    } else if (blocks) {
       qdot_rows(*qk, qx, n, up, r0, r1, H, n_used);
       if (gated) qdot_rows(*qk, qx, n, gate, r0, r1, G, n_used);
     } else {

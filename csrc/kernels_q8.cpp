@@ -131,7 +131,6 @@ void quantize_x(const float* x, int64_t n, int64_t len, int64_t ldx, QuantizedX&
   qx.qp.resize(qx.q.size());
   qx.d.resize(static_cast<size_t>(n * qx.nb));
   qx.s.resize(static_cast<size_t>(n * qx.nb));
-  qx.ds.resize(static_cast<size_t>(2 * n * qx.nb));
 #ifdef FI_HAVE_X86
   const bool simd = kernel_isa() != Isa::Scalar;
 #endif
@@ -150,7 +149,7 @@ void quantize_x(const float* x, int64_t n, int64_t len, int64_t ldx, QuantizedX&
 #endif
       scalar_quantize_block(xs, m, q, d, s);
     }
-  // the 4-bit one-row kernels' order (kernels_quant.h) and the (d, s) pairs
+  // the 4-bit VNNI kernels' order (kernels_quant.h)
   for (int64_t b = 0; b < n * qx.nb; ++b) {
     const int16_t* q = qx.q.data() + b * kQBlock;
     int16_t* qp = qx.qp.data() + b * kQBlock;
@@ -160,8 +159,6 @@ void quantize_x(const float* x, int64_t n, int64_t len, int64_t ldx, QuantizedX&
       qp[16 + k] = q[2 * k + 1];
       qp[24 + k] = q[17 + 2 * k];
     }
-    qx.ds[2 * b] = qx.d[b];
-    qx.ds[2 * b + 1] = qx.s[b];
   }
 }
 

@@ -40,20 +40,19 @@ inline int64_t q_blocks(int64_t len) { return (len + kQBlock - 1) / kQBlock; }
 // Per block: d = max|x| / 32767, q = round(x / d) (half away from zero), the tail of the last
 // block zero. Buffers are reused between calls (no allocation in the decode loop).
 constexpr float kXLevels = 32767.f;
-// Also, for the one-row kernels of the 4-bit formats: qp, each block's q in the order in
+// Also, for the VNNI kernels of the 4-bit formats: qp, each block's q in the order in
 // which a block's nibbles come out of its 16 bytes read as 8 little-endian 16-bit words
 // (word k holds values 2k, 2k+16, 2k+1, 2k+17 in its 4 nibbles): values 0, 2, .., 14,
-// 16, 18, .., 30, then 1, 3, .., 15, 17, .., 31; and ds, the pairs (d, s) of each block.
+// 16, 18, .., 30, then 1, 3, .., 15, 17, .., 31.
 // Integer dots do not depend on the order: the results are the same.
 struct QuantizedX {
   int64_t n = 0, nb = 0;
   std::vector<int16_t> q, qp;
-  std::vector<float> d, s, ds;
+  std::vector<float> d, s;
   const int16_t* qrow(int64_t t) const { return q.data() + t * nb * kQBlock; }
   const int16_t* qprow(int64_t t) const { return qp.data() + t * nb * kQBlock; }
   const float* drow(int64_t t) const { return d.data() + t * nb; }
   const float* srow(int64_t t) const { return s.data() + t * nb; }
-  const float* dsrow(int64_t t) const { return ds.data() + t * nb * 2; }
 };
 // x (n, len) rows with stride ldx floats -> qx.
 void quantize_x(const float* x, int64_t n, int64_t len, int64_t ldx, QuantizedX& qx);

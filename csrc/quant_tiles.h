@@ -60,12 +60,29 @@ void scalar_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int
     for (int r = 0; r < R; ++r) out[t * ldo + r] = acc[t][r];
 }
 
-// The one-row kernel from a level's T = 1, R = 1 dot tile (every level without its own).
-template <QDotTileFn Tile>
+// The one-row kernel (decode, kernels_quant.h's QDot1Fn) from a level's T = 1, R = 1 dot tile,
+// with the row after next prefetched whole while this one is summed. Rows picked out of a
+// neuron cache (idx), or records whose other parts lie between the rows (the sparse FFN's up
+// parts), are short streams the hardware prefetchers do not follow: without it the sparse FFN
+// on 4-bit cache rows read 5-6 GB/s on one thread, with it 10-11 (bench_kernels, d 4096, 10%
+// active, the per-block kernel of the time).
+constexpr int kPrefetchRows = 2;
+
+// Prefetch row j + kPrefetchRows of a one-row loop over [j, j1), row_len bytes.
+inline void prefetch_row_ahead(const uint8_t* base, int64_t stride, const int32_t* idx,
+                               int64_t j, int64_t j1, int64_t row_len) {
+  if (j + kPrefetchRows >= j1) return;
+  const int64_t jn = j + kPrefetchRows;
+  const uint8_t* next = base + (idx ? idx[jn] : jn) * stride;
+  for (int64_t o = 0; o < row_len; o += 64) __builtin_prefetch(next + o, 0, 3);
+}
+
+template <class F, QDotTileFn Tile>
 void rows_dot1(const QuantizedX& x, int64_t t, const uint8_t* base, int64_t stride,
                const int32_t* idx, int64_t j0, int64_t j1, float* out) {
   for (int64_t j = j0; j < j1; ++j) {
     const uint8_t* row = base + (idx ? idx[j] : j) * stride;
+    prefetch_row_ahead(base, stride, idx, j, j1, x.nb * F::kBytes);
     Tile(x, t, &row, x.nb, out + j, 1);
   }
 }
@@ -139,45 +156,147 @@ FI_AVX2 inline float f16c_e(const uint8_t* blk, float d) {
   return float(F::kCodeShift) * d;
 }
 
-// Each weight block is unpacked once (to int16) and used for all T inputs; per (t, r) two
-// pmaddwd (code x 16-bit x pairs -> int32: |sum| < 2^31 for 32 values), one int->float
-// conversion and one FMA with the product of the two scales.
+// The dot tiles and the one-row kernels of the AVX2 and VNNI levels take the blocks in chunks
+// of 8 (avx2_rows, vnni_rows). Per block only the integer dot: 8 lanes of partial sums (the
+// unpacked codes times x's 16-bit values, pmaddwd pairs). The chunk's 8 such vectors are
+// reduced to one vector of 8 block sums (a tree of horizontal adds, in int32: exact),
+// converted once and multiplied by the 8 blocks' d_w d_x in one FMA; the scales are read with
+// scalar loads and converted 8 at a time, and the offset term e_w s_x is summed in 8 lanes.
+// Before, every block converted its own scales and its 8 lanes and broadcast one product.
+// Measured (one thread, rows in L2; bench_kernels for DRAM): 4-bit rows about as fast as
+// before under VNNI (the nibbles' unpacking bounds them), q8_0 +5-10%, and under AVX2 4-bit
+// +5-10%, q8_0 +5-20%. The tile and the one-row kernel of a level share the loop, so a token
+// alone gets exactly the sums it gets in a GEMM (tested).
+
+// Eight vectors p[0..8) of 8 int32 lanes -> one vector whose lane i is the sum of p[i]'s lanes.
+FI_AVX2 inline __m256i fi_sum8x8(const __m256i* p) {
+  const __m256i h01 = _mm256_hadd_epi32(p[0], p[1]), h23 = _mm256_hadd_epi32(p[2], p[3]);
+  const __m256i h45 = _mm256_hadd_epi32(p[4], p[5]), h67 = _mm256_hadd_epi32(p[6], p[7]);
+  // a: lanes 0-3 the sums of p0..p3's low 128-bit halves, lanes 4-7 of their high halves
+  const __m256i a = _mm256_hadd_epi32(h01, h23), b = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20),
+                          _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// The first n of 8 lanes set (a mask for the masked loads).
+FI_AVX2 inline __m256i fi_lanes8(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// d_w of blocks [b0, b0 + n) of a row and e_w, the value per unit of code offset (q4_1: the
+// min m; q4_0: -8 d_w; q8_0: 0); lanes >= n are 0. A block starts with fp16 d (q4_1: then
+// fp16 m), so a 32-bit load at its start reads both (or d and two code bytes). Scalar loads
+// built into one vector: a gather instruction measured no faster (and slower on SmolLM2's
+// 18-block rows).
+template <class F>
+FI_AVX2 inline void fi_scales8(const uint8_t* row, int64_t b0, int n, __m256* dw, __m256* ew) {
+  uint32_t w[8];
+  const uint8_t* c = row + b0 * F::kBytes;
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    if (i < n) std::memcpy(&w[i], c + i * F::kBytes, 4);
+    else w[i] = 0;
+  }
+  const __m256i v = _mm256_setr_epi32(int(w[0]), int(w[1]), int(w[2]), int(w[3]), int(w[4]),
+                                      int(w[5]), int(w[6]), int(w[7]));
+  // the low (d) and high (m) halves of the 8 words, each 8 halves in one 128-bit lane
+  const __m256i pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  const __m256i dm = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, pick), 0xD8);
+  *dw = _mm256_cvtph_ps(_mm256_castsi256_si128(dm));
+  if constexpr (F::kHasMin)
+    *ew = _mm256_cvtph_ps(_mm256_extracti128_si256(dm, 1));
+  else
+    *ew = _mm256_mul_ps(_mm256_set1_ps(float(F::kCodeShift)), *dw);
+}
+
+// The chunk's scales for every (input, row): acc += (sum of each block) * d_w d_x, and
+// accm += e_w s_x (q4_0, q4_1).
 template <class F, int T, int R>
-FI_AVX2 void avx2_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
-                       float* out, int64_t ldo) {
-  __m256 acc[T][R];
-  float accs[T][R] = {};
+FI_AVX2 inline void fi_scale_chunk(const QuantizedX& x, int64_t t0, const uint8_t* const* rows,
+                                   int64_t b0, int n, const __m256i (&p)[T][R][8],
+                                   __m256 (&acc)[T][R], __m256 (&accm)[T][R]) {
+  const __m256i lanes = fi_lanes8(n);
 #pragma GCC unroll 4
-  for (int t = 0; t < T; ++t)
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i wlo[R], whi[R];
-    float dw[R], ew[R];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = rows[r] + b * F::kBytes;
-      dw[r] = f16c(blk);
-      ew[r] = f16c_e<F>(blk, dw[r]);
-      F::avx2_codes16(blk + F::kCodesOff, &wlo[r], &whi[r]);
-    }
+  for (int r = 0; r < R; ++r) {
+    __m256 dw, ew;
+    fi_scales8<F>(rows[r], b0, n, &dw, &ew);
 #pragma GCC unroll 4
     for (int t = 0; t < T; ++t) {
-      const int16_t* yp = x.qrow(t0 + t) + b * kQBlock;
-      const __m256i ylo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp));
-      const __m256i yhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp + 16));
-      const float dx = x.drow(t0 + t)[b], sx = x.srow(t0 + t)[b];
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(wlo[r], ylo),
-                                           _mm256_madd_epi16(whi[r], yhi));
-        acc[t][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), _mm256_cvtepi32_ps(p), acc[t][r]);
-        accs[t][r] += ew[r] * sx;
-      }
+      const __m256 dx = _mm256_maskload_ps(x.drow(t0 + t) + b0, lanes);
+      acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fi_sum8x8(p[t][r])),
+                                  _mm256_mul_ps(dw, dx), acc[t][r]);
+      if constexpr (F::kHasMin || F::kCodeShift != 0)
+        accm[t][r] = _mm256_fmadd_ps(ew, _mm256_maskload_ps(x.srow(t0 + t) + b0, lanes),
+                                     accm[t][r]);
     }
   }
+}
+
+template <class F, int T, int R>
+FI_AVX2 inline void fi_rows_out(const __m256 (&acc)[T][R], const __m256 (&accm)[T][R],
+                                float* out, int64_t ldo) {
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) out[t * ldo + r] = fi_hsum8(acc[t][r]) + accs[t][r];
+    for (int r = 0; r < R; ++r)
+      out[t * ldo + r] = fi_hsum8(F::kHasMin || F::kCodeShift != 0
+                                      ? _mm256_add_ps(acc[t][r], accm[t][r]) : acc[t][r]);
+}
+
+// The AVX2 level: a block's codes as int16 in value order (x.qrow), two pmaddwd and an add.
+template <class F, int T, int R>
+FI_AVX2 __attribute__((always_inline)) inline void avx2_rows(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
+                       float* out, int64_t ldo) {
+  __m256 acc[T][R], accm[T][R];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[t][r] = accm[t][r] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, nb - b0));
+    __m256i p[T][R][8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) p[t][r][i] = _mm256_setzero_si256();
+      if (i >= n) continue;
+      const int64_t b = b0 + i;
+      __m256i wlo[R], whi[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+        F::avx2_codes16(rows[r] + b * F::kBytes + F::kCodesOff, &wlo[r], &whi[r]);
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) {
+        const int16_t* yp = x.qrow(t0 + t) + b * kQBlock;
+        const __m256i ylo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp));
+        const __m256i yhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp + 16));
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r)
+          p[t][r][i] = _mm256_add_epi32(_mm256_madd_epi16(wlo[r], ylo),
+                                        _mm256_madd_epi16(whi[r], yhi));
+      }
+    }
+    fi_scale_chunk<F, T, R>(x, t0, rows, b0, n, p, acc, accm);
+  }
+  fi_rows_out<F, T, R>(acc, accm, out, ldo);
+}
+
+template <class F, int T, int R>
+FI_AVX2 void avx2_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
+                      float* out, int64_t ldo) {
+  avx2_rows<F, T, R>(x, t0, rows, nb, out, ldo);
+}
+
+// The one-row kernel, the T = R = 1 loop inlined (a call a row cost ~10% on rows in L2).
+template <class F>
+FI_AVX2 void avx2_dot1(const QuantizedX& x, int64_t t, const uint8_t* base, int64_t stride,
+                       const int32_t* idx, int64_t j0, int64_t j1, float* out) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint8_t* row = base + (idx ? idx[j] : j) * stride;
+    prefetch_row_ahead(base, stride, idx, j, j1, x.nb * F::kBytes);
+    avx2_rows<F, 1, 1>(x, t, &row, x.nb, out + j, 1);
+  }
 }
 
 // out[t, c] += sum_r coef[t, r] * (d_r * code + e_r) block by block: for each 8 values the
@@ -308,89 +427,59 @@ inline const int16_t* vnni_xrow(const QuantizedX& x, int64_t t) {
   return F::kCodeBytes == 16 ? x.qprow(t) : x.qrow(t);
 }
 
+// The VNNI level: a block's codes in QuantizedX::qp's order (4-bit) and vpdpwssd.
 template <class F, int T, int R>
-FI_AVX512VNNI void vnni_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
-                       float* out, int64_t ldo) {
-  __m256 acc[T][R];
-  float accs[T][R] = {};
+FI_AVX512VNNI __attribute__((always_inline)) inline void vnni_rows(const QuantizedX& x, int64_t t0, const uint8_t* const* rows,
+                                    int64_t nb, float* out, int64_t ldo) {
+  __m256 acc[T][R], accm[T][R];
 #pragma GCC unroll 4
   for (int t = 0; t < T; ++t)
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i wlo[R], whi[R];
-    float dw[R], ew[R];
+    for (int r = 0; r < R; ++r) acc[t][r] = accm[t][r] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, nb - b0));
+    __m256i p[T][R][8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = rows[r] + b * F::kBytes;
-      dw[r] = f16c(blk);
-      ew[r] = f16c_e<F>(blk, dw[r]);
-      vnni_codes16<F>(blk + F::kCodesOff, &wlo[r], &whi[r]);
-    }
+      for (int t = 0; t < T; ++t)
 #pragma GCC unroll 4
-    for (int t = 0; t < T; ++t) {
-      const int16_t* yp = vnni_xrow<F>(x, t0 + t) + b * kQBlock;
-      const __m256i ylo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp));
-      const __m256i yhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp + 16));
-      const float dx = x.drow(t0 + t)[b], sx = x.srow(t0 + t)[b];
+        for (int r = 0; r < R; ++r) p[t][r][i] = _mm256_setzero_si256();
+      if (i >= n) continue;
+      const int64_t b = b0 + i;
+      __m256i wlo[R], whi[R];
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const __m256i p = _mm256_dpwssd_epi32(
-            _mm256_dpwssd_epi32(_mm256_setzero_si256(), wlo[r], ylo), whi[r], yhi);
-        acc[t][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), _mm256_cvtepi32_ps(p), acc[t][r]);
-        accs[t][r] += ew[r] * sx;
+      for (int r = 0; r < R; ++r)
+        vnni_codes16<F>(rows[r] + b * F::kBytes + F::kCodesOff, &wlo[r], &whi[r]);
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) {
+        const int16_t* yp = vnni_xrow<F>(x, t0 + t) + b * kQBlock;
+        const __m256i ylo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp));
+        const __m256i yhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yp + 16));
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r)
+          p[t][r][i] = _mm256_dpwssd_epi32(_mm256_madd_epi16(wlo[r], ylo), whi[r], yhi);
       }
     }
+    fi_scale_chunk<F, T, R>(x, t0, rows, b0, n, p, acc, accm);
   }
-  for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) out[t * ldo + r] = fi_hsum8(acc[t][r]) + accs[t][r];
+  fi_rows_out<F, T, R>(acc, accm, out, ldo);
 }
 
-// One row at a time (decode, kernels_quant.h's QDot1Fn), the blocks in order into one
-// accumulator, as the T = 1 tile sums them (so a token alone gets exactly what it gets in a
-// GEMM; a second accumulator measured no faster). Per block: the integer dot (two VNNI/madd instructions), one conversion and
-// one FMA with d_w * d_x; the offset term (q4_1: m * s_x, q4_0: -8 d_w * s_x) rides in the
-// second lane of the scales' own 128-bit product, summed once per row. Measured on the dev VM
-// (q4_1, one thread, weights in cache): 15-18 GB/s vs 11-14 for the T = 1, R = 1 tile.
-template <class F>
-FI_AVX512VNNI inline void vnni_block1(const uint8_t* blk, const int16_t* xq, const float* xds,
-                                      __m256& acc, __m128& accm) {
-  __m256i c1, c2;
-  vnni_codes16<F>(blk + F::kCodesOff, &c1, &c2);
-  const __m256i p = _mm256_dpwssd_epi32(
-      _mm256_madd_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))), c2,
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16)));
-  uint32_t dm;  // fp16 d (and q4_1's m)
-  if constexpr (F::kHasMin) {
-    std::memcpy(&dm, blk, 4);
-  } else {
-    uint16_t d16;
-    std::memcpy(&d16, blk, 2);
-    dm = uint32_t(d16) * 0x10001u;  // d twice
-  }
-  // (d_w, m or d_w) * (d_x, s_x): lane 0 scales the integer dot, lane 1 is the offset term
-  const __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(int(dm))),
-                              _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xds))));
-  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(f), acc);
-  accm = _mm_add_ps(accm, f);
+template <class F, int T, int R>
+FI_AVX512VNNI void vnni_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int64_t nb,
+                            float* out, int64_t ldo) {
+  vnni_rows<F, T, R>(x, t0, rows, nb, out, ldo);
 }
 
 template <class F>
 FI_AVX512VNNI void vnni_dot1(const QuantizedX& x, int64_t t, const uint8_t* base,
                              int64_t stride, const int32_t* idx, int64_t j0, int64_t j1,
                              float* out) {
-  const int64_t nb = x.nb;
-  const int16_t* xq = vnni_xrow<F>(x, t);
-  const float* xds = x.dsrow(t);
-  // the offset term per unit of lane 1: q4_1 m * s_x; q4_0 -8 * d_w * s_x; q8_0 none
-  const float e = F::kHasMin ? 1.f : float(F::kCodeShift);
   for (int64_t j = j0; j < j1; ++j) {
     const uint8_t* row = base + (idx ? idx[j] : j) * stride;
-    __m256 acc = _mm256_setzero_ps();
-    __m128 accm = _mm_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b)
-      vnni_block1<F>(row + b * F::kBytes, xq + b * kQBlock, xds + 2 * b, acc, accm);
-    out[j] = fi_hsum8(acc) + e * _mm_cvtss_f32(_mm_movehdup_ps(accm));
+    prefetch_row_ahead(base, stride, idx, j, j1, x.nb * F::kBytes);
+    vnni_rows<F, 1, 1>(x, t, &row, x.nb, out + j, 1);
   }
 }
 
@@ -533,8 +622,9 @@ template <class F, Level L>
 constexpr QDot1Fn dot1_fn() {
 #ifdef FI_HAVE_X86
   if constexpr (L == Level::Vnni) return &vnni_dot1<F>;
+  if constexpr (L == Level::Avx2) return &avx2_dot1<F>;
 #endif
-  return &rows_dot1<dot_fn<F, L, 1, 1>()>;
+  return &rows_dot1<F, dot_fn<F, L, 1, 1>()>;
 }
 
 template <class F, Level L>
@@ -545,17 +635,10 @@ constexpr QCodesFinishFn finish_fn() {
   return &scalar_codes_finish<F>;
 }
 
-// One row's dot with one input at level L: the VNNI one-row loop inline, else the level's
-// T = 1, R = 1 tile.
+// One row's dot with one input at level L (the level's T = 1, R = 1 tile).
 template <class F, Level L>
 inline float row_dot1(const QuantizedX& x, const uint8_t* row) {
   float v;
-#ifdef FI_HAVE_X86
-  if constexpr (L == Level::Vnni) {
-    vnni_dot1<F>(x, 0, row, 0, nullptr, 0, 1, &v);
-    return v;
-  }
-#endif
   dot_fn<F, L, 1, 1>()(x, 0, &row, x.nb, &v, 1);
   return v;
 }
@@ -578,6 +661,10 @@ void ffn1(const QFfn1Args& a, int64_t r0, int64_t r1) {
   for (int64_t j = r0; j < r1; ++j) {
     const int64_t row = a.sel ? a.sel[j] : j;
     const uint8_t* rec = a.rows + row * a.row_bytes;
+    if (j + kPrefetchRows < r1) {  // see rows_dot1
+      const uint8_t* next = a.rows + (a.sel ? a.sel[j + kPrefetchRows] : j + kPrefetchRows) * a.row_bytes;
+      for (int64_t o = 0; o < a.row_bytes; o += 64) __builtin_prefetch(next + o, 0, 3);
+    }
     float u = row_dot1<F, L>(*a.x, rec + a.up_off);
     if (a.up_bias) u += a.up_bias[row];
     const float h = gated ? activate(a.act, row_dot1<F, L>(*a.x, rec + a.gate_off), a.act_param) * u

@@ -106,7 +106,7 @@ def test_dequantize_is_llama_cpp_bit_for_bit(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("n", [1, 3, 4, 9])
-@pytest.mark.parametrize("k", [64, 200])
+@pytest.mark.parametrize("k", [64, 200, 600])  # 2, 7, 19 blocks: the dots take chunks of 8
 def test_linear_matches_dequantize_then_matmul(isa, fmt, n, k):
     rng = np.random.default_rng(SEED + n + k)
     m = 37  # an odd number of rows: a partial row tile
@@ -135,6 +135,20 @@ def test_linear_threads_out_buffer_and_1d_input(isa):
     np.testing.assert_array_equal(out, one)
     # a token alone gives what it gets among others (a GEMV is the n = 1 GEMM)
     np.testing.assert_allclose(K.linear(x[4], w, fmt="q4_1"), one[4], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("k", [200, 256, 600])
+def test_a_token_alone_gets_exactly_its_row_of_the_gemm(isa, fmt, k):
+    """The one-row kernel and the register tiles of a level run each (input, row) through the
+    same operations in the same order (chunks of 8 blocks, the partial last one included): a
+    token's GEMV is bit for bit its row of the prompt's GEMM."""
+    rng = np.random.default_rng(SEED + k)
+    w = gg_blocks(random_weights(rng, 45, k), fmt)
+    x = random_x(rng, 7, k)
+    y = K.linear(x, w, fmt=fmt, threads=1)
+    for t in range(7):
+        np.testing.assert_array_equal(K.linear(x[t], w, fmt=fmt, threads=1), y[t])
 
 
 # ---- resident 4-bit matrices with 16 rows interleaved (csrc/kernels_x16.cpp) ----------------
@@ -342,6 +356,34 @@ def test_ffn_rows_row_select_bias_and_threads(isa):
     one = K.ffn_rows(x, rows, d, 0, 2 * pb, pb, "silu", up_bias=bias, row_select=sel,
                      fmt="q4_0", threads=1)
     np.testing.assert_allclose(got, one, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sparse_ffn_on_picked_rows(isa, fmt):
+    """The sparse FFN on neuron-cache rows as the runtime calls it: ReLU-family records (up,
+    down) picked out of order by row_select, a FATReLU threshold leaving few active, one token
+    (the one-row kernel reading ahead of the picked rows) and a prompt: both against numpy,
+    and the token's h bit for bit what it gets in the prompt."""
+    rng = np.random.default_rng(SEED + 9)
+    f, d = 150, 600
+    rows, vals, pb = records(rng, fmt, f, d, False)
+    x = random_x(rng, 3, d)
+    sel = rng.permutation(f)[:90].astype(np.int32)
+    xq, _ = ref_quantize_x(x)
+    u = xq @ vals[0][sel].T
+    thr = float(np.quantile(u[1], 0.8))  # about a fifth of the picked rows active
+    kw = dict(up_off=0, down_off=pb, activation="fatrelu", act_param=thr, row_select=sel,
+              fmt=fmt)
+    h = np.empty((3, 90), np.float32)
+    out = K.ffn_rows(x, rows, d, act_out=h, threads=2, **kw)
+    h_ref, o_ref, scale = ref_ffn(xq, [v[sel] for v in vals], False, "fatrelu", thr)
+    near = np.abs(u - thr) < 1e-4 * (np.abs(xq) @ np.abs(vals[0][sel]).T)  # rounding may tip
+    assert ((h != 0) == (h_ref != 0))[~near].all() and 0 < (h[1] != 0).sum() < 40
+    assert_close(out, h.astype(np.float64) @ vals[1][sel], np.abs(h) @ np.abs(vals[1][sel]))
+    h1 = np.empty((1, 90), np.float32)
+    one = K.ffn_rows(x[1:2], rows, d, act_out=h1, threads=1, **kw)
+    np.testing.assert_array_equal(h1[0], h[1])
+    np.testing.assert_allclose(one[0], out[1], rtol=1e-5, atol=1e-6 * scale[1].max())
 
 
 # ---- ffn_rows with the down part as codes (a GGUF's down_proj kept exactly) ----------------
