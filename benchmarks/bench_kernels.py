@@ -10,7 +10,9 @@ otherwise: the dense GEMV of resident matrices (SmolLM2's attention projections,
 and its 49152 x 576 tied LM head; a 1B Llama's), in 16 bits and in the block formats; the
 FFN on bundle records (``ffn_rows``): a dense SwiGLU layer (every neuron) and the sparse FFN
 on neuron-cache rows at the paper's sparsity (OPT-style up+down records, 10% of the cached
-rows active). Records are packed as the neuron cache packs them (parts rounded to 64 bytes).
+rows active), and a SwiGLU layer's predicted neurons (a quarter of the rows, picked in random
+order: what the sparse runtime reads for a gated model). Records are packed as the neuron
+cache packs them (parts rounded to 64 bytes).
 
 The reference, ``read``: ``kernels.stream_sum`` over 1 GiB, nothing but loads and adds on
 the kernels' own threads and pool (AVX2 loads). Each round runs every (case,
@@ -64,6 +66,8 @@ class Case:
     gated: bool = True   # ffn: up, gate, down parts (else up, down)
     x16: bool = False    # the 4-bit matrices with 16 rows interleaved (kernels.Interleaved):
                          # linear on one, or ffn2's two matrices
+    picked: float = 1.0  # ffn: the fraction of the rows the call reads, picked by row_select
+                         # in random order (a gated model's predicted neurons in the cache)
 
 
 def _linears(tag: str, shapes, fmts) -> list[Case]:
@@ -86,6 +90,9 @@ CASES = [
       ("float16", "q8_0", "q4_1")),
     *(Case(f"ffn_rows sparse d=4096 r=1600 10% active", "ffn", f, 1600, 4096, active=0.1,
            gated=False) for f in ("float16", "q8_0", "q4_0", "q4_1")),
+    # a SwiGLU layer's predicted neurons in the cache: a quarter of the 1B's rows, picked
+    *(Case(f"ffn_rows picked d=2048 r=5632 25% picked", "ffn", f, 5632, 2048, picked=0.25)
+      for f in ("float16", "q8_0", "q4_1")),
     # the same shapes with 16 rows interleaved (resident 4-bit matrices, the dense 4-bit FFN
     # of a GGUF's blocks: csrc/kernels_x16.cpp)
     *(Case(f"linear {tag} {m}x{k}", "linear", f, m, k, x16=True)
@@ -177,9 +184,13 @@ def make_runner(case: Case) -> tuple[Callable[[int], None], float, int]:
         kw.update(activation="fatrelu", act_param=float(np.quantile(u, 1.0 - case.active)))
     else:
         kw.update(activation="silu")
+    n_used = r
+    if case.picked < 1.0:
+        n_used = int(r * case.picked)
+        kw["row_select"] = rng.permutation(r)[:n_used].astype(np.int32)
     copies = _copies(rows0)
     out = np.empty((1, d), np.float32)
-    act = np.empty((1, r), np.float32)
+    act = np.empty((1, n_used), np.float32)
 
     def fn(threads: int) -> None:
         for rows in copies:
@@ -188,7 +199,7 @@ def make_runner(case: Case) -> tuple[Callable[[int], None], float, int]:
     fn(1)
     n_active = int((act != 0).sum())
     part_bytes = parts[0].shape[1] * eb
-    nbytes = (r * part_bytes * (len(names) - 1) + n_active * part_bytes) * len(copies)
+    nbytes = (n_used * part_bytes * (len(names) - 1) + n_active * part_bytes) * len(copies)
     return fn, float(nbytes), len(copies)
 
 

@@ -90,6 +90,17 @@ struct Ffn1 {
   float* out;
 };
 
+// Ffn1 loops prefetch the record after next whole (see prefetch_bytes): the three parts of a
+// record are read in turn, and picked records (sel) are scattered.
+constexpr int64_t kPrefetchRecords = 2;
+template <typename E>
+inline void prefetch_record_ahead(const Ffn1& a, int64_t j, int64_t r1) {
+  if (j + kPrefetchRecords >= r1) return;
+  const int64_t jn = j + kPrefetchRecords, row = a.sel ? a.sel[jn] : jn;
+  prefetch_bytes(static_cast<const E*>(a.rows) + row * a.row_elems,
+                 a.row_elems * static_cast<int64_t>(sizeof(E)));
+}
+
 struct KernelTable {
   // out[t*ldo + j] (+)= sum_{i in [k0,k1)} x[t*ldx + i] * w_j[i], t < n, j in [j0, j1)
   void (*dot_block)(const float* x, int64_t ldx, int64_t n, const Rows& w, int64_t j0,
@@ -230,10 +241,8 @@ void accum_block_loop(const Table& tiles, const float* h, int64_t ldh, int64_t n
   const int64_t skip = static_cast<int64_t>(row_bytes(w.dt, static_cast<uint64_t>(c_first)));
   int64_t q = 0;
   for (; q < nj; q += R) {
-    for (int64_t p = q + R; p < std::min<int64_t>(nj, q + 2 * R); ++p) {
-      const char* next = reinterpret_cast<const char*>(row_ptr<E>(w, js[p])) + skip;
-      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(next + o, 0, 3);
-    }
+    for (int64_t p = q + R; p < std::min<int64_t>(nj, q + 2 * R); ++p)
+      prefetch_bytes(reinterpret_cast<const char*>(row_ptr<E>(w, js[p])) + skip, bytes);
     const int r_here = static_cast<int>(std::min<int64_t>(R, nj - q));
     const int rr = r_here == R ? R : 1;
     for (int s = 0; s < r_here; s += rr) {
@@ -311,6 +320,7 @@ void scalar_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
   for (int64_t j = r0; j < r1; ++j) {
     const int64_t row = a.sel ? a.sel[j] : j;
     const E* rec = static_cast<const E*>(a.rows) + row * a.row_elems;
+    prefetch_record_ahead<E>(a, j, r1);
     const void* up = rec + a.up_off;
     float u, g = 0.f;
     scalar_dot_tile<E, 1, 1>(a.x, a.d, &up, a.d, &u, 1, false);
@@ -529,6 +539,7 @@ FI_AVX2 void avx2_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
   for (int64_t j = r0; j < r1; ++j) {
     const int64_t row = a.sel ? a.sel[j] : j;
     const E* rec = static_cast<const E*>(a.rows) + row * a.row_elems;
+    prefetch_record_ahead<E>(a, j, r1);
     float u = avx2_row_dot(a.x, rec + a.up_off, d);
     if (a.up_bias) u += a.up_bias[row];
     const float h = a.gate_off >= 0

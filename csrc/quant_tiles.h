@@ -73,8 +73,7 @@ inline void prefetch_row_ahead(const uint8_t* base, int64_t stride, const int32_
                                int64_t j, int64_t j1, int64_t row_len) {
   if (j + kPrefetchRows >= j1) return;
   const int64_t jn = j + kPrefetchRows;
-  const uint8_t* next = base + (idx ? idx[jn] : jn) * stride;
-  for (int64_t o = 0; o < row_len; o += 64) __builtin_prefetch(next + o, 0, 3);
+  prefetch_bytes(base + (idx ? idx[jn] : jn) * stride, row_len);
 }
 
 template <class F, QDotTileFn Tile>
@@ -662,8 +661,8 @@ void ffn1(const QFfn1Args& a, int64_t r0, int64_t r1) {
     const int64_t row = a.sel ? a.sel[j] : j;
     const uint8_t* rec = a.rows + row * a.row_bytes;
     if (j + kPrefetchRows < r1) {  // see rows_dot1
-      const uint8_t* next = a.rows + (a.sel ? a.sel[j + kPrefetchRows] : j + kPrefetchRows) * a.row_bytes;
-      for (int64_t o = 0; o < a.row_bytes; o += 64) __builtin_prefetch(next + o, 0, 3);
+      const int64_t jn = j + kPrefetchRows;
+      prefetch_bytes(a.rows + (a.sel ? a.sel[jn] : jn) * a.row_bytes, a.row_bytes);
     }
     float u = row_dot1<F, L>(*a.x, rec + a.up_off);
     if (a.up_bias) u += a.up_bias[row];
