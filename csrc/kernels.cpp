@@ -94,7 +94,8 @@ struct Ffn1 {
 // record are read in turn, and picked records (sel) are scattered.
 constexpr int64_t kPrefetchRecords = 2;
 template <typename E>
-inline void prefetch_record_ahead(const Ffn1& a, int64_t j, int64_t r1) {
+__attribute__((always_inline)) inline void prefetch_record_ahead(const Ffn1& a, int64_t j,
+                                                                 int64_t r1) {
   if (j + kPrefetchRecords >= r1) return;
   const int64_t jn = j + kPrefetchRecords, row = a.sel ? a.sel[jn] : jn;
   prefetch_bytes(static_cast<const E*>(a.rows) + row * a.row_elems,

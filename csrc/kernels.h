@@ -62,7 +62,9 @@ inline float activate(Activation act, float v, float param) {
 // prefetchers do not follow: rows picked out of a neuron cache, one part of each record (the
 // other parts between), records whose parts are read in turn. Measured: the sparse FFN on
 // 4-bit cache rows 2.2-2.8x, the fused 4-bit FFN 2x (benchmarks/RESULTS.md section 13).
-inline void prefetch_bytes(const void* p, int64_t bytes) {
+// always_inline: a call left out of line is a function without side effects to the compiler,
+// which then deletes it (GCC 12 dropped every prefetch of the float fused FFN that way).
+__attribute__((always_inline)) inline void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
 }

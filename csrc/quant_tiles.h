@@ -68,10 +68,12 @@ void scalar_dot(const QuantizedX& x, int64_t t0, const uint8_t* const* rows, int
 // active, the per-block kernel of the time).
 constexpr int kPrefetchRows = 2;
 
-// Prefetch row j + kPrefetchRows of a one-row loop over [j, j1), row_len bytes.
-inline void prefetch_row_ahead(const uint8_t* base, int64_t stride, const int32_t* idx,
-                               int64_t j, int64_t j1, int64_t row_len) {
-  if (j + kPrefetchRows >= j1) return;
+// Prefetch row j + kPrefetchRows of a one-row loop over [j, j1), row_len bytes, unless the
+// rows are one contiguous stream (a resident matrix: the hardware prefetchers follow it).
+__attribute__((always_inline)) inline void prefetch_row_ahead(
+    const uint8_t* base, int64_t stride, const int32_t* idx, int64_t j, int64_t j1,
+    int64_t row_len) {
+  if (j + kPrefetchRows >= j1 || (!idx && stride == row_len)) return;
   const int64_t jn = j + kPrefetchRows;
   prefetch_bytes(base + (idx ? idx[jn] : jn) * stride, row_len);
 }
