@@ -63,3 +63,27 @@ def memcpy_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
         np.copyto(dst, src)
         times.append(time.perf_counter_ns() - t0)
     return nbytes / sorted(times)[len(times) // 2]
+
+
+def use_baseline(root: str) -> None:
+    """Import flashinfer_py from `root` (a directory holding a ``flashinfer_py`` package built
+    at another commit: ``pip install --no-deps --target DIR .`` there) instead of this
+    environment's install; call before the first import of flashinfer_py. An editable
+    install's import hook would otherwise answer first."""
+    import sys
+    from importlib.machinery import PathFinder
+
+    root = str(Path(root).resolve())
+    if not (Path(root) / "flashinfer_py" / "__init__.py").exists():
+        raise SystemExit(f"baseline {root}: no flashinfer_py package there (build one with "
+                         "pip install --no-deps --target DIR . at the commit to compare)")
+    sys.path.insert(0, root)
+
+    def claims(f) -> bool:
+        if f is PathFinder or not hasattr(f, "find_spec"):
+            return False
+        spec = f.find_spec("flashinfer_py", None)
+        return spec is not None and not str(spec.origin or "").startswith(root)
+
+    sys.meta_path[:] = [f for f in sys.meta_path if not claims(f)]
+

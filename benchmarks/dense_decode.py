@@ -53,7 +53,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import git_commit, machine  # noqa: E402
+from common import git_commit, machine, use_baseline  # noqa: E402
 
 FORMATS = ("float16", "q8_0", "q4_1", "q4_1-gguf")
 LLAMA_GGUF = {"float16": "F16", "q8_0": "Q8_0", "q4_1": "Q4_1", "q4_1-gguf": "Q4_1"}
@@ -204,26 +204,6 @@ class LlamaCpp:
             tok = self._next()
             out.append(time.perf_counter() - t0)
         return out
-
-
-def use_baseline(root: str) -> None:
-    """Import flashinfer_py from `root` instead of this environment's install (an editable
-    install's import hook would otherwise answer first)."""
-    from importlib.machinery import PathFinder
-
-    root = str(Path(root).resolve())
-    if not (Path(root) / "flashinfer_py" / "__init__.py").exists():
-        raise SystemExit(f"--baseline {root}: no flashinfer_py package there (build one with "
-                         "pip install --no-deps --target DIR . at the commit to compare)")
-    sys.path.insert(0, root)
-
-    def claims(f) -> bool:
-        if f is PathFinder or not hasattr(f, "find_spec"):
-            return False
-        spec = f.find_spec("flashinfer_py", None)
-        return spec is not None and not str(spec.origin or "").startswith(root)
-
-    sys.meta_path[:] = [f for f in sys.meta_path if not claims(f)]
 
 
 def serve(tool: str) -> None:

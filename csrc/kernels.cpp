@@ -90,9 +90,10 @@ struct Ffn1 {
   float* out;
 };
 
-// Ffn1 loops prefetch the record after next whole (see prefetch_bytes): the three parts of a
-// record are read in turn, and picked records (sel) are scattered.
-constexpr int64_t kPrefetchRecords = 2;
+// Ffn1 loops prefetch the next record whole (see prefetch_bytes): the three parts of a record
+// are read in turn, and picked records (sel) are scattered. One record ahead, as the block
+// formats' ffn1 (quant_tiles.h, where it measured best); two measured the same here.
+constexpr int64_t kPrefetchRecords = 1;
 template <typename E>
 __attribute__((always_inline)) inline void prefetch_record_ahead(const Ffn1& a, int64_t j,
                                                                  int64_t r1) {
