@@ -37,13 +37,17 @@ def test_streamed_logits_equal_resident(name, dtype, tiny_flash, prompt_ids, sma
     matrices share a read. (4-bit matrices in DRAM are interleaved where the CPU has the
     kernels for it, and streamed ones stay row-major: the same integer dots, the floats
     summed in another order, so those agree within float rounding; bit for bit against the
-    row-major kernels.)"""
+    row-major kernels. That comparison runs dense: under the oracle's selection a rounding
+    difference can tip a neuron in or out and the logits part, as they did at the 35th
+    position once the row-major dots summed their blocks in chunks.)"""
     d = tiny_flash(name, dtype)
     kw = dict(sparse=True, selection="oracle", eviction="window")
-    interleaved = _run(fi.load(d, fi.RuntimeConfig(stream_resident="off", **kw)), prompt_ids)
+    interleaved = _run(fi.load(d, fi.RuntimeConfig(stream_resident="off")), prompt_ids)
     monkeypatch.setattr(fi.kernels, "interleaves", lambda fmt: False)
+    row_major = _run(fi.load(d, fi.RuntimeConfig(stream_resident="off")), prompt_ids)
+    np.testing.assert_allclose(interleaved, row_major, rtol=1e-4,
+                               atol=1e-4 * np.abs(row_major).max())
     ref = _run(fi.load(d, fi.RuntimeConfig(stream_resident="off", **kw)), prompt_ids)
-    np.testing.assert_allclose(interleaved, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     m = fi.load(d, fi.RuntimeConfig(stream_resident="all", **kw))
     assert m.plan.streamed and m.plan.stream_bytes > 0
     assert m.info()["resident_bytes"] < fi.load(d).info()["resident_bytes"]
