@@ -83,7 +83,7 @@ def use_baseline(root: str) -> None:
         if f is PathFinder or not hasattr(f, "find_spec"):
             return False
         spec = f.find_spec("flashinfer_py", None)
-        return spec is not None and not str(spec.origin or "").startswith(root)
+        return spec is not None and not str(spec.origin or "").startswith(root + os.sep)
 
     sys.meta_path[:] = [f for f in sys.meta_path if not claims(f)]
 

@@ -295,8 +295,8 @@ def cmd_run(a) -> None:
     res = {k: statistics.median(v) for k, v in ms.items()}
     for k in sorted(res):
         model, f, tool = k
-        base = res.get((model, "float16", "ours"))
         ours = tool.startswith("ours")
+        base = res.get((model, "float16", tool if ours else "ours"))  # each build's own float16
         other = res.get((model, f, "llama.cpp" if ours else "ours"))
         vs16 = f"{base / res[k]:.2f}x" if base and ours else ""
         vsl = f"{other / res[k]:.2f}x" if other and ours else ""

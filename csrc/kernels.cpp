@@ -907,8 +907,11 @@ void sort_rows(const FfnRowsArgs& a, int64_t n_used, bool by_neuron, std::vector
   auto key = [&](int32_t row) { return by_neuron && a.row_ids ? a.row_ids[row] : row; };
   order.resize(static_cast<size_t>(n_used));
   for (int64_t i = 0; i < n_used; ++i) order[i] = int32_t(i);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t p, int32_t q) {
-    return key(row_of(p)) < key(row_of(q));
+  // std::sort with the position as tie-break: stable_sort's order without its buffer (no
+  // allocation in the decode loop)
+  std::sort(order.begin(), order.end(), [&](int32_t p, int32_t q) {
+    const int32_t kp = key(row_of(p)), kq = key(row_of(q));
+    return kp < kq || (kp == kq && p < q);
   });
   sel.resize(static_cast<size_t>(n_used));
   for (int64_t i = 0; i < n_used; ++i) sel[i] = row_of(order[i]);

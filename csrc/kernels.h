@@ -60,13 +60,15 @@ inline float activate(Activation act, float v, float param) {
 
 // Software prefetch of [p, p + bytes) a cache line at a time, for data the hardware
 // prefetchers do not follow: rows picked out of a neuron cache, one part of each record (the
-// other parts between), records whose parts are read in turn. Measured: the sparse FFN on
-// 4-bit cache rows 2.2-2.8x, the fused 4-bit FFN 2x (benchmarks/RESULTS.md section 13).
+// other parts between), records whose parts are read in turn. Measured, with the chunked
+// block dots (one thread): the sparse FFN on 4-bit cache rows 2.2-2.8x, the fused 4-bit FFN
+// 2x (benchmarks/RESULTS.md section 13). Every line the range touches, from the line of p.
 // always_inline: a call left out of line is a function without side effects to the compiler,
 // which then deletes it (GCC 12 dropped every prefetch of the float fused FFN that way).
 __attribute__((always_inline)) inline void prefetch_bytes(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), end = a + static_cast<uintptr_t>(bytes);
+  for (uintptr_t c = a & ~uintptr_t(63); c < end; c += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(c), 0, 3);
 }
 
 // Threads for a call of `work` multiply-adds: `threads` (<= 0: OpenMP's count, all cores

@@ -1,10 +1,9 @@
 // kernels_x16.cpp: resident 4-bit matrices with 16 rows interleaved, and their products.
 //
-// Why: a row-major q4_0 / q4_1 row dotted with x costs ~8 vector operations a block of 32
-// weights even with the scales taken 8 blocks at a time (unpacking its nibbles, two integer
-// dots, a share of the reduction: quant_tiles.h's vnni_rows; ~13 when the row-major kernel
-// was measured against this one), which holds one core to ~20 GB/s, below what memory gives
-// it. With 16 rows interleaved, one 512-bit lane per row, the same
+// Why: a row-major q4_0 / q4_1 row dotted with x costs ~13 vector operations a block of 32
+// weights (unpacking its nibbles, two integer dots, the scales' conversion and product; the
+// chunked form in quant_tiles.h's vnni_rows does fewer and is no faster), which holds one core
+// to 16-21 GB/s, below what memory gives it. With 16 rows interleaved, one 512-bit lane per row, the same
 // work serves 16 rows at once: the nibbles unpack with ands (no widening), a pair of x
 // values is broadcast to all 16 rows, and the 16 rows' scales convert in one instruction;
 // no horizontal sum at all (AVX2: the same with 256-bit halves and pmaddwd). Measured in a

@@ -160,13 +160,16 @@ FI_AVX2 inline float f16c_e(const uint8_t* blk, float d) {
 // The dot tiles and the one-row kernels of the AVX2 and VNNI levels take the blocks in chunks
 // of 8 (avx2_rows, vnni_rows). Per block only the integer dot: 8 lanes of partial sums (the
 // unpacked codes times x's 16-bit values, pmaddwd pairs). The chunk's 8 such vectors are
-// reduced to one vector of 8 block sums (a tree of horizontal adds, in int32: exact),
-// converted once and multiplied by the 8 blocks' d_w d_x in one FMA; the scales are read with
-// scalar loads and converted 8 at a time, and the offset term e_w s_x is summed in 8 lanes.
-// Before, every block converted its own scales and its 8 lanes and broadcast one product.
-// Measured (one thread, rows in L2; bench_kernels for DRAM): 4-bit rows about as fast as
-// before under VNNI (the nibbles' unpacking bounds them), q8_0 +5-10%, and under AVX2 4-bit
-// +5-10%, q8_0 +5-20%. The tile and the one-row kernel of a level share the loop, so a token
+// reduced to one vector of 8 block sums (a tree of horizontal adds, exact in int32; a sum can
+// pass 2^24 and is rounded once to float), converted once and multiplied by the 8 blocks'
+// d_w d_x in one FMA; the scales are read with scalar loads and converted 8 at a time, and the
+// offset term e_w s_x is summed in 8 lanes. Before, every block converted its own scales and
+// its 8 lanes and broadcast one product. Measured (one thread; RESULTS.md section 13, "Rows
+// read ahead"): q8_0 +5-17% and, under AVX2, every format +5-20%; under VNNI 4-bit rows in L2
+// 7-22% slower (20-21 GB/s before, 16.5-19.5 now, SmolLM2's 18-block rows the most), yet
+// faster where this code reads them from DRAM (the sparse and the fused FFN on cache rows:
+// 13.6-14.5 against 12.2-12.4 GB/s for the per-block kernel with the same read-ahead).
+// Resident 4-bit matrices are interleaved on both ISAs (kernels_x16.cpp). The tile and the one-row kernel of a level share the loop, so a token
 // alone gets exactly the sums it gets in a GEMM (tested).
 
 // Eight vectors p[0..8) of 8 int32 lanes -> one vector whose lane i is the sum of p[i]'s lanes.

@@ -340,14 +340,17 @@ def test_ffn_rows_matches_dequantize_then_matmul(isa, fmt, gated, act, n):
     assert_close(out, o_ref, scale, rel=1e-3)
 
 
-def test_ffn_rows_row_select_bias_and_threads(isa):
+@pytest.mark.parametrize("n", [1, 3])
+def test_ffn_rows_row_select_bias_and_threads(isa, n):
+    """Rows picked in random order (run sorted by row inside, h back in the caller's order);
+    one input takes the fused per-neuron path, which reads records ahead."""
     rng = np.random.default_rng(SEED + 4)
     f, d = 97, 77
     rows, vals, pb = records(rng, "q4_0", f, d, True)
-    x = random_x(rng, 3, d)
+    x = random_x(rng, n, d)
     bias = rng.standard_normal(f).astype(np.float32) * 0.1
     sel = rng.permutation(f)[:41].astype(np.int32)
-    h = np.empty((3, 41), np.float32)
+    h = np.empty((n, 41), np.float32)
     got = K.ffn_rows(x, rows, d, 0, 2 * pb, pb, "silu", up_bias=bias, row_select=sel,
                      act_out=h, fmt="q4_0", threads=2)
     xq, _ = ref_quantize_x(x)
