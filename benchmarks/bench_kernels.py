@@ -90,8 +90,11 @@ CASES = [
       ("float16", "q8_0", "q4_1")),
     *(Case(f"ffn_rows sparse d=4096 r=1600 10% active", "ffn", f, 1600, 4096, active=0.1,
            gated=False) for f in ("float16", "q8_0", "q4_0", "q4_1")),
-    # a SwiGLU layer's predicted neurons in the cache: a quarter of the 1B's rows, picked
+    # a SwiGLU layer's predicted neurons in the cache: a quarter of the 1B's rows, half of
+    # SmolLM2's, picked
     *(Case(f"ffn_rows picked d=2048 r=5632 25% picked", "ffn", f, 5632, 2048, picked=0.25)
+      for f in ("float16", "q8_0", "q4_1")),
+    *(Case(f"ffn_rows picked d=576 r=1536 50% picked", "ffn", f, 1536, 576, picked=0.5)
       for f in ("float16", "q8_0", "q4_1")),
     # the same shapes with 16 rows interleaved (resident 4-bit matrices, the dense 4-bit FFN
     # of a GGUF's blocks: csrc/kernels_x16.cpp)

@@ -90,17 +90,19 @@ struct Ffn1 {
   float* out;
 };
 
-// Ffn1 loops prefetch the next record whole (see prefetch_bytes): the three parts of a record
-// are read in turn, and picked records (sel) are scattered. One record ahead, as the block
-// formats' ffn1 (quant_tiles.h, where it measured best); two measured the same here.
-constexpr int64_t kPrefetchRecords = 1;
+// Ffn1 loops prefetch records whole (see prefetch_bytes): the three parts of a record are
+// read in turn, and picked records (sel) are scattered; how far ahead: records_ahead
+// (kernels.h), the block formats' rule (quant_tiles.h's ffn1).
 template <typename E>
 __attribute__((always_inline)) inline void prefetch_record_ahead(const Ffn1& a, int64_t j,
-                                                                 int64_t r1) {
-  if (j + kPrefetchRecords >= r1) return;
-  const int64_t jn = j + kPrefetchRecords, row = a.sel ? a.sel[jn] : jn;
-  prefetch_bytes(static_cast<const E*>(a.rows) + row * a.row_elems,
-                 a.row_elems * static_cast<int64_t>(sizeof(E)));
+                                                                 int64_t r0, int64_t r1) {
+  const int64_t rb = a.row_elems * static_cast<int64_t>(sizeof(E));
+  const int64_t ahead = records_ahead(rb, a.sel != nullptr);
+  const E* rows = static_cast<const E*>(a.rows);
+  if (j == r0)  // the first window of a range
+    for (int64_t k = 1; k < ahead && j + k < r1; ++k)
+      prefetch_bytes(rows + (a.sel ? a.sel[j + k] : j + k) * a.row_elems, rb);
+  if (j + ahead < r1) prefetch_bytes(rows + (a.sel ? a.sel[j + ahead] : j + ahead) * a.row_elems, rb);
 }
 
 struct KernelTable {
@@ -322,7 +324,7 @@ void scalar_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
   for (int64_t j = r0; j < r1; ++j) {
     const int64_t row = a.sel ? a.sel[j] : j;
     const E* rec = static_cast<const E*>(a.rows) + row * a.row_elems;
-    prefetch_record_ahead<E>(a, j, r1);
+    prefetch_record_ahead<E>(a, j, r0, r1);
     const void* up = rec + a.up_off;
     float u, g = 0.f;
     scalar_dot_tile<E, 1, 1>(a.x, a.d, &up, a.d, &u, 1, false);
@@ -541,7 +543,7 @@ FI_AVX2 void avx2_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
   for (int64_t j = r0; j < r1; ++j) {
     const int64_t row = a.sel ? a.sel[j] : j;
     const E* rec = static_cast<const E*>(a.rows) + row * a.row_elems;
-    prefetch_record_ahead<E>(a, j, r1);
+    prefetch_record_ahead<E>(a, j, r0, r1);
     float u = avx2_row_dot(a.x, rec + a.up_off, d);
     if (a.up_bias) u += a.up_bias[row];
     const float h = a.gate_off >= 0

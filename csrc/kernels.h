@@ -16,6 +16,7 @@
 // (bind_kernels.cpp does) and may release the GIL around the call.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -69,6 +70,14 @@ __attribute__((always_inline)) inline void prefetch_bytes(const void* p, int64_t
   const uintptr_t a = reinterpret_cast<uintptr_t>(p), end = a + static_cast<uintptr_t>(bytes);
   for (uintptr_t c = a & ~uintptr_t(63); c < end; c += 64)
     __builtin_prefetch(reinterpret_cast<const void*>(c), 0, 3);
+}
+
+// Records a fused FFN loop reads ahead: the next one on a contiguous layer (two measured 5-10%
+// slower on a 1B q4_1 decode), picked records (rows out of a neuron cache) at least 4 KiB ahead
+// (one of SmolLM2's 1 KiB q4_1 records ahead: 6.3 GB/s on one thread; 4 KiB: 9.8).
+inline int64_t records_ahead(int64_t record_bytes, bool picked) {
+  return picked ? std::max<int64_t>(1, (4096 + record_bytes - 1) / std::max<int64_t>(1, record_bytes))
+                : 1;
 }
 
 // Threads for a call of `work` multiply-adds: `threads` (<= 0: OpenMP's count, all cores

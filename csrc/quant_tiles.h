@@ -654,11 +654,7 @@ void ffn1(const QFfn1Args& a, int64_t r0, int64_t r1) {
   const QAccumTileFn accum = accum_fn<F, L, 1, 1>();
   const QCodesTileFn code = codes_fn<F, L, 1, 1>();
   constexpr int kScaleRows = F::kHasMin ? 2 : 1;
-  // Records read ahead: the next one on a contiguous layer; picked rows (sel) at least 4 KiB
-  // ahead. Measured (one thread, half of SmolLM2's 1080-byte q4_1 records picked: 6.2-6.4 ->
-  // 8.1-8.9 GB/s with 4 KiB, q8_0 9.8-10.9 -> 12.9-14.5; the 1B's 3840-byte records picked
-  // the same; but a contiguous 1B q4_1 layer two records ahead decoded 5-10% slower).
-  const int64_t ahead = a.sel ? std::max<int64_t>(1, (4096 + a.row_bytes - 1) / a.row_bytes) : 1;
+  const int64_t ahead = records_ahead(a.row_bytes, a.sel != nullptr);  // kernels.h
   int64_t blk = -1;   // codes layout: the 32-neuron block summed into S
   float hsum = 0.f;
   bool any = false;   // a row of the block had h != 0 (else S is 0: nothing to add)
