@@ -121,8 +121,10 @@ def _store(a: np.ndarray, fmt: str) -> np.ndarray:
     return K.quantize(a, fmt)
 
 
-def _copies(a: np.ndarray) -> list[np.ndarray]:
-    return [a] + [a.copy() for _ in range(max(1, math.ceil(COLD_BYTES / a.nbytes)) - 1)]
+def _copies(a: np.ndarray, read: float = 0.0) -> list[np.ndarray]:
+    """a and copies of it, enough that the bytes a call reads (`read`, default all of a) over
+    every copy exceed COLD_BYTES."""
+    return [a] + [a.copy() for _ in range(max(1, math.ceil(COLD_BYTES / (read or a.nbytes))) - 1)]
 
 
 def make_runner(case: Case) -> tuple[Callable[[int], None], float, int]:
@@ -191,9 +193,7 @@ def make_runner(case: Case) -> tuple[Callable[[int], None], float, int]:
     if case.picked < 1.0:
         n_used = int(r * case.picked)
         kw["row_select"] = rng.permutation(r)[:n_used].astype(np.int32)
-    # enough copies that the rows a call reads (not the whole array) exceed 3x the L3
-    read = rows0.nbytes * n_used / r
-    copies = [rows0] + [rows0.copy() for _ in range(max(1, math.ceil(COLD_BYTES / read)) - 1)]
+    copies = _copies(rows0, read=rows0.nbytes * n_used / r)  # the rows a call reads
     out = np.empty((1, d), np.float32)
     act = np.empty((1, n_used), np.float32)
 

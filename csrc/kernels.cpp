@@ -90,21 +90,8 @@ struct Ffn1 {
   float* out;
 };
 
-// Ffn1 loops prefetch records whole (see prefetch_bytes): the three parts of a record are
-// read in turn, and picked records (sel) are scattered; how far ahead: records_ahead
-// (kernels.h), the block formats' rule (quant_tiles.h's ffn1).
-template <typename E>
-__attribute__((always_inline)) inline void prefetch_record_ahead(const Ffn1& a, int64_t j,
-                                                                 int64_t r0, int64_t r1) {
-  const int64_t rb = a.row_elems * static_cast<int64_t>(sizeof(E));
-  const int64_t ahead = records_ahead(rb, a.sel != nullptr);
-  const E* rows = static_cast<const E*>(a.rows);
-  if (j == r0)  // the first window of a range
-    for (int64_t k = 1; k < ahead && j + k < r1; ++k)
-      prefetch_bytes(rows + (a.sel ? a.sel[j + k] : j + k) * a.row_elems, rb);
-  if (j + ahead < r1) prefetch_bytes(rows + (a.sel ? a.sel[j + ahead] : j + ahead) * a.row_elems, rb);
-}
-
+// Ffn1 loops prefetch records whole (prefetch_records, kernels.h): the three parts of a record
+// are read in turn, and picked records (sel) are scattered.
 struct KernelTable {
   // out[t*ldo + j] (+)= sum_{i in [k0,k1)} x[t*ldx + i] * w_j[i], t < n, j in [j0, j1)
   void (*dot_block)(const float* x, int64_t ldx, int64_t n, const Rows& w, int64_t j0,
@@ -321,10 +308,12 @@ void scalar_dot1(const float* x, int64_t k, const Rows& w, int64_t j0, int64_t j
 
 template <typename E>
 void scalar_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
+  const int64_t rb = a.row_elems * static_cast<int64_t>(sizeof(E));
+  const int64_t ahead = records_ahead(rb, a.sel != nullptr);
   for (int64_t j = r0; j < r1; ++j) {
     const int64_t row = a.sel ? a.sel[j] : j;
     const E* rec = static_cast<const E*>(a.rows) + row * a.row_elems;
-    prefetch_record_ahead<E>(a, j, r0, r1);
+    prefetch_records(a.rows, rb, a.sel, j, r0, r1, ahead);
     const void* up = rec + a.up_off;
     float u, g = 0.f;
     scalar_dot_tile<E, 1, 1>(a.x, a.d, &up, a.d, &u, 1, false);
@@ -540,10 +529,12 @@ FI_AVX2 void avx2_dot1_rows(const float* x, int64_t k, const Rows& w, int64_t j0
 template <typename E>
 FI_AVX2 void avx2_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
   const int64_t d = a.d;
+  const int64_t rb = a.row_elems * static_cast<int64_t>(sizeof(E));
+  const int64_t ahead = records_ahead(rb, a.sel != nullptr);
   for (int64_t j = r0; j < r1; ++j) {
     const int64_t row = a.sel ? a.sel[j] : j;
     const E* rec = static_cast<const E*>(a.rows) + row * a.row_elems;
-    prefetch_record_ahead<E>(a, j, r0, r1);
+    prefetch_records(a.rows, rb, a.sel, j, r0, r1, ahead);
     float u = avx2_row_dot(a.x, rec + a.up_off, d);
     if (a.up_bias) u += a.up_bias[row];
     const float h = a.gate_off >= 0

@@ -80,6 +80,21 @@ inline int64_t records_ahead(int64_t record_bytes, bool picked) {
                 : 1;
 }
 
+// The read-ahead of a fused FFN loop over records [r0, r1) (record_bytes apart from `rows`;
+// record j is rows[sel[j]] when sel is given), at record j: at the range's first record the
+// `ahead` after it, then record j + ahead (ahead = records_ahead(...), taken once per loop).
+__attribute__((always_inline)) inline void prefetch_records(const void* rows, int64_t record_bytes,
+                                                            const int32_t* sel, int64_t j,
+                                                            int64_t r0, int64_t r1,
+                                                            int64_t ahead) {
+  const char* base = static_cast<const char*>(rows);
+  if (j == r0)
+    for (int64_t k = 1; k < ahead && j + k < r1; ++k)
+      prefetch_bytes(base + (sel ? sel[j + k] : j + k) * record_bytes, record_bytes);
+  if (j + ahead < r1)
+    prefetch_bytes(base + (sel ? sel[j + ahead] : j + ahead) * record_bytes, record_bytes);
+}
+
 // Threads for a call of `work` multiply-adds: `threads` (<= 0: OpenMP's count, all cores
 // unless OMP_NUM_THREADS says otherwise), or 1 when the work is too small to share.
 int resolve_threads(int threads, double work);

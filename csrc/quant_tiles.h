@@ -669,11 +669,7 @@ void ffn1(const QFfn1Args& a, int64_t r0, int64_t r1) {
     // a record whole (its three parts are read in turn; picked records are scattered): on a
     // contiguous layer the next: the 1B's q8_0 decode 34.6-35.9 -> 32.9-33.9 ms with it,
     // 34.9-37.2 with the record after next; q4_1 42-44 -> 22.0-22.5 (after next: 22.5-23.0)
-    if (j == r0)  // the first window of a range
-      for (int64_t k = 1; k < ahead && j + k < r1; ++k)
-        prefetch_bytes(a.rows + (a.sel ? a.sel[j + k] : j + k) * a.row_bytes, a.row_bytes);
-    if (j + ahead < r1)
-      prefetch_bytes(a.rows + (a.sel ? a.sel[j + ahead] : j + ahead) * a.row_bytes, a.row_bytes);
+    prefetch_records(a.rows, a.row_bytes, a.sel, j, r0, r1, ahead);
     float u = row_dot1<F, L>(*a.x, rec + a.up_off);
     if (a.up_bias) u += a.up_bias[row];
     const float h = gated ? activate(a.act, row_dot1<F, L>(*a.x, rec + a.gate_off), a.act_param) * u
