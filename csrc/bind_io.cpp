@@ -417,11 +417,12 @@ void bind_io(py::module_& m) {
   // ---- neuron cache ----------------------------------------------------------------
   py::class_<NeuronCache>(m, "NeuronCache")
       .def(py::init([](BundleReader& r, uint32_t n_layers, const py::object& capacity,
-                       bool packed) {
-             return new NeuronCache(r, n_layers, as_capacity(capacity, n_layers), packed);
+                       bool packed, uint64_t split_at) {
+             return new NeuronCache(r, n_layers, as_capacity(capacity, n_layers), packed,
+                                    split_at);
            }),
            py::arg("reader"), py::arg("n_layers"), py::arg("capacity"),
-           py::arg("packed") = false,
+           py::arg("packed") = false, py::arg("split_at") = 0,
            py::keep_alive<1, 2>())  // the cache keeps its reader alive
       .def("insert",
            [](NeuronCache& c, uint32_t layer, const py::object& ids_obj, bool bundled) {
@@ -484,6 +485,18 @@ void bind_io(py::module_& m) {
       .def_property_readonly("n_layers", &NeuronCache::n_layers)
       .def_property_readonly("record_bytes", &NeuronCache::record_bytes)
       .def_property_readonly("row_bytes", &NeuronCache::row_bytes)
+      .def_property_readonly("split_at", &NeuronCache::split_at)
+      .def_property_readonly("down_row_bytes", &NeuronCache::down_row_bytes)
+      .def("down_rows",
+           [](py::object self, uint32_t layer) -> py::object {
+             NeuronCache& c = self.cast<NeuronCache&>();
+             if (!c.split_at()) return py::none();
+             const BundleHeader& h = c.reader().header();
+             py::ssize_t rb = py::ssize_t(c.down_row_bytes());
+             return view(storage_dtype(h), {c.n_used(layer), rb / h.elem_bytes},
+                         {rb, h.elem_bytes}, c.down_rows(layer), self);
+           },
+           py::arg("layer"))
       .def("rows",
            [](py::object self, uint32_t layer) {
              NeuronCache& c = self.cast<NeuronCache&>();

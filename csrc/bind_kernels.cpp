@@ -182,7 +182,7 @@ py::array ffn_rows_py(const py::array& x, const py::array& rows, int64_t d_model
                       const std::string& activation, float act_param, const py::object& up_bias,
                       py::object out, py::object act_out, const py::object& row_select,
                       int threads, const py::object& fmt, const py::object& down_scales,
-                      const py::object& row_ids) {
+                      const py::object& row_ids, const py::object& down_rows) {
   FfnRowsArgs a;
   a.act = parse_activation(activation);
   a.act_param = act_param;
@@ -209,7 +209,23 @@ py::array ffn_rows_py(const py::array& x, const py::array& rows, int64_t d_model
              len, "; rows has shape ", shape_str(rows), ")");
   };
   check_part("up_off", up_off, part_len);
-  check_part("down_off", down_off, down_len);
+  py::array drows;
+  if (!down_rows.is_none()) {  // the down parts in a matrix of their own (a split cache)
+    drows = down_rows.cast<py::array>();
+    check_ndim(drows, "down_rows", 2);
+    FI_CHECK(weight_format(drows, "down_rows", fmt) == a.dtype, "down_rows must hold the same "
+             "format as rows (", dtype_name(a.dtype), ")");
+    check_contig(drows, "down_rows");
+    FI_CHECK(drows.shape(0) == a.n_rows, "down_rows has ", drows.shape(0), " rows but rows has ",
+             a.n_rows, "; row r's down part is down_rows[r]");
+    a.down_rows = drows.data();
+    a.down_row_elems = drows.shape(1);
+    FI_CHECK(down_off >= 0 && down_off + down_len <= a.down_row_elems, "down_off=", down_off,
+             " with d_model=", d_model, " does not fit in a row of down_rows (",
+             a.down_row_elems, " elements; the part takes ", down_len, ")");
+  } else {
+    check_part("down_off", down_off, down_len);
+  }
   FI_CHECK(gate_off >= -1, "gate_off must be -1 (not gated) or an offset, got ", gate_off);
   if (gate_off >= 0) check_part("gate_off", gate_off, part_len);
   a.up_off = up_off;
@@ -280,6 +296,7 @@ py::array ffn_rows_py(const py::array& x, const py::array& rows, int64_t d_model
   a.out = f32_out(o, "out", {a.n, d_model});
   check_no_overlap(o, "out", x, "x");
   check_no_overlap(o, "out", rows, "rows");
+  if (a.down_rows) check_no_overlap(o, "out", drows, "down_rows");
 
   py::array ao;
   if (!act_out.is_none()) {
@@ -715,12 +732,14 @@ void bind_kernels(py::module_& m) {
         py::arg("up_bias") = py::none(), py::arg("out") = py::none(),
         py::arg("act_out") = py::none(), py::arg("row_select") = py::none(),
         py::arg("threads") = 0, py::arg("fmt") = py::none(), py::arg("down_scales") = py::none(),
-        py::arg("row_ids") = py::none(),
+        py::arg("row_ids") = py::none(), py::arg("down_rows") = py::none(),
         "FFN from neuron-cache rows: out[t] = sum_j h[t, j] * down_j with h = act(up_j.x_t "
         "(+up_bias[j])) or act(gate_j.x_t) * (up_j.x_t) when gate_off >= 0. rows "
         "(r, record_elems); row_select int32 subset; act_out (n, n_used) receives h. Block "
         "formats: fmt names it, offsets are bytes; down_scales (d_ff/32, 1|2, d_model) fp16 "
-        "when the down part holds codes, row_ids (r,) int32 the neuron of each row.");
+        "when the down part holds codes, row_ids (r,) int32 the neuron of each row. down_rows "
+        "(r, elems): the down parts in a matrix of their own (down_off is then an offset in "
+        "its rows).");
   m.def("to_float32", &to_float32_py, py::arg("a"), py::arg("out") = py::none(),
         py::arg("threads") = 0, "float32 copy of a float32/float16/uint16(bf16 bits) array.");
   m.def("from_float32", &from_float32_py, py::arg("a"), py::arg("dtype"),

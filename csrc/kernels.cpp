@@ -88,6 +88,8 @@ struct Ffn1 {
   const float* up_bias;
   float* H;
   float* out;
+  const void* down_rows;   // the down parts' matrix: rows itself, or a split cache's own
+  int64_t down_row_elems;
 };
 
 // Ffn1 loops prefetch records whole (prefetch_records, kernels.h): the three parts of a record
@@ -309,11 +311,13 @@ void scalar_dot1(const float* x, int64_t k, const Rows& w, int64_t j0, int64_t j
 template <typename E>
 void scalar_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
   const int64_t rb = a.row_elems * static_cast<int64_t>(sizeof(E));
+  const int64_t drb = a.down_row_elems * static_cast<int64_t>(sizeof(E));
   const int64_t ahead = records_ahead(rb, a.sel != nullptr);
   for (int64_t j = r0; j < r1; ++j) {
     const int64_t row = a.sel ? a.sel[j] : j;
     const E* rec = static_cast<const E*>(a.rows) + row * a.row_elems;
     prefetch_records(a.rows, rb, a.sel, j, r0, r1, ahead);
+    if (a.down_rows != a.rows) prefetch_records(a.down_rows, drb, a.sel, j, r0, r1, ahead);
     const void* up = rec + a.up_off;
     float u, g = 0.f;
     scalar_dot_tile<E, 1, 1>(a.x, a.d, &up, a.d, &u, 1, false);
@@ -326,7 +330,7 @@ void scalar_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
                                     : activate(a.act, u, a.act_param);
     a.H[j] = h;
     if (h != 0.f) {
-      const void* dp = rec + a.down_off;
+      const void* dp = static_cast<const E*>(a.down_rows) + row * a.down_row_elems + a.down_off;
       scalar_accum_tile<E, 1, 1>(&h, &dp, 0, a.d, a.out, a.d);
     }
   }
@@ -521,20 +525,42 @@ FI_AVX2 inline float avx2_row_dot(const float* x, const E* wr, int64_t k) {
 template <typename E>
 FI_AVX2 void avx2_dot1_rows(const float* x, int64_t k, const Rows& w, int64_t j0, int64_t j1,
                             float* out) {
-  for (int64_t j = j0; j < j1; ++j) out[j] = avx2_row_dot(x, row_ptr<E>(w, j), k);
+  const int64_t rb = k * static_cast<int64_t>(sizeof(E));
+  const bool stream = !w.idx && w.stride == k;  // a resident matrix's rows, back to back
+  const E *const begin = row_ptr<E>(w, j0), *const end = begin + (j1 - j0) * k;
+  for (int64_t j = j0; j < j1; ++j) {
+    // picked rows (a split cache's predicted ones) are scattered: the row after next ahead
+    if (w.idx && j + 2 < j1) prefetch_bytes(row_ptr<E>(w, j + 2), rb);
+    if (stream) prefetch_stream(begin, row_ptr<E>(w, j), end, rb);
+    out[j] = avx2_row_dot(x, row_ptr<E>(w, j), k);
+  }
 }
 
 // Ffn1 (one input, per neuron): up and gate dots, activation, out += h * down (in order,
-// each out vector rounded once per row, as the accumulate tile does).
+// each out vector rounded once per row, as the accumulate tile does). Active rows wait in
+// groups of four and go through the accumulate tile together (out loaded and stored once a
+// vector for the group, the same FMAs in the same order: bit-identical to one at a time).
 template <typename E>
 FI_AVX2 void avx2_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
   const int64_t d = a.d;
   const int64_t rb = a.row_elems * static_cast<int64_t>(sizeof(E));
+  const int64_t drb = a.down_row_elems * static_cast<int64_t>(sizeof(E));
   const int64_t ahead = records_ahead(rb, a.sel != nullptr);
+  float gh[4];
+  const void* gw[4];
+  int ng = 0;
+  auto flush = [&] {
+    int i = 0;
+    if (ng == 4) avx2_accum_tile<E, 1, 4>(gh, gw, 0, d, a.out, d), i = 4;
+    if (ng - i >= 2) avx2_accum_tile<E, 1, 2>(gh + i, gw + i, 0, d, a.out, d), i += 2;
+    if (ng - i == 1) avx2_accum_tile<E, 1, 1>(gh + i, gw + i, 0, d, a.out, d);
+    ng = 0;
+  };
   for (int64_t j = r0; j < r1; ++j) {
     const int64_t row = a.sel ? a.sel[j] : j;
     const E* rec = static_cast<const E*>(a.rows) + row * a.row_elems;
     prefetch_records(a.rows, rb, a.sel, j, r0, r1, ahead);
+    if (a.down_rows != a.rows) prefetch_records(a.down_rows, drb, a.sel, j, r0, r1, ahead);
     float u = avx2_row_dot(a.x, rec + a.up_off, d);
     if (a.up_bias) u += a.up_bias[row];
     const float h = a.gate_off >= 0
@@ -542,13 +568,11 @@ FI_AVX2 void avx2_ffn1_rows(const Ffn1& a, int64_t r0, int64_t r1) {
                         : activate(a.act, u, a.act_param);
     a.H[j] = h;
     if (h == 0.f) continue;
-    const E* w = rec + a.down_off;
-    const __m256 hv = _mm256_set1_ps(h);
-    int64_t c = 0;
-    for (; c + 8 <= d; c += 8)
-      _mm256_storeu_ps(a.out + c, _mm256_fmadd_ps(hv, load8(w + c), _mm256_loadu_ps(a.out + c)));
-    for (; c < d; ++c) a.out[c] += h * to_f(w[c]);
+    gh[ng] = h;
+    gw[ng++] = static_cast<const E*>(a.down_rows) + row * a.down_row_elems + a.down_off;
+    if (ng == 4) flush();
   }
+  flush();
 }
 
 void avx2_ffn1(const Ffn1& a, int64_t r0, int64_t r1) {
@@ -791,6 +815,10 @@ int resolve_threads(int threads, double work) {
   return std::max(1, t);
 }
 
+int resolve_decode_threads(int threads, double work, double weight_bytes) {
+  return weight_bytes < kSoloDecodeBytes ? 1 : resolve_threads(threads, work);
+}
+
 
 // ---- ISA API --------------------------------------------------------------------------
 
@@ -862,7 +890,9 @@ void linear(const float* x, int64_t n, int64_t k, const void* w, DType wdt, int6
   const QuantizedX& qx = qx_scratch;
   const int64_t rbytes = blocks ? int64_t(row_bytes(wdt, k)) : k * int64_t(dtype_bytes(wdt));
   const Rows rows{w, wdt, blocks ? rbytes : k, 0, nullptr};
-  const int nt = resolve_threads(threads, double(n) * double(m) * double(k));
+  const double work = double(n) * double(m) * double(k);
+  const int nt = n == 1 ? resolve_decode_threads(threads, work, double(m) * double(rbytes))
+                        : resolve_threads(threads, work);
   // Row blocks handed out one at a time: each weight byte is read by one thread, once, and a
   // thread that loses its core (shared machine) does not hold the others back. One input
   // (decode): blocks of ~32 KiB of weights, rows streamed whole one after the other.
@@ -950,9 +980,23 @@ void ffn_rows(const FfnRowsArgs& args) {
   const KernelTable& kt = table();
   const QuantKernels* qk = blocks ? &quant_kernels(a.dtype) : nullptr;
   const bool gated = a.gate_off >= 0;
+  // A split cache's layer without a gate: the up parts are a matrix of their own, which the
+  // one-row kernel streams at the matrix rate (float16, d 4096, 10% active, one thread: 17.6
+  // GB/s through the register tiles, 25.5 through it). Rows picked out of it (the OPT shape's
+  // predicted rows) go the same way with the row after next read ahead: FFN 37-39 ms a token
+  // against the tiles' 36-38 (without the read-ahead 44-46), so one input of such a layer
+  // always sums its rows alike. On whole records, whose up parts lie a record apart, the
+  // one-row kernel is the slower (16.3 against 11.8): they keep the tiles. For 16-bit rows
+  // the two sum a row in another order (four partial sums against one), so a split layer's h
+  // for one input differs, within float rounding, from its h in a prompt (float32 rows: the
+  // one-row kernel keeps the tiles' order, bit-identical).
+  const bool up_matrix = !gated && a.down_rows != nullptr;
+  // where the down parts are, for every path: their own matrix, or the records
+  const void* down_base = a.down_rows ? a.down_rows : a.rows;
+  const int64_t down_stride = a.down_rows ? a.down_row_elems : a.row_elems;
   const Rows up{a.rows, a.dtype, a.row_elems, a.up_off, a.row_select};
   const Rows gate{a.rows, a.dtype, a.row_elems, gated ? a.gate_off : 0, a.row_select};
-  const Rows down{a.rows, a.dtype, a.row_elems, a.down_off, a.row_select};
+  const Rows down{down_base, a.dtype, down_stride, a.down_off, a.row_select};
   // Block formats: x in 16 bits once for all rows (shared by reference with the workers).
   thread_local QuantizedX qx_scratch;
   if (blocks) quantize_x(a.x, n, d, d, qx_scratch);
@@ -1026,6 +1070,8 @@ void ffn_rows(const FfnRowsArgs& args) {
         f.up_off = a.up_off;
         f.gate_off = a.gate_off;
         f.down_off = a.down_off;
+        f.down_rows = static_cast<const uint8_t*>(down_base);
+        f.down_row_bytes = down_stride;
         f.act = a.act;
         f.act_param = a.act_param;
         f.up_bias = a.up_bias;
@@ -1036,7 +1082,8 @@ void ffn_rows(const FfnRowsArgs& args) {
         qk->ffn1(f, r0, r1);
       } else {
         const Ffn1 f{a.x, d, a.rows, a.dtype, a.row_elems, sel, a.up_off, a.gate_off,
-                     a.down_off, a.act, a.act_param, a.up_bias, H, po};
+                     a.down_off, a.act, a.act_param, a.up_bias, H, po, down_base,
+                     down_stride};
         kt.ffn1(f, r0, r1);
       }
       return;
@@ -1047,6 +1094,8 @@ void ffn_rows(const FfnRowsArgs& args) {
     } else if (blocks) {
       qdot_rows(*qk, qx, n, up, r0, r1, H, n_used);
       if (gated) qdot_rows(*qk, qx, n, gate, r0, r1, G, n_used);
+    } else if (n == 1 && up_matrix) {  // float up rows of their own: the one-row kernel
+      kt.dot1(a.x, d, up, r0, r1, H);
     } else {
       dot_rows(kt, a.x, n, d, up, r0, r1, H, n_used);
       if (gated) dot_rows(kt, a.x, n, d, gate, r0, r1, G, n_used);

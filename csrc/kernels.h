@@ -72,6 +72,26 @@ __attribute__((always_inline)) inline void prefetch_bytes(const void* p, int64_t
     __builtin_prefetch(reinterpret_cast<const void*>(c), 0, 3);
 }
 
+// A contiguous stream [begin, end) read front to back (a work item's rows of a resident
+// matrix), `cur` the next `bytes` about to be read: at the stream's start its first
+// kStreamAhead bytes at once, then the bytes kStreamAhead ahead of cur. A decode step's
+// matrices come from DRAM one after the other, many of them small, and the hardware
+// prefetchers start each stream late (RESULTS.md section 13, "read ahead": the interleaved
+// 4-bit groups +5-20%, q8_0 rows +7-26%). 8 KiB: 4 gave 5-12% less on one thread. Steps
+// longer than a page (float16 rows of 4096 values) only get the start: prefetching each 8 KiB
+// row whole cost a 7B-shaped float16 GEMV 26% on one thread, where the prefetchers follow.
+constexpr int64_t kStreamAhead = 8192;
+__attribute__((always_inline)) inline void prefetch_stream(const void* begin, const void* cur,
+                                                           const void* end, int64_t bytes) {
+  const char* b = static_cast<const char*>(begin);
+  const char* c = static_cast<const char*>(cur);
+  const char* e = static_cast<const char*>(end);
+  if (c == b) prefetch_bytes(b, std::min<int64_t>(kStreamAhead, e - b));
+  if (bytes > 4096) return;
+  const char* q = c + kStreamAhead;
+  if (q < e) prefetch_bytes(q, std::min<int64_t>(bytes, e - q));
+}
+
 // Records a fused FFN loop reads ahead: the next one on a contiguous layer (two measured 5-10%
 // slower on a 1B q4_1 decode), picked records (rows out of a neuron cache) at least 4 KiB ahead
 // (one of SmolLM2's 1 KiB q4_1 records ahead: 6.3 GB/s on one thread; 4 KiB: 9.8).
@@ -98,6 +118,13 @@ __attribute__((always_inline)) inline void prefetch_records(const void* rows, in
 // Threads for a call of `work` multiply-adds: `threads` (<= 0: OpenMP's count, all cores
 // unless OMP_NUM_THREADS says otherwise), or 1 when the work is too small to share.
 int resolve_threads(int threads, double work);
+// The same for a product with one input (decode), which streams `weight_bytes` once: 1 below
+// kSoloDecodeBytes, where the second thread's start and join cost more than its half of the
+// reads saves (one-input GEMVs on the dev VM, microseconds a call one / two threads: q4_1
+// interleaved 576 x 576, 207 KB, 8.7 / 10.4; q8_0 256 x 576, 157 KB, 7.4 / 9.0; float16
+// 256 x 576, 295 KB, 10.5 / 10.3; q8_0 576 x 576, 353 KB, 15.1 / 14.0).
+constexpr double kSoloDecodeBytes = 256 << 10;
+int resolve_decode_threads(int threads, double work, double weight_bytes);
 
 // ---- linear: y = x @ w.T + bias -------------------------------------------------------
 
@@ -139,7 +166,12 @@ struct FfnRowsArgs {
   int64_t row_elems = 0;         // row stride in elements (>= used parts, padding allowed)
   int64_t up_off = 0;            // element offset of the up part inside a row
   int64_t gate_off = -1;         // -1: not gated
-  int64_t down_off = 0;
+  int64_t down_off = 0;           // element offset of the down part in a row (of down_rows
+                                 // when given)
+  // The down parts in a matrix of their own (a split neuron cache, neuron_cache.h): row r's
+  // down part at down_rows + r * down_row_elems + down_off; nullptr: in `rows`, as the others.
+  const void* down_rows = nullptr;
+  int64_t down_row_elems = 0;
   const uint16_t* down_scales = nullptr;  // (n_scale_blocks, scale_rows, d_model) fp16, or
                                           // nullptr: the down part is whole blocks
   int64_t n_scale_blocks = 0;    // d_ff / 32

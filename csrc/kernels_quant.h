@@ -13,7 +13,9 @@
 //     0.4-0.6% from the float model computing the very same weights, and by +-0.1% between
 //     runs whose float sums differed in order (an 8-bit rounding tipped); 16 bits make both
 //     256x smaller. The weights' bytes are the same; the integer dot costs pmaddwd pairs
-//     (vpdpwssd with VNNI) instead of pmaddubsw + pmaddwd.
+//     (vpdpwssd with VNNI) instead of pmaddubsw + pmaddwd. Nor would 8 bits be faster here:
+//     measured, a 4-bit dot with 8-bit x ran 0-10% faster (benchmarks/q4_dot_study.cpp,
+//     RESULTS.md section 13): the per-chunk scales and reduction bound it, not the dot.
 //   - accumulation across the blocks (out += h * down, the down parts): each block of the
 //     row is expanded to floats (dw * qw + ew) and added h times, in float.
 //   - down parts in the "codes" layout (GGUF's down_proj kept exactly, bundle_format.h): the
@@ -97,6 +99,8 @@ struct QFfn1Args {
   const int32_t* sel = nullptr;     // used row j -> row (nullptr: j)
   const int32_t* row_ids = nullptr;  // row -> neuron id (codes layout; nullptr: the row)
   int64_t up_off = 0, gate_off = -1, down_off = 0;  // bytes
+  const uint8_t* down_rows = nullptr;  // the down parts' matrix: rows itself, or a split
+  int64_t down_row_bytes = 0;          // cache's own (and its row stride)
   Activation act = Activation::Relu;
   float act_param = 0.f;
   const float* up_bias = nullptr;    // by row

@@ -120,12 +120,15 @@ FI_AVX512VNNI void vnni_groups(const QuantizedX& x, int64_t t0, const uint8_t* w
   constexpr int co = codes_off(kHasMin);
   const __m512i m0 = _mm512_set1_epi32(0x000F000F), m1 = _mm512_set1_epi32(0x00F000F0),
                 m2 = _mm512_set1_epi32(0x0F000F00);
+  // the item's groups are one stream, read ahead (prefetch_stream, kernels.h)
+  const uint8_t *const begin = w16 + g0 * nb * gbb, *const end = w16 + g1 * nb * gbb;
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* p = w16 + g * nb * gbb;
     __m512 fa[T], fb[T];
 #pragma GCC unroll 4
     for (int t = 0; t < T; ++t) fa[t] = fb[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b, p += gbb) {
+      prefetch_stream(begin, p, end, gbb);
       __m512i a0[T], a1[T], a2[T], a3[T];
 #pragma GCC unroll 4
       for (int t = 0; t < T; ++t) a0[t] = a1[t] = a2[t] = a3[t] = _mm512_setzero_si512();
@@ -182,6 +185,7 @@ FI_AVX2 void avx2_groups(const QuantizedX& x, int64_t t0, const uint8_t* w16, in
   constexpr int co = codes_off(kHasMin);
   const __m256i m0 = _mm256_set1_epi32(0x000F000F), m1 = _mm256_set1_epi32(0x00F000F0),
                 m2 = _mm256_set1_epi32(0x0F000F00);
+  const uint8_t *const begin = w16 + g0 * nb * gbb, *const end = w16 + g1 * nb * gbb;
   for (int64_t g = g0; g < g1; ++g)
     for (int half = 0; half < 2; ++half) {
       const uint8_t* p = w16 + g * nb * gbb;
@@ -189,6 +193,7 @@ FI_AVX2 void avx2_groups(const QuantizedX& x, int64_t t0, const uint8_t* w16, in
 #pragma GCC unroll 2
       for (int t = 0; t < T; ++t) fa[t] = fb[t] = _mm256_setzero_ps();
       for (int64_t b = 0; b < nb; ++b, p += gbb) {
+        if (half == 0) prefetch_stream(begin, p, end, gbb);  // half 1 reads the group from L1
         __m256i a0[T], a1[T], a2[T], a3[T];
 #pragma GCC unroll 2
         for (int t = 0; t < T; ++t) a0[t] = a1[t] = a2[t] = a3[t] = _mm256_setzero_si256();
@@ -367,7 +372,10 @@ void linear_x16(const float* x, int64_t n, int64_t k, const uint8_t* w16, DType 
   quantize_x(x, n, k, k, qx_scratch);
   const QuantizedX& qx = qx_scratch;
   const int64_t nb = qx.nb, groups_n = (m + kX16 - 1) / kX16;
-  const int nt = resolve_threads(threads, double(n) * double(m) * double(k));
+  const double work = double(n) * double(m) * double(k);
+  const int nt = n == 1 ? resolve_decode_threads(threads, work,
+                                                 double(groups_n) * double(nb * group_block_bytes(dt)))
+                        : resolve_threads(threads, work);
   // Groups per work item: about 256 KiB of weights for one input (each item is one stream
   // for the prefetchers, as decode_rows in kernels.cpp), at least 4 items a thread when the
   // matrix allows; prompts the same (the tokens loop inside, so a group is read once per 4).

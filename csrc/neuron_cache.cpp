@@ -15,16 +15,30 @@ namespace flashinfer {
 // construction: every allocation happens here, once
 // ---------------------------------------------------------------------------------------
 
+namespace {
+// A packed row: the record's parts rounded up to 64 bytes (never more than the record).
+uint64_t packed_row_bytes(const BundleReader& r) {
+  return std::min<uint64_t>(align_up(r.payload_bytes(), 64), r.record_bytes());
+}
+}  // namespace
+
 NeuronCache::NeuronCache(BundleReader& reader, uint32_t n_layers,
-                         const std::vector<uint32_t>& capacity, bool packed)
+                         const std::vector<uint32_t>& capacity, bool packed, uint64_t split_at)
     : reader_(reader),
       record_bytes_(reader.record_bytes()),
-      row_bytes_(packed ? std::min<uint64_t>(align_up(reader.payload_bytes(), 64),
-                                             reader.record_bytes())
-                        : reader.record_bytes()),
+      split_at_(split_at),
+      row_bytes_(split_at ? split_at : packed ? packed_row_bytes(reader) : reader.record_bytes()),
+      // split: the two rows take what one packed row would (the plan's figure either way)
+      down_row_bytes_(split_at && split_at < reader.payload_bytes()
+                          ? packed_row_bytes(reader) - split_at : 0),
       d_ff_(reader.header().d_ff) {
   const BundleHeader& h = reader.header();
-  if (row_bytes_ != record_bytes_) staging_ = AlignedBuffer(kStagingRecords * record_bytes_);
+  bool boundary = false;  // split_at must start a part after the first
+  for (uint32_t p = 1; p < h.n_parts; ++p) boundary |= split_at == h.part_offset[p];
+  FI_CHECK(split_at == 0 || (packed && boundary),
+           "split_at=", split_at, " must be 0 (records whole) or the offset of a record's part "
+           "after the first, with packed=True");
+  if (row_bytes_ != record_bytes_ || split_at_) staging_ = AlignedBuffer(kStagingRecords * record_bytes_);
   FI_CHECK(n_layers >= 1 && n_layers <= h.n_layers, "n_layers must be in [1, ", h.n_layers,
            "] (the bundle file's layers), got ", n_layers);
   FI_CHECK(capacity.size() == n_layers, "capacity has ", capacity.size(),
@@ -37,6 +51,8 @@ NeuronCache::NeuronCache(BundleReader& reader, uint32_t n_layers,
     L.capacity = capacity[l];
     // At least one aligned page so rows() is a valid pointer even for capacity 0.
     L.rows = AlignedBuffer(std::max<uint64_t>(uint64_t(capacity[l]) * row_bytes_, kIoAlignment));
+    if (split_at_)
+      L.down = AlignedBuffer(std::max<uint64_t>(uint64_t(capacity[l]) * down_row_bytes_, 64));
     L.slot_to_id.assign(capacity[l], -1);
     L.id_to_slot.assign(h.d_ff, -1);
     L.bias.assign(capacity[l], 0.0f);
@@ -48,7 +64,10 @@ NeuronCache::NeuronCache(BundleReader& reader, uint32_t n_layers,
 NeuronCache::~NeuronCache() {
   if (!poisoned_) return;
   staging_.leak();
-  for (Layer& L : layers_) L.rows.leak();
+  for (Layer& L : layers_) {
+    L.rows.leak();
+    L.down.leak();
+  }
 }
 
 // Every entry point that writes rows or hands them out comes through here (clear, which
@@ -77,7 +96,7 @@ int32_t NeuronCache::slot_of(uint32_t layer, int64_t id) const {
 std::size_t NeuronCache::nbytes() const {
   std::size_t b = staging_.size();
   for (const Layer& L : layers_)
-    b += L.rows.size() + 4 * (L.slot_to_id.size() + L.id_to_slot.size() + L.bias.size() +
+    b += L.rows.size() + L.down.size() + 4 * (L.slot_to_id.size() + L.id_to_slot.size() + L.bias.size() +
                               L.bias_all.size());
   return b;
 }
@@ -150,7 +169,7 @@ ReadStats NeuronCache::read_into_unguarded(uint32_t layer, const int64_t* ids, s
     rest_dst_.clear();
     for (std::size_t k = 0; k < n; ++k) {
       if (const char* src = source_->find(layer, ids[k])) {
-        std::memcpy(dst[k], src, row_bytes_);
+        place(layers_[layer], dst[k], src);
         ++stats_.from_source;
       } else {
         rest_ids_.push_back(ids[k]);
@@ -179,7 +198,7 @@ ReadStats NeuronCache::read_into_direct(uint32_t layer, const int64_t* ids, std:
     return r;
   };
   // rows are 4096-aligned and record_bytes % 4096 == 0: the reader lands data in place.
-  if (row_bytes_ == record_bytes_) return read_records(ids, n, dst);
+  if (row_bytes_ == record_bytes_ && !split_at_) return read_records(ids, n, dst);
   // Packed rows: stage whole records, keep the first row_bytes of each. The rows change only
   // after every read succeeded, so a failed read leaves the cache as it was.
   ReadStats total;
@@ -189,9 +208,23 @@ ReadStats NeuronCache::read_into_direct(uint32_t layer, const int64_t* ids, std:
   for (std::size_t k0 = 0; k0 < n; k0 += kStagingRecords) {
     const std::size_t m = std::min(kStagingRecords, n - k0);
     total.add(read_records(ids + k0, m, stage));
-    for (std::size_t k = 0; k < m; ++k) std::memcpy(dst[k0 + k], stage[k], row_bytes_);
+    for (std::size_t k = 0; k < m; ++k) place(layers_[layer], dst[k0 + k], stage[k]);
   }
   return total;
+}
+
+void NeuronCache::place(Layer& L, char* row, const char* record) {
+  if (!split_at_) {
+    std::memcpy(row, record, row_bytes_);
+    return;
+  }
+  // the parts before split_at, then the rest of the parts and zeros up to the row's end (as a
+  // packed row copies the record's zero padding)
+  const uint64_t rest = reader_.payload_bytes() - split_at_;
+  char* down = down_of(L, row);
+  std::memcpy(row, record, split_at_);
+  std::memcpy(down, record + split_at_, rest);
+  std::memset(down + rest, 0, down_row_bytes_ - rest);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -207,6 +240,12 @@ void NeuronCache::collect_holes(const Layer& L, const int64_t* ids, std::size_t 
 void NeuronCache::move_row(Layer& L, uint32_t from, uint32_t to) {
   char* rows = L.rows.as<char>();
   std::memcpy(rows + uint64_t(to) * row_bytes_, rows + uint64_t(from) * row_bytes_, row_bytes_);
+  if (split_at_) {
+    char* down = L.down.as<char>();
+    std::memcpy(down + uint64_t(to) * down_row_bytes_, down + uint64_t(from) * down_row_bytes_,
+                down_row_bytes_);
+    stats_.moved_bytes += down_row_bytes_;
+  }
   int32_t id = L.slot_to_id[from];
   L.slot_to_id[to] = id;
   L.bias[to] = L.bias[from];

@@ -18,6 +18,12 @@
 // land in a staging buffer of kStagingRecords aligned records and are copied into the rows
 // (one memcpy of the bytes read). When the record has no padding, row_bytes == record_bytes
 // and reads land in place as before.
+// Split (split_at > 0, packed only): the parts of a record before byte split_at (up, and gate)
+// go to `rows` (row_bytes = split_at) and the rest (the down part) to a matrix of its own,
+// `down_rows` (down_row_bytes = a packed row's bytes - split_at: the two take what one packed
+// row would), both in slot order, as the paper preallocates its up and down matrices. A ReLU layer's sparse FFN reads every
+// cached up part and a few down parts: one contiguous stream instead of up parts one record
+// apart (q8_0 1.3-1.4x, q4_1 1.1-1.16x; benchmarks/RESULTS.md section 13).
 // Row order is arbitrary: an FFN over rows[:n_used] does not depend on it.
 // Not thread-safe: one thread drives a cache (the reader it uses parallelises the I/O).
 #pragma once
@@ -45,7 +51,7 @@ class NeuronCache {
   // capacity.size() == n_layers (one capacity per layer); n_layers <= header n_layers.
   // packed: rows of the parts' bytes (rounded up to 64) instead of whole padded records.
   NeuronCache(BundleReader& reader, uint32_t n_layers, const std::vector<uint32_t>& capacity,
-              bool packed = false);
+              bool packed = false, uint64_t split_at = 0);
   ~NeuronCache();
   NeuronCache(const NeuronCache&) = delete;
   NeuronCache& operator=(const NeuronCache&) = delete;
@@ -83,11 +89,14 @@ class NeuronCache {
   // A read into its rows was abandoned (the device may still write them): it refuses use.
   bool poisoned() const { return poisoned_; }
   uint64_t record_bytes() const { return record_bytes_; }
-  uint64_t row_bytes() const { return row_bytes_; }  // DRAM bytes per cached neuron
+  uint64_t row_bytes() const { return row_bytes_; }  // DRAM bytes per row of rows()
+  uint64_t split_at() const { return split_at_; }    // 0: not split
+  uint64_t down_row_bytes() const { return down_row_bytes_; }  // 0: not split
   const BundleReader& reader() const { return reader_; }
 
   // Raw views for the bindings (valid until the next insert/evict/clear of that layer).
   char* rows(uint32_t layer) { return at(layer).rows.as<char>(); }
+  char* down_rows(uint32_t layer) { return at(layer).down.as<char>(); }  // split only
   const int32_t* slot_ids(uint32_t layer) const { return at(layer).slot_to_id.data(); }
   const int32_t* id_slots(uint32_t layer) const { return at(layer).id_to_slot.data(); }  // (d_ff,)
   const float* bias(uint32_t layer) const { return at(layer).bias.data(); }
@@ -99,7 +108,8 @@ class NeuronCache {
   struct Layer {
     uint32_t capacity = 0;
     uint32_t n_used = 0;
-    AlignedBuffer rows;               // (capacity, record_bytes)
+    AlignedBuffer rows;               // (capacity, row_bytes)
+    AlignedBuffer down;               // (capacity, down_row_bytes) when split
     std::vector<int32_t> slot_to_id;  // (capacity,)
     std::vector<int32_t> id_to_slot;  // (d_ff,), -1 = absent
     std::vector<float> bias;          // (capacity,)
@@ -110,6 +120,12 @@ class NeuronCache {
   void check_ids(const Layer& L, uint32_t layer, const int64_t* ids, std::size_t n,
                  bool want_present) const;
 
+  // The down row of the slot whose row starts at `row` (split caches).
+  char* down_of(Layer& L, const char* row) {
+    return L.down.as<char>() + uint64_t(row - L.rows.as<char>()) / row_bytes_ * down_row_bytes_;
+  }
+  // A record's bytes (a staged or read-ahead copy) into the slot whose row is `row`.
+  void place(Layer& L, char* row, const char* record);
   // Read ids[0, n) as whole records into rows dst[0, n) (staged when packed).
   ReadStats read_into(uint32_t layer, const int64_t* ids, std::size_t n, bool bundled,
                       char* const* dst);
@@ -131,7 +147,9 @@ class NeuronCache {
   const AsyncReads* source_ = nullptr;
   bool poisoned_ = false;  // a read into the rows was abandoned: refuse use, leak the rows
   uint64_t record_bytes_;
+  uint64_t split_at_;
   uint64_t row_bytes_;
+  uint64_t down_row_bytes_;
   uint32_t d_ff_;
   AlignedBuffer staging_;  // (kStagingRecords, record_bytes) when packed, else empty
   std::vector<uint32_t> holes_;  // (n_evict,) freed slots of the current call, ascending

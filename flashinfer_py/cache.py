@@ -16,6 +16,7 @@ import numpy as np
 
 from ._core import NeuronCache as _NeuronCache
 from .bundles import BundleReader
+from .dtypes import SplitRows
 
 __all__ = ["NeuronCache"]
 
@@ -31,16 +32,22 @@ class NeuronCache:
         packed: rows hold the record's parts only (rounded up to 64 bytes), not its padding
             to 4096: more neurons in the same DRAM when records are padded (SmolLM2: 3456 of
             4096 bytes), at the cost of staging reads and one copy of the bytes read.
+        split: (packed only) the down parts in a matrix of their own, the paper's preallocated
+            up and down matrices: :meth:`rows` gives :class:`~flashinfer_py.dtypes.SplitRows`.
+            For FFNs without a gate (``RecordLayout.split_at``; ValueError otherwise), whose
+            sparse FFN then reads the cached up parts as one stream.
     """
 
     def __init__(self, reader: BundleReader, capacity: Union[int, Sequence[int]],
-                 n_layers: int | None = None, packed: bool = False):
+                 n_layers: int | None = None, packed: bool = False, split: bool = False):
         self.reader = reader
         n_layers = reader.header["n_layers"] if n_layers is None else n_layers
         cap = int(capacity) if np.isscalar(capacity) else [int(c) for c in capacity]
-        self._c = _NeuronCache(reader._r, n_layers, cap, packed)
-        d = reader.header["d_model"]
-        self._part_slices = {name: slice(i * d, (i + 1) * d) for i, name in enumerate(reader.parts)}
+        split_at = reader.layout.split_at if split else 0
+        if split and not (packed and split_at):
+            raise ValueError("split=True needs packed=True and records without a gate part "
+                             f"(parts here: {', '.join(reader.parts)})")
+        self._c = _NeuronCache(reader._r, n_layers, cap, packed, split_at)
 
     # -- updates
     def insert(self, layer: int, ids) -> None:
@@ -85,10 +92,19 @@ class NeuronCache:
         self._c.set_layer_bias(layer, np.ascontiguousarray(bias, dtype=np.float32))
 
     # -- views (invalidated by the next update of the layer)
-    def rows(self, layer: int) -> np.ndarray:
+    def rows(self, layer: int):
         """``(n_used, row_bytes / element size)`` records in the storage dtype (uint16 for
-        bfloat16); rows are whole records unless the cache is packed."""
-        return self._c.rows(layer)
+        bfloat16); rows are whole records unless the cache is packed. A split cache gives
+        :class:`~flashinfer_py.dtypes.SplitRows`: the up parts' rows and the down parts' rows."""
+        up = self._c.rows(layer)
+        if not self.split:
+            return up
+        return SplitRows(up, self._c.down_rows(layer), self._c.split_at // up.itemsize)
+
+    @property
+    def split(self) -> bool:
+        """The down parts are in a matrix of their own (see the constructor)."""
+        return self._c.split_at > 0
 
     def ids(self, layer: int) -> np.ndarray:
         """``(n_used,)`` int32 neuron id of each row."""
@@ -99,8 +115,9 @@ class NeuronCache:
         return self._c.bias(layer)
 
     def part(self, layer: int, name: str) -> np.ndarray:
-        """``(n_used, d_model)`` view of one part ("up", "gate" or "down") of every row."""
-        return self.rows(layer)[:, self._part_slices[name]]
+        """``(n_used, d_model)`` view of one part ("up", "gate" or "down") of every row (float
+        formats)."""
+        return self.reader.layout.part_view(self.rows(layer), name)
 
     # -- queries
     @property
@@ -128,15 +145,22 @@ class NeuronCache:
                 out.append(f"layer {layer}: slot map disagrees with the ids")
             want = reader.read_parts(layer, ids, list(range(len(reader.parts))))
             want = want.view(np.uint8).reshape(len(ids), -1)
-            rows = np.ascontiguousarray(self.rows(layer)).view(np.uint8).reshape(len(ids), -1)
+            rows = self.rows(layer)
+            if self.split:  # the pieces joined again
+                a = self._c.split_at
+                up = np.ascontiguousarray(rows.up).view(np.uint8).reshape(len(ids), -1)
+                down = np.ascontiguousarray(rows.down).view(np.uint8).reshape(len(ids), -1)
+                rows = np.concatenate([up[:, :a], down[:, :want.shape[1] - a]], axis=1)
+            rows = np.ascontiguousarray(rows).view(np.uint8).reshape(len(ids), -1)
             if not np.array_equal(rows[:, :want.shape[1]], want):  # packed: parts, then padding
                 out.append(f"layer {layer}: a cached row differs from its record")
         return out
 
     @property
     def row_bytes(self) -> int:
-        """DRAM bytes per cached neuron (the record size, or the parts' size when packed)."""
-        return self._c.row_bytes
+        """DRAM bytes per cached neuron (the record size, or the parts' size when packed; both
+        pieces when split)."""
+        return self._c.row_bytes + self._c.down_row_bytes
 
     def n_used(self, layer: int) -> int:
         return self._c.n_used(layer)

@@ -132,8 +132,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
          "window's union) or only with its own predicted neurons", choices=["predicted", "cached"])
     flag(s, "--overlap", "overlap", "read while computing: off (read, then compute), layer (a "
          "layer's reads run while its FFN computes on the rows already cached), ahead (also "
-         "start the next layer's likely reads early, from a guess on this layer's input; the "
-         "selection is unchanged, so a wrong guess costs reads, not quality)",
+         "start the most confident quarter of the next layer's likely reads early, from a "
+         "guess on this layer's input; the selection is unchanged, so a wrong guess costs "
+         "reads, not quality). With --eviction window: layer when the window fits the "
+         "budget, ahead when it does not",
          choices=OVERLAPS)
     flag(s, "--stream-resident", "stream_resident", "resident matrices (attention, LM head, "
          "embeddings) left on flash and read every token: auto (below the whole model, the "
@@ -228,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "with a block --dtype a GGUF's matrices already in a block format keep "
                         "theirs (SmolLM2's Q8_0 embeddings and Q4_1 attention: exactly the "
                         "model llama.cpp runs).")
+    c.add_argument("--down-layout", choices=["auto", "blocks", "codes"], default="auto",
+                   help="with a block --dtype, how the FFN's down projection is stored. blocks: "
+                        "each neuron's down column quantized along d_model, nothing resident. "
+                        "codes: down_proj quantized along d_ff as llama.cpp does, the neurons' "
+                        "codes in their records and the blocks' scales resident (2-4 bytes per "
+                        "32 neurons and model dimension; 32 MB for a 1B q4_1): a dense model "
+                        "then runs each FFN layer as two products, 1.5x faster decode on a 1B "
+                        "q4_1, for that much more DRAM under a budget. auto (default): codes "
+                        "when the checkpoint's down_proj is already in those blocks (a GGUF, "
+                        "kept exactly), else blocks")
     c.add_argument("--force", action="store_true",
                    help="replace DST if it exists (only once the new directory is complete)")
     c.add_argument("--alignment", type=int, default=4096,
@@ -421,6 +433,7 @@ def cmd_convert(ns) -> int:
 
     t0 = time.perf_counter()
     out = convert(ns.src, ns.dst, dtype=ns.dtype, resident_dtype=ns.resident_dtype,
+                  down_layout=ns.down_layout,
                   force=ns.force, progress=not ns.quiet, alignment=ns.alignment)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     from .format import read_manifest

@@ -549,7 +549,8 @@ class RuntimeConfig:
             reads a layer's selection asks for run on a worker thread while the FFN computes
             on the rows already cached, and only the rest waits for them. "ahead": also start
             each layer's reads before its attention, from a guess made on the attention's
-            input (Deja Vu's look-ahead); the selection itself still comes from the FFN's true
+            input (Deja Vu's look-ahead): the most confident quarter of what the guess says
+            the cache lacks (ffn.AHEAD_SHARE); the selection itself still comes from the FFN's true
             input, so a wrong guess costs reads, never quality. The logits are "off"'s bit
             for bit: every mode sums the rows that stay, then the arriving ones.
         stream_resident: resident matrices (the attention's, the LM head, the embeddings) left

@@ -174,8 +174,12 @@ def _progress(total: int, desc: str, enabled: bool):
                 disable=not enabled, leave=False)
 
 
+DOWN_LAYOUTS = ("auto", "blocks", "codes")
+
+
 def convert(src, dst, *, dtype: Optional[str] = None, resident_dtype: Optional[str] = None,
-            force: bool = False, progress: bool = True, alignment: int = 4096) -> Path:
+            force: bool = False, progress: bool = True, alignment: int = 4096,
+            down_layout: str = "auto") -> Path:
     """Convert a checkpoint (Hugging Face directory or GGUF file) into a flash model directory.
 
     Args:
@@ -190,6 +194,15 @@ def convert(src, dst, *, dtype: Optional[str] = None, resident_dtype: Optional[s
         force: replace ``dst`` if it exists (only after the new directory is complete).
         progress: show progress bars.
         alignment: bundle record alignment in bytes (4096 suits every SSD).
+        down_layout: how a block format stores the down projection. "blocks": each neuron's
+            down column quantized along d_model, a record of its own (nothing resident).
+            "codes": down_proj quantized along d_ff as llama.cpp does, each neuron's codes in
+            its record and the blocks' scales resident (2 or 4 bytes per 32 neurons and
+            d_model value); a dense model then runs each FFN layer as two products on
+            interleaved matrices (a 1B q4_1 decode 1.5x faster, RESULTS.md section 13), at
+            that much more resident memory under a budget. "auto" (default): "codes" when the
+            checkpoint's down_proj is already in the chosen blocks (a GGUF: kept exactly),
+            else "blocks".
 
     Returns:
         The path of the new directory.
@@ -207,6 +220,9 @@ def convert(src, dst, *, dtype: Optional[str] = None, resident_dtype: Optional[s
             or alignment > (1 << 20) or alignment & (alignment - 1)):
         raise ConvertError(f"--alignment {alignment!r} must be a power of two from 512 to "
                            "1048576 bytes; 4096 (the default) suits every SSD and O_DIRECT.")
+    if down_layout not in DOWN_LAYOUTS:
+        raise ConvertError(f"--down-layout {down_layout!r} is not supported; choose one of "
+                           f"{', '.join(DOWN_LAYOUTS)}.")
     if dst.exists() and not force:
         raise ConvertError(f"{dst} already exists; choose another destination or pass --force "
                            "(force=True) to replace it once the new conversion is complete.")
@@ -218,7 +234,8 @@ def convert(src, dst, *, dtype: Optional[str] = None, resident_dtype: Optional[s
     tmp.mkdir()
     try:
         with open_checkpoint(src) as ckpt:
-            _convert_into(ckpt, tmp, dtype, resident_dtype or "auto", progress, alignment)
+            _convert_into(ckpt, tmp, dtype, resident_dtype or "auto", progress, alignment,
+                          down_layout)
         _move_into_place(tmp, dst, force)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -316,7 +333,7 @@ class _Notes:
 
 
 def _convert_into(ckpt, out: Path, dtype: Optional[str], resident_dtype: str, progress: bool,
-                  alignment: int) -> None:
+                  alignment: int, down_layout: str = "auto") -> None:
     from .bundles import BundleWriter
 
     try:
@@ -337,7 +354,7 @@ def _convert_into(ckpt, out: Path, dtype: Optional[str], resident_dtype: str, pr
     t0 = time.perf_counter()
     parts = args.ffn_parts
     d, f = args.hidden_size, args.intermediate_size
-    down_layout = _down_layout(args, names, fmt)
+    down_layout = _down_layout(args, names, fmt, down_layout, ckpt.path)
     layout = RecordLayout.build(fmt, parts, d, down_layout, alignment=alignment)
 
     # ---- resident tensors: header planned from shapes, then streamed one by one
@@ -445,10 +462,24 @@ def _matrix(names: _Names, ours: str, fmt: StorageFormat, notes: _Notes) -> np.n
     return names.blocks(ours) if kept else to_storage(names.read(ours), fmt)
 
 
-def _down_layout(args: ModelArgs, names: _Names, fmt: StorageFormat) -> str:
-    """"codes" when some layer's down_proj is stored in `fmt`'s blocks along d_ff (a GGUF):
-    keeping those exactly needs the codes layout; "blocks" otherwise."""
+def _down_layout(args: ModelArgs, names: _Names, fmt: StorageFormat, want: str = "auto",
+                 path=None) -> str:
+    """The records' down layout (convert's down_layout). "auto": "codes" when some layer's
+    down_proj is stored in `fmt`'s blocks along d_ff (a GGUF): keeping those exactly needs the
+    codes layout; "blocks" otherwise."""
+    if want == "codes":
+        if not fmt.quantized:
+            raise ConvertError(f"--down-layout codes needs a block --dtype (q8_0, q4_0, q4_1), "
+                               f"not {fmt.name}: float records hold down columns as they are.")
+        if args.intermediate_size % 32:
+            raise ConvertError(f"{path}: --down-layout codes quantizes down_proj in blocks of 32 "
+                               f"neurons, but this model's intermediate_size "
+                               f"{args.intermediate_size} is not a multiple of 32; use "
+                               "--down-layout blocks.")
+        return "codes"
     if not fmt.quantized or args.intermediate_size % 32:
+        return "blocks"
+    if want == "blocks":  # a GGUF's down_proj then quantized again along d_model (warned)
         return "blocks"
     held = [names.stored(f"layers.{i}.down")[1] for i in range(args.num_hidden_layers)]
     return "codes" if fmt.name in held else "blocks"

@@ -117,6 +117,35 @@ def to_float32(a: np.ndarray, fmt, length: Optional[int] = None) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ records
+class SplitRows:
+    """The rows of a split neuron cache (``cache.NeuronCache(split=True)``): ``up`` holds each
+    record's parts before its down part (up, and gate) at their record offsets, ``down`` the
+    down parts at offset 0, row i of both the same neuron; ``split`` is the record offset (in
+    elements) where ``down``'s rows begin, so that ``kernels.ffn_rows`` takes record offsets
+    for either. Indexing (``rows[-k:]``, ``rows[sel]``) indexes both; ``shape`` and ``len`` are
+    the up matrix's."""
+
+    __slots__ = ("up", "down", "split")
+
+    def __init__(self, up: np.ndarray, down: np.ndarray, split: int):
+        if len(up) != len(down):
+            raise ValueError(f"split rows: {len(up)} up rows but {len(down)} down rows")
+        self.up, self.down, self.split = up, down, int(split)
+
+    def __getitem__(self, k) -> "SplitRows":
+        if isinstance(k, tuple) or np.isscalar(k):
+            raise TypeError("SplitRows index rows only (a slice, a mask or an index array); "
+                            "take columns from .up or .down, or use RecordLayout.part_view")
+        return SplitRows(self.up[k], self.down[k], self.split)
+
+    def __len__(self) -> int:
+        return len(self.up)
+
+    @property
+    def shape(self) -> tuple:
+        return self.up.shape
+
+
 @dataclass(frozen=True)
 class RecordLayout:
     """Where the parts of one neuron's bundle record are (``csrc/bundle_format.h``).
@@ -166,11 +195,29 @@ class RecordLayout:
     def codes(self) -> bool:
         return self.down_layout == "codes"
 
+    @property
+    def split_at(self) -> int:
+        """Where a split neuron cache cuts a record (bytes): the down part's offset for FFNs
+        without a gate, whose sparse FFN reads every cached up part and few down parts (one
+        stream of up parts instead of up parts a record apart); 0 (whole rows) for gated FFNs,
+        whose fused kernel reads each record whole."""
+        return 0 if "gate" in self.parts else self.part_offsets[self.parts.index("down")]
+
+    @property
+    def cache_row_bytes(self) -> int:
+        """DRAM bytes of one cached neuron: its parts rounded up to 64 (a packed neuron cache,
+        split or not: split, the up rows take split_at bytes and the down rows the rest)."""
+        return min(-(-self.payload_bytes // 64) * 64, self.record_bytes)
+
     def part_view(self, rows: np.ndarray, part: str) -> np.ndarray:
         """One part of records `rows` (their numpy array: elements, or bytes for blocks), as a
         view: writing to it writes the records."""
         i = self.parts.index(part)
         e = self.fmt.elem_bytes
+        if isinstance(rows, SplitRows):  # the down parts at the start of their own rows
+            if part == "down":
+                return rows.down[:, :self.part_bytes[i] // e]
+            rows = rows.up
         return rows[:, self.part_offsets[i] // e:(self.part_offsets[i] + self.part_bytes[i]) // e]
 
     def part_f32(self, rows: np.ndarray, part: str, down_scales: Optional[np.ndarray] = None,

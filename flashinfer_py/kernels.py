@@ -218,6 +218,7 @@ def ffn_rows(
     fmt: str | None = None,
     down_scales: np.ndarray | None = None,
     row_ids: np.ndarray | None = None,
+    down_rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Feed-forward block computed straight from neuron-cache rows.
 
@@ -254,10 +255,20 @@ def ffn_rows(
             q4_1 minimums) per 32-neuron block.
         row_ids: ``(r,)`` int32 neuron id of each row (which block of ``down_scales`` it
             uses); None when row ``i`` is neuron ``i``.
+        down_rows: ``(r, down_elems)``, the rows' down parts in a matrix of their own (a split
+            neuron cache keeps a ReLU layer's up parts contiguous: the sparse FFN reads them
+            as one stream); ``down_off`` is then an offset in its rows. None: in ``rows``.
+            ``rows`` may also be a split cache's :class:`~flashinfer_py.dtypes.SplitRows`, with
+            the offsets of the whole record.
 
     Returns:
         ``(n, d_model)`` float32, or ``(d_model,)`` when ``x`` is 1-D.
     """
+    if not isinstance(rows, np.ndarray):  # a split cache's rows (dtypes.SplitRows), record offsets
+        if down_rows is not None:
+            raise ValueError("rows are a split cache's (SplitRows, with their down rows); "
+                             "pass down_rows only with a plain rows array")
+        rows, down_rows, down_off = rows.up, rows.down, down_off - rows.split
     squeeze = x.ndim == 1
     if squeeze:
         x = x.reshape(1, -1)
@@ -265,7 +276,7 @@ def ffn_rows(
         act_out = None if act_out is None else act_out.reshape(1, -1)
     y = _ffn_rows(
         x, rows, d_model, up_off, gate_off, down_off, activation, act_param,
-        up_bias, out, act_out, row_select, threads, fmt, down_scales, row_ids,
+        up_bias, out, act_out, row_select, threads, fmt, down_scales, row_ids, down_rows,
     )
     return y.reshape(-1) if squeeze else y
 

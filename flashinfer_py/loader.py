@@ -78,6 +78,8 @@ class MemoryPlan:
     d_ff: int
     layer_buffer: int = 0  # modes without reuse: one layer's worth of rows, shared by all layers
     row_bytes: int = 0     # one cached neuron in DRAM (the packed record; 0: record_bytes)
+    cache_split: bool = False  # the cache keeps down parts in matrices of their own
+                               # (RecordLayout.split_at; the same row_bytes in two pieces)
     sketch_record_bytes: int = 0  # eviction="rank" with the sketch: bytes per uncached neuron
     sketch_fixed: int = 0         # and the sketch tier's per-neuron maps (ids, down norms)
     vram: Optional["VramPlan"] = None  # a device backend's plan (RuntimeConfig.vram_budget)
@@ -179,6 +181,8 @@ class MemoryPlan:
             if self.unified:
                 per = (f" ({self.row_bytes or self.record_bytes} B host record + "
                        f"{self.device_row_bytes} B device copy a neuron)")
+            elif self.cache_split:
+                per = " (up parts and down parts in two matrices)"
             lines.append(f"  neuron cache: {self.cache_line()}: "
                          f"{format_bytes(self.cache_bytes)}{per}")
         lines.append(f"  total: {format_bytes(self.total)}"
@@ -258,11 +262,11 @@ def allocate_caps(err: np.ndarray, err_k: np.ndarray, total: int, d_ff: int,
 
 
 def cache_row_bytes(manifest: dict) -> int:
-    """DRAM bytes of one cached neuron: its parts, rounded up to 64 (the packed NeuronCache)."""
+    """DRAM bytes of one cached neuron: its parts, rounded up to 64 (the packed NeuronCache,
+    split or not)."""
     from .dtypes import RecordLayout
 
-    layout = RecordLayout.from_manifest(manifest)
-    return min(-(-layout.payload_bytes // 64) * 64, layout.record_bytes)
+    return RecordLayout.from_manifest(manifest).cache_row_bytes
 
 
 def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
@@ -287,8 +291,13 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
     Raises ValueError naming the smallest workable budget when even the resident part does
     not fit.
     """
+    from .dtypes import RecordLayout
+
     rec = int(manifest["bundle"]["record_bytes"])
-    row = cache_row_bytes(manifest)  # what a cached neuron takes in DRAM (packed)
+    layout = RecordLayout.from_manifest(manifest)
+    # a device backend mirrors whole rows; the host-only runtime splits FFNs without a gate
+    split = device is None and layout.split_at > 0
+    row = layout.cache_row_bytes  # what a cached neuron takes in DRAM (packed)
     if resident_bytes is None:
         resident_bytes = int(manifest["checksums"][manifest["files"]["dense"]]["bytes"])
     ctx = min(runtime.max_context, args.max_position_embeddings)
@@ -308,7 +317,7 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
         overhead += L * f * 9  # FrequencyPolicy: held flag + float64 score per neuron
     if runtime.eviction == "rank":  # the cached rows' activations and scores, per chunk
         overhead += runtime.prefill_chunk * f * 4
-    if runtime.reuse and row < rec:  # the packed cache's staging buffer
+    if runtime.reuse and (row < rec or split):  # the packed (or split) cache's staging buffer
         overhead += STAGING_RECORDS * rec
     overhead += reader_scratch_bytes(rec)  # the FFN's reader
     if runtime.overlap != "off" and runtime.reuse:  # the read-ahead worker's slots and maps
@@ -380,7 +389,7 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
             caps = [int(min(f, total // L))] * L
     return MemoryPlan(budget, resident_bytes, predictor_bytes, kv,
                       overhead, [int(c) for c in caps], rec, f, row_bytes=row,
-                      sketch_record_bytes=sk, sketch_fixed=sk_fixed, unified=unified,
+                      cache_split=split, sketch_record_bytes=sk, sketch_fixed=sk_fixed, unified=unified,
                       device_row_bytes=dev_row, allocator=allocator, **extra)
 
 

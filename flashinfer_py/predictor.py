@@ -54,13 +54,19 @@ class LayerPredictor:
             threshold: probability above which a neuron counts as active.
             max_active: keep at most this many (the highest-scoring) neurons.
         """
+        return self.predict_scored(x, threshold, max_active)[0].astype(np.int32)
+
+    def predict_scored(self, x: np.ndarray, threshold: float = 0.5,
+                       max_active: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """`predict`'s ids (sorted, int64) and every neuron's logit [d_ff] (its max over the
+        rows of x), for a caller that ranks them by confidence."""
         s = self.scores(x).max(axis=0)  # a neuron is needed if any token needs it
         logit_t = np.log(threshold / (1.0 - threshold))
         ids = np.flatnonzero(s > logit_t)
         if max_active is not None and ids.size > max_active:
             ids = ids[np.argpartition(-s[ids], max_active - 1)[:max_active]]
             ids.sort()
-        return ids.astype(np.int32)
+        return ids, s
 
     @property
     def nbytes(self) -> int:

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import kernels
 from .config import ModelArgs
-from .dtypes import RecordLayout
+from .dtypes import RecordLayout, SplitRows
 from .errors import FlashFormatError
 
 SKETCH_FILE = "ffn_sketch.bin"
@@ -129,6 +129,8 @@ class SketchStore:
         if (slots < 0).any():
             raise ValueError(f"layer {layer}: neurons {entering[slots < 0][:5]} are not in the "
                              "sketch store (already cached?)")
+        if isinstance(rows, SplitRows):  # a split cache: up (and gate) sit in rows.up
+            rows = rows.up
         quantize_rows(self.args, self.layout, rows, np.asarray(leaving_rows, np.int64),
                       self.data[layer], slots)
         self.slot_id[layer][slots] = leaving

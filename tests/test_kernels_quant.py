@@ -11,6 +11,9 @@ partial register tiles. Every case runs on each instruction set the CPU has.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import numpy as np
 import pytest
 
@@ -202,11 +205,8 @@ def test_interleaved_linear_matches_dequantize_then_matmul(isa, fmt, n, m, k):
     np.testing.assert_array_equal(out, y)  # the split between threads changes no sum
 
 
-@pytest.mark.parametrize("fmt", X16)
-def test_interleaved_vector_paths_give_the_same_floats(fmt):
-    """AVX2 and AVX-512 VNNI run each row's lane through the same operations in the same
-    order: the same floats, for a token alone and a prompt (the portable loop: within float
-    rounding, checked above)."""
+def vector_isas() -> list:
+    """The vector instruction sets of the kernels this CPU has ("avx2", "avx512")."""
     have = []
     for isa in ("avx2", "avx512"):
         try:
@@ -215,21 +215,90 @@ def test_interleaved_vector_paths_give_the_same_floats(fmt):
         except ValueError:
             pass
     K.set_kernel_isa("auto")
+    return have
+
+
+def on_each_isa(isas, fn) -> dict:
+    """{isa: fn()} with the kernels set to each of `isas` in turn (then back to auto)."""
+    got = {}
+    try:
+        for isa in isas:
+            K.set_kernel_isa(isa)
+            got[isa] = fn()
+    finally:
+        K.set_kernel_isa("auto")
+    return got
+
+
+@pytest.mark.parametrize("fmt", X16)
+def test_interleaved_vector_paths_give_the_same_floats(fmt):
+    """AVX2 and AVX-512 VNNI run each row's lane through the same operations in the same
+    order: the same floats, for a token alone and a prompt (the portable loop: within float
+    rounding, checked above)."""
+    have = vector_isas()
     if len(have) < 2:
         pytest.skip("needs both AVX2 and AVX-512 VNNI")
     rng = np.random.default_rng(SEED + 5)
     m, k = 53, 160
     il = K.interleave(gg_blocks(random_weights(rng, m, k), fmt), fmt, k)
     x = random_x(rng, 7, k)
-    got = {}
-    try:
-        for isa in have:
-            K.set_kernel_isa(isa)
-            got[isa] = (K.linear(x, il), K.linear(x[3], il))
-    finally:
-        K.set_kernel_isa("auto")
+    got = on_each_isa(have, lambda: (K.linear(x, il), K.linear(x[3], il)))
     for a, b in zip(got["avx2"], got["avx512"]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_row_major_block_dots_read_only_their_rows_at_every_chunk_length(fmt):
+    """The VNNI dots gather a chunk's 8 block scales with 64-byte loads (quant_tiles.h,
+    vnni_scales8); a row's last chunk has 1-8 blocks and must load only its own bytes. Rows
+    of every block count 1-17 (every last-chunk length, q4_1's block 7 inserted alone), the
+    matrix's last row followed by NaN scales: any byte read past a row would poison its sum.
+    The AVX2 level (scalar loads of the same scales) gives the same floats. And with the last
+    row ending at an inaccessible page: a read past it would fault."""
+    have = vector_isas()
+    rng = np.random.default_rng(SEED + 9)
+    for nb in range(1, 18):
+        k = nb * BLOCK
+        blocks = gg_blocks(random_weights(rng, 5, k), fmt)
+        buf = np.full(blocks.size + 256, 0xFF, np.uint8)  # fp16 0xFFFF: NaN
+        buf[: blocks.size] = blocks.reshape(-1)
+        w = buf[: blocks.size].reshape(blocks.shape)
+        x = random_x(rng, 3, k)
+        ref = gg_values(blocks, fmt, k) @ x.astype(np.float64).T
+        got = on_each_isa(have, lambda: (K.linear(x, w, fmt=fmt), K.linear(x[1], w, fmt=fmt)))
+        for y, y1 in got.values():
+            assert np.isfinite(y).all() and np.isfinite(y1).all(), f"{nb} blocks: a NaN read"
+            np.testing.assert_allclose(y, ref.T, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+            np.testing.assert_array_equal(y1, y[1])
+        if len(got) == 2:
+            for a, b in zip(got["avx2"], got["avx512"]):
+                np.testing.assert_array_equal(a, b)
+        with _before_a_guard_page(blocks.nbytes) as buf:
+            buf[:] = blocks.reshape(-1)
+            np.testing.assert_array_equal(K.linear(x, buf.reshape(blocks.shape), fmt=fmt),
+                                          got[have[-1]][0] if have else K.linear(x, w, fmt=fmt))
+
+
+@contextlib.contextmanager
+def _before_a_guard_page(nbytes: int):
+    """A uint8 array of `nbytes` that ends where a PROT_NONE page begins (Linux)."""
+    import ctypes
+    import mmap
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mprotect through ctypes: Linux only")
+    page = mmap.PAGESIZE
+    n = -(-nbytes // page) + 1
+    m = mmap.mmap(-1, n * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    libc = ctypes.CDLL(None, use_errno=True)
+    guard = ctypes.c_void_p(base + (n - 1) * page)
+    assert libc.mprotect(guard, ctypes.c_size_t(page), 0) == 0, ctypes.get_errno()
+    try:
+        start = (n - 1) * page - nbytes
+        yield np.frombuffer(m, np.uint8)[start:start + nbytes]
+    finally:
+        libc.mprotect(guard, ctypes.c_size_t(page), 3)  # read + write again before unmapping
 
 
 @pytest.mark.parametrize("n", [1, 5, 9000])
@@ -426,6 +495,27 @@ def test_ffn_rows_down_codes_match_the_gguf_down_proj(isa, fmt, n):
     ids = perm[sel]
     np.testing.assert_allclose(hs, h[:, ids], rtol=1e-5, atol=1e-6)  # the caller's order kept
     assert_close(got2, hs.astype(np.float64) @ vals[2][ids], np.abs(hs) @ np.abs(vals[2][ids]))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n,act", [(1, "silu"), (1, "relu"), (4, "silu")])
+def test_codes_layout_with_a_split_down_matrix_is_bit_identical(isa, fmt, n, act):
+    """The codes layout with the down codes in a matrix of their own (a split cache): the same
+    sums as inside the records, rows in any order with their ids, a subset selected."""
+    rng = np.random.default_rng(SEED + 7)
+    f, d = 96, 200
+    rows, scales, vals, pb = codes_case(rng, fmt, f, d)
+    a, b = np.ascontiguousarray(rows[:, :2 * pb]), np.ascontiguousarray(rows[:, 2 * pb:])
+    x = random_x(rng, n, d)
+    perm = rng.permutation(f).astype(np.int32)
+    sel = rng.permutation(f)[:53].astype(np.int32)
+    kw = dict(activation=act, row_select=sel, fmt=fmt, down_scales=scales, row_ids=perm,
+              threads=2)
+    want = K.ffn_rows(x, np.ascontiguousarray(rows[perm]), d, 0, 2 * pb, pb, **kw)
+    got = K.ffn_rows(x, np.ascontiguousarray(a[perm]), d, 0, 0, pb,
+                     down_rows=np.ascontiguousarray(b[perm]), **kw)
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(want).max() > 0
 
 
 def test_split_down_blocks_is_exact():

@@ -320,3 +320,104 @@ def test_driver_refuses_a_policy_of_another_shape(bundle):
         CacheDriver(cache, FrequencyPolicy(N_LAYERS, D_FF - 1))
     with pytest.raises(TypeError, match="SlidingWindow or FrequencyPolicy"):
         CacheDriver(cache, object())
+
+
+# ---- split: the down parts in a matrix of their own ------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float16", "q4_1"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_split_cache_randomized_against_dict_model(tmp_path, dtype, seed):
+    """A split cache (FFN without a gate): after every replace, rows.up holds each neuron's up
+    part and rows.down its down part, in the same slot order; the FFN on the split rows gives
+    the FFN on a whole-row cache holding the same neurons (exactly for block formats; float16
+    within rounding: one input's dots on the up matrix take the one-row kernel); row moves
+    count both pieces; problems() finds nothing."""
+    from flashinfer_py import kernels as K
+    from flashinfer_py.dtypes import SplitRows
+
+    path = tmp_path / "ffn_bundles.bin"
+    d_model = 96 if dtype == "q4_1" else 90  # q4_1 parts of 60 bytes: pieces not 64-aligned
+    mats = pack_random(path, n_layers=2, d_model=d_model, d_ff=D_FF, dtype=dtype, n_parts=2)
+    rng = np.random.default_rng(seed)
+    reader = BundleReader(path)
+    lay = reader.layout
+    cache = NeuronCache(reader, capacity=[25, D_FF], packed=True, split=True)
+    whole = NeuronCache(BundleReader(path), capacity=[25, D_FF], packed=True)
+    assert cache.split and not whole.split
+    assert cache.row_bytes == lay.cache_row_bytes == whole.row_bytes  # the same DRAM
+    fmt = dtype if dtype.startswith("q") else None
+    x = rng.standard_normal((1, d_model)).astype(np.float32)
+    models = [set(), set()]
+    for step in range(40):
+        layer = int(rng.integers(2))
+        m = models[layer]
+        leave = rng.choice(sorted(m), int(rng.integers(0, len(m) + 1)), replace=False) if m \
+            else np.empty(0, np.int64)
+        room = cache.capacity(layer) - len(m) + len(leave)
+        absent = sorted(set(range(D_FF)) - m)
+        enter = np.sort(rng.choice(absent, int(rng.integers(0, min(room, len(absent)) + 1)),
+                                   replace=False))
+        moved0 = cache.stats()["moved_bytes"]
+        cache.replace(layer, leave, enter)
+        whole.replace(layer, leave, enter)
+        models[layer] = (m - set(leave.tolist())) | set(enter.tolist())
+        assert cache.stats()["moved_bytes"] - moved0 <= max(0, len(leave) - len(enter)) * cache.row_bytes
+        ids = cache.ids(layer)
+        np.testing.assert_array_equal(ids, whole.ids(layer))  # the same slots
+        rows = cache.rows(layer)
+        assert isinstance(rows, SplitRows) and len(rows) == len(ids)
+        up, down = mats[layer]
+        np.testing.assert_array_equal(lay.part_view(rows, "up").view(up.dtype), up[ids])
+        np.testing.assert_array_equal(lay.part_view(rows, "down").view(down.dtype), down[ids])
+        if len(ids):
+            kw = dict(activation="relu", fmt=fmt, threads=1)
+            w = whole.rows(layer)
+            want = K.ffn_rows(x, w, d_model, up_off=0, down_off=lay.offsets["down"], **kw)
+            got = K.ffn_rows(x, rows.up, d_model, up_off=0, down_off=0, down_rows=rows.down, **kw)
+            # the SplitRows themselves, with the record's offsets: the same call
+            same = K.ffn_rows(x, rows, d_model, up_off=0, down_off=lay.offsets["down"], **kw)
+            np.testing.assert_array_equal(same, got)
+            with pytest.raises(ValueError, match="pass down_rows only with a plain rows array"):
+                K.ffn_rows(x, rows, d_model, up_off=0, down_off=0, down_rows=rows.down, **kw)
+            if fmt is None:  # float16: the one-row kernel on the up matrix (float rounding)
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+            else:
+                np.testing.assert_array_equal(got, want)
+    assert cache.problems() == []
+
+
+def test_split_cache_is_refused_where_it_cannot_apply(tmp_path):
+    path = tmp_path / "ffn_bundles.bin"
+    pack_random(path, n_layers=1, d_model=40, d_ff=16, n_parts=3)  # gated: nothing to split
+    with pytest.raises(ValueError, match=r"split=True needs packed=True and records without a "
+                                         r"gate part \(parts here: up, gate, down\)"):
+        NeuronCache(BundleReader(path), capacity=4, packed=True, split=True)
+    path2 = tmp_path / "ffn2.bin"
+    pack_random(path2, n_layers=1, d_model=40, d_ff=16, n_parts=2)
+    with pytest.raises(ValueError, match=r"split=True needs packed=True"):
+        NeuronCache(BundleReader(path2), capacity=4, packed=False, split=True)
+
+
+def test_split_cache_rows_are_zero_padded_and_splits_only_at_a_part(tmp_path):
+    """The down rows' bytes past the down part are zeros (as a packed row's padding), also
+    after row moves; the native cache refuses a split that is not a part boundary; SplitRows
+    index rows only."""
+    from flashinfer_py._core import NeuronCache as _Native
+    from flashinfer_py.dtypes import SplitRows
+
+    path = tmp_path / "ffn_bundles.bin"
+    pack_random(path, n_layers=1, d_model=96, d_ff=D_FF, dtype="q4_1", n_parts=2)  # 60 B parts
+    reader = BundleReader(path)
+    cache = NeuronCache(reader, capacity=20, packed=True, split=True)
+    cache.insert(0, list(range(12)))
+    cache.evict(0, [0, 3, 5])          # rows move
+    down = cache.rows(0).down
+    assert down.shape == (9, 128 - 60) and (down[:, 60:] == 0).all()
+    for bad in (1, 59, 61):
+        with pytest.raises(ValueError, match=f"split_at={bad} must be 0 .* or the offset of a "
+                                             "record's part"):
+            _Native(reader._r, 1, 4, True, bad)
+    rows = cache.rows(0)
+    assert isinstance(rows[2:5], SplitRows) and len(rows[2:5]) == 3
+    with pytest.raises(TypeError, match="SplitRows index rows only"):
+        rows[:, 0:4]

@@ -102,6 +102,58 @@ def test_window_with_overlap_is_bit_identical(tiny_flash, prompt_ids, engine,
             assert sum(a["ahead_used"] for a in st[1:]) >= 0.5 * sum(a["loaded"] for a in st[1:])
 
 
+@pytest.fixture(scope="module")
+def relu_lowrank(tiny_flash, tmp_path_factory):
+    """A copy of the tiny ReLU llama with its low-rank predictors (the paper's path)."""
+    import shutil
+
+    from flashinfer_py.train import TrainConfig, train_predictors
+
+    d = tmp_path_factory.mktemp("lowrank") / "relu.flash"
+    shutil.copytree(tiny_flash("llama-relu"), d)
+    ids = np.random.default_rng(2).integers(3, 500, 256).tolist()
+    train_predictors(fi.load(d), ids, TrainConfig(max_tokens=256, window=128), progress=False)
+    return d
+
+
+def test_the_predictors_look_ahead_reads_only_their_most_confident_share(relu_lowrank,
+                                                                        prompt_ids):
+    """The paper's path (low-rank predictors, the window) with overlap "ahead": the logits are
+    "off"'s bit for bit, and a layer's guess reads only the most confident AHEAD_SHARE of the
+    predicted neurons the cache lacks (reading all of them cost more than it hid: RESULTS 14)."""
+    from flashinfer_py.ffn import AHEAD_SHARE
+
+    kw = dict(sparse=True, selection="predictor", eviction="window", window=2,
+              predictor_threshold=0.3, coalesce_gap_bytes=0)
+    ref, _ = _decode(fi.load(relu_lowrank, **kw), prompt_ids[:8])
+    m = fi.load(relu_lowrank, **kw, overlap="ahead")
+    got, st = _decode(m, prompt_ids[:8])
+    np.testing.assert_array_equal(got, ref)
+    assert sum(a["ahead_bytes"] for a in st) > 0
+    ffn, layer = m.ffn, 1
+    x = np.random.default_rng(5).standard_normal((1, m.args.hidden_size)).astype(np.float32)
+    s = ffn.predictors.layers[layer].scores(x).max(axis=0)
+    thr = m.runtime.predictor_threshold
+    lacks = np.flatnonzero(s > np.log(thr / (1 - thr)))
+    lacks = lacks[ffn.driver.rows_of(layer, lacks) < 0]
+    assert lacks.size >= 4, "the test needs a guess with something to cut"
+    keep = int(np.ceil(lacks.size * AHEAD_SHARE))
+    want = np.sort(lacks[np.argsort(-s[lacks], kind="stable")[:keep]])
+    ffn._guess(layer, x)
+    slot, guessed = ffn._ahead.pop(layer)
+    ffn.ahead.wait(slot)
+    ffn.ahead.release(slot)
+    ffn._is_ahead[slot][guessed] = False
+    np.testing.assert_array_equal(guessed, want)
+    assert 0 < guessed.size < lacks.size
+    # a prompt in chunks (the guess from several tokens' inputs): still "off"'s logits
+    kw.update(prefill_chunk=5)
+    a, b = fi.load(relu_lowrank, **kw), fi.load(relu_lowrank, **kw, overlap="ahead")
+    np.testing.assert_array_equal(b.forward(prompt_ids[:13], b.new_cache()),
+                                  a.forward(prompt_ids[:13], a.new_cache()))
+    assert b.last_stats["ahead_bytes"] > 0
+
+
 def test_overlap_needs_the_cache_and_says_so(tiny_flash):
     d = tiny_flash("llama-relu")
     with pytest.raises(ValueError, match="overlap='layer' needs the neuron cache"):

@@ -50,10 +50,11 @@ def qdq(w: np.ndarray, fmt: str) -> np.ndarray:
     return gg_dequantize(gg_quantize(p, GG[fmt]), GG[fmt])[:, :n]
 
 
-def stored_model(model, ffn_fmt: str, resident_fmt: str):
+def stored_model(model, ffn_fmt: str, resident_fmt: str, down_codes: bool = False):
     """A copy of `model` holding the values a directory of these formats stores: every matrix
     quantized along its input dimension (embeddings along theirs), except down_proj, which a
-    record holds as each neuron's column: quantized along d_model."""
+    record holds as each neuron's column: quantized along d_model (with `down_codes`, the
+    codes layout: along d_ff like the others)."""
     m = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -63,7 +64,8 @@ def stored_model(model, ffn_fmt: str, resident_fmt: str):
             ffn = any(k in name for k in ("mlp.", "fc1", "fc2"))
             fmt = ffn_fmt if ffn else resident_fmt
             down = "down_proj" in name or "fc2" in name
-            p.copy_(torch.from_numpy(qdq(w.T, fmt).T.copy() if down else qdq(w, fmt)))
+            p.copy_(torch.from_numpy(qdq(w.T, fmt).T.copy() if down and not down_codes
+                                     else qdq(w, fmt)))
     return m
 
 
@@ -392,6 +394,52 @@ def test_codes_layout_in_the_neuron_cache(q41_gguf, tmp_path):
         got = kernel(layer, x, cache.rows(layer), row_ids=ids)
         want = kernel(layer, x, dense.ffn.rows_by_layer[layer], row_select=np.sort(ids))
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("act,fmt", [("silu", "q4_1"), ("relu", "q8_0")])
+def test_down_layout_codes_from_float_weights(act, fmt, tmp_path, prompt_ids):
+    """convert --down-layout codes on a float checkpoint: down_proj quantized along d_ff as
+    llama.cpp does (gguf-py's blocks of it), each neuron's codes in its record, the scales
+    resident; the dense model runs its FFN as two products on them and gives transformers'
+    logits of those stored values; the sparse FFN (window, budget) equals the dense one (ReLU;
+    test_codes_layout_in_the_neuron_cache covers a gated layer's cache rows)."""
+    model = llama_model(hidden_act=act)  # d_ff 320: whole blocks of 32 neurons
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    out, warned = convert_quiet(src, tmp_path / "codes", dtype=fmt, down_layout="codes")
+    assert warned == []
+    m = fi.load(out)
+    assert m.manifest["bundle"]["down_layout"] == "codes"
+    assert m.manifest["bundle"]["part_bytes"][-1] == 32 * (-(-m.args.hidden_size // 32)) * (
+        4 if fmt.startswith("q4") else 8) // 8  # codes only: no scales in the record
+    if m.args.hidden_act not in ("relu", "fatrelu"):
+        assert all(x is not None for x in m.ffn._two)  # two products
+    got = m.logits(prompt_ids)
+    stored = hf_logits(stored_model(model, fmt, fmt, down_codes=True), prompt_ids)
+    assert rel_err(got, stored) < STORED_REL
+    assert nmse(got, hf_logits(model, prompt_ids)) < FLOAT_NMSE[fmt]
+    # the blocks layout stores other values for down_proj: the option changed what is stored
+    other = hf_logits(stored_model(model, fmt, fmt), prompt_ids)
+    assert rel_err(got, other) > 10 * rel_err(got, stored)
+    if act == "relu":  # the oracle's sparse paths are the dense FFN exactly for ReLU only
+        schedule = [prompt_ids[:9]] + [[t] for t in prompt_ids[9:16]]
+        for mode in ("window", "tiny-budget"):
+            assert_sparse_ffn_is_dense(fi.load(out, _runtime(out, mode)), m, schedule)
+
+
+def test_down_layout_is_checked_and_blocks_requantizes_a_gguf(q41_gguf, tiny_hf, tmp_path):
+    _, src = tiny_hf("llama-silu")  # d_ff 344: no whole blocks of 32 neurons
+    with pytest.raises(fi.ConvertError, match="344 is not a multiple of 32"):
+        fi.convert(src, tmp_path / "d", dtype="q4_1", down_layout="codes", progress=False)
+    with pytest.raises(fi.ConvertError, match="--down-layout codes needs a block --dtype"):
+        fi.convert(src, tmp_path / "a", dtype="float16", down_layout="codes", progress=False)
+    with pytest.raises(fi.ConvertError, match="--down-layout 'rows' is not supported"):
+        fi.convert(src, tmp_path / "b", dtype="q4_1", down_layout="rows", progress=False)
+    assert not any((tmp_path / n).exists() for n in "abd")
+    # a GGUF's down_proj blocks asked for as blocks: quantized again along d_model, and said so
+    out, warned = convert_quiet(q41_gguf[0], tmp_path / "c", dtype="q4_1", down_layout="blocks")
+    assert fi.load(out).manifest["bundle"]["down_layout"] == "blocks"
+    assert len(warned) == 1 and "2 tensors Q4_1 -> q4_1" in warned[0]
 
 
 def test_gguf_in_another_block_format_is_requantized_with_a_warning(q41_gguf, tmp_path, prompt_ids):

@@ -101,10 +101,19 @@ def test_contributions_are_the_dense_ffns_neurons(tiny_flash, prompt_ids):
 
     model = fi.load(tiny_flash("llama-silu"))
     ids = prompt_ids[:12]
-    c = rt.contributions(model, ids)
-    _, hs, _ = record(model, ids, TrainConfig(max_tokens=len(ids), window=len(ids)),
-                      progress=False)
+    c, g = rt.contributions(model, ids)
+    xs, hs, _ = record(model, ids, TrainConfig(max_tokens=len(ids), window=len(ids)),
+                       progress=False)
     dn = down_norms(model.ffn.kernel, model.ffn.rows_by_layer)
     ref = hs.astype(np.float32) * dn[:, None, :]
     assert c.shape == ref.shape
     np.testing.assert_allclose(c, ref, rtol=2e-2, atol=1e-3 * float(ref.max()))
+    # the look-ahead guess: layer s's neurons on layer s - 1's FFN input; none for layer 0
+    assert g.shape == c.shape and not g[0].any()
+    for s in range(1, g.shape[0]):
+        x = xs[s - 1].astype(np.float32)
+        gate = x @ model.ffn.part_f32(s, "gate").T
+        h = gate / (1.0 + np.exp(-gate)) * (x @ model.ffn.part_f32(s, "up").T)
+        want = np.abs(h) * dn[s]
+        np.testing.assert_allclose(g[s], want, rtol=2e-2, atol=1e-3 * float(want.max()))
+        assert not np.allclose(g[s], c[s], rtol=0.1)  # a guess, not the layer's own set

@@ -221,7 +221,15 @@ def test_a_dropped_model_frees_its_stream_thread_and_files(tiny_flash, prompt_id
     thread, fds = stream._thread, [stream._fd, stream._row_fd]
     ref = weakref.ref(stream)
     del m, stream
-    gc.collect()
+    # The thread may be inside a read, holding the stream for its duration; it lets go when
+    # the read ends (then the last reference goes and __del__ runs), so wait for that: a
+    # bounded wait, not a timing claim (a leak keeps it alive for the whole 10 s).
+    deadline = time.monotonic() + 10
+    while True:
+        gc.collect()
+        if ref() is None or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert ref() is None
     thread.join(timeout=10)
     assert not thread.is_alive()

@@ -61,6 +61,64 @@ def test_oracle_sparse_equals_dense(name, mode, tiny_flash, prompt_ids):
     assert rel_err(np.concatenate(got), ref) < TOL
 
 
+@pytest.mark.parametrize("mode", ["window", "compute-cached", "frequency-budget",
+                                  "overlap-layer", "overlap-ahead-budget"])
+def test_split_cache_gives_the_whole_row_cache_logits(mode, tiny_flash, prompt_ids, monkeypatch):
+    """An FFN without a gate (OPT) caches its down parts in matrices of their own (the
+    paper's up and down matrices): the same neurons, the same sums, bit for bit, as the
+    cache of whole records; a gated FFN keeps whole records."""
+    from flashinfer_py.dtypes import SplitRows
+    from flashinfer_py.ffn import SparseFFN
+
+    d = tiny_flash("opt")
+
+    def run():
+        m = fi.load(d, _runtime(d, mode))
+        cache = m.new_cache()
+        m.reset()
+        out = [m.forward(prompt_ids[:9], cache)] + [m.forward([t], cache) for t in prompt_ids[9:]]
+        return m, np.concatenate(out)
+
+    split, got = run()
+    assert split.ffn.cache.split and isinstance(split.ffn.cache.rows(0), SplitRows)
+    assert split.ffn.plan.cache_split
+    assert split.ffn.cache.problems() == []
+    monkeypatch.setattr(SparseFFN, "SPLIT_CACHE", False)
+    whole, want = run()
+    assert not whole.ffn.cache.split
+    np.testing.assert_array_equal(got, want)
+    gated = fi.load(tiny_flash("llama-relu"), _runtime(tiny_flash("llama-relu"), mode))
+    assert not gated.ffn.cache.split and not gated.ffn.plan.cache_split
+
+
+def test_the_plan_counts_a_split_caches_staging(tiny_flash):
+    """A split cache stages every read (its two pieces are copied out), even for records
+    without padding, which a whole-row cache reads in place: the plan counts the staging
+    buffer whenever the cache is split."""
+    import copy
+
+    from flashinfer_py.loader import STAGING_RECORDS, plan_memory
+
+    m = fi.load(tiny_flash("opt"))
+    rt = fi.RuntimeConfig(sparse=True, selection="oracle")
+    man = copy.deepcopy(m.manifest)
+    d = m.args.hidden_size
+    man["bundle"]["record_bytes"] = 2 * d * 4  # float32 up + down, no padding
+    split = plan_memory(m.args, man, rt)
+    whole = plan_memory(m.args, man, rt, device=_NoDevice())
+    assert split.cache_split and not whole.cache_split
+    assert split.overhead - whole.overhead == STAGING_RECORDS * 2 * d * 4
+    assert "(up parts and down parts in two matrices)" in split.describe()
+    assert "two matrices" not in whole.describe()
+
+
+class _NoDevice:
+    """The fields plan_memory reads of a device backend's costs, all zero: a whole-row plan."""
+    host = 0
+    unified = None
+    row_bytes = 0
+
+
 def test_window_loads_only_new_neurons(tiny_flash, prompt_ids):
     d = tiny_flash("llama-relu")
     m = fi.load(d, fi.RuntimeConfig(sparse=True, selection="oracle", window=3, prefill_chunk=1))

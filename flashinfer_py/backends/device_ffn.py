@@ -414,6 +414,8 @@ class DeviceSparseFFN(SparseFFN):
     """SparseFFN with the FFN computed on a device: the host decides and reads as SparseFFN
     does; the rows it computes on are the device mirror's (DeviceNeuronCache)."""
 
+    SPLIT_CACHE = False  # the device mirror is made of whole rows
+
     def __init__(self, directory, manifest: dict, args: ModelArgs, dense: dict,
                  runtime: RuntimeConfig, predictors, plan, ops):
         super().__init__(directory, manifest, args, dense, runtime, predictors, plan)
