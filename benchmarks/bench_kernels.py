@@ -68,6 +68,8 @@ class Case:
                          # linear on one, or ffn2's two matrices
     picked: float = 1.0  # ffn: the fraction of the rows the call reads, picked by row_select
                          # in random order (a gated model's predicted neurons in the cache)
+    split: bool = False  # ffn: the down parts in a matrix of their own (a split neuron cache,
+                         # what the runtime keeps for FFNs without a gate), else whole records
 
 
 def _linears(tag: str, shapes, fmts) -> list[Case]:
@@ -90,6 +92,10 @@ CASES = [
       ("float16", "q8_0", "q4_1")),
     *(Case(f"ffn_rows sparse d=4096 r=1600 10% active", "ffn", f, 1600, 4096, active=0.1,
            gated=False) for f in ("float16", "q8_0", "q4_0", "q4_1")),
+    # the same in a split cache (up parts one matrix, down parts another): the runtime's rows
+    # for FFNs without a gate since the cache splits them
+    *(Case(f"ffn_rows sparse split d=4096 r=1600 10% active", "ffn", f, 1600, 4096,
+           active=0.1, gated=False, split=True) for f in ("float16", "q8_0", "q4_0", "q4_1")),
     # a SwiGLU layer's predicted neurons in the cache: a quarter of the 1B's rows, half of
     # SmolLM2's, picked
     *(Case(f"ffn_rows picked d=2048 r=5632 25% picked", "ffn", f, 5632, 2048, picked=0.25)
@@ -193,13 +199,20 @@ def make_runner(case: Case) -> tuple[Callable[[int], None], float, int]:
     if case.picked < 1.0:
         n_used = int(r * case.picked)
         kw["row_select"] = rng.permutation(r)[:n_used].astype(np.int32)
-    copies = _copies(rows0, read=rows0.nbytes * n_used / r)  # the rows a call reads
+    if case.split:  # everything before the down part in one matrix, the down parts in another
+        a0 = np.ascontiguousarray(rows0[:, :off["down"]])
+        b0 = np.ascontiguousarray(rows0[:, off["down"]:])
+        kw["down_off"] = 0
+        n_copies = len(_copies(rows0, read=rows0.nbytes * n_used / r))
+        copies = [(a0, b0)] + [(a0.copy(), b0.copy()) for _ in range(n_copies - 1)]
+    else:
+        copies = [(rows, None) for rows in _copies(rows0, read=rows0.nbytes * n_used / r)]
     out = np.empty((1, d), np.float32)
     act = np.empty((1, n_used), np.float32)
 
     def fn(threads: int) -> None:
-        for rows in copies:
-            K.ffn_rows(x, rows, d, out=out, act_out=act, threads=threads, **kw)
+        for rows, down in copies:
+            K.ffn_rows(x, rows, d, out=out, act_out=act, threads=threads, down_rows=down, **kw)
 
     fn(1)
     n_active = int((act != 0).sum())

@@ -329,7 +329,7 @@ def cmd_run_ours(a) -> None:
     from flashinfer_py.runtime import FlashModel
 
     pt.L, pt.F = L, F  # make_trace / active_fractions / get_trace read the module's shape
-    pred, _, note = pt.get_trace(a.trace, a.tokens + 1)
+    pred, _, note, _ = pt.get_trace(a.trace, a.tokens + 1)
     trace = pt.TracePredictor(pred)
     if a.predictor_cost:
         trace = CostlyTrace(pred, np.random.default_rng(5))

@@ -120,13 +120,20 @@ PAPER_T2 = {  # row: (DRAM GB, GB per token, GB/s, I/O ms)
 # "overlap" is ours too (issue 16): everything on, with each layer's reads running on a worker
 # thread while its FFN computes on the rows already cached (RuntimeConfig.overlap="layer").
 # "ahead" bounds what starting the reads earlier can give: overlap="ahead" with a look-ahead
-# that guesses each layer's neurons perfectly (the trace's own set), which no predictor does;
-# benchmarks/overlap.py measures the real guess on SmolLM2.
-ROWS = ("naive", "hybrid", "predictor", "window", "bundling", "frequency", "overlap", "ahead")
+# that guesses each layer's neurons perfectly (the trace's own set), which no predictor does.
+# "lookahead" is the same with a real guess, recorded with the trace (--trace smollm2 only):
+# each layer's neurons as SmolLM2 guessed them from the layer before's FFN input
+# (recorded_trace.py), a guess as large as the predicted set; "lookahead-top" its most
+# confident third. Wrong guesses cost reads; missed neurons are read when the layer knows.
+ROWS = ("naive", "hybrid", "predictor", "window", "bundling", "frequency", "overlap", "ahead",
+        "lookahead", "lookahead-top")
+LOOKAHEAD = {"lookahead": "guess", "lookahead-top": "guess_top"}  # row -> recorded guess
 FLAGS = {"naive": "- - - -", "hybrid": "x - - -", "predictor": "x x - -",
          "window": "x x x -", "bundling": "x x x x", "frequency": "x x x x, ours: frequency eviction",
          "overlap": "x x x x, ours: reads overlap compute",
-         "ahead": "x x x x, ours: overlap + a perfect look-ahead (a bound)"}
+         "ahead": "x x x x, ours: overlap + a perfect look-ahead (a bound)",
+         "lookahead": "x x x x, ours: overlap + SmolLM2's recorded look-ahead",
+         "lookahead-top": "x x x x, ours: overlap + its most confident third"}
 
 # ---- trace parameters (documented in make_trace) ------------------------------------------
 ACTIVE_FIRST, ACTIVE_LAST, ACTIVE_MEAN = 0.015, 0.054, 0.033
@@ -350,15 +357,16 @@ SMOLLM2_START = 8
 
 
 def get_trace(name: str, n_tokens: int, log=None):
-    """(pred, true, note) for trace `name`: "synthetic" (make_trace) or "smollm2" (recorded
-    from SmolLM2-135M and mapped to this shape: benchmarks/recorded_trace.py; recorded into
-    the bench cache dir once, about 10 s)."""
+    """(pred, true, note, guess) for trace `name`: "synthetic" (make_trace; no guess: None) or
+    "smollm2" (recorded from SmolLM2-135M and mapped to this shape:
+    benchmarks/recorded_trace.py; recorded into the bench cache dir once, about 30 s; guess:
+    the model's look-ahead of each layer's set)."""
     if name == "synthetic":
         pred, true = make_trace(n_tokens)
-        return pred, true, "synthetic: make_trace's chosen parameters"
+        return pred, true, "synthetic: make_trace's chosen parameters", None
     if name == "smollm2":
         import recorded_trace as rt
-        pred, true, m = rt.smollm2_trace(
+        pred, true, guess, m = rt.smollm2_trace(
             n_tokens, L, F, active_fractions(), PREDICTED_OVER_ACTIVE,
             log=log or (lambda msg: print(msg, file=sys.stderr)), start=SMOLLM2_START)
         note = (f"SmolLM2-135M's exact top contributions on {m['pred'].shape[1]} recorded "
@@ -366,7 +374,7 @@ def get_trace(name: str, n_tokens: int, log=None):
                 f"used), layers "
                 f"{int(m['n_src_layers'])} -> {L} and neurons {int(m['d_ff'])} -> {F} by "
                 f"recorded_trace.py")
-        return pred, true, note
+        return pred, true, note, guess
     raise ValueError(f"unknown trace {name!r}: {TRACES}")
 
 
@@ -382,7 +390,8 @@ def print_stats_only(n_tokens: int | None) -> None:
     n = n_tokens or m["pred"].shape[1]
     syn_p, syn_t = make_trace(n)
     s_syn = trace_stats(syn_p, syn_t)
-    real_p, real_t, _ = rt.smollm2_trace(n, L, F, active_fractions(), PREDICTED_OVER_ACTIVE)
+    real_p, real_t, real_g, _ = rt.smollm2_trace(n, L, F, active_fractions(),
+                                                 PREDICTED_OVER_ACTIVE)
     s_real = trace_stats(real_p, real_t)
     s_native = trace_stats(rt.masks_to_sets(m["pred"][:, :n]), rt.masks_to_sets(m["true"][:, :n]),
                            d_ff=int(m["d_ff"]))
@@ -393,16 +402,30 @@ def print_stats_only(n_tokens: int | None) -> None:
           f"{DTYPE}). 'smollm2 at its width': the same recorded sets before the 1536 -> "
           f"{F} widening (the layer map already applied), so the two smollm2 columns differ "
           f"only by the widening.")
+    native_p = rt.masks_to_sets(m["pred"][:, :n])
+    for k in ("guess", "guess_top"):
+        print("\n" + format_guess_stats(
+            k, rt.guess_stats(native_p, rt.masks_to_sets(m[k][:, :n]), WINDOW),
+            rt.guess_stats(real_p, real_g[k], WINDOW)))
+
+
+def format_guess_stats(which: str, native: dict, mapped: dict) -> str:
+    size = {"guess": "as large as the predicted set",
+            "guess_top": "its most confident third"}[which]
+    return (f"SmolLM2's look-ahead, {size} (each layer's set guessed from the layer before's "
+            f"FFN input; layers with a guess, tokens from {WINDOW} on): recall "
+            f"{100 * native['recall']:.1f}% at its width ({100 * mapped['recall']:.1f}% mapped), "
+            f"precision {100 * native['precision']:.1f}% ({100 * mapped['precision']:.1f}%).")
 
 
 # ---- the runtime, driven by the trace -----------------------------------------------------
 
 class _TraceLayer:
-    def __init__(self, owner, layer):
-        self.owner, self.layer = owner, layer
+    def __init__(self, owner, layer, sets: str = "pred"):
+        self.owner, self.layer, self.sets = owner, layer, sets
 
     def predict(self, x, threshold, cap):
-        ids = self.owner.pred[self.layer][self.owner.token]
+        ids = getattr(self.owner, self.sets)[self.layer][self.owner.token]
         if ids.size > cap:  # as LayerPredictor.predict (max_active=cap): keep `cap` of them
             self.owner.truncated[0] += 1
             self.owner.truncated[1] += ids.size - cap
@@ -418,10 +441,14 @@ class TracePredictor:
     kinds = ["lowrank"]  # what the runtime resolves its selection from (Predictors.kinds)
     calibration = sketch = None
 
-    def __init__(self, pred):
-        self.pred, self.token = pred, 0
+    def __init__(self, pred, guess=None):
+        """`guess`: a recorded look-ahead, [layer][token] id sets, or None."""
+        self.pred, self.guess, self.token = pred, guess, 0
         self.truncated = [0, 0]  # (sets cut to the cache's size, neurons dropped)
         self.layers = [_TraceLayer(self, layer) for layer in range(L)]
+        # the recorded look-ahead (overlap "ahead" asks `lookahead` for its guesses)
+        self.guess_layers = ([_TraceLayer(self, layer, "guess") for layer in range(L)]
+                             if guess is not None else None)
         self.nbytes = 0
 
 
@@ -484,7 +511,7 @@ def window_capacities(pred, n_tokens: int, k: int = WINDOW) -> list:
 
 
 def run_row(row: str, workdir: Path, pred, compute: ComputeModel, warmup: int, tokens: int,
-            a) -> dict:
+            a, guess=None) -> dict:
     """One Table 2 row: `warmup` tokens, then `tokens` measured ones (trace tokens from 0)."""
     args = ModelArgs(arch="opt", vocab_size=VOCAB, hidden_size=D, intermediate_size=F,
                      num_hidden_layers=L, num_attention_heads=32, hidden_act="relu",
@@ -493,15 +520,19 @@ def run_row(row: str, workdir: Path, pred, compute: ComputeModel, warmup: int, t
     manifest = {"files": {"bundles": BUNDLE_NAME, "dense": RESIDENT_NAME}, "dtype": DTYPE,
                 "bundle": {"record_bytes": RECORD, "parts": ["up", "down"], "d_model": D}}
     ours = row == "frequency"
-    overlap = row in ("overlap", "ahead")
+    overlap = row in ("overlap", "ahead") or row in LOOKAHEAD
     rt = RuntimeConfig(ablation="bundling" if ours or overlap else row, window=WINDOW,
-                       compute="predicted", threads=a.threads, queue_depth=a.queue_depth,
+                       compute=a.compute, threads=a.threads, queue_depth=a.queue_depth,
                        io_engine=a.engine, max_context=1,
                        eviction="frequency" if ours else "window",
-                       overlap={"overlap": "layer", "ahead": "ahead"}.get(row, "off"))
-    predictor = TracePredictor(pred)
+                       overlap={"overlap": "layer"}.get(row, "ahead" if overlap else "off"))
+    if row in LOOKAHEAD and guess is None:
+        raise ValueError(f"the {row} row needs a trace with recorded guesses (--trace smollm2)")
+    predictor = TracePredictor(pred, guess[LOOKAHEAD[row]] if row in LOOKAHEAD else None)
     if row == "ahead":  # the guess for each layer is the trace's own set: a perfect look-ahead
         predictor.lookahead = predictor.layers
+    elif row in LOOKAHEAD:  # the model's own guesses, recorded with the trace
+        predictor.lookahead = predictor.guess_layers
     rng = np.random.default_rng(2)
     dense = {f"layers.{i}.ffn_up_bias": (rng.standard_normal(F) * 0.01).astype(np.float32)
              for i in range(L)}
@@ -767,7 +798,7 @@ def format_targets(res: dict, fio: dict) -> str:
         share = (r["mm_ms"] + r["lookup_ms"]) / r["total_ms"]
         lines.append(f"- memory management share of the token (everything on): "
                      f"**{100 * share:.1f}%** (target <= 10%): {'met' if share <= 0.10 else 'NOT met'}")
-        if r.get("memcpy_gbps"):
+        if r.get("memcpy_gbps") and r["evicted_bytes"]:  # (a run too short to evict: no floor)
             swap = r["evicted_bytes"] / r["memcpy_gbps"] / 1e6
             mm = r["mm_ms"] + r["lookup_ms"]
             lines.append(f"- memory management vs the floor of swap-with-last compaction (one row "
@@ -783,7 +814,7 @@ def format_targets(res: dict, fio: dict) -> str:
                              f"**{r['gbps_mean'] / v:.2f}** (target >= 0.80): "
                              f"{'met' if r['gbps_mean'] / v >= 0.8 else 'NOT met'}")
     for k, r in _keys(res):  # issue 16: the token against max(I/O, compute + management)
-        if r["row"] not in ("bundling", "overlap", "ahead"):
+        if r["row"] not in ("bundling", "overlap", "ahead", *LOOKAHEAD):
             continue
         cpu = r["compute_ms"] + r["mm_ms"] + r["lookup_ms"]
         floor = max(r["io_ms"], cpu)
@@ -833,6 +864,10 @@ def main() -> None:
                     help="tokens before measuring in the window rows (fills the window); the "
                          "rows without reuse get 1")
     ap.add_argument("--threads", type=int, default=1, help="compute threads (kernels)")
+    ap.add_argument("--compute", default="predicted", choices=("predicted", "cached"),
+                    help="the rows the FFN computes: the token's predicted neurons (the paper; "
+                         "default) or every cached neuron (the runtime's default, which a ReLU "
+                         "layer's activations then sparsify)")
     ap.add_argument("--queue-depth", type=int, default=32)
     ap.add_argument("--engine", default="auto", choices=("auto", "threads", "io_uring"))
     ap.add_argument("--fio-seconds", type=float, default=5.0, help="0 skips fio")
@@ -860,10 +895,22 @@ def main() -> None:
 
     n_tok = max(a.warmup + a.tokens, 1 + a.big_tokens, WINDOW + 1)
     t0 = time.time()
-    pred, true, note = get_trace(a.trace, n_tok)
+    pred, true, note, guess = get_trace(a.trace, n_tok)
     stats = trace_stats(pred, true)
     print(f"\n## Trace: {a.trace} ({n_tok} tokens, {time.time() - t0:.1f} s to make; {note})\n")
     print(format_trace_stats(stats, a.trace), flush=True)
+    if guess is not None:
+        import recorded_trace as rt_mod
+        for row, k in LOOKAHEAD.items():
+            measured = [[t[a.warmup:a.warmup + a.tokens] for t in layer] for layer in pred]
+            stats[k] = rt_mod.guess_stats(
+                measured, [[t[a.warmup:a.warmup + a.tokens] for t in layer] for layer in guess[k]])
+            print(f"\nThe {row} row's recorded guesses over the measured tokens: recall "
+                  f"{100 * stats[k]['recall']:.1f}%, precision {100 * stats[k]['precision']:.1f}% "
+                  f"(layers with a guess)", flush=True)
+    elif any(r in LOOKAHEAD for r in a.rows):
+        print(f"\n(the lookahead rows need a trace with recorded guesses, --trace smollm2: "
+              f"skipped with the {a.trace} trace)", flush=True)
 
     res, fio = {}, {}
     for dt in a.dtypes:
@@ -872,12 +919,14 @@ def main() -> None:
         bundle = workdir / BUNDLE_NAME
         fio_here = dt == "float16" and a.fio_seconds > 0
         for row in (a.rows if dt == "float16" else a.quant_rows or a.rows):
+            if row in LOOKAHEAD and guess is None:
+                continue
             big = row in ("naive", "hybrid")
             warm = 1 if row in ("naive", "hybrid", "predictor") else a.warmup
             toks = a.big_tokens if big else a.tokens
             if row == "bundling" and fio_here:
                 fio = fio_pair(bundle, a.fio_seconds)
-            res[key(row, dt)] = {**run_row(row, workdir, pred, compute, warm, toks, a),
+            res[key(row, dt)] = {**run_row(row, workdir, pred, compute, warm, toks, a, guess),
                                  "dtype": dt, "record_bytes": RECORD}
             if row == "bundling" and fio_here and fio:
                 after = fio_pair(bundle, a.fio_seconds)

@@ -61,8 +61,21 @@ decoded one at a time through a KV cache (``Transformer.forward`` of the dense m
   and window treat each OPT neuron on its own, so the block structure changes no mechanism,
   only the statistics' granularity.
 
+**The look-ahead guess** (``guess``, for issue 16's "lookahead" row of paper_table.py): what
+``overlap="ahead"`` does on a real model, recorded. While layer s - 1 computes, the runtime
+guesses layer s's neurons from layer s - 1's FFN input; recorded here as layer s's exact
+contribution rule applied to that input, ``|silu(gate_s.x_{s-1}) * (up_s.x_{s-1})| *
+||down_j||``, thresholded at its own (1 - 3 a_l) quantile (``guess``: as large as the
+predicted set on average) and at its (1 - a_l) quantile (``guess_top``: its most confident
+third, fewer wrong reads for fewer right ones). Source layer 0 has no layer before it: no
+guess (the runtime guesses layer 0 from its attention input; not recorded). Widened with the
+same blocks and permutations as the predicted sets, so a right guess is the same OPT ids. The
+two OPT layers of a shared source layer (7, 8 and 23, 24) both get source s's guess from
+source s - 1's input, though in OPT order the second follows the same source layer: both
+omissions make the recorded look-ahead slightly worse than the runtime's.
+
 The recorded sets are saved under ``cache_root()/bench`` (``smollm2-trace-32layers.npz``: bit-packed
-predicted and truly active masks at SmolLM2's width, per OPT layer, plus the layer map,
+predicted, truly active and guessed masks at SmolLM2's width, per OPT layer, plus the layer map,
 thresholds and token ids; about 1.5 MB for 320 tokens) and recorded again when missing, shorter than needed
 or made with other parameters. The widening to 16384 runs at load (deterministic, seeded).
 """
@@ -73,7 +86,7 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = 1
+VERSION = 3  # 2: the look-ahead guess; 3: and its most confident third
 SMOL_LAYERS, SMOL_FF = 30, 1536
 TEXT_TAIL = 200_000
 DEFAULT_TOKENS = 320
@@ -94,20 +107,53 @@ def opt_layer_map(n_opt: int, n_src: int) -> np.ndarray:
     return np.rint(np.arange(n_opt) * (n_src - 1) / (n_opt - 1)).astype(np.int64)
 
 
-def contributions(model, ids, progress=None) -> np.ndarray:
+def _np_act(name: str, param: float = 0.0):
+    """The FFN activation in numpy (float32), as the kernels compute it (kernels.h), for the
+    guesses' own products."""
+    if name == "silu":
+        return lambda z: z / (1.0 + np.exp(-z))
+    if name == "relu":
+        return lambda z: np.maximum(z, 0.0)
+    if name == "fatrelu":
+        return lambda z: np.where(z > param, z, 0.0).astype(np.float32)
+    if name == "gelu":  # exact, with erf
+        from math import erf
+
+        verf = np.vectorize(erf, otypes=[np.float64])
+        return lambda z: (0.5 * z * (1.0 + verf(z / np.sqrt(2.0)))).astype(np.float32)
+    if name == "gelu_tanh":
+        return lambda z: 0.5 * z * (1.0 + np.tanh(0.7978845608 * (z + 0.044715 * z ** 3)))
+    raise ValueError(f"no numpy activation for {name!r}")
+
+
+def contributions(model, ids, progress=None):
     """Decode `ids` one token at a time through a dense `model` (flashinfer_py.load) and
-    return float32 [layers, len(ids), d_ff]: each neuron's |act(gate.x) * up.x| * ||down_j||
-    (act(x) alone for an ungated FFN) per layer and token, from the transformer's
-    ``observer`` hook."""
+    return two float32 [layers, len(ids), d_ff] arrays: each neuron's |act(gate.x) * up.x| *
+    ||down_j|| (act(x) alone for an ungated FFN) per layer and token, from the transformer's
+    ``observer`` hook; and the look-ahead guess of it, layer s's rule on layer s - 1's FFN
+    input (zeros for layer 0)."""
     from flashinfer_py.sketch import down_norms
 
     a = model.args
     dn = down_norms(model.ffn.kernel, model.ffn.rows_by_layer)  # [L, d_ff]
     c = np.empty((a.num_hidden_layers, len(ids), a.intermediate_size), np.float32)
+    g = np.zeros_like(c)
+    up = [model.ffn.part_f32(i, "up") for i in range(a.num_hidden_layers)]
+    gate = ([model.ffn.part_f32(i, "gate") for i in range(a.num_hidden_layers)] if a.gated
+            else None)
+    act = _np_act(a.hidden_act, a.act_param)
+    bias = getattr(model.ffn, "bias", [None] * a.num_hidden_layers)  # OPT's fc1 bias
     pos = 0
 
     def observe(layer, x, h, ref_norm):  # one token per forward: h is [1, d_ff]
         np.multiply(np.abs(h[0]), dn[layer], out=c[layer, pos])
+        n = layer + 1
+        if n < a.num_hidden_layers:  # the next layer's neurons, guessed from this input
+            u = up[n] @ x[0]
+            if bias[n] is not None:
+                u = u + bias[n]
+            hh = act(gate[n] @ x[0]) * u if gate is not None else act(u)
+            np.multiply(np.abs(hh), dn[n], out=g[n, pos])
 
     tr = model.transformer
     tr.observer = observe
@@ -119,12 +165,12 @@ def contributions(model, ids, progress=None) -> np.ndarray:
                 progress(pos + 1)
     finally:
         tr.observer = None
-    return c
+    return c, g
 
 
 def record_contributions(n_tokens: int, threads: int = 1, progress=None):
-    """`contributions` of the embedded SmolLM2 over the first `n_tokens` tokens of the held-out
-    Wikipedia text; and the token ids."""
+    """`contributions` (and their guesses) of the embedded SmolLM2 over the first `n_tokens`
+    tokens of the held-out Wikipedia text; and the token ids."""
     import flashinfer_py as fi
     from flashinfer_py.corpora import wikipedia_excerpt
     from flashinfer_py.default_model import default_model_dir
@@ -134,7 +180,8 @@ def record_contributions(n_tokens: int, threads: int = 1, progress=None):
     ids = model.tokenizer.encode(text[text.index("\n") + 1:])[:n_tokens]
     if len(ids) < n_tokens:
         raise ValueError(f"the text has {len(ids)} tokens, {n_tokens} asked")
-    return contributions(model, ids, progress), np.asarray(ids, np.int32)
+    c, g = contributions(model, ids, progress)
+    return c, g, np.asarray(ids, np.int32)
 
 
 def threshold_sets(c: np.ndarray, layer_map: np.ndarray, fractions: np.ndarray,
@@ -157,15 +204,19 @@ def record(n_tokens: int, n_opt_layers: int, active: np.ndarray, predicted_over_
     truly active fraction of each OPT layer."""
     path = path or trace_path(n_opt_layers)
     t0 = time.time()
-    c, ids = record_contributions(
+    c, g, ids = record_contributions(
         n_tokens, progress=lambda n: log(f"  recording SmolLM2's sets: {n}/{n_tokens} tokens"))
     lmap = opt_layer_map(n_opt_layers, c.shape[0])
     pred, th_p = threshold_sets(c, lmap, predicted_over_active * active)
     true, th_t = threshold_sets(c, lmap, active)
+    guess, th_g = threshold_sets(g, lmap, predicted_over_active * active)  # layer 0: empty
+    top, th_gt = threshold_sets(g, lmap, active)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial.npz")
     np.savez_compressed(tmp, version=VERSION, d_ff=c.shape[2], n_src_layers=c.shape[0],
                         pred=np.packbits(pred, axis=-1), true=np.packbits(true, axis=-1),
+                        guess=np.packbits(guess, axis=-1), threshold_guess=th_g,
+                        guess_top=np.packbits(top, axis=-1), threshold_guess_top=th_gt,
                         layer_map=lmap, threshold_pred=th_p, threshold_true=th_t,
                         active=np.asarray(active, np.float64),
                         predicted_over_active=predicted_over_active, token_ids=ids)
@@ -199,9 +250,10 @@ def load_masks(n_tokens: int, n_opt_layers: int, active: np.ndarray,
                path, log)
         z = np.load(path)
     f = int(z["d_ff"])
-    out = {k: z[k] for k in z.files if k not in ("pred", "true")}
-    out["pred"] = np.unpackbits(z["pred"], axis=-1, count=f).astype(bool)
-    out["true"] = np.unpackbits(z["true"], axis=-1, count=f).astype(bool)
+    masks = ("pred", "true", "guess", "guess_top")
+    out = {k: z[k] for k in z.files if k not in masks}
+    for k in masks:
+        out[k] = np.unpackbits(z[k], axis=-1, count=f).astype(bool)
     return out
 
 
@@ -246,10 +298,31 @@ def masks_to_sets(masks: np.ndarray):
 def smollm2_trace(n_tokens: int, n_opt_layers: int, d_ff: int, active: np.ndarray,
                   predicted_over_active: float, path: Path | None = None, log=print,
                   start: int = 0):
-    """(pred, true) at the OPT shape, [layer][token] -> sorted int32 ids, for recorded tokens
-    start .. start + n_tokens - 1; and the native (unwidened) masks' dict."""
+    """(pred, true, guess) at the OPT shape, [layer][token] -> sorted int32 ids, for recorded
+    tokens start .. start + n_tokens - 1 (guess: {"guess": ..., "guess_top": ...}); and the
+    native (unwidened) masks' dict."""
     m = load_masks(start + n_tokens, n_opt_layers, active, predicted_over_active, path, log)
     sl = slice(start, start + n_tokens)
     pred = widen(m["pred"][:, sl], d_ff, seed=0)
     true = widen(m["true"][:, sl], d_ff, seed=0)  # the same blocks: true stays in pred
-    return pred, true, m
+    guess = {k: widen(m[k][:, sl], d_ff, seed=0)  # and a right guess is the same ids
+             for k in ("guess", "guess_top")}
+    return pred, true, guess, m
+
+
+def guess_stats(pred, guess, skip: int = 0) -> dict:
+    """How good the look-ahead guess is, [layer][token] id sets: recall (the share of a
+    layer's predicted set the guess held) and precision (the share of the guess the layer
+    then predicted), means over tokens >= `skip` and over the layers that have a guess."""
+    rec, prec = [], []
+    for p_l, g_l in zip(pred, guess):
+        pairs = list(zip(p_l, g_l))[skip:]
+        if not any(q.size for _, q in pairs):  # a layer without a guess (layer 0)
+            continue
+        for p, q in pairs:  # an empty guess of a guessed layer: recall 0
+            hit = np.intersect1d(p, q, assume_unique=True).size
+            rec.append(hit / max(p.size, 1))
+            if q.size:
+                prec.append(hit / q.size)
+    return {"recall": float(np.mean(rec)) if rec else 0.0,
+            "precision": float(np.mean(prec)) if prec else 0.0}

@@ -133,6 +133,8 @@ def plot(res: list[dict], path: Path) -> None:
                      label=f"memory floor: resident / {MEM_GBPS} GB/s")
             ax1.plot(x, [floors(r)[1] + floors(r)[2] for r in rs], "-.", color="k", lw=1,
                      label="disk + memory floors (I/O not overlapped with compute)")
+            ax1.plot(x, [max(floors(r)[1], floors(r)[2]) for r in rs], "--", color="k", lw=1,
+                     label="max(disk, memory floor): reads overlapping compute (issue 16)")
             ax2.plot(x, [r["resident_bytes_model"] / 1e9 for r in rs], ":", color="C2",
                      label="resident bytes (read from DRAM)")
     for ax in (ax1, ax2):
