@@ -57,6 +57,8 @@ METHODS = {
     "exact": dict(selection="oracle", eviction="rank"),
     "sketch": dict(selection="sketch", eviction="rank"),
     "sketch-uniform": dict(selection="sketch", eviction="rank", per_layer_cache=False),
+    "sketch-full": dict(selection="sketch", eviction="rank", sketch="full"),
+    "sketch-gate": dict(selection="sketch", eviction="rank", sketch="gate"),
     "lowrank-rank": dict(selection="predictor", eviction="rank"),
     "lowrank-window": dict(selection="predictor", eviction="window"),
 }
@@ -64,15 +66,29 @@ LABELS = {
     "exact": "exact contributions (oracle: the ceiling)",
     "sketch": "4-bit sketch, per-layer caches (default)",
     "sketch-uniform": "4-bit sketch, equal caches",
+    "sketch-full": "4-bit sketch of gate and up rows",
+    "sketch-gate": "4-bit sketch of the gate rows x mean|up.x|",
     "lowrank-rank": "low-rank predictor r=64, ranked",
     "lowrank-window": "low-rank predictor r=64, window k=4 (the paper)",
 }
 
 
-def model_dir(name: str) -> Path:
-    """A benchmark copy of an embedded model: its files linked, its own predictors."""
-    from flashinfer_py.default_model import cache_root, default_model_dir, gemma3_model_dir
+def model_dir(name: str, dtype: str = "") -> Path:
+    """A benchmark copy of an embedded model: its files linked, its own predictors; with
+    `dtype`, its GGUF converted to that storage format instead (block formats keep the GGUF's
+    blocks where they match: SmolLM2's q4_1 is exactly the model llama.cpp runs)."""
+    from flashinfer_py.default_model import (cache_root, default_gguf_path, default_model_dir,
+                                             gemma3_gguf_path, gemma3_model_dir)
 
+    if dtype:
+        import flashinfer_py as fi
+
+        dst = cache_root() / "bench" / "sparse_quality" / f"{name}-{dtype}"
+        if not (dst / "manifest.json").exists():
+            gguf = {"smollm2": default_gguf_path, "gemma3": gemma3_gguf_path}[name]()
+            fi.convert(gguf, dst, dtype=dtype, resident_dtype="auto", force=dst.exists(),
+                       progress=False)
+        return dst
     src = {"smollm2": default_model_dir, "gemma3": gemma3_model_dir}[name]()
     dst = cache_root() / "bench" / "sparse_quality" / name
     dst.mkdir(parents=True, exist_ok=True)
@@ -98,7 +114,8 @@ def ensure_predictors(directory: Path, tokens: int, log) -> dict:
     try:  # reused only if made by this configuration from these very ids
         p = Predictors.load(directory, model.manifest)
         if p.meta.get("config") == json.loads(json.dumps(vars(cfg))) and len(p.kinds) == 2 \
-                and p.meta.get("calibration_ids_sha256") == ids_digest(ids):
+                and p.meta.get("calibration_ids_sha256") == ids_digest(ids) \
+                and p.calibration.up_mean is not None:  # older files lack the gate sketch's means
             return p.meta
     except fi.FlashFormatError:
         pass
@@ -433,6 +450,9 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--window-tokens", type=int, default=256)
     ap.add_argument("--calibration-tokens", type=int, default=4096)
+    ap.add_argument("--dtype", default="", help="run the models converted from their GGUFs to "
+                    "this storage format (e.g. q4_1; results in results/sparse_quality_DTYPE"
+                    ".json, not the main table's file)")
     ap.add_argument("--write", action="store_true", help="write benchmarks/RESULTS_sparse.md")
     ap.add_argument("--plot", action="store_true", help="write benchmarks/figures/*.png")
     ap.add_argument("--replot", action="store_true",
@@ -471,13 +491,15 @@ def main(argv=None) -> int:
             log(f"wrote {p}")
         return 0
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    out_json = (RESULTS_JSON if not ns.dtype
+                else RESULTS_JSON.with_name(f"sparse_quality_{ns.dtype}.json"))
     commit = git_commit("flashinfer_py", "csrc", "benchmarks/sparse_quality.py")
     results = {"date": datetime.date.today().isoformat(), "commit": commit,
                "machine": machine(), "read_limit": ns.read_limit, "windows": ns.windows,
                "window_tokens": ns.window_tokens, "calibration_tokens": ns.calibration_tokens,
                "dense": {}, "rows": {}, "command": cmd.strip()}
-    if RESULTS_JSON.exists():  # keep the models not run now, if measured the same way
-        old = json.loads(RESULTS_JSON.read_text())
+    if out_json.exists():  # keep the models not run now, if measured the same way
+        old = json.loads(out_json.read_text())
         same = all(old.get(k) == results[k] for k in
                    ("read_limit", "windows", "window_tokens", "calibration_tokens"))
         for name in old.get("rows", {}):
@@ -488,7 +510,7 @@ def main(argv=None) -> int:
                     name, {k: old.get(k) for k in ("date", "commit", "command")})
     for name in ns.models:
         log(f"{name}:")
-        d = model_dir(name)
+        d = model_dir(name, ns.dtype)
         ensure_predictors(d, ns.calibration_tokens, log)
         windows = eval_windows(d, ns.windows, ns.window_tokens)
         results["dense"][name] = dense_ppl(d, windows)
@@ -512,8 +534,8 @@ def main(argv=None) -> int:
                                                 "command": cmd.strip()}
         results["seconds"] = time.perf_counter() - t0
         results["load"] = [load0, os.getloadavg()[0]]
-        RESULTS_JSON.parent.mkdir(exist_ok=True)
-        RESULTS_JSON.write_text(json.dumps(results, indent=1))  # each model as it finishes
+        out_json.parent.mkdir(exist_ok=True)
+        out_json.write_text(json.dumps(results, indent=1))  # each model as it finishes
     main_rows = [{**r, "model": m} for m, rows in results["rows"].items() for r in rows
                  if r["read_limit"] == ns.read_limit and r.get("basis", "dram") == "dram"]
     print(table(main_rows, results["dense"]))

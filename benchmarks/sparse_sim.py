@@ -179,6 +179,13 @@ def main(argv=None) -> int:
                          "RANK/LAST for a larger rank in the last 3 layers (the paper's "
                          "per-layer ranks)")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--record-bytes", type=int, default=0,
+                    help="price DRAM as if a cached neuron took this many bytes (e.g. 1008, a "
+                         "SmolLM2 q4_1 record's parts) instead of this model's packed row; the "
+                         "choosers' bytes are the same in every format")
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only the "
+                    "methods whose name has one")
+    ap.add_argument("--allocs", default="equal,per-layer")
     ns = ap.parse_args(argv)
     import flashinfer_py as fi  # noqa: F401
     from flashinfer_py.corpora import calibration_text, wikipedia_excerpt
@@ -196,6 +203,8 @@ def main(argv=None) -> int:
     cal = calibrate(sim, calw)
     base = math.exp(sim.run(evw))
     rec = cache_row_bytes(sim.m.manifest)  # a cached neuron's DRAM, as the runtime plans it
+    sketch_check = sketch_record_bytes(a) / rec
+    rec = ns.record_bytes or rec
     L, f, d = sim.L, sim.f, a.hidden_size
     methods = {"exact (ceiling)": (None, 0.0, False, 0)}
     for bits in (4, 3, 2):
@@ -204,7 +213,25 @@ def main(argv=None) -> int:
         cost = 2 * -(-d // 32) * (bits * 4 + 2) / rec
         methods[f"q{bits} sketch, one tier"] = (est, cost, False, 0)
         methods[f"q{bits} sketch, two tiers"] = (est, cost, True, 0)
-    assert abs(methods["q4 sketch, two tiers"][1] - sketch_record_bytes(a) / rec) < 1e-9
+    assert ns.record_bytes or abs(methods["q4 sketch, two tiers"][1] - sketch_check) < 1e-9
+    # The gate part alone (half the sketch), as CATS thresholds |act(gate . x)|: scored
+    # |act(gate~ . x)| * ||down|| * mean|up . x| (the mean over the calibration tokens), or
+    # without the mean (a control).
+    mu = [np.zeros(f) for _ in range(L)]
+
+    def _mean_up(layer, x, h):
+        mu[layer] += np.abs(x @ sim.W[layer][0].T).sum(0) / (len(cal_ids))
+
+    sim.run(calw, collect=_mean_up)
+    Qg = [_qsym(w[1], 4) for w in sim.W]
+    cost_g = -(-d // 32) * 18 / rec
+    methods["q4 gate sketch x mean|u|, two tiers"] = (
+        lambda l, X, H: np.abs(sim.act(X @ Qg[l].T)) * sim.dn[l] * mu[l], cost_g, True, 0)
+    un = [np.linalg.norm(w[0], axis=1) for w in sim.W]
+    methods["q4 gate sketch x ||up||, two tiers"] = (
+        lambda l, X, H: np.abs(sim.act(X @ Qg[l].T)) * sim.dn[l] * un[l], cost_g, True, 0)
+    methods["q4 gate sketch, no u, two tiers"] = (
+        lambda l, X, H: np.abs(sim.act(X @ Qg[l].T)) * sim.dn[l], cost_g, True, 0)
     if ns.lowrank:
         from flashinfer_py.train import TrainConfig, train_predictors
 
@@ -219,6 +246,9 @@ def main(argv=None) -> int:
     methods["GRIFFIN (32-token prompt, then static)"] = (None, 0.0, False, 32)
     methods["GRIFFIN + q4 sketch swaps"] = (methods["q4 sketch, two tiers"][0],
                                            methods["q4 sketch, two tiers"][1], True, 32)
+    if ns.only:
+        keep = [k for k in ns.only.split(",") if k]
+        methods = {n: v for n, v in methods.items() if any(k in n for k in keep)}
     rows = []
     reads = [max(1, int(math.ceil(ns.read_limit * f)))] * L
     for tot in ns.totals:
@@ -226,7 +256,7 @@ def main(argv=None) -> int:
             cap = (tot - cost) / (1 - cost) if tiered else tot - cost
             if cap <= 0.01:
                 continue
-            for alloc in ("equal", "per-layer"):
+            for alloc in ns.allocs.split(","):
                 total = int(cap * f) * L
                 caps = ([total // L] * L if alloc == "equal" else
                         allocate_caps(cal.err, cal.err_k, total, f, max(16, f // 100)))

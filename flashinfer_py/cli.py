@@ -46,7 +46,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     choices come from the dataclass, so the CLI never restates them (`_runtime` builds the
     config from the fields it finds)."""
     from .backends import BACKENDS, COMPUTE_DTYPES
-    from .config import EVICTIONS, OVERLAPS, SELECTIONS, STREAM_RESIDENT, RuntimeConfig
+    from .config import EVICTIONS, OVERLAPS, SELECTIONS, SKETCHES, STREAM_RESIDENT, RuntimeConfig
 
     d = RuntimeConfig()
 
@@ -111,6 +111,11 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
          "uncached neurons' gate/up rows estimates their activations), predictor (the paper's "
          "low-rank predictors), oracle (the true activations; measurement only: keeps the FFN "
          "in DRAM), all (hybrid)", choices=SELECTIONS)
+    flag(s, "--sketch", "sketch", "with the sketch: what it holds of an uncached neuron. full: "
+         "its gate and up rows; gate: the gate row only, half the bytes, scored with the "
+         "neuron's mean |up.x| from calibration (a larger cache under the same budget: for "
+         "4-bit records, where the full sketch is 64%% of a neuron); auto: gate "
+         "where the full sketch would be over 40%% of a cached neuron", choices=SKETCHES)
     flag(s, "--eviction", "eviction", "when cached neurons leave DRAM: auto (rank with the "
          "sketch, else window); rank: the cache stays full and the neurons that matter least "
          "to the current token make room for better ones; window: when no token of the last "
@@ -723,10 +728,12 @@ def cmd_info(ns) -> int:
             from .loader import plan_directory
 
             rt, plan = plan_directory(ns.dir, rt)
-            out["memory_plan"] = {"selection": rt.selection, "eviction": rt.eviction,
+            kind = {"sketch_kind": rt.sketch} if rt.selection == "sketch" else {}
+            out["memory_plan"] = {"selection": rt.selection, "eviction": rt.eviction, **kind,
                                   **plan.as_dict()}
             if not ns.json:
-                print(f"memory plan (selection {rt.selection}, eviction {rt.eviction}):\n"
+                sk = f", sketch {rt.sketch}" if kind else ""
+                print(f"memory plan (selection {rt.selection}{sk}, eviction {rt.eviction}):\n"
                       + plan.describe(per_layer=True))
     if ns.json:
         print(json.dumps(out, indent=2))

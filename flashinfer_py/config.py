@@ -439,6 +439,7 @@ _FAMILIES = {"llama": _from_llama, "mistral": _from_llama, "qwen2": _from_qwen2,
 SELECTIONS = ("auto", "sketch", "predictor", "oracle", "all")
 EVICTIONS = ("auto", "rank", "window", "frequency")
 OVERLAPS = ("off", "layer", "ahead")
+SKETCHES = ("auto", "full", "gate")
 STREAM_RESIDENT = ("auto", "needed", "off", "all")
 
 # The rows of the paper's Table 2, as runtime settings. "predictor" keeps the caller's
@@ -510,6 +511,15 @@ class RuntimeConfig:
             low-rank predictors. "oracle": the true activations, computed from all weights
             (for measurement only: it keeps the whole FFN in DRAM). "all": every neuron (the
             paper's "hybrid" row).
+        sketch: selection "sketch": what the sketch of an uncached neuron holds. "full": its
+            gate and up rows, scored |act(gate~.x) * (up~.x)| * ||down||. "gate": the gate row
+            only (half the bytes), scored |act(gate~.x)| * mean|up.x| * ||down|| (the mean over
+            the calibration text, as CATS thresholds the gate alone). "auto" (default): "gate"
+            where the full sketch would take more than GATE_SKETCH_SHARE (40%) of a cached
+            neuron's bytes (4-bit records: 64%) and the calibration has the means, else "full".
+            Simulated on SmolLM2 with 70% of a q4_1 FFN's bytes: +20% perplexity against +94%
+            (the full sketch leaves the cache 16% of the FFN, the gate sketch 56%); with float16
+            records the full sketch is better (+4% against +10%; benchmarks/RESULTS_sparse.md).
         window: k, the tokens whose neurons stay cached (the paper's sliding window). Default 4,
             measured on SmolLM2 (see README): k=4 keeps the bytes read per token low while the
             cache stays well under the FFN's size.
@@ -604,6 +614,7 @@ class RuntimeConfig:
     sparse: bool = False
     dram_budget: Optional[int] = None
     selection: str = "auto"
+    sketch: str = "auto"
     window: int = 4
     eviction: str = "auto"
     read_limit: float = 0.1
@@ -696,6 +707,9 @@ class RuntimeConfig:
                              f"neurons), got {self.read_limit}")
         if not self.swap_margin >= 0.0:
             raise ValueError(f"swap_margin must be >= 0, got {self.swap_margin}")
+        if self.sketch not in SKETCHES:
+            raise ValueError(f"sketch must be one of {', '.join(map(repr, SKETCHES))}, "
+                             f"not {self.sketch!r}")
         if self.overlap not in OVERLAPS:
             raise ValueError(f"overlap must be one of {', '.join(map(repr, OVERLAPS))}, "
                              f"not {self.overlap!r}")

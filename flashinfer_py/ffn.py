@@ -376,7 +376,8 @@ class SparseFFN:
             path = directory / meta["file"]
             check_sketch(path, a, meta)
             self.sketch = SketchStore(path, a, [self.cache.ids(i) for i in range(L)],
-                                      cal.down_norm, self.kernel.layout, self.runtime.threads)
+                                      cal.down_norm, self.kernel.layout, self.runtime.threads,
+                                      kind=self.runtime.sketch, up_mean=cal.up_mean)
 
     # ------------------------------------------------------------------ selection
     def _select(self, layer: int, x: np.ndarray) -> np.ndarray:

@@ -648,7 +648,7 @@ def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: Ru
     from .backends import resolve_backend
     from .errors import FlashFormatError
     from .predictor import PREDICTORS_FILE, Predictors
-    from .sketch import sketch_record_bytes
+    from .sketch import resolve_sketch, sketch_record_bytes
 
     preds = None
     if runtime.selection in ("auto", "predictor", "sketch") or (
@@ -662,6 +662,9 @@ def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: Ru
     if rt.selection == "sketch" and "sketch" not in preds.kinds:
         raise FlashFormatError(f"{Path(directory) / PREDICTORS_FILE}: no 4-bit sketch "
                                f"(selection='sketch'); {fix.format('sketch')}.")
+    if rt.selection == "sketch":  # "full" or "gate", for this model's cached row
+        rt = rt.replace(sketch=resolve_sketch(rt.sketch, args, cache_row_bytes(manifest),
+                                              preds.calibration))
     rank = rt.eviction == "rank"
     backend = resolve_backend(rt.backend, rt.device)
     costs = (device_costs(Path(directory), manifest, args, rt, backend)
@@ -673,7 +676,7 @@ def prepare_sparse(directory: Path, manifest: dict, args: ModelArgs, runtime: Ru
                          "backend keeps its resident tensors on the device")
     plan = plan_memory(args, manifest, rt, preds.nbytes if rt.selection == "predictor" else 0,
                        calibration=preds.calibration if rank and preds is not None else None,
-                       sketch_record_bytes=sketch_record_bytes(args)
+                       sketch_record_bytes=sketch_record_bytes(args, rt.sketch)
                        if rt.selection == "sketch" else 0, device=costs,
                        stream_units=_stream_units(Path(directory), manifest, args)
                        if costs is None else None)

@@ -85,10 +85,15 @@ class Calibration:
     err: np.ndarray        # [L, K] FFN output error when each token keeps its err_k[i] largest
                            # contributions, relative to the residual stream's norm (mean)
     down_norm: np.ndarray  # [L, d_ff] ||down_j||
+    up_mean: Optional[np.ndarray] = None  # [L, d_ff] mean |up_j . x| (gated FFNs; the gate
+                                          # sketch's scale); None in files that predate it
 
     def arrays(self) -> dict:
-        return {"cal_hot": self.hot, "cal_err_k": self.err_k, "cal_err": self.err,
-                "cal_down_norm": self.down_norm}
+        out = {"cal_hot": self.hot, "cal_err_k": self.err_k, "cal_err": self.err,
+               "cal_down_norm": self.down_norm}
+        if self.up_mean is not None:
+            out["cal_up_mean"] = self.up_mean
+        return out
 
 
 @dataclass
@@ -157,6 +162,8 @@ class Predictors:
                     cal = Calibration(*(z[k].astype(np.float32 if k != "cal_err_k" else np.int64)
                                         for k in ("cal_hot", "cal_err_k", "cal_err",
                                                   "cal_down_norm")))
+                    if "cal_up_mean" in z.files:
+                        cal.up_mean = z["cal_up_mean"].astype(np.float32)
             label, thresholds = str(header["label"]), [float(t) for t in header["act_thresholds"]]
             meta, sketch = dict(header.get("meta") or {}), header.get("sketch")
             if sketch is not None and not isinstance(sketch, dict):
@@ -208,4 +215,8 @@ def _calibration_fits(cal: Calibration, L: int, f: int) -> bool:
     k = cal.err_k
     return (k.ndim == 1 and k.size >= 2 and cal.hot.shape == (L, f) and cal.down_norm.shape == (L, f) and k.ndim == 1
             and cal.err.shape == (L, k.size) and k.size >= 2 and k[0] == 0 and k[-1] == f
-            and bool((np.diff(k) > 0).all()) and bool(np.isfinite(cal.err).all()))
+            and bool((np.diff(k) > 0).all()) and bool(np.isfinite(cal.err).all())
+            and bool(np.isfinite(cal.down_norm).all()) and bool((cal.down_norm >= 0).all())
+            and (cal.up_mean is None or (cal.up_mean.shape == (L, f)
+                                         and bool(np.isfinite(cal.up_mean).all())
+                                         and bool((cal.up_mean >= 0).all()))))

@@ -37,22 +37,51 @@ SKETCH_BITS = 4
 _BLOCK, _BLOCK_BYTES = 32, 18
 
 
-def sketch_parts(args: ModelArgs) -> list[str]:
-    """The record parts a sketch holds: up, then gate for gated FFNs."""
+# "auto" picks the gate sketch where the full one would take more than this share of a cached
+# neuron's bytes (RuntimeConfig.sketch; 4-bit records: 64%, q8_0 35%, float16 19%).
+GATE_SKETCH_SHARE = 0.4
+
+
+def sketch_parts(args: ModelArgs, kind: str = "full") -> list[str]:
+    """The record parts a sketch holds: up, then gate for gated FFNs ("full"); the gate alone
+    ("gate", gated FFNs only)."""
+    if kind == "gate":
+        if not args.gated:
+            raise ValueError("sketch='gate' is for gated FFNs (SwiGLU, GeGLU); this model's FFN "
+                             "has no gate: use sketch='full'")
+        return ["gate"]
     return ["up", "gate"] if args.gated else ["up"]
 
 
-def sketch_record_bytes(args: ModelArgs) -> int:
+def sketch_record_bytes(args: ModelArgs, kind: str = "full") -> int:
     """Bytes of one neuron's sketch: per part, ceil(d / 32) blocks of 18 bytes."""
-    return len(sketch_parts(args)) * -(-args.hidden_size // _BLOCK) * _BLOCK_BYTES
+    return len(sketch_parts(args, kind)) * -(-args.hidden_size // _BLOCK) * _BLOCK_BYTES
+
+
+def resolve_sketch(kind: str, args: ModelArgs, row_bytes: int, calibration) -> str:
+    """RuntimeConfig.sketch made concrete ("full" or "gate") for a model whose cached neuron
+    takes `row_bytes` of DRAM; "gate" needs the calibration's mean |up.x| (ValueError when an
+    explicit "gate" cannot be had)."""
+    has_means = calibration is not None and getattr(calibration, "up_mean", None) is not None
+    if kind == "gate":
+        sketch_parts(args, "gate")  # a model without a gate: the error says so
+        if not has_means:
+            raise ValueError("sketch='gate' scores the gate with each neuron's mean |up.x| "
+                             "from calibration, which this predictors.npz predates: run "
+                             "`flashinfer-py train-predictors DIR` again")
+        return "gate"
+    if kind == "auto":
+        big = sketch_record_bytes(args) > GATE_SKETCH_SHARE * row_bytes
+        return "gate" if (args.gated and has_means and big) else "full"
+    return "full"
 
 
 def quantize_rows(args: ModelArgs, layout: RecordLayout, rows: np.ndarray, src_rows,
-                  out: np.ndarray, dst_rows) -> None:
+                  out: np.ndarray, dst_rows, kind: str = "full") -> None:
     """Sketch records of bundle records rows[src_rows] (in `layout`: any storage format; block
     formats are expanded to float32 first) into out[dst_rows] (uint8)."""
     off = layout.offsets
-    kernels.quantize_q4(rows, [off[p] for p in sketch_parts(args)], args.hidden_size,
+    kernels.quantize_q4(rows, [off[p] for p in sketch_parts(args, kind)], args.hidden_size,
                         src_rows, out, dst_rows, fmt=layout.fmt.name)
 
 
@@ -71,8 +100,10 @@ def write_sketch(args: ModelArgs, layout: RecordLayout, rows_by_layer, path: Pat
     os.replace(tmp, path)
 
 
-def read_sketch_layer(path: Path, args: ModelArgs, layer: int, ids: np.ndarray) -> np.ndarray:
-    """The sketch records of neurons `ids` of `layer` (uint8 [len(ids), record_bytes])."""
+def read_sketch_layer(path: Path, args: ModelArgs, layer: int, ids: np.ndarray,
+                      kind: str = "full") -> np.ndarray:
+    """The sketch records of neurons `ids` of `layer` (uint8 [len(ids), record_bytes]); the
+    file holds full sketches (up, gate): kind "gate" keeps their gate halves."""
     rec, f = sketch_record_bytes(args), args.intermediate_size
     want = args.num_hidden_layers * f * rec
     size = os.path.getsize(path)
@@ -81,6 +112,8 @@ def read_sketch_layer(path: Path, args: ModelArgs, layer: int, ids: np.ndarray) 
                                f"{f} neurons x {rec} bytes need {want}; rebuild it with "
                                "`flashinfer-py train-predictors`.")
     block = np.fromfile(path, dtype=np.uint8, count=f * rec, offset=layer * f * rec)
+    if kind == "gate":  # the records' second part
+        return block.reshape(f, rec)[ids, rec - sketch_record_bytes(args, "gate"):]
     return block.reshape(f, rec)[ids]
 
 
@@ -90,20 +123,30 @@ class SketchStore:
     Per layer (allocated once): ``data`` (d_ff - capacity, record_bytes) uint8 sketches,
     ``slot_id`` the neuron in each slot, ``id_slot`` (d_ff,) each neuron's slot or -1 (cached),
     ``scale`` the down-column norm of each slot's neuron (scores are |h| * ||down||).
+
+    kind "gate" (RuntimeConfig.sketch): the sketches hold the gate rows only and score
+    |act(gate~.x)| * ||down|| * mean|up.x|, `up_mean` [L, d_ff] the calibration's means.
     """
 
     def __init__(self, path: Path, args: ModelArgs, cached_ids: list, down_norm: np.ndarray,
-                 layout: RecordLayout, threads: int = 0):
-        self.args, self.f, self.layout = args, args.intermediate_size, layout
+                 layout: RecordLayout, threads: int = 0, kind: str = "full",
+                 up_mean: Optional[np.ndarray] = None):
+        kind = "gate" if kind == "gate" else "full"  # RuntimeConfig.sketch, resolved
+        self.args, self.f, self.layout, self.kind = args, args.intermediate_size, layout, kind
         self.threads = threads  # compute threads of the scoring kernel (0: every core)
-        self.rec = sketch_record_bytes(args)
+        self.rec = sketch_record_bytes(args, kind)
+        # the per-neuron factor of a score: ||down|| (and mean|up.x| for the gate sketch)
+        if kind == "gate":
+            if up_mean is None:
+                raise ValueError("the gate sketch needs the calibration's mean |up.x|")
+            down_norm = np.asarray(down_norm, np.float32) * np.asarray(up_mean, np.float32)
         self.down_norm = np.ascontiguousarray(down_norm, np.float32)  # [L, d_ff]
         self.data, self.slot_id, self.id_slot, self.scale = [], [], [], []
         for layer, cached in enumerate(cached_ids):
             held = np.zeros(self.f, bool)
             held[np.asarray(cached, np.int64)] = True
             ids = np.flatnonzero(~held).astype(np.int64)
-            self.data.append(np.ascontiguousarray(read_sketch_layer(path, args, layer, ids)))
+            self.data.append(np.ascontiguousarray(read_sketch_layer(path, args, layer, ids, kind)))
             self.slot_id.append(ids)
             slots = np.full(self.f, -1, np.int64)
             slots[ids] = np.arange(ids.size)
@@ -114,8 +157,10 @@ class SketchStore:
         """(ids, estimated |activation| x ||down||, max over the rows of x) of every neuron
         in the store for `layer`."""
         a = self.args
-        s = kernels.q4_scores(x, self.data[layer], a.hidden_size, a.gated, a.hidden_act,
-                              a.act_param, scale=self.scale[layer], threads=self.threads)
+        # the gate sketch: one part, the activation of its dot (the kernel's ungated form)
+        s = kernels.q4_scores(x, self.data[layer], a.hidden_size, a.gated and self.kind == "full",
+                              a.hidden_act, a.act_param, scale=self.scale[layer],
+                              threads=self.threads)
         return self.slot_id[layer], s
 
     def swap(self, layer: int, entering: np.ndarray, leaving: np.ndarray, rows: np.ndarray,
@@ -132,7 +177,7 @@ class SketchStore:
         if isinstance(rows, SplitRows):  # a split cache: up (and gate) sit in rows.up
             rows = rows.up
         quantize_rows(self.args, self.layout, rows, np.asarray(leaving_rows, np.int64),
-                      self.data[layer], slots)
+                      self.data[layer], slots, self.kind)
         self.slot_id[layer][slots] = leaving
         self.id_slot[layer][leaving] = slots
         self.id_slot[layer][entering] = -1

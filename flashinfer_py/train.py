@@ -135,13 +135,14 @@ def label_thresholds(model, hs, sparsity: float) -> tuple[str, list[float]]:
     return "magnitude", out
 
 
-def calibrate(model, hs, resid_norms, points: int = 64) -> Calibration:
+def calibrate(model, hs, resid_norms, points: int = 64, xs=None) -> Calibration:
     """Per-layer statistics of the neurons' contributions |h_j| * ||down_j|| on the recorded
     tokens (hs: |h| [L, N, f]; resid_norms [L, N]): the mean contribution of each neuron, and
     the FFN output error when each token keeps only its k largest contributions, as
     sqrt(sum of the dropped contributions squared) / ||residual stream||, at points + 1
     values of k. The error is what the memory plan equalizes across layers when it sizes
-    each layer's neuron cache (per-layer budgets)."""
+    each layer's neuron cache (per-layer budgets). With the FFN inputs `xs` [L, N, d] of a
+    gated model, also each neuron's mean |up_j . x| (the gate sketch's scale)."""
     from .sketch import down_norms
 
     a = model.args
@@ -158,7 +159,17 @@ def calibrate(model, hs, resid_norms, points: int = 64) -> Calibration:
         dropped = small[:, f - ks]                                   # keep k: drop the f-k smallest
         norm = np.maximum(np.asarray(resid_norms[layer], np.float64), 1e-30)[:, None]
         err[layer] = (np.sqrt(dropped) / norm).mean(0)
-    return Calibration(hot, ks, err, dn)
+    up_mean = None
+    if xs is not None and a.gated and len(xs) and np.asarray(xs[0]).shape[0]:
+        up_mean = np.empty((len(hs), f), np.float32)
+        for layer in range(len(hs)):
+            up = model.ffn.part_f32(layer, "up")                     # [f, d]
+            x = np.asarray(xs[layer])
+            acc = np.zeros(f, np.float64)
+            for t in range(0, x.shape[0], 1024):                     # [<=1024, f] at a time
+                acc += np.abs(x[t:t + 1024].astype(np.float32) @ up.T).sum(0)
+            up_mean[layer] = acc / x.shape[0]
+    return Calibration(hot, ks, err, dn, up_mean)
 
 
 def _svd_init(model, layer: int, rank: int):
@@ -261,7 +272,7 @@ def train_predictors(model, token_ids: Sequence[int], cfg: Optional[TrainConfig]
     t0 = time.perf_counter()
     xs, hs, rs = record(model, token_ids, cfg, progress)
     t_record = time.perf_counter() - t0
-    cal = calibrate(model, hs, rs)
+    cal = calibrate(model, hs, rs, xs=xs)
     label, thresholds = label_thresholds(model, hs, cfg.sparsity)
     L = model.args.num_hidden_layers
     n = xs.shape[1]

@@ -216,19 +216,22 @@ def test_rank_and_sketch_on_quantized_records(sketched_q41, prompt_ids):
     """eviction="rank" under a budget: the tiers stay a partition and every sketch stays the
     file's bytes (re-quantized from quantized cache rows); with every neuron cached and
     read_limit 1 it is the dense model."""
-    from test_rank import check_tiers, file_sketches, rank_budget
+    from test_rank import check_gate_tiers, check_tiers, file_sketches, rank_budget
 
     d, _ = sketched_q41
-    # a q4_1 record (448 bytes cached) is not much bigger than its 4-bit sketch (252 + 12):
-    # half the cache's bytes would not pay for the other half's sketches
-    m = fi.load(d, dram_budget=rank_budget(d, 0.8), prefill_chunk=1)
-    assert all(16 <= c < m.args.intermediate_size for c in m.plan.cache_capacity)
-    assert (m.runtime.selection, m.runtime.eviction) == ("sketch", "rank")
-    file_sk = file_sketches(d, m.args)
-    cache = m.new_cache()
-    for t in prompt_ids[:12]:
-        m.forward([t], cache)
-        check_tiers(m, file_sk)
+    # a q4_1 record (448 bytes cached) is not much bigger than its full 4-bit sketch (252 +
+    # 12): half the cache's bytes would not pay for the other half's sketches. "auto" takes
+    # the gate sketch here (half of that); the full one is still there when asked for.
+    file_sk = file_sketches(d, fi.load(d).args)
+    for kind, check in (("auto", check_gate_tiers), ("full", check_tiers)):
+        m = fi.load(d, dram_budget=rank_budget(d, 0.8), prefill_chunk=1, sketch=kind)
+        assert all(16 <= c < m.args.intermediate_size for c in m.plan.cache_capacity)
+        assert (m.runtime.selection, m.runtime.eviction) == ("sketch", "rank")
+        assert m.runtime.sketch == ("gate" if kind == "auto" else "full")
+        cache = m.new_cache()
+        for t in prompt_ids[:12]:
+            m.forward([t], cache)
+            check(m, file_sk)
     assert m.ffn.total.loaded > 0
     kw = dict(prefill_chunk=1, read_limit=1.0)
     full = fi.load(d, fi.RuntimeConfig(**kw, dram_budget=rank_budget(d, 1.0, **kw)))

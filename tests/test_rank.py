@@ -448,7 +448,7 @@ def test_calibration_against_numpy(tiny_hf, tiny_flash):
     m = fi.load(tiny_flash("llama-silu"))
     ids = np.random.default_rng(6).integers(3, VOCAB, 192).tolist()
     xs, hs, rs = record(m, ids, TrainConfig(window=64, max_tokens=192), progress=False)
-    cal = calibrate(m, hs, rs, points=16)
+    cal = calibrate(m, hs, rs, points=16, xs=xs)
     f = m.args.intermediate_size
     down = [layer.mlp.down_proj.weight.detach().double().numpy() for layer in hf.model.layers]
     norms = np.stack([np.linalg.norm(dn, axis=0) for dn in down])            # [L, f]
@@ -463,6 +463,9 @@ def test_calibration_against_numpy(tiny_hf, tiny_flash):
         h = np.abs(silu(g) * (x @ block.mlp.up_proj.weight.detach().double().numpy().T))
         hot = (h * norms[layer]).mean(axis=0)
         assert np.linalg.norm(cal.hot[layer] - hot) < 5e-3 * np.linalg.norm(hot)
+        # up_mean: each neuron's mean |up . x| over the tokens (the gate sketch's scale)
+        up = np.abs(x @ block.mlp.up_proj.weight.detach().double().numpy().T).mean(axis=0)
+        np.testing.assert_allclose(cal.up_mean[layer], up, rtol=1e-4)
     # err: falls with k, 0 when every neuron is kept, and equals the brute-force definition
     assert cal.err_k[0] == 0 and cal.err_k[-1] == f and (np.diff(cal.err_k) > 0).all()
     assert cal.err.shape == (m.args.num_hidden_layers, cal.err_k.size)
@@ -480,7 +483,8 @@ def test_calibration_survives_the_predictors_file(trained, tiny_flash):
     m = fi.load(d)
     loaded = Predictors.load(d, m.manifest)
     assert loaded.kinds == ["sketch"] and loaded.sketch == preds.sketch
-    for name in ("hot", "err_k", "err", "down_norm"):
+    assert preds.calibration.up_mean is not None
+    for name in ("hot", "err_k", "err", "down_norm", "up_mean"):
         np.testing.assert_array_equal(getattr(loaded.calibration, name),
                                       getattr(preds.calibration, name))
 
@@ -597,3 +601,149 @@ def test_cli_generate_after_cli_train_predictors(tiny_flash, tmp_path):
     assert main(["train-predictors", str(d), "--text", str(text), "--tokens", "256",
                  "--quiet"]) == 0
     assert main(["generate", str(d), "--prompt", "w5 w6 w7", "-n", "3", "--sparse"]) == 0
+
+
+# ---- the gate sketch (RuntimeConfig.sketch) -----------------------------------------------
+
+
+def check_gate_tiers(m, file_sk: np.ndarray) -> None:
+    """As check_tiers, for the gate sketch: each stored sketch is the file's gate half, each
+    scale ||down|| * mean|up.x|."""
+    store, cal = m.ffn.sketch, m.ffn.predictors.calibration
+    half = file_sk.shape[-1] // 2
+    assert store.kind == "gate" and store.rec == half
+    for layer in range(m.args.num_hidden_layers):
+        cached = np.asarray(m.ffn.cache.ids(layer), np.int64)
+        slot_id = store.slot_id[layer]
+        assert cached.size == m.ffn.cache.capacity(layer)       # the cache stays full
+        assert np.array_equal(np.sort(np.concatenate([cached, slot_id])),
+                              np.arange(m.args.intermediate_size))
+        assert (store.id_slot[layer][cached] == -1).all()
+        assert np.array_equal(store.id_slot[layer][slot_id], np.arange(slot_id.size))
+        np.testing.assert_array_equal(store.data[layer], file_sk[layer][slot_id, half:])
+        want = (cal.down_norm[layer] * cal.up_mean[layer])[slot_id].astype(np.float32)
+        np.testing.assert_array_equal(store.scale[layer], want)
+
+
+def test_the_gate_sketch_holds_gate_halves_and_scores_them(trained, prompt_ids):
+    """sketch="gate": half the bytes per uncached neuron, so the same budget caches more; the
+    store holds the file's gate halves (re-quantized from cache rows as neurons leave, bit
+    for bit) and scores |act(gate~.x)| * ||down|| * mean|up.x|, against numpy on the
+    dequantized sketch."""
+    from flashinfer_py.sketch import sketch_record_bytes as skb
+
+    d, _ = trained
+    budget = rank_budget(d, 0.5)
+    full = fi.load(d, dram_budget=budget, prefill_chunk=1, sketch="full")
+    m = fi.load(d, dram_budget=budget, prefill_chunk=1, sketch="gate")
+    a = m.args
+    assert (full.runtime.sketch, m.runtime.sketch) == ("full", "gate")
+    assert skb(a, "gate") * 2 == skb(a, "full")
+    assert m.plan.sketch_record_bytes == skb(a, "gate")
+    assert sum(m.plan.cache_capacity) > sum(full.plan.cache_capacity)
+    file_sk = file_sketches(d, a)
+    check_gate_tiers(m, file_sk)
+    store = m.ffn.sketch
+    x = np.random.default_rng(3).standard_normal((2, a.hidden_size)).astype(np.float32)
+    ids, got = store.scores(0, x)
+    gate = np.stack([K.dequantize_q4(r, 1, a.hidden_size) for r in store.data[0]])  # [n, d]
+    want = np.abs(silu(x.astype(np.float64) @ gate.T.astype(np.float64))).max(0) * store.scale[0]
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6 * np.abs(want).max())
+    cache, token = m.new_cache(), prompt_ids[0]
+    for step in range(16):
+        logits = m.forward([token], cache)
+        check_gate_tiers(m, file_sk)
+        token = prompt_ids[step + 1] if step + 1 < 8 else int(np.argmax(logits[-1]))
+    assert m.ffn.total.loaded > 0
+
+
+def test_sketch_auto_picks_the_gate_sketch_where_the_full_one_is_large(trained):
+    from flashinfer_py.predictor import Calibration
+    from flashinfer_py.sketch import GATE_SKETCH_SHARE, resolve_sketch
+    from flashinfer_py.sketch import sketch_record_bytes as skb
+
+    d, preds = trained
+    a, cal = fi.load(d).args, preds.calibration
+    big = int(skb(a) / GATE_SKETCH_SHARE) - 1    # the full sketch just over 40% of a row
+    small = int(skb(a) / GATE_SKETCH_SHARE) + 1
+    assert resolve_sketch("auto", a, big, cal) == "gate"
+    assert resolve_sketch("auto", a, small, cal) == "full"
+    assert resolve_sketch("full", a, big, cal) == "full"
+    old = Calibration(cal.hot, cal.err_k, cal.err, cal.down_norm)   # a file without the means
+    assert resolve_sketch("auto", a, big, old) == "full"
+    with pytest.raises(ValueError, match="train-predictors"):
+        resolve_sketch("gate", a, big, old)
+    ungated = ModelArgs(arch="opt", vocab_size=11, hidden_size=8, intermediate_size=13,
+                        num_hidden_layers=2, num_attention_heads=2, hidden_act="relu",
+                        gated=False)
+    assert resolve_sketch("auto", ungated, 1, cal) == "full"     # however large the sketch
+    with pytest.raises(ValueError, match="no gate"):
+        resolve_sketch("gate", ungated, 1, cal)
+    with pytest.raises(ValueError, match="sketch must be one of"):
+        RuntimeConfig(sketch="half")
+
+
+def test_a_4bit_model_under_a_budget_gets_the_gate_sketch(tiny_flash, tmp_path, prompt_ids):
+    """q4_1 records: the full sketch would be 64% of a cached neuron, so "auto" takes the gate
+    sketch, and the model runs under the budget with it."""
+    from flashinfer_py.sketch import sketch_record_bytes as skb
+
+    d = tmp_path / "silu-q4_1.flash"
+    shutil.copytree(tiny_flash("llama-silu", "q4_1"), d)
+    m = fi.load(d)
+    ids = np.random.default_rng(1).integers(3, VOCAB, 512).tolist()
+    train_predictors(m, ids, SKETCH_ONLY, progress=False)
+    from flashinfer_py.loader import cache_row_bytes
+
+    assert skb(m.args) > 0.4 * cache_row_bytes(m.manifest)
+    s = fi.load(d, dram_budget=rank_budget(d, 0.5), prefill_chunk=1)
+    assert s.runtime.sketch == "gate" and s.ffn.sketch.kind == "gate"
+    check_gate_tiers(s, file_sketches(d, s.args))
+    cache = s.new_cache()
+    out = np.concatenate([s.forward([t], cache) for t in prompt_ids[:8]])
+    assert np.isfinite(out).all() and s.ffn.total.loaded > 0
+    check_gate_tiers(s, file_sketches(d, s.args))
+
+
+@pytest.mark.parametrize("bad", ["shape", "nan", "negative", "down_inf"])
+def test_a_malformed_calibration_mean_is_refused(trained, tmp_path, bad):
+    """predictors.npz comes from strangers: a cal_up_mean of the wrong shape, NaN or negative
+    (or a non-finite down norm, which the gate sketch multiplies by it) is refused with the
+    file named, not turned into NaN scores."""
+    d, _ = trained
+    work = tmp_path / "m.flash"
+    shutil.copytree(d, work)
+    path = work / "predictors.npz"
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    up = arrays["cal_up_mean"].copy()
+    if bad == "shape":
+        arrays["cal_up_mean"] = up[:, :-1]
+    elif bad == "nan":
+        up[0, 0] = np.nan
+        arrays["cal_up_mean"] = up
+    elif bad == "negative":
+        up[-1, -1] = -1.0
+        arrays["cal_up_mean"] = up
+    else:
+        dn = arrays["cal_down_norm"].copy()
+        dn[0, 1] = np.inf
+        arrays["cal_down_norm"] = dn
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    m = fi.load(work)
+    with pytest.raises(fi.FlashFormatError, match="predictors.npz"):
+        Predictors.load(work, m.manifest)
+
+
+def test_cli_sketch_flag_reaches_the_plan(trained, capsys):
+    """--sketch gate: `info` names the sketch the plan was made with, and its JSON says so."""
+    from flashinfer_py.cli import main
+
+    d, _ = trained
+    assert main(["info", str(d), "--dram-budget", str(rank_budget(d, 0.5)), "--sketch",
+                 "gate", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["memory_plan"]["sketch_kind"] == "gate"
+    assert main(["info", str(d), "--dram-budget", str(rank_budget(d, 0.5))]) == 0
+    assert "selection sketch, sketch full," in capsys.readouterr().out
