@@ -320,6 +320,8 @@ def plan_memory(args: ModelArgs, manifest: dict, runtime: RuntimeConfig,
     if runtime.reuse and (row < rec or split):  # the packed (or split) cache's staging buffer
         overhead += STAGING_RECORDS * rec
     overhead += reader_scratch_bytes(rec)  # the FFN's reader
+    if calibration is not None:  # held while the model runs: hot, err, norms, up means
+        overhead += sum(int(np.asarray(a).nbytes) for a in calibration.arrays().values())
     if runtime.overlap != "off" and runtime.reuse:  # the read-ahead worker's slots and maps
         overhead += READ_AHEAD_SLOTS * (read_ahead_records(args, runtime) * rec + f * 4)
         overhead += reader_scratch_bytes(rec)  # and its own reader
