@@ -285,6 +285,9 @@ def train_predictors(model, token_ids: Sequence[int], cfg: Optional[TrainConfig]
         sketch_meta = _build_sketch(model, save)
         if n_val:
             report += evaluate_sketch(model, xs[:, val], hs[:, val], cal.down_norm)
+            if cal.up_mean is not None:  # what --sketch gate would rank (4-bit records' default)
+                report += evaluate_sketch(model, xs[:, val], hs[:, val], cal.down_norm,
+                                          kind="gate", up_mean=cal.up_mean)
     layers = []
     if "lowrank" in methods:
         # ReLU labels are exact zeros: no recall shift needed (or wanted) at the paper's 0.5.
@@ -337,9 +340,12 @@ def _build_sketch(model, save: bool) -> dict:
     return meta
 
 
-def evaluate_sketch(model, xs, hs, down_norm, keep: float = 0.5) -> list[dict]:
+def evaluate_sketch(model, xs, hs, down_norm, keep: float = 0.5, kind: str = "full",
+                    up_mean=None) -> list[dict]:
     """Per layer, on held-out tokens: the share of the true contribution mass that the sketch's
-    top `keep` fraction of neurons carries, against the true top `keep` fraction's share."""
+    top `keep` fraction of neurons carries, against the true top `keep` fraction's share.
+    kind "gate": the gate sketch (RuntimeConfig.sketch), scaled by `up_mean` as the runtime
+    scales it."""
     from .sketch import quantize_rows, sketch_record_bytes
 
     a = model.args
@@ -348,27 +354,33 @@ def evaluate_sketch(model, xs, hs, down_norm, keep: float = 0.5) -> list[dict]:
     ids = np.arange(f, dtype=np.int64)
     out = []
     for layer, rows in enumerate(model.ffn.rows_by_layer):
-        sk = np.empty((f, sketch_record_bytes(a)), np.uint8)
-        quantize_rows(a, model.ffn.kernel.layout, rows, ids, sk, ids)
+        sk = np.empty((f, sketch_record_bytes(a, kind)), np.uint8)
+        quantize_rows(a, model.ffn.kernel.layout, rows, ids, sk, ids, kind)
+        scale = down_norm[layer] if kind == "full" else (
+            np.asarray(down_norm[layer], np.float32) * np.asarray(up_mean[layer], np.float32))
         got = best = 0.0
         for x, h in zip(np.asarray(xs[layer], np.float32), np.asarray(hs[layer], np.float32)):
             s = h * down_norm[layer]
-            est = kernels.q4_scores(x, sk, a.hidden_size, a.gated, a.hidden_act, a.act_param,
-                                    scale=down_norm[layer])
+            est = kernels.q4_scores(x, sk, a.hidden_size, a.gated and kind == "full",
+                                    a.hidden_act, a.act_param, scale=scale)
             got += s[np.argpartition(-est, k - 1)[:k]].sum()
             best += s[np.argpartition(-s, k - 1)[:k]].sum()
-        out.append({"layer": layer, "method": "sketch", "keep": keep,
-                    "sketch_mass": float(got / max(best, 1e-30))})
+        out.append({"layer": layer, "method": "sketch" if kind == "full" else "gate sketch",
+                    "keep": keep, "sketch_mass": float(got / max(best, 1e-30))})
     return out
 
 
 def format_report(preds: Predictors) -> str:
     """Per-layer held-out recall / precision / predicted fraction, and the mean over layers."""
     rows = []
-    sk = [r for r in preds.meta.get("report", []) if "sketch_mass" in r]
-    if sk:
+    for method, name in (("sketch", "4-bit sketch"),
+                         ("gate sketch", "gate sketch (--sketch gate, half the bytes)")):
+        sk = [r for r in preds.meta.get("report", [])
+              if "sketch_mass" in r and r.get("method", "sketch") == method]
+        if not sk:
+            continue
         m = [r["sketch_mass"] for r in sk]
-        rows.append(f"4-bit sketch: on held-out calibration tokens its top "
+        rows.append(f"{name}: on held-out calibration tokens its top "
                     f"{100 * sk[0]['keep']:.0f}% of each "
                     f"layer's neurons carry {100 * np.mean(m):.1f}% of the contribution the true "
                     f"top {100 * sk[0]['keep']:.0f}% carries (layers {100 * min(m):.1f}-"

@@ -747,3 +747,22 @@ def test_cli_sketch_flag_reaches_the_plan(trained, capsys):
     assert out["memory_plan"]["sketch_kind"] == "gate"
     assert main(["info", str(d), "--dram-budget", str(rank_budget(d, 0.5))]) == 0
     assert "selection sketch, sketch full," in capsys.readouterr().out
+
+
+def test_the_training_report_rates_both_sketches(trained):
+    """train-predictors rates the full and the gate sketch on held-out tokens: the share of the
+    true top half's contribution their own top half carries, per layer; both rank far better
+    than chance (a random half carries about half of all the mass, less than the true top
+    half's), the full sketch close to exact."""
+    from flashinfer_py.train import format_report
+
+    d, preds = trained
+    L = fi.load(d).args.num_hidden_layers
+    rep = preds.meta["report"]
+    full = [r["sketch_mass"] for r in rep if r.get("method") == "sketch"]
+    gate = [r["sketch_mass"] for r in rep if r.get("method") == "gate sketch"]
+    assert len(full) == len(gate) == L
+    assert all(0.9 < m <= 1.0 + 1e-6 for m in full), full
+    assert all(0.6 < m <= 1.0 + 1e-6 for m in gate), gate
+    text = format_report(preds)
+    assert "4-bit sketch: on held-out" in text and "gate sketch (--sketch gate" in text
