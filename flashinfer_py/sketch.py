@@ -62,7 +62,7 @@ def resolve_sketch(kind: str, args: ModelArgs, row_bytes: int, calibration) -> s
     """RuntimeConfig.sketch made concrete ("full" or "gate") for a model whose cached neuron
     takes `row_bytes` of DRAM; "gate" needs the calibration's mean |up.x| (ValueError when an
     explicit "gate" cannot be had)."""
-    has_means = calibration is not None and getattr(calibration, "up_mean", None) is not None
+    has_means = calibration is not None and calibration.up_mean is not None
     if kind == "gate":
         sketch_parts(args, "gate")  # a model without a gate: the error says so
         if not has_means:
@@ -74,6 +74,25 @@ def resolve_sketch(kind: str, args: ModelArgs, row_bytes: int, calibration) -> s
         big = sketch_record_bytes(args) > GATE_SKETCH_SHARE * row_bytes
         return "gate" if (args.gated and has_means and big) else "full"
     return "full"
+
+
+def score_scale(kind: str, down_norm: np.ndarray, up_mean: Optional[np.ndarray] = None) -> np.ndarray:
+    """The per-neuron factor of a sketch score (any shape, float32): ||down||, times the
+    calibration's mean |up.x| for the gate sketch."""
+    if kind != "gate":
+        return np.ascontiguousarray(down_norm, np.float32)
+    if up_mean is None:
+        raise ValueError("the gate sketch needs the calibration's mean |up.x|")
+    return np.ascontiguousarray(np.asarray(down_norm, np.float32) * np.asarray(up_mean, np.float32))
+
+
+def sketch_scores(args: ModelArgs, kind: str, x: np.ndarray, sketches: np.ndarray,
+                  scale: np.ndarray, threads: int = 0) -> np.ndarray:
+    """max_t |h~_t| * scale of every sketch record: h~ = act(gate~.x) * (up~.x) for a full
+    sketch of a gated FFN, act(up~.x) without a gate, act(gate~.x) for the gate sketch (one
+    part: the kernel's ungated form)."""
+    return kernels.q4_scores(x, sketches, args.hidden_size, args.gated and kind != "gate",
+                             args.hidden_act, args.act_param, scale=scale, threads=threads)
 
 
 def quantize_rows(args: ModelArgs, layout: RecordLayout, rows: np.ndarray, src_rows,
@@ -135,12 +154,7 @@ class SketchStore:
         self.args, self.f, self.layout, self.kind = args, args.intermediate_size, layout, kind
         self.threads = threads  # compute threads of the scoring kernel (0: every core)
         self.rec = sketch_record_bytes(args, kind)
-        # the per-neuron factor of a score: ||down|| (and mean|up.x| for the gate sketch)
-        if kind == "gate":
-            if up_mean is None:
-                raise ValueError("the gate sketch needs the calibration's mean |up.x|")
-            down_norm = np.asarray(down_norm, np.float32) * np.asarray(up_mean, np.float32)
-        self.down_norm = np.ascontiguousarray(down_norm, np.float32)  # [L, d_ff]
+        self.down_norm = score_scale(kind, down_norm, up_mean)  # [L, d_ff] each score's factor
         self.data, self.slot_id, self.id_slot, self.scale = [], [], [], []
         for layer, cached in enumerate(cached_ids):
             held = np.zeros(self.f, bool)
@@ -156,12 +170,8 @@ class SketchStore:
     def scores(self, layer: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids, estimated |activation| x ||down||, max over the rows of x) of every neuron
         in the store for `layer`."""
-        a = self.args
-        # the gate sketch: one part, the activation of its dot (the kernel's ungated form)
-        s = kernels.q4_scores(x, self.data[layer], a.hidden_size, a.gated and self.kind == "full",
-                              a.hidden_act, a.act_param, scale=self.scale[layer],
-                              threads=self.threads)
-        return self.slot_id[layer], s
+        return self.slot_id[layer], sketch_scores(self.args, self.kind, x, self.data[layer],
+                                                  self.scale[layer], self.threads)
 
     def swap(self, layer: int, entering: np.ndarray, leaving: np.ndarray, rows: np.ndarray,
              leaving_rows: np.ndarray) -> None:

@@ -28,7 +28,6 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from . import kernels
 from .predictor import Calibration, LayerPredictor, Predictors
 
 
@@ -346,7 +345,7 @@ def evaluate_sketch(model, xs, hs, down_norm, keep: float = 0.5, kind: str = "fu
     top `keep` fraction of neurons carries, against the true top `keep` fraction's share.
     kind "gate": the gate sketch (RuntimeConfig.sketch), scaled by `up_mean` as the runtime
     scales it."""
-    from .sketch import quantize_rows, sketch_record_bytes
+    from .sketch import quantize_rows, score_scale, sketch_record_bytes, sketch_scores
 
     a = model.args
     f = a.intermediate_size
@@ -356,13 +355,11 @@ def evaluate_sketch(model, xs, hs, down_norm, keep: float = 0.5, kind: str = "fu
     for layer, rows in enumerate(model.ffn.rows_by_layer):
         sk = np.empty((f, sketch_record_bytes(a, kind)), np.uint8)
         quantize_rows(a, model.ffn.kernel.layout, rows, ids, sk, ids, kind)
-        scale = down_norm[layer] if kind == "full" else (
-            np.asarray(down_norm[layer], np.float32) * np.asarray(up_mean[layer], np.float32))
+        scale = score_scale(kind, down_norm[layer], None if up_mean is None else up_mean[layer])
         got = best = 0.0
         for x, h in zip(np.asarray(xs[layer], np.float32), np.asarray(hs[layer], np.float32)):
             s = h * down_norm[layer]
-            est = kernels.q4_scores(x, sk, a.hidden_size, a.gated and kind == "full",
-                                    a.hidden_act, a.act_param, scale=scale)
+            est = sketch_scores(a, kind, x, sk, scale)
             got += s[np.argpartition(-est, k - 1)[:k]].sum()
             best += s[np.argpartition(-s, k - 1)[:k]].sum()
         out.append({"layer": layer, "method": "sketch" if kind == "full" else "gate sketch",
