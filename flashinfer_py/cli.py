@@ -139,8 +139,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
          "layer's reads run while its FFN computes on the rows already cached), ahead (also "
          "start the most confident quarter of the next layer's likely reads early, from a "
          "guess on this layer's input; the selection is unchanged, so a wrong guess costs "
-         "reads, not quality). With --eviction window: layer when the window fits the "
-         "budget, ahead when it does not",
+         "reads, not quality), async (a layer loads only what the guess read ahead: no read "
+         "waits, the neurons the guess missed are left out for that token, a cost in "
+         "quality). With --eviction window: layer when the window fits the budget, ahead "
+         "when it does not",
          choices=OVERLAPS)
     flag(s, "--stream-resident", "stream_resident", "resident matrices (attention, LM head, "
          "embeddings) left on flash and read every token: auto (below the whole model, the "
@@ -630,6 +632,9 @@ def _summary(model, steps) -> dict:
         out["ffn_fraction_read_per_token"] = out["avg_bytes_read"] / ffn
         out["direct_io"] = all(s.stats["direct"] for s in decode)
         out["dram_budget"] = model.runtime.dram_budget
+        if model.runtime.overlap == "async":  # what the look-ahead's misses left out
+            out["avg_dropped"] = sum(s.stats["dropped"] for s in decode) / n
+            out["avg_needed"] = sum(s.stats["needed"] for s in decode) / n
         if "stream_bytes" in decode[0].stats:  # resident matrices read from flash
             for key in ("stream_bytes", "stream_wait_ns"):
                 out[f"avg_{key}"] = sum(s.stats[key] for s in decode) / n
@@ -663,6 +668,9 @@ def _summary_text(s: dict) -> str:
                  f"{s['avg_mm_ns'] / 1e6:.1f} ms, compute {s['avg_compute_ns'] / 1e6:.1f} ms, "
                  f"token {s['avg_total_ns'] / 1e6:.1f} ms; "
                  f"cache hit rate {100 * s['avg_hit_rate']:.0f}%; direct I/O {s['direct_io']}")
+    if "avg_dropped" in s:
+        text += (f"\noverlap async: {s['avg_dropped']:.0f} neurons a token left out (the "
+                 f"look-ahead missed them; {s['avg_needed']:.0f} computed)")
     if "avg_stream_bytes" in s:
         text += (f"\nresident matrices left on flash: read {s['avg_stream_bytes'] / 2**20:.2f} "
                  f"MiB a token, waited {s['avg_stream_wait_ns'] / 1e6:.1f} ms for them (the "

@@ -438,7 +438,7 @@ _FAMILIES = {"llama": _from_llama, "mistral": _from_llama, "qwen2": _from_qwen2,
 
 SELECTIONS = ("auto", "sketch", "predictor", "oracle", "all")
 EVICTIONS = ("auto", "rank", "window", "frequency")
-OVERLAPS = ("off", "layer", "ahead")
+OVERLAPS = ("off", "layer", "ahead", "async")
 SKETCHES = ("auto", "full", "gate")
 STREAM_RESIDENT = ("auto", "needed", "off", "all")
 
@@ -562,7 +562,12 @@ class RuntimeConfig:
             input (Deja Vu's look-ahead): the most confident quarter of what the guess says
             the cache lacks (ffn.AHEAD_SHARE); the selection itself still comes from the FFN's true
             input, so a wrong guess costs reads, never quality. The logits are "off"'s bit
-            for bit: every mode sums the rows that stay, then the arriving ones.
+            for bit: every mode sums the rows that stay, then the arriving ones. "async":
+            Deja Vu's asynchronous look-ahead: the guess reads all a layer may load, and the
+            layer loads only what the guess read (chosen among it by its true input), so no
+            read waits for the layer's own input; the neurons the guess missed are left out
+            for that token (`stats["dropped"]`). Faster where the token waits for reads, at a
+            cost in quality measured in benchmarks/RESULTS.md section 14.
         stream_resident: resident matrices (the attention's, the LM head, the embeddings) left
             on flash and read every token, to give the neuron cache more of `dram_budget`, or
             so that a budget below the resident part still runs

@@ -222,6 +222,9 @@ class _LayerRecords(Sequence):
 # first); the rest waits for the layer's own selection. Measured on SmolLM2 (benchmarks/
 # RESULTS.md section 14).
 AHEAD_SHARE = 0.25
+# overlap="async": a layer loads only what was read ahead for it (Deja Vu's asynchronous
+# look-ahead), so the guess takes this share of what the layer may load: all of it.
+ASYNC_SHARE = 1.0
 REST_SLOT = 2  # the ReadAhead slot of what a layer's own selection lacks
 
 
@@ -243,11 +246,13 @@ class TokenStats:
     cached: int = 0           # neurons held after the call (summed over layers)
     ahead_bytes: int = 0      # of bytes_read, read ahead by the worker (overlap)
     ahead_used: int = 0       # neurons read ahead that the cache took (the rest was wasted)
+    dropped: int = 0          # overlap "async": neurons a layer's own selection would have
+                              # loaded that its guess lacked (computed without them)
     direct: bool = True
     per_layer_loaded: list = field(default_factory=list)
 
     _SUMMED = ("io_ns", "io_wait_ns", "mm_ns", "predict_ns", "bytes_read", "reads", "loaded",
-               "evicted", "needed", "hits", "ahead_bytes", "ahead_used")
+               "evicted", "needed", "hits", "ahead_bytes", "ahead_used", "dropped")
 
     def add(self, other: "TokenStats") -> "TokenStats":
         """Accumulate `other` (a later call) into self; `cached` is the latest count."""
@@ -404,7 +409,19 @@ class SparseFFN:
     @property
     def wants_prefetch(self) -> bool:
         """Whether the transformer should call `prefetch` before each layer's attention."""
-        return self.ahead is not None and self.runtime.overlap == "ahead"
+        return self.ahead is not None and self.runtime.overlap in ("ahead", "async")
+
+    @property
+    def is_async(self) -> bool:
+        """overlap "async": a layer loads only what its guess read ahead (Deja Vu's
+        asynchronous look-ahead); no read waits for the layer's own input."""
+        return self.ahead is not None and self.runtime.overlap == "async"
+
+    def _guessed(self, layer: int, ids: np.ndarray) -> np.ndarray:
+        """Which of `ids` the guess in flight for `layer` is reading (a bool per id)."""
+        if layer not in self._ahead:
+            return np.zeros(ids.size, bool)
+        return self._is_ahead[self._ahead[layer][0]][ids]
 
     def prefetch(self, layer: int, x: np.ndarray) -> None:
         """Start reading, on the worker, part of what layer `layer` will probably load: called
@@ -421,11 +438,14 @@ class SparseFFN:
         attention input, or the previous layer's FFN input): under eviction "rank" the
         uncached neurons whose sketch scores best, otherwise the predicted ones the cache
         lacks; the most confident AHEAD_SHARE of them, so that a wrong guess costs few reads.
-        What the layer loads is still decided from its true FFN input: never quality."""
+        What the layer loads is still decided from its true FFN input: never quality.
+        Under overlap "async" the guess is all of it (ASYNC_SHARE), and the layer loads only
+        what the guess read: its quality cost is measured (benchmarks/RESULTS.md section 14)."""
+        share = ASYNC_SHARE if self.is_async else AHEAD_SHARE
         if self.rank:
             cand_ids, cand_s = self._candidates(layer, x)
             want = self._top(cand_ids, cand_s, int(self._rank_want(layer, x.shape[0])
-                                                   * AHEAD_SHARE), ordered=True)
+                                                   * share), ordered=True)
         elif (self.runtime.selection == "predictor"
               and getattr(self.predictors, "lookahead", None) is None):
             # the predicted neurons the cache lacks, the most confident first: reading all of
@@ -434,7 +454,7 @@ class SparseFFN:
                 x, self.runtime.predictor_threshold, self.cache.capacity(layer))
             if ids.size:
                 ids = ids[self.driver.rows_of(layer, ids) < 0]
-            want = self._top(ids, s[ids], int(np.ceil(ids.size * AHEAD_SHARE)), ordered=True)
+            want = self._top(ids, s[ids], int(np.ceil(ids.size * share)), ordered=True)
         else:  # the oracle, every neuron, or a benchmark's own look-ahead: all of it
             want = np.asarray(self._select_ahead(layer, x), np.int64)
             if want.size:
@@ -522,6 +542,10 @@ class SparseFFN:
         st, cache, drv = self.tok, self.cache, self.driver
         t0 = time.perf_counter_ns()
         ids = np.asarray(self._select(layer, x), np.int64)
+        if self.is_async and ids.size:  # only what is cached or was read ahead for the layer
+            keep = (drv.rows_of(layer, ids) >= 0) | self._guessed(layer, ids)
+            st.dropped += int(ids.size - np.count_nonzero(keep))
+            ids = ids[keep]
         t1 = time.perf_counter_ns()
         st.predict_ns += t1 - t0
         # From plan to commit the policy counts the plan as applied: anything that stops the
@@ -614,8 +638,11 @@ class SparseFFN:
         t = x.shape[0]
         t0 = time.perf_counter_ns()
         cand_ids, cand_s = self._candidates(layer, x)
-        rest = False
-        if self.ahead is not None:
+        rest, guessed = False, None
+        if self.is_async:  # nothing of its own: the guess made a layer earlier, and the next
+            guessed = self._guessed(layer, cand_ids)
+            self._read_rest(layer, np.empty(0, np.int64), x)
+        elif self.ahead is not None:
             top = self._top(cand_ids, cand_s, self._rank_want(layer, t))
             rest = self._read_rest(layer, np.sort(top), x)
         st.predict_ns += time.perf_counter_ns() - t0
@@ -628,8 +655,13 @@ class SparseFFN:
         t1 = time.perf_counter_ns()
         ids = cache.ids(layer)
         cached_s = self._cached_scores(layer, x, h, ids)
-        load, evict_rows = rank_swaps(cached_s, cand_ids, cand_s, self.max_loads * t,
-                                      cache.capacity(layer) - n, self.runtime.swap_margin)
+        swaps = (self.max_loads * t, cache.capacity(layer) - n, self.runtime.swap_margin)
+        if guessed is not None:  # "async": choose among the neurons read ahead, by true scores
+            own, _ = rank_swaps(cached_s, cand_ids, cand_s, *swaps)
+            st.dropped += int(np.count_nonzero(~self._guessed(layer, np.asarray(own,
+                                                                                np.int64))))
+            cand_ids, cand_s = cand_ids[guessed], cand_s[guessed]
+        load, evict_rows = rank_swaps(cached_s, cand_ids, cand_s, *swaps)
         t2 = time.perf_counter_ns()
         st.predict_ns += t2 - t1
         st.needed += n + len(load)

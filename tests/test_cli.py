@@ -73,6 +73,20 @@ def test_stream_resident_flag_reaches_the_plan_and_the_summary(tiny_flash, capsy
     assert "resident matrices left on flash: read" in err
 
 
+def test_overlap_async_reports_the_neurons_it_left_out(tiny_flash, capsys):
+    """--overlap async: the summary says how many neurons a token left out (the look-ahead
+    missed them), in the text and in --json."""
+    d = tiny_flash("llama-relu")
+    args = ["generate", str(d), "--prompt", "w5 w6 w7", "-n", "6", "--sparse", "--selection",
+            "oracle", "--window", "2", "--overlap", "async", "--stats"]
+    assert main(args) == 0
+    assert "overlap async:" in capsys.readouterr().err
+    assert main(args + ["--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    summary = rows[-1]
+    assert summary["avg_dropped"] >= 0 and summary["avg_needed"] > 0
+
+
 def test_generate_eviction_flag_reaches_the_runtime(tiny_flash, monkeypatch):
     import flashinfer_py.cli as cli
 
