@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--eviction", default="auto", help="RuntimeConfig.eviction")
     ap.add_argument("--read-limit", type=float, default=None, help="RuntimeConfig.read_limit "
                     "(default: the runtime's)")
+    ap.add_argument("--threshold", type=float, default=None, help="RuntimeConfig."
+                    "predictor_threshold (the window path: a higher one loads fewer neurons)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                     help="overlap modes to run (default: all; \"off\" always runs first)")
     a = ap.parse_args()
@@ -100,6 +102,8 @@ def main() -> None:
     kw = dict(selection=a.selection, eviction=a.eviction)
     if a.read_limit is not None:
         kw["read_limit"] = a.read_limit
+    if a.threshold is not None:
+        kw["predictor_threshold"] = a.threshold
     tok = fi.load(directory).tokenizer
     text = wikipedia_excerpt()[:20000]
     ids = tok.encode(text)[1000:1000 + a.warmup + a.tokens]

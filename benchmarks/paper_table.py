@@ -646,7 +646,7 @@ def run_row(row: str, workdir: Path, pred, compute: ComputeModel, warmup: int, t
         "wall_ms": ms("wall_ms")[0], "io_wait_ms": ms("io_wait_ms")[0],
         "hit_rate": sum(p["hits"] for p in per_tok) / needed if needed else 0.0,
         # overlap "async": the share of the predicted neurons left out (its guess missed them)
-        "dropped_share": dropped / (needed + dropped) if needed + dropped else 0.0,
+        "dropped_share": dropped / needed if needed else 0.0,  # `needed` counts them
         "load_avg": list(os.getloadavg()), "per_token": per_tok,
         # the cache's row moves against their physical floor (bytes / one thread's memcpy)
         "memcpy_gbps": float(np.mean(bw)) if bw else 0.0, "memcpy_samples": bw,

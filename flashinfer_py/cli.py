@@ -669,8 +669,8 @@ def _summary_text(s: dict) -> str:
                  f"token {s['avg_total_ns'] / 1e6:.1f} ms; "
                  f"cache hit rate {100 * s['avg_hit_rate']:.0f}%; direct I/O {s['direct_io']}")
     if "avg_dropped" in s:
-        text += (f"\noverlap async: {s['avg_dropped']:.0f} neurons a token left out (the "
-                 f"look-ahead missed them; {s['avg_needed']:.0f} computed)")
+        text += (f"\noverlap async: {s['avg_dropped']:.0f} of the {s['avg_needed']:.0f} "
+                 "neurons a token needed were left out (the look-ahead missed them)")
     if "avg_stream_bytes" in s:
         text += (f"\nresident matrices left on flash: read {s['avg_stream_bytes'] / 2**20:.2f} "
                  f"MiB a token, waited {s['avg_stream_wait_ns'] / 1e6:.1f} ms for them (the "

@@ -566,8 +566,12 @@ class RuntimeConfig:
             Deja Vu's asynchronous look-ahead: the guess reads all a layer may load, and the
             layer loads only what the guess read (chosen among it by its true input), so no
             read waits for the layer's own input; the neurons the guess missed are left out
-            for that token (`stats["dropped"]`). Faster where the token waits for reads, at a
-            cost in quality measured in benchmarks/RESULTS.md section 14.
+            for that token (`stats["dropped"]`). A guess reads at most `read_limit` of a
+            layer's neurons (its slot), on the window path too. Decode steps only: a prompt
+            chunk runs as "ahead". Faster where the token waits for reads, at a cost in
+            quality measured in benchmarks/RESULTS.md section 14 (SmolLM2: +31-65% perplexity;
+            under the sketch a lower read_limit with "off" was the better trade, on the
+            predictor + window path "async" beat a higher predictor threshold).
         stream_resident: resident matrices (the attention's, the LM head, the embeddings) left
             on flash and read every token, to give the neuron cache more of `dram_budget`, or
             so that a budget below the resident part still runs

@@ -247,7 +247,8 @@ class TokenStats:
     ahead_bytes: int = 0      # of bytes_read, read ahead by the worker (overlap)
     ahead_used: int = 0       # neurons read ahead that the cache took (the rest was wasted)
     dropped: int = 0          # overlap "async": neurons a layer's own selection would have
-                              # loaded that its guess lacked (computed without them)
+                              # loaded that its guess lacked (computed without them; counted
+                              # in `needed`, not in `hits`)
     direct: bool = True
     per_layer_loaded: list = field(default_factory=list)
 
@@ -417,6 +418,12 @@ class SparseFFN:
         asynchronous look-ahead); no read waits for the layer's own input."""
         return self.ahead is not None and self.runtime.overlap == "async"
 
+    def _async_for(self, t: int) -> bool:
+        """Whether a forward call of t tokens selects from the guess alone: decode steps only.
+        A prompt chunk may load t tokens' worth, more than a read-ahead slot holds (one
+        token's, read_ahead_records), so prompts run as "ahead" does: exact, once."""
+        return self.is_async and t == 1
+
     def _guessed(self, layer: int, ids: np.ndarray) -> np.ndarray:
         """Which of `ids` the guess in flight for `layer` is reading (a bool per id)."""
         if layer not in self._ahead:
@@ -441,7 +448,7 @@ class SparseFFN:
         What the layer loads is still decided from its true FFN input: never quality.
         Under overlap "async" the guess is all of it (ASYNC_SHARE), and the layer loads only
         what the guess read: its quality cost is measured (benchmarks/RESULTS.md section 14)."""
-        share = ASYNC_SHARE if self.is_async else AHEAD_SHARE
+        share = ASYNC_SHARE if self._async_for(x.shape[0]) else AHEAD_SHARE
         if self.rank:
             cand_ids, cand_s = self._candidates(layer, x)
             want = self._top(cand_ids, cand_s, int(self._rank_want(layer, x.shape[0])
@@ -542,9 +549,11 @@ class SparseFFN:
         st, cache, drv = self.tok, self.cache, self.driver
         t0 = time.perf_counter_ns()
         ids = np.asarray(self._select(layer, x), np.int64)
-        if self.is_async and ids.size:  # only what is cached or was read ahead for the layer
+        if self._async_for(x.shape[0]) and ids.size:  # only what is cached or was read ahead
             keep = (drv.rows_of(layer, ids) >= 0) | self._guessed(layer, ids)
-            st.dropped += int(ids.size - np.count_nonzero(keep))
+            dropped = int(ids.size - np.count_nonzero(keep))
+            st.dropped += dropped
+            st.needed += dropped  # needed, not computed: the hit rate counts them as misses
             ids = ids[keep]
         t1 = time.perf_counter_ns()
         st.predict_ns += t1 - t0
@@ -639,7 +648,7 @@ class SparseFFN:
         t0 = time.perf_counter_ns()
         cand_ids, cand_s = self._candidates(layer, x)
         rest, guessed = False, None
-        if self.is_async:  # nothing of its own: the guess made a layer earlier, and the next
+        if self._async_for(t):  # nothing of its own: the guess made a layer earlier, and the next
             guessed = self._guessed(layer, cand_ids)
             self._read_rest(layer, np.empty(0, np.int64), x)
         elif self.ahead is not None:
@@ -658,8 +667,9 @@ class SparseFFN:
         swaps = (self.max_loads * t, cache.capacity(layer) - n, self.runtime.swap_margin)
         if guessed is not None:  # "async": choose among the neurons read ahead, by true scores
             own, _ = rank_swaps(cached_s, cand_ids, cand_s, *swaps)
-            st.dropped += int(np.count_nonzero(~self._guessed(layer, np.asarray(own,
-                                                                                np.int64))))
+            dropped = int(np.count_nonzero(~self._guessed(layer, np.asarray(own, np.int64))))
+            st.dropped += dropped
+            st.needed += dropped  # needed, not computed: the hit rate counts them as misses
             cand_ids, cand_s = cand_ids[guessed], cand_s[guessed]
         load, evict_rows = rank_swaps(cached_s, cand_ids, cand_s, *swaps)
         t2 = time.perf_counter_ns()

@@ -80,11 +80,13 @@ def test_overlap_async_reports_the_neurons_it_left_out(tiny_flash, capsys):
     args = ["generate", str(d), "--prompt", "w5 w6 w7", "-n", "6", "--sparse", "--selection",
             "oracle", "--window", "2", "--overlap", "async", "--stats"]
     assert main(args) == 0
-    assert "overlap async:" in capsys.readouterr().err
+    assert "neurons a token needed were left out" in capsys.readouterr().err
     assert main(args + ["--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     summary = rows[-1]
-    assert summary["avg_dropped"] >= 0 and summary["avg_needed"] > 0
+    # a guess from the layer before misses some of what each layer's own input picks
+    assert 0 < summary["avg_dropped"] <= summary["avg_needed"]
+    assert summary["avg_hit_rate"] < 1  # the dropped ones count as misses
 
 
 def test_generate_eviction_flag_reaches_the_runtime(tiny_flash, monkeypatch):

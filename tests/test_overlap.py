@@ -223,6 +223,26 @@ def test_async_loads_only_what_was_read_ahead_and_counts_what_it_missed(trained,
     assert np.isfinite(got).all()
 
 
+def test_async_runs_a_prompt_chunk_exactly(trained, prompt_ids):
+    """A prompt chunk may load more than a read-ahead slot holds (one token's loads), so it
+    runs as "ahead" does: exact, nothing dropped, the prompt's logits "off"'s bit for bit.
+    The decode steps after it select from the guess alone."""
+    d, _ = trained
+    budget = rank_budget(d, 0.5)
+    m = fi.load(d, dram_budget=budget, overlap="async", prefill_chunk=4)
+    ref = fi.load(d, dram_budget=budget - _slots_bytes(m), prefill_chunk=4)
+    c, rc = m.new_cache(), ref.new_cache()
+    np.testing.assert_array_equal(m.forward(prompt_ids[:12], c), ref.forward(prompt_ids[:12], rc))
+    assert m.last_stats["dropped"] == 0
+    assert m.last_stats["loaded"] == ref.last_stats["loaded"] > 0
+    dropped = 0
+    for tok in prompt_ids[12:20]:
+        m.forward([tok], c)
+        dropped += m.last_stats["dropped"]
+        assert m.last_stats["loaded"] == m.last_stats["ahead_used"]
+    assert dropped > 0
+
+
 def test_async_on_the_window_path_keeps_only_cached_or_guessed_neurons(relu_lowrank,
                                                                       prompt_ids):
     """The paper's path (low-rank predictors, the window): the layer's predicted set is cut
