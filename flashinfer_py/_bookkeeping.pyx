@@ -470,9 +470,15 @@ cdef class CacheDriver:
 
     cdef int _count(self, int layer, const CacheStats& before, uint64_t mm, uint64_t io,
                     uint64_t needed, uint64_t hits) except -1:
-        """Add one call's work, given the cache's statistics before it."""
+        """Add one call's work, given the cache's statistics before it. `io` is the time the
+        cache spent getting records in; when it read none from flash (every record came from
+        the read-ahead worker's staging: RuntimeConfig.overlap), that time was copying, and is
+        memory management: the worker's own reads are counted as I/O by the caller."""
         cdef CacheStats after = self._c.stats()
         cdef uint64_t n_in = after.inserted - before.inserted
+        if after.reads.reads_issued == before.reads.reads_issued:
+            mm += io
+            io = 0
         self.mm_ns += mm
         self.io_ns += io
         self.bytes_read += after.reads.bytes_read - before.reads.bytes_read
