@@ -196,7 +196,7 @@ def _runtime(ns):
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import SUPPORTED_ARCHS
-    from .dtypes import FORMATS
+    from .dtypes import DOWN_LAYOUTS, FORMATS
 
     ap = argparse.ArgumentParser(
         prog="flashinfer-py",
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with a block --dtype a GGUF's matrices already in a block format keep "
                         "theirs (SmolLM2's Q8_0 embeddings and Q4_1 attention: exactly the "
                         "model llama.cpp runs).")
-    c.add_argument("--down-layout", choices=["auto", "blocks", "codes"], default="auto",
+    c.add_argument("--down-layout", choices=DOWN_LAYOUTS, default="auto",
                    help="with a block --dtype, how the FFN's down projection is stored. blocks: "
                         "each neuron's down column quantized along d_model, nothing resident. "
                         "codes: down_proj quantized along d_ff as llama.cpp does, the neurons' "

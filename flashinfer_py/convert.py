@@ -27,7 +27,8 @@ import numpy as np
 
 from . import __version__
 from .config import ModelArgs
-from .dtypes import FORMATS, RecordLayout, StorageFormat, storage_format, to_storage
+from .dtypes import (DOWN_LAYOUTS, FORMATS, RecordLayout, StorageFormat, storage_format,
+                     to_storage)
 from .errors import ConvertError, UnsupportedModelError
 from .format import (BUNDLE_FILE, DENSE_FILE, FORMAT_NAME, FORMAT_VERSION,
                      SafetensorsStreamWriter, dense_names, file_digest, write_manifest)
@@ -172,9 +173,6 @@ def _progress(total: int, desc: str, enabled: bool):
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 disable=not enabled, leave=False)
-
-
-DOWN_LAYOUTS = ("auto", "blocks", "codes")
 
 
 def convert(src, dst, *, dtype: Optional[str] = None, resident_dtype: Optional[str] = None,

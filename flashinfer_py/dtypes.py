@@ -117,6 +117,10 @@ def to_float32(a: np.ndarray, fmt, length: Optional[int] = None) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ records
+# What convert's down_layout may ask for ("blocks" or "codes": RecordLayout.down_layout).
+DOWN_LAYOUTS = ("auto", "blocks", "codes")
+
+
 class SplitRows:
     """The rows of a split neuron cache (``cache.NeuronCache(split=True)``): ``up`` holds each
     record's parts before its down part (up, and gate) at their record offsets, ``down`` the

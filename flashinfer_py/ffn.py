@@ -430,6 +430,12 @@ class SparseFFN:
             return np.zeros(ids.size, bool)
         return self._is_ahead[self._ahead[layer][0]][ids]
 
+    def _count_dropped(self, n: int) -> None:
+        """overlap "async": n neurons a layer's own selection wanted and its guess lacked.
+        They were needed, not computed: `needed` counts them, so the hit rate sees them."""
+        self.tok.dropped += n
+        self.tok.needed += n
+
     def prefetch(self, layer: int, x: np.ndarray) -> None:
         """Start reading, on the worker, part of what layer `layer` will probably load: called
         with the layer's attention input (normalized as its FFN input will be) before the
@@ -551,9 +557,7 @@ class SparseFFN:
         ids = np.asarray(self._select(layer, x), np.int64)
         if self._async_for(x.shape[0]) and ids.size:  # only what is cached or was read ahead
             keep = (drv.rows_of(layer, ids) >= 0) | self._guessed(layer, ids)
-            dropped = int(ids.size - np.count_nonzero(keep))
-            st.dropped += dropped
-            st.needed += dropped  # needed, not computed: the hit rate counts them as misses
+            self._count_dropped(int(ids.size - np.count_nonzero(keep)))
             ids = ids[keep]
         t1 = time.perf_counter_ns()
         st.predict_ns += t1 - t0
@@ -667,9 +671,8 @@ class SparseFFN:
         swaps = (self.max_loads * t, cache.capacity(layer) - n, self.runtime.swap_margin)
         if guessed is not None:  # "async": choose among the neurons read ahead, by true scores
             own, _ = rank_swaps(cached_s, cand_ids, cand_s, *swaps)
-            dropped = int(np.count_nonzero(~self._guessed(layer, np.asarray(own, np.int64))))
-            st.dropped += dropped
-            st.needed += dropped  # needed, not computed: the hit rate counts them as misses
+            self._count_dropped(int(np.count_nonzero(~self._guessed(layer, np.asarray(own,
+                                                                                  np.int64)))))
             cand_ids, cand_s = cand_ids[guessed], cand_s[guessed]
         load, evict_rows = rank_swaps(cached_s, cand_ids, cand_s, *swaps)
         t2 = time.perf_counter_ns()

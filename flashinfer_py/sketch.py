@@ -141,7 +141,8 @@ class SketchStore:
 
     Per layer (allocated once): ``data`` (d_ff - capacity, record_bytes) uint8 sketches,
     ``slot_id`` the neuron in each slot, ``id_slot`` (d_ff,) each neuron's slot or -1 (cached),
-    ``scale`` the down-column norm of each slot's neuron (scores are |h| * ||down||).
+    ``scale`` each slot's neuron's score factor (``factor`` [L, d_ff], from score_scale: the
+    down-column norm, scores |h~| * ||down||).
 
     kind "gate" (RuntimeConfig.sketch): the sketches hold the gate rows only and score
     |act(gate~.x)| * ||down|| * mean|up.x|, `up_mean` [L, d_ff] the calibration's means.
@@ -154,7 +155,7 @@ class SketchStore:
         self.args, self.f, self.layout, self.kind = args, args.intermediate_size, layout, kind
         self.threads = threads  # compute threads of the scoring kernel (0: every core)
         self.rec = sketch_record_bytes(args, kind)
-        self.down_norm = score_scale(kind, down_norm, up_mean)  # [L, d_ff] each score's factor
+        self.factor = score_scale(kind, down_norm, up_mean)  # [L, d_ff] each neuron's score factor
         self.data, self.slot_id, self.id_slot, self.scale = [], [], [], []
         for layer, cached in enumerate(cached_ids):
             held = np.zeros(self.f, bool)
@@ -165,7 +166,7 @@ class SketchStore:
             slots = np.full(self.f, -1, np.int64)
             slots[ids] = np.arange(ids.size)
             self.id_slot.append(slots)
-            self.scale.append(np.ascontiguousarray(self.down_norm[layer][ids]))
+            self.scale.append(np.ascontiguousarray(self.factor[layer][ids]))
 
     def scores(self, layer: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids, estimated |activation| x ||down||, max over the rows of x) of every neuron
@@ -191,12 +192,12 @@ class SketchStore:
         self.slot_id[layer][slots] = leaving
         self.id_slot[layer][leaving] = slots
         self.id_slot[layer][entering] = -1
-        self.scale[layer][slots] = self.down_norm[layer][leaving]
+        self.scale[layer][slots] = self.factor[layer][leaving]
 
     @property
     def nbytes(self) -> int:
         return sum(d.nbytes + s.nbytes + i.nbytes + c.nbytes for d, s, i, c in
-                   zip(self.data, self.slot_id, self.id_slot, self.scale)) + self.down_norm.nbytes
+                   zip(self.data, self.slot_id, self.id_slot, self.scale)) + self.factor.nbytes
 
 
 def down_norms(kernel, rows_by_layer) -> np.ndarray:
